@@ -1,0 +1,202 @@
+"""Agents: maps from the incoming estimate ``w`` to the agent's next output.
+
+Every agent, analytic or not, answers a batch of independent plays at once:
+``respond(w, turn)`` takes ``w`` of shape ``(B, d)`` and returns ``(B, d)``.
+An agent may be a black box (``affine()`` returns ``None``), may keep state
+across turns (``start`` resets it; ``turn`` carries the play's history) and may
+be slow (one call per turn serves the whole batch, so it can fan out itself).
+
+The analytic agent takes ``k`` preconditioned gradient steps on its prompt
+(MODEL.md section 1)::
+
+    f(w) = w - Gamma X^T (X w - y) / n = (I - H) w + b,   H = Gamma S,  b = Gamma X^T y / n
+
+and ``k`` steps compose to ``A = (I - H)^k``, ``c = sum_{j<k} (I - H)^j b``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+from misalign.prompt import Prompt
+
+Preconditioner = Literal["identity", "lsa-optimal", "newton"]
+
+
+@dataclass(frozen=True)
+class AffineMap:
+    """A batch of affine maps ``f(w) = A w + c``.
+
+    Attributes:
+        A: shape ``(B, d, d)``.
+        c: shape ``(B, d)``.
+    """
+
+    A: np.ndarray
+    c: np.ndarray
+
+    @property
+    def H(self) -> np.ndarray:
+        """``H = I - A``: the agent's step matrix (MODEL.md section 1)."""
+        return np.eye(self.A.shape[-1]) - self.A
+
+    def __call__(self, w: np.ndarray) -> np.ndarray:
+        return np.einsum("bij,bj->bi", self.A, w) + self.c
+
+    def power(self, k: int) -> AffineMap:
+        """The ``k``-fold composition ``f o ... o f``."""
+        A, c = np.broadcast_to(np.eye(self.A.shape[-1]), self.A.shape).copy(), np.zeros_like(self.c)
+        for _ in range(k):
+            A, c = self.A @ A, self(c)
+        return AffineMap(A, c)
+
+
+@dataclass(frozen=True)
+class Turn:
+    """What an agent may see when it takes a turn.
+
+    Attributes:
+        round: the round index, from 0.
+        position: the turn's index within the round's schedule.
+        reads: the name of the agent whose last output is the input.
+        past: the output of every earlier turn of the play, shape ``(turns_so_far, B, d)``.
+        order: the agent taking each turn of a round, in schedule order.
+    """
+
+    round: int
+    position: int
+    reads: str
+    past: np.ndarray = field(default_factory=lambda: np.empty((0, 0, 0)))
+    order: tuple[str, ...] = ()
+
+    def outputs(self, name: str) -> np.ndarray:
+        """Every earlier output of agent ``name``, shape ``(turns, B, d)``."""
+        per_round = len(self.order)
+        positions = [k for k, agent in enumerate(self.order) if agent == name]
+        if len(positions) == 1:
+            return self.past[positions[0] :: per_round]  # a view, no copy
+        rows = [r for r in range(len(self.past)) if self.order[r % per_round] == name]
+        return self.past[rows]
+
+
+@runtime_checkable
+class Agent(Protocol):
+    """What every agent implements: analytic, trained, language model, attacker, helper."""
+
+    name: str
+
+    def start(self, batch: int) -> None:
+        """Reset any state before a play of ``batch`` independent instances."""
+
+    def respond(self, w: np.ndarray, turn: Turn) -> np.ndarray:
+        """The agent's output for the incoming estimates ``w`` (shape ``(B, d)``)."""
+
+    def affine(self) -> AffineMap | None:
+        """The agent's turn map ``f(w) = A w + c`` when it has one, else ``None`` (black box)."""
+
+    @property
+    def gamma(self) -> np.ndarray | None:
+        """The effective preconditioner ``Gamma`` (``(B, d, d)``), or ``None`` for black boxes."""
+
+
+def preconditioner(kind: Preconditioner, prompt: Prompt, eta: float = 1.0) -> np.ndarray:
+    """The preconditioner ``Gamma`` of an analytic agent (MODEL.md section 1).
+
+    Args:
+        kind: ``identity`` (``eta I``), ``newton`` (``eta S^+``: with ``n >= d`` the
+            Newton step ``H = eta I``; with ``n < d`` ``H`` projects on the row space of ``X``),
+            or ``lsa-optimal``, the optimum of a trained linear self-attention layer,
+            ``eta ((n+1)/n Lambda + tr(Lambda)/n I)^{-1}`` (isotropic: ``eta n/(n+d+1) I``).
+        prompt: the agent's prompt; ``Lambda`` is its population covariance.
+        eta: step scale.
+
+    Returns:
+        ``Gamma``, shape ``(d, d)``.
+    """
+    n, d = prompt.n, prompt.d
+    if kind == "identity":
+        return eta * np.eye(d)
+    if kind == "newton":
+        return eta * np.linalg.pinv(prompt.second_moment, hermitian=True)
+    if kind == "lsa-optimal":
+        Lam = prompt.covariance
+        return eta * np.linalg.solve((n + 1) / n * Lam + np.trace(Lam) / n * np.eye(d), np.eye(d))
+    raise ValueError(f"unknown preconditioner {kind!r}")
+
+
+class GradientAgent:
+    """An analytic agent: ``steps_per_turn`` preconditioned gradient steps on its own prompt.
+
+    Args:
+        name: the agent's name.
+        gamma: preconditioners, shape ``(B, d, d)``.
+        second_moment: ``S = X^T X / n`` per play, shape ``(B, d, d)``.
+        moment: ``X^T y / n`` per play, shape ``(B, d)``.
+        steps_per_turn: ``k``, the number of steps per turn.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        gamma: np.ndarray,
+        second_moment: np.ndarray,
+        moment: np.ndarray,
+        steps_per_turn: int = 1,
+    ) -> None:
+        self.name = name
+        self._gamma = gamma
+        step = AffineMap(
+            A=np.eye(gamma.shape[-1]) - gamma @ second_moment,
+            c=np.einsum("bij,bj->bi", gamma, moment),
+        )
+        self._map = step.power(steps_per_turn)
+
+    @property
+    def gamma(self) -> np.ndarray:
+        return self._gamma
+
+    def start(self, batch: int) -> None:
+        if batch != self._map.c.shape[0]:
+            raise ValueError(f"agent {self.name} holds {self._map.c.shape[0]} plays, not {batch}")
+
+    def respond(self, w: np.ndarray, turn: Turn) -> np.ndarray:
+        return self._map(w)
+
+    def affine(self) -> AffineMap:
+        return self._map
+
+
+def fit_affine(
+    agent: Agent, d: int, batch: int, probes: int | None = None, seed: int = 0
+) -> AffineMap:
+    """Fit ``f(w) ~ A w + c`` to a black-box agent by least squares on random probes.
+
+    Each probe is answered as a fresh one-turn play (``start`` is called first),
+    so the fit is exact for a stateless affine agent and a least-squares
+    estimate for a noisy one (MODEL.md section 1, language-model agents).
+
+    Args:
+        agent: the agent to probe.
+        d: dimension.
+        batch: the number of plays the agent holds.
+        probes: number of probe inputs (at least ``d + 1``; default ``2 (d + 1)``).
+        seed: seed of the probe inputs.
+
+    Returns:
+        The fitted map, batched like the agent.
+    """
+    probes = 2 * (d + 1) if probes is None else probes
+    if probes < d + 1:
+        raise ValueError(f"need at least d + 1 = {d + 1} probes, got {probes}")
+    W = np.random.default_rng(seed).standard_normal((probes, batch, d))
+    F = np.empty_like(W)
+    for p in range(probes):
+        agent.start(batch)
+        F[p] = agent.respond(W[p], Turn(round=0, position=0, reads="probe"))
+    design = np.concatenate([W, np.ones((probes, batch, 1))], axis=-1).transpose(1, 0, 2)
+    q, r = np.linalg.qr(design)  # batched least squares, one per play
+    coef = np.linalg.solve(r, q.transpose(0, 2, 1) @ F.transpose(1, 0, 2))
+    return AffineMap(A=coef[:, :d, :].transpose(0, 2, 1), c=coef[:, d, :])

@@ -1,0 +1,153 @@
+"""The ``misalign`` command: a thin layer over ``misalign.experiment``.
+
+Bad input exits with code 2 and one line naming the field; ``--json`` prints
+one JSON object on stdout and nothing else (progress and messages go to stderr).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from misalign.config import ConfigError, PlayConfig, load_config
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Predict and simulate the play of in-context learners with misaligned objectives.",
+)
+
+ConfigArg = Annotated[Path, typer.Argument(help="TOML configuration (see examples/).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+OutOpt = Annotated[
+    Path | None, typer.Option("--out", help="Artifact directory [default: runs/<config hash>].")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a key, TOML value: --set agents.A.eta=0.5 (repeatable)."),
+]
+
+
+def _load(path: Path, overrides: list[str] | None) -> PlayConfig:
+    try:
+        return load_config(path, overrides or ())
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+def _fail(message: str) -> None:
+    print(f"misalign: error: {message}", file=sys.stderr)
+    raise typer.Exit(2)
+
+
+def _write(path: Path, text: str) -> None:
+    """Write atomically: a killed run leaves the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _artifacts(config: PlayConfig, out: Path | None, report: dict[str, Any], name: str) -> Path:
+    import tomli_w
+
+    out = Path("runs") / config.digest() if out is None else out
+    try:
+        _write(
+            out / "config.toml", tomli_w.dumps(config.model_dump(mode="json", exclude_none=True))
+        )
+        _write(out / name, json.dumps(report, indent=1))
+    except OSError as exc:
+        _fail(f"--out {out}: cannot write ({exc.strerror})")
+    return out
+
+
+@app.command()
+def run(
+    config: ConfigArg, json_out: JsonOpt = False, out: OutOpt = None, set_: SetOpt = None
+) -> None:
+    """Simulate the play and predict its equilibrium; write a figure, the config and a report."""
+    from misalign.experiment import predict, report, setup, simulate
+    from misalign.plot import plot_play
+
+    cfg = _load(config, set_)
+    game = setup(cfg)
+    prediction = predict(game)
+    trajectory = simulate(game, progress=sys.stderr.isatty() and cfg.rounds * len(cfg.agents) > 2e4)
+    result = report(game, prediction, trajectory)
+    directory = _artifacts(cfg, out, result, "run.json")
+    figure = plot_play(game, trajectory, prediction, directory / "trajectory.png")
+    if json_out:
+        print(json.dumps(result))
+    else:
+        _summary(result, directory, figure)
+
+
+@app.command()
+def theory(
+    config: ConfigArg, json_out: JsonOpt = False, out: OutOpt = None, set_: SetOpt = None
+) -> None:
+    """Predict the equilibrium, the rate and the residuals without playing."""
+    from misalign.experiment import predict, report, setup
+
+    cfg = _load(config, set_)
+    game = setup(cfg)
+    result = report(game, predict(game))
+    directory = _artifacts(cfg, out, result, "theory.json")
+    if json_out:
+        print(json.dumps(result))
+    else:
+        _summary(result, directory, None)
+
+
+def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> None:
+    """A readable account: verdict, rate, and per agent its predicted and final distance."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    p = result["prediction"]
+    if p["converges"]:
+        console.print(
+            f"converges (rho = {p['rho']:.4g} per round; "
+            f"about {p['rounds_to_tol']:.0f} rounds to shrink the error by 1e-8)"
+        )
+    else:
+        console.print(f"[bold red]diverges[/] (rho = {p['rho']:.4g})")
+    if result.get("diverged_at") is not None:
+        console.print(f"stopped at round {result['diverged_at']}: outputs overflowed")
+    table = Table("agent", "|target|", "predicted distance", "final distance")
+    names = list(result["agents"])
+    for name in names:
+        final = result.get("residual", {}).get(name)
+        table.add_row(
+            name,
+            f"{sum(x * x for x in result['agents'][name]['target']) ** 0.5:.4g}",
+            "-" if p["residual"][name] is None else f"{p['residual'][name]:.4g}",
+            "-" if final is None else f"{final:.4g}",
+        )
+    console.print(table)
+    if p["converges"] and len(names) > 1:
+        ranked = sorted(names, key=lambda n: p["residual"][n])
+        exact = [n for n in names if p["residual"][n] < 1e-10]
+        if exact and len(exact) < len(names):
+            console.print(f"one-sided: {', '.join(exact)} ends on target; the others are biased")
+        elif not exact:
+            console.print(f"biased equilibrium: {ranked[0]} ends closest to its own target")
+    console.print(f"artifacts: {directory}" + (f" (figure {figure.name})" if figure else ""))
+
+
+def main() -> None:
+    """Console entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

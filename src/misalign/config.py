@@ -1,0 +1,191 @@
+"""Play configurations: TOML files validated by pydantic, with dotted overrides.
+
+A configuration is data: the same file (and seed) reproduces a play bit for
+bit, and its hash names the run directory. Unknown keys are rejected, and every
+problem is reported as one line naming the field (``ConfigError``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+RESERVED = {"rho", "converges", "residual", "rounds_to_tol"}
+"""Names an agent may not take: they are keys of the JSON ``prediction`` object."""
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, as one line naming the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+
+class GradientAgentConfig(_Strict):
+    """An analytic agent: preconditioned gradient steps on its own prompt (MODEL.md section 1)."""
+
+    kind: Literal["gd"] = "gd"
+    n: int = Field(ge=1, description="number of in-context examples")
+    spectrum: list[Finite] | None = Field(
+        default=None, description="eigenvalues of the input covariance, length d; default ones"
+    )
+    rotate: bool = Field(default=False, description="rotate the eigenbasis at random")
+    target: list[Finite] | None = Field(
+        default=None, description="the agent's objective w*; sampled N(0, I) when absent"
+    )
+    noise: Finite = Field(default=0.0, ge=0, description="label noise standard deviation")
+    preconditioner: Literal["identity", "lsa-optimal", "newton"] = "lsa-optimal"
+    eta: Finite = Field(default=1.0, gt=0, description="step scale")
+    steps_per_turn: int = Field(default=1, ge=1)
+    reads: str | None = Field(
+        default=None, description="whose output this agent reads; default the previous turn"
+    )
+
+
+AgentConfig = GradientAgentConfig
+"""Every agent kind; later kinds join as a union discriminated by ``kind``."""
+
+
+class PlayConfig(_Strict):
+    """A play: the agents, their turn order, the number of rounds and the seed."""
+
+    seed: int = Field(default=0, ge=0, description="data seed (prompts and sampled targets)")
+    d: int = Field(ge=1, description="dimension")
+    rounds: int = Field(ge=1, description="rounds to play")
+    schedule: list[str] | None = Field(
+        default=None, min_length=1, description="turn order within a round; default all agents"
+    )
+    start: list[Finite] | None = Field(
+        default=None, description="every agent's initial output v_0; default zeros"
+    )
+    agents: dict[str, AgentConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> PlayConfig:
+        for name, agent in self.agents.items():
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", name) or name in RESERVED:
+                raise _FieldError(f"agents.{name}", "is not a valid agent name")
+            for key in ("spectrum", "target"):
+                value = getattr(agent, key)
+                if value is not None and len(value) != self.d:
+                    raise _FieldError(
+                        f"agents.{name}.{key}", f"must have length d = {self.d} (got {len(value)})"
+                    )
+            if agent.spectrum is not None and min(agent.spectrum) <= 0:
+                raise _FieldError(f"agents.{name}.spectrum", "must be all positive")
+            if agent.reads is not None and agent.reads not in self.agents:
+                raise _FieldError(f"agents.{name}.reads", f"names no agent: {agent.reads!r}")
+        if self.start is not None and len(self.start) != self.d:
+            raise _FieldError("start", f"must have length d = {self.d} (got {len(self.start)})")
+        order = self.order
+        missing = [name for name in order if name not in self.agents]
+        if missing:
+            raise _FieldError("schedule", f"names no agent: {missing[0]!r}")
+        idle = [name for name in self.agents if name not in order]
+        if idle:
+            raise _FieldError("schedule", f"agent {idle[0]!r} never takes a turn")
+        return self
+
+    @property
+    def order(self) -> list[str]:
+        """The turn order of a round: ``schedule``, or every agent in file order."""
+        return list(self.schedule) if self.schedule is not None else list(self.agents)
+
+    def digest(self) -> str:
+        """A short hash of the resolved configuration, naming its run directory."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+class _FieldError(ValueError):
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+
+
+def parse_config(data: dict[str, Any]) -> PlayConfig:
+    """Validate a configuration given as plain data.
+
+    Raises:
+        ConfigError: the first problem, as ``field: problem``.
+    """
+    try:
+        return PlayConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc)) from None
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PlayConfig:
+    """Read and validate a TOML configuration.
+
+    Args:
+        path: the TOML file.
+        overrides: ``dotted.key=value`` assignments applied before validation,
+            values in TOML syntax (``seed=4``, ``agents.A.eta=0.5``,
+            ``agents.B.target=[1, 0]``).
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, or a field is invalid.
+    """
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.__class__.__name__})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    for assignment in overrides:
+        _apply(data, assignment)
+    return parse_config(data)
+
+
+def _apply(data: dict[str, Any], assignment: str) -> None:
+    key, sep, raw = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {assignment}: expected key=value")
+    try:
+        value = tomllib.loads(f"value = {raw.strip()}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # a bare word is a string: --set agents.A.preconditioner=newton
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {part} is not a table")
+    node[leaf] = value
+
+
+def _one_line(exc: ValidationError) -> str:
+    """The first validation error as ``field: problem``."""
+    error = exc.errors()[0]
+    field = ".".join(str(part) for part in error["loc"])
+    if isinstance(error.get("ctx", {}).get("error"), _FieldError):
+        return str(error["ctx"]["error"])
+    kind, message = error["type"], error["msg"]
+    if kind == "extra_forbidden":
+        message = "unknown key"
+    elif kind == "missing":
+        message = "is required"
+    elif kind == "literal_error":
+        message = f"got {error['input']!r}; {message[0].lower()}{message[1:]}"
+    elif kind == "finite_number":
+        message = "must be a finite number"
+    else:
+        message = f"{message[0].lower()}{message[1:]} (got {error['input']!r})"
+    return f"{field}: {message}" if field else message

@@ -1,0 +1,199 @@
+"""From a configuration to a play and its prediction: the Python API behind the CLI.
+
+    >>> from misalign import load_config, setup, simulate, predict
+    >>> config = load_config("examples/two_agents.toml")
+    >>> game = setup(config)                 # or setup(config, seeds=range(1000)) for a batch
+    >>> trajectory = simulate(game)
+    >>> prediction = predict(game)
+
+A batch holds independent plays, one per seed (or per configuration of the
+same dimension and schedule); play ``i`` of a batch is bit for bit the play a
+single run of its configuration gives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from misalign.agent import Agent, GradientAgent, preconditioner
+from misalign.config import AgentConfig, PlayConfig
+from misalign.play import Schedule, Trajectory, play
+from misalign.prompt import Prompt, agent_rng, sample_prompt
+from misalign.theory import Prediction
+from misalign.theory import predict as predict_maps
+
+
+@dataclass(frozen=True)
+class Game:
+    """Everything a batch of plays needs.
+
+    Attributes:
+        configs: one configuration per play.
+        agents: the agents, each holding the whole batch.
+        prompts: per agent, one prompt per play.
+        schedule: the round's turns.
+        start: every agent's initial output, ``(B, d)``.
+    """
+
+    configs: tuple[PlayConfig, ...]
+    agents: dict[str, Agent]
+    prompts: dict[str, list[Prompt]]
+    schedule: Schedule
+    start: np.ndarray
+
+    @property
+    def targets(self) -> dict[str, np.ndarray]:
+        """Every agent's objective ``w*``, ``(B, d)``."""
+        return {name: np.stack([p.target for p in ps]) for name, ps in self.prompts.items()}
+
+
+def setup(config: PlayConfig | Sequence[PlayConfig], seeds: Sequence[int] | None = None) -> Game:
+    """Sample the prompts and build the agents of a batch of plays.
+
+    Args:
+        config: one configuration, or one per play (same ``d``, agents and schedule).
+        seeds: with one configuration, play it once per seed (default: its own seed).
+
+    Returns:
+        The game.
+    """
+    if isinstance(config, PlayConfig):
+        seeds = [config.seed] if seeds is None else seeds
+        configs = tuple(config.model_copy(update={"seed": int(s)}) for s in seeds)
+    else:
+        configs = tuple(config)
+    first = configs[0]
+    for other in configs[1:]:
+        if (other.d, other.order, list(other.agents)) != (first.d, first.order, list(first.agents)):
+            raise ValueError("a batch needs the same d, agents and schedule in every configuration")
+    prompts = {
+        name: [_prompt(c.seed, name, c.agents[name], c.d) for c in configs] for name in first.agents
+    }
+    agents = {
+        name: _agent(name, [c.agents[name] for c in configs], prompts[name])
+        for name in first.agents
+    }
+    schedule = Schedule.build(first.order, {name: a.reads for name, a in first.agents.items()})
+    start = np.stack([np.zeros(c.d) if c.start is None else np.asarray(c.start) for c in configs])
+    return Game(configs, agents, prompts, schedule, start)
+
+
+def _prompt(seed: int, name: str, agent: AgentConfig, d: int) -> Prompt:
+    return sample_prompt(
+        agent_rng(seed, name),
+        d=d,
+        n=agent.n,
+        spectrum=agent.spectrum,
+        rotate=agent.rotate,
+        target=agent.target,
+        noise=agent.noise,
+    )
+
+
+def _agent(name: str, configs: list[AgentConfig], prompts: list[Prompt]) -> Agent:
+    """One agent over the batch; plays may differ in all but kind and steps per turn."""
+    if len({(c.kind, c.steps_per_turn) for c in configs}) > 1:
+        raise ValueError(f"agent {name}: a batch needs one kind and steps_per_turn")
+    return GradientAgent(
+        name,
+        gamma=np.stack(
+            [
+                preconditioner(c.preconditioner, p, c.eta)
+                for c, p in zip(configs, prompts, strict=True)
+            ]
+        ),
+        second_moment=np.stack([p.second_moment for p in prompts]),
+        moment=np.stack([p.moment for p in prompts]),
+        steps_per_turn=configs[0].steps_per_turn,
+    )
+
+
+def simulate(game: Game, rounds: int | None = None, progress: bool = False) -> Trajectory:
+    """Play the game.
+
+    Args:
+        game: from ``setup``.
+        rounds: rounds to play (default: the configuration's).
+        progress: show a progress bar on stderr.
+
+    Returns:
+        Every output of every play.
+    """
+    rounds = game.configs[0].rounds if rounds is None else rounds
+    return play(game.agents, game.schedule, rounds, game.start, progress=progress)
+
+
+def predict(game: Game) -> Prediction:
+    """The theory's prediction for the game (MODEL.md section 2).
+
+    Raises:
+        ValueError: an agent is a black box (it exposes no affine map).
+    """
+    maps = {}
+    for name in game.schedule.agents:
+        f = game.agents[name].affine()
+        if f is None:
+            raise ValueError(f"agent {name} is a black box: fit its affine map first")
+        maps[name] = f
+    return predict_maps(maps, game.schedule, game.targets)
+
+
+def report(
+    game: Game, prediction: Prediction, trajectory: Trajectory | None = None, play: int = 0
+) -> dict[str, Any]:
+    """The JSON report of one play of the batch (the ``--json`` contract).
+
+    Keys: ``config`` (resolved), ``config_hash``, ``agents.<name>`` (``X``, ``y``,
+    ``gamma``, ``target``), ``prediction`` (``<name>`` fixed point, ``rho``,
+    ``converges``, ``rounds_to_tol``, ``residual.<name>`` predicted distance to
+    target); with a trajectory also ``outputs.<name>`` (one list of ``d`` floats per
+    round), ``residual.<name>`` (distance of the final output to its target),
+    ``rounds_played`` and ``diverged_at`` (round, or ``null``).
+    """
+    config = game.configs[play]
+    converges = bool(prediction.converges[play])
+    out: dict[str, Any] = {
+        "config": config.model_dump(mode="json", exclude_none=True),
+        "config_hash": config.digest(),
+        "agents": {},
+        "prediction": {
+            "rho": float(prediction.rho[play]),
+            "converges": converges,
+            "rounds_to_tol": float(prediction.rounds_to()[play]) if converges else None,
+            "residual": {
+                name: float(np.linalg.norm(e[play])) if converges else None
+                for name, e in prediction.residual.items()
+            },
+        },
+    }
+    for name, agent in game.agents.items():
+        prompt = game.prompts[name][play]
+        gamma = agent.gamma
+        out["agents"][name] = {
+            "X": prompt.X.tolist(),
+            "y": prompt.y.tolist(),
+            "gamma": None if gamma is None else gamma[play].tolist(),
+            "target": prompt.target.tolist(),
+        }
+        fixed = prediction.fixed_point[name][play]
+        out["prediction"][name] = fixed.tolist() if converges else None
+    if trajectory is not None:
+        targets = game.targets
+        stop = trajectory.diverged_at[play]
+        rounds = trajectory.rounds if stop < 0 else int(stop)  # keep only finite rounds
+        out["rounds_played"] = rounds
+        out["diverged_at"] = None if stop < 0 else int(stop)
+        out["outputs"] = {
+            name: trajectory.outputs(name)[:rounds, play].tolist() for name in game.schedule.agents
+        }
+        out["residual"] = {
+            name: float(trajectory.distance(name, targets[name])[rounds - 1, play])
+            if rounds
+            else None
+            for name in game.schedule.agents
+        }
+    return out
