@@ -81,9 +81,9 @@ def sample_prompt(
 ) -> Prompt:
     """Draw one prompt.
 
-    The draws happen in a fixed order (rotation, target, inputs, label noise),
-    and optional draws are skipped entirely, so each switch changes only what
-    it governs.
+    Rotation, target, inputs and label noise come from four independent child
+    streams of ``rng``, so each switch changes only what it governs (giving the
+    target explicitly leaves ``X`` as it was).
 
     Args:
         rng: the agent's generator (see ``agent_rng``).
@@ -98,17 +98,14 @@ def sample_prompt(
         The prompt.
     """
     spectrum = np.ones(d) if spectrum is None else np.asarray(spectrum, dtype=float)
+    rotation_rng, target_rng, input_rng, noise_rng = rng.spawn(4)
     rotation = np.eye(d)
     if rotate and d > 1:
         from scipy.stats import special_ortho_group  # scipy.stats is slow to import
 
-        rotation = special_ortho_group.rvs(d, random_state=rng)
-    if target is None:
-        target = rng.standard_normal(d)
-    target = np.asarray(target, dtype=float)
-    X = rng.standard_normal((n, d)) * np.sqrt(spectrum) @ rotation.T
-    y = X @ target
-    if noise > 0:
-        y = y + noise * rng.standard_normal(n)
+        rotation = special_ortho_group.rvs(d, random_state=rotation_rng)
+    target = target_rng.standard_normal(d) if target is None else np.asarray(target, dtype=float)
+    X = input_rng.standard_normal((n, d)) * np.sqrt(spectrum) @ rotation.T
+    y = X @ target + noise * noise_rng.standard_normal(n)
     covariance = (rotation * spectrum) @ rotation.T
     return Prompt(X=X, y=y, target=target, covariance=covariance)

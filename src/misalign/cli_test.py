@@ -1,0 +1,122 @@
+"""Tests for misalign.cli: exit codes, one-line errors, JSON on stdout, artifacts."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from misalign.cli import app
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+runner = CliRunner()
+
+GOOD = """seed = 1
+d = 2
+rounds = 40
+[agents.A]
+n = 4
+[agents.B]
+n = 5
+preconditioner = "identity"
+eta = 0.5
+"""
+
+
+def _invoke(tmp_path, *args):
+    return runner.invoke(app, [*args, "--out", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("command", ["run", "theory"])
+def test_json_is_one_object_on_stdout(tmp_path, command):
+    config = tmp_path / "c.toml"
+    config.write_text(GOOD)
+    result = _invoke(tmp_path, command, str(config), "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert {"agents", "prediction", "config", "config_hash"} <= set(data)
+    assert ("outputs" in data) == (command == "run") == ("residual" in data)
+    written = json.loads((tmp_path / "out" / f"{command}.json").read_text())
+    assert written == data
+    assert (tmp_path / "out" / "config.toml").exists()
+    assert (tmp_path / "out" / "trajectory.png").exists() == (command == "run")
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.toml")))
+def test_examples_run(tmp_path, example):
+    result = _invoke(tmp_path, "run", str(EXAMPLES / example))
+    assert result.exit_code == 0, result.stderr
+    assert "rho" in result.stdout and "nan" not in result.stdout.lower()
+
+
+def test_divergent_play_is_reported_not_an_error(tmp_path):
+    result = _invoke(tmp_path, "run", str(EXAMPLES / "diverging.toml"))
+    assert result.exit_code == 0 and "diverges (rho = " in result.stdout
+    data = json.loads(_invoke(tmp_path, "run", str(EXAMPLES / "diverging.toml"), "--json").stdout)
+    assert data["prediction"]["converges"] is False and data["prediction"]["A"] is None
+    assert data["prediction"]["rho"] > 1
+    assert data["diverged_at"] == len(data["outputs"]["A"])
+
+
+@pytest.mark.parametrize(
+    "text,field",
+    [
+        (GOOD.replace("n = 4", "n = 0"), "agents.A.n"),
+        (GOOD.replace("d = 2", "d = 0"), "d:"),
+        (GOOD + "spectrum = [1.0]\n", "agents.B.spectrum"),
+        (GOOD + "spectrum = [1.0, -2.0]\n", "agents.B.spectrum"),
+        (GOOD + "target = [1.0, 2.0, 3.0]\n", "agents.B.target"),
+        (GOOD + "target = [1.0, nan]\n", "agents.B.target"),
+        (GOOD + "eta2 = 1\n", "agents.B.eta2: unknown key"),
+        (GOOD.replace("n = 5", 'n = 5\nkind = "oracle"'), "agents.B.kind"),
+        ('schedule = ["A", "C"]\n' + GOOD, "schedule: names no agent: 'C'"),
+        (GOOD.replace("rounds = 40", "rounds = inf"), "rounds"),
+        ("d = [", "invalid TOML"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path, text, field):
+    config = tmp_path / "c.toml"
+    config.write_text(text)
+    for command in ("run", "theory"):
+        result = _invoke(tmp_path, command, str(config), "--json")
+        assert result.exit_code == 2
+        assert result.stdout == ""
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and field in lines[0] and lines[0].startswith("misalign: error:")
+
+
+def test_missing_file_and_bad_override(tmp_path):
+    result = _invoke(tmp_path, "run", str(tmp_path / "nope.toml"))
+    assert result.exit_code == 2 and "no such file" in result.stderr
+    config = tmp_path / "c.toml"
+    config.write_text(GOOD)
+    result = _invoke(tmp_path, "theory", str(config), "--set", "agents.A.eta=-1")
+    assert result.exit_code == 2 and result.stderr.startswith("misalign: error: agents.A.eta:")
+
+
+def test_existing_artifacts_survive_a_bad_run(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text(GOOD)
+    assert _invoke(tmp_path, "run", str(config)).exit_code == 0
+    before = (tmp_path / "out" / "run.json").read_bytes()
+    assert _invoke(tmp_path, "run", str(config), "--set", "d=0").exit_code == 2
+    assert (tmp_path / "out" / "run.json").read_bytes() == before
+
+
+def test_real_process_help_and_error_without_traceback(tmp_path):
+    help_text = subprocess.run(
+        [sys.executable, "-m", "misalign.cli", "--help"], capture_output=True, text=True
+    )
+    assert help_text.returncode == 0 and "run" in help_text.stdout and "theory" in help_text.stdout
+    config = tmp_path / "c.toml"
+    config.write_text(GOOD + "noise = -1\n")
+    bad = subprocess.run(
+        [sys.executable, "-m", "misalign.cli", "run", str(config)], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert (
+        bad.stderr.strip()
+        == "misalign: error: agents.B.noise: input should be greater than or equal to 0 (got -1)"
+    )

@@ -1,0 +1,103 @@
+"""Tests for misalign.config."""
+
+import pytest
+
+from misalign.config import ConfigError, load_config, parse_config
+
+BASE = {"seed": 1, "d": 2, "rounds": 10, "agents": {"A": {"n": 4}, "B": {"n": 4}}}
+
+
+def _with(path, value):
+    data = {**BASE, "agents": {k: dict(v) for k, v in BASE["agents"].items()}}
+    node = data
+    *parents, leaf = path.split(".")
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    return data
+
+
+def test_defaults():
+    config = parse_config(BASE)
+    a = config.agents["A"]
+    assert (a.kind, a.preconditioner, a.eta, a.steps_per_turn, a.noise) == (
+        "gd",
+        "lsa-optimal",
+        1.0,
+        1,
+        0.0,
+    )
+    assert config.order == ["A", "B"]
+
+
+@pytest.mark.parametrize(
+    "path,value,message",
+    [
+        ("d", 0, "d: input should be greater than or equal to 1"),
+        ("rounds", 0, "rounds: input should be greater than or equal to 1"),
+        ("agents.A.n", 0, "agents.A.n: input should be greater than or equal to 1"),
+        ("agents.A.spectrum", [1.0], "agents.A.spectrum: must have length d = 2 (got 1)"),
+        ("agents.A.spectrum", [1.0, -1.0], "agents.A.spectrum: must be all positive"),
+        ("agents.A.spectrum", [1.0, 0.0], "agents.A.spectrum: must be all positive"),
+        ("agents.A.target", [1.0, 2.0, 3.0], "agents.A.target: must have length d = 2 (got 3)"),
+        ("agents.A.target", [1.0, float("nan")], "agents.A.target.1: must be a finite number"),
+        ("agents.A.eta", float("inf"), "agents.A.eta: must be a finite number"),
+        ("agents.A.eta", 0.0, "agents.A.eta: input should be greater than 0"),
+        ("agents.A.colour", "red", "agents.A.colour: unknown key"),
+        ("speed", 3, "speed: unknown key"),
+        ("agents.A.kind", "oracle", "agents.A.kind: got 'oracle'; input should be 'gd'"),
+        ("agents.A.preconditioner", "adam", "agents.A.preconditioner: got 'adam'"),
+        ("schedule", ["A", "Z"], "schedule: names no agent: 'Z'"),
+        ("schedule", ["A"], "schedule: agent 'B' never takes a turn"),
+        ("schedule", [], "schedule: list should have at least 1 item"),
+        ("agents.A.reads", "Q", "agents.A.reads: names no agent: 'Q'"),
+        ("start", [0.0], "start: must have length d = 2 (got 1)"),
+        ("agents", {}, "agents: dictionary should have at least 1 item"),
+        ("agents.rho", {"n": 2}, "agents.rho: is not a valid agent name"),
+        ("seed", -1, "seed: input should be greater than or equal to 0"),
+        ("d", "four", "d: input should be a valid integer"),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_field(path, value, message):
+    with pytest.raises(ConfigError) as info:
+        parse_config(_with(path, value))
+    text = str(info.value)
+    assert text.startswith(message) and "\n" not in text
+
+
+def test_missing_required_key():
+    with pytest.raises(ConfigError, match="^agents.A.n: is required$"):
+        parse_config(_with("agents.A", {}))
+
+
+def test_load_and_override(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("d = 2\nrounds = 5\n[agents.A]\nn = 3\n[agents.B]\nn = 3\n")
+    config = load_config(
+        path,
+        ["seed=9", "agents.A.eta=0.5", "agents.B.preconditioner=newton", "agents.B.target=[1, 2]"],
+    )
+    assert config.seed == 9 and config.agents["A"].eta == 0.5
+    assert config.agents["B"].preconditioner == "newton" and config.agents["B"].target == [1, 2]
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(path, ["seed"])
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [("d = = 2", "invalid TOML"), (None, "no such file"), (b"\xff\xfe", "cannot read")],
+)
+def test_unreadable_files(tmp_path, text, message):
+    path = tmp_path / "c.toml"
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    elif text is not None:
+        path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_digest_tracks_the_resolved_config():
+    a, b = parse_config(BASE), parse_config(_with("agents.A.eta", 1.0))
+    assert a.digest() == b.digest()  # an explicit default is the same configuration
+    assert a.digest() != parse_config(_with("seed", 2)).digest()

@@ -1,0 +1,67 @@
+"""Tests for misalign.experiment: the Python API and the JSON report."""
+
+import json
+
+import numpy as np
+import pytest
+
+from misalign.config import parse_config
+from misalign.experiment import predict, report, setup, simulate
+
+CONFIG = {
+    "seed": 3,
+    "d": 3,
+    "rounds": 60,
+    "agents": {
+        "A": {"n": 6, "spectrum": [1.0, 0.5, 2.0], "rotate": True, "noise": 0.1},
+        "B": {"n": 5, "preconditioner": "identity", "eta": 0.4, "target": [0.0, 1.0, 0.0]},
+    },
+}
+
+
+def test_same_config_same_play_bit_for_bit():
+    config = parse_config(CONFIG)
+    a, b = simulate(setup(config)), simulate(setup(config))
+    assert a.turns.tobytes() == b.turns.tobytes()
+
+
+def test_batch_member_equals_the_single_run_of_its_seed():
+    config = parse_config(CONFIG)
+    batch = setup(config, seeds=[7, 3, 11])
+    together = simulate(batch)
+    alone = simulate(setup(config.model_copy(update={"seed": 11})))
+    np.testing.assert_allclose(together.turns[:, 2], alone.turns[:, 0], rtol=1e-13, atol=1e-15)
+    assert predict(batch).rho.shape == (3,)
+
+
+def test_batch_of_different_configs():
+    configs = [parse_config(CONFIG | {"seed": s}) for s in (1, 2)]
+    configs.append(parse_config({**CONFIG, "agents": {**CONFIG["agents"], "B": {"n": 9}}}))
+    game = setup(configs)
+    assert game.agents["B"].gamma.shape == (3, 3, 3)
+    with pytest.raises(ValueError, match="same d"):
+        setup(
+            [configs[0], parse_config({**CONFIG, "d": 2, "agents": {"A": {"n": 2}, "B": {"n": 2}}})]
+        )
+
+
+def test_report_round_trips_through_json_and_matches_the_arrays():
+    game = setup(parse_config(CONFIG))
+    prediction, trajectory = predict(game), simulate(game)
+    text = json.dumps(report(game, prediction, trajectory))
+    data = json.loads(text)
+    assert json.dumps(data) == text
+    for name in ("A", "B"):
+        agent = data["agents"][name]
+        p = game.prompts[name][0]
+        np.testing.assert_array_equal(agent["X"], p.X)
+        np.testing.assert_array_equal(agent["y"], p.y)
+        np.testing.assert_array_equal(agent["gamma"], game.agents[name].gamma[0])
+        assert len(data["outputs"][name]) == 60 and len(data["outputs"][name][0]) == 3
+        final = np.linalg.norm(np.array(data["outputs"][name][-1]) - agent["target"])
+        assert data["residual"][name] == pytest.approx(final)
+        assert data["residual"][name] == pytest.approx(
+            data["prediction"]["residual"][name], abs=1e-8
+        )
+    assert data["prediction"]["converges"] is True
+    assert data["config"]["seed"] == 3 and data["diverged_at"] is None

@@ -1,0 +1,18 @@
+"""Tests for misalign.plot."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+from matplotlib import image  # noqa: E402
+
+from misalign.config import parse_config  # noqa: E402
+from misalign.experiment import predict, setup, simulate  # noqa: E402
+from misalign.plot import plot_play  # noqa: E402
+
+
+def test_plot_writes_a_figure(tmp_path):
+    game = setup(parse_config({"d": 2, "rounds": 30, "agents": {"A": {"n": 3}, "B": {"n": 4}}}))
+    path = plot_play(game, simulate(game), predict(game), tmp_path / "t.png")
+    pixels = image.imread(path)
+    assert pixels.shape[0] > 300 and pixels.std() > 0.05  # a drawn figure, not a blank canvas

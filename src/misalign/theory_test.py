@@ -1,0 +1,211 @@
+"""Tests for misalign.theory: closed forms against simulation and against each other."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from misalign.agent import AffineMap
+from misalign.config import parse_config
+from misalign.experiment import predict, setup, simulate
+from misalign.play import Schedule
+from misalign.theory import predict as predict_maps
+from misalign.theory import round_map, spectral_radius, two_agent, two_agent_residuals
+
+KINDS = ["identity", "lsa-optimal", "newton"]
+
+
+def random_config(rng, d, names, schedule=None, rounds=100):
+    """A random play of noise-free or noisy gradient agents."""
+    agents = {}
+    for name in names:
+        kind = str(rng.choice(KINDS))
+        agents[name] = {
+            "n": int(rng.integers(max(1, d - 2), 3 * d + 5)),
+            "spectrum": rng.uniform(0.2, 3.0, d).tolist(),
+            "rotate": bool(rng.integers(2)),
+            "preconditioner": kind,
+            "eta": float(rng.uniform(0.1, 1.0 if kind == "newton" else 0.9)),
+            "steps_per_turn": int(rng.integers(1, 3)),
+            "noise": float(rng.choice([0.0, 0.3])),
+        }
+    return parse_config(
+        {"seed": int(rng.integers(10**6)), "d": d, "rounds": rounds, "agents": agents}
+        | ({"schedule": schedule} if schedule else {})
+    )
+
+
+def check_against_simulation(config, tol=1e-8):
+    """Play long enough to reach 1e-12 of the start's error and compare every agent."""
+    game = setup(config)
+    prediction = predict(game)
+    rho = float(prediction.rho[0])
+    if rho >= 0.99:
+        return False
+    rounds = int(np.ceil(np.log(1e-13) / np.log(max(rho, 1e-3)))) + 5
+    trajectory = simulate(game, rounds=rounds)
+    for name in game.schedule.agents:
+        last = trajectory.outputs(name)[-1, 0]
+        fixed = prediction.fixed_point[name][0]
+        assert np.linalg.norm(last - fixed) <= tol * max(1.0, np.linalg.norm(fixed)), name
+        residual = trajectory.distance(name, game.targets[name])[-1, 0]
+        assert residual == pytest.approx(np.linalg.norm(prediction.residual[name][0]), abs=tol)
+    return True
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), d=st.integers(1, 6))
+def test_two_agents_fixed_point_and_residuals_match_simulation(seed, d):
+    check_against_simulation(random_config(np.random.default_rng(seed), d, ["A", "B"]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    d=st.integers(1, 5),
+    schedule=st.sampled_from([["A", "B", "C"], ["A", "C", "B"], ["A", "B", "A", "C"], ["C", "A"]]),
+)
+def test_three_agent_schedules_match_simulation(seed, d, schedule):
+    names = sorted(set(schedule))
+    check_against_simulation(random_config(np.random.default_rng(seed), d, names, schedule))
+
+
+def test_most_random_instances_converge_so_the_sweeps_test_something():
+    rng = np.random.default_rng(0)
+    checked = sum(
+        check_against_simulation(random_config(rng, 4, ["A", "B", "C"])) for _ in range(40)
+    )
+    assert checked >= 25
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), d=st.integers(1, 6))
+def test_general_solver_gives_the_two_agent_closed_forms(seed, d):
+    """The stacked round map reduces to M_B, v*, u*, e_A, e_B of MODEL.md section 2."""
+    config = random_config(np.random.default_rng(seed), d, ["A", "B"])
+    config = config.model_copy(
+        update={
+            "agents": {k: a.model_copy(update={"noise": 0.0}) for k, a in config.agents.items()}
+        }
+    )
+    game = setup(config)
+    A, B = game.agents["A"].affine(), game.agents["B"].affine()
+    M_B, v, u = two_agent(A, B)
+    R, _ = round_map({"A": A, "B": B}, game.schedule)
+    M_A = A.A @ B.A
+    np.testing.assert_allclose(R[:, d:, d:], M_B, atol=1e-12)  # B's block reads itself
+    np.testing.assert_allclose(
+        np.sort_complex(np.linalg.eigvals(M_A)), np.sort_complex(np.linalg.eigvals(M_B)), atol=1e-6
+    )
+    prediction = predict(game)
+    if not prediction.converges[0]:
+        return
+    assert prediction.rho[0] == pytest.approx(spectral_radius(M_B)[0], abs=1e-8)
+    scale = max(1.0, np.abs(v).max())
+    np.testing.assert_allclose(prediction.fixed_point["B"], v, atol=1e-8 * scale)
+    np.testing.assert_allclose(prediction.fixed_point["A"], u, atol=1e-8 * scale)
+    targets = game.targets
+    e_A, e_B = two_agent_residuals(A.H, B.H, targets["A"] - targets["B"])
+    np.testing.assert_allclose(prediction.residual["A"], e_A, atol=1e-8 * scale)
+    np.testing.assert_allclose(prediction.residual["B"], e_B, atol=1e-8 * scale)
+
+
+def _scalar_maps(h_A, h_B, w_A, w_B):
+    d = len(w_A)
+    eye = np.eye(d)[None]
+    return {
+        "A": AffineMap((1 - h_A) * eye, h_A * np.asarray(w_A)[None]),
+        "B": AffineMap((1 - h_B) * eye, h_B * np.asarray(w_B)[None]),
+    }
+
+
+@settings(max_examples=100, deadline=None)
+@given(h_A=st.floats(0.01, 1.99), h_B=st.floats(0.01, 1.99), seed=st.integers(0, 10**6))
+def test_scalar_identity(h_A, h_B, seed):
+    """H_i = h_i I: e_B = (1 - h_B) h_A / (h_A + h_B - h_A h_B) delta, rho = |(1-h_A)(1-h_B)|."""
+    rng = np.random.default_rng(seed)
+    w_A, w_B = rng.standard_normal(3), rng.standard_normal(3)
+    maps = _scalar_maps(h_A, h_B, w_A, w_B)
+    p = predict_maps(maps, Schedule.build(["A", "B"]), {"A": w_A[None], "B": w_B[None]})
+    assert p.rho[0] == pytest.approx(abs((1 - h_A) * (1 - h_B)))
+    e_B = (1 - h_B) * h_A / (h_A + h_B - h_A * h_B) * (w_A - w_B)
+    e_A = -(1 - h_A) * h_B / (h_A + h_B - h_A * h_B) * (w_A - w_B)
+    np.testing.assert_allclose(p.residual["B"][0], e_B, atol=1e-10)
+    np.testing.assert_allclose(p.residual["A"][0], e_A, atol=1e-10)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), d=st.integers(1, 6))
+def test_newton_partner_is_one_sided(seed, d):
+    """H_B = I: B ends on its target, A at H_A w_A* + (I - H_A) w_B*, e_A = -(I - H_A) delta."""
+    config = random_config(np.random.default_rng(seed), d, ["A", "B"])
+    agents = dict(config.agents)
+    agents["A"] = agents["A"].model_copy(update={"noise": 0.0})
+    agents["B"] = agents["B"].model_copy(
+        update={"preconditioner": "newton", "eta": 1.0, "n": d + 3, "noise": 0.0}
+    )
+    game = setup(config.model_copy(update={"agents": agents}))
+    p = predict(game)
+    assert p.rho[0] < 1e-8
+    np.testing.assert_allclose(p.residual["B"][0], 0, atol=1e-9)
+    H_A = game.agents["A"].affine().H[0]
+    delta = game.targets["A"][0] - game.targets["B"][0]
+    np.testing.assert_allclose(p.residual["A"][0], -(np.eye(d) - H_A) @ delta, atol=1e-9)
+    check_against_simulation(game.configs[0])
+
+
+def test_gap_invisible_to_a_makes_b_exact():
+    """delta in the null space of X_A (n_A < d): H_A delta = 0, so e_B = 0 (MODEL.md 3)."""
+    d = 4
+    game = setup(random_config(np.random.default_rng(0), d, ["A", "B"]))
+    X_A = game.prompts["A"][0].X[:2]  # two examples only
+    null = np.linalg.svd(X_A)[2][-1]
+    H_A = 0.5 * X_A.T @ X_A / 2
+    H_B = np.eye(d) * 0.3
+    e_A, e_B = two_agent_residuals(H_A[None], H_B[None], null[None])
+    np.testing.assert_allclose(e_B, 0, atol=1e-12)
+    assert np.linalg.norm(e_A) > 0.1
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), d=st.integers(1, 5))
+def test_small_steps_reach_the_weighted_mean_with_error_proportional_to_eta(seed, d):
+    """eta -> 0: v* -> (H_A + H_B)^{-1}(H_A w_A* + H_B w_B*); with the same G it is pooled least
+    squares argmin sum_i |X_i w - y_i|^2 / n_i (MODEL.md section 2)."""
+    config = random_config(np.random.default_rng(seed), d, ["A", "B"])
+    agents = {
+        name: a.model_copy(update={"preconditioner": "identity", "steps_per_turn": 1, "n": d + 2})
+        for name, a in config.agents.items()
+    }
+    errors = []
+    for eta in (1e-3, 5e-4):
+        scaled = {name: a.model_copy(update={"eta": eta}) for name, a in agents.items()}
+        game = setup(config.model_copy(update={"agents": scaled}))
+        S = {name: ps[0].second_moment for name, ps in game.prompts.items()}
+        m = {name: ps[0].moment for name, ps in game.prompts.items()}
+        pooled = np.linalg.solve(S["A"] + S["B"], m["A"] + m["B"])
+        errors.append(np.linalg.norm(predict(game).fixed_point["B"][0] - pooled))
+    assert errors[1] == pytest.approx(errors[0] / 2, rel=0.05)  # error proportional to eta
+
+
+def test_divergence_is_detected():
+    eye = np.eye(2)[None]
+    maps = {
+        "A": AffineMap(-1.5 * eye, np.ones((1, 2))),
+        "B": AffineMap(1.0 * eye, np.zeros((1, 2))),
+    }
+    p = predict_maps(
+        maps, Schedule.build(["A", "B"]), {"A": np.zeros((1, 2)), "B": np.zeros((1, 2))}
+    )
+    assert p.rho[0] == pytest.approx(1.5) and not p.converges[0]
+    assert np.isnan(p.fixed_point["A"]).all()
+    assert p.rounds_to()[0] == np.inf
+
+
+def test_rounds_to_follows_the_rate():
+    maps = _scalar_maps(0.5, 0.5, [1.0], [0.0])
+    p = predict_maps(
+        maps, Schedule.build(["A", "B"]), {"A": np.ones((1, 1)), "B": np.zeros((1, 1))}
+    )
+    assert p.rho[0] == pytest.approx(0.25)
+    assert p.rounds_to(1e-8)[0] == np.ceil(np.log(1e-8) / np.log(0.25))
