@@ -43,8 +43,12 @@ class AffineMap:
         """``H = I - A``: the agent's step matrix (MODEL.md section 1)."""
         return np.eye(self.A.shape[-1]) - self.A
 
-    def __call__(self, w: np.ndarray) -> np.ndarray:
-        return np.einsum("bij,bj->bi", self.A, w) + self.c
+    def __call__(self, w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """``A w + c`` for a batch ``w`` of shape ``(B, d)``, written into ``out`` when given."""
+        out = np.empty_like(self.c) if out is None else out
+        np.matmul(self.A, w[..., None], out=out[..., None])  # faster than einsum here
+        out += self.c
+        return out
 
     def power(self, k: int) -> AffineMap:
         """The ``k``-fold composition ``f o ... o f``."""
@@ -64,6 +68,8 @@ class Turn:
         reads: the name of the agent whose last output is the input.
         past: the output of every earlier turn of the play, shape ``(turns_so_far, B, d)``.
         order: the agent taking each turn of a round, in schedule order.
+        out: where the play records this turn's output, shape ``(B, d)``; an agent may
+            write its answer there and return it, saving a copy.
     """
 
     round: int
@@ -71,6 +77,7 @@ class Turn:
     reads: str
     past: np.ndarray = field(default_factory=lambda: np.empty((0, 0, 0)))
     order: tuple[str, ...] = ()
+    out: np.ndarray | None = None
 
     def outputs(self, name: str) -> np.ndarray:
         """Every earlier output of agent ``name``, shape ``(turns, B, d)``."""
@@ -163,7 +170,7 @@ class GradientAgent:
             raise ValueError(f"agent {self.name} holds {self._map.c.shape[0]} plays, not {batch}")
 
     def respond(self, w: np.ndarray, turn: Turn) -> np.ndarray:
-        return self._map(w)
+        return self._map(w, out=turn.out)
 
     def affine(self) -> AffineMap:
         return self._map

@@ -127,11 +127,14 @@ def play(
         for t in range(rounds):
             for k, (name, reads) in enumerate(schedule.turns):
                 row = t * per_round + k
-                turn = Turn(round=t, position=k, reads=reads, past=turns[:row], order=order)
-                turns[row] = agents[name].respond(last[reads], turn)
-                last[name] = turns[row]
+                out = turns[row]
+                turn = Turn(t, k, reads, past=turns[:row], order=order, out=out)
+                answer = agents[name].respond(last[reads], turn)
+                if answer is not out:
+                    out[...] = answer
+                last[name] = out
             block = turns[t * per_round : (t + 1) * per_round]
-            if not np.abs(block).max() <= DIVERGED:  # NaN fails this test too
+            if not (block.max() <= DIVERGED and block.min() >= -DIVERGED):  # NaN fails too
                 bad = ~(np.abs(block) <= DIVERGED).all(axis=(0, 2))
                 diverged_at[bad & (diverged_at < 0)] = t
                 if (diverged_at >= 0).all():

@@ -127,3 +127,11 @@ def test_divergent_plays_are_flagged_and_the_play_stops_when_all_diverge():
     stopped = play({"A": alone}, Schedule.build(["A"]), 10**6, np.zeros((1, 2)))
     assert stopped.rounds == stopped.diverged_at[0] + 1 < 110
     assert np.abs(stopped.turns[stopped.diverged_at[0] - 1]).max() <= DIVERGED
+
+
+def test_progress_bar_does_not_change_the_play():
+    rng = np.random.default_rng(2)
+    agents = _random_maps(rng, ["A", "B"], 3, 2)
+    quiet = play(agents, Schedule.build(["A", "B"]), 20, np.zeros((3, 2)))
+    shown = play(agents, Schedule.build(["A", "B"]), 20, np.zeros((3, 2)), progress=True)
+    np.testing.assert_array_equal(quiet.turns, shown.turns)

@@ -99,13 +99,22 @@ def sample_prompt(
     """
     spectrum = np.ones(d) if spectrum is None else np.asarray(spectrum, dtype=float)
     rotation_rng, target_rng, input_rng, noise_rng = rng.spawn(4)
-    rotation = np.eye(d)
-    if rotate and d > 1:
-        from scipy.stats import special_ortho_group  # scipy.stats is slow to import
-
-        rotation = special_ortho_group.rvs(d, random_state=rotation_rng)
+    rotation = haar_rotation(rotation_rng, d) if rotate else np.eye(d)
     target = target_rng.standard_normal(d) if target is None else np.asarray(target, dtype=float)
     X = input_rng.standard_normal((n, d)) * np.sqrt(spectrum) @ rotation.T
     y = X @ target + noise * noise_rng.standard_normal(n)
     covariance = (rotation * spectrum) @ rotation.T
     return Prompt(X=X, y=y, target=target, covariance=covariance)
+
+
+def haar_rotation(rng: np.random.Generator, d: int) -> np.ndarray:
+    """A Haar-random rotation in ``SO(d)``: QR of a Gaussian matrix with the signs of
+    ``diag(R)`` moved into ``Q`` (Mezzadri 2007, "How to generate random matrices from the
+    classical compact groups"), then one column flipped when ``det = -1``. Same law as
+    ``scipy.stats.special_ortho_group``, without the half-second import of ``scipy.stats``.
+    """
+    q, r = np.linalg.qr(rng.standard_normal((d, d)))
+    q = q * np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    return q

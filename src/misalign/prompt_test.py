@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from misalign.prompt import agent_rng, sample_prompt
+from misalign.prompt import agent_rng, haar_rotation, sample_prompt
 
 
 def _sample(seed=0, name="A", **kw):
@@ -55,3 +55,16 @@ def test_moments_match_definitions(n, d):
     np.testing.assert_allclose(p.second_moment, p.X.T @ p.X / n)
     np.testing.assert_allclose(p.moment, p.X.T @ p.y / n)
     np.testing.assert_allclose(p.least_squares(), np.linalg.lstsq(p.X, p.y, rcond=None)[0])
+
+
+@pytest.mark.parametrize("d", [2, 3, 5])
+def test_haar_rotation_is_a_uniform_rotation(d):
+    """Orthogonal, det +1, and Monte Carlo moments of the Haar law: E R = 0, E R_ij^2 = 1/d."""
+    rng = np.random.default_rng(d)
+    R = np.stack([haar_rotation(rng, d) for _ in range(20000)])
+    np.testing.assert_allclose(
+        R @ R.transpose(0, 2, 1), np.broadcast_to(np.eye(d), R.shape), atol=1e-12
+    )
+    np.testing.assert_allclose(np.linalg.det(R), 1.0, atol=1e-12)
+    assert np.abs(R.mean(axis=0)).max() < 0.03
+    np.testing.assert_allclose((R**2).mean(axis=0), 1 / d, atol=0.02)

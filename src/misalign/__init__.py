@@ -1,0 +1,18 @@
+"""misalign: the play of in-context learners with misaligned objectives (see MODEL.md)."""
+
+from misalign.config import ConfigError, PlayConfig, load_config, parse_config
+from misalign.experiment import Game, predict, report, setup, simulate
+from misalign.plot import plot_play
+
+__all__ = [
+    "ConfigError",
+    "Game",
+    "PlayConfig",
+    "load_config",
+    "parse_config",
+    "plot_play",
+    "predict",
+    "report",
+    "setup",
+    "simulate",
+]
