@@ -50,6 +50,10 @@ class AffineMap:
         out += self.c
         return out
 
+    def __getitem__(self, plays) -> AffineMap:
+        """The maps of a subset of the plays (any numpy index on the batch axis)."""
+        return AffineMap(self.A[plays], self.c[plays])
+
     def power(self, k: int) -> AffineMap:
         """The ``k``-fold composition ``f o ... o f``."""
         A, c = np.broadcast_to(np.eye(self.A.shape[-1]), self.A.shape).copy(), np.zeros_like(self.c)
@@ -203,7 +207,28 @@ def fit_affine(
     for p in range(probes):
         agent.start(batch)
         F[p] = agent.respond(W[p], Turn(round=0, position=0, reads="probe"))
-    design = np.concatenate([W, np.ones((probes, batch, 1))], axis=-1).transpose(1, 0, 2)
-    q, r = np.linalg.qr(design)  # batched least squares, one per play
-    coef = np.linalg.solve(r, q.transpose(0, 2, 1) @ F.transpose(1, 0, 2))
+    return affine_lstsq(W, F)
+
+
+def affine_lstsq(inputs: np.ndarray, outputs: np.ndarray, ridge: float = 0.0) -> AffineMap:
+    """Least-squares affine map ``outputs ~ A inputs + c``, one per play.
+
+    Args:
+        inputs: ``(P, B, d)``, ``P`` pairs per play.
+        outputs: ``(P, B, d)``.
+        ridge: Tikhonov weight on ``A`` (0: plain least squares, which needs
+            ``P >= d + 1`` affinely independent inputs).
+
+    Returns:
+        The fitted map, ``A`` of shape ``(B, d, d)``.
+    """
+    P, batch, d = inputs.shape
+    design = np.concatenate([inputs, np.ones((P, batch, 1))], axis=-1).transpose(1, 0, 2)
+    targets = outputs.transpose(1, 0, 2)
+    if ridge > 0:  # augment with sqrt(ridge) I rows on the A block
+        extra = np.zeros((batch, d, d + 1))
+        extra[:, :, :d] = np.sqrt(ridge) * np.eye(d)
+        design = np.concatenate([design, extra], axis=1)
+        targets = np.concatenate([targets, np.zeros((batch, d, targets.shape[-1]))], axis=1)
+    coef = np.linalg.pinv(design) @ targets  # batched; minimum-norm where rank-deficient
     return AffineMap(A=coef[:, :d, :].transpose(0, 2, 1), c=coef[:, d, :])

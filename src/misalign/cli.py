@@ -135,12 +135,28 @@ def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> No
         )
     console.print(table)
     if p["converges"] and len(names) > 1:
-        ranked = sorted(names, key=lambda n: p["residual"][n])
-        exact = [n for n in names if p["residual"][n] < 1e-10]
-        if exact and len(exact) < len(names):
-            console.print(f"one-sided: {', '.join(exact)} ends on target; the others are biased")
-        elif not exact:
-            console.print(f"biased equilibrium: {ranked[0]} ends closest to its own target")
+        if p["one_sided"] is not None:
+            console.print(
+                f"one-sided: {p['one_sided']} ends exactly on target, the others are biased"
+            )
+        elif not any(p["on_target"].values()):
+            best = min(names, key=lambda n: p["residual"][n])
+            console.print(f"biased equilibrium: {best} ends closest to its own target")
+        for name, reason in p["why"].items():
+            console.print(f"  {name} on target: {reason}")
+    if "attack" in result:
+        a = result["attack"]
+        probes = f" after {a['probe_turns']} probe turns" if "probe_turns" in a else ""
+        console.print(f"attack: {a['agent']} attacks the agent it reads{probes}")
+    if "defence" in result:
+        d = result["defence"]
+        line = f"defence: {result['config']['defence']['method']}"
+        if "flagged_at" in d:
+            flagged = "never" if d["flagged_at"] is None else f"at round {d['flagged_at']}"
+            line += f"; partner flagged {flagged} (score {d['score']:.3g})"
+        if d.get("refused_at") is not None:
+            line += f"; stopped reading it at round {d['refused_at']}"
+        console.print(line)
     console.print(f"artifacts: {directory}" + (f" (figure {figure.name})" if figure else ""))
 
 

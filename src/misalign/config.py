@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-RESERVED = {"rho", "converges", "residual", "rounds_to_tol"}
+RESERVED = {"rho", "converges", "residual", "rounds_to_tol", "on_target", "one_sided", "why"}
 """Names an agent may not take: they are keys of the JSON ``prediction`` object."""
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
@@ -56,6 +56,31 @@ AgentConfig = GradientAgentConfig
 """Every agent kind; later kinds join as a union discriminated by ``kind``."""
 
 
+class AttackConfig(_Strict):
+    """One agent attacks the agent it reads (MODEL.md section 3; ``misalign.attack``)."""
+
+    agent: str = Field(description="the attacker")
+    method: Literal["decoy", "geometry", "per-turn"]
+    knowledge: Literal["white-box", "gray-box"] = Field(
+        default="white-box", description="gray-box: fit the victim's map from probe turns (decoy)"
+    )
+    probe_scale: Finite = Field(default=1.0, gt=0, description="size of the gray-box probes")
+
+
+class DefenceConfig(_Strict):
+    """The victim's guard (``misalign.defence``)."""
+
+    agent: str = Field(description="the defended agent")
+    method: Literal["monitor", "damping", "predict"]
+    damping: Finite = Field(default=0.5, gt=0, le=1, description="weight of the new answer")
+    budget: Finite = Field(
+        default=0.5,
+        gt=0,
+        description="predict: refuse when the predicted own residual exceeds "
+        "budget times the norm of the agent's own estimate of its target",
+    )
+
+
 class PlayConfig(_Strict):
     """A play: the agents, their turn order, the number of rounds and the seed."""
 
@@ -69,6 +94,8 @@ class PlayConfig(_Strict):
         default=None, description="every agent's initial output v_0; default zeros"
     )
     agents: dict[str, AgentConfig] = Field(min_length=1)
+    attack: AttackConfig | None = None
+    defence: DefenceConfig | None = None
 
     @model_validator(mode="after")
     def _check(self) -> PlayConfig:
@@ -94,6 +121,16 @@ class PlayConfig(_Strict):
         idle = [name for name in self.agents if name not in order]
         if idle:
             raise _FieldError("schedule", f"agent {idle[0]!r} never takes a turn")
+        for key, table in (("attack", self.attack), ("defence", self.defence)):
+            if table is not None and table.agent not in self.agents:
+                raise _FieldError(f"{key}.agent", f"names no agent: {table.agent!r}")
+            if table is not None and len(self.agents) != 2:
+                raise _FieldError(key, f"needs a two-agent play (got {len(self.agents)} agents)")
+        attack = self.attack
+        if attack is not None and attack.knowledge == "gray-box" and attack.method != "decoy":
+            raise _FieldError("attack.knowledge", "gray-box applies to the decoy method only")
+        if self.attack and self.defence and self.attack.agent == self.defence.agent:
+            raise _FieldError("defence.agent", "the attacker cannot also be the defended agent")
         return self
 
     @property

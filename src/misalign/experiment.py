@@ -19,11 +19,13 @@ from typing import Any
 
 import numpy as np
 
+from misalign import attack as attack_
+from misalign import defence as defence_
 from misalign.agent import Agent, GradientAgent, preconditioner
-from misalign.config import AgentConfig, PlayConfig
+from misalign.config import AgentConfig, AttackConfig, DefenceConfig, PlayConfig
 from misalign.play import Schedule, Trajectory, play
 from misalign.prompt import Prompt, agent_rng, sample_prompt
-from misalign.theory import Prediction
+from misalign.theory import Prediction, exactness
 from misalign.theory import predict as predict_maps
 
 
@@ -68,8 +70,8 @@ def setup(config: PlayConfig | Sequence[PlayConfig], seeds: Sequence[int] | None
         configs = tuple(config)
     first = configs[0]
     for other in configs[1:]:
-        if (other.d, other.order, list(other.agents)) != (first.d, first.order, list(first.agents)):
-            raise ValueError("a batch needs the same d, agents and schedule in every configuration")
+        if _shape(other) != _shape(first):
+            raise ValueError("a batch needs one d, agent list, schedule, attack and defence")
     prompts = {
         name: [_prompt(c.seed, name, c.agents[name], c.d) for c in configs] for name in first.agents
     }
@@ -78,8 +80,25 @@ def setup(config: PlayConfig | Sequence[PlayConfig], seeds: Sequence[int] | None
         for name in first.agents
     }
     schedule = Schedule.build(first.order, {name: a.reads for name, a in first.agents.items()})
+    if first.attack is not None:
+        name = first.attack.agent
+        agents[name], prompts[name] = _attacker(
+            first.attack,
+            [c.agents[name] for c in configs],
+            agents,
+            prompts[name],
+            victim=dict(schedule.turns)[name],
+        )
+    if first.defence is not None:
+        name = first.defence.agent
+        agents[name] = _defended(first.defence, agents[name], prompts[name])
     start = np.stack([np.zeros(c.d) if c.start is None else np.asarray(c.start) for c in configs])
     return Game(configs, agents, prompts, schedule, start)
+
+
+def _shape(config: PlayConfig) -> tuple:
+    """What every play of a batch must share."""
+    return config.d, config.order, list(config.agents), config.attack, config.defence
 
 
 def _prompt(seed: int, name: str, agent: AgentConfig, d: int) -> Prompt:
@@ -110,6 +129,42 @@ def _agent(name: str, configs: list[AgentConfig], prompts: list[Prompt]) -> Agen
         moment=np.stack([p.moment for p in prompts]),
         steps_per_turn=configs[0].steps_per_turn,
     )
+
+
+def _attacker(
+    attack: AttackConfig,
+    configs: list[AgentConfig],
+    agents: dict[str, Agent],
+    prompts: list[Prompt],
+    victim: str,
+) -> tuple[Agent, list[Prompt]]:
+    """The attacker of ``misalign.attack`` named by the ``[attack]`` table."""
+    name, gamma, steps = attack.agent, agents[attack.agent].gamma, configs[0].steps_per_turn
+    if attack.method == "geometry":
+        kinds = {(c.preconditioner, c.eta) for c in configs}
+        if len(kinds) > 1:
+            raise ValueError(f"agent {name}: a geometry attack needs one preconditioner and eta")
+        kind, eta = kinds.pop()
+        return attack_.geometry(name, kind, eta, gamma, prompts, steps)
+    if attack.method == "per-turn":
+        return attack_.PerTurnAttacker(name, gamma, prompts, steps), prompts
+    white, relabelled = attack_.decoy(name, gamma, prompts, steps, agents[victim].affine())
+    if attack.knowledge == "white-box":
+        return white, relabelled
+    gray = attack_.GrayBoxDecoy(
+        name, gamma, prompts, steps, attack.probe_scale, settles_to=white.affine()
+    )
+    return gray, prompts
+
+
+def _defended(defence: DefenceConfig, agent: Agent, prompts: list[Prompt]) -> Agent:
+    """The victim wrapped in the guard of ``misalign.defence`` named by ``[defence]``."""
+    if defence.method == "damping":
+        return defence_.Damped(agent, defence.damping)
+    if defence.method == "monitor":
+        return defence_.Monitor(agent)
+    own = np.stack([p.least_squares() for p in prompts])
+    return defence_.Predictive(agent, own, defence.budget)
 
 
 def simulate(game: Game, rounds: int | None = None, progress: bool = False) -> Trajectory:
@@ -150,9 +205,13 @@ def report(
     Keys: ``config`` (resolved), ``config_hash``, ``agents.<name>`` (``X``, ``y``,
     ``gamma``, ``target``), ``prediction`` (``<name>`` fixed point, ``rho``,
     ``converges``, ``rounds_to_tol``, ``residual.<name>`` predicted distance to
-    target); with a trajectory also ``outputs.<name>`` (one list of ``d`` floats per
+    target, ``on_target.<name>``, ``one_sided`` (the one agent that ends exactly on
+    target while another does not, else ``null``), ``why.<name>`` for exact agents);
+    with a trajectory also ``outputs.<name>`` (one list of ``d`` floats per
     round), ``residual.<name>`` (distance of the final output to its target),
-    ``rounds_played`` and ``diverged_at`` (round, or ``null``).
+    ``rounds_played`` and ``diverged_at`` (round, or ``null``). With an attack,
+    ``attack`` (its table, plus ``probe_turns`` for the gray box); with a
+    defence after a run, ``defence`` (``flagged_at``, ``score``, ``refused_at``).
     """
     config = game.configs[play]
     converges = bool(prediction.converges[play])
@@ -181,6 +240,20 @@ def report(
         }
         fixed = prediction.fixed_point[name][play]
         out["prediction"][name] = fixed.tolist() if converges else None
+    if converges:
+        out["prediction"].update(_one_sided(game, prediction, play))
+    if config.attack is not None:
+        out["attack"] = config.attack.model_dump(mode="json")
+        probes = getattr(game.agents[config.attack.agent], "probe_turns", None)
+        if probes is not None:
+            out["attack"]["probe_turns"] = probes
+    if trajectory is not None and config.defence is not None:
+        guard = game.agents[config.defence.agent]
+        out["defence"] = {
+            key: _play_value(getattr(guard, key), play)
+            for key in ("flagged_at", "score", "refused_at")
+            if hasattr(guard, key)
+        }
     if trajectory is not None:
         targets = game.targets
         stop = trajectory.diverged_at[play]
@@ -197,3 +270,50 @@ def report(
             for name in game.schedule.agents
         }
     return out
+
+
+def _describe(attack: AttackConfig) -> str:
+    """``decoy (gray-box)``, ``per-turn``: the knowledge matters to the decoy only."""
+    return f"{attack.method} ({attack.knowledge})" if attack.method == "decoy" else attack.method
+
+
+def _play_value(values: np.ndarray | None, play: int) -> float | int | None:
+    """One play's entry of a per-play statistic, ``None`` where absent or negative (never)."""
+    if values is None or values[play] < 0:
+        return None
+    return values[play].item()
+
+
+EXACT = 1e-9
+"""A predicted residual below ``EXACT * max(1, |w*|)`` counts as exactly on target."""
+
+
+def _one_sided(game: Game, prediction: Prediction, play: int) -> dict[str, Any]:
+    """Which agents the theory puts exactly on target, and why (MODEL.md section 3)."""
+    targets, names = game.targets, game.schedule.agents
+    exact = {
+        name: bool(
+            np.linalg.norm(prediction.residual[name][play])
+            <= EXACT * max(1.0, np.linalg.norm(targets[name][play]))
+        )
+        for name in names
+    }
+    attack = game.configs[play].attack
+    why: dict[str, str] = {}
+    for name in (n for n in names if exact[n]):
+        if attack is not None and attack.agent == name:
+            why[name] = f"attack: {_describe(attack)}"
+            continue
+        reason = None
+        if len(names) == 2 and attack is None:
+            other = names[1 - names.index(name)]
+            H_self = game.agents[name].affine().H[play]
+            H_other = game.agents[other].affine().H[play]
+            reason = exactness(H_self, H_other, targets[other][play] - targets[name][play])
+        why[name] = reason or "its predicted residual vanishes"
+    winners = [n for n in names if exact[n]]
+    return {
+        "on_target": exact,
+        "one_sided": winners[0] if len(winners) == 1 and len(names) > 1 else None,
+        "why": why,
+    }

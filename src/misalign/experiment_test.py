@@ -39,7 +39,7 @@ def test_batch_of_different_configs():
     configs.append(parse_config({**CONFIG, "agents": {**CONFIG["agents"], "B": {"n": 9}}}))
     game = setup(configs)
     assert game.agents["B"].gamma.shape == (3, 3, 3)
-    with pytest.raises(ValueError, match="same d"):
+    with pytest.raises(ValueError, match="a batch needs one d"):
         setup(
             [configs[0], parse_config({**CONFIG, "d": 2, "agents": {"A": {"n": 2}, "B": {"n": 2}}})]
         )

@@ -145,3 +145,37 @@ def two_agent_residuals(
     e_A = -np.linalg.solve(eye - M_A, (eye - H_A) @ H_B @ delta[..., None])[..., 0]
     e_B = np.linalg.solve(eye - M_B, (eye - H_B) @ H_A @ delta[..., None])[..., 0]
     return e_A, e_B
+
+
+def exactness(
+    H_self: np.ndarray, H_other: np.ndarray, delta: np.ndarray, tol: float = 1e-9
+) -> str | None:
+    """Why an agent ends exactly on its target against one noise-free partner, or ``None``.
+
+    The agent (``self``) is exact iff ``(I - H_self) H_other delta = 0``
+    (MODEL.md section 3, the residual ``e`` of section 2 vanishes). The cases, in
+    the order they are reported: no gap; a full (Newton) step ``H_self = I``; a gap
+    invisible to the partner's prompt ``H_other delta = 0`` (e.g. ``delta`` in the
+    null space of ``X_other`` when ``n_other < d``); a full step along
+    ``H_other delta``.
+
+    Args:
+        H_self, H_other: step matrices of one play, ``(d, d)``.
+        delta: the objective gap ``w_other* - w_self*`` (its sign does not matter), ``(d,)``.
+        tol: relative tolerance.
+
+    Returns:
+        A short reason naming the condition, or ``None`` when the agent is biased.
+    """
+    eye = np.eye(len(delta))
+    gap = np.linalg.norm(delta)
+    if gap <= tol:
+        return "no objective gap (delta = 0)"
+    seen = H_other @ delta
+    if np.linalg.norm(eye - H_self, ord=2) <= tol:
+        return "full Newton step (H = I)"
+    if np.linalg.norm(seen) <= tol * gap * max(1.0, np.linalg.norm(H_other, ord=2)):
+        return "gap invisible to the partner's prompt (H_partner delta = 0)"
+    if np.linalg.norm((eye - H_self) @ seen) <= tol * gap * max(1.0, np.linalg.norm(seen)):
+        return "full step along the gap the partner sees ((I - H) H_partner delta = 0)"
+    return None

@@ -1,0 +1,188 @@
+"""Defences: wrappers that guard a victim agent against an attacking partner (MODEL.md section 3).
+
+- ``Damped``: ``u_t = (1 - beta) u_{t-1} + beta f(w)``. Same fixed points as the
+  undamped agent (``u = f(v)`` solves both), so it cannot move the biased
+  equilibrium; it only slows the play down.
+- ``Monitor``: estimates the partner's affine map online from the pairs
+  (own output, partner's answer) and flags a partner whose map is
+  non-stationary, ignores its input (``H = I``: a Newton step, or an attack that
+  fixes its output), or implies an implausible target. Behaviour unchanged.
+- ``Predictive``: a monitor that also predicts the equilibrium with the fitted
+  partner map before committing, and stops reading the partner (answers its own
+  least-squares estimate) when that equilibrium costs it more than a budget or
+  the monitor flags.
+
+Every wrapper keeps the wrapped agent's name, batch and ``affine`` map: the
+theory predicts the undefended play.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from misalign.agent import AffineMap, Agent, Turn, affine_lstsq
+from misalign.theory import two_agent
+
+CHANGE_TOLERANCE = 1e-4
+"""A new pair off the fitted map by more than this fraction of its own change is non-stationary."""
+
+IGNORE_TOLERANCE = 1e-6
+"""A fitted ``|I - H|`` below this means the partner ignores its input."""
+
+PLAUSIBLE_QUANTILE = 0.999
+"""Implied targets beyond this quantile of ``|w|^2``, ``w ~ N(0, I)``, are implausible."""
+
+CONDITION_LIMIT = 1e8
+"""Fits from inputs whose design matrix is worse conditioned than this are not trusted."""
+
+
+class Damped:
+    """``u_t = (1 - beta) u_{t-1} + beta f(w)``; the first turn is undamped.
+
+    Args:
+        inner: the agent to damp.
+        beta: weight of the new answer, in ``(0, 1]``.
+    """
+
+    def __init__(self, inner: Agent, beta: float) -> None:
+        self.inner, self.name, self.beta = inner, inner.name, beta
+
+    @property
+    def gamma(self) -> np.ndarray | None:
+        return self.inner.gamma
+
+    def start(self, batch: int) -> None:
+        self.inner.start(batch)
+
+    def respond(self, w: np.ndarray, turn: Turn) -> np.ndarray:
+        answer = self.inner.respond(w, turn)
+        mine = turn.outputs(self.name)
+        return answer if len(mine) == 0 else (1 - self.beta) * mine[-1] + self.beta * answer
+
+    def affine(self) -> AffineMap | None:
+        return self.inner.affine()
+
+
+class Monitor:
+    """Estimate the partner's map online and flag it.
+
+    At each of its turns, with ``P`` pairs ``(u_j, v_j)`` (own output, the partner's
+    answer to it) so far, it computes three scores, each ``> 1`` meaning "flag":
+
+    - change: the newest pair's distance from the map fitted on the earlier
+      pairs, relative to the pair's own change, over ``CHANGE_TOLERANCE``
+      (needs ``d + 2`` pairs; an honest affine partner scores ~0);
+    - ignore: ``IGNORE_TOLERANCE / |A_fit|`` (``A_fit = I - H_fit``): a partner
+      whose answer does not depend on its input;
+    - implausible: ``|H_fit^{-1} c_fit|^2`` over the ``PLAUSIBLE_QUANTILE`` of
+      chi-square with ``d`` degrees of freedom (targets are ``N(0, I)``).
+
+    Scores are computed only while the inputs still span an affine basis
+    (condition number below ``CONDITION_LIMIT``): a converged play carries no
+    information about the partner.
+
+    Attributes:
+        score: per play, the largest score so far (the ROC statistic).
+        flagged_at: per play, the first round with a score above 1, or ``-1``.
+        fitted: the latest fitted partner map.
+    """
+
+    def __init__(self, inner: Agent) -> None:
+        self.inner, self.name = inner, inner.name
+
+    @property
+    def gamma(self) -> np.ndarray | None:
+        return self.inner.gamma
+
+    def start(self, batch: int) -> None:
+        self.inner.start(batch)
+        self.score = np.zeros(batch)
+        self.flagged_at = np.full(batch, -1)
+        self.fitted: AffineMap | None = None
+        self.trusted = np.zeros(batch, dtype=bool)
+
+    def affine(self) -> AffineMap | None:
+        return self.inner.affine()
+
+    def respond(self, w: np.ndarray, turn: Turn) -> np.ndarray:
+        self.observe(turn)
+        return self.inner.respond(w, turn)
+
+    def observe(self, turn: Turn) -> None:
+        """Update the fit and the scores from the pairs seen so far."""
+        U = turn.outputs(self.name)
+        V = turn.outputs(turn.reads)
+        V = V[len(V) - len(U) :]  # v answers u: align each own output with its answer
+        pairs, batch, d = U.shape if len(U) else (0, 0, 0)
+        if pairs < d + 1:
+            return
+        informative = _spread(U) < CONDITION_LIMIT
+        fit = affine_lstsq(U, V)
+        scores = np.zeros(batch)
+        if pairs >= d + 2:
+            earlier = affine_lstsq(U[:-1], V[:-1])
+            off = np.linalg.norm(V[-1] - earlier(U[-1]), axis=-1)
+            moved = np.linalg.norm(V[-1] - V[-2], axis=-1) + np.linalg.norm(U[-1] - U[-2], axis=-1)
+            change = off / np.maximum(moved, 1e-300) / CHANGE_TOLERANCE
+            scores = np.maximum(scores, np.where(_spread(U[:-1]) < CONDITION_LIMIT, change, 0))
+        gain = np.linalg.norm(fit.A, ord=2, axis=(1, 2))
+        scores = np.maximum(scores, IGNORE_TOLERANCE / np.maximum(gain, 1e-300))
+        implied = (np.linalg.pinv(fit.H) @ fit.c[..., None])[..., 0]  # an honest partner's target
+        scores = np.maximum(scores, np.sum(implied**2, axis=-1) / _chi2(d))
+        scores = np.where(informative, scores, 0.0)
+        new = (scores > 1) & (self.flagged_at < 0)
+        self.flagged_at[new] = turn.round
+        self.score = np.maximum(self.score, scores)
+        self.fitted, self.trusted = fit, informative
+
+
+class Predictive(Monitor):
+    """A monitor that predicts the equilibrium before committing.
+
+    With the fitted partner map ``g`` and its own map ``f`` it solves the
+    two-agent equilibrium ``u* = f(v*)``, ``v* = g(u*)`` (``theory.two_agent``).
+    If ``|u* - w^|`` exceeds ``budget |w^|`` (``w^``: its own least-squares
+    estimate of its target) or the monitor flags, it stops reading the partner
+    for the rest of the play and answers ``w^``.
+
+    Args:
+        inner: the victim's honest agent (must expose an affine map).
+        own_estimate: ``w^`` per play, ``(B, d)``.
+        budget: the tolerated predicted residual, relative to ``|w^|``.
+
+    Attributes:
+        refused_at: per play, the round it stopped reading the partner, or ``-1``.
+    """
+
+    def __init__(self, inner: Agent, own_estimate: np.ndarray, budget: float) -> None:
+        super().__init__(inner)
+        self.own_estimate, self.budget = own_estimate, budget
+
+    def start(self, batch: int) -> None:
+        super().start(batch)
+        self.refused_at = np.full(batch, -1)
+
+    def respond(self, w: np.ndarray, turn: Turn) -> np.ndarray:
+        self.observe(turn)
+        answer = self.inner.respond(w, turn)
+        refuse = self.flagged_at >= 0
+        if self.trusted.any():
+            _, _, u = two_agent(self.inner.affine()[self.trusted], self.fitted[self.trusted])
+            cost = np.linalg.norm(u - self.own_estimate[self.trusted], axis=-1)
+            limit = self.budget * np.linalg.norm(self.own_estimate[self.trusted], axis=-1)
+            refuse[self.trusted] |= ~(cost <= limit)
+        self.refused_at[refuse & (self.refused_at < 0)] = turn.round
+        refused = self.refused_at >= 0
+        return np.where(refused[:, None], self.own_estimate, answer)
+
+
+def _spread(U: np.ndarray) -> np.ndarray:
+    """Condition number of the affine design ``[U, 1]`` per play."""
+    design = np.concatenate([U, np.ones((*U.shape[:2], 1))], axis=-1).transpose(1, 0, 2)
+    return np.linalg.cond(design)
+
+
+def _chi2(d: int) -> float:
+    from scipy.stats import chi2
+
+    return float(chi2.ppf(PLAUSIBLE_QUANTILE, d))
