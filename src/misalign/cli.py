@@ -23,10 +23,13 @@ app = typer.Typer(
     help="Predict and simulate the play of in-context learners with misaligned objectives.",
 )
 
-ConfigArg = Annotated[Path, typer.Argument(help="TOML configuration (see examples/).")]
+ConfigArg = Annotated[
+    Path, typer.Argument(metavar="CONFIG", help="TOML configuration (see examples/).")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 OutOpt = Annotated[
-    Path | None, typer.Option("--out", help="Artifact directory [default: runs/<config hash>].")
+    Path | None,
+    typer.Option("--out", show_default="runs/<config hash>", help="Directory for the artifacts."),
 ]
 SetOpt = Annotated[
     list[str] | None,
@@ -52,6 +55,9 @@ def _write(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual mode
     os.replace(tmp, path)
 
 
@@ -107,6 +113,64 @@ def theory(
         _summary(result, directory, None)
 
 
+@app.command()
+def attacks(
+    config: ConfigArg,
+    seeds: Annotated[int, typer.Option(min=2, help="Plays per attack and defence.")] = 200,
+    json_out: JsonOpt = False,
+    out: OutOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Every attack against every defence of the victim over many seeds: table, figure, ROC."""
+    from misalign.study import plot_study, run_study, summary
+
+    cfg = _load(config, set_)
+    if len(cfg.agents) != 2:
+        _fail(f"agents: the attack study needs a two-agent play (got {len(cfg.agents)} agents)")
+    cells, skipped = run_study(cfg, seeds=seeds, progress=sys.stderr.isatty())
+    result = summary(cells, skipped) | {"seeds": seeds, "config_hash": cfg.digest()}
+    directory = _artifacts(cfg, out, result, "attacks.json")
+    figure = plot_study(cells, cfg, directory / "attacks.png")
+    if json_out:
+        print(json.dumps(result))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(
+        "attack",
+        "defence",
+        "victim residual",
+        "attacker residual",
+        "attacker exact",
+        "flagged",
+        "rounds to flag",
+        "refused",
+        title=f"{seeds} seeds",
+    )
+    for row in result["rows"]:
+        flagged = row.get("detection_rate", row.get("false_alarm_rate"))
+        table.add_row(
+            row["attack"],
+            row["defence"],
+            f"{row['victim_residual_mean']:.3g} ± {row['victim_residual_std']:.2g}",
+            f"{row['attacker_residual_mean']:.3g}",
+            f"{row['attacker_exact_rate']:.0%}",
+            "-" if flagged is None else f"{flagged:.1%}",
+            "-"
+            if row.get("rounds_to_detection_median") is None
+            else f"{row['rounds_to_detection_median']:.0f}",
+            "-" if "refusal_rate" not in row else f"{row['refusal_rate']:.0%}",
+        )
+    console.print(table)
+    for attack, auc in result["roc_auc"].items():
+        console.print(f"monitor ROC AUC, {attack} vs honest: {auc:.3f}")
+    for attack, why in skipped.items():
+        console.print(f"skipped {attack}: {why}")
+    console.print(f"artifacts: {directory} (figure {figure.name})")
+
+
 def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> None:
     """A readable account: verdict, rate, and per agent its predicted and final distance."""
     from rich.console import Console
@@ -115,15 +179,17 @@ def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> No
     console = Console()
     p = result["prediction"]
     if p["converges"]:
+        rounds = p["rounds_to_tol"]
         console.print(
-            f"converges (rho = {p['rho']:.4g} per round; "
-            f"about {p['rounds_to_tol']:.0f} rounds to shrink the error by 1e-8)"
+            f"converges (rho = {p['rho']:.4g} per round; about {rounds} "
+            f"round{'s' if rounds != 1 else ''} to shrink the error by 1e-8)"
         )
     else:
         console.print(f"[bold red]diverges[/] (rho = {p['rho']:.4g})")
     if result.get("diverged_at") is not None:
         console.print(f"stopped at round {result['diverged_at']}: outputs overflowed")
-    table = Table("agent", "|target|", "predicted distance", "final distance")
+    played = "residual" in result
+    table = Table("agent", "|target|", "predicted distance", *(["final distance"] * played))
     names = list(result["agents"])
     for name in names:
         final = result.get("residual", {}).get(name)
@@ -131,7 +197,7 @@ def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> No
             name,
             f"{sum(x * x for x in result['agents'][name]['target']) ** 0.5:.4g}",
             "-" if p["residual"][name] is None else f"{p['residual'][name]:.4g}",
-            "-" if final is None else f"{final:.4g}",
+            *(["-" if final is None else f"{final:.4g}"] * played),
         )
     console.print(table)
     if p["converges"] and len(names) > 1:
@@ -161,8 +227,22 @@ def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> No
 
 
 def main() -> None:
-    """Console entry point."""
-    app()
+    """Console entry point: usage errors, like config errors, are one line and exit 2."""
+    try:
+        code = app(standalone_mode=False)
+    except MemoryError as exc:
+        print(f"misalign: error: out of memory: {exc or 'reduce rounds, d or n'}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Exception as exc:
+        usage = getattr(exc, "format_message", None)
+        if usage is None or type(exc).__name__ == "NoArgsIsHelpError":
+            if usage is None:
+                raise
+            print(usage())  # bare `misalign`: the help, as before
+            raise SystemExit(0) from None
+        print(f"misalign: error: {usage()} (see misalign --help)", file=sys.stderr)
+        raise SystemExit(2) from None
+    raise SystemExit(code or 0)
 
 
 if __name__ == "__main__":

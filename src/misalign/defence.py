@@ -32,7 +32,13 @@ IGNORE_TOLERANCE = 1e-6
 PLAUSIBLE_QUANTILE = 0.999
 """Implied targets beyond this quantile of ``|w|^2``, ``w ~ N(0, I)``, are implausible."""
 
-CONDITION_LIMIT = 1e8
+WINDOW = 2
+"""The monitor fits the last ``WINDOW (d + 1)`` pairs: constant work per turn."""
+
+NOISE_FLOOR = 1e-6
+"""Changes below this (relative to the answer's size) are rounding, not evidence."""
+
+CONDITION_LIMIT = 1e6
 """Fits from inputs whose design matrix is worse conditioned than this are not trusted."""
 
 
@@ -66,29 +72,40 @@ class Damped:
 class Monitor:
     """Estimate the partner's map online and flag it.
 
-    At each of its turns, with ``P`` pairs ``(u_j, v_j)`` (own output, the partner's
-    answer to it) so far, it computes three scores, each ``> 1`` meaning "flag":
+    A partner's map can only be read off inputs that span an affine basis, and
+    a play converges (or a constant partner freezes it) long before that. So the
+    monitor first probes: on its turns ``0..d-1`` it adds ``probe * e_k`` to its
+    answer (a transient: the equilibrium is unchanged). At each turn, with the
+    pairs ``(u_j, v_j)`` (own output, the partner's answer to it) so far, it
+    computes three scores, each ``> 1`` meaning "flag":
 
-    - change: the newest pair's distance from the map fitted on the earlier
-      pairs, relative to the pair's own change, over ``CHANGE_TOLERANCE``
-      (needs ``d + 2`` pairs; an honest affine partner scores ~0);
-    - ignore: ``IGNORE_TOLERANCE / |A_fit|`` (``A_fit = I - H_fit``): a partner
-      whose answer does not depend on its input;
-    - implausible: ``|H_fit^{-1} c_fit|^2`` over the ``PLAUSIBLE_QUANTILE`` of
-      chi-square with ``d`` degrees of freedom (targets are ``N(0, I)``).
+    - ``change``: the newest pair's distance from the map fitted on the earlier
+      pairs, relative to the pair's own change (floored at ``NOISE_FLOOR``), over
+      ``CHANGE_TOLERANCE``: an honest affine partner scores ~0, a partner that
+      switches its map (a gray-box attacker ending its probes) scores high;
+    - ``ignore``: ``IGNORE_TOLERANCE / |A_fit|`` (``A_fit = I - H_fit``): the
+      partner's answer does not depend on its input (``H = I``: an honest
+      Newton step, the geometry attack and the per-turn attack all look so);
+    - ``implausible``: ``|H_fit^+ c_fit|^2`` (the target an honest partner with
+      this map would hold) over the ``PLAUSIBLE_QUANTILE`` of chi-square with
+      ``d`` degrees of freedom (targets are drawn ``N(0, I)``).
 
-    Scores are computed only while the inputs still span an affine basis
-    (condition number below ``CONDITION_LIMIT``): a converged play carries no
-    information about the partner.
+    Fits use the last ``WINDOW (d + 1)`` pairs, and scores are computed only while
+    those inputs span an affine basis (condition number below ``CONDITION_LIMIT``).
+
+    Args:
+        inner: the agent to guard.
+        probe: size of the probe added on the first ``d`` turns (0: no probing).
 
     Attributes:
-        score: per play, the largest score so far (the ROC statistic).
+        scores: per score name, per play, the largest value so far.
+        score: per play, the largest of the three (the ROC statistic).
         flagged_at: per play, the first round with a score above 1, or ``-1``.
-        fitted: the latest fitted partner map.
+        fitted: the latest fitted partner map; ``trusted`` says where it is informative.
     """
 
-    def __init__(self, inner: Agent) -> None:
-        self.inner, self.name = inner, inner.name
+    def __init__(self, inner: Agent, probe: float = 0.1) -> None:
+        self.inner, self.name, self.probe = inner, inner.name, probe
 
     @property
     def gamma(self) -> np.ndarray | None:
@@ -96,43 +113,56 @@ class Monitor:
 
     def start(self, batch: int) -> None:
         self.inner.start(batch)
-        self.score = np.zeros(batch)
+        self.scores = {key: np.zeros(batch) for key in ("change", "ignore", "implausible")}
         self.flagged_at = np.full(batch, -1)
         self.fitted: AffineMap | None = None
         self.trusted = np.zeros(batch, dtype=bool)
+
+    @property
+    def score(self) -> np.ndarray:
+        return np.maximum.reduce(list(self.scores.values()))
 
     def affine(self) -> AffineMap | None:
         return self.inner.affine()
 
     def respond(self, w: np.ndarray, turn: Turn) -> np.ndarray:
         self.observe(turn)
-        return self.inner.respond(w, turn)
+        return self._probed(self.inner.respond(w, turn), turn)
+
+    def _probed(self, answer: np.ndarray, turn: Turn) -> np.ndarray:
+        k = len(turn.outputs(self.name))
+        if self.probe > 0 and k < answer.shape[-1]:
+            answer = answer.copy()
+            answer[:, k] += self.probe
+        return answer
 
     def observe(self, turn: Turn) -> None:
         """Update the fit and the scores from the pairs seen so far."""
         U = turn.outputs(self.name)
         V = turn.outputs(turn.reads)
         V = V[len(V) - len(U) :]  # v answers u: align each own output with its answer
-        pairs, batch, d = U.shape if len(U) else (0, 0, 0)
+        d = U.shape[-1]
+        U, V = U[-WINDOW * (d + 1) :], V[-WINDOW * (d + 1) :]
+        pairs, batch = U.shape[:2]
         if pairs < d + 1:
             return
         informative = _spread(U) < CONDITION_LIMIT
         fit = affine_lstsq(U, V)
-        scores = np.zeros(batch)
+        new = {key: np.zeros(batch) for key in self.scores}
         if pairs >= d + 2:
             earlier = affine_lstsq(U[:-1], V[:-1])
             off = np.linalg.norm(V[-1] - earlier(U[-1]), axis=-1)
             moved = np.linalg.norm(V[-1] - V[-2], axis=-1) + np.linalg.norm(U[-1] - U[-2], axis=-1)
-            change = off / np.maximum(moved, 1e-300) / CHANGE_TOLERANCE
-            scores = np.maximum(scores, np.where(_spread(U[:-1]) < CONDITION_LIMIT, change, 0))
+            floor = NOISE_FLOOR * (1 + np.linalg.norm(V[-1], axis=-1))
+            change = off / np.maximum(moved, floor) / CHANGE_TOLERANCE
+            new["change"] = np.where(_spread(U[:-1]) < CONDITION_LIMIT, change, 0.0)
         gain = np.linalg.norm(fit.A, ord=2, axis=(1, 2))
-        scores = np.maximum(scores, IGNORE_TOLERANCE / np.maximum(gain, 1e-300))
-        implied = (np.linalg.pinv(fit.H) @ fit.c[..., None])[..., 0]  # an honest partner's target
-        scores = np.maximum(scores, np.sum(implied**2, axis=-1) / _chi2(d))
-        scores = np.where(informative, scores, 0.0)
-        new = (scores > 1) & (self.flagged_at < 0)
-        self.flagged_at[new] = turn.round
-        self.score = np.maximum(self.score, scores)
+        new["ignore"] = IGNORE_TOLERANCE / np.maximum(gain, 1e-300)
+        implied = (np.linalg.pinv(fit.H) @ fit.c[..., None])[..., 0]
+        new["implausible"] = np.sum(implied**2, axis=-1) / _chi2(d)
+        for key, value in new.items():
+            self.scores[key] = np.maximum(self.scores[key], np.where(informative, value, 0.0))
+        self.flagged_at[(self.score > 1) & (self.flagged_at < 0)] = turn.round
         self.fitted, self.trusted = fit, informative
 
 
@@ -149,13 +179,16 @@ class Predictive(Monitor):
         inner: the victim's honest agent (must expose an affine map).
         own_estimate: ``w^`` per play, ``(B, d)``.
         budget: the tolerated predicted residual, relative to ``|w^|``.
+        probe: as for ``Monitor``.
 
     Attributes:
         refused_at: per play, the round it stopped reading the partner, or ``-1``.
     """
 
-    def __init__(self, inner: Agent, own_estimate: np.ndarray, budget: float) -> None:
-        super().__init__(inner)
+    def __init__(
+        self, inner: Agent, own_estimate: np.ndarray, budget: float, probe: float = 0.1
+    ) -> None:
+        super().__init__(inner, probe)
         self.own_estimate, self.budget = own_estimate, budget
 
     def start(self, batch: int) -> None:
@@ -173,7 +206,7 @@ class Predictive(Monitor):
             refuse[self.trusted] |= ~(cost <= limit)
         self.refused_at[refuse & (self.refused_at < 0)] = turn.round
         refused = self.refused_at >= 0
-        return np.where(refused[:, None], self.own_estimate, answer)
+        return np.where(refused[:, None], self.own_estimate, self._probed(answer, turn))
 
 
 def _spread(U: np.ndarray) -> np.ndarray:

@@ -222,7 +222,7 @@ def report(
         "prediction": {
             "rho": float(prediction.rho[play]),
             "converges": converges,
-            "rounds_to_tol": float(prediction.rounds_to()[play]) if converges else None,
+            "rounds_to_tol": int(prediction.rounds_to()[play]) if converges else None,
             "residual": {
                 name: float(np.linalg.norm(e[play])) if converges else None
                 for name, e in prediction.residual.items()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from misalign.agent import Agent, Turn
+from misalign.progress import progress_bar
 
 DIVERGED = 1e100
 """An output with a coordinate beyond this magnitude marks its play as diverged."""
@@ -115,13 +116,17 @@ def play(
     """
     batch, d = start.shape
     per_round = len(schedule.turns)
-    turns = np.empty((rounds * per_round, batch, d))
+    try:
+        turns = np.empty((rounds * per_round, batch, d))
+    except (MemoryError, ValueError):
+        size = rounds * per_round * batch * d * 8 / 2**30
+        raise MemoryError(f"recording {rounds} rounds needs {size:.3g} GiB") from None
     last = dict.fromkeys(schedule.agents, start)
     order = tuple(name for name, _ in schedule.turns)
     diverged_at = np.full(batch, -1)
     for name in schedule.agents:
         agents[name].start(batch)
-    bar = _progress(rounds) if progress else None
+    bar = progress_bar(rounds, "play") if progress else None
     t = 0
     with np.errstate(over="ignore", invalid="ignore"):
         for t in range(rounds):
@@ -144,13 +149,3 @@ def play(
     if bar is not None:
         bar.stop()
     return Trajectory(schedule, start, turns[: (t + 1) * per_round], diverged_at)
-
-
-def _progress(rounds: int):
-    from rich.console import Console
-    from rich.progress import Progress
-
-    bar = Progress(console=Console(stderr=True), transient=True)
-    bar.add_task("play", total=rounds)
-    bar.start()
-    return bar
