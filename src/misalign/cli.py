@@ -44,6 +44,16 @@ def _load(path: Path, overrides: list[str] | None) -> PlayConfig:
         _fail(str(exc))
 
 
+def _setup(config: PlayConfig):
+    """``experiment.setup``, with failed attack preconditions as one-line errors."""
+    from misalign.experiment import setup
+
+    try:
+        return setup(config)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
 def _fail(message: str) -> None:
     print(f"misalign: error: {message}", file=sys.stderr)
     raise typer.Exit(2)
@@ -80,11 +90,11 @@ def run(
     config: ConfigArg, json_out: JsonOpt = False, out: OutOpt = None, set_: SetOpt = None
 ) -> None:
     """Simulate the play and predict its equilibrium; write a figure, the config and a report."""
-    from misalign.experiment import predict, report, setup, simulate
+    from misalign.experiment import predict, report, simulate
     from misalign.plot import plot_play
 
     cfg = _load(config, set_)
-    game = setup(cfg)
+    game = _setup(cfg)
     prediction = predict(game)
     trajectory = simulate(game, progress=sys.stderr.isatty() and cfg.rounds * len(cfg.agents) > 2e4)
     result = report(game, prediction, trajectory)
@@ -101,10 +111,10 @@ def theory(
     config: ConfigArg, json_out: JsonOpt = False, out: OutOpt = None, set_: SetOpt = None
 ) -> None:
     """Predict the equilibrium, the rate and the residuals without playing."""
-    from misalign.experiment import predict, report, setup
+    from misalign.experiment import predict, report
 
     cfg = _load(config, set_)
-    game = setup(cfg)
+    game = _setup(cfg)
     result = report(game, predict(game))
     directory = _artifacts(cfg, out, result, "theory.json")
     if json_out:

@@ -120,3 +120,51 @@ def test_real_process_help_and_error_without_traceback(tmp_path):
         bad.stderr.strip()
         == "misalign: error: agents.B.noise: input should be greater than or equal to 0 (got -1)"
     )
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["run"], "Missing argument 'CONFIG'"),
+        (["run", "a.toml", "--bogus"], "No such option: --bogus"),
+        (["frob"], "No such command 'frob'"),
+        (["attacks", "a.toml", "--seeds", "1"], "--seeds"),
+    ],
+)
+def test_usage_errors_are_one_line(args, message):
+    done = subprocess.run(
+        [sys.executable, "-m", "misalign.cli", *args], capture_output=True, text=True
+    )
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr
+
+
+def test_each_attack_is_one_sided_in_the_summary_and_json(tmp_path):
+    for method in ('"decoy"', '"geometry"', '"per-turn"'):
+        args = ["run", str(EXAMPLES / "attack.toml"), "--set", f"attack.method={method}"]
+        text = _invoke(tmp_path, *args)
+        assert text.exit_code == 0 and "one-sided: B ends exactly on target" in text.stdout
+        data = json.loads(_invoke(tmp_path, *args, "--json").stdout)
+        assert data["residual"]["B"] < 1e-8 and data["prediction"]["one_sided"] == "B"
+        assert data["residual"]["A"] == pytest.approx(data["prediction"]["residual"]["A"])
+
+
+def test_an_infeasible_attack_exits_2(tmp_path):
+    args = ["run", str(EXAMPLES / "attack.toml"), "--set", "agents.B.n=2"]
+    result = _invoke(tmp_path, *args)
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        "misalign: error: attack.method: decoy needs an invertible H_B, "
+        "got a singular one (n = 2 < d = 4)"
+    )
+
+
+def test_attack_study_command(tmp_path):
+    args = ["attacks", str(EXAMPLES / "attack.toml"), "--seeds", "10", "--set", "rounds=40"]
+    result = _invoke(tmp_path, *args, "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert len(data["rows"]) == 20 and data["seeds"] == 10
+    assert (tmp_path / "out" / "attacks.png").exists()
+    table = _invoke(tmp_path, *args)
+    assert "ROC AUC" in table.stdout

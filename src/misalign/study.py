@@ -175,7 +175,7 @@ def plot_study(cells: dict[tuple[str, str], Cell], config: PlayConfig, path: str
         ax.plot(rounds, np.maximum(cell.distance[attacker], 1e-16), color=f"C{k}", ls="--")
         if attack != "honest" and (attack, "monitor") in cells:
             fpr, tpr, auc = roc(cells["honest", "monitor"].score, cells[attack, "monitor"].score)
-            rocs.step(fpr, tpr, where="post", color=f"C{k}", label=f"{attack} (AUC {auc:.3f})")
+            rocs.plot(fpr, tpr, color=f"C{k}", label=f"{attack} (AUC {auc:.3f})")
     ax.set(
         yscale="log",
         xscale="log",
