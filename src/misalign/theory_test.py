@@ -5,12 +5,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from misalign.agent import AffineMap
+from misalign.agent import AffineMap, preconditioner
 from misalign.config import parse_config
 from misalign.experiment import predict, setup, simulate
 from misalign.play import Schedule
+from misalign.prompt import agent_rng, sample_prompt
+from misalign.theory import (
+    exactness,
+    round_map,
+    spectral_radius,
+    two_agent,
+    two_agent_residuals,
+)
 from misalign.theory import predict as predict_maps
-from misalign.theory import round_map, spectral_radius, two_agent, two_agent_residuals
 
 KINDS = ["identity", "lsa-optimal", "newton"]
 
@@ -209,3 +216,78 @@ def test_rounds_to_follows_the_rate():
     )
     assert p.rho[0] == pytest.approx(0.25)
     assert p.rounds_to(1e-8)[0] == np.ceil(np.log(1e-8) / np.log(0.25))
+
+
+def _play_residuals(H_A, H_B, w_A, w_B):
+    """Simulate the noise-free alternating play long enough and return (e_A, e_B)."""
+    eye = np.eye(len(w_A))
+    u = v = np.zeros_like(w_A)
+    for _ in range(5000):
+        u = (eye - H_A) @ v + H_A @ w_A
+        v = (eye - H_B) @ u + H_B @ w_B
+    return u - w_A, v - w_B
+
+
+def test_exactness_newton():
+    rng = np.random.default_rng(0)
+    d = 3
+    H_A = 0.4 * np.eye(d) + 0.05 * rng.standard_normal((d, d))
+    w_A, w_B = rng.standard_normal(d), rng.standard_normal(d)
+    assert exactness(np.eye(d), H_A, w_A - w_B) == "full Newton step (H = I)"
+    assert exactness(H_A, np.eye(d), w_B - w_A) is None
+    e_A, e_B = _play_residuals(H_A, np.eye(d), w_A, w_B)
+    assert np.linalg.norm(e_B) < 1e-12 and np.linalg.norm(e_A) > 0.1
+
+
+def test_exactness_gap_in_the_null_space_of_a_short_prompt():
+    """n_A = 2 < d = 4 and delta in null(X_A): H_A delta = 0, so B is exact."""
+    d = 4
+    prompt = sample_prompt(agent_rng(1, "A"), d=d, n=2)
+    H_A = preconditioner("lsa-optimal", prompt) @ prompt.second_moment
+    H_B = 0.3 * np.eye(d)
+    delta = np.linalg.svd(prompt.X)[2][-1]
+    w_B = np.random.default_rng(2).standard_normal(d)
+    w_A = w_B + delta
+    assert (
+        exactness(H_B, H_A, delta) == "gap invisible to the partner's prompt (H_partner delta = 0)"
+    )
+    assert exactness(H_A, H_B, -delta) is None
+    e_A, e_B = _play_residuals(H_A, H_B, w_A, w_B)
+    assert np.linalg.norm(e_B) < 1e-10 and np.linalg.norm(e_A) > 0.1
+
+
+def test_exactness_full_step_along_the_seen_gap():
+    """(I - H_B) H_A delta = 0 without H_B = I: B takes a full step along H_A delta only."""
+    rng = np.random.default_rng(3)
+    d = 3
+    H_A = 0.5 * np.eye(d) + 0.1 * np.diag(rng.uniform(size=d))
+    delta = rng.standard_normal(d)
+    seen = H_A @ delta / np.linalg.norm(H_A @ delta)
+    H_B = np.outer(seen, seen) + 0.3 * (np.eye(d) - np.outer(seen, seen))  # eigenvalue 1 on seen
+    assert exactness(H_B, H_A, delta).startswith("full step along the gap")
+    w_B = rng.standard_normal(d)
+    e_A, e_B = _play_residuals(H_A, H_B, w_B + delta, w_B)
+    assert np.linalg.norm(e_B) < 1e-10 and np.linalg.norm(e_A) > 0.05
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), d=st.integers(1, 5))
+def test_exactness_agrees_with_the_residual(seed, d):
+    """Random H: a reason is given iff the closed-form residual vanishes."""
+    rng = np.random.default_rng(seed)
+    H_A, H_B = (np.diag(rng.choice([0.3, 1.0], d)) for _ in range(2))
+    delta = rng.standard_normal(d) * rng.choice([0.0, 1.0], d)
+    _, e_B = two_agent_residuals(H_A[None], H_B[None], delta[None])
+    assert (exactness(H_B, H_A, delta) is not None) == (np.linalg.norm(e_B) < 1e-12)
+
+
+def test_theory_reports_one_sided_and_why(tmp_path):
+    from misalign.experiment import report
+
+    config = parse_config(
+        {"d": 3, "rounds": 5, "agents": {"A": {"n": 6}, "B": {"n": 6, "preconditioner": "newton"}}}
+    )
+    game = setup(config)
+    data = report(game, predict(game))["prediction"]
+    assert data["one_sided"] == "B" and data["on_target"] == {"A": False, "B": True}
+    assert data["why"] == {"B": "full Newton step (H = I)"}
