@@ -16,6 +16,7 @@ and ``k`` steps compose to ``A = (I - H)^k``, ``c = sum_{j<k} (I - H)^j b``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -164,6 +165,19 @@ class GradientAgent:
             c=np.einsum("bij,bj->bi", gamma, moment),
         )
         self._map = step.power(steps_per_turn)
+
+    @classmethod
+    def on_prompts(
+        cls, name: str, gamma: np.ndarray, prompts: Sequence[Prompt], steps_per_turn: int = 1
+    ) -> GradientAgent:
+        """The agent whose play ``i`` holds ``prompts[i]`` and preconditioner ``gamma[i]``."""
+        return cls(
+            name,
+            gamma,
+            np.stack([p.second_moment for p in prompts]),
+            np.stack([p.moment for p in prompts]),
+            steps_per_turn,
+        )
 
     @property
     def gamma(self) -> np.ndarray:

@@ -68,22 +68,16 @@ def _require_invertible(H: np.ndarray, name: str, method: str, prompts: list[Pro
 def _step_matrix(gamma: np.ndarray, prompts: list[Prompt], steps: int) -> AffineMap:
     """B's honest ``k``-step map with zero labels: only ``A = (I - Gamma S)^k`` matters."""
     S = np.stack([p.second_moment for p in prompts])
-    return GradientAgent("_", gamma, S, np.zeros(S.shape[:2]), steps).affine()
+    one = np.linalg.matrix_power(np.eye(S.shape[-1]) - gamma @ S, steps)
+    return AffineMap(one, np.zeros(S.shape[:2]))
 
 
 def _relabelled(
     name: str, gamma: np.ndarray, prompts: list[Prompt], steps: int, new_target: np.ndarray
-):
+) -> tuple[GradientAgent, list[Prompt]]:
     """B's honest agent on prompts relabelled ``y~ = X w~`` (targets stay ``w_B*``)."""
     prompts = [replace(p, y=p.X @ w) for p, w in zip(prompts, new_target, strict=True)]
-    agent = GradientAgent(
-        name,
-        gamma,
-        np.stack([p.second_moment for p in prompts]),
-        np.stack([p.moment for p in prompts]),
-        steps,
-    )
-    return agent, prompts
+    return GradientAgent.on_prompts(name, gamma, prompts, steps), prompts
 
 
 def decoy(
@@ -133,14 +127,7 @@ def geometry(
         crafted.append(replace(p, X=X, y=X @ p.target))
     if kind == "newton":
         gamma = np.stack([eta * np.linalg.pinv(p.second_moment, hermitian=True) for p in crafted])
-    agent = GradientAgent(
-        name,
-        gamma,
-        np.stack([p.second_moment for p in crafted]),
-        np.stack([p.moment for p in crafted]),
-        steps,
-    )
-    return agent, crafted
+    return GradientAgent.on_prompts(name, gamma, crafted, steps), crafted
 
 
 class PerTurnAttacker:

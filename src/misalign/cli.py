@@ -44,13 +44,14 @@ def _load(path: Path, overrides: list[str] | None) -> PlayConfig:
         _fail(str(exc))
 
 
-def _setup(config: PlayConfig):
-    """``experiment.setup``, with failed attack preconditions as one-line errors."""
+def _game(path: Path, overrides: list[str] | None):
+    """Load the configuration and set the game up; any problem is one line and exit 2."""
     from misalign.experiment import setup
 
+    config = _load(path, overrides)
     try:
-        return setup(config)
-    except ConfigError as exc:
+        return config, setup(config)
+    except ConfigError as exc:  # failed attack preconditions
         _fail(str(exc))
 
 
@@ -93,8 +94,7 @@ def run(
     from misalign.experiment import predict, report, simulate
     from misalign.plot import plot_play
 
-    cfg = _load(config, set_)
-    game = _setup(cfg)
+    cfg, game = _game(config, set_)
     prediction = predict(game)
     trajectory = simulate(game, progress=sys.stderr.isatty() and cfg.rounds * len(cfg.agents) > 2e4)
     result = report(game, prediction, trajectory)
@@ -113,8 +113,7 @@ def theory(
     """Predict the equilibrium, the rate and the residuals without playing."""
     from misalign.experiment import predict, report
 
-    cfg = _load(config, set_)
-    game = _setup(cfg)
+    cfg, game = _game(config, set_)
     result = report(game, predict(game))
     directory = _artifacts(cfg, out, result, "theory.json")
     if json_out:

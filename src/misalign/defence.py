@@ -42,16 +42,11 @@ CONDITION_LIMIT = 1e6
 """Fits from inputs whose design matrix is worse conditioned than this are not trusted."""
 
 
-class Damped:
-    """``u_t = (1 - beta) u_{t-1} + beta f(w)``; the first turn is undamped.
+class Guard:
+    """A wrapper that keeps the guarded agent's name, preconditioner and affine map."""
 
-    Args:
-        inner: the agent to damp.
-        beta: weight of the new answer, in ``(0, 1]``.
-    """
-
-    def __init__(self, inner: Agent, beta: float) -> None:
-        self.inner, self.name, self.beta = inner, inner.name, beta
+    def __init__(self, inner: Agent) -> None:
+        self.inner, self.name = inner, inner.name
 
     @property
     def gamma(self) -> np.ndarray | None:
@@ -60,16 +55,29 @@ class Damped:
     def start(self, batch: int) -> None:
         self.inner.start(batch)
 
+    def affine(self) -> AffineMap | None:
+        return self.inner.affine()
+
+
+class Damped(Guard):
+    """``u_t = (1 - beta) u_{t-1} + beta f(w)``; the first turn is undamped.
+
+    Args:
+        inner: the agent to damp.
+        beta: weight of the new answer, in ``(0, 1]``.
+    """
+
+    def __init__(self, inner: Agent, beta: float) -> None:
+        super().__init__(inner)
+        self.beta = beta
+
     def respond(self, w: np.ndarray, turn: Turn) -> np.ndarray:
         answer = self.inner.respond(w, turn)
         mine = turn.outputs(self.name)
         return answer if len(mine) == 0 else (1 - self.beta) * mine[-1] + self.beta * answer
 
-    def affine(self) -> AffineMap | None:
-        return self.inner.affine()
 
-
-class Monitor:
+class Monitor(Guard):
     """Estimate the partner's map online and flag it.
 
     A partner's map can only be read off inputs that span an affine basis, and
@@ -105,14 +113,11 @@ class Monitor:
     """
 
     def __init__(self, inner: Agent, probe: float = 0.1) -> None:
-        self.inner, self.name, self.probe = inner, inner.name, probe
-
-    @property
-    def gamma(self) -> np.ndarray | None:
-        return self.inner.gamma
+        super().__init__(inner)
+        self.probe = probe
 
     def start(self, batch: int) -> None:
-        self.inner.start(batch)
+        super().start(batch)
         self.scores = {key: np.zeros(batch) for key in ("change", "ignore", "implausible")}
         self.flagged_at = np.full(batch, -1)
         self.fitted: AffineMap | None = None
@@ -121,9 +126,6 @@ class Monitor:
     @property
     def score(self) -> np.ndarray:
         return np.maximum.reduce(list(self.scores.values()))
-
-    def affine(self) -> AffineMap | None:
-        return self.inner.affine()
 
     def respond(self, w: np.ndarray, turn: Turn) -> np.ndarray:
         self.observe(turn)

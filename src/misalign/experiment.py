@@ -117,18 +117,10 @@ def _agent(name: str, configs: list[AgentConfig], prompts: list[Prompt]) -> Agen
     """One agent over the batch; plays may differ in all but kind and steps per turn."""
     if len({(c.kind, c.steps_per_turn) for c in configs}) > 1:
         raise ValueError(f"agent {name}: a batch needs one kind and steps_per_turn")
-    return GradientAgent(
-        name,
-        gamma=np.stack(
-            [
-                preconditioner(c.preconditioner, p, c.eta)
-                for c, p in zip(configs, prompts, strict=True)
-            ]
-        ),
-        second_moment=np.stack([p.second_moment for p in prompts]),
-        moment=np.stack([p.moment for p in prompts]),
-        steps_per_turn=configs[0].steps_per_turn,
-    )
+    gamma = [
+        preconditioner(c.preconditioner, p, c.eta) for c, p in zip(configs, prompts, strict=True)
+    ]
+    return GradientAgent.on_prompts(name, np.stack(gamma), prompts, configs[0].steps_per_turn)
 
 
 def _attacker(
