@@ -75,6 +75,7 @@ class Turn:
         order: the agent taking each turn of a round, in schedule order.
         out: where the play records this turn's output, shape ``(B, d)``; an agent may
             write its answer there and return it, saving a copy.
+        start: every agent's initial output ``v_0``, shape ``(B, d)``.
     """
 
     round: int
@@ -83,6 +84,7 @@ class Turn:
     past: np.ndarray = field(default_factory=lambda: np.empty((0, 0, 0)))
     order: tuple[str, ...] = ()
     out: np.ndarray | None = None
+    start: np.ndarray | None = None
 
     def outputs(self, name: str) -> np.ndarray:
         """Every earlier output of agent ``name``, shape ``(turns, B, d)``."""
@@ -92,6 +94,28 @@ class Turn:
             return self.past[positions[0] :: per_round]  # a view, no copy
         rows = [r for r in range(len(self.past)) if self.order[r % per_round] == name]
         return self.past[rows]
+
+    def pairs(self, name: str, reads: str) -> tuple[np.ndarray, np.ndarray]:
+        """Every earlier ``(input, output)`` pair of agent ``name``, which reads agent ``reads``.
+
+        Each output of ``name`` is paired with the latest output of ``reads`` before it
+        (``start`` while ``reads`` has not moved yet): the data to fit ``name``'s map.
+
+        Returns:
+            ``inputs`` and ``outputs``, each ``(pairs, B, d)``.
+        """
+        per_round, last = len(self.order), None
+        inputs, outputs = [], []
+        for row in range(len(self.past)):
+            who = self.order[row % per_round]
+            if who == name and (last is not None or self.start is not None):
+                inputs.append(self.start if last is None else self.past[last])
+                outputs.append(self.past[row])
+            if who == reads:
+                last = row
+        if not outputs:
+            return self.past[:0], self.past[:0]
+        return np.stack(inputs), np.stack(outputs)
 
 
 @runtime_checkable

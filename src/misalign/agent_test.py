@@ -116,3 +116,20 @@ def test_turn_outputs_select_an_agents_history():
     turn = Turn(round=2, position=1, reads="A", past=past, order=("A", "B", "A"))
     assert turn.outputs("B")[:, 0, 0].tolist() == [1.0, 4.0]
     assert turn.outputs("A")[:, 0, 0].tolist() == [0.0, 2.0, 3.0, 5.0, 6.0]
+
+
+def test_turn_pairs_match_each_output_with_the_input_it_read():
+    """Order (A, B): A reads B, B reads A; rows 0..4 are A0 B0 A1 B1 A2."""
+    past = np.arange(5, dtype=float).reshape(5, 1, 1) + 1
+    start = np.zeros((1, 1))
+    turn = Turn(round=2, position=1, reads="A", past=past, order=("A", "B"), start=start)
+    inputs, outputs = turn.pairs("A", "B")
+    assert inputs[:, 0, 0].tolist() == [0.0, 2.0, 4.0] and outputs[:, 0, 0].tolist() == [
+        1.0,
+        3.0,
+        5.0,
+    ]
+    inputs, outputs = turn.pairs("B", "A")
+    assert inputs[:, 0, 0].tolist() == [1.0, 3.0] and outputs[:, 0, 0].tolist() == [2.0, 4.0]
+    inputs, outputs = turn.pairs("A", "A")  # an agent reading itself
+    assert inputs[:, 0, 0].tolist() == [0.0, 1.0, 3.0]

@@ -230,8 +230,8 @@ class GrayBoxDecoy:
                 probe[:, len(mine)] += self._scale
             return probe
         if self._attack is None:
-            theirs = turn.outputs(turn.reads)  # u_1 .. u_t answer p_0 .. p_{t-1}
-            self.fitted = affine_lstsq(mine, theirs[len(theirs) - len(mine) :])
+            probes, answers = turn.pairs(turn.reads, self.name)
+            self.fitted = affine_lstsq(probes[-len(mine) :], answers[-len(mine) :])
             wt = decoy_target(self.fitted, self._honest, self._target)
             self._attack, _ = _relabelled(self.name, self._gamma, self._prompts, self._steps, wt)
         return self._attack.respond(w, turn)

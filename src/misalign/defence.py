@@ -140,9 +140,7 @@ class Monitor(Guard):
 
     def observe(self, turn: Turn) -> None:
         """Update the fit and the scores from the pairs seen so far."""
-        U = turn.outputs(self.name)
-        V = turn.outputs(turn.reads)
-        V = V[len(V) - len(U) :]  # v answers u: align each own output with its answer
+        U, V = turn.pairs(turn.reads, self.name)  # the partner's inputs (mine) and answers
         d = U.shape[-1]
         U, V = U[-WINDOW * (d + 1) :], V[-WINDOW * (d + 1) :]
         pairs, batch = U.shape[:2]

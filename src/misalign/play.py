@@ -133,7 +133,7 @@ def play(
             for k, (name, reads) in enumerate(schedule.turns):
                 row = t * per_round + k
                 out = turns[row]
-                turn = Turn(t, k, reads, past=turns[:row], order=order, out=out)
+                turn = Turn(t, k, reads, past=turns[:row], order=order, out=out, start=start)
                 answer = agents[name].respond(last[reads], turn)
                 if answer is not out:
                     out[...] = answer
