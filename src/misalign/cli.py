@@ -6,6 +6,7 @@ one JSON object on stdout and nothing else (progress and messages go to stderr).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -180,6 +181,75 @@ def attacks(
     console.print(f"artifacts: {directory} (figure {figure.name})")
 
 
+@app.command("helper-study")
+def helper_study(
+    dims: Annotated[str, typer.Option(help="Dimensions, comma-separated.")] = "2,5,10,20",
+    kappas: Annotated[
+        str, typer.Option(help="Condition numbers, comma-separated.")
+    ] = "10,100,1000",
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds per grid point.")] = 5,
+    cap: Annotated[int, typer.Option(min=10, help="Most rounds a play may take.")] = 100_000,
+    json_out: JsonOpt = False,
+    out: OutOpt = None,
+) -> None:
+    """Rounds for the main agent to reach its target: alone, in plain alternation, with a
+    white-box and a secant helper, over dimensions and condition numbers."""
+    from misalign.helper_study import plot_helper_study, run_helper_study
+
+    grid = {"dims": _numbers(dims, int, "--dims"), "kappas": _numbers(kappas, float, "--kappas")}
+    if min(grid["dims"]) < 1 or min(grid["kappas"]) < 1:
+        _fail("--dims and --kappas must be at least 1")
+    rows = run_helper_study(**grid, seeds=seeds, cap=cap, progress=sys.stderr.isatty())
+    result = {"rows": rows, "seeds": seeds, "cap": cap, **grid}
+    digest = hashlib.sha256(json.dumps([grid, seeds, cap]).encode()).hexdigest()[:12]
+    out = Path("runs") / f"helper-study-{digest}" if out is None else out
+    try:
+        _write(out / "helper_study.json", json.dumps(result, indent=1))
+    except OSError as exc:
+        _fail(f"--out {out}: cannot write ({exc.strerror})")
+    figure = plot_helper_study(rows, out / "helper_study.png")
+    if json_out:
+        print(json.dumps(result))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        "d", "kappa", "cond(H_A)", *METHODS_SHORT, title=f"median (max) rounds, {seeds} seeds"
+    )
+    for d in grid["dims"]:
+        for kappa in grid["kappas"]:
+            cells = {r["method"]: r for r in rows if r["d"] == d and r["kappa"] == kappa}
+            first = next(iter(cells.values()))
+            table.add_row(
+                str(d),
+                f"{kappa:g}",
+                f"{first['cond_H_A_median']:.3g}",
+                *(_rounds(cells[m]) for m in cells),
+            )
+    console = Console()
+    console.print(table)
+    console.print(f"artifacts: {out} (figure {figure.name})")
+
+
+METHODS_SHORT = ("A alone", "alternation", "white-box", "secant")
+
+
+def _rounds(row: dict[str, Any]) -> str:
+    fmt = lambda x: "never" if x == float("inf") else f"{x:.0f}"  # noqa: E731
+    return f"{fmt(row['rounds_median'])} ({fmt(row['rounds_max'])})"
+
+
+def _numbers(text: str, kind: type, option: str) -> list:
+    try:
+        values = [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        _fail(f"{option}: expected comma-separated numbers, got {text!r}")
+    if not values:
+        _fail(f"{option}: expected comma-separated numbers, got {text!r}")
+    return values
+
+
 def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> None:
     """A readable account: verdict, rate, and per agent its predicted and final distance."""
     from rich.console import Console
@@ -195,6 +265,12 @@ def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> No
         )
     else:
         console.print(f"[bold red]diverges[/] (rho = {p['rho']:.4g})")
+    if "rounds_to_prediction" in result:
+        measured = result["rounds_to_prediction"]
+        console.print(
+            "measured: every output within 1e-8 of its prediction "
+            + ("by the last round: no" if measured is None else f"from round {measured}")
+        )
     if result.get("diverged_at") is not None:
         console.print(f"stopped at round {result['diverged_at']}: outputs overflowed")
     played = "residual" in result
@@ -204,7 +280,7 @@ def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> No
         final = result.get("residual", {}).get(name)
         table.add_row(
             name,
-            f"{sum(x * x for x in result['agents'][name]['target']) ** 0.5:.4g}",
+            _norm(result["agents"][name]["target"]),
             "-" if p["residual"][name] is None else f"{p['residual'][name]:.4g}",
             *(["-" if final is None else f"{final:.4g}"] * played),
         )
@@ -215,7 +291,7 @@ def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> No
                 f"one-sided: {p['one_sided']} ends exactly on target, the others are biased"
             )
         elif not any(p["on_target"].values()):
-            best = min(names, key=lambda n: p["residual"][n])
+            best = min((n for n in names if p["residual"][n] is not None), key=p["residual"].get)
             console.print(f"biased equilibrium: {best} ends closest to its own target")
         for name, reason in p["why"].items():
             console.print(f"  {name} on target: {reason}")
@@ -233,6 +309,10 @@ def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> No
             line += f"; stopped reading it at round {d['refused_at']}"
         console.print(line)
     console.print(f"artifacts: {directory}" + (f" (figure {figure.name})" if figure else ""))
+
+
+def _norm(vector: list[float] | None) -> str:
+    return "-" if vector is None else f"{sum(x * x for x in vector) ** 0.5:.4g}"
 
 
 def main() -> None:

@@ -168,3 +168,18 @@ def test_attack_study_command(tmp_path):
     assert (tmp_path / "out" / "attacks.png").exists()
     table = _invoke(tmp_path, *args)
     assert "ROC AUC" in table.stdout
+
+
+def test_helper_study_command(tmp_path):
+    args = ["helper-study", "--dims", "2", "--kappas", "10", "--seeds", "2", "--cap", "2000"]
+    result = _invoke(tmp_path, *args, "--json")
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads(result.stdout)["rows"]
+    assert {r["method"] for r in rows} == {
+        "A alone",
+        "plain alternation",
+        "white-box helper",
+        "secant helper",
+    }
+    bad = _invoke(tmp_path, "helper-study", "--dims", "two")
+    assert bad.exit_code == 2 and bad.stderr.startswith("misalign: error: --dims:")

@@ -15,7 +15,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 
 RESERVED = {"rho", "converges", "residual", "rounds_to_tol", "on_target", "one_sided", "why"}
 """Names an agent may not take: they are keys of the JSON ``prediction`` object."""
@@ -52,8 +60,31 @@ class GradientAgentConfig(_Strict):
     )
 
 
-AgentConfig = GradientAgentConfig
-"""Every agent kind; later kinds join as a union discriminated by ``kind``."""
+class HelperAgentConfig(_Strict):
+    """A helper: each turn it re-picks its output so that the agent it serves follows a
+    Newton-like method on its own objective (MODEL.md section 4; ``misalign.helper``)."""
+
+    kind: Literal["helper"]
+    serves: str = Field(description="the main agent")
+    mode: Literal["white-box", "secant"] = Field(
+        default="secant", description="white-box: knows the maps; secant: sees only the play"
+    )
+    probe_scale: Finite = Field(default=1.0, gt=0, description="size of the secant probes")
+    reads: str | None = Field(
+        default=None, description="whose output this agent reads; default the previous turn"
+    )
+
+
+def _kind(value: Any) -> str:
+    return value.get("kind", "gd") if isinstance(value, dict) else getattr(value, "kind", "gd")
+
+
+AgentConfig = Annotated[
+    Annotated[GradientAgentConfig, Tag("gd")] | Annotated[HelperAgentConfig, Tag("helper")],
+    Discriminator(_kind),
+]
+"""Every agent kind, told apart by ``kind`` (default ``gd``)."""
+KINDS = ("gd", "helper")
 
 
 class AttackConfig(_Strict):
@@ -102,6 +133,15 @@ class PlayConfig(_Strict):
         for name, agent in self.agents.items():
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", name) or name in RESERVED:
                 raise _FieldError(f"agents.{name}", "is not a valid agent name")
+            if agent.reads is not None and agent.reads not in self.agents:
+                raise _FieldError(f"agents.{name}.reads", f"names no agent: {agent.reads!r}")
+            if isinstance(agent, HelperAgentConfig):
+                served = self.agents.get(agent.serves)
+                if not isinstance(served, GradientAgentConfig):
+                    raise _FieldError(
+                        f"agents.{name}.serves", f"names no gd agent: {agent.serves!r}"
+                    )
+                continue
             for key in ("spectrum", "target"):
                 value = getattr(agent, key)
                 if value is not None and len(value) != self.d:
@@ -110,8 +150,6 @@ class PlayConfig(_Strict):
                     )
             if agent.spectrum is not None and min(agent.spectrum) <= 0:
                 raise _FieldError(f"agents.{name}.spectrum", "must be all positive")
-            if agent.reads is not None and agent.reads not in self.agents:
-                raise _FieldError(f"agents.{name}.reads", f"names no agent: {agent.reads!r}")
         if self.start is not None and len(self.start) != self.d:
             raise _FieldError("start", f"must have length d = {self.d} (got {len(self.start)})")
         order = self.order
@@ -126,6 +164,8 @@ class PlayConfig(_Strict):
                 raise _FieldError(f"{key}.agent", f"names no agent: {table.agent!r}")
             if table is not None and len(self.agents) != 2:
                 raise _FieldError(key, f"needs a two-agent play (got {len(self.agents)} agents)")
+            if table is not None and not isinstance(self.agents[table.agent], GradientAgentConfig):
+                raise _FieldError(f"{key}.agent", f"{table.agent!r} is not a gd agent")
         attack = self.attack
         if attack is not None and attack.knowledge == "gray-box" and attack.method != "decoy":
             raise _FieldError("attack.knowledge", "gray-box applies to the decoy method only")
@@ -211,7 +251,10 @@ def _apply(data: dict[str, Any], assignment: str) -> None:
 def _one_line(exc: ValidationError) -> str:
     """The first validation error as ``field: problem``."""
     error = exc.errors()[0]
-    field = ".".join(str(part) for part in error["loc"])
+    loc = list(error["loc"])
+    if len(loc) > 2 and loc[0] == "agents" and loc[2] in KINDS:
+        del loc[2]  # the union's tag: agents.A.gd.n is agents.A.n
+    field = ".".join(str(part) for part in loc)
     if isinstance(error.get("ctx", {}).get("error"), _FieldError):
         return str(error["ctx"]["error"])
     kind, message = error["type"], error["msg"]
@@ -221,6 +264,11 @@ def _one_line(exc: ValidationError) -> str:
         message = "is required"
     elif kind == "literal_error":
         message = f"got {error['input']!r}; {message[0].lower()}{message[1:]}"
+    elif kind == "union_tag_invalid":
+        field, message = (
+            f"{field}.kind",
+            f"got {error['ctx']['tag']!r}; expected one of: {', '.join(KINDS)}",
+        )
     elif kind == "finite_number":
         message = "must be a finite number"
     else:

@@ -21,8 +21,18 @@ import numpy as np
 
 from misalign import attack as attack_
 from misalign import defence as defence_
+from misalign import helper as helper_
 from misalign.agent import Agent, GradientAgent, preconditioner
-from misalign.config import AgentConfig, AttackConfig, DefenceConfig, PlayConfig
+from misalign.config import (
+    AgentConfig,
+    AttackConfig,
+    ConfigError,
+    DefenceConfig,
+    GradientAgentConfig,
+    HelperAgentConfig,
+    PlayConfig,
+)
+from misalign.helper import Helper
 from misalign.play import Schedule, Trajectory, play
 from misalign.prompt import Prompt, agent_rng, sample_prompt
 from misalign.theory import Prediction, exactness
@@ -72,14 +82,15 @@ def setup(config: PlayConfig | Sequence[PlayConfig], seeds: Sequence[int] | None
     for other in configs[1:]:
         if _shape(other) != _shape(first):
             raise ValueError("a batch needs one d, agent list, schedule, attack and defence")
-    prompts = {
-        name: [_prompt(c.seed, name, c.agents[name], c.d) for c in configs] for name in first.agents
-    }
-    agents = {
-        name: _agent(name, [c.agents[name] for c in configs], prompts[name])
-        for name in first.agents
+    learners = [n for n, a in first.agents.items() if isinstance(a, GradientAgentConfig)]
+    prompts = {n: [_prompt(c.seed, n, c.agents[n], c.d) for c in configs] for n in learners}
+    agents: dict[str, Agent] = {
+        n: _agent(n, [c.agents[n] for c in configs], prompts[n]) for n in learners
     }
     schedule = Schedule.build(first.order, {name: a.reads for name, a in first.agents.items()})
+    for name, agent in first.agents.items():
+        if isinstance(agent, HelperAgentConfig):
+            agents[name] = _helper(name, agent, agents, schedule)
     if first.attack is not None:
         name = first.attack.agent
         agents[name], prompts[name] = _attacker(
@@ -98,7 +109,8 @@ def setup(config: PlayConfig | Sequence[PlayConfig], seeds: Sequence[int] | None
 
 def _shape(config: PlayConfig) -> tuple:
     """What every play of a batch must share."""
-    return config.d, config.order, list(config.agents), config.attack, config.defence
+    helpers = [a for a in config.agents.values() if isinstance(a, HelperAgentConfig)]
+    return config.d, config.order, list(config.agents), config.attack, config.defence, helpers
 
 
 def _prompt(seed: int, name: str, agent: AgentConfig, d: int) -> Prompt:
@@ -121,6 +133,39 @@ def _agent(name: str, configs: list[AgentConfig], prompts: list[Prompt]) -> Agen
         preconditioner(c.preconditioner, p, c.eta) for c, p in zip(configs, prompts, strict=True)
     ]
     return GradientAgent.on_prompts(name, np.stack(gamma), prompts, configs[0].steps_per_turn)
+
+
+def _helper(
+    name: str, config: HelperAgentConfig, agents: dict[str, Agent], schedule: Schedule
+) -> Helper:
+    """The helper of ``misalign.helper``, placed where the schedule puts it.
+
+    Raises:
+        ConfigError: the served agent does not read the helper, directly or through one
+            agent; or the maps the helper must invert are singular.
+    """
+    reads = dict(schedule.turns)
+    served, served_reads = config.serves, reads[config.serves]
+    via = None if served_reads == name else served_reads
+    if via is not None and (reads.get(via) != name or agents[via].affine() is None):
+        raise ConfigError(
+            f"agents.{name}.serves: {served} must read {name}, or read an agent that reads it"
+        )
+    maps = {n: agents[n].affine() for n in (served, via) if n is not None}
+    inverted = [(served, maps[served].H, "H")] + ([(via, maps[via].A, "I - H")] if via else [])
+    for n, matrix, what in inverted:
+        if not (np.linalg.cond(matrix) < helper_.CONDITION_LIMIT).all():
+            raise ConfigError(f"agents.{name}.serves: {n}'s {what} is singular: nothing to invert")
+    return Helper(
+        name,
+        served,
+        served_reads,
+        via,
+        config.mode,
+        maps if config.mode == "white-box" else None,
+        settles_to=helper_.newton_input(maps[served], maps.get(via)),
+        probe_scale=config.probe_scale,
+    )
 
 
 def _attacker(
@@ -201,7 +246,8 @@ def report(
     target while another does not, else ``null``), ``why.<name>`` for exact agents);
     with a trajectory also ``outputs.<name>`` (one list of ``d`` floats per
     round), ``residual.<name>`` (distance of the final output to its target),
-    ``rounds_played`` and ``diverged_at`` (round, or ``null``). With an attack,
+    ``rounds_played``, ``diverged_at`` (round, or ``null``) and ``rounds_to_prediction``
+    (from which round every output stays within 1e-8 of its prediction). With an attack,
     ``attack`` (its table, plus ``probe_turns`` for the gray box); with a
     defence after a run, ``defence`` (``flagged_at``, ``score``, ``refused_at``).
     """
@@ -216,19 +262,21 @@ def report(
             "converges": converges,
             "rounds_to_tol": int(prediction.rounds_to()[play]) if converges else None,
             "residual": {
-                name: float(np.linalg.norm(e[play])) if converges else None
-                for name, e in prediction.residual.items()
+                name: float(np.linalg.norm(prediction.residual[name][play]))
+                if converges and name in prediction.residual
+                else None
+                for name in game.schedule.agents
             },
         },
     }
     for name, agent in game.agents.items():
-        prompt = game.prompts[name][play]
+        prompt = game.prompts[name][play] if name in game.prompts else None  # helpers have none
         gamma = agent.gamma
         out["agents"][name] = {
-            "X": prompt.X.tolist(),
-            "y": prompt.y.tolist(),
+            "X": None if prompt is None else prompt.X.tolist(),
+            "y": None if prompt is None else prompt.y.tolist(),
             "gamma": None if gamma is None else gamma[play].tolist(),
-            "target": prompt.target.tolist(),
+            "target": None if prompt is None else prompt.target.tolist(),
         }
         fixed = prediction.fixed_point[name][play]
         out["prediction"][name] = fixed.tolist() if converges else None
@@ -246,6 +294,8 @@ def report(
             for key in ("flagged_at", "score", "refused_at")
             if hasattr(guard, key)
         }
+    if trajectory is not None and converges:
+        out["rounds_to_prediction"] = _rounds_to_prediction(game, prediction, trajectory, play)
     if trajectory is not None:
         targets = game.targets
         stop = trajectory.diverged_at[play]
@@ -257,11 +307,27 @@ def report(
         }
         out["residual"] = {
             name: float(trajectory.distance(name, targets[name])[rounds - 1, play])
-            if rounds
+            if rounds and name in targets
             else None
             for name in game.schedule.agents
         }
     return out
+
+
+def _rounds_to_prediction(
+    game: Game, prediction: Prediction, trajectory: Trajectory, play: int, tol: float = 1e-8
+) -> int | None:
+    """The round (from 1) after which every output stays within ``tol`` (relative) of its
+    predicted limit: the measured counterpart of ``rounds_to_tol``; ``None`` if never."""
+    close = np.ones(trajectory.rounds, dtype=bool)
+    for name in game.schedule.agents:
+        fixed = prediction.fixed_point[name][play]
+        error = np.linalg.norm(trajectory.outputs(name)[:, play] - fixed, axis=-1)
+        close &= error <= tol * max(1.0, np.linalg.norm(fixed))
+    if not close[-1]:
+        return None
+    far = np.flatnonzero(~close)
+    return int(far[-1] + 2) if len(far) else 1
 
 
 def _describe(attack: AttackConfig) -> str:
@@ -282,7 +348,8 @@ EXACT = 1e-9
 
 def _one_sided(game: Game, prediction: Prediction, play: int) -> dict[str, Any]:
     """Which agents the theory puts exactly on target, and why (MODEL.md section 3)."""
-    targets, names = game.targets, game.schedule.agents
+    targets = game.targets
+    names = [n for n in game.schedule.agents if n in targets]
     exact = {
         name: bool(
             np.linalg.norm(prediction.residual[name][play])
@@ -292,9 +359,15 @@ def _one_sided(game: Game, prediction: Prediction, play: int) -> dict[str, Any]:
     }
     attack = game.configs[play].attack
     why: dict[str, str] = {}
+    helpers = {
+        a.serves: (n, a.mode) for n, a in game.configs[play].agents.items() if a.kind == "helper"
+    }
     for name in (n for n in names if exact[n]):
         if attack is not None and attack.agent == name:
             why[name] = f"attack: {_describe(attack)}"
+            continue
+        if name in helpers:
+            why[name] = "the {1} helper {0} feeds it Newton steps".format(*helpers[name])
             continue
         reason = None
         if len(names) == 2 and attack is None:

@@ -40,7 +40,7 @@ def plot_play(
     targets = game.targets
     rho = float(prediction.rho[play])
     converges = bool(prediction.converges[play])
-    for k, name in enumerate(game.schedule.agents):
+    for k, name in enumerate(n for n in game.schedule.agents if n in targets):
         color = f"C{k}"
         distance = trajectory.distance(name, targets[name])[:, play]
         shown = np.isfinite(distance) & (distance < 1e300)

@@ -34,7 +34,7 @@ class Prediction:
         rho: spectral radius of the round map, per play, shape ``(B,)``.
         fixed_point: per agent, the predicted limit of its output, ``(B, d)``;
             NaN for plays that do not converge.
-        residual: per agent, ``fixed_point - target``, ``(B, d)``.
+        residual: per agent with a target, ``fixed_point - target``, ``(B, d)``.
     """
 
     rho: np.ndarray
@@ -92,7 +92,7 @@ def predict(
     Args:
         maps: every scheduled agent's turn map.
         schedule: the round's turns.
-        targets: every scheduled agent's objective ``w*``, shape ``(B, d)``.
+        targets: the objective ``w*`` of every agent that has one (helpers do not), ``(B, d)``.
 
     Returns:
         The prediction.
@@ -110,7 +110,7 @@ def predict(
     return Prediction(
         rho=rho,
         fixed_point=fixed,
-        residual={name: fixed[name] - targets[name] for name in names},
+        residual={name: fixed[name] - targets[name] for name in names if name in targets},
     )
 
 
