@@ -133,16 +133,9 @@ def plot_helper_study(rows: list[dict[str, Any]], path: str | Path) -> Path:
             mine = sorted(
                 (r for r in rows if r["method"] == method and r["d"] == d), key=lambda r: r["kappa"]
             )
-            label = f"{method}" if k == len(dims) - 1 else None
-            ax.plot(
-                [r["kappa"] for r in mine],
-                [r["rounds_median"] for r in mine],
-                styles[method],
-                marker="o",
-                color=f"C{k}",
-                label=label,
-                alpha=0.9,
-            )
+            x, y = [r["kappa"] for r in mine], [r["rounds_median"] for r in mine]
+            ax.plot(x, y, styles[method], marker="o", color=f"C{k}", alpha=0.9)
+        ax.plot([], [], styles[method], color="k", label=method)
     for k, d in enumerate(dims):
         ax.plot([], [], color=f"C{k}", label=f"d = {d}")
     ax.set(
