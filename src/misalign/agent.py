@@ -158,9 +158,34 @@ def preconditioner(kind: Preconditioner, prompt: Prompt, eta: float = 1.0) -> np
     if kind == "newton":
         return eta * np.linalg.pinv(prompt.second_moment, hermitian=True)
     if kind == "lsa-optimal":
-        Lam = prompt.covariance
-        return eta * np.linalg.solve((n + 1) / n * Lam + np.trace(Lam) / n * np.eye(d), np.eye(d))
+        return eta * lsa_optimal_gamma(prompt.covariance, n)
     raise ValueError(f"unknown preconditioner {kind!r}")
+
+
+def lsa_optimal_gamma(covariance: np.ndarray, n: int) -> np.ndarray:
+    """``Gamma* = ((n+1)/n Lambda + tr(Lambda)/n I)^{-1}``: the preconditioner of a linear
+    self-attention layer trained on ``x ~ N(0, Lambda)``, ``w ~ N(0, I)`` (MODEL.md section 1).
+
+    It minimises the ICL loss ``L(Gamma) = E (x_q^T (Gamma S - I) w)^2``, whose gradient
+    vanishes at ``Gamma E[S^2] = Lambda`` with the Wishart moment
+    ``E[S^2] = (n+1)/n Lambda^2 + tr(Lambda)/n Lambda``.
+    """
+    d = len(covariance)
+    return np.linalg.solve(
+        (n + 1) / n * covariance + np.trace(covariance) / n * np.eye(d), np.eye(d)
+    )
+
+
+def icl_loss(gamma: np.ndarray, covariance: np.ndarray, n: int) -> float:
+    """The exact ICL loss ``E (x_q^T (Gamma S - I) w)^2`` of the prediction
+    ``x_q^T Gamma X^T y / n``, ``x ~ N(0, Lambda)``, ``w ~ N(0, I)``, noise-free labels:
+    ``tr(Lambda Gamma E[S^2] Gamma^T) - 2 tr(Lambda Gamma Lambda) + tr(Lambda)``. At
+    ``Gamma*`` it is ``tr(Lambda) - tr(Lambda Gamma* Lambda)``; isotropic: ``d(d+1)/(n+d+1)``."""
+    Lam = covariance
+    second = (n + 1) / n * Lam @ Lam + np.trace(Lam) / n * Lam
+    return float(
+        np.trace(Lam @ gamma @ second @ gamma.T) - 2 * np.trace(Lam @ gamma @ Lam) + np.trace(Lam)
+    )
 
 
 class GradientAgent:

@@ -5,7 +5,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from misalign.agent import AffineMap, GradientAgent, Turn, fit_affine, preconditioner
+from misalign.agent import (
+    AffineMap,
+    GradientAgent,
+    Turn,
+    fit_affine,
+    icl_loss,
+    lsa_optimal_gamma,
+    preconditioner,
+)
 from misalign.prompt import agent_rng, sample_prompt
 
 KINDS = ["identity", "lsa-optimal", "newton"]
@@ -133,3 +141,27 @@ def test_turn_pairs_match_each_output_with_the_input_it_read():
     assert inputs[:, 0, 0].tolist() == [1.0, 3.0] and outputs[:, 0, 0].tolist() == [2.0, 4.0]
     inputs, outputs = turn.pairs("A", "A")  # an agent reading itself
     assert inputs[:, 0, 0].tolist() == [0.0, 1.0, 3.0]
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10**6), d=st.integers(1, 4), n=st.integers(2, 12))
+def test_icl_loss_closed_form_matches_monte_carlo(seed, d, n):
+    """The closed-form ICL loss against a Monte Carlo estimate, at Gamma* and at a random Gamma;
+    Gamma* is its minimiser, with the isotropic value d(d+1)/(n+d+1)."""
+    rng = np.random.default_rng(seed)
+    spectrum = rng.uniform(0.3, 2.0, d)
+    Lam = np.diag(spectrum)
+    trials = 200_000
+    X = rng.standard_normal((trials, n, d)) * np.sqrt(spectrum)
+    w = rng.standard_normal((trials, d))
+    xq = rng.standard_normal((trials, d)) * np.sqrt(spectrum)
+    S_w = np.einsum("tkj,tkl,tl->tj", X, X, w) / n
+    best = lsa_optimal_gamma(Lam, n)
+    for gamma in (best, best + 0.1 * rng.standard_normal((d, d))):
+        errors = np.einsum("ti,ij,tj->t", xq, gamma, S_w) - np.einsum("ti,ti->t", xq, w)
+        mc, sem = np.mean(errors**2), np.std(errors**2) / np.sqrt(trials)
+        assert abs(icl_loss(gamma, Lam, n) - mc) < 5 * sem
+    gradient_free = [icl_loss(best + 1e-4 * e, Lam, n) for e in np.eye(d * d).reshape(-1, d, d)]
+    assert min(gradient_free) >= icl_loss(best, Lam, n)
+    iso = icl_loss(lsa_optimal_gamma(np.eye(d), n), np.eye(d), n)
+    assert iso == pytest.approx(d * (d + 1) / (n + d + 1))

@@ -38,11 +38,15 @@ class ConfigError(ValueError):
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
+    def digest(self) -> str:
+        """A short hash of the resolved configuration, naming its run directory."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
-class GradientAgentConfig(_Strict):
-    """An analytic agent: preconditioned gradient steps on its own prompt (MODEL.md section 1)."""
 
-    kind: Literal["gd"] = "gd"
+class LearnerConfig(_Strict):
+    """What every agent with its own prompt shares: the prompt and whom it reads."""
+
     n: int = Field(ge=1, description="number of in-context examples")
     spectrum: list[Finite] | None = Field(
         default=None, description="eigenvalues of the input covariance, length d; default ones"
@@ -52,12 +56,25 @@ class GradientAgentConfig(_Strict):
         default=None, description="the agent's objective w*; sampled N(0, I) when absent"
     )
     noise: Finite = Field(default=0.0, ge=0, description="label noise standard deviation")
-    preconditioner: Literal["identity", "lsa-optimal", "newton"] = "lsa-optimal"
-    eta: Finite = Field(default=1.0, gt=0, description="step scale")
-    steps_per_turn: int = Field(default=1, ge=1)
     reads: str | None = Field(
         default=None, description="whose output this agent reads; default the previous turn"
     )
+
+
+class GradientAgentConfig(LearnerConfig):
+    """An analytic agent: preconditioned gradient steps on its own prompt (MODEL.md section 1)."""
+
+    kind: Literal["gd"] = "gd"
+    preconditioner: Literal["identity", "lsa-optimal", "newton"] = "lsa-optimal"
+    eta: Finite = Field(default=1.0, gt=0, description="step scale")
+    steps_per_turn: int = Field(default=1, ge=1)
+
+
+class LSAAgentConfig(LearnerConfig):
+    """A trained single-layer linear self-attention model (``misalign train``) as an agent."""
+
+    kind: Literal["lsa"]
+    checkpoint: str = Field(description="path of the checkpoint written by misalign train")
 
 
 class HelperAgentConfig(_Strict):
@@ -80,11 +97,13 @@ def _kind(value: Any) -> str:
 
 
 AgentConfig = Annotated[
-    Annotated[GradientAgentConfig, Tag("gd")] | Annotated[HelperAgentConfig, Tag("helper")],
+    Annotated[GradientAgentConfig, Tag("gd")]
+    | Annotated[LSAAgentConfig, Tag("lsa")]
+    | Annotated[HelperAgentConfig, Tag("helper")],
     Discriminator(_kind),
 ]
 """Every agent kind, told apart by ``kind`` (default ``gd``)."""
-KINDS = ("gd", "helper")
+KINDS = ("gd", "lsa", "helper")
 
 
 class AttackConfig(_Strict):
@@ -137,9 +156,9 @@ class PlayConfig(_Strict):
                 raise _FieldError(f"agents.{name}.reads", f"names no agent: {agent.reads!r}")
             if isinstance(agent, HelperAgentConfig):
                 served = self.agents.get(agent.serves)
-                if not isinstance(served, GradientAgentConfig):
+                if not isinstance(served, LearnerConfig):
                     raise _FieldError(
-                        f"agents.{name}.serves", f"names no gd agent: {agent.serves!r}"
+                        f"agents.{name}.serves", f"names no agent with a prompt: {agent.serves!r}"
                     )
                 continue
             for key in ("spectrum", "target"):
@@ -178,11 +197,6 @@ class PlayConfig(_Strict):
         """The turn order of a round: ``schedule``, or every agent in file order."""
         return list(self.schedule) if self.schedule is not None else list(self.agents)
 
-    def digest(self) -> str:
-        """A short hash of the resolved configuration, naming its run directory."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
-        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
-
 
 class _FieldError(ValueError):
     def __init__(self, field: str, problem: str) -> None:
@@ -195,8 +209,12 @@ def parse_config(data: dict[str, Any]) -> PlayConfig:
     Raises:
         ConfigError: the first problem, as ``field: problem``.
     """
+    return _validated(PlayConfig, data)
+
+
+def _validated(model: type[BaseModel], data: dict[str, Any]) -> Any:
     try:
-        return PlayConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_one_line(exc)) from None
 
@@ -216,6 +234,11 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PlayConfig:
     Raises:
         ConfigError: the file is missing or unreadable, or a field is invalid.
     """
+    return parse_config(_read(path, overrides))
+
+
+def _read(path: str | Path, overrides: Sequence[str]) -> dict[str, Any]:
+    """The TOML file as data, with the overrides applied."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
@@ -227,7 +250,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PlayConfig:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     for assignment in overrides:
         _apply(data, assignment)
-    return parse_config(data)
+    return data
 
 
 def _apply(data: dict[str, Any], assignment: str) -> None:
@@ -274,3 +297,54 @@ def _one_line(exc: ValidationError) -> str:
     else:
         message = f"{message[0].lower()}{message[1:]} (got {error['input']!r})"
     return f"{field}: {message}" if field else message
+
+
+class TrainConfig(_Strict):
+    """Training a linear self-attention model on in-context regression (``misalign.train``).
+
+    Tasks are drawn fresh every step: ``x ~ N(0, Lambda)``, ``w ~ N(0, I)``,
+    ``y = x^T w``; ``Lambda`` has eigenvalues ``spectrum`` (rotated at random when
+    ``rotate``). Separate seeds drive the model's initial weights (``seed``), the
+    training tasks (``seed + 1``) and the evaluation tasks (``seed + 2``).
+    """
+
+    seed: int = Field(default=0, ge=0)
+    d: int = Field(ge=1)
+    n: int = Field(ge=1, description="in-context examples per prompt")
+    spectrum: list[Finite] | None = Field(default=None, description="eigenvalues of Lambda")
+    rotate: bool = False
+    layers: int = Field(default=1, ge=1)
+    coupled: bool = Field(
+        default=False, description="train the label-coupling blocks too (see misalign.lsa.LSA)"
+    )
+    steps: int = Field(default=3000, ge=1)
+    batch: int = Field(default=1024, ge=1)
+    lr: Finite = Field(default=0.01, gt=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup: int = Field(default=100, ge=0)
+    init_scale: Finite = Field(default=0.1, gt=0)
+    eval_every: int = Field(default=500, ge=1)
+    eval_batch: int = Field(default=65536, ge=1)
+    checkpoint_every: int = Field(default=500, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(
+        default=1,
+        ge=0,
+        description="torch CPU threads (0: torch's default); small models run "
+        "fastest on one, as threads contend on a shared machine",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.spectrum is not None and len(self.spectrum) != self.d:
+            raise _FieldError(
+                "spectrum", f"must have length d = {self.d} (got {len(self.spectrum)})"
+            )
+        if self.spectrum is not None and min(self.spectrum) <= 0:
+            raise _FieldError("spectrum", "must be all positive")
+        return self
+
+
+def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read and validate a training configuration (see ``load_config``)."""
+    return _validated(TrainConfig, _read(path, overrides))

@@ -45,7 +45,11 @@ def test_defaults():
         ("agents.A.eta", 0.0, "agents.A.eta: input should be greater than 0"),
         ("agents.A.colour", "red", "agents.A.colour: unknown key"),
         ("speed", 3, "speed: unknown key"),
-        ("agents.A.kind", "oracle", "agents.A.kind: got 'oracle'; expected one of: gd, helper"),
+        (
+            "agents.A.kind",
+            "oracle",
+            "agents.A.kind: got 'oracle'; expected one of: gd, lsa, helper",
+        ),
         ("agents.A.preconditioner", "adam", "agents.A.preconditioner: got 'adam'"),
         ("schedule", ["A", "Z"], "schedule: names no agent: 'Z'"),
         ("schedule", ["A"], "schedule: agent 'B' never takes a turn"),

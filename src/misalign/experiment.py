@@ -28,8 +28,9 @@ from misalign.config import (
     AttackConfig,
     ConfigError,
     DefenceConfig,
-    GradientAgentConfig,
     HelperAgentConfig,
+    LearnerConfig,
+    LSAAgentConfig,
     PlayConfig,
 )
 from misalign.helper import Helper
@@ -82,7 +83,7 @@ def setup(config: PlayConfig | Sequence[PlayConfig], seeds: Sequence[int] | None
     for other in configs[1:]:
         if _shape(other) != _shape(first):
             raise ValueError("a batch needs one d, agent list, schedule, attack and defence")
-    learners = [n for n, a in first.agents.items() if isinstance(a, GradientAgentConfig)]
+    learners = [n for n, a in first.agents.items() if isinstance(a, LearnerConfig)]
     prompts = {n: [_prompt(c.seed, n, c.agents[n], c.d) for c in configs] for n in learners}
     agents: dict[str, Agent] = {
         n: _agent(n, [c.agents[n] for c in configs], prompts[n]) for n in learners
@@ -126,13 +127,45 @@ def _prompt(seed: int, name: str, agent: AgentConfig, d: int) -> Prompt:
 
 
 def _agent(name: str, configs: list[AgentConfig], prompts: list[Prompt]) -> Agent:
-    """One agent over the batch; plays may differ in all but kind and steps per turn."""
-    if len({(c.kind, c.steps_per_turn) for c in configs}) > 1:
-        raise ValueError(f"agent {name}: a batch needs one kind and steps_per_turn")
+    """One agent over the batch; plays may differ in all but kind, steps and checkpoint."""
+    first = configs[0]
+    if (
+        len(
+            {
+                (c.kind, getattr(c, "steps_per_turn", 1), getattr(c, "checkpoint", ""))
+                for c in configs
+            }
+        )
+        > 1
+    ):
+        raise ValueError(f"agent {name}: a batch needs one kind, steps_per_turn and checkpoint")
+    if isinstance(first, LSAAgentConfig):
+        from misalign.lsa import LSAAgent
+
+        return LSAAgent(name, _trained(name, first.checkpoint, prompts[0].d), prompts)
     gamma = [
         preconditioner(c.preconditioner, p, c.eta) for c, p in zip(configs, prompts, strict=True)
     ]
-    return GradientAgent.on_prompts(name, np.stack(gamma), prompts, configs[0].steps_per_turn)
+    return GradientAgent.on_prompts(name, np.stack(gamma), prompts, first.steps_per_turn)
+
+
+def _trained(name: str, checkpoint: str, d: int):
+    """The single-layer model of ``checkpoint``, trained for dimension ``d``."""
+    from misalign.train import load_model
+
+    try:
+        model, trained = load_model(checkpoint)
+    except ConfigError as exc:
+        raise ConfigError(f"agents.{name}.checkpoint: {exc}") from None
+    if trained.d != d:
+        raise ConfigError(
+            f"agents.{name}.checkpoint: trained for d = {trained.d}, the play has d = {d}"
+        )
+    if trained.layers != 1:
+        raise ConfigError(
+            f"agents.{name}.checkpoint: an lsa agent needs one layer (got {trained.layers})"
+        )
+    return model
 
 
 def _helper(

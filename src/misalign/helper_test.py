@@ -107,7 +107,7 @@ def test_helper_placement_and_invertibility_are_checked():
     agents = {**small.agents, "A": small.agents["A"].model_copy(update={"n": 2})}
     with pytest.raises(ConfigError, match="^agents.H.serves: A's H is singular"):
         setup(small.model_copy(update={"agents": agents}))
-    with pytest.raises(ConfigError, match="^agents.H.serves: names no gd agent: 'Z'"):
+    with pytest.raises(ConfigError, match="^agents.H.serves: names no agent with a prompt: 'Z'"):
         parse_config(
             {"d": 2, "rounds": 2, "agents": {"A": {"n": 3}, "H": {"kind": "helper", "serves": "Z"}}}
         )

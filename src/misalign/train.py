@@ -1,0 +1,289 @@
+"""Training a linear self-attention model on in-context regression.
+
+Every step draws a fresh batch of tasks on the device (``x ~ N(0, Lambda)``,
+``w ~ N(0, I)``, noise-free labels) and takes an Adam step on the squared error
+of the query's prediction. Evaluation compares the model with the closed-form
+optimum (``misalign.agent.lsa_optimal_gamma`` and ``icl_loss``). Checkpoints hold
+the model, the optimizer, the schedule and the data stream's state, written
+atomically, so a run killed at any point and resumed from its last checkpoint
+ends with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from misalign.agent import icl_loss, lsa_optimal_gamma
+from misalign.config import ConfigError, TrainConfig
+from misalign.lsa import LSA, gamma_from_weights
+from misalign.prompt import haar_rotation
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def pick_device(choice: str = "auto") -> torch.device:
+    """``cuda`` when asked for or, with ``auto``, when one is present; else the CPU."""
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda was asked for but no GPU is present")
+    return torch.device(choice)
+
+
+def covariance(config: TrainConfig) -> np.ndarray:
+    """``Lambda = R diag(spectrum) R^T``; ``R`` is drawn from the model seed when ``rotate``."""
+    spectrum = np.ones(config.d) if config.spectrum is None else np.asarray(config.spectrum)
+    R = (
+        haar_rotation(np.random.default_rng(config.seed), config.d)
+        if config.rotate
+        else np.eye(config.d)
+    )
+    return (R * spectrum) @ R.T
+
+
+class Tasks:
+    """Batches of regression tasks, drawn on the device from one generator.
+
+    Args:
+        config: the training configuration.
+        device: where to draw.
+        seed: the stream's seed.
+    """
+
+    def __init__(self, config: TrainConfig, device: torch.device, seed: int) -> None:
+        self.d, self.n = config.d, config.n
+        root = np.linalg.cholesky(covariance(config))
+        self.root = torch.as_tensor(root.T, dtype=torch.float32, device=device)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.device = device
+
+    def sample(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(X, y, x_q, y_q)`` with ``X`` ``(batch, n, d)`` and one query per task."""
+        z = torch.randn(batch, self.n + 1, self.d, generator=self.generator, device=self.device)
+        x = z @ self.root
+        w = torch.randn(batch, self.d, 1, generator=self.generator, device=self.device)
+        labels = (x @ w)[..., 0]
+        return x[:, :-1], labels[:, :-1], x[:, -1:], labels[:, -1]
+
+
+@dataclass
+class Evaluation:
+    """One evaluation of the model against the closed-form optimum.
+
+    Attributes:
+        step: training steps taken.
+        loss: Monte Carlo ICL loss on the fixed evaluation tasks.
+        optimal_loss: ``icl_loss(Gamma*)``, the best any LSA can do.
+        gamma_error: ``|Gamma - Gamma*| / |Gamma*|`` (Frobenius) for the weights' ``Gamma``;
+            ``None`` for multi-layer models.
+        gamma_loss: exact ICL loss of the weights' ``Gamma``.
+    """
+
+    step: int
+    loss: float
+    optimal_loss: float
+    gamma_error: float | None
+    gamma_loss: float | None
+
+    @property
+    def excess(self) -> float:
+        """``loss / optimal_loss - 1``."""
+        return self.loss / self.optimal_loss - 1
+
+
+def schedule(config: TrainConfig):
+    """The learning-rate factor per step: linear warm-up, then constant or cosine to zero."""
+
+    def factor(step: int) -> float:
+        if step < config.warmup:
+            return (step + 1) / config.warmup
+        if config.schedule == "constant":
+            return 1.0
+        progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def evaluate(
+    model: LSA, tasks: tuple[torch.Tensor, ...], config: TrainConfig, step: int
+) -> Evaluation:
+    """Evaluate on fixed tasks and against ``Gamma*``."""
+    X, y, xq, yq = tasks
+    with torch.no_grad():
+        loss = torch.mean((model(X, y, xq)[:, 0] - yq) ** 2).item()
+    Lam = covariance(config)
+    best = lsa_optimal_gamma(Lam, config.n)
+    error = gamma_loss = None
+    if model.layers == 1:
+        gamma = gamma_from_weights(model)
+        error = float(np.linalg.norm(gamma - best) / np.linalg.norm(best))
+        gamma_loss = icl_loss(gamma, Lam, config.n)
+    return Evaluation(step, loss, icl_loss(best, Lam, config.n), error, gamma_loss)
+
+
+def save(path: Path, state: dict[str, Any]) -> None:
+    """``torch.save`` to a temporary file, then an atomic rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+@dataclass
+class TrainResult:
+    """What a training run ended with."""
+
+    model: LSA
+    history: list[Evaluation]
+    diverged_at: int | None
+    seconds: float
+    steps_run: int
+
+
+def train(
+    config: TrainConfig,
+    out: Path,
+    resume: bool = False,
+    progress: bool = False,
+    report=None,
+) -> TrainResult:
+    """Train, evaluating and checkpointing on the way.
+
+    Args:
+        config: the training configuration.
+        out: the run directory; holds ``checkpoint.pt``.
+        resume: continue from ``out/checkpoint.pt`` when it exists.
+        progress: show a progress bar (loss, steps/s) on stderr.
+        report: called with each ``Evaluation``.
+
+    Returns:
+        The model at the last good step, its evaluations, and the step at which the
+        loss stopped being finite (``None`` if it never did; no checkpoint is then
+        written past the last good one).
+    """
+    device = pick_device(config.device)
+    if device.type == "cpu" and config.threads > 0:
+        torch.set_num_threads(config.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    model = LSA(
+        config.d,
+        config.layers,
+        config.init_scale,
+        torch.Generator().manual_seed(config.seed),
+        coupled=config.coupled,
+    ).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(config))
+    tasks = Tasks(config, device, config.seed + 1)
+    held_out = Tasks(config, device, config.seed + 2).sample(config.eval_batch)
+    history: list[Evaluation] = []
+    step = 0
+    path = out / CHECKPOINT
+    if resume and path.exists():
+        state = load_checkpoint(path, device)
+        if state["config"] != config.model_dump(mode="json"):
+            raise ConfigError(f"--resume: {path} was trained with another configuration")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        tasks.generator.set_state(state["generator"])
+        history = [Evaluation(**e) for e in state["history"]]
+        step = state["step"]
+
+    def checkpoint() -> None:
+        save(
+            path,
+            {
+                "config": config.model_dump(mode="json"),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "generator": tasks.generator.get_state(),
+                "history": [e.__dict__ for e in history],
+                "step": step,
+            },
+        )
+
+    bar = _bar(config.steps, step) if progress else None
+    start, first, diverged = time.perf_counter(), step, None
+    while step < config.steps:
+        X, y, xq, yq = tasks.sample(config.batch)
+        loss = torch.mean((model(X, y, xq)[:, 0] - yq) ** 2)
+        if not torch.isfinite(loss):
+            diverged = step
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        if step % config.eval_every == 0 or step == config.steps:
+            history.append(evaluate(model, held_out, config, step))
+            if report is not None:
+                report(history[-1])
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            checkpoint()
+        if bar is not None and (step % 25 == 0 or step == config.steps):
+            rate = (step - first) / (time.perf_counter() - start)
+            bar.update(bar.task_ids[0], completed=step, loss=loss.item(), rate=rate)
+    if bar is not None:
+        bar.stop()
+    if diverged is not None and path.exists():
+        model.load_state_dict(load_checkpoint(path, device)["model"])
+    return TrainResult(model, history, diverged, time.perf_counter() - start, step - first)
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by ``train``.
+
+    Raises:
+        ConfigError: the file is missing or is not a checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such checkpoint")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        TrainConfig.model_validate(state["config"])
+        state["model"]["kq.0"]  # noqa: B018  (a model's weights are there)
+    except Exception as exc:  # torch raises many kinds on a corrupt file
+        raise ConfigError(f"{path}: not a misalign checkpoint ({exc.__class__.__name__})") from None
+    return state
+
+
+def load_model(path: str | Path) -> tuple[LSA, TrainConfig]:
+    """The trained model (float64, CPU) and its configuration."""
+    state = load_checkpoint(path)
+    config = TrainConfig.model_validate(state["config"])
+    model = LSA(config.d, config.layers, coupled=config.coupled)
+    model.load_state_dict(state["model"])
+    return model.double(), config
+
+
+def _bar(total: int, done: int):
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn("train"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[rate]:.0f} step/s"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    bar.add_task("train", total=total, completed=done, loss=float("nan"), rate=0.0)
+    bar.start()
+    return bar
