@@ -286,12 +286,33 @@ def affine_lstsq(inputs: np.ndarray, outputs: np.ndarray, ridge: float = 0.0) ->
         The fitted map, ``A`` of shape ``(B, d, d)``.
     """
     P, batch, d = inputs.shape
-    design = np.concatenate([inputs, np.ones((P, batch, 1))], axis=-1).transpose(1, 0, 2)
+    design = affine_design(inputs)
     targets = outputs.transpose(1, 0, 2)
+    bad = ~(np.isfinite(design).all(axis=(1, 2)) & np.isfinite(targets).all(axis=(1, 2)))
+    if bad.any():  # an SVD of inf never returns: fit only the finite plays
+        design, targets = (
+            np.where(bad[:, None, None], 0.0, design),
+            np.where(bad[:, None, None], 0.0, targets),
+        )
     if ridge > 0:  # augment with sqrt(ridge) I rows on the A block
         extra = np.zeros((batch, d, d + 1))
         extra[:, :, :d] = np.sqrt(ridge) * np.eye(d)
         design = np.concatenate([design, extra], axis=1)
         targets = np.concatenate([targets, np.zeros((batch, d, targets.shape[-1]))], axis=1)
     coef = np.linalg.pinv(design) @ targets  # batched; minimum-norm where rank-deficient
+    coef[bad] = np.nan
     return AffineMap(A=coef[:, :d, :].transpose(0, 2, 1), c=coef[:, d, :])
+
+
+def affine_design(inputs: np.ndarray) -> np.ndarray:
+    """``[inputs, 1]`` per play: ``(P, B, d)`` pairs give ``(B, P, d + 1)``."""
+    return np.concatenate([inputs, np.ones((*inputs.shape[:2], 1))], axis=-1).transpose(1, 0, 2)
+
+
+def condition(matrices: np.ndarray) -> np.ndarray:
+    """Condition numbers of a batch of matrices; ``inf`` where an entry is not finite
+    (where LAPACK's SVD may never return)."""
+    finite = np.isfinite(matrices).all(axis=(-2, -1))
+    with np.errstate(all="ignore"):
+        cond = np.linalg.cond(np.where(finite[..., None, None], matrices, 0.0))
+    return np.where(finite, cond, np.inf)

@@ -21,7 +21,7 @@ ATTACKS = [
 ]
 
 
-def attacked_config(rng, d, attack, preconditioner=None, noise=0.0):
+def attacked_config(rng, d, attack, preconditioner=None, noise=0.0, order=("A", "B")):
     """A random two-agent play in which B attacks A."""
     agents = {}
     for name in ("A", "B"):
@@ -37,7 +37,7 @@ def attacked_config(rng, d, attack, preconditioner=None, noise=0.0):
         }
     return parse_config(
         {"seed": int(rng.integers(10**6)), "d": d, "rounds": 400, "agents": agents}
-        | {"attack": {"agent": "B", **attack}}
+        | {"attack": {"agent": "B", **attack}, "schedule": list(order)}
     )
 
 
@@ -47,9 +47,10 @@ def attacked_config(rng, d, attack, preconditioner=None, noise=0.0):
     d=st.integers(1, 5),
     attack=st.sampled_from(ATTACKS),
     noise=st.sampled_from([0.0, 0.2]),
+    order=st.sampled_from([("A", "B"), ("B", "A")]),
 )
-def test_attacker_exact_victim_at_predicted_bias(seed, d, attack, noise):
-    config = attacked_config(np.random.default_rng(seed), d, attack, noise=noise)
+def test_attacker_exact_victim_at_predicted_bias(seed, d, attack, noise, order):
+    config = attacked_config(np.random.default_rng(seed), d, attack, noise=noise, order=order)
     game = setup(config)
     prediction = predict(game)
     assume(prediction.rho[0] < 0.95)  # the decoy is exact at a converging equilibrium
@@ -156,3 +157,15 @@ def test_gray_box_only_for_decoy_and_attacker_must_exist():
     three = {**base, "agents": {**base["agents"], "C": {"n": 2}}}
     with pytest.raises(ConfigError, match="^attack: needs a two-agent play"):
         parse_config(three | {"attack": {"agent": "B", "method": "decoy"}})
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"schedule": ["A", "B", "A"]}, {"schedule": ["B", "B", "A"]}],
+)
+def test_attacks_need_strict_alternation(change):
+    base = {"d": 2, "rounds": 3, "agents": {"A": {"n": 3}, "B": {"n": 3}}}
+    with pytest.raises(ConfigError, match="^attack: needs strict alternation"):
+        parse_config(base | change | {"attack": {"agent": "B", "method": "decoy"}})
+    with pytest.raises(ConfigError, match="^defence: needs strict alternation"):
+        parse_config(base | change | {"defence": {"agent": "A", "method": "monitor"}})

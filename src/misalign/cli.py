@@ -164,8 +164,12 @@ def attacks(
         table.add_row(
             row["attack"],
             row["defence"],
-            f"{row['victim_residual_mean']:.3g} ± {row['victim_residual_std']:.2g}",
-            f"{row['attacker_residual_mean']:.3g}",
+            "diverged"
+            if row["victim_residual_mean"] is None
+            else f"{row['victim_residual_mean']:.3g} ± {row['victim_residual_std']:.2g}",
+            "-"
+            if row["attacker_residual_mean"] is None
+            else f"{row['attacker_residual_mean']:.3g}",
             f"{row['attacker_exact_rate']:.0%}",
             "-" if flagged is None else f"{flagged:.1%}",
             "-"

@@ -183,6 +183,17 @@ class PlayConfig(_Strict):
                 raise _FieldError(f"{key}.agent", f"names no agent: {table.agent!r}")
             if table is not None and len(self.agents) != 2:
                 raise _FieldError(key, f"needs a two-agent play (got {len(self.agents)} agents)")
+            if table is not None and (
+                sorted(self.order) != sorted(self.agents)
+                or any(
+                    a.reads not in (None, *[n for n in self.agents if n != k])
+                    for k, a in self.agents.items()
+                )
+            ):
+                raise _FieldError(
+                    key,
+                    "needs strict alternation: one turn each a round, each reading the other",
+                )
             if table is not None and not isinstance(self.agents[table.agent], GradientAgentConfig):
                 raise _FieldError(f"{key}.agent", f"{table.agent!r} is not a gd agent")
         attack = self.attack

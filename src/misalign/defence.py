@@ -2,7 +2,9 @@
 
 - ``Damped``: ``u_t = (1 - beta) u_{t-1} + beta f(w)``. Same fixed points as the
   undamped agent (``u = f(v)`` solves both), so it cannot move the biased
-  equilibrium; it only slows the play down.
+  equilibrium; it changes the rate, and can even make a divergent play converge.
+  The theory (``affine``) describes the undamped play: its fixed point is right,
+  its ``rho`` and convergence verdict are not.
 - ``Monitor``: estimates the partner's affine map online from the pairs
   (own output, partner's answer) and flags a partner whose map is
   non-stationary, ignores its input (``H = I``: a Newton step, or an attack that
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from misalign.agent import AffineMap, Agent, Turn, affine_lstsq
+from misalign.agent import AffineMap, Agent, Turn, affine_design, affine_lstsq, condition
 from misalign.theory import two_agent
 
 CHANGE_TOLERANCE = 1e-4
@@ -156,9 +158,11 @@ class Monitor(Guard):
             floor = NOISE_FLOOR * (1 + np.linalg.norm(V[-1], axis=-1))
             change = off / np.maximum(moved, floor) / CHANGE_TOLERANCE
             new["change"] = np.where(_spread(U[:-1]) < CONDITION_LIMIT, change, 0.0)
-        gain = np.linalg.norm(fit.A, ord=2, axis=(1, 2))
+        gain = np.where(informative, np.linalg.norm(np.nan_to_num(fit.A), ord=2, axis=(1, 2)), 1.0)
         new["ignore"] = IGNORE_TOLERANCE / np.maximum(gain, 1e-300)
-        implied = (np.linalg.pinv(fit.H) @ fit.c[..., None])[..., 0]
+        implied = np.full_like(fit.c, np.inf)
+        fine = informative & np.isfinite(fit.A).all(axis=(1, 2))
+        implied[fine] = (np.linalg.pinv(fit.H[fine]) @ fit.c[fine][..., None])[..., 0]
         new["implausible"] = np.sum(implied**2, axis=-1) / _chi2(d)
         for key, value in new.items():
             self.scores[key] = np.maximum(self.scores[key], np.where(informative, value, 0.0))
@@ -211,8 +215,7 @@ class Predictive(Monitor):
 
 def _spread(U: np.ndarray) -> np.ndarray:
     """Condition number of the affine design ``[U, 1]`` per play."""
-    design = np.concatenate([U, np.ones((*U.shape[:2], 1))], axis=-1).transpose(1, 0, 2)
-    return np.linalg.cond(design)
+    return condition(affine_design(U))
 
 
 def _chi2(d: int) -> float:

@@ -32,7 +32,7 @@ from typing import Literal
 
 import numpy as np
 
-from misalign.agent import AffineMap, Turn, affine_lstsq
+from misalign.agent import AffineMap, Turn, affine_design, affine_lstsq, condition
 
 CONDITION_LIMIT = 1e10
 """Fits whose design or fixed-point system is worse conditioned than this are not used."""
@@ -128,11 +128,10 @@ class Helper:
         if served is not None and self.via is not None:
             via, via_ok = self._fit(turn, self.via, self.name, d)
             ok = ok & via_ok if via is not None else np.zeros_like(ok)
-        with np.errstate(all="ignore"):
-            if served is not None:
-                ok &= np.linalg.cond(served.H) < CONDITION_LIMIT
-            if via is not None:
-                ok &= np.linalg.cond(via.A) < CONDITION_LIMIT
+        if served is not None:
+            ok &= condition(served.H) < CONDITION_LIMIT
+        if via is not None:
+            ok &= condition(via.A) < CONDITION_LIMIT
         return ok, (served, via)
 
     def _fit(
@@ -143,9 +142,7 @@ class Helper:
         batch = turn.start.shape[0]
         if len(inputs) < d + 1:
             return None, np.zeros(batch, dtype=bool)
-        design = np.concatenate([inputs, np.ones((*inputs.shape[:2], 1))], -1).transpose(1, 0, 2)
-        with np.errstate(all="ignore"):
-            ok = np.linalg.cond(design) < CONDITION_LIMIT
+        ok = condition(affine_design(inputs)) < CONDITION_LIMIT
         return affine_lstsq(inputs, outputs), ok
 
     def _probe(self, turn: Turn, d: int) -> np.ndarray:

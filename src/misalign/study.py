@@ -96,7 +96,8 @@ def run_study(
 def _measure(game: Game, attacker: str, victim: str) -> Cell:
     trajectory = simulate(game)
     targets = game.targets
-    distance = {n: trajectory.distance(n, targets[n]) for n in (victim, attacker)}
+    with np.errstate(over="ignore", invalid="ignore"):  # diverged plays
+        distance = {n: trajectory.distance(n, targets[n]) for n in (victim, attacker)}
     guard = game.agents[victim]
     flagged = getattr(guard, "flagged_at", None)
     score = getattr(guard, "score", None)
@@ -128,16 +129,20 @@ def roc(honest: np.ndarray, attacked: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 def summary(cells: dict[tuple[str, str], Cell], skipped: dict[str, str]) -> dict[str, Any]:
-    """The study as JSON-ready rows, one per (attack, defence), and the ROC AUCs."""
+    """The study as JSON-ready rows, one per (attack, defence), and the ROC AUCs. Residual
+    means are over the plays that stayed finite; ``diverged`` counts the others."""
     honest_scores = cells["honest", "monitor"].score
     rows = []
     for (attack, defence), cell in cells.items():
+        finite = np.isfinite(cell.victim) & np.isfinite(cell.attacker)
+        victim, attacker = cell.victim[finite], cell.attacker[finite]
         row: dict[str, Any] = {
             "attack": attack,
             "defence": defence,
-            "victim_residual_mean": float(cell.victim.mean()),
-            "victim_residual_std": float(cell.victim.std()),
-            "attacker_residual_mean": float(cell.attacker.mean()),
+            "diverged": int((~finite).sum()),
+            "victim_residual_mean": float(victim.mean()) if finite.any() else None,
+            "victim_residual_std": float(victim.std()) if finite.any() else None,
+            "attacker_residual_mean": float(attacker.mean()) if finite.any() else None,
             "attacker_exact_rate": float((cell.attacker < 1e-8).mean()),
         }
         if cell.flagged_at is not None:

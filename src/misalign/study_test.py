@@ -1,5 +1,7 @@
 """Tests for misalign.study."""
 
+import json
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -35,7 +37,9 @@ def test_study_measures_every_cell(tmp_path):
     rows = {(r["attack"], r["defence"]): r for r in result["rows"]}
     for attack in ("decoy", "gray-box decoy", "geometry", "per-turn"):
         assert rows[attack, "none"]["attacker_exact_rate"] == 1.0
-        assert rows[attack, "monitor"]["detection_rate"] >= 0
+    for attack in ("gray-box decoy", "geometry", "per-turn"):
+        assert rows[attack, "monitor"]["detection_rate"] >= 0.9
+        assert rows[attack, "predict"]["victim_residual_mean"] < 1e-8
     assert rows["honest", "none"]["attacker_exact_rate"] == 0.0
     assert "false_alarm_rate" in rows["honest", "monitor"]
     assert set(result["roc_auc"]) == set(ATTACKS) - {"honest"}
@@ -49,3 +53,18 @@ def test_infeasible_attacks_are_skipped_with_the_reason():
     assert set(skipped) == {"decoy", "gray-box decoy", "geometry", "per-turn"}
     assert "n = 2 < d = 3" in skipped["decoy"]
     assert ("honest", "monitor") in cells
+
+
+def test_a_batch_with_some_divergent_plays_finishes_with_strict_json():
+    diverging = {
+        "d": 3,
+        "rounds": 300,
+        "agents": {
+            "A": {"n": 8, "spectrum": [6.0, 1.0, 1.0], "preconditioner": "identity"},
+            "B": {"n": 8, "preconditioner": "identity", "eta": 0.5},
+        },
+    }
+    cells, skipped = run_study(parse_config(diverging), seeds=5)
+    result = summary(cells, skipped)
+    json.dumps(result, allow_nan=False)  # no Infinity or NaN
+    assert max(row["diverged"] for row in result["rows"]) > 0

@@ -47,13 +47,12 @@ class Prediction:
         return self.rho < 1
 
     def rounds_to(self, tol: float = 1e-8) -> np.ndarray:
-        """Rounds for the error to shrink by ``tol`` at the asymptotic rate ``rho``
-        (``inf`` where the play does not converge, ``0`` where ``rho = 0``)."""
+        """Rounds for the error to shrink by ``tol`` at the asymptotic rate ``rho``: at least 1
+        (a nilpotent round map, ``rho = 0``, still takes a round), ``inf`` where the play
+        does not converge."""
         with np.errstate(divide="ignore"):
-            rounds = np.where(
-                self.rho < 1, np.log(tol) / np.log(np.clip(self.rho, 1e-300, None)), np.inf
-            )
-        return np.ceil(np.where(self.rho == 0, 0.0, rounds))
+            rounds = np.log(tol) / np.log(np.clip(self.rho, 1e-300, None))
+        return np.where(self.rho < 1, np.maximum(1.0, np.ceil(rounds)), np.inf)
 
 
 def round_map(maps: Mapping[str, AffineMap], schedule: Schedule) -> tuple[np.ndarray, np.ndarray]:

@@ -291,3 +291,11 @@ def test_theory_reports_one_sided_and_why(tmp_path):
     data = report(game, predict(game))["prediction"]
     assert data["one_sided"] == "B" and data["on_target"] == {"A": False, "B": True}
     assert data["why"] == {"B": "full Newton step (H = I)"}
+
+
+def test_a_nilpotent_round_still_takes_a_round():
+    maps = _scalar_maps(1.0, 1.0, [1.0], [0.0])
+    p = predict_maps(
+        maps, Schedule.build(["A", "B"]), {"A": np.ones((1, 1)), "B": np.zeros((1, 1))}
+    )
+    assert p.rho[0] == 0 and p.rounds_to()[0] == 1
