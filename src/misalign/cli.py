@@ -185,6 +185,76 @@ def attacks(
     console.print(f"artifacts: {directory} (figure {figure.name})")
 
 
+@app.command("train")
+def train_command(
+    config: ConfigArg,
+    resume: Annotated[bool, typer.Option(help="Continue from the run's last checkpoint.")] = False,
+    json_out: JsonOpt = False,
+    out: OutOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Train a linear self-attention model on in-context regression (checkpointed, resumable)."""
+    import tomli_w
+
+    from misalign.config import load_train_config
+    from misalign.train import train
+
+    try:
+        cfg = load_train_config(config, set_ or ())
+    except ConfigError as exc:
+        _fail(str(exc))
+    out = Path("runs") / f"train-{cfg.digest()}" if out is None else out
+    try:
+        _write(out / "config.toml", tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True)))
+    except OSError as exc:
+        _fail(f"--out {out}: cannot write ({exc.strerror})")
+
+    def report(e) -> None:
+        if not json_out:
+            gamma = (
+                "" if e.gamma_error is None else f", |Gamma - Gamma*|/|Gamma*| {e.gamma_error:.2%}"
+            )
+            print(
+                f"step {e.step}: ICL loss {e.loss:.4f} (Gamma* on the same tasks "
+                f"{e.reference_loss:.4f}, exact optimum {e.optimal_loss:.4f}){gamma}",
+                file=sys.stderr,
+            )
+
+    try:
+        result = train(cfg, out, resume=resume, progress=sys.stderr.isatty(), report=report)
+    except ConfigError as exc:
+        _fail(str(exc))
+    final = result.history[-1].__dict__ if result.history else None
+    summary = {
+        "checkpoint": str(out / "checkpoint.pt"),
+        "seconds": result.seconds,
+        "steps_run": result.steps_run,
+        "steps_per_second": result.steps_run / max(result.seconds, 1e-9),
+        "diverged_at": result.diverged_at,
+        "final": final,
+        "history": [e.__dict__ for e in result.history],
+    }
+    if json_out:
+        print(json.dumps(summary))
+    elif final is not None:
+        print(
+            f"trained {cfg.steps} steps ({result.steps_run} this run, {result.seconds:.1f} s, "
+            f"{summary['steps_per_second']:.0f} step/s): ICL loss {final['loss']:.4f} "
+            f"({final['loss'] / final['optimal_loss'] - 1:+.2%} from the optimum "
+            f"{final['optimal_loss']:.4f}); checkpoint {summary['checkpoint']}"
+        )
+    if result.diverged_at is not None:
+        kept = (
+            "no checkpoint yet" if final is None else f"kept the checkpoint of step {final['step']}"
+        )
+        step = result.diverged_at
+        print(
+            f"misalign: error: training diverged at step {step} (loss not finite); {kept}",
+            file=sys.stderr,
+        )
+        raise typer.Exit(1)
+
+
 @app.command("helper-study")
 def helper_study(
     dims: Annotated[str, typer.Option(help="Dimensions, comma-separated.")] = "2,5,10,20",

@@ -82,6 +82,8 @@ class Evaluation:
     Attributes:
         step: training steps taken.
         loss: Monte Carlo ICL loss on the fixed evaluation tasks.
+        reference_loss: the loss of the optimal predictor ``x_q^T Gamma* X^T y / n`` on the
+            same tasks (the Monte Carlo counterpart of ``optimal_loss``).
         optimal_loss: ``icl_loss(Gamma*)``, the best any LSA can do.
         gamma_error: ``|Gamma - Gamma*| / |Gamma*|`` (Frobenius) for the weights' ``Gamma``;
             ``None`` for multi-layer models.
@@ -90,6 +92,7 @@ class Evaluation:
 
     step: int
     loss: float
+    reference_loss: float
     optimal_loss: float
     gamma_error: float | None
     gamma_loss: float | None
@@ -119,16 +122,19 @@ def evaluate(
 ) -> Evaluation:
     """Evaluate on fixed tasks and against ``Gamma*``."""
     X, y, xq, yq = tasks
-    with torch.no_grad():
-        loss = torch.mean((model(X, y, xq)[:, 0] - yq) ** 2).item()
     Lam = covariance(config)
     best = lsa_optimal_gamma(Lam, config.n)
+    with torch.no_grad():
+        loss = torch.mean((model(X, y, xq)[:, 0] - yq) ** 2).item()
+        gamma_star = torch.as_tensor(best, dtype=X.dtype, device=X.device)
+        optimal = torch.einsum("bqi,ij,bnj,bn->bq", xq, gamma_star, X, y)[:, 0] / config.n
+        reference = torch.mean((optimal - yq) ** 2).item()
     error = gamma_loss = None
     if model.layers == 1:
         gamma = gamma_from_weights(model)
         error = float(np.linalg.norm(gamma - best) / np.linalg.norm(best))
         gamma_loss = icl_loss(gamma, Lam, config.n)
-    return Evaluation(step, loss, icl_loss(best, Lam, config.n), error, gamma_loss)
+    return Evaluation(step, loss, reference, icl_loss(best, Lam, config.n), error, gamma_loss)
 
 
 def save(path: Path, state: dict[str, Any]) -> None:
@@ -187,7 +193,7 @@ def train(
     tasks = Tasks(config, device, config.seed + 1)
     held_out = Tasks(config, device, config.seed + 2).sample(config.eval_batch)
     history: list[Evaluation] = []
-    step = 0
+    step, saved = 0, None  # saved: the step of this run's last checkpoint
     path = out / CHECKPOINT
     if resume and path.exists():
         state = load_checkpoint(path, device)
@@ -198,7 +204,7 @@ def train(
         scheduler.load_state_dict(state["scheduler"])
         tasks.generator.set_state(state["generator"])
         history = [Evaluation(**e) for e in state["history"]]
-        step = state["step"]
+        step = saved = state["step"]
 
     def checkpoint() -> None:
         save(
@@ -233,12 +239,13 @@ def train(
                 report(history[-1])
         if step % config.checkpoint_every == 0 or step == config.steps:
             checkpoint()
+            saved = step
         if bar is not None and (step % 25 == 0 or step == config.steps):
             rate = (step - first) / (time.perf_counter() - start)
             bar.update(bar.task_ids[0], completed=step, loss=loss.item(), rate=rate)
     if bar is not None:
         bar.stop()
-    if diverged is not None and path.exists():
+    if diverged is not None and saved is not None:  # back to the last good weights
         model.load_state_dict(load_checkpoint(path, device)["model"])
     return TrainResult(model, history, diverged, time.perf_counter() - start, step - first)
 

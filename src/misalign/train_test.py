@@ -1,0 +1,121 @@
+"""Tests for misalign.train: reaching the optimum, exact resume after a kill, divergence."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from misalign.config import ConfigError, TrainConfig
+from misalign.lsa import gamma_by_probing, gamma_from_weights
+from misalign.train import (
+    CHECKPOINT,
+    Tasks,
+    covariance,
+    load_checkpoint,
+    load_model,
+    schedule,
+    train,
+)
+
+SMALL = {"d": 2, "n": 10, "steps": 400, "batch": 256, "eval_every": 400, "eval_batch": 65536}
+
+
+def test_a_small_model_reaches_the_optimum_in_seconds(tmp_path):
+    result = train(TrainConfig(**SMALL), tmp_path)
+    final = result.history[-1]
+    assert final.gamma_error < 0.05
+    assert final.gamma_loss < 1.01 * final.optimal_loss
+    assert abs(final.loss / final.reference_loss - 1) < 0.01  # Monte Carlo, same tasks
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((50, 10, 2)), rng.standard_normal((50, 10))
+    model = result.model.double()
+    np.testing.assert_allclose(gamma_by_probing(model, X, y), gamma_from_weights(model), atol=1e-12)
+
+
+def test_anisotropic_training_approaches_the_closed_form_gamma(tmp_path):
+    config = TrainConfig(**SMALL | {"spectrum": [2.0, 0.5], "rotate": True, "steps": 800})
+    final = train(config, tmp_path).history[-1]
+    assert final.gamma_error < 0.05 and final.gamma_loss < 1.01 * final.optimal_loss
+
+
+def test_tasks_follow_the_covariance():
+    config = TrainConfig(**SMALL | {"spectrum": [3.0, 0.5], "rotate": True})
+    X, y, xq, yq = Tasks(config, torch.device("cpu"), 0).sample(20000)
+    empirical = torch.einsum("bni,bnj->ij", X, X).numpy() / (20000 * 10)
+    np.testing.assert_allclose(empirical, covariance(config), atol=0.05)
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    factor = schedule(TrainConfig(**SMALL | {"warmup": 10, "steps": 110}))
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert factor(60) == pytest.approx(0.5) and factor(110) == pytest.approx(0.0)
+
+
+def test_a_killed_run_resumed_ends_with_the_same_weights(tmp_path):
+    """SIGKILL a real training process after a checkpoint, resume it, compare bit for bit."""
+    config = tmp_path / "t.toml"
+    config.write_text(
+        "d = 3\nn = 8\nsteps = 1500\nbatch = 128\neval_every = 500\ncheckpoint_every = 50\n"
+    )
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    command = [sys.executable, "-m", "misalign.cli", "train", str(config), "--out"]
+    process = subprocess.Popen([*command, str(killed)], stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not (killed / CHECKPOINT).exists() and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.1)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    interrupted_at = load_checkpoint(killed / CHECKPOINT)["step"]
+    assert 0 < interrupted_at < 1500, "the run was not interrupted"
+    subprocess.run([*command, str(killed), "--resume"], check=True, capture_output=True)
+    subprocess.run([*command, str(straight)], check=True, capture_output=True)
+    resumed, _ = load_model(killed / CHECKPOINT)
+    uninterrupted, _ = load_model(straight / CHECKPOINT)
+    for a, b in zip(
+        resumed.state_dict().values(), uninterrupted.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b)
+
+
+def test_divergence_stops_and_writes_no_bad_checkpoint(tmp_path):
+    result = train(TrainConfig(**SMALL | {"lr": 1e30}), tmp_path)
+    assert result.diverged_at is not None and not (tmp_path / CHECKPOINT).exists()
+
+
+def test_divergence_after_a_checkpoint_keeps_the_good_weights(tmp_path, monkeypatch):
+    """Labels turn to NaN at step 120: training stops there, the checkpoint stays at step 100
+    and the returned model holds its weights."""
+    sample, calls = Tasks.sample, {"n": 0}
+
+    def poisoned(self, batch):
+        X, y, xq, yq = sample(self, batch)
+        calls["n"] += 1
+        if calls["n"] > 121:  # one evaluation batch, then 120 good training batches
+            yq = yq * float("nan")
+        return X, y, xq, yq
+
+    monkeypatch.setattr(Tasks, "sample", poisoned)
+    config = TrainConfig(**SMALL | {"steps": 200, "checkpoint_every": 50, "eval_every": 1000})
+    result = train(config, tmp_path)
+    assert result.diverged_at == 120
+    state = load_checkpoint(tmp_path / CHECKPOINT)
+    assert state["step"] == 100
+    for key, value in result.model.state_dict().items():
+        assert torch.equal(value, state["model"][key])
+
+
+def test_bad_checkpoints_are_one_line_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "nope.pt")
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="not a misalign checkpoint"):
+        load_checkpoint(tmp_path / "bad.pt")
+    train(TrainConfig(**SMALL | {"steps": 10}), tmp_path)
+    with pytest.raises(ConfigError, match="another configuration"):
+        train(TrainConfig(**SMALL | {"steps": 20}), tmp_path, resume=True)
