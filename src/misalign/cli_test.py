@@ -183,3 +183,25 @@ def test_helper_study_command(tmp_path):
     }
     bad = _invoke(tmp_path, "helper-study", "--dims", "two")
     assert bad.exit_code == 2 and bad.stderr.startswith("misalign: error: --dims:")
+
+
+def test_training_example_runs(tmp_path):
+    args = ["train", str(EXAMPLES / "training" / "lsa_d5.toml"), "--set", "steps=20", "--json"]
+    result = _invoke(tmp_path, *args, "--set", "eval_every=10", "--set", "eval_batch=1000")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["steps_run"] == 20 and len(data["history"]) == 2
+    assert (tmp_path / "out" / "checkpoint.pt").exists()
+    bad = _invoke(tmp_path, "train", str(EXAMPLES / "training" / "lsa_d5.toml"), "--set", "lr=0")
+    assert bad.exit_code == 2 and bad.stderr.startswith("misalign: error: lr:")
+
+
+def test_training_divergence_exits_1_with_one_line(tmp_path):
+    args = ["train", str(EXAMPLES / "training" / "lsa_d5.toml"), "--set", "lr=1e30"]
+    result = _invoke(tmp_path, *args)
+    assert result.exit_code == 1
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("misalign: error: training diverged at step")
+    )

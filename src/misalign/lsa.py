@@ -90,15 +90,15 @@ class LSA(nn.Module):
         q = queries.shape[1]
         data = torch.cat([X, y[..., None]], dim=-1).transpose(1, 2)  # (B, d+1, n)
         query = torch.cat([queries, queries.new_zeros(B, q, 1)], dim=-1).transpose(1, 2)
-        for kq, pv in zip(self.kq, self.pv, strict=True):
+        for layer, (kq, pv) in enumerate(zip(self.kq, self.pv, strict=True)):
             kq, pv = kq * self.mask_kq, pv * self.mask_pv
-            # Keys are the data tokens only; every token (data and query) is updated.
+            # Keys are the data tokens only; every token (data and query) is updated,
+            # the data tokens only while a later layer will read them.
             scores_data = data.transpose(1, 2) @ kq  # (B, n, d+1): z_i^T W_KQ
             values = pv @ data  # (B, d+1, n)
-            data, query = (
-                data + values @ (scores_data @ data) / n,
-                query + values @ (scores_data @ query) / n,
-            )
+            query = query + values @ (scores_data @ query) / n
+            if layer + 1 < self.layers:
+                data = data + values @ (scores_data @ data) / n
         return -query[:, -1, :]
 
 
