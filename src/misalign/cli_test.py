@@ -205,3 +205,29 @@ def test_training_divergence_exits_1_with_one_line(tmp_path):
         .splitlines()[-1]
         .startswith("misalign: error: training diverged at step")
     )
+
+
+def test_lsa_play_example_against_a_trained_checkpoint(tmp_path):
+    train = ["train", str(EXAMPLES / "training" / "lsa_d5.toml"), "--set", "steps=200"]
+    assert runner.invoke(app, [*train, "--out", str(tmp_path / "lsa")]).exit_code == 0
+    checkpoint = f'agents.{{}}.checkpoint="{tmp_path / "lsa" / "checkpoint.pt"}"'
+    args = ["run", str(EXAMPLES / "training" / "lsa_play.toml"), "--json"]
+    args += ["--set", checkpoint.format("A"), "--set", checkpoint.format("B")]
+    result = _invoke(tmp_path, *args)
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    for name in ("A", "B"):
+        assert data["residual"][name] == pytest.approx(
+            data["prediction"]["residual"][name], rel=1e-6
+        )
+    wrong_d = _invoke(
+        tmp_path,
+        *args,
+        "--set",
+        "d=4",
+        "--set",
+        "agents.A.target=[1,0,0,0]",
+        "--set",
+        "agents.B.target=[0,1,0,0]",
+    )
+    assert wrong_d.exit_code == 2 and "trained for d = 5, the play has d = 4" in wrong_d.stderr
