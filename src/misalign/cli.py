@@ -73,17 +73,36 @@ def _write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _artifacts(config: PlayConfig, out: Path | None, report: dict[str, Any], name: str) -> Path:
-    import tomli_w
-
-    out = Path("runs") / config.digest() if out is None else out
+def _save(out: Path, files: dict[str, str]) -> None:
+    """Write each ``name: text`` into ``out`` atomically; a write failure is one line, exit 2."""
     try:
-        _write(
-            out / "config.toml", tomli_w.dumps(config.model_dump(mode="json", exclude_none=True))
-        )
-        _write(out / name, json.dumps(report, indent=1))
+        for name, text in files.items():
+            _write(out / name, text)
     except OSError as exc:
         _fail(f"--out {out}: cannot write ({exc.strerror})")
+
+
+def _config_toml(config: Any) -> str:
+    import tomli_w
+
+    return tomli_w.dumps(config.model_dump(mode="json", exclude_none=True))
+
+
+def _publish(out: Path, stem: str, result: dict[str, Any], plot, json_out: bool) -> Path | None:
+    """Write ``stem.json`` and the figure ``stem.png`` (drawn by ``plot(path)``) into ``out``;
+    print the JSON when asked. Returns the figure's path, or ``None`` once the JSON is printed."""
+    _save(out, {f"{stem}.json": json.dumps(result, indent=1)})
+    figure = plot(out / f"{stem}.png")
+    if json_out:
+        print(json.dumps(result))
+        return None
+    return figure
+
+
+def _artifacts(config: PlayConfig, out: Path | None, report: dict[str, Any], name: str) -> Path:
+    """The resolved config and the JSON report, in ``out`` or ``runs/<config hash>``."""
+    out = Path("runs") / config.digest() if out is None else out
+    _save(out, {"config.toml": _config_toml(config), name: json.dumps(report, indent=1)})
     return out
 
 
@@ -139,10 +158,10 @@ def attacks(
         _fail(f"agents: the attack study needs a two-agent play (got {len(cfg.agents)} agents)")
     cells, skipped = run_study(cfg, seeds=seeds, progress=sys.stderr.isatty())
     result = summary(cells, skipped) | {"seeds": seeds, "config_hash": cfg.digest()}
-    directory = _artifacts(cfg, out, result, "attacks.json")
-    figure = plot_study(cells, cfg, directory / "attacks.png")
-    if json_out:
-        print(json.dumps(result))
+    out = Path("runs") / cfg.digest() if out is None else out
+    _save(out, {"config.toml": _config_toml(cfg)})
+    figure = _publish(out, "attacks", result, lambda path: plot_study(cells, cfg, path), json_out)
+    if figure is None:
         return
     from rich.console import Console
     from rich.table import Table
@@ -182,7 +201,7 @@ def attacks(
         console.print(f"monitor ROC AUC, {attack} vs honest: {auc:.3f}")
     for attack, why in skipped.items():
         console.print(f"skipped {attack}: {why}")
-    console.print(f"artifacts: {directory} (figure {figure.name})")
+    console.print(f"artifacts: {out} (figure {figure.name})")
 
 
 @app.command("train")
@@ -194,8 +213,6 @@ def train_command(
     set_: SetOpt = None,
 ) -> None:
     """Train a linear self-attention model on in-context regression (checkpointed, resumable)."""
-    import tomli_w
-
     from misalign.config import load_train_config
     from misalign.train import train
 
@@ -204,10 +221,7 @@ def train_command(
     except ConfigError as exc:
         _fail(str(exc))
     out = Path("runs") / f"train-{cfg.digest()}" if out is None else out
-    try:
-        _write(out / "config.toml", tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True)))
-    except OSError as exc:
-        _fail(f"--out {out}: cannot write ({exc.strerror})")
+    _save(out, {"config.toml": _config_toml(cfg)})
 
     def report(e) -> None:
         if not json_out:
@@ -272,13 +286,8 @@ def lsa_study(
     checkpoints = train_models(out, steps, progress=sys.stderr.isatty())
     rows = run_lsa_study(checkpoints, seeds=seeds)
     result = {"steps": steps, "seeds": seeds, "rows": rows}
-    try:
-        _write(out / "lsa_study.json", json.dumps(result, indent=1))
-    except OSError as exc:
-        _fail(f"--out {out}: cannot write ({exc.strerror})")
-    figure = plot_lsa_study(rows, out / "lsa_study.png")
-    if json_out:
-        print(json.dumps(result))
+    figure = _publish(out, "lsa_study", result, lambda path: plot_lsa_study(rows, path), json_out)
+    if figure is None:
         return
     from rich.console import Console
     from rich.table import Table
@@ -329,13 +338,10 @@ def helper_study(
     result = {"rows": rows, "seeds": seeds, "cap": cap, **grid}
     digest = hashlib.sha256(json.dumps([grid, seeds, cap]).encode()).hexdigest()[:12]
     out = Path("runs") / f"helper-study-{digest}" if out is None else out
-    try:
-        _write(out / "helper_study.json", json.dumps(result, indent=1))
-    except OSError as exc:
-        _fail(f"--out {out}: cannot write ({exc.strerror})")
-    figure = plot_helper_study(rows, out / "helper_study.png")
-    if json_out:
-        print(json.dumps(result))
+    figure = _publish(
+        out, "helper_study", result, lambda path: plot_helper_study(rows, path), json_out
+    )
+    if figure is None:
         return
     from rich.console import Console
     from rich.table import Table
