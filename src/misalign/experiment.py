@@ -405,9 +405,12 @@ def _one_sided(game: Game, prediction: Prediction, play: int) -> dict[str, Any]:
         reason = None
         if len(names) == 2 and attack is None:
             other = names[1 - names.index(name)]
-            H_self = game.agents[name].affine().H[play]
-            H_other = game.agents[other].affine().H[play]
-            reason = exactness(H_self, H_other, targets[other][play] - targets[name][play])
+            one = slice(play, play + 1)
+            mine, theirs = game.agents[name].affine()[one], game.agents[other].affine()[one]
+            # The gap between the targets the maps pull towards, H^+ b (w* when noise-free;
+            # the prompt's least-squares solution otherwise, MODEL.md section 2).
+            pulled = [np.linalg.pinv(f.H[0]) @ f.c[0] for f in (theirs, mine)]
+            reason = exactness(mine.H[0], theirs.H[0], pulled[0] - pulled[1])
         why[name] = reason or "its predicted residual vanishes"
     winners = [n for n in names if exact[n]]
     return {
