@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from misalign.config import ConfigError, PlayConfig, load_config
+from misalign.files import atomic_write
 
 app = typer.Typer(
     add_completion=False,
@@ -34,7 +33,7 @@ OutOpt = Annotated[
 ]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Override a key, TOML value: --set agents.A.eta=0.5 (repeatable)."),
+    typer.Option("--set", help="Override a key with a TOML value: --set seed=4 (repeatable)."),
 ]
 
 
@@ -62,15 +61,7 @@ def _fail(message: str) -> None:
 
 
 def _write(path: Path, text: str) -> None:
-    """Write atomically: a killed run leaves the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual mode
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _save(out: Path, files: dict[str, str]) -> None:
@@ -110,7 +101,7 @@ def _artifacts(config: PlayConfig, out: Path | None, report: dict[str, Any], nam
 def run(
     config: ConfigArg, json_out: JsonOpt = False, out: OutOpt = None, set_: SetOpt = None
 ) -> None:
-    """Simulate the play and predict its equilibrium; write a figure, the config and a report."""
+    """Simulate the play and predict its equilibrium; figure, config and report."""
     from misalign.experiment import predict, report, simulate
     from misalign.plot import plot_play
 
@@ -150,12 +141,15 @@ def attacks(
     out: OutOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Every attack against every defence of the victim over many seeds: table, figure, ROC."""
+    """Every attack against every defence over many seeds: table, figure, ROC."""
     from misalign.study import plot_study, run_study, summary
 
     cfg = _load(config, set_)
     if len(cfg.agents) != 2:
         _fail(f"agents: the attack study needs a two-agent play (got {len(cfg.agents)} agents)")
+    kinds = {a.kind for a in cfg.agents.values()}
+    if kinds != {"gd"}:
+        _fail(f"agents: the attack study needs two gd agents (got {', '.join(sorted(kinds))})")
     cells, skipped = run_study(cfg, seeds=seeds, progress=sys.stderr.isatty())
     result = summary(cells, skipped) | {"seeds": seeds, "config_hash": cfg.digest()}
     out = Path("runs") / cfg.digest() if out is None else out
@@ -163,10 +157,9 @@ def attacks(
     figure = _publish(out, "attacks", result, lambda path: plot_study(cells, cfg, path), json_out)
     if figure is None:
         return
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = _console()
     table = Table(
         "attack",
         "defence",
@@ -212,7 +205,10 @@ def train_command(
     out: OutOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Train a linear self-attention model on in-context regression (checkpointed, resumable)."""
+    """Train a linear self-attention model on in-context regression.
+
+    Checkpointed atomically and resumable (--resume); writes config.toml and
+    checkpoint.pt into --out."""
     from misalign.config import load_train_config
     from misalign.train import train
 
@@ -234,6 +230,8 @@ def train_command(
                 file=sys.stderr,
             )
 
+    if resume and not (out / "checkpoint.pt").exists():
+        print(f"misalign: no checkpoint in {out} to resume: starting afresh", file=sys.stderr)
     try:
         result = train(cfg, out, resume=resume, progress=sys.stderr.isatty(), report=report)
     except ConfigError as exc:
@@ -251,12 +249,7 @@ def train_command(
     if json_out:
         print(json.dumps(summary))
     elif final is not None:
-        print(
-            f"trained {cfg.steps} steps ({result.steps_run} this run, {result.seconds:.1f} s, "
-            f"{summary['steps_per_second']:.0f} step/s): ICL loss {final['loss']:.4f} "
-            f"({final['loss'] / final['optimal_loss'] - 1:+.2%} from the optimum "
-            f"{final['optimal_loss']:.4f}); checkpoint {summary['checkpoint']}"
-        )
+        print(_trained(cfg.steps, summary))
     if result.diverged_at is not None:
         kept = (
             "no checkpoint yet" if final is None else f"kept the checkpoint of step {final['step']}"
@@ -269,15 +262,36 @@ def train_command(
         raise typer.Exit(1)
 
 
+def _trained(steps: int, summary: dict[str, Any]) -> str:
+    """The closing line of ``misalign train``."""
+    final = summary["final"]
+    line = (
+        f"trained {steps} steps ({summary['steps_run']} this run, {summary['seconds']:.1f} s, "
+        f"{summary['steps_per_second']:.0f} step/s): held-out ICL loss {final['loss']:.4f} "
+        f"(Gamma* on the same tasks {final['reference_loss']:.4f})"
+    )
+    if final["gamma_loss"] is not None:
+        excess = final["gamma_loss"] / final["optimal_loss"] - 1
+        line += (
+            f", exact loss of the learned Gamma {final['gamma_loss']:.5f} against the optimum "
+            f"{final['optimal_loss']:.5f} ({excess:+.3%})"
+        )
+    return line + f"; checkpoint {summary['checkpoint']}"
+
+
 @app.command("lsa-study")
 def lsa_study(
     steps: Annotated[int, typer.Option(min=1, help="Training steps per model.")] = 3000,
     seeds: Annotated[int, typer.Option(min=2, help="Plays per gap.")] = 20,
     json_out: JsonOpt = False,
-    out: OutOpt = None,
+    out: Annotated[
+        Path | None, typer.Option(show_default="runs/lsa-study-<steps>", help="Artifact directory.")
+    ] = None,
 ) -> None:
-    """Train an LSA per input geometry, play two copies against each other over objective
-    gaps and seeds, and compare with the theory from the extracted Gamma and from Gamma*."""
+    """Trained-LSA plays against the theory, over objective gaps and seeds.
+
+    Trains a model per input geometry, plays two copies against each other, and compares
+    the residuals with the theory from the extracted Gamma and from Gamma*."""
     import numpy as np
 
     from misalign.lsa_study import plot_lsa_study, run_lsa_study, train_models
@@ -289,7 +303,6 @@ def lsa_study(
     figure = _publish(out, "lsa_study", result, lambda path: plot_lsa_study(rows, path), json_out)
     if figure is None:
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(
@@ -311,7 +324,7 @@ def lsa_study(
             f"{np.mean(b['predicted_optimal']):.4f}",
             f"{max(row['A']['max_relative_error'], b['max_relative_error']):.1e}",
         )
-    console = Console()
+    console = _console()
     console.print(table)
     console.print(f"artifacts: {out} (figure {figure.name})")
 
@@ -325,16 +338,26 @@ def helper_study(
     seeds: Annotated[int, typer.Option(min=1, help="Seeds per grid point.")] = 5,
     cap: Annotated[int, typer.Option(min=10, help="Most rounds a play may take.")] = 100_000,
     json_out: JsonOpt = False,
-    out: OutOpt = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(show_default="runs/helper-study-<hash>", help="Artifact directory."),
+    ] = None,
 ) -> None:
-    """Rounds for the main agent to reach its target: alone, in plain alternation, with a
-    white-box and a secant helper, over dimensions and condition numbers."""
+    """Rounds to target with and without a Newton helper, over d and kappa.
+
+    The main agent alone, in plain alternation, with a white-box and with a secant
+    helper."""
     from misalign.helper_study import plot_helper_study, run_helper_study
 
     grid = {"dims": _numbers(dims, int, "--dims"), "kappas": _numbers(kappas, float, "--kappas")}
-    if min(grid["dims"]) < 1 or min(grid["kappas"]) < 1:
-        _fail("--dims and --kappas must be at least 1")
-    rows = run_helper_study(**grid, seeds=seeds, cap=cap, progress=sys.stderr.isatty())
+    if not all(1 <= d <= 200 for d in grid["dims"]):
+        _fail("--dims: each must be between 1 and 200")
+    if not all(1 <= k <= 1e8 for k in grid["kappas"]):  # also rules out inf and nan
+        _fail("--kappas: each must be between 1 and 1e8")
+    try:
+        rows = run_helper_study(**grid, seeds=seeds, cap=cap, progress=sys.stderr.isatty())
+    except ConfigError as exc:
+        _fail(str(exc))
     result = {"rows": rows, "seeds": seeds, "cap": cap, **grid}
     digest = hashlib.sha256(json.dumps([grid, seeds, cap]).encode()).hexdigest()[:12]
     out = Path("runs") / f"helper-study-{digest}" if out is None else out
@@ -343,11 +366,10 @@ def helper_study(
     )
     if figure is None:
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(
-        "d", "kappa", "cond(H_A)", *METHODS_SHORT, title=f"median (max) rounds, {seeds} seeds"
+        "d", "kappa", "cond(H_A)", *METHODS_SHORT, title=f"median (max) rounds, {seeds} seed(s)"
     )
     for d in grid["dims"]:
         for kappa in grid["kappas"]:
@@ -359,7 +381,7 @@ def helper_study(
                 f"{first['cond_H_A_median']:.3g}",
                 *(_rounds(cells[m]) for m in cells),
             )
-    console = Console()
+    console = _console()
     console.print(table)
     console.print(f"artifacts: {out} (figure {figure.name})")
 
@@ -384,10 +406,9 @@ def _numbers(text: str, kind: type, option: str) -> list:
 
 def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> None:
     """A readable account: verdict, rate, and per agent its predicted and final distance."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = _console()
     p = result["prediction"]
     if p["converges"]:
         rounds = p["rounds_to_tol"]
@@ -441,6 +462,13 @@ def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> No
             line += f"; stopped reading it at round {d['refused_at']}"
         console.print(line)
     console.print(f"artifacts: {directory}" + (f" (figure {figure.name})" if figure else ""))
+
+
+def _console():
+    """A rich console on stdout, wide enough for the tables when stdout is not a terminal."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=160)
 
 
 def _norm(vector: list[float] | None) -> str:

@@ -131,7 +131,6 @@ def roc(honest: np.ndarray, attacked: np.ndarray) -> tuple[np.ndarray, np.ndarra
 def summary(cells: dict[tuple[str, str], Cell], skipped: dict[str, str]) -> dict[str, Any]:
     """The study as JSON-ready rows, one per (attack, defence), and the ROC AUCs. Residual
     means are over the plays that stayed finite; ``diverged`` counts the others."""
-    honest_scores = cells["honest", "monitor"].score
     rows = []
     for (attack, defence), cell in cells.items():
         finite = np.isfinite(cell.victim) & np.isfinite(cell.attacker)
@@ -156,9 +155,9 @@ def summary(cells: dict[tuple[str, str], Cell], skipped: dict[str, str]) -> dict
             row["refusal_rate"] = float(cell.refused.mean())
         rows.append(row)
     auc = {
-        attack: roc(honest_scores, cells[attack, "monitor"].score)[2]
+        attack: roc(cells["honest", "monitor"].score, cells[attack, "monitor"].score)[2]
         for attack in ATTACKS
-        if attack != "honest" and (attack, "monitor") in cells
+        if attack != "honest" and (attack, "monitor") in cells and ("honest", "monitor") in cells
     }
     return {"rows": rows, "roc_auc": auc, "skipped": skipped}
 
@@ -195,7 +194,8 @@ def plot_study(cells: dict[tuple[str, str], Cell], config: PlayConfig, path: str
         title="victim's monitor: ROC",
     )
     for axis in (ax, rocs):
-        axis.legend(frameon=False, fontsize="small")
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(frameon=False, fontsize="small")
     path = Path(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -12,9 +12,8 @@ ends with the same weights as an uninterrupted run.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import torch
 
 from misalign.agent import icl_loss, lsa_optimal_gamma
 from misalign.config import ConfigError, TrainConfig
+from misalign.files import atomic_write
 from misalign.lsa import LSA, gamma_from_weights
 from misalign.prompt import haar_rotation
 
@@ -138,11 +138,8 @@ def evaluate(
 
 
 def save(path: Path, state: dict[str, Any]) -> None:
-    """``torch.save`` to a temporary file, then an atomic rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` atomically (``misalign.files.atomic_write``)."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 @dataclass
@@ -198,7 +195,10 @@ def train(
     if resume and path.exists():
         state = load_checkpoint(path, device)
         if state["config"] != config.model_dump(mode="json"):
-            raise ConfigError(f"--resume: {path} was trained with another configuration")
+            changed = sorted(
+                k for k, v in config.model_dump(mode="json").items() if state["config"].get(k) != v
+            )
+            raise ConfigError(f"--resume: {path} was trained with another {', '.join(changed)}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -260,7 +260,9 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
     if not path.is_file():
         raise ConfigError(f"{path}: no such checkpoint")
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about some foreign files
+            state = torch.load(path, map_location=device, weights_only=True)
         TrainConfig.model_validate(state["config"])
         state["model"]["kq.0"]  # noqa: B018  (a model's weights are there)
     except Exception as exc:  # torch raises many kinds on a corrupt file
