@@ -231,3 +231,46 @@ def test_lsa_play_example_against_a_trained_checkpoint(tmp_path):
         "agents.B.target=[0,1,0,0]",
     )
     assert wrong_d.exit_code == 2 and "trained for d = 5, the play has d = 4" in wrong_d.stderr
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["helper-study", "--kappas", "inf"], "--kappas: each must be between 1 and 1e8"),
+        (["helper-study", "--kappas", "nan"], "--kappas: each must be between 1 and 1e8"),
+        (["helper-study", "--dims", "0"], "--dims: each must be between 1 and 200"),
+        (["attacks", str(EXAMPLES / "helper.toml")], "attack study needs a two-agent play"),
+    ],
+)
+def test_study_inputs_are_checked(tmp_path, args, message):
+    result = _invoke(tmp_path, *args)
+    assert result.exit_code == 2 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_attack_study_needs_gd_agents(tmp_path):
+    config = tmp_path / "lsa.toml"
+    config.write_text(
+        'd = 2\nrounds = 5\n[agents.A]\nkind = "lsa"\ncheckpoint = "x.pt"\nn = 3\n'
+        "[agents.B]\nn = 3\n"
+    )
+    result = _invoke(tmp_path, "attacks", str(config))
+    assert result.exit_code == 2 and "needs two gd agents (got gd, lsa)" in result.stderr
+
+
+def test_a_foreign_torch_file_is_one_clean_line(tmp_path):
+    import torch
+
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    args = ["run", str(EXAMPLES / "training" / "lsa_play.toml")]
+    result = _invoke(tmp_path, *args, "--set", f'agents.A.checkpoint="{tmp_path / "tensor.pt"}"')
+    assert result.exit_code == 2
+    assert (
+        result.stderr.strip().splitlines()
+        == [
+            f"misalign: error: agents.A.checkpoint: {tmp_path / 'tensor.pt'}: not a misalign "
+            "checkpoint (IndexError)"
+        ]
+        or "not a misalign checkpoint" in result.stderr.strip().splitlines()[0]
+    )
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -263,6 +263,8 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about some foreign files
             state = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(state, dict):
+            raise TypeError(type(state).__name__)
         TrainConfig.model_validate(state["config"])
         state["model"]["kq.0"]  # noqa: B018  (a model's weights are there)
     except Exception as exc:  # torch raises many kinds on a corrupt file
