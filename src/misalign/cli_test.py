@@ -264,13 +264,6 @@ def test_a_foreign_torch_file_is_one_clean_line(tmp_path):
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
     args = ["run", str(EXAMPLES / "training" / "lsa_play.toml")]
     result = _invoke(tmp_path, *args, "--set", f'agents.A.checkpoint="{tmp_path / "tensor.pt"}"')
-    assert result.exit_code == 2
-    assert (
-        result.stderr.strip().splitlines()
-        == [
-            f"misalign: error: agents.A.checkpoint: {tmp_path / 'tensor.pt'}: not a misalign "
-            "checkpoint (IndexError)"
-        ]
-        or "not a misalign checkpoint" in result.stderr.strip().splitlines()[0]
-    )
-    assert len(result.stderr.strip().splitlines()) == 1
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1
+    assert lines[0].endswith("not a misalign checkpoint (TypeError)")
