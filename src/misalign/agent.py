@@ -243,6 +243,44 @@ class GradientAgent:
         return self._map
 
 
+class Sampled:
+    """A sampled agent: answers ``f(w) + eps``, ``eps ~ N(0, std^2 I)`` independent across
+    turns and plays (MODEL.md section 6), around any agent with a map ``f``.
+
+    The noise of a whole batch comes from one stream, so plays of a batch are independent
+    but, unlike noise-free plays, play ``i`` is not the single run of its seed.
+
+    Args:
+        inner: the agent whose answers are perturbed.
+        std: the noise's standard deviation.
+        seed: the noise stream's seed.
+    """
+
+    def __init__(self, inner: Agent, std: float, seed: Sequence[int]) -> None:
+        self.inner, self.name, self.std, self.seed = inner, inner.name, std, seed
+
+    @property
+    def gamma(self) -> np.ndarray | None:
+        return self.inner.gamma
+
+    @property
+    def sampling_covariance(self) -> np.ndarray:
+        """``Q = std^2 I`` per play, ``(B, d, d)``."""
+        batch, d = self.inner.affine().c.shape
+        return np.broadcast_to(self.std**2 * np.eye(d), (batch, d, d))
+
+    def start(self, batch: int) -> None:
+        self.inner.start(batch)
+        self._rng = np.random.default_rng(list(self.seed))
+
+    def respond(self, w: np.ndarray, turn: Turn) -> np.ndarray:
+        answer = self.inner.respond(w, turn)
+        return answer + self.std * self._rng.standard_normal(answer.shape)
+
+    def affine(self) -> AffineMap | None:
+        return self.inner.affine()
+
+
 def fit_affine(
     agent: Agent, d: int, batch: int, probes: int | None = None, seed: int = 0
 ) -> AffineMap:

@@ -424,6 +424,12 @@ def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> No
             "measured: every output within 1e-8 of its prediction "
             + ("by the last round: no" if measured is None else f"from round {measured}")
         )
+    if p.get("covariance"):
+        spread = ", ".join(
+            f"{name} {sum(row[i] for i, row in enumerate(sigma)) ** 0.5:.3g}"
+            for name, sigma in p["covariance"].items()
+        )
+        console.print(f"sampled agents: stationary RMS spread of each output around it: {spread}")
     if result.get("diverged_at") is not None:
         console.print(f"stopped at round {result['diverged_at']}: outputs overflowed")
     played = "residual" in result

@@ -25,7 +25,10 @@ from pydantic import (
     model_validator,
 )
 
-RESERVED = {"rho", "converges", "residual", "rounds_to_tol", "on_target", "one_sided", "why"}
+RESERVED = {
+    *("rho", "converges", "residual", "rounds_to_tol", "on_target", "one_sided", "why"),
+    "covariance",
+}
 """Names an agent may not take: they are keys of the JSON ``prediction`` object."""
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
@@ -56,6 +59,9 @@ class LearnerConfig(_Strict):
         default=None, description="the agent's objective w*; sampled N(0, I) when absent"
     )
     noise: Finite = Field(default=0.0, ge=0, description="label noise standard deviation")
+    sampling_std: Finite = Field(
+        default=0.0, ge=0, description="std of the noise added to every answer (a sampled agent)"
+    )
     reads: str | None = Field(
         default=None, description="whose output this agent reads; default the previous turn"
     )

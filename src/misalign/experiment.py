@@ -13,6 +13,7 @@ single run of its configuration gives.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,7 @@ import numpy as np
 from misalign import attack as attack_
 from misalign import defence as defence_
 from misalign import helper as helper_
-from misalign.agent import Agent, GradientAgent, preconditioner
+from misalign.agent import Agent, GradientAgent, Sampled, preconditioner
 from misalign.config import (
     AgentConfig,
     AttackConfig,
@@ -88,6 +89,10 @@ def setup(config: PlayConfig | Sequence[PlayConfig], seeds: Sequence[int] | None
     agents: dict[str, Agent] = {
         n: _agent(n, [c.agents[n] for c in configs], prompts[n]) for n in learners
     }
+    for n in learners:
+        if first.agents[n].sampling_std > 0:
+            seed = [*(c.seed for c in configs), zlib.crc32(n.encode()), 6]  # section 6's stream
+            agents[n] = Sampled(agents[n], first.agents[n].sampling_std, seed)
     schedule = Schedule.build(first.order, {name: a.reads for name, a in first.agents.items()})
     for name, agent in first.agents.items():
         if isinstance(agent, HelperAgentConfig):
@@ -111,7 +116,11 @@ def setup(config: PlayConfig | Sequence[PlayConfig], seeds: Sequence[int] | None
 def _shape(config: PlayConfig) -> tuple:
     """What every play of a batch must share."""
     helpers = [a for a in config.agents.values() if isinstance(a, HelperAgentConfig)]
-    return config.d, config.order, list(config.agents), config.attack, config.defence, helpers
+    sampling = [getattr(a, "sampling_std", 0.0) for a in config.agents.values()]
+    return (
+        *(config.d, config.order, list(config.agents), config.attack, config.defence),
+        *(helpers, sampling),
+    )
 
 
 def _prompt(seed: int, name: str, agent: AgentConfig, d: int) -> Prompt:
@@ -264,7 +273,12 @@ def predict(game: Game) -> Prediction:
         if f is None:
             raise ValueError(f"agent {name} is a black box: fit its affine map first")
         maps[name] = f
-    return predict_maps(maps, game.schedule, game.targets)
+    noise = {
+        name: agent.sampling_covariance
+        for name, agent in game.agents.items()
+        if isinstance(agent, Sampled)
+    }
+    return predict_maps(maps, game.schedule, game.targets, noise)
 
 
 def report(
@@ -274,7 +288,8 @@ def report(
 
     Keys: ``config`` (resolved), ``config_hash``, ``agents.<name>`` (``X``, ``y``,
     ``gamma``, ``target``), ``prediction`` (``<name>`` fixed point, ``rho``,
-    ``converges``, ``rounds_to_tol``, ``residual.<name>`` predicted distance to
+    ``converges``, ``rounds_to_tol``, ``covariance.<name>`` (the stationary covariance of
+    the output, with sampled agents), ``residual.<name>`` predicted distance to
     target, ``on_target.<name>``, ``one_sided`` (the one agent that ends exactly on
     target while another does not, else ``null``), ``why.<name>`` for exact agents);
     with a trajectory also ``outputs.<name>`` (one list of ``d`` floats per
@@ -315,6 +330,10 @@ def report(
         out["prediction"][name] = fixed.tolist() if converges else None
     if converges:
         out["prediction"].update(_one_sided(game, prediction, play))
+    if converges and prediction.covariance:
+        out["prediction"]["covariance"] = {
+            name: sigma[play].tolist() for name, sigma in prediction.covariance.items()
+        }
     if config.attack is not None:
         out["attack"] = config.attack.model_dump(mode="json")
         probes = getattr(game.agents[config.attack.agent], "probe_turns", None)

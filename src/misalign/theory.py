@@ -18,7 +18,8 @@ never explicit inverses. Every array carries a leading batch axis ``B``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -35,11 +36,14 @@ class Prediction:
         fixed_point: per agent, the predicted limit of its output, ``(B, d)``;
             NaN for plays that do not converge.
         residual: per agent with a target, ``fixed_point - target``, ``(B, d)``.
+        covariance: with sampled agents, per agent the stationary covariance of its output,
+            ``(B, d, d)`` (the mean is ``fixed_point``); empty without noise.
     """
 
     rho: np.ndarray
     fixed_point: dict[str, np.ndarray]
     residual: dict[str, np.ndarray]
+    covariance: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def converges(self) -> np.ndarray:
@@ -55,27 +59,74 @@ class Prediction:
         return np.where(self.rho < 1, np.maximum(1.0, np.ceil(rounds)), np.inf)
 
 
-def round_map(maps: Mapping[str, AffineMap], schedule: Schedule) -> tuple[np.ndarray, np.ndarray]:
-    """The round map ``s -> R s + r`` on the stacked outputs, blocks in ``schedule.agents`` order.
+class RoundMap(NamedTuple):
+    """One round as an affine map of the stacked outputs, ``s -> R s + r + xi``.
+
+    Attributes:
+        R: ``(B, N d, N d)``.
+        r: ``(B, N d)``.
+        Q: covariance of the round's noise ``xi``, ``(B, N d, N d)``; ``None`` without noise.
+    """
+
+    R: np.ndarray
+    r: np.ndarray
+    Q: np.ndarray | None
+
+
+def round_map(
+    maps: Mapping[str, AffineMap],
+    schedule: Schedule,
+    noise: Mapping[str, np.ndarray] | None = None,
+) -> RoundMap:
+    """The round map on the stacked outputs, blocks in ``schedule.agents`` order.
+
+    Noise (MODEL.md section 6): an agent in ``noise`` adds ``eps ~ (0, Q_i)`` to each of its
+    answers. Each turn's ``eps`` enters as an extra input column block that the later turns
+    of the round carry along exactly as they carry ``s`` (the same recursion), so the
+    round's noise is ``xi = N eps`` and ``Q = N diag(Q_k) N^T``. Two alternating agents give
+    ``Q_v = (I - H_B) Q_A (I - H_B)^T + Q_B`` on ``B``'s block.
 
     Args:
         maps: every scheduled agent's turn map.
         schedule: the round's turns.
+        noise: per sampled agent, its noise covariance ``Q_i``, ``(B, d, d)``.
 
     Returns:
-        ``R`` of shape ``(B, N d, N d)`` and ``r`` of shape ``(B, N d)``.
+        ``R``, ``r`` and ``Q``.
     """
-    names = schedule.agents
-    first = maps[names[0]]
-    batch, d = first.c.shape
+    names, noise = schedule.agents, noise or {}
+    batch, d = maps[names[0]].c.shape
+    size = len(names) * d
     block = {name: slice(k * d, (k + 1) * d) for k, name in enumerate(names)}
-    R = np.broadcast_to(np.eye(len(names) * d), (batch, len(names) * d, len(names) * d)).copy()
-    r = np.zeros((batch, len(names) * d))
-    for name, reads in schedule.turns:
+    noisy = [k for k, (name, _) in enumerate(schedule.turns) if name in noise]
+    M = np.zeros((batch, size, size + d * len(noisy)))  # [R | N]
+    M[:, :, :size] = np.eye(size)
+    r = np.zeros((batch, size))
+    for k, (name, reads) in enumerate(schedule.turns):
         f = maps[name]
-        # s_i <- A_i s_j + c_i, with s_j = R_j s + r_j the current value of block j.
-        R[:, block[name]], r[:, block[name]] = f.A @ R[:, block[reads]], f(r[:, block[reads]])
-    return R, r
+        # s_i <- A_i s_j + c_i (+ eps_k), with s_j = R_j s + N_j eps + r_j block j's current value.
+        M[:, block[name]], r[:, block[name]] = f.A @ M[:, block[reads]], f(r[:, block[reads]])
+        if k in noisy:
+            column = size + d * noisy.index(k)
+            M[:, block[name], column : column + d] += np.eye(d)
+    R, N = M[:, :, :size], M[:, :, size:]
+    if not noisy:
+        return RoundMap(R, r, None)
+    Q = sum(
+        N[:, :, d * m : d * (m + 1)]
+        @ noise[schedule.turns[k][0]]
+        @ N[:, :, d * m : d * (m + 1)].transpose(0, 2, 1)
+        for m, k in enumerate(noisy)
+    )
+    return RoundMap(R, r, Q)
+
+
+def stationary_covariance(R: np.ndarray, Q: np.ndarray) -> np.ndarray:
+    """The stationary covariance ``Sigma = R Sigma R^T + Q`` of ``s -> R s + r + xi``
+    (``scipy.linalg.solve_discrete_lyapunov``, per play; needs ``rho(R) < 1``)."""
+    from scipy.linalg import solve_discrete_lyapunov
+
+    return np.stack([solve_discrete_lyapunov(a, q) for a, q in zip(R, Q, strict=True)])
 
 
 def spectral_radius(M: np.ndarray) -> np.ndarray:
@@ -84,20 +135,25 @@ def spectral_radius(M: np.ndarray) -> np.ndarray:
 
 
 def predict(
-    maps: Mapping[str, AffineMap], schedule: Schedule, targets: Mapping[str, np.ndarray]
+    maps: Mapping[str, AffineMap],
+    schedule: Schedule,
+    targets: Mapping[str, np.ndarray],
+    noise: Mapping[str, np.ndarray] | None = None,
 ) -> Prediction:
-    """Predict ``rho``, the fixed point and the residuals for any schedule.
+    """Predict ``rho``, the fixed point and the residuals for any schedule, and with sampled
+    agents the stationary covariance of every output (MODEL.md section 6).
 
     Args:
         maps: every scheduled agent's turn map.
         schedule: the round's turns.
         targets: the objective ``w*`` of every agent that has one (helpers do not), ``(B, d)``.
+        noise: per sampled agent, its noise covariance ``Q_i``, ``(B, d, d)``.
 
     Returns:
         The prediction.
     """
     names = schedule.agents
-    R, r = round_map(maps, schedule)
+    R, r, Q = round_map(maps, schedule, noise)
     rho = spectral_radius(R)
     s = np.full_like(r, np.nan)
     ok = rho < 1
@@ -105,11 +161,19 @@ def predict(
         eye = np.eye(R.shape[-1])
         s[ok] = np.linalg.solve(eye - R[ok], r[ok][..., None])[..., 0]
     d = r.shape[-1] // len(names)
-    fixed = {name: s[:, k * d : (k + 1) * d] for k, name in enumerate(names)}
+    blocks = {name: slice(k * d, (k + 1) * d) for k, name in enumerate(names)}
+    fixed = {name: s[:, blocks[name]] for name in names}
+    covariance = {}
+    if Q is not None:
+        sigma = np.full_like(R, np.nan)
+        if ok.any():
+            sigma[ok] = stationary_covariance(R[ok], Q[ok])
+        covariance = {name: sigma[:, blocks[name], blocks[name]] for name in names}
     return Prediction(
         rho=rho,
         fixed_point=fixed,
         residual={name: fixed[name] - targets[name] for name in names if name in targets},
+        covariance=covariance,
     )
 
 

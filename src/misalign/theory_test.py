@@ -98,7 +98,7 @@ def test_general_solver_gives_the_two_agent_closed_forms(seed, d):
     game = setup(config)
     A, B = game.agents["A"].affine(), game.agents["B"].affine()
     M_B, v, u = two_agent(A, B)
-    R, _ = round_map({"A": A, "B": B}, game.schedule)
+    R, _, _ = round_map({"A": A, "B": B}, game.schedule)
     M_A = A.A @ B.A
     np.testing.assert_allclose(R[:, d:, d:], M_B, atol=1e-12)  # B's block reads itself
     np.testing.assert_allclose(
@@ -299,3 +299,50 @@ def test_a_nilpotent_round_still_takes_a_round():
         maps, Schedule.build(["A", "B"]), {"A": np.ones((1, 1)), "B": np.zeros((1, 1))}
     )
     assert p.rho[0] == 0 and p.rounds_to()[0] == 1
+
+
+def _sampled(config_data, copies):
+    """``copies`` plays of one configuration (same prompts), independent sampling noise."""
+    config = parse_config(config_data)
+    return setup([config] * copies)
+
+
+@pytest.mark.parametrize("schedule", [["A", "B"], ["A", "C", "B"], ["B", "A", "B", "C"]])
+def test_stationary_covariance_matches_monte_carlo(schedule):
+    """MODEL.md section 6: the mean goes to the biased equilibrium, the spread to the
+    solution of the discrete Lyapunov equation; checked over 10,000 plays."""
+    names = sorted(set(schedule))
+    data = {
+        "seed": 5,
+        "d": 2,
+        "rounds": 60,
+        "schedule": schedule,
+        "agents": {
+            n: {"n": 6, "sampling_std": s, "noise": 0.1, "eta": 0.8}
+            for n, s in zip(names, [0.3, 0.1, 0.2], strict=False)
+        },
+    }
+    game = _sampled(data, 10_000)
+    prediction = predict(game)
+    assert prediction.rho[0] < 0.6
+    trajectory = simulate(game)
+    final = {n: trajectory.outputs(n)[-1] for n in names}
+    for n in names:
+        mean, sigma = prediction.fixed_point[n][0], prediction.covariance[n][0]
+        empirical = final[n]
+        sem = np.sqrt(np.diag(sigma) / len(empirical))
+        assert (np.abs(empirical.mean(axis=0) - mean) < 5 * sem).all()
+        np.testing.assert_allclose(
+            np.cov(empirical.T), sigma, rtol=0.06, atol=0.06 * np.abs(sigma).max()
+        )
+
+
+def test_two_agent_round_noise_is_the_closed_form():
+    """Q_v = (I - H_B) Q_A (I - H_B)^T + Q_B on B's block."""
+    rng = np.random.default_rng(0)
+    A = AffineMap(0.3 * rng.standard_normal((1, 3, 3)), rng.standard_normal((1, 3)))
+    B = AffineMap(0.3 * rng.standard_normal((1, 3, 3)), rng.standard_normal((1, 3)))
+    Q_A, Q_B = 0.2 * np.eye(3)[None], np.diag([0.1, 0.3, 0.5])[None]
+    _, _, Q = round_map({"A": A, "B": B}, Schedule.build(["A", "B"]), {"A": Q_A, "B": Q_B})
+    np.testing.assert_allclose(Q[0, 3:, 3:], B.A[0] @ Q_A[0] @ B.A[0].T + Q_B[0], atol=1e-14)
+    np.testing.assert_allclose(Q[0, :3, :3], Q_A[0], atol=1e-14)
