@@ -44,13 +44,14 @@ def _load(path: Path, overrides: list[str] | None) -> PlayConfig:
         _fail(str(exc))
 
 
-def _game(path: Path, overrides: list[str] | None):
-    """Load the configuration and set the game up; any problem is one line and exit 2."""
+def _game(path: Path, overrides: list[str] | None, seeds: int = 1):
+    """Load the configuration and set the game up (``seeds`` plays from its seed on); any
+    problem is one line and exit 2."""
     from misalign.experiment import setup
 
     config = _load(path, overrides)
     try:
-        return config, setup(config)
+        return config, setup(config, seeds=range(config.seed, config.seed + seeds))
     except ConfigError as exc:  # failed attack preconditions
         _fail(str(exc))
 
@@ -99,18 +100,30 @@ def _artifacts(config: PlayConfig, out: Path | None, report: dict[str, Any], nam
 
 @app.command()
 def run(
-    config: ConfigArg, json_out: JsonOpt = False, out: OutOpt = None, set_: SetOpt = None
+    config: ConfigArg,
+    seeds: Annotated[
+        int,
+        typer.Option(min=1, help="Play seeds seed .. seed+N-1 as one batch; figure with bands."),
+    ] = 1,
+    json_out: JsonOpt = False,
+    out: OutOpt = None,
+    set_: SetOpt = None,
 ) -> None:
     """Simulate the play and predict its equilibrium; figure, config and report."""
-    from misalign.experiment import predict, report, simulate
+    from misalign.experiment import predict, report, simulate, spread
     from misalign.plot import plot_play
 
-    cfg, game = _game(config, set_)
+    cfg, game = _game(config, set_, seeds)
     prediction = predict(game)
-    trajectory = simulate(game, progress=sys.stderr.isatty() and cfg.rounds * len(cfg.agents) > 2e4)
+    long = cfg.rounds * len(cfg.agents) * seeds > 2e4
+    trajectory = simulate(game, progress=sys.stderr.isatty() and long)
     result = report(game, prediction, trajectory)
+    if seeds > 1:
+        result["seeds"] = spread(game, prediction, trajectory)
     directory = _artifacts(cfg, out, result, "run.json")
-    figure = plot_play(game, trajectory, prediction, directory / "trajectory.png")
+    figure = plot_play(
+        game, trajectory, prediction, directory / "trajectory.png", None if seeds > 1 else 0
+    )
     if json_out:
         print(json.dumps(result))
     else:
@@ -418,6 +431,20 @@ def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> No
         )
     else:
         console.print(f"[bold red]diverges[/] (rho = {p['rho']:.4g})")
+    if "seeds" in result and not result["seeds"]["converged"]:
+        console.print(f"none of the {len(result['seeds']['seeds'])} seeds converges")
+    elif "seeds" in result:
+        rows = result["seeds"]["residual"]
+        console.print(
+            f"over the {result['seeds']['converged']} of {len(result['seeds']['seeds'])} seeds "
+            "that converge, final distance to own target "
+            "(mean ± std; predicted): "
+            + "; ".join(
+                f"{name} {r['simulated_mean']:.4g} ± {r['simulated_std']:.2g} "
+                f"({r['predicted_mean']:.4g})"
+                for name, r in rows.items()
+            )
+        )
     if "rounds_to_prediction" in result:
         measured = result["rounds_to_prediction"]
         console.print(

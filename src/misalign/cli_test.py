@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -267,3 +268,24 @@ def test_a_foreign_torch_file_is_one_clean_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1
     assert lines[0].endswith("not a misalign checkpoint (TypeError)")
+
+
+def test_run_over_seeds_reports_means_and_draws_bands(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text(GOOD)
+    result = _invoke(tmp_path, "run", str(config), "--seeds", "8", "--set", "rounds=400", "--json")
+    assert result.exit_code == 0, result.stderr
+    seeds = json.loads(result.stdout)["seeds"]
+    assert seeds["seeds"] == list(range(1, 9)) and seeds["converged"] == 8
+    for row in seeds["residual"].values():
+        simulated = np.array(row["simulated"])
+        assert row["simulated_mean"] == pytest.approx(simulated.mean())
+        np.testing.assert_allclose(simulated, row["predicted"], atol=1e-8)
+    alone = _invoke(
+        tmp_path, "run", str(config), "--set", "seed=4", "--set", "rounds=400", "--json"
+    )
+    alone = json.loads(alone.stdout)
+    assert seeds["residual"]["A"]["simulated"][3] == alone["residual"]["A"]  # seed 4 = play 3
+    assert (tmp_path / "out" / "trajectory.png").exists()
+    text = _invoke(tmp_path, "run", str(config), "--seeds", "8")
+    assert "over the 8 of 8 seeds that converge" in text.stdout

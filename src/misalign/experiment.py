@@ -437,3 +437,26 @@ def _one_sided(game: Game, prediction: Prediction, play: int) -> dict[str, Any]:
         "one_sided": winners[0] if len(winners) == 1 and len(names) > 1 else None,
         "why": why,
     }
+
+
+def spread(game: Game, prediction: Prediction, trajectory: Trajectory) -> dict[str, Any]:
+    """The batch at a glance (``run --seeds``): per agent with a target, the final and the
+    predicted distance to it, per seed and as mean and standard deviation over the plays
+    that stayed finite and converge."""
+    ok = (trajectory.diverged_at < 0) & prediction.converges
+    residual = {}
+    for name in (n for n in game.schedule.agents if n in game.targets):
+        simulated = trajectory.distance(name, game.targets[name])[-1]
+        predicted = np.linalg.norm(prediction.residual[name], axis=-1)
+        residual[name] = {
+            "simulated": [float(x) if k else None for x, k in zip(simulated, ok, strict=True)],
+            "predicted": [float(x) if k else None for x, k in zip(predicted, ok, strict=True)],
+            "simulated_mean": float(simulated[ok].mean()) if ok.any() else None,
+            "simulated_std": float(simulated[ok].std()) if ok.any() else None,
+            "predicted_mean": float(predicted[ok].mean()) if ok.any() else None,
+        }
+    return {
+        "seeds": [c.seed for c in game.configs],
+        "converged": int(ok.sum()),
+        "residual": residual,
+    }

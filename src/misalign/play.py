@@ -91,8 +91,10 @@ class Trajectory:
         return per_round[:, self.schedule.last_turn(name)]
 
     def distance(self, name: str, target: np.ndarray) -> np.ndarray:
-        """``|output - target|`` per round and play, shape ``(rounds, B)``."""
-        return np.linalg.norm(self.outputs(name) - target, axis=-1)
+        """``|output - target|`` per round and play, shape ``(rounds, B)`` (``inf`` or NaN
+        where a play has diverged)."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            return np.linalg.norm(self.outputs(name) - target, axis=-1)
 
 
 def play(

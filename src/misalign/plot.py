@@ -15,17 +15,23 @@ FLOOR = 1e-16
 
 
 def plot_play(
-    game: Game, trajectory: Trajectory, prediction: Prediction, path: str | Path, play: int = 0
+    game: Game,
+    trajectory: Trajectory,
+    prediction: Prediction,
+    path: str | Path,
+    play: int | None = 0,
 ) -> Path:
     """Plot ``|s_t^i - w_i*|`` per round for every agent, with the predicted plateau
-    ``|e_i|`` as a dashed line of the same colour (MODEL.md section 2).
+    ``|e_i|`` as a dashed line of the same colour (MODEL.md section 2), and the distance to
+    the predicted equilibrium beside ``rho^t``.
 
     Args:
         game: the game that was played.
         trajectory: its trajectory.
         prediction: its prediction.
         path: where to write the figure (format from the suffix).
-        play: which play of the batch to draw.
+        play: which play of the batch to draw; ``None`` draws the mean over all plays
+            with a band of one standard deviation (MODEL.md section 5).
 
     Returns:
         The path written.
@@ -35,19 +41,19 @@ def plot_play(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    plays = slice(None) if play is None else slice(play, play + 1)
     fig, (ax, gap) = plt.subplots(1, 2, figsize=(10, 4.0), layout="constrained")
     rounds = np.arange(1, trajectory.rounds + 1)
     targets = game.targets
-    rho = float(prediction.rho[play])
-    converges = bool(prediction.converges[play])
+    rho = float(prediction.rho[plays].max())
+    converges = bool(prediction.converges[plays].all())
     for k, name in enumerate(n for n in game.schedule.agents if n in targets):
         color = f"C{k}"
-        distance = trajectory.distance(name, targets[name])[:, play]
-        shown = np.isfinite(distance) & (distance < 1e300)
-        ax.plot(rounds[shown], np.maximum(distance[shown], FLOOR), color=color, label=name)
+        distance = trajectory.distance(name, targets[name])[:, plays]
+        _curve(ax, rounds, distance, color, name)
         if not converges:
             continue
-        plateau = float(np.linalg.norm(prediction.residual[name][play]))
+        plateau = float(np.linalg.norm(prediction.residual[name][plays], axis=-1).mean())
         ax.axhline(
             max(plateau, FLOOR),
             color=color,
@@ -55,22 +61,25 @@ def plot_play(
             linewidth=1,
             label=f"{name} predicted ({plateau:.3g})",
         )
-        error = trajectory.distance(name, prediction.fixed_point[name])[:, play]
-        gap.plot(rounds, np.maximum(error, FLOOR), color=color, label=name)
-    if converges and rho > 0:
+        error = trajectory.distance(name, prediction.fixed_point[name])[:, plays]
+        _curve(gap, rounds, error, color, name)
+    if converges and rho > 0 and play is not None:
         first = max(trajectory.distance(n, prediction.fixed_point[n])[0, play] for n in targets)
         gap.plot(rounds, np.maximum(first * rho ** (rounds - 1.0), FLOOR), "k:", label="rho^t")
+    over = "" if play is not None else f", mean ± std over {trajectory.turns.shape[1]} plays"
     ax.set(
         yscale="log",
         xlabel="round",
         ylabel="distance to own target",
-        title=f"{'converges' if converges else 'diverges'} (rho = {rho:.3g})",
+        title=f"{'converges' if converges else 'diverges'} (rho = {rho:.3g}){over}",
     )
     gap.set(
         yscale="log",
         xlabel="round",
         ylabel="distance to predicted equilibrium",
-        title="rate: simulation vs rho^t" if converges else "no equilibrium (rho >= 1)",
+        title=("rate: simulation vs rho^t" if play is not None else "rate")
+        if converges
+        else "no equilibrium (rho >= 1)",
     )
     for axis in (ax, gap):
         if axis.get_legend_handles_labels()[0]:
@@ -79,3 +88,15 @@ def plot_play(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _curve(ax, rounds: np.ndarray, values: np.ndarray, color: str, label: str) -> None:
+    """One play's curve, or the mean of several with a one-standard-deviation band."""
+    shown = np.isfinite(values).all(axis=1) & (np.abs(values) < 1e300).all(axis=1)
+    values, rounds = values[shown], rounds[shown]
+    mean = values.mean(axis=1)
+    ax.plot(rounds, np.maximum(mean, FLOOR), color=color, label=label)
+    if values.shape[1] > 1:
+        std = values.std(axis=1)
+        low, high = np.maximum(mean - std, FLOOR), np.maximum(mean + std, FLOOR)
+        ax.fill_between(rounds, low, high, color=color, alpha=0.2)

@@ -16,3 +16,10 @@ def test_plot_writes_a_figure(tmp_path):
     path = plot_play(game, simulate(game), predict(game), tmp_path / "t.png")
     pixels = image.imread(path)
     assert pixels.shape[0] > 300 and pixels.std() > 0.05  # a drawn figure, not a blank canvas
+
+
+def test_plot_over_a_batch_draws_bands(tmp_path):
+    config = parse_config({"d": 2, "rounds": 30, "agents": {"A": {"n": 3}, "B": {"n": 4}}})
+    game = setup(config, seeds=range(10))
+    path = plot_play(game, simulate(game), predict(game), tmp_path / "b.png", play=None)
+    assert image.imread(path).std() > 0.05

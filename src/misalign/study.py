@@ -96,8 +96,7 @@ def run_study(
 def _measure(game: Game, attacker: str, victim: str) -> Cell:
     trajectory = simulate(game)
     targets = game.targets
-    with np.errstate(over="ignore", invalid="ignore"):  # diverged plays
-        distance = {n: trajectory.distance(n, targets[n]) for n in (victim, attacker)}
+    distance = {n: trajectory.distance(n, targets[n]) for n in (victim, attacker)}
     guard = game.agents[victim]
     flagged = getattr(guard, "flagged_at", None)
     score = getattr(guard, "score", None)
