@@ -120,12 +120,9 @@ def _conditions(d: int, grid: list[tuple[float, int]]) -> list[float]:
 
 def plot_helper_study(rows: list[dict[str, Any]], path: str | Path) -> Path:
     """Median rounds to target against ``kappa``, one panel per method family, a line per ``d``."""
-    import matplotlib
+    from misalign.plot import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    fig, ax = new_figure(1, (7, 4.5))
     dims = sorted({r["d"] for r in rows})
     styles = dict(zip(METHODS, ["-", "--", ":", "-."], strict=True))
     for method in METHODS:
@@ -146,7 +143,4 @@ def plot_helper_study(rows: list[dict[str, Any]], path: str | Path) -> Path:
         title="the Newton helper against plain play",
     )
     ax.legend(frameon=False, fontsize="small", ncol=2)
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -111,15 +111,10 @@ def run_lsa_study(
 def plot_lsa_study(rows: list[dict[str, Any]], path: str | Path) -> Path:
     """Residual against objective gap, a panel per geometry: simulation mean with a
     standard-deviation band, the extracted-``Gamma`` prediction (dashed) and ``Gamma*`` (dotted)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from misalign.plot import new_figure, save_figure
 
     geometries = list(dict.fromkeys(r["geometry"] for r in rows))
-    fig, axes = plt.subplots(
-        1, len(geometries), figsize=(5.5 * len(geometries), 4.2), layout="constrained"
-    )
+    fig, axes = new_figure(len(geometries), (5.5 * len(geometries), 4.2))
     for ax, geometry in zip(np.atleast_1d(axes), geometries, strict=True):
         mine = [r for r in rows if r["geometry"] == geometry]
         gaps = np.array([r["gap"] for r in mine])
@@ -144,8 +139,4 @@ def plot_lsa_study(rows: list[dict[str, Any]], path: str | Path) -> Path:
             ylabel="final distance to own target",
             title=f"{geometry} inputs (d = 4, n = {N})",
         )
-        ax.legend(frameon=False, fontsize="small")
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

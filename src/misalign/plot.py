@@ -14,6 +14,30 @@ FLOOR = 1e-16
 """Distances below this are drawn at this value (a log axis has no zero)."""
 
 
+def new_figure(columns: int, size: tuple[float, float]):
+    """A figure with ``columns`` axes side by side, drawn off-screen (Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, columns, figsize=size, layout="constrained")
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Add a legend to every axis that has labelled artists and none yet, write the figure,
+    close it."""
+    import matplotlib.pyplot as plt
+
+    for axis in fig.axes:
+        if axis.get_legend() is None and axis.get_legend_handles_labels()[0]:
+            axis.legend(frameon=False, fontsize="small")
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_play(
     game: Game,
     trajectory: Trajectory,
@@ -36,13 +60,8 @@ def plot_play(
     Returns:
         The path written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     plays = slice(None) if play is None else slice(play, play + 1)
-    fig, (ax, gap) = plt.subplots(1, 2, figsize=(10, 4.0), layout="constrained")
+    fig, (ax, gap) = new_figure(2, (10, 4.0))
     rounds = np.arange(1, trajectory.rounds + 1)
     targets = game.targets
     rho = float(prediction.rho[plays].max())
@@ -81,13 +100,7 @@ def plot_play(
         if converges
         else "no equilibrium (rho >= 1)",
     )
-    for axis in (ax, gap):
-        if axis.get_legend_handles_labels()[0]:
-            axis.legend(frameon=False, fontsize="small")
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _curve(ax, rounds: np.ndarray, values: np.ndarray, color: str, label: str) -> None:

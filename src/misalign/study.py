@@ -164,13 +164,10 @@ def summary(cells: dict[tuple[str, str], Cell], skipped: dict[str, str]) -> dict
 def plot_study(cells: dict[tuple[str, str], Cell], config: PlayConfig, path: str | Path) -> Path:
     """Left: median victim (solid) and attacker (dashed) distance per round for each attack,
     no defence. Right: the monitor's ROC for each attack against honest plays."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from misalign.plot import new_figure, save_figure
 
     attacker, victim = roles(config)
-    fig, (ax, rocs) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
+    fig, (ax, rocs) = new_figure(2, (11, 4.2))
     for k, attack in enumerate(a for a in ATTACKS if (a, "none") in cells):
         cell = cells[attack, "none"]
         rounds = np.arange(1, len(cell.distance[victim]) + 1)
@@ -192,10 +189,4 @@ def plot_study(cells: dict[tuple[str, str], Cell], config: PlayConfig, path: str
         ylabel="detection rate",
         title="victim's monitor: ROC",
     )
-    for axis in (ax, rocs):
-        if axis.get_legend_handles_labels()[0]:
-            axis.legend(frameon=False, fontsize="small")
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
