@@ -1,8 +1,9 @@
 """misalign: the play of in-context learners with misaligned objectives (see MODEL.md)."""
 
 from misalign.config import ConfigError, PlayConfig, load_config, parse_config
-from misalign.experiment import Game, predict, report, setup, simulate
+from misalign.experiment import Game, predict, setup, simulate
 from misalign.plot import plot_play
+from misalign.report import report
 
 __all__ = [
     "ConfigError",

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from misalign.agent import AffineMap
 from misalign.attack import decoy_target
 from misalign.config import ConfigError, parse_config
-from misalign.experiment import predict, report, setup, simulate
+from misalign.experiment import predict, setup, simulate
+from misalign.report import report
 
 ATTACKS = [
     {"method": "decoy"},

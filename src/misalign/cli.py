@@ -110,8 +110,9 @@ def run(
     set_: SetOpt = None,
 ) -> None:
     """Simulate the play and predict its equilibrium; figure, config and report."""
-    from misalign.experiment import predict, report, simulate, spread
+    from misalign.experiment import predict, simulate
     from misalign.plot import plot_play
+    from misalign.report import report, spread
 
     cfg, game = _game(config, set_, seeds)
     prediction = predict(game)
@@ -135,7 +136,8 @@ def theory(
     config: ConfigArg, json_out: JsonOpt = False, out: OutOpt = None, set_: SetOpt = None
 ) -> None:
     """Predict the equilibrium, the rate and the residuals without playing."""
-    from misalign.experiment import predict, report
+    from misalign.experiment import predict
+    from misalign.report import report
 
     cfg, game = _game(config, set_)
     result = report(game, predict(game))

@@ -1,12 +1,11 @@
 """Tests for misalign.experiment: the Python API and the JSON report."""
 
-import json
 
 import numpy as np
 import pytest
 
 from misalign.config import parse_config
-from misalign.experiment import predict, report, setup, simulate
+from misalign.experiment import predict, setup, simulate
 
 CONFIG = {
     "seed": 3,
@@ -43,25 +42,3 @@ def test_batch_of_different_configs():
         setup(
             [configs[0], parse_config({**CONFIG, "d": 2, "agents": {"A": {"n": 2}, "B": {"n": 2}}})]
         )
-
-
-def test_report_round_trips_through_json_and_matches_the_arrays():
-    game = setup(parse_config(CONFIG))
-    prediction, trajectory = predict(game), simulate(game)
-    text = json.dumps(report(game, prediction, trajectory))
-    data = json.loads(text)
-    assert json.dumps(data) == text
-    for name in ("A", "B"):
-        agent = data["agents"][name]
-        p = game.prompts[name][0]
-        np.testing.assert_array_equal(agent["X"], p.X)
-        np.testing.assert_array_equal(agent["y"], p.y)
-        np.testing.assert_array_equal(agent["gamma"], game.agents[name].gamma[0])
-        assert len(data["outputs"][name]) == 60 and len(data["outputs"][name][0]) == 3
-        final = np.linalg.norm(np.array(data["outputs"][name][-1]) - agent["target"])
-        assert data["residual"][name] == pytest.approx(final)
-        assert data["residual"][name] == pytest.approx(
-            data["prediction"]["residual"][name], abs=1e-8
-        )
-    assert data["prediction"]["converges"] is True
-    assert data["config"]["seed"] == 3 and data["diverged_at"] is None

@@ -282,7 +282,7 @@ def test_exactness_agrees_with_the_residual(seed, d):
 
 
 def test_theory_reports_one_sided_and_why(tmp_path):
-    from misalign.experiment import report
+    from misalign.report import report
 
     config = parse_config(
         {"d": 3, "rounds": 5, "agents": {"A": {"n": 6}, "B": {"n": 6, "preconditioner": "newton"}}}
