@@ -1,5 +1,4 @@
-"""Tests for misalign.experiment: the Python API and the JSON report."""
-
+"""Tests for misalign.experiment: the Python API."""
 
 import numpy as np
 import pytest
