@@ -1,6 +1,8 @@
 """Tests for misalign.config."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from misalign.config import ConfigError, load_config, parse_config
 
@@ -105,3 +107,49 @@ def test_digest_tracks_the_resolved_config():
     a, b = parse_config(BASE), parse_config(_with("agents.A.eta", 1.0))
     assert a.digest() == b.digest()  # an explicit default is the same configuration
     assert a.digest() != parse_config(_with("seed", 2)).digest()
+
+
+_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 50),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+    st.lists(st.floats(-3, 3), max_size=6),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+)
+_keys = st.sampled_from(
+    [
+        "n",
+        "spectrum",
+        "target",
+        "noise",
+        "eta",
+        "preconditioner",
+        "kind",
+        "reads",
+        "rotate",
+        "steps_per_turn",
+        "sampling_std",
+        "serves",
+        "mode",
+        "checkpoint",
+        "bogus",
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    top=st.dictionaries(
+        st.sampled_from(["seed", "d", "rounds", "schedule", "start", "x"]), _values
+    ),
+    agent=st.dictionaries(_keys, _values, max_size=6),
+)
+def test_any_input_is_valid_or_one_line_config_error(top, agent):
+    """Fuzzing: whatever the values, parsing succeeds or raises ConfigError with one line."""
+    data = {"d": 2, "rounds": 3, **top, "agents": {"A": agent, "B": {"n": 2}}}
+    try:
+        parse_config(data)
+    except ConfigError as exc:
+        assert "\n" not in str(exc) and ":" in str(exc)
