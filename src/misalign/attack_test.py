@@ -170,3 +170,20 @@ def test_attacks_need_strict_alternation(change):
         parse_config(base | change | {"attack": {"agent": "B", "method": "decoy"}})
     with pytest.raises(ConfigError, match="^defence: needs strict alternation"):
         parse_config(base | change | {"defence": {"agent": "A", "method": "monitor"}})
+
+
+def test_the_decoy_needs_only_the_victims_answer_at_the_attackers_target():
+    """w~ = H_B^{-1}((I - M_B) w_B* - (I - H_B) b_A) = H_B^{-1}(w_B* - (I - H_B) f_A(w_B*)):
+    one probe at w_B* would do (a reviewer's observation, checked here)."""
+    rng = np.random.default_rng(7)
+    d = 4
+    victim = AffineMap(
+        np.eye(d)[None] - 0.4 * np.eye(d)[None] + 0.05 * rng.standard_normal((1, d, d)),
+        rng.standard_normal((1, d)),
+    )
+    honest = AffineMap(
+        0.5 * np.eye(d)[None] + 0.05 * rng.standard_normal((1, d, d)), np.zeros((1, d))
+    )
+    w_B = rng.standard_normal((1, d))
+    one_point = np.linalg.solve(honest.H[0], w_B[0] - honest.A[0] @ victim(w_B)[0])
+    np.testing.assert_allclose(decoy_target(victim, honest, w_B)[0], one_point, atol=1e-12)
