@@ -311,19 +311,19 @@ def fit_affine(
     return affine_lstsq(W, F)
 
 
-def affine_lstsq(inputs: np.ndarray, outputs: np.ndarray, ridge: float = 0.0) -> AffineMap:
-    """Least-squares affine map ``outputs ~ A inputs + c``, one per play.
+def affine_lstsq(inputs: np.ndarray, outputs: np.ndarray) -> AffineMap:
+    """Least-squares affine map ``outputs ~ A inputs + c``, one per play (minimum-norm where
+    fewer than ``d + 1`` affinely independent inputs leave it underdetermined; NaN where a
+    play's data are not finite).
 
     Args:
         inputs: ``(P, B, d)``, ``P`` pairs per play.
         outputs: ``(P, B, d)``.
-        ridge: Tikhonov weight on ``A`` (0: plain least squares, which needs
-            ``P >= d + 1`` affinely independent inputs).
 
     Returns:
         The fitted map, ``A`` of shape ``(B, d, d)``.
     """
-    P, batch, d = inputs.shape
+    d = inputs.shape[-1]
     design = affine_design(inputs)
     targets = outputs.transpose(1, 0, 2)
     bad = ~(np.isfinite(design).all(axis=(1, 2)) & np.isfinite(targets).all(axis=(1, 2)))
@@ -332,11 +332,6 @@ def affine_lstsq(inputs: np.ndarray, outputs: np.ndarray, ridge: float = 0.0) ->
             np.where(bad[:, None, None], 0.0, design),
             np.where(bad[:, None, None], 0.0, targets),
         )
-    if ridge > 0:  # augment with sqrt(ridge) I rows on the A block
-        extra = np.zeros((batch, d, d + 1))
-        extra[:, :, :d] = np.sqrt(ridge) * np.eye(d)
-        design = np.concatenate([design, extra], axis=1)
-        targets = np.concatenate([targets, np.zeros((batch, d, targets.shape[-1]))], axis=1)
     coef = np.linalg.pinv(design) @ targets  # batched; minimum-norm where rank-deficient
     coef[bad] = np.nan
     return AffineMap(A=coef[:, :d, :].transpose(0, 2, 1), c=coef[:, d, :])

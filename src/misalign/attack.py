@@ -21,7 +21,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from misalign.agent import AffineMap, GradientAgent, Turn, affine_lstsq
+from misalign.agent import AffineMap, GradientAgent, Turn, affine_lstsq, condition
 from misalign.config import ConfigError
 from misalign.prompt import Prompt
 
@@ -56,7 +56,7 @@ def decoy_target(victim: AffineMap, honest: AffineMap, target: np.ndarray) -> np
 
 
 def _require_invertible(H: np.ndarray, name: str, method: str, prompts: list[Prompt]) -> None:
-    cond = np.linalg.cond(H)
+    cond = condition(H)
     if not (cond < CONDITION_LIMIT).all():
         n, d = prompts[0].n, prompts[0].d
         hint = f"n = {n} < d = {d}" if n < d else f"condition number {cond.max():.3g}"

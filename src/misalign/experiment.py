@@ -22,7 +22,7 @@ import numpy as np
 from misalign import attack as attack_
 from misalign import defence as defence_
 from misalign import helper as helper_
-from misalign.agent import Agent, GradientAgent, Sampled, preconditioner
+from misalign.agent import Agent, GradientAgent, Sampled, condition, preconditioner
 from misalign.config import (
     AgentConfig,
     AttackConfig,
@@ -195,7 +195,7 @@ def _helper(
     maps = {n: agents[n].affine() for n in (served, via) if n is not None}
     inverted = [(served, maps[served].H, "H")] + ([(via, maps[via].A, "I - H")] if via else [])
     for n, matrix, what in inverted:
-        if not (np.linalg.cond(matrix) < helper_.CONDITION_LIMIT).all():
+        if not (condition(matrix) < helper_.CONDITION_LIMIT).all():
             raise ConfigError(f"agents.{name}.serves: {n}'s {what} is singular: nothing to invert")
     return Helper(
         name,

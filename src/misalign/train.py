@@ -25,6 +25,7 @@ from misalign.agent import icl_loss, lsa_optimal_gamma
 from misalign.config import ConfigError, TrainConfig
 from misalign.files import atomic_write
 from misalign.lsa import LSA, gamma_from_weights
+from misalign.progress import progress_bar
 from misalign.prompt import haar_rotation
 
 CHECKPOINT = "checkpoint.pt"
@@ -220,7 +221,18 @@ def train(
             },
         )
 
-    bar = _bar(config.steps, step) if progress else None
+    bar = (
+        progress_bar(
+            config.steps,
+            "train",
+            done=step,
+            columns=("loss {task.fields[loss]:.4f}", "{task.fields[rate]:.0f} step/s"),
+            loss=float("nan"),
+            rate=0.0,
+        )
+        if progress
+        else None
+    )
     start, first, diverged = time.perf_counter(), step, None
     while step < config.steps:
         X, y, xq, yq = tasks.sample(config.batch)
@@ -279,22 +291,3 @@ def load_model(path: str | Path) -> tuple[LSA, TrainConfig]:
     model = LSA(config.d, config.layers, coupled=config.coupled)
     model.load_state_dict(state["model"])
     return model.double(), config
-
-
-def _bar(total: int, done: int):
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(
-        TextColumn("train"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        TextColumn("{task.fields[rate]:.0f} step/s"),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    )
-    bar.add_task("train", total=total, completed=done, loss=float("nan"), rate=0.0)
-    bar.start()
-    return bar
