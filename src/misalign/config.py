@@ -26,12 +26,18 @@ from pydantic import (
 )
 
 RESERVED = {
-    *("rho", "converges", "residual", "rounds_to_tol", "on_target", "one_sided", "why"),
-    "covariance",
+    *("rho", "converges", "distance", "rounds_to_tol", "on_target", "one_sided", "why"),
+    *("covariance", "depends_on_start"),
 }
 """Names an agent may not take: they are keys of the JSON ``prediction`` object."""
 
-Finite = Annotated[float, Field(allow_inf_nan=False)]
+MAGNITUDE = 1e30
+"""The largest magnitude a number in a configuration may have, and the inverse of the
+smallest positive scale: products of a few such numbers stay far from float64 overflow
+(``1.8e308``), so every distance and JSON number of a play is finite."""
+
+Finite = Annotated[float, Field(allow_inf_nan=False, ge=-MAGNITUDE, le=MAGNITUDE)]
+Positive = Annotated[float, Field(allow_inf_nan=False, ge=1 / MAGNITUDE, le=MAGNITUDE)]
 
 
 class ConfigError(ValueError):
@@ -39,7 +45,7 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True, strict=True)
 
     def digest(self) -> str:
         """A short hash of the resolved configuration, naming its run directory."""
@@ -72,7 +78,7 @@ class GradientAgentConfig(LearnerConfig):
 
     kind: Literal["gd"] = "gd"
     preconditioner: Literal["identity", "lsa-optimal", "newton"] = "lsa-optimal"
-    eta: Finite = Field(default=1.0, gt=0, description="step scale")
+    eta: Positive = Field(default=1.0, description="step scale")
     steps_per_turn: int = Field(default=1, ge=1)
 
 
@@ -92,7 +98,7 @@ class HelperAgentConfig(_Strict):
     mode: Literal["white-box", "secant"] = Field(
         default="secant", description="white-box: knows the maps; secant: sees only the play"
     )
-    probe_scale: Finite = Field(default=1.0, gt=0, description="size of the secant probes")
+    probe_scale: Positive = Field(default=1.0, description="size of the secant probes")
     reads: str | None = Field(
         default=None, description="whose output this agent reads; default the previous turn"
     )
@@ -120,7 +126,7 @@ class AttackConfig(_Strict):
     knowledge: Literal["white-box", "gray-box"] = Field(
         default="white-box", description="gray-box: fit the victim's map from probe turns (decoy)"
     )
-    probe_scale: Finite = Field(default=1.0, gt=0, description="size of the gray-box probes")
+    probe_scale: Positive = Field(default=1.0, description="size of the gray-box probes")
 
 
 class DefenceConfig(_Strict):
@@ -128,10 +134,9 @@ class DefenceConfig(_Strict):
 
     agent: str = Field(description="the defended agent")
     method: Literal["monitor", "damping", "predict"]
-    damping: Finite = Field(default=0.5, gt=0, le=1, description="weight of the new answer")
-    budget: Finite = Field(
+    damping: Positive = Field(default=0.5, le=1, description="weight of the new answer")
+    budget: Positive = Field(
         default=0.5,
-        gt=0,
         description="predict: refuse when the predicted own residual exceeds "
         "budget times the norm of the agent's own estimate of its target",
     )
@@ -173,8 +178,10 @@ class PlayConfig(_Strict):
                     raise _FieldError(
                         f"agents.{name}.{key}", f"must have length d = {self.d} (got {len(value)})"
                     )
-            if agent.spectrum is not None and min(agent.spectrum) <= 0:
-                raise _FieldError(f"agents.{name}.spectrum", "must be all positive")
+            if agent.spectrum is not None and min(agent.spectrum) < 1 / MAGNITUDE:
+                raise _FieldError(
+                    f"agents.{name}.spectrum", f"must be all positive (at least {1 / MAGNITUDE:g})"
+                )
         if self.start is not None and len(self.start) != self.d:
             raise _FieldError("start", f"must have length d = {self.d} (got {len(self.start)})")
         order = self.order
@@ -280,12 +287,58 @@ def _apply(data: dict[str, Any], assignment: str) -> None:
     except tomllib.TOMLDecodeError:
         value = raw.strip()  # a bare word is a string: --set agents.A.preconditioner=newton
     *parents, leaf = key.split(".")
+    if parents[:1] == ["agents"]:
+        _check_agent(
+            data.get("agents"), key, adds_table=len(parents) == 1 and isinstance(value, dict)
+        )
     node = data
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"{key}: {part} is not a table")
     node[leaf] = value
+
+
+def _check_agent(agents: Any, key: str, adds_table: bool) -> None:
+    """An override may change an agent, or add one by giving its whole table
+    (``agents.C={n = 4}``); a name one typo away from an existing agent is an error."""
+    name = key.split(".")[1]
+    names = list(agents) if isinstance(agents, dict) else []
+    if name in names:
+        return
+    there = f"(agents: {', '.join(names)})" if names else "(no agents yet)"
+    near = [other for other in names if _one_typo(name, other)]
+    if near:
+        raise ConfigError(f"--set {key}: no agent {name!r}; did you mean {near[0]!r}? {there}")
+    if not adds_table:
+        raise ConfigError(
+            f"--set {key}: no agent {name!r} {there}; to add one, give its whole table: "
+            f"--set 'agents.{name}={{n = 4}}'"
+        )
+
+
+def _one_typo(a: str, b: str) -> bool:
+    """Whether ``a`` and ``b`` differ only by case, or (both three letters or longer) by
+    one letter changed, added or dropped, or two neighbours swapped."""
+    if a.lower() == b.lower():
+        return True
+    if min(len(a), len(b)) < 3 or abs(len(a) - len(b)) > 1:
+        return False
+    short, long = sorted((a, b), key=len)
+    if len(short) == len(long):
+        diff = [k for k, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
+        swapped = len(diff) == 2 and diff[1] == diff[0] + 1 and a[diff[0]] == b[diff[1]]
+        return len(diff) == 1 or (swapped and a[diff[1]] == b[diff[0]])
+    return any(long[:k] + long[k + 1 :] == short for k in range(len(long)))
+
+
+BOUNDS = {
+    "greater_than": ("gt", "greater than"),
+    "greater_than_equal": ("ge", "greater than or equal to"),
+    "less_than": ("lt", "less than"),
+    "less_than_equal": ("le", "less than or equal to"),
+}
+"""pydantic's bound errors, with the bound written as ``%g`` (``1e-30``, not 31 digits)."""
 
 
 def _one_line(exc: ValidationError) -> str:
@@ -311,6 +364,9 @@ def _one_line(exc: ValidationError) -> str:
         )
     elif kind == "finite_number":
         message = "must be a finite number"
+    elif kind in BOUNDS:
+        bound = error["ctx"][BOUNDS[kind][0]]
+        message = f"input should be {BOUNDS[kind][1]} {bound:g} (got {error['input']!r})"
     else:
         message = f"{message[0].lower()}{message[1:]} (got {error['input']!r})"
     return f"{field}: {message}" if field else message

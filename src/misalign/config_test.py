@@ -44,7 +44,17 @@ def test_defaults():
         ("agents.A.target", [1.0, 2.0, 3.0], "agents.A.target: must have length d = 2 (got 3)"),
         ("agents.A.target", [1.0, float("nan")], "agents.A.target.1: must be a finite number"),
         ("agents.A.eta", float("inf"), "agents.A.eta: must be a finite number"),
-        ("agents.A.eta", 0.0, "agents.A.eta: input should be greater than 0"),
+        ("agents.A.eta", 0.0, "agents.A.eta: input should be greater than or equal to 1e-30"),
+        ("agents.A.eta", 1e-320, "agents.A.eta: input should be greater than or equal to 1e-30"),
+        ("agents.A.target", [1e300, 0], "agents.A.target.0: input should be less than or equal"),
+        ("agents.A.noise", 1e308, "agents.A.noise: input should be less than or equal to 1e+30"),
+        ("agents.A.sampling_std", 1e200, "agents.A.sampling_std: input should be less than"),
+        ("agents.A.spectrum", [1.0, 1e-40], "agents.A.spectrum: must be all positive"),
+        ("agents.A.n", True, "agents.A.n: input should be a valid integer"),
+        ("agents.A.n", "12", "agents.A.n: input should be a valid integer"),
+        ("agents.A.n", 12.0, "agents.A.n: input should be a valid integer"),
+        ("agents.A.eta", "0.5", "agents.A.eta: input should be a valid number"),
+        ("agents.A.rotate", 1, "agents.A.rotate: input should be a valid boolean"),
         ("agents.A.colour", "red", "agents.A.colour: unknown key"),
         ("speed", 3, "speed: unknown key"),
         (
@@ -87,6 +97,35 @@ def test_load_and_override(tmp_path):
     assert config.agents["B"].preconditioner == "newton" and config.agents["B"].target == [1, 2]
     with pytest.raises(ConfigError, match="expected key=value"):
         load_config(path, ["seed"])
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("agents.Z.n=3", "--set agents.Z.n: no agent 'Z' (agents: A, B); to add one"),
+        ("agents.b.n=12", "--set agents.b.n: no agent 'b'; did you mean 'B'? (agents: A, B)"),
+        ("agents.b={n = 12}", "--set agents.b: no agent 'b'; did you mean 'B'?"),
+        ("agents.alpah.eta=1", "no agent 'alpah'; did you mean 'alpha'?"),
+        ("agents.alph={n = 2}", "no agent 'alph'; did you mean 'alpha'?"),
+        ("agents.alphas.n=2", "no agent 'alphas'; did you mean 'alpha'?"),
+    ],
+)
+def test_override_never_adds_an_agent_by_a_typo(tmp_path, override, message):
+    path = tmp_path / "c.toml"
+    path.write_text("d = 2\nrounds = 5\n[agents.A]\nn = 3\n[agents.B]\nn = 3\n")
+    if "alp" in override:
+        path.write_text("d = 2\nrounds = 5\n[agents.alpha]\nn = 3\n[agents.B]\nn = 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, [override])
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_override_adds_an_agent_given_its_whole_table(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("d = 2\nrounds = 5\n[agents.A]\nn = 3\n[agents.B]\nn = 3\n")
+    config = load_config(path, ["agents.C={n = 5, eta = 0.5}", "agents.C.rotate=true"])
+    assert list(config.agents) == ["A", "B", "C"] and config.agents["C"].n == 5
 
 
 @pytest.mark.parametrize(
