@@ -28,6 +28,18 @@ import torch
 from torch import nn
 
 
+def use_threads(threads: int = 1) -> None:
+    """The CPU thread policy of training and play: ``threads`` torch threads (``0``: torch's
+    default, one per core). These models are small, so one thread is fastest: more only
+    contend, the more so on a shared machine.
+
+    Args:
+        threads: the number of threads, or ``0`` to leave torch's setting alone.
+    """
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
 class LSA(nn.Module):
     """An ``L``-layer linear self-attention stack.
 
@@ -158,7 +170,8 @@ class LSAAgent:
     The model is linear in the labels, so fed the residual labels ``y - X w`` and the
     basis queries ``e_1 .. e_d`` it answers the step ``Gamma X^T (y - X w) / n =
     f(w) - w``: the agent outputs ``w`` plus that answer, for all plays at once. The
-    theory uses the ``Gamma`` read off the weights (``gamma_from_weights``).
+    theory uses the ``Gamma`` read off the weights (``gamma_from_weights``). Plays run on
+    one CPU thread (``use_threads``), as training does by default.
 
     Args:
         name: the agent's name.
@@ -169,6 +182,7 @@ class LSAAgent:
     def __init__(self, name: str, model: LSA, prompts: list) -> None:
         from misalign.agent import GradientAgent
 
+        use_threads()
         self.name = name
         self.model = _double(model)
         self.X = torch.as_tensor(np.stack([p.X for p in prompts]))

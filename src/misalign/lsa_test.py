@@ -8,7 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from misalign.agent import Turn, fit_affine
-from misalign.lsa import LSA, LSAAgent, gamma_by_probing, gamma_from_weights, label_coupling
+from misalign.lsa import (
+    LSA,
+    LSAAgent,
+    gamma_by_probing,
+    gamma_from_weights,
+    label_coupling,
+)
 from misalign.prompt import agent_rng, sample_prompt
 
 
@@ -117,3 +123,15 @@ def test_lsa_agent_takes_the_step_and_reports_its_map():
     fitted = fit_affine(agent, d, 4)
     np.testing.assert_allclose(fitted.A, agent.affine().A, atol=1e-10)
     np.testing.assert_allclose(fitted.c, agent.affine().c, atol=1e-10)
+
+
+def test_lsa_agent_plays_on_one_thread_like_training():
+    """Torch's default, a thread per core, made a play ~4x slower than one thread (16 cores)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        prompts = [sample_prompt(agent_rng(0, "A"), d=2, n=5, noise=0.0)]
+        LSAAgent("A", _random_model(2, 1, False, 0), prompts)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -24,7 +24,7 @@ import torch
 from misalign.agent import icl_loss, lsa_optimal_gamma
 from misalign.config import ConfigError, TrainConfig
 from misalign.files import atomic_write
-from misalign.lsa import LSA, gamma_from_weights
+from misalign.lsa import LSA, gamma_from_weights, use_threads
 from misalign.progress import progress_bar
 from misalign.prompt import haar_rotation
 
@@ -176,8 +176,8 @@ def train(
         written past the last good one).
     """
     device = pick_device(config.device)
-    if device.type == "cpu" and config.threads > 0:
-        torch.set_num_threads(config.threads)
+    if device.type == "cpu":
+        use_threads(config.threads)
     out.mkdir(parents=True, exist_ok=True)
     model = LSA(
         config.d,
