@@ -225,12 +225,13 @@ def train_command(
     Checkpointed atomically and resumable (--resume); writes config.toml and
     checkpoint.pt into --out."""
     from misalign.config import load_train_config
-    from misalign.train import train
 
     try:
         cfg = load_train_config(config, set_ or ())
     except ConfigError as exc:
         _fail(str(exc))
+    from misalign.train import train  # torch: seconds to import, so only for a valid config
+
     out = Path("runs") / f"train-{cfg.digest()}" if out is None else out
     _save(out, {"config.toml": _config_toml(cfg)})
 

@@ -23,6 +23,31 @@ from misalign.train import (
 )
 
 SMALL = {"d": 2, "n": 10, "steps": 400, "batch": 256, "eval_every": 400, "eval_batch": 65536}
+TINY = (
+    "d = 2\nn = 4\nsteps = 20\n"
+    "batch = 16\neval_batch = 64\ncheckpoint_every = 10\neval_every = 10\n"
+)
+
+
+def _tiny(tmp_path) -> str:
+    """A training configuration that runs in well under a second."""
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    return str(path)
+
+
+def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``misalign train ARGS`` in a real process."""
+    command = [sys.executable, "-m", "misalign.cli", "train", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
+def _one_line_error(process: subprocess.CompletedProcess, start: str) -> None:
+    """Exit 2 and a single stderr line ``misalign: error: START...``, no traceback."""
+    assert process.returncode == 2, process.stderr
+    assert "Traceback" not in process.stderr
+    assert len(process.stderr.splitlines()) == 1, process.stderr
+    assert process.stderr.startswith(f"misalign: error: {start}"), process.stderr
 
 
 def test_a_small_model_reaches_the_optimum_in_seconds(tmp_path):
@@ -118,3 +143,19 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
     train(TrainConfig(**SMALL | {"steps": 10}), tmp_path)
     with pytest.raises(ConfigError, match="was trained with another steps"):
         train(TrainConfig(**SMALL | {"steps": 20}), tmp_path, resume=True)
+
+
+def test_a_bad_config_is_refused_before_torch_is_imported(tmp_path):
+    """Importing torch took seconds and 238 MB before any configuration error."""
+    script = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('torch' in sys.modules))\n"
+        f"sys.argv = ['misalign', 'train', {_tiny(tmp_path)!r}, '--set', 'd=0']\n"
+        "from misalign.cli import main\n"
+        "main()\n"
+    )
+    process = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    _one_line_error(process, "d: ")
+    assert process.stdout.strip() == "False"
