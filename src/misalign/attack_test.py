@@ -92,7 +92,7 @@ def test_decoy_relabels_the_prompt_and_reports_one_sided():
     np.testing.assert_array_equal(B.X, B0.X)
     assert not np.allclose(B.y, B0.y) and np.array_equal(B.target, B0.target)
     data = report(game, predict(game), simulate(game))
-    assert data["residual"]["B"] < 1e-8
+    assert data["distance"]["B"] < 1e-8
     assert data["prediction"]["one_sided"] == "B"
     assert data["prediction"]["why"]["B"] == "attack: decoy (white-box)"
     assert data["attack"]["method"] == "decoy"

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,6 +18,7 @@ import typer
 
 from misalign.config import ConfigError, PlayConfig, load_config
 from misalign.files import atomic_write
+from misalign.progress import stage
 
 app = typer.Typer(
     add_completion=False,
@@ -51,9 +54,16 @@ def _game(path: Path, overrides: list[str] | None, seeds: int = 1):
 
     config = _load(path, overrides)
     try:
-        return config, setup(config, seeds=range(config.seed, config.seed + seeds))
-    except ConfigError as exc:  # failed attack preconditions
+        with stage("sampling prompts and building agents", _tty()):
+            seeds_ = range(config.seed, config.seed + seeds)
+            return config, setup(config, seeds=seeds_, progress=_tty())
+    except ConfigError as exc:  # sizes that cannot fit, failed attack preconditions
         _fail(str(exc))
+
+
+def _tty() -> bool:
+    """Progress goes to stderr, and only where someone watches it."""
+    return sys.stderr.isatty()
 
 
 def _fail(message: str) -> None:
@@ -83,18 +93,22 @@ def _config_toml(config: Any) -> str:
 def _publish(out: Path, stem: str, result: dict[str, Any], plot, json_out: bool) -> Path | None:
     """Write ``stem.json`` and the figure ``stem.png`` (drawn by ``plot(path)``) into ``out``;
     print the JSON when asked. Returns the figure's path, or ``None`` once the JSON is printed."""
-    _save(out, {f"{stem}.json": json.dumps(result, indent=1)})
+    from misalign.report import to_json
+
+    _save(out, {f"{stem}.json": to_json(result, indent=1)})
     figure = plot(out / f"{stem}.png")
     if json_out:
-        print(json.dumps(result))
+        print(to_json(result))
         return None
     return figure
 
 
 def _artifacts(config: PlayConfig, out: Path | None, report: dict[str, Any], name: str) -> Path:
     """The resolved config and the JSON report, in ``out`` or ``runs/<config hash>``."""
+    from misalign.report import to_json
+
     out = Path("runs") / config.digest() if out is None else out
-    _save(out, {"config.toml": _config_toml(config), name: json.dumps(report, indent=1)})
+    _save(out, {"config.toml": _config_toml(config), name: to_json(report, indent=1)})
     return out
 
 
@@ -103,47 +117,66 @@ def run(
     config: ConfigArg,
     seeds: Annotated[
         int,
-        typer.Option(min=1, help="Play seeds seed .. seed+N-1 as one batch; figure with bands."),
+        typer.Option(
+            min=1, help="Play seeds seed .. seed+N-1 as one batch: quantiles, rho spread, figure."
+        ),
     ] = 1,
     json_out: JsonOpt = False,
     out: OutOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Simulate the play and predict its equilibrium; figure, config and report."""
-    from misalign.experiment import predict, simulate
-    from misalign.plot import plot_play
-    from misalign.report import report, spread
+    from misalign.experiment import simulate
+    from misalign.plot import plot_batch, plot_play
+    from misalign.report import batch, report, to_json
 
     cfg, game = _game(config, set_, seeds)
-    prediction = predict(game)
+    prediction = _predict(game)
     long = cfg.rounds * len(cfg.agents) * seeds > 2e4
-    trajectory = simulate(game, progress=sys.stderr.isatty() and long)
-    result = report(game, prediction, trajectory)
-    if seeds > 1:
-        result["seeds"] = spread(game, prediction, trajectory)
-    directory = _artifacts(cfg, out, result, "run.json")
-    figure = plot_play(
-        game, trajectory, prediction, directory / "trajectory.png", None if seeds > 1 else 0
-    )
+    trajectory = simulate(game, progress=_tty() and long)
+    with stage("writing the report and the figure", _tty()):
+        result = report(game, prediction, trajectory)
+        if seeds > 1:
+            result["batch"] = batch(game, prediction, trajectory)
+        directory = _artifacts(cfg, out, result, "run.json")
+        path = directory / "trajectory.png"
+        if seeds > 1:
+            figure = plot_batch(game, trajectory, prediction, path)
+        else:
+            figure = plot_play(game, trajectory, prediction, path)
     if json_out:
-        print(json.dumps(result))
+        print(to_json(result))
+    elif seeds > 1:
+        _batch_summary(result["batch"], directory, figure)
     else:
         _summary(result, directory, figure)
+
+
+def _predict(game):
+    """The prediction, with a spinner naming the eigenvalue problem it solves."""
+    from misalign.experiment import predict
+
+    size = len(game.schedule.agents) * game.start.shape[1]
+    plays = len(game.configs)
+    what = f"predicting: {size} x {size} round map" + (f" of {plays} plays" if plays > 1 else "")
+    with stage(what, _tty()):
+        return predict(game)
 
 
 @app.command()
 def theory(
     config: ConfigArg, json_out: JsonOpt = False, out: OutOpt = None, set_: SetOpt = None
 ) -> None:
-    """Predict the equilibrium, the rate and the residuals without playing."""
-    from misalign.experiment import predict
-    from misalign.report import report
+    """Predict the equilibrium, the rate and the residuals without playing.
+
+    Writes config.toml (resolved) and theory.json into --out."""
+    from misalign.report import report, to_json
 
     cfg, game = _game(config, set_)
-    result = report(game, predict(game))
+    result = report(game, _predict(game))
     directory = _artifacts(cfg, out, result, "theory.json")
     if json_out:
-        print(json.dumps(result))
+        print(to_json(result))
     else:
         _summary(result, directory, None)
 
@@ -165,7 +198,10 @@ def attacks(
     kinds = {a.kind for a in cfg.agents.values()}
     if kinds != {"gd"}:
         _fail(f"agents: the attack study needs two gd agents (got {', '.join(sorted(kinds))})")
-    cells, skipped = run_study(cfg, seeds=seeds, progress=sys.stderr.isatty())
+    try:
+        cells, skipped = run_study(cfg, seeds=seeds, progress=_tty())
+    except ConfigError as exc:  # sizes that cannot fit
+        _fail(str(exc))
     result = summary(cells, skipped) | {"seeds": seeds, "config_hash": cfg.digest()}
     out = Path("runs") / cfg.digest() if out is None else out
     _save(out, {"config.toml": _config_toml(cfg)})
@@ -421,7 +457,8 @@ def _numbers(text: str, kind: type, option: str) -> list:
 
 
 def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> None:
-    """A readable account: verdict, rate, and per agent its predicted and final distance."""
+    """A readable account of one play: verdict, rate, and per agent its predicted and final
+    distance to its own target; numbers that are not finite print as such."""
     from rich.table import Table
 
     console = _console()
@@ -429,49 +466,35 @@ def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> No
     if p["converges"]:
         rounds = p["rounds_to_tol"]
         console.print(
-            f"converges (rho = {p['rho']:.4g} per round; about {rounds} "
+            f"converges (rho = {_num(p['rho'])} per round; about {rounds} "
             f"round{'s' if rounds != 1 else ''} to shrink the error by 1e-8)"
         )
     else:
-        console.print(f"[bold red]diverges[/] (rho = {p['rho']:.4g})")
-    if "seeds" in result and not result["seeds"]["converged"]:
-        console.print(f"none of the {len(result['seeds']['seeds'])} seeds converges")
-    elif "seeds" in result:
-        rows = result["seeds"]["residual"]
-        console.print(
-            f"over the {result['seeds']['converged']} of {len(result['seeds']['seeds'])} seeds "
-            "that converge, final distance to own target "
-            "(mean ± std; predicted): "
-            + "; ".join(
-                f"{name} {r['simulated_mean']:.4g} ± {r['simulated_std']:.2g} "
-                f"({r['predicted_mean']:.4g})"
-                for name, r in rows.items()
-            )
-        )
-    if "rounds_to_prediction" in result:
+        console.print(f"[bold red]diverges[/] (rho = {_num(p['rho'])})")
+    if result.get("rounds_to_prediction", False) is not False and p["converges"]:
         measured = result["rounds_to_prediction"]
         console.print(
             "measured: every output within 1e-8 of its prediction "
             + ("by the last round: no" if measured is None else f"from round {measured}")
         )
-    if p.get("covariance"):
+    if p["covariance"]:
         spread = ", ".join(
-            f"{name} {sum(row[i] for i, row in enumerate(sigma)) ** 0.5:.3g}"
+            f"{name} {_num(sum(row[i] for i, row in enumerate(sigma)) ** 0.5, '.3g')}"
             for name, sigma in p["covariance"].items()
         )
         console.print(f"sampled agents: stationary RMS spread of each output around it: {spread}")
     if result.get("diverged_at") is not None:
         console.print(f"stopped at round {result['diverged_at']}: outputs overflowed")
-    played = "residual" in result
+    played = "outputs" in result
     table = Table("agent", "|target|", "predicted distance", *(["final distance"] * played))
     names = list(result["agents"])
     for name in names:
-        final = result.get("residual", {}).get(name)
+        final = (result.get("distance") or {}).get(name)
         table.add_row(
             name,
             _norm(result["agents"][name]["target"]),
-            "-" if p["residual"][name] is None else f"{p['residual'][name]:.4g}",
-            *(["-" if final is None else f"{final:.4g}"] * played),
+            "-" if p["distance"][name] is None else _num(p["distance"][name]),
+            *(["-" if final is None else _num(final)] * played),
         )
     console.print(table)
     if p["converges"] and len(names) > 1:
@@ -480,24 +503,83 @@ def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> No
                 f"one-sided: {p['one_sided']} ends exactly on target, the others are biased"
             )
         elif not any(p["on_target"].values()):
-            best = min((n for n in names if p["residual"][n] is not None), key=p["residual"].get)
-            console.print(f"biased equilibrium: {best} ends closest to its own target")
+            finite = {n: x for n, x in p["distance"].items() if x is not None}
+            if finite:
+                best = min(finite, key=finite.get)
+                console.print(f"biased equilibrium: {best} ends closest to its own target")
         for name, reason in p["why"].items():
             console.print(f"  {name} on target: {reason}")
-    if "attack" in result:
+    if result["attack"] is not None:
         a = result["attack"]
         probes = f" after {a['probe_turns']} probe turns" if "probe_turns" in a else ""
         console.print(f"attack: {a['agent']} attacks the agent it reads{probes}")
-    if "defence" in result:
+    if result["defence"] is not None:
         d = result["defence"]
         line = f"defence: {result['config']['defence']['method']}"
-        if "flagged_at" in d:
+        if d["score"] is not None:
             flagged = "never" if d["flagged_at"] is None else f"at round {d['flagged_at']}"
             line += f"; partner flagged {flagged} (score {d['score']:.3g})"
-        if d.get("refused_at") is not None:
+        if d["refused_at"] is not None:
             line += f"; stopped reading it at round {d['refused_at']}"
         console.print(line)
     console.print(f"artifacts: {directory}" + (f" (figure {figure.name})" if figure else ""))
+
+
+def _batch_summary(batch: dict[str, Any], directory: Path, figure: Path) -> None:
+    """A readable account of ``run --seeds``: one story over the batch, told as its figure
+    draws it (converging plays by median and 10-90% quantiles; diverging ones named)."""
+    from rich.table import Table
+
+    console = _console()
+    plays, good, seeds = batch["plays"], batch["converging"], batch["seeds"]
+    rho = batch["rho"]
+    console.print(
+        f"{plays} plays (seeds {seeds[0]}..{seeds[-1]}): {good} converge; rho over the plays: "
+        f"median {_num(rho['median'])}, range {_num(rho['min'])} .. {_num(rho['max'])}"
+    )
+    bad = batch["diverging_seeds"]
+    if bad:
+        shown = ", ".join(map(str, bad[:10])) + (
+            f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        )
+        console.print(f"{len(bad)} diverge (rho >= 1 or outputs overflowed): seeds {shown}")
+    if good:
+        table = Table(
+            "agent",
+            "predicted distance",
+            "final distance",
+            "final, mean ± std",
+            "max |final - predicted|",
+            title=f"distance to own target over the {good} converging plays: median [10%, 90%]",
+        )
+        for name, row in batch["distance"].items():
+            table.add_row(
+                name,
+                _band(row, "predicted"),
+                _band(row, "simulated"),
+                f"{_num(row['simulated_mean'])} ± {_num(row['simulated_std'], '.2g')}",
+                _num(row["max_abs_error"], ".2g"),
+            )
+        console.print(table)
+        measured = batch["rounds_to_prediction"]
+        never = f"; never in {measured['never']} plays" if measured["never"] else ""
+        if measured["median"] is not None:
+            console.print(
+                "measured: every output within 1e-8 of its prediction from round "
+                f"{measured['median']:.0f} (median; max {measured['max']:.0f}){never}"
+            )
+        elif never:
+            console.print(f"measured: no converging play gets within 1e-8 of its prediction{never}")
+    console.print(f"artifacts: {directory} (figure {figure.name})")
+
+
+def _band(row: dict[str, Any], key: str) -> str:
+    return f"{_num(row[f'{key}_median'])} [{_num(row[f'{key}_q10'])}, {_num(row[f'{key}_q90'])}]"
+
+
+def _num(value: float | None, fmt: str = ".4g") -> str:
+    """A number for the summary; ``None`` (not finite in the JSON) prints as such."""
+    return "not finite" if value is None else format(value, fmt)
 
 
 def _console():
@@ -507,16 +589,27 @@ def _console():
     return Console() if sys.stdout.isatty() else Console(width=160)
 
 
-def _norm(vector: list[float] | None) -> str:
-    return "-" if vector is None else f"{sum(x * x for x in vector) ** 0.5:.4g}"
+def _norm(vector: list[float | None] | None) -> str:
+    if vector is None:
+        return "-"
+    return _num(math.hypot(*vector) if None not in vector else None)
 
 
-def main() -> None:
-    """Console entry point: usage errors, like config errors, are one line and exit 2."""
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: usage errors, like config errors, are one line and exit 2.
+
+    Floating-point warnings are not shown: a number that overflows is reported as not
+    finite (``null`` in the JSON), not as a numpy warning on stderr.
+    """
+    warnings.filterwarnings("ignore", category=RuntimeWarning)
     try:
-        code = app(standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except MemoryError as exc:
-        print(f"misalign: error: out of memory: {exc or 'reduce rounds, d or n'}", file=sys.stderr)
+        detail = f" ({exc})" if str(exc) else ""
+        print(
+            f"misalign: error: out of memory{detail}; reduce --seeds, rounds, d or n",
+            file=sys.stderr,
+        )
         raise SystemExit(2) from None
     except Exception as exc:
         usage = getattr(exc, "format_message", None)

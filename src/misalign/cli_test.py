@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from misalign.cli import app
@@ -38,7 +39,7 @@ def test_json_is_one_object_on_stdout(tmp_path, command):
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
     assert {"agents", "prediction", "config", "config_hash"} <= set(data)
-    assert ("outputs" in data) == (command == "run") == ("residual" in data)
+    assert ("outputs" in data) == (command == "run") == ("distance" in data)
     written = json.loads((tmp_path / "out" / f"{command}.json").read_text())
     assert written == data
     assert (tmp_path / "out" / "config.toml").exists()
@@ -146,8 +147,8 @@ def test_each_attack_is_one_sided_in_the_summary_and_json(tmp_path):
         text = _invoke(tmp_path, *args)
         assert text.exit_code == 0 and "one-sided: B ends exactly on target" in text.stdout
         data = json.loads(_invoke(tmp_path, *args, "--json").stdout)
-        assert data["residual"]["B"] < 1e-8 and data["prediction"]["one_sided"] == "B"
-        assert data["residual"]["A"] == pytest.approx(data["prediction"]["residual"]["A"])
+        assert data["distance"]["B"] < 1e-8 and data["prediction"]["one_sided"] == "B"
+        assert data["distance"]["A"] == pytest.approx(data["prediction"]["distance"]["A"])
 
 
 def test_an_infeasible_attack_exits_2(tmp_path):
@@ -218,8 +219,8 @@ def test_lsa_play_example_against_a_trained_checkpoint(tmp_path):
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
     for name in ("A", "B"):
-        assert data["residual"][name] == pytest.approx(
-            data["prediction"]["residual"][name], rel=1e-6
+        assert data["distance"][name] == pytest.approx(
+            data["prediction"]["distance"][name], rel=1e-6
         )
     wrong_d = _invoke(
         tmp_path,
@@ -270,22 +271,66 @@ def test_a_foreign_torch_file_is_one_clean_line(tmp_path):
     assert lines[0].endswith("not a misalign checkpoint (TypeError)")
 
 
-def test_run_over_seeds_reports_means_and_draws_bands(tmp_path):
-    config = tmp_path / "c.toml"
-    config.write_text(GOOD)
-    result = _invoke(tmp_path, "run", str(config), "--seeds", "8", "--set", "rounds=400", "--json")
-    assert result.exit_code == 0, result.stderr
-    seeds = json.loads(result.stdout)["seeds"]
-    assert seeds["seeds"] == list(range(1, 9)) and seeds["converged"] == 8
-    for row in seeds["residual"].values():
-        simulated = np.array(row["simulated"])
-        assert row["simulated_mean"] == pytest.approx(simulated.mean())
-        np.testing.assert_allclose(simulated, row["predicted"], atol=1e-8)
-    alone = _invoke(
-        tmp_path, "run", str(config), "--set", "seed=4", "--set", "rounds=400", "--json"
+MIXED = """seed = 0
+d = 2
+rounds = 200
+[agents.A]
+n = 4
+preconditioner = "identity"
+eta = 2.0
+[agents.B]
+n = 5
+"""
+
+
+def _process(*args, timeout=120):
+    """The real command in a child process."""
+    return subprocess.run(
+        [sys.executable, "-m", "misalign.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
-    alone = json.loads(alone.stdout)
-    assert seeds["residual"]["A"]["simulated"][3] == alone["residual"]["A"]  # seed 4 = play 3
-    assert (tmp_path / "out" / "trajectory.png").exists()
-    text = _invoke(tmp_path, "run", str(config), "--seeds", "8")
-    assert "over the 8 of 8 seeds that converge" in text.stdout
+
+
+def _strict_json(text):
+    """JSON that has no NaN or Infinity (Python's json accepts them unless told not to)."""
+
+    def refuse(constant):
+        raise AssertionError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_run_over_seeds_tells_one_story_in_text_json_and_figure(tmp_path):
+    """A batch where some seeds diverge: the summary, the JSON and the figure agree on which
+    plays converge, and the converging plays' quantiles are those of the per-seed values."""
+    config = tmp_path / "c.toml"
+    config.write_text(MIXED)
+    out = tmp_path / "out"
+    result = _process("run", str(config), "--seeds", "20", "--json", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    batch = _strict_json(result.stdout)["batch"]
+    rho = np.array(batch["rho"]["per_seed"])
+    assert batch["seeds"] == list(range(20)) and 0 < batch["converging"] < 20
+    diverging = [s for s, r in zip(batch["seeds"], rho, strict=True) if r >= 1]
+    assert batch["diverging_seeds"] == diverging and batch["converging"] == 20 - len(diverging)
+    for row in batch["distance"].values():
+        simulated = np.array([x for x in row["simulated"] if x is not None])
+        assert len(simulated) == batch["converging"]
+        assert row["simulated_median"] == pytest.approx(np.median(simulated))
+        assert row["simulated_q90"] == pytest.approx(np.quantile(simulated, 0.9))
+    alone = _strict_json(
+        _process("run", str(config), "--set", "seed=4", "--json", "--out", str(tmp_path)).stdout
+    )
+    play = batch["seeds"].index(4)
+    if 4 not in diverging:
+        assert batch["distance"]["A"]["simulated"][play] == alone["distance"]["A"]
+    title = Image.open(out / "trajectory.png").text["Description"]
+    good = batch["converging"]
+    assert f"{good} of 20 plays converge" in title and f"{len(diverging)} diverge" in title
+    assert "diverges (rho" not in title and "rho over 20 plays" in title
+    text = _process("run", str(config), "--seeds", "20", "--out", str(out)).stdout
+    assert f"20 plays (seeds 0..19): {good} converge" in text
+    assert f"{len(diverging)} diverge" in text and ", ".join(map(str, diverging[:3])) in text
+    assert "converges (rho" not in text  # no single-seed headline in a batch's story

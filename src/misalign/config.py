@@ -37,7 +37,10 @@ smallest positive scale: products of a few such numbers stay far from float64 ov
 (``1.8e308``), so every distance and JSON number of a play is finite."""
 
 Finite = Annotated[float, Field(allow_inf_nan=False, ge=-MAGNITUDE, le=MAGNITUDE)]
+NonNegative = Annotated[float, Field(allow_inf_nan=False, ge=0, le=MAGNITUDE)]
 Positive = Annotated[float, Field(allow_inf_nan=False, ge=1 / MAGNITUDE, le=MAGNITUDE)]
+"""Bounded numbers. A ``Field`` given beside one of these must not repeat its ``ge``/``le``:
+pydantic lets the type's bound win, silently."""
 
 
 class ConfigError(ValueError):
@@ -64,9 +67,9 @@ class LearnerConfig(_Strict):
     target: list[Finite] | None = Field(
         default=None, description="the agent's objective w*; sampled N(0, I) when absent"
     )
-    noise: Finite = Field(default=0.0, ge=0, description="label noise standard deviation")
-    sampling_std: Finite = Field(
-        default=0.0, ge=0, description="std of the noise added to every answer (a sampled agent)"
+    noise: NonNegative = Field(default=0.0, description="label noise standard deviation")
+    sampling_std: NonNegative = Field(
+        default=0.0, description="std of the noise added to every answer (a sampled agent)"
     )
     reads: str | None = Field(
         default=None, description="whose output this agent reads; default the previous turn"
@@ -79,7 +82,7 @@ class GradientAgentConfig(LearnerConfig):
     kind: Literal["gd"] = "gd"
     preconditioner: Literal["identity", "lsa-optimal", "newton"] = "lsa-optimal"
     eta: Positive = Field(default=1.0, description="step scale")
-    steps_per_turn: int = Field(default=1, ge=1)
+    steps_per_turn: int = Field(default=1, ge=1, le=1000)
 
 
 class LSAAgentConfig(LearnerConfig):
@@ -134,7 +137,13 @@ class DefenceConfig(_Strict):
 
     agent: str = Field(description="the defended agent")
     method: Literal["monitor", "damping", "predict"]
-    damping: Positive = Field(default=0.5, le=1, description="weight of the new answer")
+    damping: float = Field(
+        default=0.5,
+        allow_inf_nan=False,
+        ge=1 / MAGNITUDE,
+        le=1,
+        description="weight of the new answer",
+    )
     budget: Positive = Field(
         default=0.5,
         description="predict: refuse when the predicted own residual exceeds "

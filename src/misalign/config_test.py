@@ -55,6 +55,9 @@ def test_defaults():
         ("agents.A.n", 12.0, "agents.A.n: input should be a valid integer"),
         ("agents.A.eta", "0.5", "agents.A.eta: input should be a valid number"),
         ("agents.A.rotate", 1, "agents.A.rotate: input should be a valid boolean"),
+        ("agents.A.noise", -1.0, "agents.A.noise: input should be greater than or equal to 0"),
+        ("agents.A.sampling_std", -0.1, "agents.A.sampling_std: input should be greater than"),
+        ("agents.A.steps_per_turn", 10**9, "agents.A.steps_per_turn: input should be less than"),
         ("agents.A.colour", "red", "agents.A.colour: unknown key"),
         ("speed", 3, "speed: unknown key"),
         (
@@ -79,6 +82,16 @@ def test_bad_input_is_one_line_naming_the_field(path, value, message):
         parse_config(_with(path, value))
     text = str(info.value)
     assert text.startswith(message) and "\n" not in text
+
+
+@pytest.mark.parametrize("value,ok", [(2.0, False), (0.0, False), (1.0, True), (0.3, True)])
+def test_damping_is_a_weight_in_0_1(value, ok):
+    data = {**BASE, "defence": {"agent": "A", "method": "damping", "damping": value}}
+    if ok:
+        assert parse_config(data).defence.damping == value
+    else:
+        with pytest.raises(ConfigError, match="^defence.damping: input should be"):
+            parse_config(data)
 
 
 def test_missing_required_key():

@@ -35,7 +35,9 @@ from misalign.config import (
 )
 from misalign.helper import Helper
 from misalign.play import Schedule, Trajectory, play
+from misalign.progress import progress_bar
 from misalign.prompt import Prompt, agent_rng, sample_prompt
+from misalign.sizes import require
 from misalign.theory import Prediction
 from misalign.theory import predict as predict_maps
 
@@ -64,27 +66,45 @@ class Game:
         return {name: np.stack([p.target for p in ps]) for name, ps in self.prompts.items()}
 
 
-def setup(config: PlayConfig | Sequence[PlayConfig], seeds: Sequence[int] | None = None) -> Game:
+def setup(
+    config: PlayConfig | Sequence[PlayConfig],
+    seeds: Sequence[int] | None = None,
+    progress: bool = False,
+) -> Game:
     """Sample the prompts and build the agents of a batch of plays.
 
     Args:
         config: one configuration, or one per play (same ``d``, agents and schedule).
         seeds: with one configuration, play it once per seed (default: its own seed).
+        progress: show a progress bar on stderr while sampling the prompts of a large batch.
 
     Returns:
         The game.
+
+    Raises:
+        ConfigError: the play, or the batch, would not fit in memory (``check_size``).
     """
     if isinstance(config, PlayConfig):
         seeds = [config.seed] if seeds is None else seeds
+        check_size(config, len(seeds))
         configs = tuple(config.model_copy(update={"seed": int(s)}) for s in seeds)
     else:
         configs = tuple(config)
+        check_size(configs[0], len(configs))
     first = configs[0]
     for other in configs[1:]:
         if _shape(other) != _shape(first):
             raise ValueError("a batch needs one d, agent list, schedule, attack and defence")
     learners = [n for n, a in first.agents.items() if isinstance(a, LearnerConfig)]
-    prompts = {n: [_prompt(c.seed, n, c.agents[n], c.d) for c in configs] for n in learners}
+    prompts: dict[str, list[Prompt]] = {n: [] for n in learners}
+    bar = progress_bar(len(configs), "prompts") if progress and len(configs) >= 2000 else None
+    for c in configs:
+        for n in learners:
+            prompts[n].append(_prompt(c.seed, n, c.agents[n], c.d))
+        if bar is not None:
+            bar.advance(bar.task_ids[0])
+    if bar is not None:
+        bar.stop()
     agents: dict[str, Agent] = {
         n: _agent(n, [c.agents[n] for c in configs], prompts[n]) for n in learners
     }
@@ -110,6 +130,48 @@ def setup(config: PlayConfig | Sequence[PlayConfig], seeds: Sequence[int] | None
         agents[name] = _defended(first.defence, agents[name], prompts[name])
     start = np.stack([np.zeros(c.d) if c.start is None else np.asarray(c.start) for c in configs])
     return Game(configs, agents, prompts, schedule, start)
+
+
+FLOAT = 8
+"""Bytes of a float64."""
+JSON_FLOAT = 60
+"""Bytes one reported number costs: a Python float in a list, and its JSON text."""
+
+
+def footprint(config: PlayConfig, plays: int = 1) -> dict[str, float]:
+    """Estimated peak memory of setting up, playing, predicting and reporting ``plays`` plays
+    of ``config``, in bytes, keyed by the setting that drives each part.
+
+    The parts: the recorded outputs (``rounds``: every turn of every play, one agent's
+    distances while reporting, and the first play's outputs in the JSON report); the
+    agents' maps and the round map's eigenvalues and solves (``d``: ``N d x N d`` per
+    play for ``N`` agents); and each prompt (``agents.<name>.n``: kept per play, the
+    temporaries of sampling one, and the first play's prompt in the report).
+    """
+    d, turns, agents = config.d, len(config.order), len(config.agents)
+    stacked = agents * d
+    parts = {
+        "rounds": config.rounds * d * (2 * turns * plays * FLOAT + agents * JSON_FLOAT),
+        "d": plays * (6 * agents * d * d + 8 * stacked * stacked) * FLOAT,
+    }
+    for name, agent in config.agents.items():
+        if isinstance(agent, LearnerConfig):
+            kept = plays * (agent.n * (d + 1) + 2 * d * d) * FLOAT
+            parts[f"agents.{name}.n"] = kept + agent.n * (d + 1) * (4 * FLOAT + JSON_FLOAT)
+    return parts
+
+
+def check_size(config: PlayConfig, plays: int = 1) -> None:
+    """Refuse, before allocating, a play or a batch of ``plays`` plays that would not fit in
+    memory (``footprint``).
+
+    Raises:
+        ConfigError: one line naming the setting that drives the size (``seeds`` for a
+            batch whose single play would fit).
+    """
+    require(footprint(config), "the play")
+    if plays > 1:
+        require({"seeds": sum(footprint(config, plays).values())}, f"a batch of {plays} plays")
 
 
 def _shape(config: PlayConfig) -> tuple:
@@ -261,7 +323,8 @@ def simulate(game: Game, rounds: int | None = None, progress: bool = False) -> T
 
 
 def predict(game: Game) -> Prediction:
-    """The theory's prediction for the game (MODEL.md section 2).
+    """The theory's prediction for the game (MODEL.md section 2), from the game's start
+    (the limit depends on it where no prompt sees some direction, docs/theory.md §2).
 
     Raises:
         ValueError: an agent is a black box (it exposes no affine map).
@@ -277,4 +340,4 @@ def predict(game: Game) -> Prediction:
         for name, agent in game.agents.items()
         if isinstance(agent, Sampled)
     }
-    return predict_maps(maps, game.schedule, game.targets, noise)
+    return predict_maps(maps, game.schedule, game.targets, noise, start=game.start)

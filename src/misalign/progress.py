@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from functools import cache
 from typing import Any
 
 from rich.progress import Progress, TextColumn
@@ -22,12 +24,27 @@ def progress_bar(
             ``"loss {task.fields[loss]:.4f}"``.
         fields: the initial values of the fields those templates read.
     """
-    from rich.console import Console
-
     extra = [TextColumn(template) for template in columns]
-    bar = Progress(
-        *Progress.get_default_columns(), *extra, console=Console(stderr=True), transient=True
-    )
+    bar = Progress(*Progress.get_default_columns(), *extra, console=_stderr(), transient=True)
     bar.add_task(description, total=total, completed=done, **fields)
     bar.start()
     return bar
+
+
+@contextmanager
+def stage(description: str, show: bool = True) -> Iterator[None]:
+    """A transient spinner on stderr, naming a step of unknown length while it runs."""
+    if not show:
+        yield
+        return
+    with _stderr().status(description):
+        yield
+
+
+@cache
+def _stderr():
+    """The one stderr console every bar and spinner shares, so that they nest (a bar inside a
+    spinner shows below it) instead of drawing over each other."""
+    from rich.console import Console
+
+    return Console(stderr=True)

@@ -98,13 +98,32 @@ def sample_prompt(
         The prompt.
     """
     spectrum = np.ones(d) if spectrum is None else np.asarray(spectrum, dtype=float)
-    rotation_rng, target_rng, input_rng, noise_rng = rng.spawn(4)
-    rotation = haar_rotation(rotation_rng, d) if rotate else np.eye(d)
-    target = target_rng.standard_normal(d) if target is None else np.asarray(target, dtype=float)
-    X = input_rng.standard_normal((n, d)) * np.sqrt(spectrum) @ rotation.T
-    y = X @ target + noise * noise_rng.standard_normal(n)
+    rotation = haar_rotation(_child(rng, ROTATION), d) if rotate else np.eye(d)
+    if target is None:
+        target = _child(rng, TARGET).standard_normal(d)
+    target = np.asarray(target, dtype=float)
+    X = _child(rng, INPUTS).standard_normal((n, d)) * np.sqrt(spectrum) @ rotation.T
+    y = X @ target
+    if noise > 0:
+        y += noise * _child(rng, NOISE).standard_normal(n)
     covariance = (rotation * spectrum) @ rotation.T
     return Prompt(X=X, y=y, target=target, covariance=covariance)
+
+
+ROTATION, TARGET, INPUTS, NOISE = range(4)
+"""The child streams of an agent's generator, in the order of ``Generator.spawn(4)``."""
+
+
+def _child(rng: np.random.Generator, k: int) -> np.random.Generator:
+    """``rng.spawn(4)[k]``, built alone: the same stream, without the cost of the children a
+    prompt does not draw from (a batch of 10^5 plays builds 10^5 prompts per agent)."""
+    seeds = rng.bit_generator.seed_seq
+    child = np.random.SeedSequence(
+        seeds.entropy,
+        spawn_key=(*seeds.spawn_key, seeds.n_children_spawned + k),
+        pool_size=seeds.pool_size,
+    )
+    return np.random.Generator(type(rng.bit_generator)(child))
 
 
 def haar_rotation(rng: np.random.Generator, d: int) -> np.ndarray:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Any
 
 import numpy as np
@@ -11,27 +13,46 @@ from misalign.experiment import Game
 from misalign.play import Trajectory
 from misalign.theory import Prediction, exactness
 
+CONTRACT = {
+    "common": ("config", "config_hash", "agents", "prediction", "attack", "defence"),
+    "run": ("outputs", "distance", "rounds_played", "diverged_at", "rounds_to_prediction", "batch"),
+    "prediction": (
+        *("rho", "converges", "rounds_to_tol", "distance", "covariance"),
+        *("on_target", "one_sided", "why"),
+    ),
+}
+"""The keys of the ``--json`` report: every one is present in every case, ``null`` where it
+has no value (``prediction`` also holds one key per agent, its predicted fixed point)."""
+
 
 def report(
     game: Game, prediction: Prediction, trajectory: Trajectory | None = None, play: int = 0
 ) -> dict[str, Any]:
-    """The JSON report of one play of the batch (the ``--json`` contract).
+    """The JSON report of one play of the batch (the ``--json`` contract, ``CONTRACT``).
 
     Keys: ``config`` (resolved), ``config_hash``, ``agents.<name>`` (``X``, ``y``,
     ``gamma``, ``target``), ``prediction`` (``<name>`` fixed point, ``rho``,
-    ``converges``, ``rounds_to_tol``, ``covariance.<name>`` (the stationary covariance of
-    the output, with sampled agents), ``residual.<name>`` predicted distance to
-    target, ``on_target.<name>``, ``one_sided`` (the one agent that ends exactly on
-    target while another does not, else ``null``), ``why.<name>`` for exact agents);
-    with a trajectory also ``outputs.<name>`` (one list of ``d`` floats per
-    round), ``residual.<name>`` (distance of the final output to its target),
-    ``rounds_played``, ``diverged_at`` (round, or ``null``) and ``rounds_to_prediction``
-    (from which round every output stays within 1e-8 of its prediction). With an attack,
-    ``attack`` (its table, plus ``probe_turns`` for the gray box); with a
-    defence after a run, ``defence`` (``flagged_at``, ``score``, ``refused_at``).
+    ``converges``, ``rounds_to_tol``, ``distance.<name>`` predicted distance ``|e_i|``
+    to target, ``covariance.<name>`` (the stationary covariance of the output, with
+    sampled agents), ``on_target.<name>``, ``one_sided`` (the one agent that ends exactly
+    on target while another does not), ``why.<name>`` for exact agents), ``attack`` (its
+    table, plus ``probe_turns`` for the gray box) and ``defence`` (after a run:
+    ``flagged_at``, ``score``, ``refused_at``). With a trajectory also ``outputs.<name>``
+    (one list of ``d`` floats per round), ``distance.<name>`` (of the final output to its
+    target), ``rounds_played``, ``diverged_at`` (round, or ``null``),
+    ``rounds_to_prediction`` (from which round every output stays within 1e-8 of its
+    prediction) and ``batch`` (``null``; ``run --seeds`` fills it with ``batch``).
+    Numbers that are not finite are ``null`` once written by ``to_json``.
     """
     config = game.configs[play]
+    names = game.schedule.agents
     converges = bool(prediction.converges[play])
+    predicted = {
+        name: float(np.linalg.norm(prediction.residual[name][play]))
+        if converges and name in prediction.residual
+        else None
+        for name in names
+    }
     out: dict[str, Any] = {
         "config": config.model_dump(mode="json", exclude_none=True),
         "config_hash": config.digest(),
@@ -40,13 +61,18 @@ def report(
             "rho": float(prediction.rho[play]),
             "converges": converges,
             "rounds_to_tol": int(prediction.rounds_to()[play]) if converges else None,
-            "residual": {
-                name: float(np.linalg.norm(prediction.residual[name][play]))
-                if converges and name in prediction.residual
-                else None
-                for name in game.schedule.agents
-            },
+            "distance": predicted,
+            "covariance": {
+                name: sigma[play].tolist() for name, sigma in prediction.covariance.items()
+            }
+            if converges and prediction.covariance
+            else None,
+            "on_target": dict.fromkeys(n for n in names if n in game.targets),
+            "one_sided": None,
+            "why": {},
         },
+        "attack": None,
+        "defence": None,
     }
     for name, agent in game.agents.items():
         prompt = game.prompts[name][play] if name in game.prompts else None  # helpers have none
@@ -57,60 +83,75 @@ def report(
             "gamma": None if gamma is None else gamma[play].tolist(),
             "target": None if prompt is None else prompt.target.tolist(),
         }
-        fixed = prediction.fixed_point[name][play]
-        out["prediction"][name] = fixed.tolist() if converges else None
+        out["prediction"][name] = prediction.fixed_point[name][play].tolist() if converges else None
     if converges:
         out["prediction"].update(_one_sided(game, prediction, play))
-    if converges and prediction.covariance:
-        out["prediction"]["covariance"] = {
-            name: sigma[play].tolist() for name, sigma in prediction.covariance.items()
-        }
     if config.attack is not None:
         out["attack"] = config.attack.model_dump(mode="json")
         probes = getattr(game.agents[config.attack.agent], "probe_turns", None)
         if probes is not None:
             out["attack"]["probe_turns"] = probes
-    if trajectory is not None and config.defence is not None:
+    if trajectory is None:
+        return out
+    if config.defence is not None:
         guard = game.agents[config.defence.agent]
         out["defence"] = {
-            key: _play_value(getattr(guard, key), play)
+            key: _play_value(getattr(guard, key, None), play)
             for key in ("flagged_at", "score", "refused_at")
-            if hasattr(guard, key)
         }
-    if trajectory is not None and converges:
-        out["rounds_to_prediction"] = _rounds_to_prediction(game, prediction, trajectory, play)
-    if trajectory is not None:
-        targets = game.targets
-        stop = trajectory.diverged_at[play]
-        rounds = trajectory.rounds if stop < 0 else int(stop)  # keep only finite rounds
-        out["rounds_played"] = rounds
-        out["diverged_at"] = None if stop < 0 else int(stop)
-        out["outputs"] = {
-            name: trajectory.outputs(name)[:rounds, play].tolist() for name in game.schedule.agents
-        }
-        out["residual"] = {
+    stop = trajectory.diverged_at[play]
+    rounds = trajectory.rounds if stop < 0 else int(stop)  # keep only finite rounds
+    targets = game.targets
+    out |= {
+        "outputs": {name: trajectory.outputs(name)[:rounds, play].tolist() for name in names},
+        "distance": {
             name: float(trajectory.distance(name, targets[name])[rounds - 1, play])
             if rounds and name in targets
             else None
-            for name in game.schedule.agents
-        }
+            for name in names
+        },
+        "rounds_played": rounds,
+        "diverged_at": None if stop < 0 else int(stop),
+        "rounds_to_prediction": _play_value(
+            rounds_to_prediction(game, prediction, trajectory), play
+        ),
+        "batch": None,
+    }
     return out
 
 
-def _rounds_to_prediction(
-    game: Game, prediction: Prediction, trajectory: Trajectory, play: int, tol: float = 1e-8
-) -> int | None:
-    """The round (from 1) after which every output stays within ``tol`` (relative) of its
-    predicted limit: the measured counterpart of ``rounds_to_tol``; ``None`` if never."""
-    close = np.ones(trajectory.rounds, dtype=bool)
-    for name in game.schedule.agents:
-        fixed = prediction.fixed_point[name][play]
-        error = np.linalg.norm(trajectory.outputs(name)[:, play] - fixed, axis=-1)
-        close &= error <= tol * max(1.0, np.linalg.norm(fixed))
-    if not close[-1]:
+def to_json(result: Any, indent: int | None = None) -> str:
+    """Strict JSON text of a report: every number that is not finite becomes ``null`` (JSON has
+    no ``Infinity`` or ``NaN``), numpy scalars become plain numbers."""
+    return json.dumps(_finite(result), indent=indent, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
         return None
-    far = np.flatnonzero(~close)
-    return int(far[-1] + 2) if len(far) else 1
+    return value
+
+
+def rounds_to_prediction(
+    game: Game, prediction: Prediction, trajectory: Trajectory, tol: float = 1e-8
+) -> np.ndarray:
+    """Per play, the round (from 1) after which every output stays within ``tol`` (relative)
+    of its predicted limit: the measured counterpart of ``rounds_to_tol``; ``-1`` where it
+    never does (or the play does not converge)."""
+    close = np.ones((trajectory.rounds, trajectory.turns.shape[1]), dtype=bool)
+    for name in game.schedule.agents:
+        fixed = prediction.fixed_point[name]
+        error = trajectory.distance(name, fixed)
+        close &= error <= tol * np.maximum(1.0, np.linalg.norm(fixed, axis=-1))
+    far = ~close[::-1]
+    last_far = np.where(far.any(axis=0), trajectory.rounds - 1 - far.argmax(axis=0), -1)
+    return np.where(close[-1], last_far + 2, -1)
 
 
 def _describe(attack: AttackConfig) -> str:
@@ -170,24 +211,52 @@ def _one_sided(game: Game, prediction: Prediction, play: int) -> dict[str, Any]:
     }
 
 
-def spread(game: Game, prediction: Prediction, trajectory: Trajectory) -> dict[str, Any]:
-    """The batch at a glance (``run --seeds``): per agent with a target, the final and the
-    predicted distance to it, per seed and as mean and standard deviation over the plays
-    that stayed finite and converge."""
+def batch(game: Game, prediction: Prediction, trajectory: Trajectory) -> dict[str, Any]:
+    """The batch of ``run --seeds`` as one story: which plays converge and which diverge, the
+    spread of ``rho`` over seeds, and per agent with a target its final and predicted
+    distance over the converging plays, robustly (median and 10-90% quantiles) and as mean
+    ± std, with the largest gap between simulation and theory.
+
+    A play counts as converging when the theory says so (``rho < 1``) and its outputs
+    stayed finite; every other play is listed in ``diverging_seeds``.
+    """
+    seeds = [c.seed for c in game.configs]
     ok = (trajectory.diverged_at < 0) & prediction.converges
-    residual = {}
+    distance = {}
     for name in (n for n in game.schedule.agents if n in game.targets):
         simulated = trajectory.distance(name, game.targets[name])[-1]
         predicted = np.linalg.norm(prediction.residual[name], axis=-1)
-        residual[name] = {
-            "simulated": [float(x) if k else None for x, k in zip(simulated, ok, strict=True)],
-            "predicted": [float(x) if k else None for x, k in zip(predicted, ok, strict=True)],
-            "simulated_mean": float(simulated[ok].mean()) if ok.any() else None,
-            "simulated_std": float(simulated[ok].std()) if ok.any() else None,
-            "predicted_mean": float(predicted[ok].mean()) if ok.any() else None,
+        distance[name] = {
+            "simulated": np.where(ok, simulated, np.nan).tolist(),
+            "predicted": np.where(ok, predicted, np.nan).tolist(),
+            **_quantiles(simulated[ok], "simulated"),
+            **_quantiles(predicted[ok], "predicted"),
+            "max_abs_error": float(np.abs(simulated - predicted)[ok].max()) if ok.any() else None,
         }
+    measured = rounds_to_prediction(game, prediction, trajectory)[ok]
+    reached = measured[measured > 0]
     return {
-        "seeds": [c.seed for c in game.configs],
-        "converged": int(ok.sum()),
-        "residual": residual,
+        "seeds": seeds,
+        "plays": len(seeds),
+        "converging": int(ok.sum()),
+        "diverging_seeds": [s for s, good in zip(seeds, ok, strict=True) if not good],
+        "rho": {"per_seed": prediction.rho.tolist(), **_quantiles(prediction.rho, "")},
+        "distance": distance,
+        "rounds_to_prediction": {
+            "median": float(np.median(reached)) if len(reached) else None,
+            "max": float(reached.max()) if len(reached) else None,
+            "never": int(len(measured) - len(reached)),
+        },
     }
+
+
+def _quantiles(values: np.ndarray, prefix: str) -> dict[str, float | None]:
+    """``median``, ``q10``, ``q90``, ``mean``, ``std`` and ``min``/``max`` of ``values``
+    (``None`` when empty), keys prefixed with ``prefix_``."""
+    stats = ("median", "q10", "q90", "mean", "std", "min", "max")
+    keys = [f"{prefix}_{k}" if prefix else k for k in stats]
+    if not len(values):
+        return dict.fromkeys(keys)
+    q10, median, q90 = np.quantile(values, [0.1, 0.5, 0.9])
+    numbers = (median, q10, q90, values.mean(), values.std(), values.min(), values.max())
+    return {key: float(x) for key, x in zip(keys, numbers, strict=True)}

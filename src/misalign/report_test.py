@@ -25,9 +25,9 @@ def test_report_round_trips_through_json_and_matches_the_arrays():
         np.testing.assert_array_equal(agent["gamma"], game.agents[name].gamma[0])
         assert len(data["outputs"][name]) == 60 and len(data["outputs"][name][0]) == 3
         final = np.linalg.norm(np.array(data["outputs"][name][-1]) - agent["target"])
-        assert data["residual"][name] == pytest.approx(final)
-        assert data["residual"][name] == pytest.approx(
-            data["prediction"]["residual"][name], abs=1e-8
+        assert data["distance"][name] == pytest.approx(final)
+        assert data["distance"][name] == pytest.approx(
+            data["prediction"]["distance"][name], abs=1e-8
         )
     assert data["prediction"]["converges"] is True
     assert data["config"]["seed"] == 3 and data["diverged_at"] is None

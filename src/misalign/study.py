@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from misalign.config import ConfigError, PlayConfig, parse_config
-from misalign.experiment import Game, setup, simulate
+from misalign.experiment import Game, check_size, setup, simulate
 from misalign.progress import progress_bar
 
 ATTACKS: dict[str, dict[str, str] | None] = {
@@ -69,7 +69,11 @@ def run_study(
 
     Returns:
         The cells by ``(attack, defence)``, and the attacks that could not run with why.
+
+    Raises:
+        ConfigError: the plays of one cell would not fit in memory.
     """
+    check_size(config, seeds)
     attacker, victim = roles(config)
     cells, skipped = {}, {}
     todo = [(a, d) for a in ATTACKS for d in DEFENCES]
@@ -81,7 +85,7 @@ def run_study(
         if attack in skipped:
             continue
         try:
-            game = setup(parse_config(data), seeds=range(seeds))
+            game = setup(parse_config(data), seeds=range(seeds), progress=progress)
         except ConfigError as exc:
             skipped[attack] = str(exc)
             continue
