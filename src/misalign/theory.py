@@ -6,6 +6,16 @@ the composition ``s -> R s + r``. The play converges iff ``rho(R) < 1`` (blocks
 overwritten before they are read add zero eigenvalues only), at rate ``rho``
 per round, to the fixed point ``(I - R) s* = r``.
 
+Directions no prompt sees (docs/theory.md §2): when the prompts share a null
+space ``N`` (``X_i v = 0`` for every agent, e.g. ``n_A + n_B < d``), every
+``H_i`` vanishes on ``N`` and ``R`` has the eigenvalue 1 exactly. Where it is
+semisimple and the affine part has no component along it (``P_1 r = 0``,
+``P_1`` the spectral projection), the round acts there as the identity: the play
+still converges, at the rate ``rho`` of the moving part ``R (I - P_1) = R - P_1``,
+to ``s* = P_1 s_0 + (I - R + P_1)^{-1} r``, which depends on the start ``s_0``.
+Equivalently ``(I - R) s* = r`` with ``L^T s* = L^T s_0``, the columns of ``L``
+spanning the left null space of ``I - R``.
+
 For two alternating agents this gives back ``M_B = (I - H_B)(I - H_A)``,
 ``v* = (I - M_B)^{-1} ((I - H_B) b_A + b_B)`` and the residuals
 ``e_B = (I - M_B)^{-1} (I - H_B) H_A delta``,
@@ -32,26 +42,42 @@ class Prediction:
     """The predicted outcome of a batch of plays.
 
     Attributes:
-        rho: spectral radius of the round map, per play, shape ``(B,)``.
+        rho: spectral radius of the moving part of the round map, per play, shape ``(B,)``:
+            of ``R`` itself, or of ``R - P_1`` where ``R`` acts as the identity on an
+            eigenvalue-1 space (directions no prompt sees, docs/theory.md §2). At least 1
+            where the play does not converge.
         fixed_point: per agent, the predicted limit of its output, ``(B, d)``;
             NaN for plays that do not converge.
         residual: per agent with a target, ``fixed_point - target``, ``(B, d)``.
         covariance: with sampled agents, per agent the stationary covariance of its output,
-            ``(B, d, d)`` (the mean is ``fixed_point``); empty without noise.
+            ``(B, d, d)`` (the mean is ``fixed_point``); empty without noise. NaN where the
+            play does not converge; ``inf`` where the noise reaches the eigenvalue-1 space,
+            along which the outputs then random-walk (their spread grows linearly with the
+            rounds: there is no stationary covariance).
+        depends_on_start: per play, whether the limit depends on the start ``s_0`` (the play
+            converges and the round map has a nontrivial eigenvalue-1 space), ``(B,)``;
+            all ``False`` by default.
     """
 
     rho: np.ndarray
     fixed_point: dict[str, np.ndarray]
     residual: dict[str, np.ndarray]
     covariance: dict[str, np.ndarray] = field(default_factory=dict)
+    depends_on_start: np.ndarray = None  # type: ignore[assignment]  # set in __post_init__
+
+    def __post_init__(self) -> None:
+        if self.depends_on_start is None:
+            object.__setattr__(self, "depends_on_start", np.zeros(np.shape(self.rho), bool))
 
     @property
     def converges(self) -> np.ndarray:
-        """``rho < 1``, per play."""
+        """``rho < 1``, per play (``rho`` is the moving part's, so a play whose round map
+        acts as the identity on an eigenvalue-1 space converges when the rest does)."""
         return self.rho < 1
 
     def rounds_to(self, tol: float = 1e-8) -> np.ndarray:
-        """Rounds for the error to shrink by ``tol`` at the asymptotic rate ``rho``: at least 1
+        """Rounds for the error to shrink by ``tol`` at the asymptotic rate ``rho`` (the moving
+        part's, so the error of the part that moves; the eigenvalue-1 part never does): at least 1
         (a nilpotent round map, ``rho = 0``, still takes a round), ``inf`` where the play
         does not converge."""
         with np.errstate(divide="ignore"):
@@ -134,46 +160,165 @@ def spectral_radius(M: np.ndarray) -> np.ndarray:
     return np.abs(np.linalg.eigvals(M)).max(axis=-1)
 
 
+UNIT_TOL = 1e-10
+"""Relative tolerance of the exact eigenvalue 1 (docs/theory.md §2).
+
+A direction is in the null space of ``I - R`` when its singular value is at most
+``UNIT_TOL * max(1, |I - R|_2)``. Directions no prompt sees leave ``I - R`` singular up to
+rounding: at most ``2e-15`` relative over random plays with ``d <= 9``, up to three agents
+and every preconditioner. A generic eigenvalue ``lambda`` leaves a singular value of about
+``|1 - lambda|`` (over the eigenvector condition number): the smallest seen over the same
+plays was ``1.5e-6``, and ``rho = 0.999`` or ``1 - 1e-8`` stay ordinary eigenvalues of the
+moving part. The tolerance sits in the middle, about five orders from rounding and four from
+the slowest generic play; only a play slower than ``1 - 1e-10`` per round would be taken for
+one that does not move. The affine part has no component along the eigenvalue-1 space when
+``|L^T r| <= UNIT_TOL * max(1, |r|)`` (the floor 1 keeps the rounding of an ``r`` that is a
+cancelling sum of ``O(1)`` terms from passing for a drift), the noise none when
+``|L^T Q L|_2 <= UNIT_TOL * |Q|_2`` (``Q`` is positive semidefinite: no cancellation)."""
+
+SEMISIMPLE_TOL = 1e-6
+"""The eigenvalue 1 is semisimple when the smallest singular value of ``L^T V_1`` (the
+cosines between its left and right eigenspaces, orthonormal bases ``L`` and ``V_1``) exceeds
+this: the spectral projection ``P_1 = V_1 (L^T V_1)^{-1} L^T`` then has norm below ``1e6``.
+A Jordan block makes ``L^T V_1`` singular (left and right eigenvectors orthogonal)."""
+
+
+class UnitSpace(NamedTuple):
+    """The eigenvalue-1 space of a batch of round maps ``s -> R s + r`` (docs/theory.md §2).
+
+    Attributes:
+        dim: per play, the dimension ``k`` of the null space of ``I - R`` (``UNIT_TOL``), ``(B,)``.
+        left: ``L``, orthonormal columns spanning the left null space of ``I - R``,
+            ``(B, N d, k_max)``, zero columns past each play's ``k``.
+        identity: per play, whether ``R`` acts as the identity on that space: the eigenvalue 1
+            is semisimple (``SEMISIMPLE_TOL``) and ``L^T r = 0`` (``UNIT_TOL``); ``True`` where
+            ``k = 0``. Where it is ``False`` and ``k > 0`` the play does not converge (a
+            Jordan block grows polynomially, a drift ``L^T r`` linearly).
+        projection: the spectral projection ``P_1 = V_1 (L^T V_1)^{-1} L^T`` where
+            ``identity`` holds, zero elsewhere, ``(B, N d, N d)``.
+    """
+
+    dim: np.ndarray
+    left: np.ndarray
+    identity: np.ndarray
+    projection: np.ndarray
+
+
+def unit_space(R: np.ndarray, r: np.ndarray) -> UnitSpace:
+    """Where a batch of round maps has the eigenvalue 1 exactly, from an SVD of ``I - R``.
+
+    Plays with non-finite entries get ``k = 0`` (an SVD of inf may never return).
+
+    Args:
+        R: ``(B, N d, N d)``.
+        r: ``(B, N d)``.
+
+    Returns:
+        The null spaces, whether ``R`` acts there as the identity, and the spectral projections.
+    """
+    batch, size, _ = R.shape
+    eye = np.eye(size)
+    finite = np.isfinite(R).all(axis=(1, 2)) & np.isfinite(r).all(axis=1)
+    U, sigma, Vh = np.linalg.svd(np.where(finite[:, None, None], eye - R, 0.0))
+    tol = UNIT_TOL * np.maximum(1.0, sigma[:, :1])
+    dim = np.where(finite, (sigma <= tol).sum(axis=1), 0)
+    k = int(dim.max(initial=0))
+    if k == 0:
+        return UnitSpace(
+            dim, np.zeros((batch, size, 0)), np.ones(batch, bool), np.zeros((batch, size, size))
+        )
+    live = np.arange(k) >= (k - dim)[:, None]  # the last dim of the last k singular vectors
+    L = U[:, :, size - k :] * live[:, None, :]
+    V = Vh[:, size - k :, :].transpose(0, 2, 1) * live[:, None, :]
+    G = L.transpose(0, 2, 1) @ V + np.eye(k) * ~live[:, :, None]  # identity on the padding
+    semisimple = np.linalg.svd(G, compute_uv=False)[:, -1] > SEMISIMPLE_TOL
+    drift = np.linalg.norm(np.einsum("bik,bi->bk", L, np.where(finite[:, None], r, 0.0)), axis=1)
+    still = drift <= UNIT_TOL * np.maximum(1.0, np.linalg.norm(r, axis=1))
+    identity = semisimple & still
+    G = np.where(semisimple[:, None, None], G, np.eye(k))  # keep the solve nonsingular
+    P = V @ np.linalg.solve(G, L.transpose(0, 2, 1))
+    P[~identity] = 0.0
+    return UnitSpace(dim, L, identity | (dim == 0), P)
+
+
 def predict(
     maps: Mapping[str, AffineMap],
     schedule: Schedule,
     targets: Mapping[str, np.ndarray],
     noise: Mapping[str, np.ndarray] | None = None,
+    start: np.ndarray | None = None,
 ) -> Prediction:
     """Predict ``rho``, the fixed point and the residuals for any schedule, and with sampled
     agents the stationary covariance of every output (MODEL.md section 6).
+
+    Directions no prompt sees (docs/theory.md §2): where ``R`` acts as the identity on its
+    eigenvalue-1 space (``unit_space``), ``rho`` is the spectral radius of the moving part
+    ``R - P_1`` and the limit ``s* = P_1 s_0 + (I - R + P_1)^{-1} (I - P_1) r`` (one linear
+    solve; ``I - R + P_1`` is ``I - R`` on the moving part and the identity on the
+    eigenvalue-1 space, so it is as well conditioned as the moving part allows) solves
+    ``(I - R) s* = r`` with ``L^T s* = L^T s_0``: it depends on the start. Elsewhere it is
+    the unique fixed point ``(I - R)^{-1} r`` (``P_1 = 0``, the same computation as without
+    such directions). With sampled agents, noise with a component along the eigenvalue-1
+    space (``L^T Q L != 0``) makes the outputs random-walk there: their covariance is
+    ``inf``. Noise that vanishes there (``Q L = 0``) leaves the stationary covariance
+    ``Sigma = (R - P_1) Sigma (R - P_1)^T + Q`` on the complement.
 
     Args:
         maps: every scheduled agent's turn map.
         schedule: the round's turns.
         targets: the objective ``w*`` of every agent that has one (helpers do not), ``(B, d)``.
         noise: per sampled agent, its noise covariance ``Q_i``, ``(B, d, d)``.
+        start: every agent's initial output ``v_0``, ``(B, d)`` (default zeros); only the
+            limits of plays with an eigenvalue-1 space depend on it.
 
     Returns:
         The prediction.
     """
     names = schedule.agents
     R, r, Q = round_map(maps, schedule, noise)
-    rho = spectral_radius(R)
-    s = np.full_like(r, np.nan)
+    batch, size = r.shape
+    d = size // len(names)
+    start = np.zeros((batch, d)) if start is None else np.broadcast_to(start, (batch, d))
+    s0 = np.concatenate([start] * len(names), axis=1)  # every agent's block starts at start
+    unit = unit_space(R, r)
+    P = unit.projection
+    moving = R - P
+    rho = spectral_radius(moving)
+    rho = np.where(unit.identity, rho, np.maximum(rho, 1.0))  # a Jordan block or a drift at 1
     ok = rho < 1
+    s = np.full_like(r, np.nan)
     if ok.any():
-        eye = np.eye(R.shape[-1])
-        s[ok] = np.linalg.solve(eye - R[ok], r[ok][..., None])[..., 0]
-    d = r.shape[-1] // len(names)
+        eye = np.eye(size)
+        Pk, rk = P[ok], r[ok][..., None]
+        s[ok] = (Pk @ s0[ok][..., None] + np.linalg.solve(eye - R[ok] + Pk, rk - Pk @ rk))[..., 0]
     blocks = {name: slice(k * d, (k + 1) * d) for k, name in enumerate(names)}
     fixed = {name: s[:, blocks[name]] for name in names}
     covariance = {}
     if Q is not None:
         sigma = np.full_like(R, np.nan)
-        if ok.any():
-            sigma[ok] = stationary_covariance(R[ok], Q[ok])
+        L = unit.left
+        reach = (
+            np.linalg.norm(L.transpose(0, 2, 1) @ Q @ L, ord=2, axis=(1, 2)) if L.shape[-1] else 0
+        )
+        walk = ok & (unit.dim > 0) & (reach > UNIT_TOL * np.linalg.norm(Q, ord=2, axis=(1, 2)))
+        sigma[walk] = np.inf
+        calm = ok & ~walk
+        if calm.any():
+            Pk, Qk = P[calm], Q[calm]
+            unseen = (unit.dim[calm] > 0)[:, None, None]
+            Qk = np.where(
+                unseen,
+                Qk - Pk @ Qk - Qk @ Pk.transpose(0, 2, 1) + Pk @ Qk @ Pk.transpose(0, 2, 1),
+                Qk,
+            )
+            sigma[calm] = stationary_covariance(moving[calm], Qk)
         covariance = {name: sigma[:, blocks[name], blocks[name]] for name in names}
     return Prediction(
         rho=rho,
         fixed_point=fixed,
         residual={name: fixed[name] - targets[name] for name in names if name in targets},
         covariance=covariance,
+        depends_on_start=ok & (unit.dim > 0),
     )
 
 

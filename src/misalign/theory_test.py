@@ -11,6 +11,7 @@ from misalign.experiment import predict, setup, simulate
 from misalign.play import Schedule
 from misalign.prompt import agent_rng, sample_prompt
 from misalign.theory import (
+    Prediction,
     exactness,
     round_map,
     spectral_radius,
@@ -346,3 +347,365 @@ def test_two_agent_round_noise_is_the_closed_form():
     _, _, Q = round_map({"A": A, "B": B}, Schedule.build(["A", "B"]), {"A": Q_A, "B": Q_B})
     np.testing.assert_allclose(Q[0, 3:, 3:], B.A[0] @ Q_A[0] @ B.A[0].T + Q_B[0], atol=1e-14)
     np.testing.assert_allclose(Q[0, :3, :3], Q_A[0], atol=1e-14)
+
+
+# Directions no prompt sees (docs/theory.md §2): n_A + n_B < d leaves the eigenvalue 1 exactly.
+# The checks below compare against an independent simulation: a plain numpy loop over turns
+# taking the gradient steps on the prompts, with its own preconditioners.
+
+SCHEDULES = [["A", "B"], ["B", "A"], ["A", "B", "C"], ["A", "C", "B"], ["A", "B", "A", "C"]]
+
+
+def _own_gamma(kind, prompt, eta):
+    """The preconditioner of MODEL.md section 1, written out again (``newton``: ``pinv(S)``)."""
+    n, d = prompt.X.shape
+    S = prompt.X.T @ prompt.X / n
+    if kind == "identity":
+        return eta * np.eye(d)
+    if kind == "newton":
+        return eta * np.linalg.pinv(S)
+    Lam = prompt.covariance
+    return eta * np.linalg.inv((n + 1) / n * Lam + np.trace(Lam) / n * np.eye(d))
+
+
+def _own_play(game, order, rounds, start=None):
+    """Play 0 of ``game`` turn by turn: every round's stacked outputs, ``(rounds, N d)``."""
+    config, schedule = game.configs[0], Schedule.build(order)
+    names = schedule.agents
+    steps = {}
+    for name in names:
+        agent, prompt = config.agents[name], game.prompts[name][0]
+        gamma = _own_gamma(agent.preconditioner, prompt, agent.eta)
+        steps[name] = (gamma, prompt.X, prompt.y, agent.steps_per_turn)
+    start = game.start[0] if start is None else start
+    last = dict.fromkeys(names, np.array(start, dtype=float))
+    history = np.empty((rounds, len(names) * len(start)))
+    for t in range(rounds):
+        for name, reads in schedule.turns:
+            gamma, X, y, k = steps[name]
+            w = last[reads]
+            for _ in range(k):
+                w = w - gamma @ X.T @ (X @ w - y) / len(y)
+            last[name] = w
+        history[t] = np.concatenate([last[name] for name in names])
+    return history
+
+
+def _observed_rate(history):
+    """The contraction per round of the moving part, from the play alone: the slope of
+    ``log |s_{t+1} - s_t|`` over the rounds where it has fallen from 1e-4 to 1e-10 of its
+    largest value (past the transient, above rounding); ``None`` when too few rounds."""
+    steps = np.linalg.norm(np.diff(history, axis=0), axis=1)
+    top = steps.max()
+    window = np.flatnonzero((steps < 1e-4 * top) & (steps > 1e-10 * top))
+    if top == 0 or len(window) < 12:
+        return None
+    t1, t2 = window[0], window[-1]
+    rounds = np.arange(t1, t2 + 1)
+    slope = np.polyfit(rounds, np.log(steps[t1 : t2 + 1]), 1)[0]
+    return float(np.exp(slope))
+
+
+def blind_config(rng, d, order, null, rounds=100):
+    """A random play whose prompts share a null space of dimension ``null``:
+    ``sum_i n_i = d - null``, random preconditioners, spectra, rotations and start."""
+    names = sorted(set(order))
+    sizes = rng.multinomial(d - null - len(names), np.ones(len(names)) / len(names)) + 1
+    agents = {}
+    for name, n in zip(names, sizes, strict=True):
+        kind = str(rng.choice(KINDS))
+        spectrum = rng.uniform(0.2, 3.0, d)
+        # identity: |S| on the row space is about tr(Lambda) / n, keep eta |S| below 2
+        eta = (
+            rng.uniform(0.3, 0.7) * n / spectrum.sum()
+            if kind == "identity"
+            else rng.uniform(0.5, 1)
+        )
+        agents[name] = {
+            "n": int(n),
+            "spectrum": spectrum.tolist(),
+            "rotate": bool(rng.integers(2)),
+            "preconditioner": kind,
+            "eta": float(eta),
+            "steps_per_turn": int(rng.integers(1, 4)),
+            "noise": float(rng.choice([0.0, 0.3])),
+        }
+    return parse_config(
+        {
+            "seed": int(rng.integers(10**6)),
+            "d": d,
+            "rounds": rounds,
+            "agents": agents,
+            "start": (2 * rng.standard_normal(d)).tolist(),
+        }
+        | ({"schedule": order} if order != names else {})
+    )
+
+
+def check_blind_play(config, tol=1e-10):
+    """Limit, rate, convergence and start-dependence of a play with unseen directions against
+    the independent simulation; ``False`` when the play is too slow to check."""
+    game = setup(config)
+    prediction = predict(game)
+    rho = float(prediction.rho[0])
+    if rho > 0.99:
+        return False
+    assert prediction.converges[0] and prediction.depends_on_start[0]
+    rounds = int(np.ceil(np.log(1e-14) / np.log(max(rho, 0.05)))) + 20
+    history = _own_play(game, config.order, rounds)
+    d, names = config.d, game.schedule.agents
+    for k, name in enumerate(names):
+        last, fixed = history[-1, k * d : (k + 1) * d], prediction.fixed_point[name][0]
+        error = np.linalg.norm(last - fixed) / max(1.0, np.linalg.norm(fixed))
+        assert error <= tol, (name, error)
+        np.testing.assert_allclose(prediction.residual[name][0], fixed - game.targets[name][0])
+    rate = _observed_rate(history)
+    if rate is not None and rho > 0.3:
+        assert rate == pytest.approx(rho, abs=0.03)  # 304 seeded plays: median 1e-9, max 0.014
+    # another start moves the limit along the unseen directions only
+    other = _own_play(game, config.order, rounds, start=np.zeros(d))
+    assert np.linalg.norm(other[-1] - history[-1]) > 1e-6
+    return True
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    d=st.integers(4, 8),
+    null=st.integers(1, 3),
+    order=st.sampled_from(SCHEDULES),
+)
+def test_unseen_directions_limit_rate_and_start_match_simulation(seed, d, null, order):
+    """n_A + n_B (+ n_C) = d - null: the play converges to a start-dependent limit at the rate
+    of the moving part (the bug: rho = 1, converges False, NaN limits)."""
+    if d - null < len(set(order)):
+        return
+    check_blind_play(blind_config(np.random.default_rng(seed), d, order, null))
+
+
+def test_most_unseen_direction_plays_are_checked():
+    """A seeded sweep over schedules and unseen spaces of dimension 1 to 3: most random plays
+    converge fast enough to be checked, so the property test above tests something."""
+    rng = np.random.default_rng(0)
+    cases = [(order, null) for order in SCHEDULES for null in (1, 2, 3)] * 3
+    checked = sum(check_blind_play(blind_config(rng, 7, order, null)) for order, null in cases)
+    assert checked >= 0.8 * len(cases)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("rotate", [False, True])
+def test_unseen_directions_each_preconditioner(kind, rotate):
+    """d = 6, n_A = 2, n_B = 3 (the reported case), every preconditioner, rotated or not."""
+    config = parse_config(
+        {
+            "seed": 3,
+            "d": 6,
+            "rounds": 10,
+            "start": [1.0, -2.0, 0.5, 3.0, -1.0, 2.0],
+            "agents": {
+                name: {
+                    "n": n,
+                    "spectrum": [0.5, 1.0, 1.5, 2.0, 2.5, 3.0],
+                    "rotate": rotate,
+                    "preconditioner": kind,
+                    "eta": 0.15 if kind == "identity" else 0.9,
+                }
+                for name, n in (("A", 2), ("B", 3))
+            },
+        }
+    )
+    assert check_blind_play(config)
+
+
+def test_the_limit_solves_the_fixed_point_and_keeps_the_start_along_the_left_null_space():
+    """(I - R) s* = r and L^T s* = L^T s_0, L spanning the left null space of I - R."""
+    config = blind_config(np.random.default_rng(11), 7, ["A", "B", "C"], 2)
+    game = setup(config)
+    maps = {name: game.agents[name].affine() for name in game.schedule.agents}
+    R, r, _ = round_map(maps, game.schedule)
+    p = predict(game)
+    s = np.concatenate([p.fixed_point[name][0] for name in game.schedule.agents])
+    s0 = np.tile(game.start[0], 3)
+    U, sigma, _ = np.linalg.svd(np.eye(len(s)) - R[0])
+    L = U[:, sigma < 1e-12]
+    assert L.shape[1] == 2
+    np.testing.assert_allclose(s - R[0] @ s, r[0], atol=1e-11)
+    np.testing.assert_allclose(L.T @ s, L.T @ s0, atol=1e-11)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), d=st.integers(1, 6))
+def test_generic_plays_are_unchanged(seed, d):
+    """n >= d for every agent: no eigenvalue 1, ``depends_on_start`` False, and bit for bit the
+    former computation (``rho(R)``, ``(I - R)^{-1} r``), whatever the start."""
+    config = random_config(np.random.default_rng(seed), d, ["A", "B", "C"])
+    agents = {k: a.model_copy(update={"n": max(a.n, d)}) for k, a in config.agents.items()}
+    start = np.random.default_rng(seed + 1).standard_normal(d).tolist()
+    game = setup(config.model_copy(update={"agents": agents, "start": start}))
+    p = predict(game)
+    assert not p.depends_on_start.any()
+    maps = {name: game.agents[name].affine() for name in game.schedule.agents}
+    R, r, _ = round_map(maps, game.schedule)
+    np.testing.assert_array_equal(p.rho, spectral_radius(R))
+    if p.converges[0]:
+        s = np.linalg.solve(np.eye(3 * d) - R, r[..., None])[..., 0]
+        for k, name in enumerate(game.schedule.agents):
+            np.testing.assert_array_equal(p.fixed_point[name], s[:, k * d : (k + 1) * d])
+
+
+def test_an_eigenvalue_near_one_is_ordinary():
+    """rho = 0.999 and rho = 1 - 1e-8 from small steps: no eigenvalue-1 space, the usual fixed
+    point (the scalar closed form of MODEL.md section 2)."""
+    for rho in (0.999, 1 - 1e-8):
+        h = 1 - np.sqrt(rho)
+        w_A, w_B = np.array([1.0, -2.0]), np.array([0.5, 0.0])
+        p = predict_maps(
+            _scalar_maps(h, h, w_A, w_B),
+            Schedule.build(["A", "B"]),
+            {"A": w_A[None], "B": w_B[None]},
+            start=np.array([[10.0, 10.0]]),
+        )
+        assert p.rho[0] == pytest.approx(rho, abs=1e-12) and p.converges[0]
+        assert not p.depends_on_start[0]
+        e_B = (1 - h) * h / (2 * h - h * h) * (w_A - w_B)
+        np.testing.assert_allclose(p.residual["B"][0], e_B, rtol=1e-6)
+
+
+def test_a_divergent_play_with_unseen_directions_still_diverges():
+    """Steps too large along the seen directions (rho > 1) while n_A + n_B < d."""
+    config = parse_config(
+        {
+            "seed": 0,
+            "d": 6,
+            "rounds": 10,
+            "start": [1.0] * 6,
+            "agents": {
+                "A": {"n": 2, "preconditioner": "identity", "eta": 3.0},
+                "B": {"n": 2, "preconditioner": "identity", "eta": 0.5},
+            },
+        }
+    )
+    game = setup(config)
+    p = predict(game)
+    assert p.rho[0] > 1 and not p.converges[0] and not p.depends_on_start[0]
+    assert np.isnan(p.fixed_point["A"]).all() and p.rounds_to()[0] == np.inf
+    history = _own_play(game, ["A", "B"], 60)
+    assert np.linalg.norm(history[-1]) > 1e6  # the simulation blows up too
+
+
+def test_a_drift_or_a_jordan_block_at_one_does_not_converge():
+    """The eigenvalue 1 counts as the identity only when it is semisimple and the affine part
+    has no component along it: a drift ``L^T r != 0`` grows linearly, a Jordan block too."""
+    eye = np.eye(2)[None]
+    targets = {"A": np.zeros((1, 2)), "B": np.zeros((1, 2))}
+    schedule = Schedule.build(["A", "B"])
+    drift = {  # A adds (0, 1) each turn, B keeps the second coordinate: it drifts
+        "A": AffineMap(eye, np.array([[0.0, 1.0]])),
+        "B": AffineMap(np.diag([0.5, 1.0])[None], np.zeros((1, 2))),
+    }
+    jordan = {
+        "A": AffineMap(np.array([[[1.0, 1.0], [0.0, 1.0]]]), np.zeros((1, 2))),
+        "B": AffineMap(eye, np.zeros((1, 2))),
+    }
+    for maps in (drift, jordan):
+        p = predict_maps(maps, schedule, targets, start=np.ones((1, 2)))
+        assert p.rho[0] >= 1 and not p.converges[0] and not p.depends_on_start[0]
+        assert np.isnan(p.fixed_point["B"]).all()
+        v = np.ones(2)
+        for _ in range(100):
+            v = maps["B"](maps["A"](v[None]))[0]
+        assert np.abs(v).max() > 50  # the play grows linearly
+    still = {
+        "A": AffineMap(eye, np.zeros((1, 2))),
+        "B": AffineMap(np.diag([0.5, 1.0])[None], np.zeros((1, 2))),
+    }
+    p = predict_maps(still, schedule, targets, start=np.ones((1, 2)))
+    assert p.converges[0] and p.depends_on_start[0] and p.rho[0] == pytest.approx(0.5)
+    assert p.rounds_to(1e-8)[0] == np.ceil(np.log(1e-8) / np.log(0.5))  # the moving part's rate
+    np.testing.assert_allclose(p.fixed_point["B"][0], [0.0, 1.0], atol=1e-14)
+
+
+def test_prediction_defaults_to_no_start_dependence():
+    p = Prediction(rho=np.array([0.5, 2.0]), fixed_point={}, residual={})
+    np.testing.assert_array_equal(p.depends_on_start, [False, False])
+
+
+def test_sampling_noise_along_unseen_directions_random_walks():
+    """Sampled agents, n_A + n_B < d: the mean converges but the noise reaches the unseen
+    direction ``n``, where the outputs random-walk: no stationary covariance (``inf``). With
+    isotropic lsa-optimal steps ``n^T H_i = 0``, so ``Var(n^T v_t) = t (std_A^2 + std_B^2)``:
+    checked on 4000 plays of an own simulation."""
+    std = {"A": 0.2, "B": 0.1}
+    data = {
+        "seed": 5,
+        "d": 4,
+        "rounds": 10,
+        "start": [1.0, 0.0, -1.0, 2.0],
+        "agents": {name: {"n": n, "sampling_std": std[name]} for name, n in (("A", 1), ("B", 2))},
+    }
+    game = _sampled(data, 2)
+    p = predict(game)
+    assert p.converges.all() and p.depends_on_start.all()
+    assert all(np.isinf(p.covariance[name]).all() for name in "AB")
+    assert all(np.isfinite(p.fixed_point[name]).all() for name in "AB")
+    X = {name: game.prompts[name][0].X for name in "AB"}
+    y = {name: game.prompts[name][0].y for name in "AB"}
+    gamma = {name: _own_gamma("lsa-optimal", game.prompts[name][0], 1.0) for name in "AB"}
+    null = np.linalg.svd(np.vstack([X["A"], X["B"]]))[2][-1]
+    rng = np.random.default_rng(0)
+    v = np.tile(game.start[0], (4000, 1))
+    spread = {}
+    for t in range(1, 201):
+        for name in "AB":
+            g, x, labels = gamma[name], X[name], y[name]
+            v = v - (x @ v.T - labels[:, None]).T @ x @ g.T / len(labels)
+            v = v + std[name] * rng.standard_normal(v.shape)
+        if t in (100, 200):
+            spread[t] = np.var(v @ null)
+    per_round = std["A"] ** 2 + std["B"] ** 2
+    for t, var in spread.items():
+        assert var == pytest.approx(t * per_round, rel=0.1)
+
+
+def test_noise_that_misses_the_unseen_directions_has_a_stationary_covariance():
+    """Noise with ``Q_i n = 0`` on the unseen space (symmetric identity steps, so the left and
+    right eigenvectors agree): the Lyapunov equation on the moving part gives the spread,
+    checked by Monte Carlo over 20,000 plays of an own simulation, three agents."""
+    d, names, order = 5, ["A", "B", "C"], ["A", "C", "B", "C"]
+    rng = np.random.default_rng(7)
+    X = {name: rng.standard_normal((n, d)) for name, n in zip(names, (1, 1, 2), strict=True)}
+    w = {name: rng.standard_normal(d) for name in names}
+    y = {name: X[name] @ w[name] for name in names}
+    size = {"A": 0.9, "B": 0.6, "C": 0.8}  # eta |S_i|: steps below the full step
+    eta = {name: size[name] * len(y[name]) / np.linalg.norm(X[name], 2) ** 2 for name in names}
+    null = np.linalg.svd(np.vstack(list(X.values())))[2][-1]
+    off = np.eye(d) - np.outer(null, null)  # the noise lives off the unseen direction
+    std = {"A": 0.3, "B": 0.1, "C": 0.2}
+    maps, noise = {}, {}
+    for name in names:
+        H = eta[name] * X[name].T @ X[name] / len(y[name])
+        c = eta[name] * X[name].T @ y[name] / len(y[name])
+        maps[name] = AffineMap((np.eye(d) - H)[None], c[None])
+        noise[name] = (std[name] ** 2 * off)[None]
+    start = rng.standard_normal(d)
+    p = predict_maps(
+        maps, Schedule.build(order), {n: w[n][None] for n in names}, noise, start=start[None]
+    )
+    assert p.converges[0] and p.depends_on_start[0] and p.rho[0] < 0.95
+    schedule = Schedule.build(order)
+    plays = 20_000
+    last = dict.fromkeys(names, np.tile(start, (plays, 1)))
+    for _ in range(int(np.log(1e-8) / np.log(p.rho[0])) + 10):
+        for name, reads in schedule.turns:
+            v = last[reads]
+            v = v - eta[name] * (v @ X[name].T - y[name]) @ X[name] / len(y[name])
+            last[name] = v + std[name] * rng.standard_normal(v.shape) @ off
+    for name in names:
+        mean, sigma = p.fixed_point[name][0], p.covariance[name][0]
+        assert np.isfinite(sigma).all()
+        sem = np.sqrt(np.diag(sigma) / plays) + 1e-12
+        assert (np.abs(last[name].mean(axis=0) - mean) < 5 * sem).all()
+        np.testing.assert_allclose(
+            np.cov(last[name].T), sigma, rtol=0.06, atol=0.06 * np.abs(sigma).max()
+        )
+        assert abs(null @ sigma @ null) < 1e-12  # no spread along the unseen direction
