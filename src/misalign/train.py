@@ -12,6 +12,8 @@ ends with the same weights as an uninterrupted run.
 from __future__ import annotations
 
 import math
+import os
+import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ from misalign.progress import progress_bar
 from misalign.prompt import haar_rotation
 
 CHECKPOINT = "checkpoint.pt"
+GIB = 2**30
 
 
 def pick_device(choice: str = "auto") -> torch.device:
@@ -38,6 +41,73 @@ def pick_device(choice: str = "auto") -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: cuda was asked for but no GPU is present")
     return torch.device(choice)
+
+
+def memory_needed(config: TrainConfig) -> dict[str, int]:
+    """Bytes of the largest arrays a run holds, by the field that sizes them: an upper
+    estimate, counted before anything is allocated (float32 tensors, float64 numpy).
+
+    Args:
+        config: the training configuration.
+
+    Returns:
+        ``d``: per layer two ``(d+1)^2`` weight blocks with their gradients, Adam moments,
+        masked copies and their gradients, the masks, and a few ``d x d`` float64 arrays
+        (the input covariance, its root, ``Gamma*``); ``batch``: a training batch, its
+        ``(n+1)(d+1)`` token entries per prompt twice (the draw and the inputs) and per
+        layer the keys, scores and values kept for the backward pass (the data tokens'
+        update and their ``n x n`` attention too between layers), twice with their
+        gradients; ``eval_batch``: the held-out tasks, kept all along, and their draw or
+        evaluation.
+    """
+    d, n, layers = config.d, config.n, config.layers
+    tokens = (n + 1) * (d + 1)
+    activations = layers * 3 * n * (d + 1) + (layers - 1) * n * (n + d + 1)
+    return {
+        "d": 4 * (12 * layers + 2) * (d + 1) ** 2 + 8 * 8 * d * d,
+        "batch": 4 * config.batch * 2 * (tokens + activations),
+        "eval_batch": 4 * config.eval_batch * (2 * tokens + activations),
+    }
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free on ``device``: the GPU's free memory; on the CPU ``MemAvailable`` of
+    ``/proc/meminfo``, or the physical memory where there is none."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        found = re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
+    except OSError:
+        found = None
+    if found:
+        return int(found[1]) * 1024
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_memory(config: TrainConfig, device: torch.device) -> None:
+    """Refuse, before allocating anything, a run that cannot fit in ``device``'s memory
+    (``memory_needed`` against ``available_memory``).
+
+    Raises:
+        ConfigError: naming ``d`` when the model alone cannot fit, else the field that
+            sizes the largest part (``n`` where it outgrows the batch), with the GiB
+            needed and available.
+    """
+    needed, available = memory_needed(config), available_memory(device)
+    total = sum(needed.values())
+    if total <= available:
+        return
+    part = "d" if needed["d"] > available else max(needed, key=needed.__getitem__)
+    what = {
+        "d": "the model and the input covariance need",
+        "batch": "a training batch needs",
+        "eval_batch": "the evaluation batch needs",
+    }[part]
+    field = "n" if part != "d" and config.n > getattr(config, part) else part
+    in_all = "" if needed[part] > available else f" ({total / GIB:.1f} GiB in all)"
+    raise ConfigError(
+        f"{field}: {what} {needed[part] / GIB:.1f} GiB{in_all}, {available / GIB:.1f} GiB available"
+    )
 
 
 def covariance(config: TrainConfig) -> np.ndarray:
@@ -174,8 +244,13 @@ def train(
         The model at the last good step, its evaluations, and the step at which the
         loss stopped being finite (``None`` if it never did; no checkpoint is then
         written past the last good one).
+
+    Raises:
+        ConfigError: no GPU where one is asked for, a run too large for the memory
+            (``check_memory``), or a checkpoint to resume of another configuration.
     """
     device = pick_device(config.device)
+    check_memory(config, device)
     if device.type == "cpu":
         use_threads(config.threads)
     out.mkdir(parents=True, exist_ok=True)

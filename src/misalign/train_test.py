@@ -9,15 +9,19 @@ import time
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from misalign.config import ConfigError, TrainConfig
-from misalign.lsa import gamma_by_probing, gamma_from_weights
+from misalign.lsa import LSA, gamma_by_probing, gamma_from_weights
 from misalign.train import (
     CHECKPOINT,
     Tasks,
     covariance,
+    evaluate,
     load_checkpoint,
     load_model,
+    memory_needed,
     schedule,
     train,
 )
@@ -159,3 +163,81 @@ def test_a_bad_config_is_refused_before_torch_is_imported(tmp_path):
     )
     _one_line_error(process, "d: ")
     assert process.stdout.strip() == "False"
+
+
+class _Allocations(TorchDispatchMode):
+    """Sums the bytes of every tensor an operation allocates with leading dimension
+    ``batch`` (never subtracting frees: an upper bound on the peak)."""
+
+    def __init__(self, batch: int) -> None:
+        super().__init__()
+        self.batch, self.total = batch, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = tree_leaves((args, kwargs))
+        old = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            fresh = isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in old
+            if fresh and t.dim() and t.shape[0] == self.batch:
+                self.total += t.untyped_storage().nbytes()
+        return out
+
+
+def _storage_bytes(tensors) -> int:
+    return sum(
+        {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values()
+    )
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_the_memory_estimate_bounds_a_direct_count(layers):
+    """One training step and one evaluation, counted: the estimate lies between what must be
+    held at once (the batch and the tensors saved for the backward pass) and all that is
+    ever allocated; the model part covers weights, gradients, Adam moments and masks."""
+    config = TrainConfig(d=3, n=5, batch=64, eval_batch=96, layers=layers)
+    needed = memory_needed(config)
+    model = LSA(config.d, config.layers)
+    optimizer = torch.optim.Adam(model.parameters())
+    saved = []
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() and t.shape[0] == config.batch:
+            saved.append(t)
+        return t
+
+    with _Allocations(config.batch) as allocated:
+        batch = Tasks(config, torch.device("cpu"), 0).sample(config.batch)
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            loss = torch.mean((model(*batch[:3])[:, 0] - batch[3]) ** 2)
+        loss.backward()
+    held = _storage_bytes([*batch, *saved])
+    assert held <= needed["batch"] <= allocated.total
+    optimizer.step()
+    weights = [*model.parameters(), *model.buffers(), *(p.grad for p in model.parameters())]
+    moments = [t for state in optimizer.state.values() for t in state.values() if t.dim()]
+    assert _storage_bytes(weights + moments) <= needed["d"]
+    with _Allocations(config.eval_batch) as allocated:
+        held_out = Tasks(config, torch.device("cpu"), 1).sample(config.eval_batch)
+        evaluate(model, held_out, config, 0)
+    # the draw is counted at full width: for one layer a little above all allocations
+    assert _storage_bytes(held_out) <= needed["eval_batch"] <= 1.1 * allocated.total
+
+
+@pytest.mark.parametrize(
+    "setting, error",
+    [
+        ("batch=1000000000000", "batch: a training batch needs "),
+        ("eval_batch=1000000000000", "eval_batch: the evaluation batch needs "),
+        ("n=10000000000", "n: the evaluation batch needs "),
+        ("d=1000000", "d: the model and the input covariance need "),
+    ],
+)
+def test_a_run_too_large_for_memory_is_refused_at_once(tmp_path, setting, error):
+    """These were a torch allocation traceback; now one line, before anything is allocated."""
+    start = time.perf_counter()
+    process = _cli(_tiny(tmp_path), "--set", setting, "--out", str(tmp_path / "run"))
+    _one_line_error(process, error)
+    assert process.stderr.rstrip().endswith(" GiB available")
+    assert time.perf_counter() - start < 20  # the import of torch, no allocation attempt
+    assert not (tmp_path / "run" / CHECKPOINT).exists()
