@@ -253,7 +253,10 @@ def train_command(
     config: ConfigArg,
     resume: Annotated[bool, typer.Option(help="Continue from the run's last checkpoint.")] = False,
     json_out: JsonOpt = False,
-    out: OutOpt = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(show_default="runs/train-<config hash>", help="Directory for the run."),
+    ] = None,
     set_: SetOpt = None,
 ) -> None:
     """Train a linear self-attention model on in-context regression.

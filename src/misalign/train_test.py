@@ -241,3 +241,19 @@ def test_a_run_too_large_for_memory_is_refused_at_once(tmp_path, setting, error)
     assert process.stderr.rstrip().endswith(" GiB available")
     assert time.perf_counter() - start < 20  # the import of torch, no allocation attempt
     assert not (tmp_path / "run" / CHECKPOINT).exists()
+
+
+def test_train_help_gives_the_real_default_directory():
+    """It said runs/<config hash>, the play commands' default, not runs/train-<config hash>."""
+    process = subprocess.run(
+        [sys.executable, "-m", "misalign.cli", "train", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=os.environ | {"COLUMNS": "200"},
+    )
+    assert process.returncode == 0
+    line = next(
+        line for line in process.stdout.splitlines() if line.lstrip("│ |").startswith("--out")
+    )
+    assert "runs/train-<config hash>" in line
