@@ -251,7 +251,12 @@ def attacks(
 @app.command("train")
 def train_command(
     config: ConfigArg,
-    resume: Annotated[bool, typer.Option(help="Continue from the run's last checkpoint.")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Continue from the run's last checkpoint in --out; a larger steps extends it."
+        ),
+    ] = False,
     json_out: JsonOpt = False,
     out: Annotated[
         Path | None,
@@ -285,10 +290,28 @@ def train_command(
                 file=sys.stderr,
             )
 
+    def resuming(step: int, trained: int) -> None:
+        extended = (
+            ""
+            if trained == cfg.steps
+            else f"; extended from {trained} steps, the learning-rate schedule stretched"
+        )
+        print(
+            f"resuming from step {step} of {cfg.steps} (checkpoint in {out}){extended}",
+            file=sys.stderr,
+        )
+
     if resume and not (out / "checkpoint.pt").exists():
         print(f"misalign: no checkpoint in {out} to resume: starting afresh", file=sys.stderr)
     try:
-        result = train(cfg, out, resume=resume, progress=sys.stderr.isatty(), report=report)
+        result = train(
+            cfg,
+            out,
+            resume=resume,
+            progress=sys.stderr.isatty(),
+            report=report,
+            on_resume=resuming,
+        )
     except ConfigError as exc:
         _fail(str(exc))
     final = result.history[-1].__dict__ if result.history else None
@@ -298,6 +321,7 @@ def train_command(
         "steps_run": result.steps_run,
         "steps_per_second": result.steps_run / max(result.seconds, 1e-9),
         "diverged_at": result.diverged_at,
+        "resumed_from": result.resumed_from,
         "final": final,
         "history": [e.__dict__ for e in result.history],
     }

@@ -175,7 +175,10 @@ class Evaluation:
 
 
 def schedule(config: TrainConfig):
-    """The learning-rate factor per step: linear warm-up, then constant or cosine to zero."""
+    """The learning-rate factor per step: linear warm-up, then constant or cosine to zero at
+    ``config.steps``. A run resumed with a larger ``steps`` follows the schedule of its new
+    length from the step it reached: the cosine is stretched, so the rate rises again (and
+    the run differs from one of the new length from the start)."""
 
     def factor(step: int) -> float:
         if step < config.warmup:
@@ -215,13 +218,37 @@ def save(path: Path, state: dict[str, Any]) -> None:
 
 @dataclass
 class TrainResult:
-    """What a training run ended with."""
+    """What a training run ended with; ``resumed_from`` is the step of the checkpoint it
+    continued from (``None`` for a fresh run)."""
 
     model: LSA
     history: list[Evaluation]
     diverged_at: int | None
     seconds: float
     steps_run: int
+    resumed_from: int | None
+
+
+def check_resumable(trained: dict[str, Any], config: TrainConfig, path: Path) -> None:
+    """Refuse to resume a checkpoint under another configuration; only ``steps`` may grow.
+
+    Args:
+        trained: the checkpoint's configuration (``model_dump(mode="json")``).
+        config: the configuration to resume with.
+        path: the checkpoint, for the message.
+
+    Raises:
+        ConfigError: naming the changed fields, or ``steps`` where it shrank.
+    """
+    now = config.model_dump(mode="json")
+    changed = sorted(k for k, v in now.items() if k != "steps" and trained.get(k) != v)
+    if changed:
+        raise ConfigError(f"--resume: {path} was trained with another {', '.join(changed)}")
+    if config.steps < trained["steps"]:
+        raise ConfigError(
+            f"steps: {path} was trained for {trained['steps']} steps; a resumed run can be "
+            f"extended, not shortened (got {config.steps})"
+        )
 
 
 def train(
@@ -230,15 +257,19 @@ def train(
     resume: bool = False,
     progress: bool = False,
     report=None,
+    on_resume=None,
 ) -> TrainResult:
     """Train, evaluating and checkpointing on the way.
 
     Args:
         config: the training configuration.
         out: the run directory; holds ``checkpoint.pt``.
-        resume: continue from ``out/checkpoint.pt`` when it exists.
+        resume: continue from ``out/checkpoint.pt`` when it exists; ``config`` must be the
+            checkpoint's, except that ``steps`` may grow (``check_resumable``; the
+            learning-rate schedule is then stretched, see ``schedule``).
         progress: show a progress bar (loss, steps/s) on stderr.
         report: called with each ``Evaluation``.
+        on_resume: called, on resuming, with the checkpoint's step and its ``steps``.
 
     Returns:
         The model at the last good step, its evaluations, and the step at which the
@@ -266,21 +297,21 @@ def train(
     tasks = Tasks(config, device, config.seed + 1)
     held_out = Tasks(config, device, config.seed + 2).sample(config.eval_batch)
     history: list[Evaluation] = []
-    step, saved = 0, None  # saved: the step of this run's last checkpoint
+    step, saved, resumed_from = 0, None, None  # saved: the step of this run's last checkpoint
     path = out / CHECKPOINT
     if resume and path.exists():
         state = load_checkpoint(path, device)
-        if state["config"] != config.model_dump(mode="json"):
-            changed = sorted(
-                k for k, v in config.model_dump(mode="json").items() if state["config"].get(k) != v
-            )
-            raise ConfigError(f"--resume: {path} was trained with another {', '.join(changed)}")
+        check_resumable(state["config"], config, path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         tasks.generator.set_state(state["generator"])
         history = [Evaluation(**e) for e in state["history"]]
-        step = saved = state["step"]
+        step = saved = resumed_from = state["step"]
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+            group["lr"] = base * schedule(config)(step)  # the saved rate, unless steps grew
+        if on_resume is not None:
+            on_resume(step, state["config"]["steps"])
 
     def checkpoint() -> None:
         save(
@@ -334,7 +365,8 @@ def train(
         bar.stop()
     if diverged is not None and saved is not None:  # back to the last good weights
         model.load_state_dict(load_checkpoint(path, device)["model"])
-    return TrainResult(model, history, diverged, time.perf_counter() - start, step - first)
+    seconds = time.perf_counter() - start
+    return TrainResult(model, history, diverged, seconds, step - first, resumed_from)
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """Tests for misalign.train: reaching the optimum, exact resume after a kill, divergence."""
 
+import json
 import os
 import signal
 import subprocess
@@ -145,8 +146,8 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="not a misalign checkpoint"):
         load_checkpoint(tmp_path / "bad.pt")
     train(TrainConfig(**SMALL | {"steps": 10}), tmp_path)
-    with pytest.raises(ConfigError, match="was trained with another steps"):
-        train(TrainConfig(**SMALL | {"steps": 20}), tmp_path, resume=True)
+    with pytest.raises(ConfigError, match="was trained with another lr"):
+        train(TrainConfig(**SMALL | {"steps": 10, "lr": 0.02}), tmp_path, resume=True)
 
 
 def test_a_bad_config_is_refused_before_torch_is_imported(tmp_path):
@@ -257,3 +258,50 @@ def test_train_help_gives_the_real_default_directory():
         line for line in process.stdout.splitlines() if line.lstrip("│ |").startswith("--out")
     )
     assert "runs/train-<config hash>" in line
+
+
+def test_a_finished_cosine_run_extended_by_one_step_still_learns(tmp_path):
+    """The schedule is stretched to the new steps: the finished run's last rate was 0, the
+    extension's first is the new cosine's at step 20."""
+    config = TrainConfig(**SMALL | {"steps": 20, "warmup": 0, "eval_every": 10})
+    before = train(config, tmp_path).model.state_dict()
+    resumed = []
+    extended = train(
+        config.model_copy(update={"steps": 21}),
+        tmp_path,
+        resume=True,
+        on_resume=lambda step, steps: resumed.append((step, steps)),
+    )
+    assert resumed == [(20, 20)] and extended.resumed_from == 20 and extended.steps_run == 1
+    assert not torch.equal(before["kq.0"], extended.model.state_dict()["kq.0"])
+    assert schedule(config)(20) == 0 < schedule(config.model_copy(update={"steps": 21}))(20)
+
+
+def test_resume_extends_a_finished_run_and_says_from_where(tmp_path):
+    config, out = _tiny(tmp_path), str(tmp_path / "run")
+    assert _cli(config, "--out", out).returncode == 0
+    process = _cli(config, "--out", out, "--resume", "--set", "steps=40", "--json")
+    assert process.returncode == 0, process.stderr
+    assert process.stderr.splitlines()[0] == (
+        f"resuming from step 20 of 40 (checkpoint in {out}); "
+        "extended from 20 steps, the learning-rate schedule stretched"
+    )
+    summary = json.loads(process.stdout)
+    assert summary["resumed_from"] == 20 and summary["steps_run"] == 20
+    assert [e["step"] for e in summary["history"]] == [10, 20, 30, 40]
+    assert load_checkpoint(tmp_path / "run" / CHECKPOINT)["step"] == 40
+    again = _cli(config, "--out", out, "--resume", "--set", "steps=40")
+    assert again.stderr.startswith(f"resuming from step 40 of 40 (checkpoint in {out})\n")
+    fresh = json.loads(_cli(config, "--out", str(tmp_path / "new"), "--json").stdout)
+    assert fresh["resumed_from"] is None
+
+
+def test_resume_refuses_fewer_steps_and_any_other_change(tmp_path):
+    config, out = _tiny(tmp_path), str(tmp_path / "run")
+    assert _cli(config, "--out", out, "--set", "steps=40").returncode == 0
+    shorter = _cli(config, "--out", out, "--resume")  # steps = 20
+    _one_line_error(shorter, "steps: ")
+    assert "trained for 40 steps" in shorter.stderr
+    other = _cli(config, "--out", out, "--resume", "--set", "steps=60", "--set", "lr=0.5")
+    _one_line_error(other, "--resume: ")
+    assert other.stderr.rstrip().endswith("was trained with another lr")
