@@ -109,8 +109,9 @@ def run_lsa_study(
 
 
 def plot_lsa_study(rows: list[dict[str, Any]], path: str | Path) -> Path:
-    """Residual against objective gap, a panel per geometry: simulation mean with a
-    standard-deviation band, the extracted-``Gamma`` prediction (dashed) and ``Gamma*`` (dotted)."""
+    """Residual against objective gap, a panel per geometry: the simulation as markers
+    (mean, standard-deviation error bars) over the theory as lines, the extracted-``Gamma``
+    prediction (dashed; the simulation lands on it) and ``Gamma*`` (dotted)."""
     from misalign.plot import new_figure, save_figure
 
     geometries = list(dict.fromkeys(r["geometry"] for r in rows))
@@ -121,8 +122,16 @@ def plot_lsa_study(rows: list[dict[str, Any]], path: str | Path) -> Path:
         for k, name in enumerate(("A", "B")):
             sim = np.array([r[name]["simulated"] for r in mine])
             mean, std = sim.mean(axis=1), sim.std(axis=1)
-            ax.plot(gaps, mean, color=f"C{k}", marker="o", label=f"{name}: trained LSA play")
-            ax.fill_between(gaps, mean - std, mean + std, color=f"C{k}", alpha=0.2)
+            ax.errorbar(
+                gaps,
+                mean,
+                yerr=std,
+                fmt="o",
+                color=f"C{k}",
+                capsize=3,
+                zorder=3,
+                label=f"{name}: trained LSA play",
+            )
             for key, style, what in (
                 ("predicted_extracted", "--", "extracted Gamma"),
                 ("predicted_optimal", ":", "Gamma*"),

@@ -2,6 +2,7 @@
 
 import numpy as np
 
+import misalign.plot
 from misalign.config import TrainConfig
 from misalign.lsa_study import GEOMETRIES, play_config, plot_lsa_study, run_lsa_study
 from misalign.train import train
@@ -32,3 +33,37 @@ def test_lsa_and_ideal_plays_share_their_prompts():
     trained = play_config("lsa", "unused.pt", spectrum, 1.0, 3)
     ideal = setup(play_config("gd", "unused.pt", spectrum, 1.0, 3))
     assert trained.agents["A"].target == ideal.configs[0].agents["A"].target
+
+
+def test_the_figure_draws_simulation_as_markers_over_theory_lines(tmp_path, monkeypatch):
+    """The simulation was a line lying exactly on the theory's, which could not be seen."""
+    figures, save = [], misalign.plot.save_figure
+
+    def keep(fig, path):
+        figures.append(fig)
+        return save(fig, path)
+
+    monkeypatch.setattr(misalign.plot, "save_figure", keep)
+    rows = [
+        {"geometry": "isotropic", "gap": gap}
+        | {
+            name: {
+                "simulated": [gap, 1.1 * gap],
+                "predicted_extracted": [gap, 1.1 * gap],
+                "predicted_optimal": [0.9 * gap, gap],
+            }
+            for name in ("A", "B")
+        }
+        for gap in (0.0, 1.0, 2.0)
+    ]
+    plot_lsa_study(rows, tmp_path / "s.png")
+    (ax,) = figures[0].axes
+    assert len(ax.containers) == 2  # A and B: markers with standard-deviation error bars
+    for container in ax.containers:
+        markers = container.lines[0]
+        assert container.has_yerr and container.get_label().endswith("trained LSA play")
+        assert markers.get_linestyle() == "None" and markers.get_marker() == "o"
+    theory = [line for line in ax.get_lines() if "theory" in line.get_label()]
+    assert len(theory) == 4
+    for line in theory:
+        assert line.get_linestyle() in ("--", ":") and line.get_marker() == "None"
