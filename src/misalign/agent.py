@@ -58,8 +58,9 @@ class AffineMap:
     def power(self, k: int) -> AffineMap:
         """The ``k``-fold composition ``f o ... o f``."""
         A, c = np.broadcast_to(np.eye(self.A.shape[-1]), self.A.shape).copy(), np.zeros_like(self.c)
-        for _ in range(k):
-            A, c = self.A @ A, self(c)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is checked by the caller
+            for _ in range(k):
+                A, c = self.A @ A, self(c)
         return AffineMap(A, c)
 
 

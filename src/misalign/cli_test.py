@@ -1,16 +1,21 @@
 """Tests for misalign.cli: exit codes, one-line errors, JSON on stdout, artifacts."""
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from typer.testing import CliRunner
 
-from misalign.cli import app
+from misalign.cli import app, main
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 runner = CliRunner()
@@ -334,3 +339,130 @@ def test_run_over_seeds_tells_one_story_in_text_json_and_figure(tmp_path):
     assert f"20 plays (seeds 0..19): {good} converge" in text
     assert f"{len(diverging)} diverge" in text and ", ".join(map(str, diverging[:3])) in text
     assert "converges (rho" not in text  # no single-seed headline in a batch's story
+
+
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("agents.A.target=[1e300, 0, 0, 0]", "agents.A.target.0"),
+        ("agents.A.noise=1e308", "agents.A.noise"),
+        ("agents.A.sampling_std=1e200", "agents.A.sampling_std"),
+        ("agents.A.eta=1e-320", "agents.A.eta"),
+        ("agents.A.steps_per_turn=1000", "agents.A"),  # in range, but the map overflows
+    ],
+)
+def test_inputs_that_overflow_are_one_line_and_exit_2(tmp_path, override, field):
+    extra = ["--set", "agents.A.preconditioner=identity", "--set", "agents.A.eta=1e3"]
+    extra = extra if "steps_per_turn" in override else []
+    for command in ("run", "theory"):
+        args = [command, str(EXAMPLES / "two_agents.toml"), "--set", override, *extra, "--json"]
+        result = _process(*args, "--out", str(tmp_path))
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and result.stdout == "", result.stderr
+        assert len(lines) == 1 and lines[0].startswith(f"misalign: error: {field}"), lines
+
+
+def test_a_play_that_overflows_inside_the_arithmetic_is_sound_json(tmp_path):
+    """In-range inputs whose play overflows: strict JSON, the divergence stated."""
+    args = ["run", str(EXAMPLES / "two_agents.toml"), "--json", "--out", str(tmp_path)]
+    args += ["--set", "agents.A.preconditioner=identity", "--set", "agents.A.eta=1e30"]
+    args += ["--set", "agents.A.sampling_std=1e30"]
+    result = _process(*args)
+    assert result.returncode == 0 and result.stderr == ""
+    data = _strict_json(result.stdout)
+    assert data["prediction"]["converges"] is False and data["diverged_at"] is not None
+    text = _process(*[a for a in args if a != "--json"]).stdout
+    assert "diverges" in text and "nan" not in text.lower() and "inf" not in text.lower()
+
+
+@pytest.mark.parametrize(
+    "args,field",
+    [
+        (["run", "two_agents.toml", "--seeds", "1000000"], "seeds: a batch of 1000000 plays"),
+        (["attacks", "attack.toml", "--seeds", "10000000"], "seeds: a batch of 10000000 plays"),
+        (["run", "two_agents.toml", "--set", "agents.A.n=100000000"], "agents.A.n: the play"),
+        (["run", "two_agents.toml", "--set", "rounds=1000000000"], "rounds: the play needs"),
+        (["theory", "GOOD", "--set", "d=100000"], "d: the play needs"),
+    ],
+)
+def test_sizes_that_cannot_fit_are_refused_at_once(tmp_path, args, field):
+    command, example, *rest = args
+    config = EXAMPLES / example
+    if example == "GOOD":  # no spectrum or target, so that d alone can grow
+        config = tmp_path / "good.toml"
+        config.write_text(GOOD)
+    started = time.perf_counter()
+    result = _process(command, str(config), *rest, "--out", str(tmp_path), timeout=60)
+    seconds = time.perf_counter() - started
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"misalign: error: {field}") and "GiB available" in lines[0]
+    assert seconds < 10  # refused before allocating: no build-up of prompts or outputs
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--set", "agents.Z.n=3"], "--set agents.Z.n: no agent 'Z' (agents: A, B)"),
+        (["--set", "agents.b.n=12"], "--set agents.b.n: no agent 'b'; did you mean 'B'?"),
+        (["--set", "agents.A.n=true"], "agents.A.n: input should be a valid integer"),
+        (["--set", 'agents.A.n="12"'], "agents.A.n: input should be a valid integer"),
+    ],
+)
+def test_typos_and_wrong_types_are_refused(tmp_path, args, message):
+    result = _process("run", str(EXAMPLES / "two_agents.toml"), *args, "--out", str(tmp_path))
+    assert result.returncode == 2 and result.stderr.startswith(f"misalign: error: {message}")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+_HUGE = st.sampled_from([1e300, -1e308, 1e30, -1e30, 1e29, 1e-320, 5e-324, 0.0, -1.0, 1e-30])
+_SIZES = st.sampled_from([0, -1, 1, 3, 10**9, 10**12, 2**63, 10**100])
+_OVERRIDES = st.one_of(
+    st.tuples(st.sampled_from(["d", "rounds", "agents.A.n", "agents.B.n", "seed"]), _SIZES),
+    st.tuples(st.sampled_from(["agents.A.steps_per_turn", "agents.B.steps_per_turn"]), _SIZES),
+    st.tuples(
+        st.sampled_from(
+            ["agents.A.eta", "agents.A.noise", "agents.B.sampling_std", "agents.A.probe_scale"]
+        ),
+        _HUGE,
+    ),
+    st.tuples(
+        st.sampled_from(["agents.A.target", "agents.B.spectrum", "start"]),
+        st.lists(_HUGE, min_size=2, max_size=2),
+    ),
+    st.tuples(st.just("agents.B.preconditioner"), st.sampled_from(["identity", "newton"])),
+)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    overrides=st.lists(_OVERRIDES, min_size=1, max_size=4),
+    command=st.sampled_from(["run", "theory"]),
+    seeds=st.sampled_from([1, 3, 10**8, 10**9]),
+)
+def test_fuzz_values_that_overflow_and_sizes_that_cannot_fit(
+    tmp_path_factory, overrides, command, seeds
+):
+    """Whatever the values and sizes: exit 0 with strict JSON, or exit 2 with one line; never
+    a traceback, another exit code, or a run of more than a few seconds."""
+    config = tmp_path_factory.mktemp("fuzz") / "c.toml"
+    config.write_text(GOOD)
+    argv = [command, str(config), "--json", "--out", str(config.parent / "out")]
+    argv += [f"--set={key}={json.dumps(value)}" for key, value in overrides]
+    if command == "run":
+        argv += ["--seeds", str(seeds)]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    started = time.perf_counter()
+    with (
+        contextlib.redirect_stdout(stdout),
+        contextlib.redirect_stderr(stderr),
+        pytest.raises(SystemExit) as exit_,
+    ):
+        main(argv)
+    assert time.perf_counter() - started < 10
+    if exit_.value.code == 0:
+        _strict_json(stdout.getvalue())
+        assert stderr.getvalue() == ""
+    else:
+        lines = stderr.getvalue().splitlines()
+        assert exit_.value.code == 2 and len(lines) == 1 and lines[0].startswith("misalign: error:")

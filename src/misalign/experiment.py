@@ -82,7 +82,8 @@ def setup(
         The game.
 
     Raises:
-        ConfigError: the play, or the batch, would not fit in memory (``check_size``).
+        ConfigError: the play, or the batch, would not fit in memory (``check_size``), or
+            an agent's turn map overflows float64.
     """
     if isinstance(config, PlayConfig):
         seeds = [config.seed] if seeds is None else seeds
@@ -108,6 +109,13 @@ def setup(
     agents: dict[str, Agent] = {
         n: _agent(n, [c.agents[n] for c in configs], prompts[n]) for n in learners
     }
+    for n in learners:
+        f = agents[n].affine()
+        if not (np.isfinite(f.A).all() and np.isfinite(f.c).all()):
+            raise ConfigError(
+                f"agents.{n}: its turn map overflows float64 (reduce eta, spectrum, "
+                "steps_per_turn or the labels' scale)"
+            )
     for n in learners:
         if first.agents[n].sampling_std > 0:
             seed = [*(c.seed for c in configs), zlib.crc32(n.encode()), 6]  # section 6's stream

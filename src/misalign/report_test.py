@@ -1,6 +1,10 @@
 """Tests for misalign.report: the JSON contract."""
 
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +13,9 @@ from misalign.config import parse_config
 from misalign.experiment import predict, setup, simulate
 from misalign.experiment_test import CONFIG
 from misalign.report import report
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
 
 
 def test_report_round_trips_through_json_and_matches_the_arrays():
@@ -31,3 +38,59 @@ def test_report_round_trips_through_json_and_matches_the_arrays():
         )
     assert data["prediction"]["converges"] is True
     assert data["config"]["seed"] == 3 and data["diverged_at"] is None
+
+
+def _contract():
+    """The key table of the README's ``--json`` section: top-level keys, the ``run``-only ones,
+    and the keys of ``prediction``."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("| key | content |") :].split("\n\n")[0].splitlines()[2:]
+    keys, run_only, prediction = set(), set(), set()
+    for row in table:
+        first, content = row.strip("| ").split(" | ", 1)
+        names = set(re.findall(r"`([a-z_]+)(?:\.<name>)?`", first))
+        keys |= names
+        if content.startswith("`run` only") or content.startswith("`run --seeds N` only"):
+            run_only |= names
+        if names == {"prediction"}:
+            prediction = set(re.findall(r"`([a-z_]+)(?:\.<name>)?`", content))
+    return keys, run_only, prediction
+
+
+CASES = {
+    "converging": ("two_agents.toml", []),
+    "diverging": ("diverging.toml", []),
+    "one-sided": ("one_sided.toml", []),
+    "sampled": ("two_agents.toml", ["--set", "agents.A.sampling_std=0.05"]),
+    "attacked": ("attack.toml", []),
+    "defended": ("attack.toml", ["--set", "defence={agent = 'A', method = 'monitor'}"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_contract_key_in_every_case(tmp_path, case):
+    """The README's key table is the contract: ``run`` and ``theory`` print exactly its keys
+    (``null`` where there is no value), as strict JSON, whatever the play does."""
+    keys, run_only, prediction_keys = _contract()
+    assert {"config", "prediction", "batch", "distance", "defence"} <= keys
+    assert {"rho", "converges", "distance", "covariance", "why"} <= prediction_keys
+    example, extra = CASES[case]
+    for command in ("run", "theory"):
+        result = subprocess.run(
+            [sys.executable, "-m", "misalign.cli", command, str(EXAMPLES / example), "--json"]
+            + ["--out", str(tmp_path), *extra],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        data = json.loads(result.stdout, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+        assert set(data) == (keys if command == "run" else keys - run_only)
+        names = set(data["agents"])
+        assert set(data["prediction"]) == prediction_keys | names
+        assert set(data["prediction"]["distance"]) == names
+        if not data["prediction"]["converges"]:
+            assert all(data["prediction"][n] is None for n in names)
+            assert data["prediction"]["one_sided"] is None
+    assert (data["prediction"]["covariance"] is not None) == (case == "sampled")
+    assert (data["attack"] is not None) == (case in ("attacked", "defended"))
