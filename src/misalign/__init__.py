@@ -1,4 +1,4 @@
-"""misalign: the play of in-context learners with misaligned objectives (see MODEL.md)."""
+"""misalign: the play of in-context learners with misaligned objectives (see docs/theory.md)."""
 
 from misalign.config import ConfigError, PlayConfig, load_config, parse_config
 from misalign.experiment import Game, predict, setup, simulate

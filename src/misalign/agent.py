@@ -7,7 +7,7 @@ across turns (``start`` resets it; ``turn`` carries the play's history) and may
 be slow (one call per turn serves the whole batch, so it can fan out itself).
 
 The analytic agent takes ``k`` preconditioned gradient steps on its prompt
-(MODEL.md section 1)::
+(docs/theory.md §1)::
 
     f(w) = w - Gamma X^T (X w - y) / n = (I - H) w + b,   H = Gamma S,  b = Gamma X^T y / n
 
@@ -41,7 +41,7 @@ class AffineMap:
 
     @property
     def H(self) -> np.ndarray:
-        """``H = I - A``: the agent's step matrix (MODEL.md section 1)."""
+        """``H = I - A``: the agent's step matrix (docs/theory.md §1)."""
         return np.eye(self.A.shape[-1]) - self.A
 
     def __call__(self, w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -140,7 +140,7 @@ class Agent(Protocol):
 
 
 def preconditioner(kind: Preconditioner, prompt: Prompt, eta: float = 1.0) -> np.ndarray:
-    """The preconditioner ``Gamma`` of an analytic agent (MODEL.md section 1).
+    """The preconditioner ``Gamma`` of an analytic agent (docs/theory.md §1).
 
     Args:
         kind: ``identity`` (``eta I``), ``newton`` (``eta S^+``: with ``n >= d`` the
@@ -165,7 +165,7 @@ def preconditioner(kind: Preconditioner, prompt: Prompt, eta: float = 1.0) -> np
 
 def lsa_optimal_gamma(covariance: np.ndarray, n: int) -> np.ndarray:
     """``Gamma* = ((n+1)/n Lambda + tr(Lambda)/n I)^{-1}``: the preconditioner of a linear
-    self-attention layer trained on ``x ~ N(0, Lambda)``, ``w ~ N(0, I)`` (MODEL.md section 1).
+    self-attention layer trained on ``x ~ N(0, Lambda)``, ``w ~ N(0, I)`` (docs/theory.md §1).
 
     It minimises the ICL loss ``L(Gamma) = E (x_q^T (Gamma S - I) w)^2``, whose gradient
     vanishes at ``Gamma E[S^2] = Lambda`` with the Wishart moment
@@ -246,7 +246,7 @@ class GradientAgent:
 
 class Sampled:
     """A sampled agent: answers ``f(w) + eps``, ``eps ~ N(0, std^2 I)`` independent across
-    turns and plays (MODEL.md section 6), around any agent with a map ``f``.
+    turns and plays (docs/theory.md §6), around any agent with a map ``f``.
 
     The noise of a whole batch comes from one stream, so plays of a batch are independent
     but, unlike noise-free plays, play ``i`` is not the single run of its seed.
@@ -289,7 +289,7 @@ def fit_affine(
 
     Each probe is answered as a fresh one-turn play (``start`` is called first),
     so the fit is exact for a stateless affine agent and a least-squares
-    estimate for a noisy one (MODEL.md section 1, language-model agents).
+    estimate for a noisy one (docs/theory.md §1, language-model agents).
 
     Args:
         agent: the agent to probe.

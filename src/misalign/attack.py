@@ -1,4 +1,4 @@
-"""Attackers: agents that engineer one-sided success (MODEL.md section 3).
+"""Attackers: agents that engineer one-sided success (docs/theory.md §3).
 
 The attacker ``B`` plays against a victim ``A`` in the alternating play
 ``u_t = f_A(v_{t-1})``, ``v_t = f_B(u_t)``, and wants ``v* = w_B*`` exactly
@@ -38,7 +38,7 @@ def decoy_target(victim: AffineMap, honest: AffineMap, target: np.ndarray) -> np
     ``(I - M_B) v* = (I - M_B) w_B*``, so ``v* = w_B*`` whenever ``I - M_B`` is
     invertible (``rho < 1``). A then sits at ``u* = f_A(w_B*)``, biased by
     ``e_A = -(I - H_A) delta`` when noise-free. With ``b_A = H_A w_A*`` this is
-    MODEL.md's ``H_B^{-1}((I - M_B) w_B* - (I - H_B) H_A w_A*)``. Exact at the
+    docs/theory.md §3's ``H_B^{-1}((I - M_B) w_B* - (I - H_B) H_A w_A*)``. Exact at the
     equilibrium only, not turn by turn.
 
     Args:

@@ -212,15 +212,8 @@ def attacks(
 
     console = _console()
     table = Table(
-        "attack",
-        "defence",
-        "victim residual",
-        "attacker residual",
-        "attacker exact",
-        "flagged",
-        "rounds to flag",
-        "refused",
-        title=f"{seeds} seeds",
+        *ATTACK_COLUMNS,
+        title=f"{seeds} seeds; distances are final distances to each agent's own target",
     )
     for row in result["rows"]:
         flagged = row.get("detection_rate", row.get("false_alarm_rate"))
@@ -228,11 +221,11 @@ def attacks(
             row["attack"],
             row["defence"],
             "diverged"
-            if row["victim_residual_mean"] is None
-            else f"{row['victim_residual_mean']:.3g} ± {row['victim_residual_std']:.2g}",
+            if row["victim_distance_mean"] is None
+            else f"{row['victim_distance_mean']:.3g} ± {row['victim_distance_std']:.2g}",
             "-"
-            if row["attacker_residual_mean"] is None
-            else f"{row['attacker_residual_mean']:.3g}",
+            if row["attacker_distance_mean"] is None
+            else f"{row['attacker_distance_mean']:.3g}",
             f"{row['attacker_exact_rate']:.0%}",
             "-" if flagged is None else f"{flagged:.1%}",
             "-"
@@ -246,6 +239,13 @@ def attacks(
     for attack, why in skipped.items():
         console.print(f"skipped {attack}: {why}")
     console.print(f"artifacts: {out} (figure {figure.name})")
+
+
+ATTACK_COLUMNS = (
+    *("attack", "defence", "victim distance (mean ± std)", "attacker distance"),
+    *("attacker exact", "flagged", "median round flagged", "victim stopped reading"),
+)
+"""The columns of the ``attacks`` table (the README shows the same)."""
 
 
 @app.command("train")

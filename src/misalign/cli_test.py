@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from typer.testing import CliRunner
 
-from misalign.cli import app, main
+from misalign.cli import ATTACK_COLUMNS, app, main
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 runner = CliRunner()
@@ -466,3 +466,18 @@ def test_fuzz_values_that_overflow_and_sizes_that_cannot_fit(
     else:
         lines = stderr.getvalue().splitlines()
         assert exit_.value.code == 2 and len(lines) == 1 and lines[0].startswith("misalign: error:")
+
+
+def test_readme_attack_table_has_the_columns_the_cli_prints():
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    header = next(line for line in readme.splitlines() if line.startswith("| attack | defence"))
+    assert tuple(cell.strip() for cell in header.strip("|").split("|")) == ATTACK_COLUMNS
+
+
+def test_train_help_and_theory_artifacts_are_as_documented(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text(GOOD)
+    assert _process("theory", str(config), "--out", str(tmp_path / "t")).returncode == 0
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["config.toml", "theory.json"]
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    assert "`theory` predicts only and writes\n`config.toml` and `theory.json`" in readme

@@ -1,4 +1,4 @@
-"""Defences: wrappers that guard a victim agent against an attacking partner (MODEL.md section 3).
+"""Defences: wrappers that guard a victim agent against an attacking partner (docs/theory.md §3).
 
 - ``Damped``: ``u_t = (1 - beta) u_{t-1} + beta f(w)``. Same fixed points as the
   undamped agent (``u = f(v)`` solves both), so it cannot move the biased

@@ -331,7 +331,7 @@ def simulate(game: Game, rounds: int | None = None, progress: bool = False) -> T
 
 
 def predict(game: Game) -> Prediction:
-    """The theory's prediction for the game (MODEL.md section 2), from the game's start
+    """The theory's prediction for the game (docs/theory.md §2), from the game's start
     (the limit depends on it where no prompt sees some direction, docs/theory.md §2).
 
     Raises:

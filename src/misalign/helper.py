@@ -1,5 +1,5 @@
 """The Newton helper: a partner that makes the agent it serves converge in a few rounds
-(MODEL.md section 4).
+(docs/theory.md §4).
 
 The served agent ``A`` takes one gradient step per turn, ``f_A(x) = (I - H_A) x + b_A``,
 whose fixed point is its own solution ``w^ = H_A^{-1} b_A`` (``w_A*`` for noise-free
@@ -23,7 +23,7 @@ Modes:
   reads the helper. Safeguards: a fit is used only while its design and
   ``I - A_fit`` are well conditioned; otherwise the helper probes a new direction,
   or, once it has a good answer, keeps it. Rank-one Broyden updates are not used
-  (MODEL.md: ``2d + 1`` rounds in exact arithmetic, far more in float64).
+  (``2d + 1`` rounds in exact arithmetic, far more in float64; docs/theory.md §4).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The LSA study: plays between trained transformers against the theory (MODEL.md sections 1-2).
+"""The LSA study: plays between trained transformers against the theory (docs/theory.md §1-2).
 
 For each input geometry it trains a single-layer LSA (``misalign.train``), then plays two
 copies of it against each other, agent ``B``'s target offset from ``A``'s by a gap ``g``

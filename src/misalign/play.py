@@ -2,7 +2,7 @@
 
 A round runs the schedule's turns in order; turn ``(i, j)`` replaces agent
 ``i``'s last output by ``f_i(s_j)``, ``s_j`` being agent ``j``'s last output
-(MODEL.md section 2). Every agent's output starts at ``start`` (``v_0``).
+(docs/theory.md §2). Every agent's output starts at ``start`` (``v_0``).
 Two agents alternating give ``u_t = f_A(v_{t-1})``, ``v_t = f_B(u_t)``.
 
 The play runs a whole batch of independent plays as one array program: each

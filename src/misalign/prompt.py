@@ -2,7 +2,7 @@
 
 An agent's prompt is ``P = (X, y)`` with ``X`` of shape ``(n, d)``, rows
 ``x_j ~ N(0, Lambda)`` and labels ``y = X w* + noise * N(0, 1)``
-(MODEL.md section 1). ``Lambda = R diag(spectrum) R^T`` with ``R`` the identity
+(docs/theory.md §1). ``Lambda = R diag(spectrum) R^T`` with ``R`` the identity
 or, when ``rotate`` is set, a Haar-random rotation.
 
 Every draw comes from the ``numpy.random.Generator`` passed in: no global
@@ -43,7 +43,7 @@ class Prompt:
 
     @property
     def second_moment(self) -> np.ndarray:
-        """``S = X^T X / n`` (MODEL.md section 1)."""
+        """``S = X^T X / n`` (docs/theory.md §1)."""
         return self.X.T @ self.X / self.n
 
     @property
@@ -53,7 +53,7 @@ class Prompt:
 
     def least_squares(self) -> np.ndarray:
         """The prompt's own solution ``pinv(X) y``: ``w*`` when the labels are noise-free
-        and ``n >= d`` (MODEL.md section 2, noisy labels)."""
+        and ``n >= d`` (docs/theory.md §2, noisy labels)."""
         return np.linalg.pinv(self.X) @ self.y
 
 

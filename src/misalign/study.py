@@ -1,4 +1,4 @@
-"""The attack study: every attack against every defence over many seeds (MODEL.md section 3).
+"""The attack study: every attack against every defence over many seeds (docs/theory.md §3).
 
 One call plays, for each attack (none, decoy, gray-box decoy, geometry,
 per-turn) and each defence of the victim (none, damping, monitor, predict),
@@ -142,9 +142,9 @@ def summary(cells: dict[tuple[str, str], Cell], skipped: dict[str, str]) -> dict
             "attack": attack,
             "defence": defence,
             "diverged": int((~finite).sum()),
-            "victim_residual_mean": float(victim.mean()) if finite.any() else None,
-            "victim_residual_std": float(victim.std()) if finite.any() else None,
-            "attacker_residual_mean": float(attacker.mean()) if finite.any() else None,
+            "victim_distance_mean": float(victim.mean()) if finite.any() else None,
+            "victim_distance_std": float(victim.std()) if finite.any() else None,
+            "attacker_distance_mean": float(attacker.mean()) if finite.any() else None,
             "attacker_exact_rate": float((cell.attacker < 1e-8).mean()),
         }
         if cell.flagged_at is not None:
@@ -167,7 +167,8 @@ def summary(cells: dict[tuple[str, str], Cell], skipped: dict[str, str]) -> dict
 
 def plot_study(cells: dict[tuple[str, str], Cell], config: PlayConfig, path: str | Path) -> Path:
     """Left: median victim (solid) and attacker (dashed) distance per round for each attack,
-    no defence. Right: the monitor's ROC for each attack against honest plays."""
+    with no defence (the title says so). Right: the monitor's ROC for each attack against
+    honest plays."""
     from misalign.plot import new_figure, save_figure
 
     attacker, victim = roles(config)
@@ -185,7 +186,7 @@ def plot_study(cells: dict[tuple[str, str], Cell], config: PlayConfig, path: str
         xscale="log",
         xlabel="round",
         ylabel="median distance to own target",
-        title=f"victim {victim} (solid) and attacker {attacker} (dashed)",
+        title=f"no defence: victim {victim} (solid), attacker {attacker} (dashed)",
     )
     rocs.plot([0, 1], [0, 1], "k:", lw=1)
     rocs.set(

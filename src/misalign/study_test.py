@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from misalign.config import parse_config
 from misalign.study import ATTACKS, DEFENCES, plot_study, roc, run_study, summary
@@ -39,12 +40,13 @@ def test_study_measures_every_cell(tmp_path):
         assert rows[attack, "none"]["attacker_exact_rate"] == 1.0
     for attack in ("gray-box decoy", "geometry", "per-turn"):
         assert rows[attack, "monitor"]["detection_rate"] >= 0.9
-        assert rows[attack, "predict"]["victim_residual_mean"] < 1e-8
+        assert rows[attack, "predict"]["victim_distance_mean"] < 1e-8
     assert rows["honest", "none"]["attacker_exact_rate"] == 0.0
     assert "false_alarm_rate" in rows["honest", "monitor"]
     assert set(result["roc_auc"]) == set(ATTACKS) - {"honest"}
     path = plot_study(cells, config, tmp_path / "s.png")
     assert path.stat().st_size > 10_000
+    assert Image.open(path).text["Description"].startswith("no defence: victim A (solid)")
 
 
 def test_infeasible_attacks_are_skipped_with_the_reason():
