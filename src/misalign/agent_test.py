@@ -63,7 +63,7 @@ def test_lsa_optimal_isotropic_is_scalar():
 
 def test_lsa_optimal_minimises_the_icl_loss_monte_carlo():
     """E|(Gamma S - I) w|^2 over x ~ N(0, Lambda), w ~ N(0, I): Gamma* beats scaled variants,
-    and in the isotropic case reaches d(d+1)/(n+d+1) (MODEL.md section 1)."""
+    and in the isotropic case reaches d(d+1)/(n+d+1) (docs/theory.md §1)."""
     rng = np.random.default_rng(0)
     d, n, trials = 3, 8, 40000
 

@@ -77,7 +77,7 @@ class LearnerConfig(_Strict):
 
 
 class GradientAgentConfig(LearnerConfig):
-    """An analytic agent: preconditioned gradient steps on its own prompt (MODEL.md section 1)."""
+    """An analytic agent: preconditioned gradient steps on its own prompt (docs/theory.md §1)."""
 
     kind: Literal["gd"] = "gd"
     preconditioner: Literal["identity", "lsa-optimal", "newton"] = "lsa-optimal"
@@ -94,7 +94,7 @@ class LSAAgentConfig(LearnerConfig):
 
 class HelperAgentConfig(_Strict):
     """A helper: each turn it re-picks its output so that the agent it serves follows a
-    Newton-like method on its own objective (MODEL.md section 4; ``misalign.helper``)."""
+    Newton-like method on its own objective (docs/theory.md §4; ``misalign.helper``)."""
 
     kind: Literal["helper"]
     serves: str = Field(description="the main agent")
@@ -122,7 +122,7 @@ KINDS = ("gd", "lsa", "helper")
 
 
 class AttackConfig(_Strict):
-    """One agent attacks the agent it reads (MODEL.md section 3; ``misalign.attack``)."""
+    """One agent attacks the agent it reads (docs/theory.md §3; ``misalign.attack``)."""
 
     agent: str = Field(description="the attacker")
     method: Literal["decoy", "geometry", "per-turn"]

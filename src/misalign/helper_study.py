@@ -1,5 +1,5 @@
 """The helper study: rounds for the main agent to reach its target, with and without a helper
-(MODEL.md section 4).
+(docs/theory.md §4).
 
 For each dimension ``d``, condition number ``kappa`` and seed, the main agent ``A``
 takes gradient steps (``Gamma = 0.5 I``) on a prompt whose covariance has eigenvalues

@@ -165,7 +165,7 @@ def _double(model: LSA) -> LSA:
 
 
 class LSAAgent:
-    """A trained single-layer LSA as an agent (MODEL.md section 1).
+    """A trained single-layer LSA as an agent (docs/theory.md §1).
 
     The model is linear in the labels, so fed the residual labels ``y - X w`` and the
     basis queries ``e_1 .. e_d`` it answers the step ``Gamma X^T (y - X w) / n =

@@ -171,7 +171,7 @@ EXACT = 1e-9
 
 
 def _one_sided(game: Game, prediction: Prediction, play: int) -> dict[str, Any]:
-    """Which agents the theory puts exactly on target, and why (MODEL.md section 3)."""
+    """Which agents the theory puts exactly on target, and why (docs/theory.md §3)."""
     targets = game.targets
     names = [n for n in game.schedule.agents if n in targets]
     exact = {
@@ -199,7 +199,7 @@ def _one_sided(game: Game, prediction: Prediction, play: int) -> dict[str, Any]:
             one = slice(play, play + 1)
             mine, theirs = game.agents[name].affine()[one], game.agents[other].affine()[one]
             # The gap between the targets the maps pull towards, H^+ b (w* when noise-free;
-            # the prompt's least-squares solution otherwise, MODEL.md section 2).
+            # the prompt's least-squares solution otherwise, docs/theory.md §2).
             pulled = [np.linalg.pinv(f.H[0]) @ f.c[0] for f in (theirs, mine)]
             reason = exactness(mine.H[0], theirs.H[0], pulled[0] - pulled[1])
         why[name] = reason or "its predicted residual vanishes"
