@@ -31,13 +31,19 @@ Preconditioner = Literal["identity", "lsa-optimal", "newton"]
 class AffineMap:
     """A batch of affine maps ``f(w) = A w + c``.
 
+    A turn of agent ``i`` reading agent ``j`` is ``s_i <- A s_j + c + keep s_i``: ``keep``
+    weighs the agent's own last output, as a damped agent does (``misalign.defence.Damped``);
+    ``__call__`` gives ``A w + c``.
+
     Attributes:
         A: shape ``(B, d, d)``.
         c: shape ``(B, d)``.
+        keep: per play, the weight on the agent's own last output, ``(B,)``; ``None``: 0.
     """
 
     A: np.ndarray
     c: np.ndarray
+    keep: np.ndarray | None = None
 
     @property
     def H(self) -> np.ndarray:
@@ -53,7 +59,9 @@ class AffineMap:
 
     def __getitem__(self, plays) -> AffineMap:
         """The maps of a subset of the plays (any numpy index on the batch axis)."""
-        return AffineMap(self.A[plays], self.c[plays])
+        return AffineMap(
+            self.A[plays], self.c[plays], None if self.keep is None else self.keep[plays]
+        )
 
     def power(self, k: int) -> AffineMap:
         """The ``k``-fold composition ``f o ... o f``."""
@@ -260,15 +268,22 @@ class Sampled:
     def __init__(self, inner: Agent, std: float, seed: Sequence[int]) -> None:
         self.inner, self.name, self.std, self.seed = inner, inner.name, std, seed
 
+    def __getattr__(self, key: str):
+        """What the agent beneath declares (an attacker's ``probe_turns``...) stays visible."""
+        if key == "inner":
+            raise AttributeError(key)
+        return getattr(self.inner, key)
+
     @property
     def gamma(self) -> np.ndarray | None:
         return self.inner.gamma
 
-    @property
-    def sampling_covariance(self) -> np.ndarray:
-        """``Q = std^2 I`` per play, ``(B, d, d)``."""
+    def noise_covariance(self) -> np.ndarray:
+        """``Q = std^2 I`` per play, ``(B, d, d)``, plus any noise of the agent beneath."""
         batch, d = self.inner.affine().c.shape
-        return np.broadcast_to(self.std**2 * np.eye(d), (batch, d, d))
+        own = np.broadcast_to(self.std**2 * np.eye(d), (batch, d, d))
+        inner = noise_covariance(self.inner)
+        return own if inner is None else own + inner
 
     def start(self, batch: int) -> None:
         self.inner.start(batch)
@@ -280,6 +295,13 @@ class Sampled:
 
     def affine(self) -> AffineMap | None:
         return self.inner.affine()
+
+
+def noise_covariance(agent: Agent) -> np.ndarray | None:
+    """The covariance ``Q_i`` of the noise an agent adds to its answers, ``(B, d, d)``, through
+    any wrappers (each declares what the agent beneath it does); ``None`` for a noise-free agent."""
+    declared = getattr(agent, "noise_covariance", None)
+    return None if declared is None else declared()
 
 
 def fit_affine(

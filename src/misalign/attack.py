@@ -237,4 +237,6 @@ class GrayBoxDecoy:
         return self._attack.respond(w, turn)
 
     def affine(self) -> AffineMap:
-        return self._settles_to
+        """The decoy it plays once it has fitted the victim (after a play), else the exact
+        decoy it settles to when the fit is exact (a noise-free, undamped victim)."""
+        return self._settles_to if self._attack is None else self._attack.affine()

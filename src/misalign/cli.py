@@ -131,9 +131,9 @@ def run(
     from misalign.report import batch, report, to_json
 
     cfg, game = _game(config, set_, seeds)
-    prediction = _predict(game)
     long = cfg.rounds * len(cfg.agents) * seeds > 2e4
     trajectory = simulate(game, progress=_tty() and long)
+    prediction = _predict(game)  # after the play: of the regime each agent ended in
     with stage("writing the report and the figure", _tty()):
         result = report(game, prediction, trajectory)
         if seeds > 1:
@@ -498,6 +498,20 @@ def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> No
         )
     else:
         console.print(f"[bold red]diverges[/] (rho = {_num(p['rho'])})")
+    if p["depends_on_start"]:
+        console.print(
+            "the limit depends on start: some directions no prompt sees keep their start value"
+        )
+    if p["scope"]:
+        console.print(f"the prediction {p['scope']}")
+    agreement = result.get("agreement") or {}
+    if agreement.get("holds") is False:
+        worst = max(agreement["gap"], key=lambda n: agreement["gap"][n] or math.inf)
+        console.print(
+            f"[bold red]the play does not end at the prediction[/] ({worst}: "
+            f"{_num(agreement['gap'][worst], '.3g')} from it after {result['rounds_played']} "
+            "rounds): no verdict on who reaches its target"
+        )
     if result.get("rounds_to_prediction", False) is not False and p["converges"]:
         measured = result["rounds_to_prediction"]
         console.print(

@@ -22,7 +22,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from misalign.agent import AffineMap, Agent, Turn, affine_design, affine_lstsq, condition
+from misalign.agent import (
+    AffineMap,
+    Agent,
+    Turn,
+    affine_design,
+    affine_lstsq,
+    condition,
+    noise_covariance,
+)
 from misalign.theory import two_agent
 
 CHANGE_TOLERANCE = 1e-4
@@ -45,10 +53,16 @@ CONDITION_LIMIT = 1e6
 
 
 class Guard:
-    """A wrapper that keeps the guarded agent's name, preconditioner and affine map."""
+    """A wrapper that keeps the guarded agent's name, preconditioner, affine map and noise,
+    and whatever else the agent beneath declares."""
 
     def __init__(self, inner: Agent) -> None:
         self.inner, self.name = inner, inner.name
+
+    def __getattr__(self, key: str):
+        if key == "inner":
+            raise AttributeError(key)
+        return getattr(self.inner, key)
 
     @property
     def gamma(self) -> np.ndarray | None:
@@ -59,6 +73,9 @@ class Guard:
 
     def affine(self) -> AffineMap | None:
         return self.inner.affine()
+
+    def noise_covariance(self) -> np.ndarray | None:
+        return noise_covariance(self.inner)
 
 
 class Damped(Guard):
@@ -77,6 +94,19 @@ class Damped(Guard):
         answer = self.inner.respond(w, turn)
         mine = turn.outputs(self.name)
         return answer if len(mine) == 0 else (1 - self.beta) * mine[-1] + self.beta * answer
+
+    def affine(self) -> AffineMap | None:
+        """``u <- beta (A w + c) + (1 - beta) u``: the inner map scaled, ``keep = 1 - beta``
+        (the undamped first turn is a transient the theory does not need)."""
+        f = self.inner.affine()
+        if f is None:
+            return None
+        return AffineMap(self.beta * f.A, self.beta * f.c, np.full(len(f.c), 1 - self.beta))
+
+    def noise_covariance(self) -> np.ndarray | None:
+        """``beta^2 Q``: the inner agent's noise enters with the new answer's weight."""
+        inner = noise_covariance(self.inner)
+        return None if inner is None else self.beta**2 * inner
 
 
 class Monitor(Guard):
@@ -211,6 +241,25 @@ class Predictive(Monitor):
         self.refused_at[refuse & (self.refused_at < 0)] = turn.round
         refused = self.refused_at >= 0
         return np.where(refused[:, None], self.own_estimate, self._probed(answer, turn))
+
+    def _refused(self) -> np.ndarray:
+        """Per play, whether it stopped reading the partner (all ``False`` before a play)."""
+        refused_at = self.__dict__.get("refused_at")
+        return np.zeros(len(self.own_estimate), bool) if refused_at is None else refused_at >= 0
+
+    def affine(self) -> AffineMap | None:
+        """The regime each play ends in: the inner map, or, where it stopped reading the
+        partner, the constant answer ``w^`` (``A = 0``, ``c = w^``)."""
+        f, refused = self.inner.affine(), self._refused()
+        if f is None or not refused.any():
+            return f
+        A = np.where(refused[:, None, None], 0.0, f.A)
+        return AffineMap(A, np.where(refused[:, None], self.own_estimate, f.c))
+
+    def noise_covariance(self) -> np.ndarray | None:
+        """The inner agent's noise, none where the play answers the constant ``w^``."""
+        inner = noise_covariance(self.inner)
+        return None if inner is None else np.where(self._refused()[:, None, None], 0.0, inner)
 
 
 def _spread(U: np.ndarray) -> np.ndarray:

@@ -22,7 +22,14 @@ import numpy as np
 from misalign import attack as attack_
 from misalign import defence as defence_
 from misalign import helper as helper_
-from misalign.agent import Agent, GradientAgent, Sampled, condition, preconditioner
+from misalign.agent import (
+    Agent,
+    GradientAgent,
+    Sampled,
+    condition,
+    noise_covariance,
+    preconditioner,
+)
 from misalign.config import (
     AgentConfig,
     AttackConfig,
@@ -116,10 +123,6 @@ def setup(
                 f"agents.{n}: its turn map overflows float64 (reduce eta, spectrum, "
                 "steps_per_turn or the labels' scale)"
             )
-    for n in learners:
-        if first.agents[n].sampling_std > 0:
-            seed = [*(c.seed for c in configs), zlib.crc32(n.encode()), 6]  # section 6's stream
-            agents[n] = Sampled(agents[n], first.agents[n].sampling_std, seed)
     schedule = Schedule.build(first.order, {name: a.reads for name, a in first.agents.items()})
     for name, agent in first.agents.items():
         if isinstance(agent, HelperAgentConfig):
@@ -133,6 +136,10 @@ def setup(
             prompts[name],
             victim=dict(schedule.turns)[name],
         )
+    for n in learners:  # the sampled wrapper goes around an attacker too, under any defence
+        if first.agents[n].sampling_std > 0:
+            seed = [*(c.seed for c in configs), zlib.crc32(n.encode()), 6]  # section 6's stream
+            agents[n] = Sampled(agents[n], first.agents[n].sampling_std, seed)
     if first.defence is not None:
         name = first.defence.agent
         agents[name] = _defended(first.defence, agents[name], prompts[name])
@@ -344,8 +351,8 @@ def predict(game: Game) -> Prediction:
             raise ValueError(f"agent {name} is a black box: fit its affine map first")
         maps[name] = f
     noise = {
-        name: agent.sampling_covariance
-        for name, agent in game.agents.items()
-        if isinstance(agent, Sampled)
+        name: Q
+        for name in game.schedule.agents
+        if (Q := noise_covariance(game.agents[name])) is not None
     }
     return predict_maps(maps, game.schedule, game.targets, noise, start=game.start)

@@ -15,10 +15,13 @@ from misalign.theory import Prediction, exactness
 
 CONTRACT = {
     "common": ("config", "config_hash", "agents", "prediction", "attack", "defence"),
-    "run": ("outputs", "distance", "rounds_played", "diverged_at", "rounds_to_prediction", "batch"),
+    "run": (
+        *("outputs", "distance", "rounds_played", "diverged_at", "rounds_to_prediction"),
+        *("agreement", "batch"),
+    ),
     "prediction": (
-        *("rho", "converges", "rounds_to_tol", "distance", "covariance"),
-        *("on_target", "one_sided", "why"),
+        *("rho", "converges", "depends_on_start", "rounds_to_tol", "distance", "covariance"),
+        *("on_target", "one_sided", "why", "scope"),
     ),
 }
 """The keys of the ``--json`` report: every one is present in every case, ``null`` where it
@@ -41,7 +44,13 @@ def report(
     (one list of ``d`` floats per round), ``distance.<name>`` (of the final output to its
     target), ``rounds_played``, ``diverged_at`` (round, or ``null``),
     ``rounds_to_prediction`` (from which round every output stays within 1e-8 of its
-    prediction) and ``batch`` (``null``; ``run --seeds`` fills it with ``batch``).
+    prediction), ``agreement`` (``_agreement``: does the play end at the prediction? where
+    it does not, no verdict is given: ``on_target`` and ``one_sided`` are ``null``) and
+    ``batch`` (``null``; ``run --seeds`` fills it with ``batch``).
+
+    A prediction made after the play (``run``) is of the regime each agent ended in (the
+    decoy a gray-box attacker fitted, a predictive victim that stopped reading its
+    partner); before it (``theory``), ``prediction.scope`` says what it assumes.
     Numbers that are not finite are ``null`` once written by ``to_json``.
     """
     config = game.configs[play]
@@ -60,6 +69,7 @@ def report(
         "prediction": {
             "rho": float(prediction.rho[play]),
             "converges": converges,
+            "depends_on_start": bool(prediction.depends_on_start[play]) if converges else None,
             "rounds_to_tol": int(prediction.rounds_to()[play]) if converges else None,
             "distance": predicted,
             "covariance": {
@@ -70,6 +80,7 @@ def report(
             "on_target": dict.fromkeys(n for n in names if n in game.targets),
             "one_sided": None,
             "why": {},
+            "scope": None if trajectory is not None else _assumed(config),
         },
         "attack": None,
         "defence": None,
@@ -115,9 +126,59 @@ def report(
         "rounds_to_prediction": _play_value(
             rounds_to_prediction(game, prediction, trajectory), play
         ),
+        "agreement": _agreement(game, prediction, trajectory, play),
         "batch": None,
     }
+    if out["agreement"]["holds"] is False:  # never state a verdict the simulation contradicts
+        p = out["prediction"]
+        p["on_target"], p["one_sided"], p["why"] = dict.fromkeys(p["on_target"]), None, {}
     return out
+
+
+AGREE = 1e-6
+"""The final output agrees with a noise-free prediction within ``AGREE * max(1, |s*|)``."""
+SPREAD = 4.0
+"""A sampled output agrees within ``SPREAD`` stationary standard deviations (``sqrt(tr Sigma)``)."""
+
+
+def _agreement(
+    game: Game, prediction: Prediction, trajectory: Trajectory, play: int
+) -> dict[str, Any]:
+    """Whether the play ends where the prediction says: per agent, the gap between its final
+    output and its predicted limit, against ``AGREE`` (plus ``SPREAD`` stationary standard
+    deviations for sampled agents). ``holds`` is ``None`` when the theory predicts no limit."""
+    names = game.schedule.agents
+    if not prediction.converges[play]:
+        return {"holds": None, "gap": dict.fromkeys(names), "tolerance": dict.fromkeys(names)}
+    gap, tolerance = {}, {}
+    for name in names:
+        fixed = prediction.fixed_point[name][play]
+        final = trajectory.outputs(name)[-1, play]
+        with np.errstate(over="ignore", invalid="ignore"):
+            gap[name] = float(np.linalg.norm(final - fixed))
+        spread = 0.0
+        if name in prediction.covariance:
+            spread = SPREAD * float(np.sqrt(np.trace(prediction.covariance[name][play])))
+        tolerance[name] = AGREE * max(1.0, float(np.linalg.norm(fixed))) + spread
+    holds = all(gap[n] <= tolerance[n] for n in names)  # NaN gaps (overflow) do not hold
+    return {"holds": holds, "gap": gap, "tolerance": tolerance}
+
+
+def _assumed(config) -> str | None:
+    """What a prediction made before the play assumes of agents whose behaviour the play
+    decides (``None``: the prediction is of the configured play as it will run)."""
+    notes = []
+    if config.attack is not None and config.attack.knowledge == "gray-box":
+        notes.append(
+            "the gray-box attacker fits the victim exactly (true for a noise-free, undamped "
+            "victim; run the play for the decoy it really fits)"
+        )
+    if config.defence is not None and config.defence.method == "predict":
+        notes.append(
+            "the predictive victim keeps reading its partner (whether it stops is known "
+            "after the play: run it)"
+        )
+    return "assumes " + "; and ".join(notes) if notes else None
 
 
 def to_json(result: Any, indent: int | None = None) -> str:

@@ -53,7 +53,8 @@ def _contract():
         if content.startswith("`run` only") or content.startswith("`run --seeds N` only"):
             run_only |= names
         if names == {"prediction"}:
-            prediction = set(re.findall(r"`([a-z_]+)(?:\.<name>)?`", content))
+            # a key is followed by its description: "`rho` (...)", "`converges`;"
+            prediction = set(re.findall(r"`([a-z_]+)(?:\.<name>)?`(?=[;:]| \()", content))
     return keys, run_only, prediction
 
 
@@ -73,7 +74,8 @@ def test_every_contract_key_in_every_case(tmp_path, case):
     (``null`` where there is no value), as strict JSON, whatever the play does."""
     keys, run_only, prediction_keys = _contract()
     assert {"config", "prediction", "batch", "distance", "defence"} <= keys
-    assert {"rho", "converges", "distance", "covariance", "why"} <= prediction_keys
+    assert {"rho", "converges", "distance", "covariance", "why", "scope"} <= prediction_keys
+    assert "theory" not in prediction_keys
     example, extra = CASES[case]
     for command in ("run", "theory"):
         result = subprocess.run(
