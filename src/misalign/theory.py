@@ -207,7 +207,11 @@ class UnitSpace(NamedTuple):
 def unit_space(R: np.ndarray, r: np.ndarray) -> UnitSpace:
     """Where a batch of round maps has the eigenvalue 1 exactly, from an SVD of ``I - R``.
 
-    Plays with non-finite entries get ``k = 0`` (an SVD of inf may never return).
+    Only the blocks read before they are overwritten feed back: the other columns of ``R``
+    are zero, ``R = [[R_FF, 0], [R_OF, 0]]`` (fed-back blocks ``F`` first), so the null
+    spaces come from ``I - R_FF`` alone (``N`` times smaller for a cycle of ``N`` agents):
+    right null vectors ``[x_F; R_OF x_F]``, left ones ``[y_F; 0]``. Plays with non-finite
+    entries get ``k = 0`` (an SVD of inf may never return).
 
     Args:
         R: ``(B, N d, N d)``.
@@ -217,28 +221,44 @@ def unit_space(R: np.ndarray, r: np.ndarray) -> UnitSpace:
         The null spaces, whether ``R`` acts there as the identity, and the spectral projections.
     """
     batch, size, _ = R.shape
-    eye = np.eye(size)
+    fed = (R != 0).any(axis=(0, 1))
+    F, rest = np.flatnonzero(fed), np.flatnonzero(~fed)
     finite = np.isfinite(R).all(axis=(1, 2)) & np.isfinite(r).all(axis=1)
-    U, sigma, Vh = np.linalg.svd(np.where(finite[:, None, None], eye - R, 0.0))
-    tol = UNIT_TOL * np.maximum(1.0, sigma[:, :1])
-    dim = np.where(finite, (sigma <= tol).sum(axis=1), 0)
-    k = int(dim.max(initial=0))
-    if k == 0:
-        return UnitSpace(
-            dim, np.zeros((batch, size, 0)), np.ones(batch, bool), np.zeros((batch, size, size))
-        )
-    live = np.arange(k) >= (k - dim)[:, None]  # the last dim of the last k singular vectors
-    L = U[:, :, size - k :] * live[:, None, :]
-    V = Vh[:, size - k :, :].transpose(0, 2, 1) * live[:, None, :]
-    G = L.transpose(0, 2, 1) @ V + np.eye(k) * ~live[:, :, None]  # identity on the padding
+    M = np.where(finite[:, None, None], np.eye(len(F)) - R[:, F[:, None], F], 0.0)
+    dim = np.where(finite, _null_dim(np.linalg.svd(M, compute_uv=False)), 0)
+    L = np.zeros((batch, size, 0))
+    identity, P = dim == 0, np.zeros((batch, size, size))
+    some = np.flatnonzero(dim > 0)
+    if len(some) == 0:
+        return UnitSpace(dim, L, identity, P)
+    # singular vectors only where needed: a batched SVD with vectors costs far more
+    U, sigma, Vh = np.linalg.svd(M[some])
+    dim[some] = _null_dim(sigma)
+    k = int(dim.max())
+    if k == 0:  # the values alone and with the vectors disagreed at the tolerance
+        return UnitSpace(dim, L, dim == 0, P)
+    live = np.arange(k) >= (k - dim[some])[:, None]  # the last dim of the last k vectors
+    Ls = np.zeros((len(some), size, k))
+    Ls[:, F] = U[:, :, len(F) - k :] * live[:, None, :]
+    V = np.zeros((len(some), size, k))
+    V[:, F] = Vh[:, len(F) - k :, :].transpose(0, 2, 1) * live[:, None, :]
+    V[:, rest] = R[some][:, rest[:, None], F] @ V[:, F]
+    G = Ls.transpose(0, 2, 1) @ V + np.eye(k) * ~live[:, :, None]  # identity on the padding
     semisimple = np.linalg.svd(G, compute_uv=False)[:, -1] > SEMISIMPLE_TOL
-    drift = np.linalg.norm(np.einsum("bik,bi->bk", L, np.where(finite[:, None], r, 0.0)), axis=1)
-    still = drift <= UNIT_TOL * np.maximum(1.0, np.linalg.norm(r, axis=1))
-    identity = semisimple & still
+    drift = np.linalg.norm(np.einsum("bik,bi->bk", Ls, r[some]), axis=1)
+    still = drift <= UNIT_TOL * np.maximum(1.0, np.linalg.norm(r[some], axis=1))
     G = np.where(semisimple[:, None, None], G, np.eye(k))  # keep the solve nonsingular
-    P = V @ np.linalg.solve(G, L.transpose(0, 2, 1))
-    P[~identity] = 0.0
+    Ps = V @ np.linalg.solve(G, Ls.transpose(0, 2, 1))
+    ok = semisimple & still
+    Ps[~ok] = 0.0
+    L = np.zeros((batch, size, k))
+    L[some], P[some], identity[some] = Ls, Ps, ok
     return UnitSpace(dim, L, identity | (dim == 0), P)
+
+
+def _null_dim(sigma: np.ndarray) -> np.ndarray:
+    """How many singular values are null (``UNIT_TOL``), ``sigma`` ``(B, n)`` descending."""
+    return (sigma <= UNIT_TOL * np.maximum(1.0, sigma[:, :1])).sum(axis=1)
 
 
 def predict(

@@ -462,9 +462,14 @@ def check_blind_play(config, tol=1e-10):
     rate = _observed_rate(history)
     if rate is not None and rho > 0.3:
         assert rate == pytest.approx(rho, abs=0.03)  # 304 seeded plays: median 1e-9, max 0.014
-    # another start moves the limit along the unseen directions only
+    # another start moves every agent's limit by one shift, along the unseen directions only
     other = _own_play(game, config.order, rounds, start=np.zeros(d))
-    assert np.linalg.norm(other[-1] - history[-1]) > 1e-6
+    shift = (history[-1] - other[-1]).reshape(len(names), d)
+    assert np.linalg.norm(shift[0]) > 1e-6
+    scale = 1e-9 * max(1.0, np.abs(history[-1]).max())
+    np.testing.assert_allclose(shift, np.broadcast_to(shift[0], shift.shape), atol=scale)
+    for name in names:
+        np.testing.assert_allclose(game.prompts[name][0].X @ shift[0], 0, atol=scale)
     return True
 
 
