@@ -12,8 +12,6 @@ ends with the same weights as an uninterrupted run.
 from __future__ import annotations
 
 import math
-import os
-import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from misalign import sizes
 from misalign.agent import icl_loss, lsa_optimal_gamma
 from misalign.config import ConfigError, TrainConfig
 from misalign.files import atomic_write
@@ -71,17 +70,10 @@ def memory_needed(config: TrainConfig) -> dict[str, int]:
 
 
 def available_memory(device: torch.device) -> int:
-    """Bytes free on ``device``: the GPU's free memory; on the CPU ``MemAvailable`` of
-    ``/proc/meminfo``, or the physical memory where there is none."""
+    """Bytes free on ``device``: the GPU's free memory, else ``misalign.sizes.available_memory``."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        found = re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
-    except OSError:
-        found = None
-    if found:
-        return int(found[1]) * 1024
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return sizes.available_memory()
 
 
 def check_memory(config: TrainConfig, device: torch.device) -> None:
