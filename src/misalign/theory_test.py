@@ -392,18 +392,27 @@ def _own_play(game, order, rounds, start=None):
 
 
 def _observed_rate(history):
-    """The contraction per round of the moving part, from the play alone: the slope of
-    ``log |s_{t+1} - s_t|`` over the rounds where it has fallen from 1e-4 to 1e-10 of its
-    largest value (past the transient, above rounding); ``None`` when too few rounds."""
-    steps = np.linalg.norm(np.diff(history, axis=0), axis=1)
-    top = steps.max()
-    window = np.flatnonzero((steps < 1e-4 * top) & (steps > 1e-10 * top))
-    if top == 0 or len(window) < 12:
+    """The contraction per round of the moving part, from the play alone (Prony): the
+    differences ``D_t = s_{t+1} - s_t`` have no eigenvalue-1 part, and past the transient the
+    two leading modes of the moving part dominate them, so ``D_{t+2} = a D_{t+1} + b D_t``
+    holds; the rate is the largest root of ``z^2 - a z - b`` (a complex pair, whose ``|D_t|``
+    oscillates, included). Fitted, by least squares, on the rounds where ``|D_t|`` has fallen
+    below 1e-3 of its largest value and is still 1e3 above rounding; one mode alone gives the
+    ratio ``|D_{t+1}| / |D_t|``. ``None`` with fewer than 6 such rounds."""
+    diffs = np.diff(history, axis=0)
+    steps = np.linalg.norm(diffs, axis=1)
+    floor = 1e-12 * max(1.0, np.abs(history).max())
+    window = np.flatnonzero((steps > 1e3 * floor) & (steps < 1e-3 * steps.max()))
+    if len(window) < 6:
         return None
-    t1, t2 = window[0], window[-1]
-    rounds = np.arange(t1, t2 + 1)
-    slope = np.polyfit(rounds, np.log(steps[t1 : t2 + 1]), 1)[0]
-    return float(np.exp(slope))
+    t = np.arange(window[0], window[-1] - 1)
+    older, old, new = (diffs[t + k] / steps[t, None] for k in range(3))  # every round weighs 1
+    design = np.stack([old.ravel(), older.ravel()], axis=1)
+    sv = np.linalg.svd(design, compute_uv=False)
+    if sv[1] < 1e-6 * sv[0]:  # one real mode: D_{t+1} = rho D_t
+        return float(np.exp(np.mean(np.log(steps[t + 1] / steps[t]))))
+    (a, b), *_ = np.linalg.lstsq(design, new.ravel(), rcond=None)
+    return float(np.abs(np.roots([1.0, -a, -b])).max())
 
 
 def blind_config(rng, d, order, null, rounds=100):
@@ -460,8 +469,8 @@ def check_blind_play(config, tol=1e-10):
         assert error <= tol, (name, error)
         np.testing.assert_allclose(prediction.residual[name][0], fixed - game.targets[name][0])
     rate = _observed_rate(history)
-    if rate is not None and rho > 0.3:
-        assert rate == pytest.approx(rho, abs=0.03)  # 304 seeded plays: median 1e-9, max 0.014
+    if rate is not None:  # 1163 seeded plays: |rate - rho| median 6e-10, max 8e-4
+        assert rate == pytest.approx(rho, abs=5e-3)
     # another start moves every agent's limit by one shift, along the unseen directions only
     other = _own_play(game, config.order, rounds, start=np.zeros(d))
     shift = (history[-1] - other[-1]).reshape(len(names), d)
