@@ -132,11 +132,9 @@ def round_map(
         f = maps[name]
         # s_i <- A_i s_j + c_i + keep_i s_i (+ eps_k), with s_j = R_j s + N_j eps + r_j block
         # j's current value (keep: a damped agent's weight on its own last output).
-        own_M, own_r = M[:, block[name]].copy(), r[:, block[name]].copy()
-        M[:, block[name]], r[:, block[name]] = f.A @ M[:, block[reads]], f(r[:, block[reads]])
-        if f.keep is not None:
-            M[:, block[name]] += f.keep[:, None, None] * own_M
-            r[:, block[name]] += f.keep[:, None] * own_r
+        keep = np.zeros(batch) if f.keep is None else f.keep
+        M[:, block[name]] = f.A @ M[:, block[reads]] + keep[:, None, None] * M[:, block[name]]
+        r[:, block[name]] = f(r[:, block[reads]]) + keep[:, None] * r[:, block[name]]
         if k in noisy:
             column = size + d * noisy.index(k)
             M[:, block[name], column : column + d] += np.eye(d)
