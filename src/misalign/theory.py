@@ -1,4 +1,4 @@
-"""Closed-form predictions for plays of affine agents (MODEL.md section 2).
+"""Closed-form predictions for plays of affine agents (docs/theory.md §2).
 
 Stack every agent's last output into ``s`` (length ``N d``). A turn of agent
 ``i`` reading agent ``j`` replaces block ``i`` by ``A_i s_j + c_i``; a round is
@@ -106,7 +106,7 @@ def round_map(
 ) -> RoundMap:
     """The round map on the stacked outputs, blocks in ``schedule.agents`` order.
 
-    Noise (MODEL.md section 6): an agent in ``noise`` adds ``eps ~ (0, Q_i)`` to each of its
+    Noise (docs/theory.md §6): an agent in ``noise`` adds ``eps ~ (0, Q_i)`` to each of its
     answers. Each turn's ``eps`` enters as an extra input column block that the later turns
     of the round carry along exactly as they carry ``s`` (the same recursion), so the
     round's noise is ``xi = N eps`` and ``Q = N diag(Q_k) N^T``. Two alternating agents give
@@ -272,7 +272,7 @@ def predict(
     start: np.ndarray | None = None,
 ) -> Prediction:
     """Predict ``rho``, the fixed point and the residuals for any schedule, and with sampled
-    agents the stationary covariance of every output (MODEL.md section 6).
+    agents the stationary covariance of every output (docs/theory.md §6).
 
     Directions no prompt sees (docs/theory.md §2): where ``R`` acts as the identity on its
     eigenvalue-1 space (``unit_space``), ``rho`` is the spectral radius of the moving part
@@ -350,7 +350,7 @@ def two_agent(A: AffineMap, B: AffineMap) -> tuple[np.ndarray, np.ndarray, np.nd
 
     Returns:
         ``M_B = (I - H_B)(I - H_A)``, ``v* = (I - M_B)^{-1}((I - H_B) b_A + b_B)``
-        and ``u* = f_A(v*)`` (MODEL.md section 2).
+        and ``u* = f_A(v*)`` (docs/theory.md §2).
     """
     M_B = B.A @ A.A
     eye = np.eye(M_B.shape[-1])
@@ -361,7 +361,7 @@ def two_agent(A: AffineMap, B: AffineMap) -> tuple[np.ndarray, np.ndarray, np.nd
 def two_agent_residuals(
     H_A: np.ndarray, H_B: np.ndarray, delta: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Equilibrium residuals of two noise-free agents from the objective gap (MODEL.md section 2).
+    """Equilibrium residuals of two noise-free agents from the objective gap (docs/theory.md §2).
 
     Args:
         H_A, H_B: step matrices, ``(B, d, d)``.
@@ -384,7 +384,7 @@ def exactness(
     """Why an agent ends exactly on its target against one noise-free partner, or ``None``.
 
     The agent (``self``) is exact iff ``(I - H_self) H_other delta = 0``
-    (MODEL.md section 3, the residual ``e`` of section 2 vanishes). The cases, in
+    (docs/theory.md §3, the residual ``e`` of section 2 vanishes). The cases, in
     the order they are reported: no gap; a full (Newton) step ``H_self = I``; a gap
     invisible to the partner's prompt ``H_other delta = 0`` (e.g. ``delta`` in the
     null space of ``X_other`` when ``n_other < d``); a full step along

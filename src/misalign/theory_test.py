@@ -89,7 +89,7 @@ def test_most_random_instances_converge_so_the_sweeps_test_something():
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), d=st.integers(1, 6))
 def test_general_solver_gives_the_two_agent_closed_forms(seed, d):
-    """The stacked round map reduces to M_B, v*, u*, e_A, e_B of MODEL.md section 2."""
+    """The stacked round map reduces to M_B, v*, u*, e_A, e_B of docs/theory.md §2."""
     config = random_config(np.random.default_rng(seed), d, ["A", "B"])
     config = config.model_copy(
         update={
@@ -163,7 +163,7 @@ def test_newton_partner_is_one_sided(seed, d):
 
 
 def test_gap_invisible_to_a_makes_b_exact():
-    """delta in the null space of X_A (n_A < d): H_A delta = 0, so e_B = 0 (MODEL.md 3)."""
+    """delta in the null space of X_A (n_A < d): H_A delta = 0, so e_B = 0 (docs/theory.md §3)."""
     d = 4
     game = setup(random_config(np.random.default_rng(0), d, ["A", "B"]))
     X_A = game.prompts["A"][0].X[:2]  # two examples only
@@ -179,7 +179,7 @@ def test_gap_invisible_to_a_makes_b_exact():
 @given(seed=st.integers(0, 2**32 - 1), d=st.integers(1, 5))
 def test_small_steps_reach_the_weighted_mean_with_error_proportional_to_eta(seed, d):
     """eta -> 0: v* -> (H_A + H_B)^{-1}(H_A w_A* + H_B w_B*); with the same G it is pooled least
-    squares argmin sum_i |X_i w - y_i|^2 / n_i (MODEL.md section 2)."""
+    squares argmin sum_i |X_i w - y_i|^2 / n_i (docs/theory.md §2)."""
     config = random_config(np.random.default_rng(seed), d, ["A", "B"])
     agents = {
         name: a.model_copy(update={"preconditioner": "identity", "steps_per_turn": 1, "n": d + 2})
@@ -310,7 +310,7 @@ def _sampled(config_data, copies):
 
 @pytest.mark.parametrize("schedule", [["A", "B"], ["A", "C", "B"], ["B", "A", "B", "C"]])
 def test_stationary_covariance_matches_monte_carlo(schedule):
-    """MODEL.md section 6: the mean goes to the biased equilibrium, the spread to the
+    """docs/theory.md §6: the mean goes to the biased equilibrium, the spread to the
     solution of the discrete Lyapunov equation; checked over 10,000 plays."""
     names = sorted(set(schedule))
     data = {
@@ -357,7 +357,7 @@ SCHEDULES = [["A", "B"], ["B", "A"], ["A", "B", "C"], ["A", "C", "B"], ["A", "B"
 
 
 def _own_gamma(kind, prompt, eta):
-    """The preconditioner of MODEL.md section 1, written out again (``newton``: ``pinv(S)``)."""
+    """The preconditioner of docs/theory.md §1, written out again (``newton``: ``pinv(S)``)."""
     n, d = prompt.X.shape
     S = prompt.X.T @ prompt.X / n
     if kind == "identity":
@@ -569,7 +569,7 @@ def test_generic_plays_are_unchanged(seed, d):
 
 def test_an_eigenvalue_near_one_is_ordinary():
     """rho = 0.999 and rho = 1 - 1e-8 from small steps: no eigenvalue-1 space, the usual fixed
-    point (the scalar closed form of MODEL.md section 2)."""
+    point (the scalar closed form of docs/theory.md §2)."""
     for rho in (0.999, 1 - 1e-8):
         h = 1 - np.sqrt(rho)
         w_A, w_B = np.array([1.0, -2.0]), np.array([0.5, 0.0])
