@@ -16,6 +16,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -67,7 +68,7 @@ class Game:
     schedule: Schedule
     start: np.ndarray
 
-    @property
+    @cached_property
     def targets(self) -> dict[str, np.ndarray]:
         """Every agent's objective ``w*``, ``(B, d)``."""
         return {name: np.stack([p.target for p in ps]) for name, ps in self.prompts.items()}

@@ -85,6 +85,13 @@ class Trajectory:
         """The number of rounds played (fewer than asked when every play diverged)."""
         return self.turns.shape[0] // len(self.schedule.turns)
 
+    def select(self, plays) -> Trajectory:
+        """The trajectory of some plays of the batch (any numpy index on the batch axis; a
+        slice gives a view, no copy)."""
+        return Trajectory(
+            self.schedule, self.start[plays], self.turns[:, plays], self.diverged_at[plays]
+        )
+
     def outputs(self, name: str) -> np.ndarray:
         """Agent ``name``'s output at the end of each round, shape ``(rounds, B, d)``."""
         per_round = self.turns.reshape(self.rounds, len(self.schedule.turns), *self.turns.shape[1:])

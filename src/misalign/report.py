@@ -110,22 +110,23 @@ def report(
             key: _play_value(getattr(guard, key, None), play)
             for key in ("flagged_at", "score", "refused_at")
         }
-    stop = trajectory.diverged_at[play]
-    rounds = trajectory.rounds if stop < 0 else int(stop)  # keep only finite rounds
+    one = slice(play, play + 1)
+    mine = trajectory.select(one)  # this play alone: no work on the rest of the batch
+    stop = mine.diverged_at[0]
+    rounds = mine.rounds if stop < 0 else int(stop)  # keep only finite rounds
     targets = game.targets
+    fixed = {name: prediction.fixed_point[name][one] for name in names}
     out |= {
-        "outputs": {name: trajectory.outputs(name)[:rounds, play].tolist() for name in names},
+        "outputs": {name: mine.outputs(name)[:rounds, 0].tolist() for name in names},
         "distance": {
-            name: float(trajectory.distance(name, targets[name])[rounds - 1, play])
+            name: float(mine.distance(name, targets[name][one])[rounds - 1, 0])
             if rounds and name in targets
             else None
             for name in names
         },
         "rounds_played": rounds,
         "diverged_at": None if stop < 0 else int(stop),
-        "rounds_to_prediction": _play_value(
-            rounds_to_prediction(game, prediction, trajectory), play
-        ),
+        "rounds_to_prediction": _play_value(rounds_to_prediction(fixed, mine), 0),
         "agreement": _agreement(game, prediction, trajectory, play),
         "batch": None,
     }
@@ -200,14 +201,13 @@ def _finite(value: Any) -> Any:
 
 
 def rounds_to_prediction(
-    game: Game, prediction: Prediction, trajectory: Trajectory, tol: float = 1e-8
+    fixed_point: dict[str, np.ndarray], trajectory: Trajectory, tol: float = 1e-8
 ) -> np.ndarray:
     """Per play, the round (from 1) after which every output stays within ``tol`` (relative)
-    of its predicted limit: the measured counterpart of ``rounds_to_tol``; ``-1`` where it
-    never does (or the play does not converge)."""
+    of its predicted limit ``fixed_point[name]`` (``(B, d)``): the measured counterpart of
+    ``rounds_to_tol``; ``-1`` where it never does (or the play does not converge)."""
     close = np.ones((trajectory.rounds, trajectory.turns.shape[1]), dtype=bool)
-    for name in game.schedule.agents:
-        fixed = prediction.fixed_point[name]
+    for name, fixed in fixed_point.items():
         error = trajectory.distance(name, fixed)
         close &= error <= tol * np.maximum(1.0, np.linalg.norm(fixed, axis=-1))
     far = ~close[::-1]
@@ -285,7 +285,9 @@ def batch(game: Game, prediction: Prediction, trajectory: Trajectory) -> dict[st
     ok = (trajectory.diverged_at < 0) & prediction.converges
     distance = {}
     for name in (n for n in game.schedule.agents if n in game.targets):
-        simulated = trajectory.distance(name, game.targets[name])[-1]
+        with np.errstate(over="ignore", invalid="ignore"):  # diverged plays are left out
+            final = trajectory.outputs(name)[-1] - game.targets[name]
+            simulated = np.linalg.norm(final, axis=-1)
         predicted = np.linalg.norm(prediction.residual[name], axis=-1)
         distance[name] = {
             "simulated": np.where(ok, simulated, np.nan).tolist(),
@@ -294,7 +296,7 @@ def batch(game: Game, prediction: Prediction, trajectory: Trajectory) -> dict[st
             **_quantiles(predicted[ok], "predicted"),
             "max_abs_error": float(np.abs(simulated - predicted)[ok].max()) if ok.any() else None,
         }
-    measured = rounds_to_prediction(game, prediction, trajectory)[ok]
+    measured = rounds_to_prediction(prediction.fixed_point, trajectory)[ok]
     reached = measured[measured > 0]
     return {
         "seeds": seeds,
