@@ -481,3 +481,42 @@ def test_train_help_and_theory_artifacts_are_as_documented(tmp_path):
     assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["config.toml", "theory.json"]
     readme = (EXAMPLES.parent / "README.md").read_text()
     assert "`theory` predicts only and writes\n`config.toml` and `theory.json`" in readme
+
+
+def test_long_steps_show_progress_on_a_terminal(tmp_path):
+    """On a terminal (a real pty for stderr), a large batch shows a bar while its prompts are
+    sampled and the play runs, and spinners name the prediction and the writing; the JSON on
+    stdout stays clean."""
+    import os
+    import pty
+
+    config = tmp_path / "c.toml"
+    config.write_text(GOOD)
+    master, slave = pty.openpty()
+    args = ["run", str(config), "--seeds", "3000", "--json", "--out", str(tmp_path / "o")]
+    stdout_file = (tmp_path / "stdout.json").open("w+b")  # a file: a full pipe would block
+    child = subprocess.Popen(
+        [sys.executable, "-m", "misalign.cli", *args],
+        stdout=stdout_file,
+        stderr=slave,
+        stdin=subprocess.DEVNULL,
+    )
+    os.close(slave)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the child closed the pty
+            break
+        if not chunk:
+            break
+        shown += chunk
+    assert child.wait(timeout=120) == 0
+    os.close(master)
+    stdout_file.seek(0)
+    stdout = stdout_file.read().decode()
+    stdout_file.close()
+    text = shown.decode(errors="replace")
+    for step in ("prompts", "play", "predicting: 4 x 4 round map of 3000 plays", "writing"):
+        assert step in text, step
+    assert _strict_json(stdout)["batch"]["plays"] == 3000
