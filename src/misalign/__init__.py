@@ -2,18 +2,21 @@
 
 from misalign.config import ConfigError, PlayConfig, load_config, parse_config
 from misalign.experiment import Game, predict, setup, simulate
-from misalign.plot import plot_play
-from misalign.report import report
+from misalign.plot import plot_batch, plot_play
+from misalign.report import batch, report, to_json
 
 __all__ = [
     "ConfigError",
     "Game",
     "PlayConfig",
+    "batch",
     "load_config",
     "parse_config",
+    "plot_batch",
     "plot_play",
     "predict",
     "report",
     "setup",
     "simulate",
+    "to_json",
 ]
