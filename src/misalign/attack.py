@@ -173,14 +173,15 @@ class PerTurnAttacker:
 
 
 class GrayBoxDecoy:
-    """The gray-box decoy: probe the victim for ``d + 1`` turns, fit its map, then decoy.
+    """The gray-box decoy: probe the victim, fit its map, then decoy.
 
-    Turns ``0..d``: output the probes ``w_B* + s e_1, ..., w_B* + s e_d, w_B*``
-    (affinely independent by construction). The victim answers probe ``t`` with
-    ``u_{t+1} = f_A(p_t)``, so after ``d + 1`` probe turns the pairs
-    ``(p_t, u_{t+1})`` determine ``(I - H_A, b_A)`` by least squares (exactly,
-    for a noise-free affine victim). From turn ``d + 1`` on it plays the
-    white-box decoy with the fitted map: ``probe_turns = d + 1``.
+    Probe turns cycle through ``w_B* + s e_1, ..., w_B* + s e_d, w_B*`` (affinely
+    independent by construction). The victim answers probe ``t`` with
+    ``u_{t+1} = f_A(p_t)``, so after the ``probe_turns`` (at least ``d + 1``) the pairs
+    ``(p_t, u_{t+1})`` determine ``(I - H_A, b_A)`` by least squares: exactly for a
+    noise-free affine victim; for a sampled victim (answers ``f_A(p) + eps``) the fit's
+    error falls as ``1 / sqrt(probe_turns / (d + 1))``, each probe point being answered
+    that many times. From then on it plays the white-box decoy with the fitted map.
 
     Args:
         name: the attacker's name.
@@ -190,6 +191,7 @@ class GrayBoxDecoy:
         scale: probe size ``s``.
         settles_to: the white-box decoy map it converges to once its fit is exact,
             reported by ``affine`` for the theory (the agent never reads it).
+        probe_turns: turns spent probing (default ``d + 1``).
     """
 
     def __init__(
@@ -200,6 +202,7 @@ class GrayBoxDecoy:
         steps: int,
         scale: float,
         settles_to: AffineMap,
+        probe_turns: int | None = None,
     ) -> None:
         self.name = name
         self._gamma = gamma
@@ -210,7 +213,10 @@ class GrayBoxDecoy:
         self._target = np.stack([p.target for p in prompts])
         self._scale = scale
         self._settles_to = settles_to
-        self.probe_turns = self._target.shape[-1] + 1
+        d = self._target.shape[-1]
+        self.probe_turns = d + 1 if probe_turns is None else probe_turns
+        if self.probe_turns < d + 1:
+            raise ValueError(f"the gray box needs at least d + 1 = {d + 1} probe turns")
         self._attack: GradientAgent | None = None
         self.fitted: AffineMap | None = None
 
@@ -225,9 +231,9 @@ class GrayBoxDecoy:
         mine = turn.outputs(self.name)
         d = w.shape[-1]
         if len(mine) < self.probe_turns:
-            probe = self._target.copy()
-            if len(mine) < d:
-                probe[:, len(mine)] += self._scale
+            probe, k = self._target.copy(), len(mine) % (d + 1)
+            if k < d:
+                probe[:, k] += self._scale
             return probe
         if self._attack is None:
             probes, answers = turn.pairs(turn.reads, self.name)

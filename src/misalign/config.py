@@ -130,6 +130,13 @@ class AttackConfig(_Strict):
         default="white-box", description="gray-box: fit the victim's map from probe turns (decoy)"
     )
     probe_scale: Positive = Field(default=1.0, description="size of the gray-box probes")
+    probe_turns: int | None = Field(
+        default=None,
+        ge=1,
+        le=10**6,
+        description="gray-box: turns spent probing, at least d + 1 (the default); more "
+        "average a sampled victim's noise out of the fit",
+    )
 
 
 class DefenceConfig(_Strict):
@@ -221,6 +228,14 @@ class PlayConfig(_Strict):
         attack = self.attack
         if attack is not None and attack.knowledge == "gray-box" and attack.method != "decoy":
             raise _FieldError("attack.knowledge", "gray-box applies to the decoy method only")
+        if attack is not None and attack.probe_turns is not None:
+            if attack.knowledge != "gray-box":
+                raise _FieldError("attack.probe_turns", "applies to the gray-box decoy only")
+            if attack.probe_turns < self.d + 1:
+                raise _FieldError(
+                    "attack.probe_turns",
+                    f"must be at least d + 1 = {self.d + 1} (got {attack.probe_turns})",
+                )
         if self.attack and self.defence and self.attack.agent == self.defence.agent:
             raise _FieldError("defence.agent", "the attacker cannot also be the defended agent")
         return self

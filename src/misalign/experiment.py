@@ -308,7 +308,13 @@ def _attacker(
     if attack.knowledge == "white-box":
         return white, relabelled
     gray = attack_.GrayBoxDecoy(
-        name, gamma, prompts, steps, attack.probe_scale, settles_to=white.affine()
+        name,
+        gamma,
+        prompts,
+        steps,
+        attack.probe_scale,
+        settles_to=white.affine(),
+        probe_turns=attack.probe_turns,
     )
     return gray, prompts
 

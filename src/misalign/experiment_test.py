@@ -1,9 +1,11 @@
 """Tests for misalign.experiment: the Python API."""
 
+import re
+
 import numpy as np
 import pytest
 
-from misalign.config import parse_config
+from misalign.config import ConfigError, parse_config
 from misalign.experiment import predict, setup, simulate
 from misalign.report import report
 
@@ -231,3 +233,31 @@ def test_gray_box_decoy_against_a_sampled_victim_carries_its_fit_error():
     miss = np.linalg.norm(v - wB)
     assert miss > 0.005 and data["prediction"]["distance"]["B"] == pytest.approx(miss)
     assert data["prediction"]["on_target"]["B"] is False
+
+
+def test_more_gray_box_probes_average_a_sampled_victims_noise_out_of_the_fit():
+    """Case 5, the remedy: each probe point answered m times shrinks the fit's error, and so
+    B's miss, about as 1 / sqrt(m) (the prediction, checked above, carries the miss)."""
+    d = CASE["d"]
+    miss = {}
+    for turns in (d + 1, 64 * (d + 1)):
+        attack = {"method": "decoy", "knowledge": "gray-box", "probe_turns": turns}
+        config = _config(attack, A={"sampling_std": 0.01}).model_copy(update={"rounds": 600})
+        game = setup(config, seeds=range(20))
+        simulate(game)
+        prediction = predict(game)
+        miss[turns] = np.linalg.norm(prediction.residual["B"], axis=-1).mean()
+        assert game.agents["B"].probe_turns == turns
+    assert miss[64 * (d + 1)] < 0.25 * miss[d + 1]  # 1/sqrt(64) = 0.125 in expectation
+
+
+@pytest.mark.parametrize(
+    "attack,message",
+    [
+        ({"method": "decoy", "knowledge": "gray-box", "probe_turns": 3}, "at least d + 1 = 5"),
+        ({"method": "decoy", "probe_turns": 9}, "applies to the gray-box decoy only"),
+    ],
+)
+def test_probe_turns_are_checked(attack, message):
+    with pytest.raises(ConfigError, match=f"^attack.probe_turns: .*{re.escape(message)}"):
+        _config(attack)
