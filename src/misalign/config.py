@@ -187,6 +187,13 @@ class PlayConfig(_Strict):
                     raise _FieldError(
                         f"agents.{name}.serves", f"names no agent with a prompt: {agent.serves!r}"
                     )
+                sampled = [n for n, a in self.agents.items() if getattr(a, "sampling_std", 0) > 0]
+                if agent.mode == "secant" and sampled:
+                    raise _FieldError(
+                        f"agents.{name}.mode",
+                        f"the secant helper fits a noise-free play, and {sampled[0]} is sampled "
+                        "(sampling_std > 0): use mode = 'white-box'",
+                    )
                 continue
             for key in ("spectrum", "target"):
                 value = getattr(agent, key)

@@ -1,6 +1,9 @@
 """Tests for misalign.helper: one round (white box), d + 2 rounds (secant), and the
 misaligned partner's plateau removed."""
 
+import tomllib
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -9,6 +12,8 @@ from hypothesis import strategies as st
 from misalign.config import ConfigError, parse_config
 from misalign.experiment import predict, setup, simulate
 from misalign.helper_study import rounds_to_target, study_config
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def _three(schedule, mode, noise=0.0, seed=4):
@@ -111,3 +116,13 @@ def test_helper_placement_and_invertibility_are_checked():
         parse_config(
             {"d": 2, "rounds": 2, "agents": {"A": {"n": 3}, "H": {"kind": "helper", "serves": "Z"}}}
         )
+
+
+def test_a_secant_helper_refuses_a_sampled_play():
+    """Its fit would carry the noise, and the prediction (of an exact fit) would not hold."""
+    data = tomllib.loads((EXAMPLES / "helper.toml").read_text())
+    data["agents"]["A"]["sampling_std"] = 0.01
+    with pytest.raises(ConfigError, match="^agents.H.mode: the secant helper fits a noise-free"):
+        parse_config(data)
+    data["agents"]["H"]["mode"] = "white-box"
+    assert parse_config(data).agents["H"].mode == "white-box"
