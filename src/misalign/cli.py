@@ -274,8 +274,12 @@ def train_command(
         cfg = load_train_config(config, set_ or ())
     except ConfigError as exc:
         _fail(str(exc))
-    from misalign.train import train  # torch: seconds to import, so only for a valid config
+    from misalign.train import check_memory, pick_device, train  # torch: a valid config only
 
+    try:  # before anything is written: a refused run leaves no directory behind
+        check_memory(cfg, pick_device(cfg.device))
+    except ConfigError as exc:
+        _fail(str(exc))
     out = Path("runs") / f"train-{cfg.digest()}" if out is None else out
     _save(out, {"config.toml": _config_toml(cfg)})
 
@@ -552,7 +556,7 @@ def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> No
             console.print(f"  {name} on target: {reason}")
     if result["attack"] is not None:
         a = result["attack"]
-        probes = f" after {a['probe_turns']} probe turns" if "probe_turns" in a else ""
+        probes = f" after {a['probe_turns']} probe turns" if a.get("probe_turns") else ""
         console.print(f"attack: {a['agent']} attacks the agent it reads{probes}")
     if result["defence"] is not None:
         d = result["defence"]

@@ -520,3 +520,11 @@ def test_long_steps_show_progress_on_a_terminal(tmp_path):
     for step in ("prompts", "play", "predicting: 4 x 4 round map of 3000 plays", "writing"):
         assert step in text, step
     assert _strict_json(stdout)["batch"]["plays"] == 3000
+
+
+def test_attack_summary_names_probe_turns_only_for_the_gray_box(tmp_path):
+    white = _process("run", str(EXAMPLES / "attack.toml"), "--out", str(tmp_path)).stdout
+    assert "attack: B attacks the agent it reads\n" in white and "None" not in white
+    args = ["--set", "attack.knowledge=gray-box", "--set", "attack.probe_turns=10"]
+    gray = _process("run", str(EXAMPLES / "attack.toml"), *args, "--out", str(tmp_path)).stdout
+    assert "attack: B attacks the agent it reads after 10 probe turns" in gray
