@@ -166,18 +166,24 @@ def spectral_radius(M: np.ndarray) -> np.ndarray:
 UNIT_TOL = 1e-10
 """Relative tolerance of the exact eigenvalue 1 (docs/theory.md §2).
 
-A direction is in the null space of ``I - R`` when its singular value is at most
-``UNIT_TOL * max(1, |I - R|_2)``. Directions no prompt sees leave ``I - R`` singular up to
-rounding: at most ``2e-15`` relative over random plays with ``d <= 9``, up to three agents
-and every preconditioner. A generic eigenvalue ``lambda`` leaves a singular value of about
-``|1 - lambda|`` (over the eigenvector condition number): the smallest seen over the same
-plays was ``1.5e-6``, and ``rho = 0.999`` or ``1 - 1e-8`` stay ordinary eigenvalues of the
-moving part. The tolerance sits in the middle, about five orders from rounding and four from
-the slowest generic play; only a play slower than ``1 - 1e-10`` per round would be taken for
-one that does not move. The affine part has no component along the eigenvalue-1 space when
-``|L^T r| <= UNIT_TOL * max(1, |r|)`` (the floor 1 keeps the rounding of an ``r`` that is a
-cancelling sum of ``O(1)`` terms from passing for a drift), the noise none when
-``|L^T Q L|_2 <= UNIT_TOL * |Q|_2`` (``Q`` is positive semidefinite: no cancellation)."""
+A direction is in the null space of ``I - R`` when its singular value is at most ``max(UNIT_TOL
+|I - R|_2, ROUNDING max(1, |I - R|_2))``: relative to ``I - R``, so that a play whose every
+step is tiny (``eta = 1e-11``) is a slow play, not one that does not move, and never below the
+rounding of ``R``'s ``O(1)`` entries. Directions no prompt sees leave ``I - R`` singular up to
+rounding: at most ``2e-15`` relative over random plays with ``d <= 9``, up to three agents and
+every preconditioner. A generic eigenvalue ``lambda`` leaves a singular value of about ``|1 -
+lambda|`` (over the eigenvector condition number): the smallest seen over the same plays was
+``1.5e-6``, and ``rho = 0.999`` or ``1 - 1e-8`` stay ordinary eigenvalues of the moving part.
+The tolerance sits in the middle, about five orders from rounding and four from the slowest
+generic play; only a play slower than ``1 - 1e-10`` per round would be taken for one that does
+not move. The affine part has no component along the eigenvalue-1 space when ``|L^T r| <=
+UNIT_TOL * max(1, |r|)`` (the floor 1 keeps the rounding of an ``r`` that is a cancelling sum
+of ``O(1)`` terms from passing for a drift), the noise none when ``|L^T Q L|_2 <= UNIT_TOL *
+|Q|_2`` (``Q`` is positive semidefinite: no cancellation)."""
+
+ROUNDING = 1e-13
+"""The absolute floor of a null singular value of ``I - R`` (``R = I - O(eta)``: its rounding
+is absolute, about ``1e-16``, however small the steps)."""
 
 SEMISIMPLE_TOL = 1e-6
 """The eigenvalue 1 is semisimple when the smallest singular value of ``L^T V_1`` (the
@@ -260,8 +266,10 @@ def unit_space(R: np.ndarray, r: np.ndarray) -> UnitSpace:
 
 
 def _null_dim(sigma: np.ndarray) -> np.ndarray:
-    """How many singular values are null (``UNIT_TOL``), ``sigma`` ``(B, n)`` descending."""
-    return (sigma <= UNIT_TOL * np.maximum(1.0, sigma[:, :1])).sum(axis=1)
+    """How many singular values are null (``UNIT_TOL``, ``ROUNDING``), ``sigma`` ``(B, n)``
+    descending."""
+    top = sigma[:, :1]
+    return (sigma <= np.maximum(UNIT_TOL * top, ROUNDING * np.maximum(1.0, top))).sum(axis=1)
 
 
 def predict(

@@ -723,3 +723,19 @@ def test_noise_that_misses_the_unseen_directions_has_a_stationary_covariance():
             np.cov(last[name].T), sigma, rtol=0.06, atol=0.06 * np.abs(sigma).max()
         )
         assert abs(null @ sigma @ null) < 1e-12  # no spread along the unseen direction
+
+
+def test_tiny_steps_are_a_slow_play_not_unseen_directions():
+    """eta = 1e-11 on prompts with n > d: every singular value of I - R is ~1e-11, none is a
+    direction no prompt sees. The play converges (rho = 1 - O(1e-11)), not from the start,
+    to the small-step limit (H_A + H_B)^{-1} (H_A w_A* + H_B w_B*) (error O(eta))."""
+    agents = {n: {"n": 12, "preconditioner": "identity", "eta": 1e-11} for n in ("A", "B")}
+    game = setup(parse_config({"seed": 3, "d": 4, "rounds": 10, "agents": agents}))
+    prediction = predict(game)
+    assert prediction.converges[0] and not prediction.depends_on_start[0]
+    assert 1 - 1e-9 < prediction.rho[0] < 1
+    S = {n: game.prompts[n][0].second_moment for n in ("A", "B")}
+    w = {n: game.prompts[n][0].target for n in ("A", "B")}
+    pooled = np.linalg.solve(S["A"] + S["B"], S["A"] @ w["A"] + S["B"] @ w["B"])
+    for name in ("A", "B"):  # solves with I - R at condition ~1e11: about 1e-5 of rounding
+        np.testing.assert_allclose(prediction.fixed_point[name][0], pooled, atol=1e-4)
