@@ -47,8 +47,12 @@ class AffineMap:
 
     @property
     def H(self) -> np.ndarray:
-        """``H = I - A``: the agent's step matrix (docs/theory.md §1)."""
-        return np.eye(self.A.shape[-1]) - self.A
+        """``H = I - A``: the agent's step matrix (docs/theory.md §1); with ``keep``,
+        ``(1 - keep) I - A``, so that the fixed points solve ``H w = c`` either way (a damped
+        agent's ``H`` is ``beta`` times its undamped one)."""
+        eye = np.eye(self.A.shape[-1])
+        kept = 0.0 if self.keep is None else self.keep[:, None, None] * eye
+        return eye - kept - self.A
 
     def __call__(self, w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """``A w + c`` for a batch ``w`` of shape ``(B, d)``, written into ``out`` when given."""
@@ -252,7 +256,19 @@ class GradientAgent:
         return self._map
 
 
-class Sampled:
+class Wrapper:
+    """An agent around another: what the agent beneath declares (an attacker's
+    ``probe_turns``, its preconditioner...) stays visible through it."""
+
+    inner: Agent
+
+    def __getattr__(self, key: str):
+        if key == "inner":  # not set yet: no recursion
+            raise AttributeError(key)
+        return getattr(self.inner, key)
+
+
+class Sampled(Wrapper):
     """A sampled agent: answers ``f(w) + eps``, ``eps ~ N(0, std^2 I)`` independent across
     turns and plays (docs/theory.md §6), around any agent with a map ``f``.
 
@@ -267,12 +283,6 @@ class Sampled:
 
     def __init__(self, inner: Agent, std: float, seed: Sequence[int]) -> None:
         self.inner, self.name, self.std, self.seed = inner, inner.name, std, seed
-
-    def __getattr__(self, key: str):
-        """What the agent beneath declares (an attacker's ``probe_turns``...) stays visible."""
-        if key == "inner":
-            raise AttributeError(key)
-        return getattr(self.inner, key)
 
     @property
     def gamma(self) -> np.ndarray | None:

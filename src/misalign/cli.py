@@ -542,7 +542,7 @@ def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> No
             *(["-" if final is None else _num(final)] * played),
         )
     console.print(table)
-    if p["converges"] and len(names) > 1:
+    if p["converges"] and len(names) > 1 and agreement.get("holds") is not False:
         if p["one_sided"] is not None:
             console.print(
                 f"one-sided: {p['one_sided']} ends exactly on target, the others are biased"

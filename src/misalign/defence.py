@@ -26,6 +26,7 @@ from misalign.agent import (
     AffineMap,
     Agent,
     Turn,
+    Wrapper,
     affine_design,
     affine_lstsq,
     condition,
@@ -52,17 +53,12 @@ CONDITION_LIMIT = 1e6
 """Fits from inputs whose design matrix is worse conditioned than this are not trusted."""
 
 
-class Guard:
+class Guard(Wrapper):
     """A wrapper that keeps the guarded agent's name, preconditioner, affine map and noise,
     and whatever else the agent beneath declares."""
 
     def __init__(self, inner: Agent) -> None:
         self.inner, self.name = inner, inner.name
-
-    def __getattr__(self, key: str):
-        if key == "inner":
-            raise AttributeError(key)
-        return getattr(self.inner, key)
 
     @property
     def gamma(self) -> np.ndarray | None:

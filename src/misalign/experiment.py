@@ -348,6 +348,11 @@ def predict(game: Game) -> Prediction:
     """The theory's prediction for the game (docs/theory.md §2), from the game's start
     (the limit depends on it where no prompt sees some direction, docs/theory.md §2).
 
+    Agents whose behaviour the play decides answer for the regime they are in: before
+    ``simulate``, a gray-box attacker reports the decoy of an exact fit and a predictive
+    victim keeps reading; after it, the decoy it really fitted and, where it refused, the
+    constant answer it switched to. So the prediction after a play is of that play.
+
     Raises:
         ValueError: an agent is a black box (it exposes no affine map).
     """

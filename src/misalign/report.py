@@ -95,7 +95,8 @@ def report(
             "target": None if prompt is None else prompt.target.tolist(),
         }
         out["prediction"][name] = prediction.fixed_point[name][play].tolist() if converges else None
-    if converges:
+    scope = out["prediction"]["scope"] or ""
+    if converges and "no verdict" not in scope:
         out["prediction"].update(_one_sided(game, prediction, play))
     if config.attack is not None:
         out["attack"] = config.attack.model_dump(mode="json")
@@ -130,7 +131,7 @@ def report(
         "agreement": _agreement(game, prediction, trajectory, play),
         "batch": None,
     }
-    if out["agreement"]["holds"] is False:  # never state a verdict the simulation contradicts
+    if out["agreement"]["holds"] is not True:  # never a verdict the simulation contradicts
         p = out["prediction"]
         p["on_target"], p["one_sided"], p["why"] = dict.fromkeys(p["on_target"]), None, {}
     return out
@@ -162,6 +163,8 @@ def _agreement(
             spread = SPREAD * float(np.sqrt(np.trace(prediction.covariance[name][play])))
         tolerance[name] = AGREE * max(1.0, float(np.linalg.norm(fixed))) + spread
     holds = all(gap[n] <= tolerance[n] for n in names)  # NaN gaps (overflow) do not hold
+    if not all(np.isfinite(list(tolerance.values()))):  # outputs random-walk: nothing to check
+        holds = None
     return {"holds": holds, "gap": gap, "tolerance": tolerance}
 
 
@@ -170,14 +173,20 @@ def _assumed(config) -> str | None:
     decides (``None``: the prediction is of the configured play as it will run)."""
     notes = []
     if config.attack is not None and config.attack.knowledge == "gray-box":
-        notes.append(
-            "the gray-box attacker fits the victim exactly (true for a noise-free, undamped "
-            "victim; run the play for the decoy it really fits)"
-        )
+        victim = next(n for n in config.agents if n != config.attack.agent)
+        damped = config.defence is not None and config.defence.method == "damping"
+        if damped or config.agents[victim].sampling_std > 0:
+            notes.append(
+                "the gray-box attacker fits the victim exactly, which a "
+                f"{'damped' if damped else 'sampled'} victim does not allow: no verdict "
+                "before the play (run it for the decoy it really fits)"
+            )
+        else:
+            notes.append("the gray-box attacker fits the victim exactly (it does here)")
     if config.defence is not None and config.defence.method == "predict":
         notes.append(
             "the predictive victim keeps reading its partner (whether it stops is known "
-            "after the play: run it)"
+            "only after the play: no verdict before it)"
         )
     return "assumes " + "; and ".join(notes) if notes else None
 
@@ -247,9 +256,17 @@ def _one_sided(game: Game, prediction: Prediction, play: int) -> dict[str, Any]:
     helpers = {
         a.serves: (n, a.mode) for n, a in game.configs[play].agents.items() if a.kind == "helper"
     }
+    defence = game.configs[play].defence
+    refused_at = getattr(game.agents[defence.agent], "refused_at", None) if defence else None
     for name in (n for n in names if exact[n]):
         if attack is not None and attack.agent == name:
             why[name] = f"attack: {_describe(attack)}"
+            continue
+        if refused_at is not None and name == defence.agent and refused_at[play] >= 0:
+            why[name] = (
+                f"predictive defence: it stopped reading its partner at round "
+                f"{refused_at[play]} and answers its own estimate"
+            )
             continue
         if name in helpers:
             why[name] = "the {1} helper {0} feeds it Newton steps".format(*helpers[name])

@@ -152,3 +152,53 @@ def test_no_verdict_is_contradicted_by_the_play(attack, noise):
             if out["prediction"]["one_sided"] is not None:
                 assert out["agreement"]["holds"] is True
     assert held == 16, f"the prediction missed the play in {16 - held} of 16 plays"
+
+
+def test_no_verdict_where_the_play_cannot_be_checked_or_has_not_arrived(tmp_path):
+    """Review findings: a play that has not reached its prediction gets no verdict in the JSON
+    or the text; sampled outputs that random-walk along unseen directions cannot be checked;
+    theory gives no verdict a damped or sampled victim of a gray box would contradict; a
+    refusing predictive victim is on target because it stopped reading."""
+    slow = ["--set", "agents.A.eta=1e-11", "--set", "agents.B.eta=1e-11"]
+    slow += [
+        "--set",
+        "agents.A.preconditioner=identity",
+        "--set",
+        "agents.B.preconditioner=identity",
+    ]
+    args = [sys.executable, "-m", "misalign.cli", "run", str(EXAMPLES / "two_agents.toml")]
+    text = subprocess.run(
+        [*args, *slow, "--out", str(tmp_path)], capture_output=True, text=True, timeout=120
+    ).stdout
+    assert "does not end at the prediction" in text and "closest" not in text
+
+    unseen = {"seed": 1, "d": 6, "rounds": 50, "agents": {"A": {"n": 2}, "B": {"n": 3}}}
+    unseen["agents"]["A"]["sampling_std"] = 0.1
+    game = setup(parse_config(unseen))
+    trajectory = simulate(game)
+    data = report(game, predict(game), trajectory)
+    assert data["agreement"]["holds"] is None and data["prediction"]["one_sided"] is None
+    assert set(data["prediction"]["on_target"].values()) == {None}
+
+    gray = {"method": "decoy", "knowledge": "gray-box"}
+    for defence, victim in (({"method": "damping"}, {}), (None, {"sampling_std": 0.01})):
+        config = json.loads(json.dumps(GRID_CONFIG))
+        config["agents"]["A"] |= victim
+        config["attack"] = {"agent": "B", **gray}
+        if defence:
+            config["defence"] = {"agent": "A", **defence}
+        game = setup(parse_config(config))
+        before = report(game, predict(game))["prediction"]
+        assert "no verdict" in before["scope"] and before["one_sided"] is None
+
+    config = json.loads(json.dumps(GRID_CONFIG)) | {"seed": 5}
+    config["defence"] = {"agent": "A", "method": "predict"}
+    for seed in range(5, 15):
+        game = setup(parse_config(config | {"seed": seed}))
+        trajectory = simulate(game)
+        data = report(game, predict(game), trajectory)
+        if data["defence"]["refused_at"] is not None and data["prediction"]["on_target"]["A"]:
+            assert data["prediction"]["why"]["A"].startswith("predictive defence: it stopped")
+            break
+    else:
+        pytest.fail("no seed in 5..14 where the predictive victim refuses and ends on target")
