@@ -9,6 +9,7 @@ import numpy as np
 
 from misalign.experiment import Game
 from misalign.play import Trajectory
+from misalign.report import converging
 from misalign.theory import Prediction
 
 FLOOR = 1e-16
@@ -99,7 +100,7 @@ def plot_batch(
     fig, (ax, spread) = new_figure(2, (10, 4.0))
     rounds = np.arange(1, trajectory.rounds + 1)
     targets = game.targets
-    ok = (trajectory.diverged_at < 0) & prediction.converges
+    ok = converging(prediction, trajectory)
     for k, name in enumerate(n for n in game.schedule.agents if n in targets):
         color = f"C{k}"
         distance = trajectory.distance(name, targets[name])[:, ok]

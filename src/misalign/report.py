@@ -299,7 +299,7 @@ def batch(game: Game, prediction: Prediction, trajectory: Trajectory) -> dict[st
     stayed finite; every other play is listed in ``diverging_seeds``.
     """
     seeds = [c.seed for c in game.configs]
-    ok = (trajectory.diverged_at < 0) & prediction.converges
+    ok = converging(prediction, trajectory)
     distance = {}
     for name in (n for n in game.schedule.agents if n in game.targets):
         with np.errstate(over="ignore", invalid="ignore"):  # diverged plays are left out
@@ -328,6 +328,12 @@ def batch(game: Game, prediction: Prediction, trajectory: Trajectory) -> dict[st
             "never": int(len(measured) - len(reached)),
         },
     }
+
+
+def converging(prediction: Prediction, trajectory: Trajectory) -> np.ndarray:
+    """Per play, whether it converges: by the theory (``rho < 1``) and with outputs that
+    stayed finite."""
+    return (trajectory.diverged_at < 0) & prediction.converges
 
 
 def _quantiles(values: np.ndarray, prefix: str) -> dict[str, float | None]:
