@@ -516,7 +516,8 @@ def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> No
             f"{_num(agreement['gap'][worst], '.3g')} from it after {result['rounds_played']} "
             "rounds): no verdict on who reaches its target"
         )
-    if result.get("rounds_to_prediction", False) is not False and p["converges"]:
+    played = "outputs" in result
+    if played and p["converges"]:
         measured = result["rounds_to_prediction"]
         console.print(
             "measured: every output within 1e-8 of its prediction "
@@ -530,7 +531,6 @@ def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> No
         console.print(f"sampled agents: stationary RMS spread of each output around it: {spread}")
     if result.get("diverged_at") is not None:
         console.print(f"stopped at round {result['diverged_at']}: outputs overflowed")
-    played = "outputs" in result
     table = Table("agent", "|target|", "predicted distance", *(["final distance"] * played))
     names = list(result["agents"])
     for name in names:
@@ -542,7 +542,8 @@ def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> No
             *(["-" if final is None else _num(final)] * played),
         )
     console.print(table)
-    if p["converges"] and len(names) > 1 and agreement.get("holds") is not False:
+    verdict = any(exact is not None for exact in p["on_target"].values())  # report decides
+    if verdict and len(names) > 1:
         if p["one_sided"] is not None:
             console.print(
                 f"one-sided: {p['one_sided']} ends exactly on target, the others are biased"

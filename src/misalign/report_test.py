@@ -171,6 +171,21 @@ def test_no_verdict_where_the_play_cannot_be_checked_or_has_not_arrived(tmp_path
         [*args, *slow, "--out", str(tmp_path)], capture_output=True, text=True, timeout=120
     ).stdout
     assert "does not end at the prediction" in text and "closest" not in text
+    withheld = [
+        "--set",
+        "attack.knowledge=gray-box",
+        "--set",
+        "defence={agent='A',method='damping'}",
+    ]
+    text = subprocess.run(
+        [sys.executable, "-m", "misalign.cli", "theory", str(EXAMPLES / "attack.toml"), *withheld]
+        + ["--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    assert "no verdict before the play" in text
+    assert "closest" not in text and "one-sided" not in text
 
     unseen = {"seed": 1, "d": 6, "rounds": 50, "agents": {"A": {"n": 2}, "B": {"n": 3}}}
     unseen["agents"]["A"]["sampling_std"] = 0.1
