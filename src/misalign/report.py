@@ -13,25 +13,13 @@ from misalign.experiment import Game
 from misalign.play import Trajectory
 from misalign.theory import Prediction, exactness
 
-CONTRACT = {
-    "common": ("config", "config_hash", "agents", "prediction", "attack", "defence"),
-    "run": (
-        *("outputs", "distance", "rounds_played", "diverged_at", "rounds_to_prediction"),
-        *("agreement", "batch"),
-    ),
-    "prediction": (
-        *("rho", "converges", "depends_on_start", "rounds_to_tol", "distance", "covariance"),
-        *("on_target", "one_sided", "why", "scope"),
-    ),
-}
-"""The keys of the ``--json`` report: every one is present in every case, ``null`` where it
-has no value (``prediction`` also holds one key per agent, its predicted fixed point)."""
-
 
 def report(
     game: Game, prediction: Prediction, trajectory: Trajectory | None = None, play: int = 0
 ) -> dict[str, Any]:
-    """The JSON report of one play of the batch (the ``--json`` contract, ``CONTRACT``).
+    """The JSON report of one play of the batch (the ``--json`` contract: every key below is
+    present in every case, ``null`` where it has no value; the README's key table states it
+    and ``report_test`` holds the two together).
 
     Keys: ``config`` (resolved), ``config_hash``, ``agents.<name>`` (``X``, ``y``,
     ``gamma``, ``target``), ``prediction`` (``<name>`` fixed point, ``rho``,
