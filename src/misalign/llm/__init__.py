@@ -1,0 +1,1 @@
+"""Language-model agents: client, prompts, answers, store and fitted maps."""
