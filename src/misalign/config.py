@@ -92,6 +92,96 @@ class LSAAgentConfig(LearnerConfig):
     checkpoint: str = Field(description="path of the checkpoint written by misalign train")
 
 
+class LLMAgentConfig(LearnerConfig):
+    """A language model behind an OpenAI-compatible Chat Completions server (``misalign.llm``).
+
+    Its prompt (``n`` examples and an objective, sampled like every learner's) is written into
+    a Jinja2 template with the incoming estimate; its answer is parsed as ``d`` numbers. Its map
+    is a black box, fitted from probes before the play (``misalign.llm.fit``).
+    """
+
+    kind: Literal["llm"]
+    model: str = Field(min_length=1, description="the model's name at the server")
+    base_url: str | None = Field(
+        default=None, description="the server, e.g. http://127.0.0.1:8080/v1; default OpenAI's"
+    )
+    api_key_env: str = Field(
+        default="OPENAI_API_KEY",
+        description="the NAME of the environment variable holding the key; '' for a server "
+        "that needs none",
+    )
+    prompt: str | None = Field(
+        default=None, description="path of a Jinja2 template of the user message"
+    )
+    system: str | None = Field(
+        default=None, description="path of a Jinja2 template of the system message"
+    )
+    protocol: Literal["gd-step", "improve"] = Field(
+        default="gd-step",
+        description="gd-step: the prompt states the gradient step; improve: no formula",
+    )
+    eta: Positive = Field(default=1.0, description="the step size stated in the prompt")
+    digits: int | None = Field(
+        default=None,
+        ge=1,
+        le=17,
+        description="significant digits of the numbers in the "
+        "prompt; default: exact (the shortest text that reads back to the same float)",
+    )
+    max_retries: int = Field(default=4, ge=0, le=100)
+    timeout_s: Positive = Field(default=120.0, description="seconds per request")
+    concurrency: int = Field(default=8, ge=1, le=4096, description="requests in flight")
+    probes: int | None = Field(
+        default=None, ge=1, le=10**5, description="probe estimates per fit; default 2 d"
+    )
+    samples: int = Field(
+        default=1, ge=1, le=1000, description="answers per probe; > 1 fits the answer noise"
+    )
+    refits: int = Field(
+        default=4, ge=0, le=100, description="local refits around the predicted equilibrium"
+    )
+    request: dict[str, Any] = Field(
+        default_factory=dict, description="passed through to the API (max_completion_tokens...)"
+    )
+    price_in: NonNegative | None = Field(default=None, description="price per 1e6 input tokens")
+    price_out: NonNegative | None = Field(default=None, description="price per 1e6 output tokens")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_key(cls, data: Any) -> Any:
+        """A key written into the configuration is refused without being echoed."""
+        if isinstance(data, dict):
+            for where, table in (("", data), ("request.", data.get("request") or {})):
+                for key in table if isinstance(table, dict) else ():
+                    if KEY_NAME.search(str(key)) and key != "api_key_env":
+                        raise _FieldError(
+                            f"{where}{key}",
+                            "never write a key into a configuration; set "
+                            "api_key_env to the name of the environment variable holding it",
+                        )
+            env = data.get("api_key_env", "")
+            if not isinstance(env, str) or not re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)?", env):
+                raise _FieldError(
+                    "api_key_env",
+                    "must be the NAME of an environment variable (letters, digits, "
+                    "underscores), not a key",
+                )
+        return data
+
+    @model_validator(mode="after")
+    def _check_request(self) -> LLMAgentConfig:
+        taken = sorted(set(self.request) & OURS)
+        if taken:
+            raise _FieldError(f"request.{taken[0]}", "is set by misalign, not passed through")
+        return self
+
+
+KEY_NAME = re.compile(r"(?i)(api[_-]?key|secret|token$|authorization|password)")
+"""Names of settings that would hold a credential: refused in a configuration."""
+OURS = {"model", "messages", "response_format", "stream", "n", "tools"}
+"""Request keys that misalign sets itself."""
+
+
 class HelperAgentConfig(_Strict):
     """A helper: each turn it re-picks its output so that the agent it serves follows a
     Newton-like method on its own objective (docs/theory.md §4; ``misalign.helper``)."""
@@ -114,11 +204,12 @@ def _kind(value: Any) -> str:
 AgentConfig = Annotated[
     Annotated[GradientAgentConfig, Tag("gd")]
     | Annotated[LSAAgentConfig, Tag("lsa")]
+    | Annotated[LLMAgentConfig, Tag("llm")]
     | Annotated[HelperAgentConfig, Tag("helper")],
     Discriminator(_kind),
 ]
 """Every agent kind, told apart by ``kind`` (default ``gd``)."""
-KINDS = ("gd", "lsa", "helper")
+KINDS = ("gd", "lsa", "llm", "helper")
 
 
 class AttackConfig(_Strict):
@@ -181,7 +272,15 @@ class PlayConfig(_Strict):
                 raise _FieldError(f"agents.{name}", "is not a valid agent name")
             if agent.reads is not None and agent.reads not in self.agents:
                 raise _FieldError(f"agents.{name}.reads", f"names no agent: {agent.reads!r}")
+            if isinstance(agent, LLMAgentConfig) and (agent.probes or self.d + 1) < self.d + 1:
+                raise _FieldError(
+                    f"agents.{name}.probes", f"must be at least d + 1 = {self.d + 1} to fit a map"
+                )
             if isinstance(agent, HelperAgentConfig):
+                if any(isinstance(a, LLMAgentConfig) for a in self.agents.values()):
+                    raise _FieldError(
+                        f"agents.{name}", "helpers need analytic maps; this play has llm agents"
+                    )
                 served = self.agents.get(agent.serves)
                 if not isinstance(served, LearnerConfig):
                     raise _FieldError(
@@ -380,7 +479,7 @@ def _one_line(exc: ValidationError) -> str:
         del loc[2]  # the union's tag: agents.A.gd.n is agents.A.n
     field = ".".join(str(part) for part in loc)
     if isinstance(error.get("ctx", {}).get("error"), _FieldError):
-        return str(error["ctx"]["error"])
+        return f"{field}.{error['ctx']['error']}" if field else str(error["ctx"]["error"])
     kind, message = error["type"], error["msg"]
     if kind == "extra_forbidden":
         message = "unknown key"

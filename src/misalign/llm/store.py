@@ -1,0 +1,162 @@
+"""The record of every request and answer: one SQLite file (``misalign.llm.store``).
+
+Each answer is written in its own transaction (WAL journal), so a run killed at any moment
+loses at most the requests in flight; a re-run reads the store before asking, so it resumes
+without paying twice. Requests are keyed by the SHA-256 of the canonical request (model,
+messages, request settings, sample index). The key to the API is never part of a request
+here, so it never reaches the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from misalign.config import ConfigError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS answers (
+    key TEXT PRIMARY KEY,        -- sha256 of the canonical request
+    agent TEXT NOT NULL,
+    play INTEGER NOT NULL,       -- the play's seed
+    kind TEXT NOT NULL,          -- 'play' or 'probe'
+    round INTEGER NOT NULL,      -- play: the round; probe: the fit (0 global, then local)
+    position INTEGER NOT NULL,   -- play: the turn within the round; probe: the probe's index
+    sample INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,    -- 0, then 1, 2... for corrections after bad answers
+    request TEXT NOT NULL,       -- the canonical request (JSON)
+    raw TEXT,                    -- the answer's text
+    estimate TEXT,               -- the parsed estimate (JSON list), NULL for a bad answer
+    tokens_in INTEGER NOT NULL,
+    tokens_out INTEGER NOT NULL,
+    latency REAL NOT NULL,       -- seconds
+    cost REAL,                   -- dollars, NULL without prices
+    time REAL NOT NULL           -- unix time of the answer
+);
+CREATE INDEX IF NOT EXISTS slots ON answers (agent, play, kind, round, position, sample);
+"""
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where a request belongs: which agent, play, round (or fit), turn (or probe), sample."""
+
+    agent: str
+    play: int
+    kind: str
+    round: int
+    position: int
+    sample: int = 0
+
+
+@dataclass(frozen=True)
+class Record:
+    """One recorded answer."""
+
+    raw: str | None
+    estimate: np.ndarray | None
+    tokens_in: int
+    tokens_out: int
+    latency: float
+    cost: float | None
+
+
+def request_key(request: dict, sample: int) -> str:
+    """The SHA-256 of the canonical request (sorted keys, no whitespace) and sample index."""
+    canonical = json.dumps(
+        {"request": request, "sample": sample}, sort_keys=True, separators=(",", ":")
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class Store:
+    """An SQLite store of answers.
+
+    Args:
+        path: the file (created with its folder when absent, unless ``readonly``).
+        readonly: open without writing (a replay: the file may sit in a read-only checkout).
+    """
+
+    def __init__(self, path: str | Path, readonly: bool = False) -> None:
+        self.path = Path(path)
+        try:
+            if readonly:
+                if not self.path.exists():
+                    raise ConfigError(f"--store {self.path}: no such file to replay")
+                uri = f"file:{self.path.resolve()}?mode=ro&immutable=1"
+                self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._db = sqlite3.connect(self.path, check_same_thread=False)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")  # a kill loses nothing committed
+                self._db.executescript(SCHEMA)
+            self._db.execute("SELECT count(*) FROM answers").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise ConfigError(f"--store {self.path}: not a misalign store ({exc})") from None
+
+    def get(self, key: str) -> Record | None:
+        """The recorded answer to a request, or ``None``."""
+        row = self._db.execute(
+            "SELECT raw, estimate, tokens_in, tokens_out, latency, cost FROM answers WHERE key=?",
+            (key,),
+        ).fetchone()
+        return None if row is None else _record(row)
+
+    def at(self, slot: Slot) -> Record | None:
+        """The latest accepted answer recorded at ``slot`` by any request (``--fork-at``)."""
+        row = self._db.execute(
+            "SELECT raw, estimate, tokens_in, tokens_out, latency, cost FROM answers "
+            "WHERE agent=? AND play=? AND kind=? AND round=? AND position=? AND sample=? "
+            "AND estimate IS NOT NULL ORDER BY time DESC LIMIT 1",
+            (slot.agent, slot.play, slot.kind, slot.round, slot.position, slot.sample),
+        ).fetchone()
+        return None if row is None else _record(row)
+
+    def put(self, key: str, slot: Slot, attempt: int, request: dict, record: Record) -> None:
+        """Record one answer, in its own transaction (replacing an older answer to the same
+        request: ``--refresh``)."""
+        estimate = None if record.estimate is None else json.dumps(record.estimate.tolist())
+        with self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO answers VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    key,
+                    *(slot.agent, slot.play, slot.kind, slot.round, slot.position, slot.sample),
+                    attempt,
+                    json.dumps(request, sort_keys=True),
+                    record.raw,
+                    estimate,
+                    record.tokens_in,
+                    record.tokens_out,
+                    record.latency,
+                    record.cost,
+                    time.time(),
+                ),
+            )
+
+    def __len__(self) -> int:
+        return self._db.execute("SELECT count(*) FROM answers").fetchone()[0]
+
+    def close(self) -> None:
+        """Fold the journal back into the file and close it."""
+        try:
+            if not self.path.exists() or self._db.in_transaction:
+                return
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.DatabaseError:
+            pass  # read-only
+        finally:
+            self._db.close()
+
+
+def _record(row: tuple) -> Record:
+    raw, estimate, tokens_in, tokens_out, latency, cost = row
+    parsed = None if estimate is None else np.array(json.loads(estimate), dtype=float)
+    return Record(raw, parsed, tokens_in, tokens_out, latency, cost)
