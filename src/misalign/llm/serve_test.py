@@ -10,7 +10,6 @@ import select
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -139,24 +138,26 @@ def _get(url: str) -> dict:
 @needs_model
 def test_serve_prints_its_base_url_answers_and_stops_on_sigterm() -> None:
     code = "from misalign.llm.serve import serve; serve(None)"
-    process = subprocess.Popen(
-        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        ready, _, _ = select.select([process.stdout], [], [], 90)
-        assert ready, "serve() printed nothing within 90 s"
-        assert process.stdout is not None
-        line = process.stdout.readline().strip()
-        assert line.startswith("base_url: http://127.0.0.1:"), line
-        base_url = line.removeprefix("base_url: ")
-        models = _get(f"{base_url}/models")
-        assert [model["id"] for model in models["data"]] == [serve.ALIAS]
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(30) == 0, process.stderr.read() if process.stderr else ""
-        time.sleep(0.2)
-        with pytest.raises(urllib.error.URLError):
-            _get(f"{base_url}/models")
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    command = [sys.executable, "-c", code]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    with subprocess.Popen(command, **pipes) as process:
+        try:
+            ready, _, _ = select.select([process.stdout], [], [], 90)
+            assert ready, "serve() printed nothing within 90 s"
+            assert process.stdout is not None
+            line = process.stdout.readline().strip()
+            assert line.startswith("base_url: http://127.0.0.1:"), line
+            base_url = line.removeprefix("base_url: ")
+            models = _get(f"{base_url}/models")
+            assert [model["id"] for model in models["data"]] == [serve.ALIAS]
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(30) == 0, process.stderr.read() if process.stderr else ""
+            with pytest.raises(urllib.error.URLError):
+                _get(f"{base_url}/models")
+        finally:
+            if process.poll() is None:  # SIGTERM first, so that serve() stops its server
+                process.terminate()
+                try:
+                    process.wait(10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
