@@ -11,6 +11,7 @@ import json
 import math
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -34,6 +35,27 @@ OutOpt = Annotated[
     Path | None,
     typer.Option("--out", show_default="runs/<config hash>", help="Directory for the artifacts."),
 ]
+StoreOpt = Annotated[
+    Path,
+    typer.Option(
+        "--store", help="Language-model agents: the SQLite store of every request and answer."
+    ),
+]
+ReplayOpt = Annotated[
+    bool, typer.Option("--replay", help="Language-model agents: answer from the store only.")
+]
+RefreshOpt = Annotated[
+    bool, typer.Option("--refresh", help="Language-model agents: ask again, record new answers.")
+]
+ForkOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--fork-at",
+        min=1,
+        help="Language-model agents: take rounds before K from the store, ask for the rest.",
+    ),
+]
+STORE = Path("runs/llm.sqlite")
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a key with a TOML value: --set seed=4 (repeatable)."),
@@ -47,18 +69,99 @@ def _load(path: Path, overrides: list[str] | None) -> PlayConfig:
         _fail(str(exc))
 
 
-def _game(path: Path, overrides: list[str] | None, seeds: int = 1):
+def _game(path: Path, overrides: list[str] | None, seeds: int = 1, session=None):
     """Load the configuration and set the game up (``seeds`` plays from its seed on); any
-    problem is one line and exit 2."""
+    problem is one line and exit 2. ``session``: ``(store, mode, fork_at)`` for
+    language-model agents."""
     from misalign.experiment import setup
 
     config = _load(path, overrides)
     try:
+        llm = None
+        if any(a.kind == "llm" for a in config.agents.values()):
+            from misalign.llm.agent import Session
+
+            llm = Session(*(session or (STORE, "live", None)))
         with stage("sampling prompts and building agents", _tty()):
             seeds_ = range(config.seed, config.seed + seeds)
-            return config, setup(config, seeds=seeds_, progress=_tty())
+            return config, setup(config, seeds=seeds_, progress=_tty(), session=llm)
     except ConfigError as exc:  # sizes that cannot fit, failed attack preconditions
         _fail(str(exc))
+
+
+def _mode(replay: bool, refresh: bool, fork_at: int | None) -> str:
+    """The language-model agents' mode from the flags; contradictory flags are one line."""
+    if replay and (refresh or fork_at is not None):
+        _fail("--replay: cannot be combined with --refresh or --fork-at")
+    return "replay" if replay else "refresh" if refresh else "live"
+
+
+@contextmanager
+def _asking(game, total: int, what: str):
+    """A progress bar of language-model answers (with the requests, retries, tokens, cost and
+    failed plays so far) while the block runs; nothing without such agents."""
+    from misalign.llm.fit import llm_agents
+
+    agents = llm_agents(game)
+    if not agents or not _tty():
+        yield
+        return
+    from misalign.progress import progress_bar
+
+    session = next(iter(agents.values())).session
+    columns = [
+        "{task.fields[requests]} requests",
+        "{task.fields[retries]} retries",
+        "{task.fields[tokens]} tokens",
+        "${task.fields[cost]:.4f}",
+        "{task.fields[failed]} failed",
+    ]
+    bar = progress_bar(total, what, columns=columns, **_counts(session))
+
+    def answered() -> None:
+        bar.update(bar.task_ids[0], advance=1, **_counts(session))
+
+    session.on_answer = answered
+    try:
+        yield
+    finally:
+        session.on_answer = None
+        bar.stop()
+
+
+def _counts(session) -> dict[str, Any]:
+    stats = session.stats
+    return {
+        "requests": stats.requests,
+        "retries": sum(stats.retries.values()),
+        "tokens": stats.tokens_in + stats.tokens_out,
+        "cost": stats.cost,
+        "failed": len(session.failed),
+    }
+
+
+def _close(game) -> None:
+    """Close the language-model agents' session (its clients and store), if any."""
+    from misalign.llm.fit import llm_agents
+
+    agents = llm_agents(game)
+    if agents:
+        next(iter(agents.values())).session.close()
+
+
+def _fit(game):
+    """Fit the language-model agents' maps, with a bar of their answers."""
+    from misalign.experiment import fit
+    from misalign.llm.fit import llm_agents
+
+    agents = llm_agents(game)
+    plays, d = game.start.shape
+    total = sum(
+        (a.config.probes or 2 * d) * a.config.samples * plays * (1 + a.config.refits)
+        for a in agents.values()
+    )
+    with _asking(game, total, "fitting"):
+        return fit(game)
 
 
 def _tty() -> bool:
@@ -124,18 +227,35 @@ def run(
     json_out: JsonOpt = False,
     out: OutOpt = None,
     set_: SetOpt = None,
+    store: StoreOpt = STORE,
+    replay: ReplayOpt = False,
+    refresh: RefreshOpt = False,
+    fork_at: ForkOpt = None,
 ) -> None:
-    """Simulate the play and predict its equilibrium; figure, config and report."""
+    """Simulate the play and predict its equilibrium; figure, config and report.
+
+    Language-model agents are fitted first (probes) and every answer is recorded in --store:
+    a re-run reads it first, --replay never asks the server."""
     from misalign.experiment import simulate
+    from misalign.llm.fit import llm_agents
     from misalign.plot import plot_batch, plot_play
     from misalign.report import batch, report, to_json
 
-    cfg, game = _game(config, set_, seeds)
-    long = cfg.rounds * len(cfg.agents) * seeds > 2e4
-    trajectory = simulate(game, progress=_tty() and long)
-    prediction = _predict(game)  # after the play: of the regime each agent ended in
+    session = (store, _mode(replay, refresh, fork_at), fork_at)
+    cfg, game = _game(config, set_, seeds, session)
+    try:
+        fits = _fit(game)
+        long = cfg.rounds * len(cfg.agents) * seeds > 2e4
+        asked = cfg.rounds * seeds * sum(cfg.order.count(n) for n in llm_agents(game))
+        with _asking(game, asked, "playing"):
+            trajectory = simulate(game, progress=_tty() and long and not fits)
+        prediction = _predict(game)  # after the play: of the regime each agent ended in
+    except ConfigError as exc:  # a fatal server problem, a replay miss
+        _fail(str(exc))
+    finally:
+        _close(game)
     with stage("writing the report and the figure", _tty()):
-        result = report(game, prediction, trajectory)
+        result = report(game, prediction, trajectory, fits=fits)
         if seeds > 1:
             result["batch"] = batch(game, prediction, trajectory)
         directory = _artifacts(cfg, out, result, "run.json")
@@ -143,7 +263,8 @@ def run(
         if seeds > 1:
             figure = plot_batch(game, trajectory, prediction, path)
         else:
-            figure = plot_play(game, trajectory, prediction, path)
+            also = None if fits is None else fits.global_prediction
+            figure = plot_play(game, trajectory, prediction, path, also=also)
     if json_out:
         print(to_json(result))
     elif seeds > 1:
@@ -165,15 +286,29 @@ def _predict(game):
 
 @app.command()
 def theory(
-    config: ConfigArg, json_out: JsonOpt = False, out: OutOpt = None, set_: SetOpt = None
+    config: ConfigArg,
+    json_out: JsonOpt = False,
+    out: OutOpt = None,
+    set_: SetOpt = None,
+    store: StoreOpt = STORE,
+    replay: ReplayOpt = False,
+    refresh: RefreshOpt = False,
 ) -> None:
     """Predict the equilibrium, the rate and the residuals without playing.
 
+    Language-model agents are fitted from probes first (recorded in --store).
     Writes config.toml (resolved) and theory.json into --out."""
     from misalign.report import report, to_json
 
-    cfg, game = _game(config, set_)
-    result = report(game, _predict(game))
+    cfg, game = _game(config, set_, session=(store, _mode(replay, refresh, None), None))
+    try:
+        fits = _fit(game)
+        prediction = _predict(game)
+    except ConfigError as exc:
+        _fail(str(exc))
+    finally:
+        _close(game)
+    result = report(game, prediction, fits=fits)
     directory = _artifacts(cfg, out, result, "theory.json")
     if json_out:
         print(to_json(result))
@@ -555,6 +690,7 @@ def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> No
                 console.print(f"biased equilibrium: {best} ends closest to its own target")
         for name, reason in p["why"].items():
             console.print(f"  {name} on target: {reason}")
+    _llm_summary(console, result)
     if result["attack"] is not None:
         a = result["attack"]
         probes = f" after {a['probe_turns']} probe turns" if a.get("probe_turns") else ""
@@ -569,6 +705,48 @@ def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> No
             line += f"; stopped reading it at round {d['refused_at']}"
         console.print(line)
     console.print(f"artifacts: {directory}" + (f" (figure {figure.name})" if figure else ""))
+
+
+def _llm_summary(console, result: dict[str, Any]) -> None:
+    """Language-model agents: each fitted map (global and local) and the equilibrium it
+    predicts against the observed play; what the requests cost; the plays that failed."""
+    from rich.table import Table
+
+    if result["fit"]:
+        table = Table("agent", "fit", "r2", "residual rms", "answers", "|equilibrium|", "gap")
+        for name, row in result["fit"].items():
+            for key in ("global", "local"):
+                fit = row[key]
+                if fit is None:
+                    continue
+                label = key
+                if key == "local":
+                    verdict = "confirmed" if fit["confirmed"] else "not confirmed"
+                    label += f" ({fit['iterations']} refits, {verdict})"
+                table.add_row(
+                    name,
+                    label,
+                    _num(fit["r2"], ".3f"),
+                    _num(fit["rms"], ".3g"),
+                    str(fit["probes"]),
+                    _norm(fit["equilibrium"]),
+                    "-" if fit["gap"] is None else _num(fit["gap"], ".3g"),
+                )
+        console.print(table)
+        console.print("gap: |observed final output - the equilibrium that fit predicts|")
+    llm = result["llm"]
+    if llm:
+        retries = ", ".join(f"{n} {k}" for k, n in sorted(llm["retries"].items())) or "none"
+        cost = "" if llm["cost"] is None else f", ${llm['cost']:.4f}"
+        console.print(
+            f"language models: {llm['requests']} requests, {llm['cached']} answers from the "
+            f"store, retries: {retries}; {llm['tokens_in']} + {llm['tokens_out']} tokens{cost}"
+        )
+        for failure in llm["failed"]:
+            console.print(
+                f"[bold red]failed[/]: agent {failure['agent']}, seed {failure['seed']}, "
+                f"{failure['kind']} round {failure['round']}: {failure['why']}"
+            )
 
 
 def _batch_summary(batch: dict[str, Any], directory: Path, figure: Path) -> None:

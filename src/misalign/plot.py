@@ -44,11 +44,18 @@ def save_figure(fig, path: str | Path) -> Path:
 
 
 def plot_play(
-    game: Game, trajectory: Trajectory, prediction: Prediction, path: str | Path, play: int = 0
+    game: Game,
+    trajectory: Trajectory,
+    prediction: Prediction,
+    path: str | Path,
+    play: int = 0,
+    also: Prediction | None = None,
 ) -> Path:
     """Plot one play: ``|s_t^i - w_i*|`` per round for every agent, with the predicted plateau
     ``|e_i|`` as a dashed line of the same colour (docs/theory.md §2), and the distance to
-    the predicted equilibrium beside ``rho^t``.
+    the predicted equilibrium beside ``rho^t``. ``also``: a second prediction whose plateaus
+    are drawn dotted (language-model agents: the prediction of their global fits, beside the
+    local one).
 
     Args:
         game: the game that was played.
@@ -71,6 +78,15 @@ def plot_play(
             continue
         plateau = float(np.linalg.norm(prediction.residual[name][play]))
         _plateau(ax, plateau, color, f"{name} predicted ({plateau:.3g})")
+        if also is not None and also.converges[play]:
+            other = float(np.linalg.norm(also.residual[name][play]))
+            ax.axhline(
+                max(other, FLOOR),
+                color=color,
+                ls=":",
+                lw=1,
+                label=f"{name} global fit ({other:.3g})",
+            )
         error = trajectory.distance(name, prediction.fixed_point[name])[:, play]
         _curve(gap, rounds, error, color, name)
     if converges and rho > 0:
@@ -127,9 +143,9 @@ def plot_batch(
     return save_figure(fig, path)
 
 
-def _plateau(ax, level: float, color: str, label: str) -> None:
+def _plateau(ax, level: float, color: str, label: str, style: str = "--") -> None:
     """A dashed horizontal line at a predicted distance (drawn at ``FLOOR`` when below it)."""
-    ax.axhline(max(level, FLOOR), color=color, linestyle="--", linewidth=1, label=label)
+    ax.axhline(max(level, FLOOR), color=color, linestyle=style, linewidth=1, label=label)
 
 
 def _curve(ax, rounds: np.ndarray, values: np.ndarray, color: str, label: str) -> None:

@@ -15,7 +15,11 @@ from misalign.theory import Prediction, exactness
 
 
 def report(
-    game: Game, prediction: Prediction, trajectory: Trajectory | None = None, play: int = 0
+    game: Game,
+    prediction: Prediction,
+    trajectory: Trajectory | None = None,
+    play: int = 0,
+    fits=None,
 ) -> dict[str, Any]:
     """The JSON report of one play of the batch (the ``--json`` contract: every key below is
     present in every case, ``null`` where it has no value; the README's key table states it
@@ -34,7 +38,10 @@ def report(
     ``rounds_to_prediction`` (from which round every output stays within 1e-8 of its
     prediction), ``agreement`` (``_agreement``: does the play end at the prediction? where
     it does not, no verdict is given: ``on_target`` and ``one_sided`` are ``null``) and
-    ``batch`` (``null``; ``run --seeds`` fills it with ``batch``).
+    ``batch`` (``null``; ``run --seeds`` fills it with ``batch``). With language-model
+    agents, ``fit`` (``fit_report``: their global and local fitted maps and the equilibrium
+    each predicts, against the observed play) and ``llm`` (``llm_report``: requests, retries,
+    tokens, cost, failed plays); ``null`` otherwise.
 
     A prediction made after the play (``run``) is of the regime each agent ended in (the
     decoy a gray-box attacker fitted, a predictive victim that stopped reading its
@@ -72,6 +79,8 @@ def report(
         },
         "attack": None,
         "defence": None,
+        "fit": None,
+        "llm": llm_report(game),
     }
     for name, agent in game.agents.items():
         prompt = game.prompts[name][play] if name in game.prompts else None  # helpers have none
@@ -91,6 +100,8 @@ def report(
         probes = getattr(game.agents[config.attack.agent], "probe_turns", None)
         if probes is not None:
             out["attack"]["probe_turns"] = probes
+    if fits is not None:
+        out["fit"] = fit_report(fits, prediction, trajectory, play)
     if trajectory is None:
         return out
     if config.defence is not None:
@@ -123,6 +134,74 @@ def report(
         p = out["prediction"]
         p["on_target"], p["one_sided"], p["why"] = dict.fromkeys(p["on_target"]), None, {}
     return out
+
+
+def fit_report(
+    fits, prediction: Prediction, trajectory: Trajectory | None, play: int
+) -> dict[str, Any]:
+    """Per language-model agent, its global and local fits (``misalign.llm.fit``): ``A``,
+    ``c``, ``r2``, ``rms``, ``probes``, and ``equilibrium`` (the agent's output at the
+    equilibrium those fits predict); the local one also ``iterations`` and ``confirmed``.
+    After a play, ``observed`` (its final output) and each fit's ``gap`` to it,
+    ``|observed - equilibrium|``.
+    """
+    out = {}
+    for name, agent_fit in fits.agents.items():
+        observed = None
+        if trajectory is not None and trajectory.rounds:
+            observed = trajectory.outputs(name)[-1, play]
+        row: dict[str, Any] = {"observed": None if observed is None else observed.tolist()}
+        for key, fit, predicted in (
+            ("global", agent_fit.global_, fits.global_prediction),
+            ("local", agent_fit.local, prediction if agent_fit.local is not None else None),
+        ):
+            if fit is None:
+                row[key] = None
+                continue
+            equilibrium = predicted.fixed_point[name][play]
+            row[key] = {
+                "A": fit.map.A[play].tolist(),
+                "c": fit.map.c[play].tolist(),
+                "r2": float(fit.r2[play]),
+                "rms": float(fit.rms[play]),
+                "probes": fit.probes,
+                "equilibrium": equilibrium.tolist(),
+                "gap": None if observed is None else float(np.linalg.norm(observed - equilibrium)),
+            }
+        if row["local"] is not None:
+            row["local"]["iterations"] = agent_fit.iterations
+            row["local"]["probes"] = agent_fit.probes
+            row["local"]["confirmed"] = bool(agent_fit.confirmed[play])
+        out[name] = row
+    return out
+
+
+def llm_report(game: Game) -> dict[str, Any] | None:
+    """What the language-model agents' requests cost (``null`` without such agents):
+    ``requests`` sent (retries included), ``cached`` (answers read from the store),
+    ``retries`` by cause, ``tokens_in``, ``tokens_out``, ``cost`` (dollars; ``null``
+    without prices), ``format.<name>`` (the ``response_format`` the server accepted) and
+    ``failed`` (per failed play: agent, seed, round, why)."""
+    from misalign.llm.fit import llm_agents
+
+    agents = llm_agents(game)
+    if not agents:
+        return None
+    session = next(iter(agents.values())).session
+    stats = session.stats
+    priced = any(
+        a.config.price_in is not None or a.config.price_out is not None for a in agents.values()
+    )
+    return {
+        "requests": stats.requests,
+        "cached": stats.cached,
+        "retries": dict(stats.retries),
+        "tokens_in": stats.tokens_in,
+        "tokens_out": stats.tokens_out,
+        "cost": stats.cost if priced else None,
+        "format": {name: agent.format for name, agent in agents.items()},
+        "failed": list(session.failed),
+    }
 
 
 AGREE = 1e-6
@@ -315,7 +394,26 @@ def batch(game: Game, prediction: Prediction, trajectory: Trajectory) -> dict[st
             "max": float(reached.max()) if len(reached) else None,
             "never": int(len(measured) - len(reached)),
         },
+        "spread": _spread(game, prediction, trajectory, ok),
     }
+
+
+def _spread(
+    game: Game, prediction: Prediction, trajectory: Trajectory, ok: np.ndarray
+) -> dict[str, Any] | None:
+    """With sampled agents (docs/theory.md §6), per agent the RMS distance of the final output
+    from its predicted limit over the converging plays, ``observed = sqrt(mean |s_T - s*|^2)``,
+    beside the theory's ``predicted = sqrt(mean tr Sigma)``; ``null`` without noise."""
+    if not prediction.covariance or not ok.any():
+        return None
+    out = {}
+    for name, sigma in prediction.covariance.items():
+        with np.errstate(over="ignore", invalid="ignore"):
+            gap = trajectory.outputs(name)[-1] - prediction.fixed_point[name]
+        observed = float(np.sqrt((gap[ok] ** 2).sum(axis=-1).mean()))
+        predicted = float(np.sqrt(np.trace(sigma[ok], axis1=-2, axis2=-1).mean()))
+        out[name] = {"observed": observed, "predicted": predicted}
+    return out
 
 
 def converging(prediction: Prediction, trajectory: Trajectory) -> np.ndarray:

@@ -24,7 +24,7 @@ import numpy as np
 
 from misalign.agent import AffineMap, Turn
 from misalign.config import ConfigError, LLMAgentConfig
-from misalign.llm.answer import BadAnswer, correction, parse
+from misalign.llm.answer import FORMATS, BadAnswer, correction, parse
 from misalign.llm.client import Client, Exhausted, Fatal, Stats
 from misalign.llm.store import Record, Slot, Store, request_key
 from misalign.llm.template import Templates
@@ -119,6 +119,11 @@ class LLMAgent:
     @property
     def gamma(self) -> None:
         return None
+
+    @property
+    def format(self) -> str | None:
+        """The ``response_format`` the server accepted (``None``: no request was sent)."""
+        return None if self._client is None else FORMATS[self._client.format]
 
     def start(self, batch: int) -> None:
         if batch != len(self.prompts):
