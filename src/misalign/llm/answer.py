@@ -65,7 +65,7 @@ def parse(text: str | None, d: int) -> np.ndarray:
         raise BadAnswer("the answer was empty")
     try:
         data = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # not JSON; an integer of over 4300 digits
         data = None
     if isinstance(data, dict) and "estimate" in data:
         data = data["estimate"]
@@ -74,7 +74,10 @@ def parse(text: str | None, d: int) -> np.ndarray:
             raise BadAnswer(f"the estimate had {len(data)} numbers, not {d}")
         if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in data):
             raise BadAnswer("the estimate held something other than numbers")
-        values = [float(v) for v in data]
+        try:
+            values = [float(v) for v in data]
+        except OverflowError:  # an integer beyond float64
+            raise BadAnswer("the estimate held a number that is not finite") from None
     else:
         found = NUMBER.findall(text)
         if len(found) < d:
