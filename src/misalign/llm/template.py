@@ -119,12 +119,15 @@ def _compile(path: str | Path, field: str, needs_estimate: bool) -> jinja2.Templ
         source = Path(path).read_text()
     except OSError as exc:
         raise ConfigError(f"{field}: cannot read {path} ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{field}: cannot read {path} (not UTF-8 text)") from None
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
-    try:
-        parsed = env.parse(source)
+    try:  # an unknown filter or test shows when the variables are looked for
+        used = jinja2.meta.find_undeclared_variables(env.parse(source))
+        template = env.from_string(source)
     except jinja2.TemplateSyntaxError as exc:
-        raise ConfigError(f"{field}: {path} line {exc.lineno}: {exc.message}") from None
-    used = jinja2.meta.find_undeclared_variables(parsed)
+        message = " ".join(str(exc.message).split())
+        raise ConfigError(f"{field}: {path} line {exc.lineno}: {message}") from None
     unknown = sorted(used - VARIABLES)
     if unknown:
         raise ConfigError(
@@ -133,7 +136,7 @@ def _compile(path: str | Path, field: str, needs_estimate: bool) -> jinja2.Templ
         )
     if needs_estimate and "estimate" not in used:
         raise ConfigError(f"{field}: {path} never uses 'estimate', the incoming estimate")
-    return env.from_string(source)
+    return template
 
 
 VARIABLES = {"examples", "estimate", "d", "n", "eta", "name", "round"}

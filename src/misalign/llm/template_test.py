@@ -1,0 +1,138 @@
+"""Tests of the agents' message templates (``misalign.llm.template``)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+
+import numpy as np
+import pytest
+
+from misalign.config import ConfigError, LLMAgentConfig
+from misalign.llm.agent import LLMAgent, Session
+from misalign.llm.template import Templates
+from misalign.prompt import Prompt
+
+X = np.array([[0.1, 1 / 3], [-2.5e-7, 12345.678901234567], [np.pi, -np.e]])
+Y = np.array([1 / 7, -0.0, 6.02214076e23])
+W = np.array([np.sqrt(2), -1e-300])
+
+
+def config(**settings) -> LLMAgentConfig:
+    return LLMAgentConfig(kind="llm", model="fake", n=3, api_key_env="", **settings)
+
+
+def render(templates: Templates, estimate=W, round: int = 5) -> list[dict]:
+    return templates.messages("A", X, Y, estimate, 0.5, round)
+
+
+def arrays(text: str) -> list[list[float]]:
+    """Every JSON array of numbers in the text, in order."""
+    found = []
+    for candidate in re.findall(r"\[[^\[\]]*\]", text):
+        with contextlib.suppress(json.JSONDecodeError):  # '[2 numbers]'
+            found.append(json.loads(candidate))
+    return found
+
+
+@pytest.mark.parametrize("protocol", ["gd-step", "improve"])
+def test_defaults_write_every_number_exactly(protocol):
+    system, user = render(Templates.load(config(protocol=protocol), "agents.A"))
+    assert system["role"] == "system" and "agent A" in system["content"]
+    assert user["role"] == "user"
+    found = arrays(user["content"])
+    examples = [a for a in found if len(a) == 2][: len(X)]
+    assert examples == X.tolist()  # floats read back bit for bit
+    assert found[len(X)] == W.tolist()  # the estimate follows the examples
+    ys = [float(v) for v in re.findall(r", y = (\S+)", user["content"])]
+    assert [repr(v) for v in ys] == [repr(v) for v in Y.tolist()]  # -0.0 included
+    assert f"d = {X.shape[1]}" in user["content"]
+
+
+def test_gd_step_states_eta_and_n():
+    user = render(Templates.load(config(), "agents.A"))[1]["content"]
+    assert "eta = 0.5" in user and "n = 3" in user
+
+
+def test_digits_round_to_significant_digits():
+    user = render(Templates.load(config(digits=3), "agents.A"))[1]["content"]
+    found = arrays(user)
+    assert found[0] == [0.1, 0.333]
+    assert found[1] == [-2.5e-7, 12300.0]
+    assert found[3] == [1.41, -1e-300]
+    assert "y = 0.143" in user and "y = 6.02e+23" in user
+
+
+def write(tmp_path, text: str, name: str = "user.j2") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_a_custom_template_and_an_empty_system_message(tmp_path):
+    user = write(tmp_path, "r{{ round }} {{ name }} {{ estimate }} {{ n }}x{{ d }} {{ eta }}")
+    system = write(tmp_path, "{# nothing #}\n", "system.j2")
+    messages = render(Templates.load(config(prompt=user, system=system), "agents.A"))
+    assert messages == [{"role": "user", "content": f"r5 A {W.tolist()} 3x2 0.5"}]
+
+
+def test_jinja_globals_and_loops_are_allowed(tmp_path):
+    user = write(tmp_path, "{% for i in range(d) %}{{ i }}{% endfor %} {{ estimate }}")
+    assert render(Templates.load(config(prompt=user), "agents.A"))[1]["content"].startswith("01 ")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("Examples: {{ examples }}", r"agents\.A\.prompt: .* never uses 'estimate'"),
+        ("{{ estimate }} {{ w_star }}", r"agents\.A\.prompt: .* uses 'w_star', which is not a"),
+        ("{{ estimate }}\n{% if %}", r"agents\.A\.prompt: .* line 2: "),
+        ("{{ estimate }}\n\n{% for x in examples %}", r"agents\.A\.prompt: .* line 3: "),
+        ("{{ estimate }}\n{{ estimate | nosuchfilter }}", r"line 2: No filter named 'nosuch"),
+        ("{{ estimate is nosuchtest }}", r"agents\.A\.prompt: .* line 1: No test named"),
+    ],
+)
+def test_bad_templates_are_one_line_naming_the_field(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        Templates.load(config(prompt=write(tmp_path, text)), "agents.A")
+    assert "\n" not in str(info.value)
+
+
+def test_the_system_template_is_checked_but_needs_no_estimate(tmp_path):
+    Templates.load(config(system=write(tmp_path, "You are {{ name }}.")), "agents.A")
+    with pytest.raises(ConfigError, match=r"agents\.A\.system: .* uses 'secret'"):
+        Templates.load(config(system=write(tmp_path, "{{ secret }}")), "agents.A")
+
+
+def test_unreadable_templates(tmp_path):
+    with pytest.raises(ConfigError, match=r"agents\.A\.prompt: cannot read .*missing\.j2"):
+        Templates.load(config(prompt=str(tmp_path / "missing.j2")), "agents.A")
+    with pytest.raises(ConfigError, match=r"agents\.A\.prompt: cannot read .*\(Is a directory"):
+        Templates.load(config(prompt=str(tmp_path)), "agents.A")
+    binary = tmp_path / "binary.j2"
+    binary.write_bytes(b"\xff\xfe{{ estimate }}\x80")
+    with pytest.raises(ConfigError, match=r"agents\.A\.prompt: cannot read .*not UTF-8"):
+        Templates.load(config(prompt=str(binary)), "agents.A")
+
+
+def prompts() -> list[Prompt]:
+    return [Prompt(X, Y, np.zeros(2), np.eye(2))]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{{ examples[100].x }} {{ estimate }}",
+        "{{ estimate }} {{ 1 // 0 }}",
+        "{{ estimate }} {{ examples.nothing }}",
+    ],
+)
+def test_a_template_that_fails_to_render_fails_at_setup(tmp_path, text):
+    session = Session(str(tmp_path / "store.sqlite"))
+    try:
+        with pytest.raises(ConfigError, match=r"^agents\.A: the template does not render") as e:
+            LLMAgent("A", config(prompt=write(tmp_path, text)), prompts(), [0], session)
+        assert "\n" not in str(e.value)
+    finally:
+        session.close()
