@@ -102,10 +102,7 @@ class LLMAgent:
         self.field = f"agents.{name}"
         self.d = prompts[0].d
         self.templates = Templates.load(config, self.field)
-        try:  # a template that fails to render fails here, before any request
-            self._messages(0, np.zeros(self.d), 0)
-        except Exception as exc:  # jinja2 raises many kinds; one line either way
-            raise ConfigError(f"{self.field}: the template does not render: {exc}") from None
+        self._messages(0, np.zeros(self.d), 0)  # a template that fails, fails before a request
         self._client: Client | None = None
         env = config.api_key_env
         if session.mode != "replay" and env and not os.environ.get(env):
@@ -154,8 +151,9 @@ class LLMAgent:
             try:  # a fatal problem cancels the requests in flight
                 async with asyncio.TaskGroup() as group:
                     tasks = [group.create_task(self._answer(*r)) for r in requests]
-            except* Fatal as problems:
-                raise problems.exceptions[0] from None
+            except ExceptionGroup as problems:  # the first Fatal, else the first problem
+                fatal = [e for e in problems.exceptions if isinstance(e, Fatal)]
+                raise (fatal or problems.exceptions)[0] from None
             return [task.result() for task in tasks]
 
         return self.session.run(everything())
@@ -169,10 +167,22 @@ class LLMAgent:
         return None if self.fitted is None else self.fitted.noise
 
     def _messages(self, play: int, estimate: np.ndarray, round: int) -> list[dict]:
+        """The chat messages of one request.
+
+        Raises:
+            Fatal: the template does not render (one line; at setup, or at a later round).
+        """
         prompt = self.prompts[play]
-        return self.templates.messages(
-            self.name, prompt.X, prompt.y, estimate, self.config.eta, round
-        )
+        try:
+            return self.templates.messages(
+                self.name, prompt.X, prompt.y, estimate, self.config.eta, round
+            )
+        except Exception as exc:  # jinja2 raises many kinds; one line either way
+            problem = " ".join(str(exc).split())[:300]
+            raise Fatal(
+                f"{self.field}: the template does not render (play {self.seeds[play]} "
+                f"(seed), round {round}): {problem}"
+            ) from None
 
     def _settings(self, sample: int) -> dict:
         """The passed-through settings; a ``seed`` is offset by the sample index, so that the
