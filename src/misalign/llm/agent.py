@@ -194,53 +194,86 @@ class LLMAgent:
 
     async def _answer(self, play: int, estimate: np.ndarray, slot: Slot) -> np.ndarray | None:
         """One play's answer: from the store, else from the server, with up to
-        ``max_retries`` corrections of a bad answer; ``None`` when the play fails."""
-        session, stats = self.session, self.session.stats
+        ``max_retries`` corrections of a bad answer; ``None`` when the play fails.
+
+        Raises:
+            Fatal: a replay or fork misses the store, or the server refuses for good.
+        """
+        session = self.session
         if session.fork_at is not None and slot.kind == "play" and slot.round < session.fork_at:
-            record = session.store.at(slot)
-            if record is None:
-                raise Fatal(self._missing(slot, "--fork-at"))
-            stats.cached += 1
-            self._answered()
-            return record.estimate
+            return self._forked(slot)
         messages = self._messages(play, estimate, slot.round)
         settings = self._settings(slot.sample)
         raw = None
         for attempt in range(self.config.max_retries + 1):
             request = {"model": self.config.model, "messages": messages, **settings}
             key = request_key(request, slot.sample)
-            record = None if session.mode == "refresh" else session.store.get(key)
-            if record is not None:
-                stats.cached += 1
-            elif session.mode == "replay":
-                raise Fatal(self._missing(slot, "--replay"))
-            else:
-                try:
-                    record = await self._ask_server(messages, settings)
-                except Exhausted as exc:
-                    return self._fail(slot, f"{exc}; last answer: {raw!r}")
-                session.store.put(key, slot, attempt, request, record)
-            stats.tokens_in += record.tokens_in
-            stats.tokens_out += record.tokens_out
-            stats.cost += record.cost or 0.0
+            try:
+                record, cached = await self._record(key, slot, attempt, request)
+            except Exhausted as exc:
+                return self._fail(slot, f"{exc}; last answer: {raw!r}")
             raw = record.raw
             try:
                 answer = parse(raw, self.d)
             except BadAnswer as exc:
                 if attempt == self.config.max_retries:
                     break
-                stats.retries["answer"] += 1
+                session.stats.retries["answer"] += 1
                 messages = [
                     *messages,
                     {"role": "assistant", "content": raw or ""},
                     {"role": "user", "content": correction(str(exc), self.d)},
                 ]
                 continue
+            if cached and session.mode != "replay":
+                session.store.accept(slot, key)  # so that --fork-at finds it at its slot
             self._answered()
             return answer
         return self._fail(
             slot, f"no valid answer after {self.config.max_retries + 1} tries; last answer: {raw!r}"
         )
+
+    def _forked(self, slot: Slot) -> np.ndarray:
+        """``--fork-at``: the answer the slot took before, whatever the request is now.
+
+        Raises:
+            Fatal: no run answered the slot.
+        """
+        record = self.session.store.at(slot)
+        if record is None:
+            raise Fatal(self._missing(slot, "--fork-at"))
+        self.session.stats.cached += 1
+        self._answered()
+        return record.estimate
+
+    async def _record(
+        self, key: str, slot: Slot, attempt: int, request: dict
+    ) -> tuple[Record, bool]:
+        """The answer to ``request``: the store's (``refresh``: never), else the server's,
+        recorded at once; with its tokens and cost counted.
+
+        Returns:
+            The record, and whether it came from the store.
+
+        Raises:
+            Fatal: a replay misses the store, or the server refuses for good.
+            Exhausted: transient failures outlasted the retries.
+        """
+        session, stats = self.session, self.session.stats
+        record = None if session.mode == "refresh" else session.store.get(key)
+        cached = record is not None
+        if cached:
+            stats.cached += 1
+        elif session.mode == "replay":
+            raise Fatal(self._missing(slot, "--replay"))
+        else:
+            settings = {k: v for k, v in request.items() if k not in ("model", "messages")}
+            record = await self._ask_server(request["messages"], settings)
+            session.store.put(key, slot, attempt, request, record)
+        stats.tokens_in += record.tokens_in
+        stats.tokens_out += record.tokens_out
+        stats.cost += record.cost or 0.0
+        return record, cached
 
     async def _ask_server(self, messages: list[dict], settings: dict) -> Record:
         client = self._connect()

@@ -40,6 +40,16 @@ CREATE TABLE IF NOT EXISTS answers (
     time REAL NOT NULL           -- unix time of the answer
 );
 CREATE INDEX IF NOT EXISTS slots ON answers (agent, play, kind, round, position, sample);
+CREATE TABLE IF NOT EXISTS accepted (  -- which request's answer each slot took, last run wins
+    agent TEXT NOT NULL,
+    play INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    position INTEGER NOT NULL,
+    sample INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    PRIMARY KEY (agent, play, kind, round, position, sample)
+);
 """
 
 
@@ -87,10 +97,7 @@ class Store:
         self.path = Path(path)
         try:
             if readonly:
-                if not self.path.exists():
-                    raise ConfigError(f"--store {self.path}: no such file to replay")
-                uri = f"file:{self.path.resolve()}?mode=ro&immutable=1"
-                self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+                self._db = _read_only(self.path)
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._db = sqlite3.connect(self.path, check_same_thread=False)
@@ -110,20 +117,36 @@ class Store:
         return None if row is None else _record(row)
 
     def at(self, slot: Slot) -> Record | None:
-        """The latest accepted answer recorded at ``slot`` by any request (``--fork-at``)."""
+        """The answer ``slot`` last took (``--fork-at``), whether its request was sent or
+        answered from the store; ``None`` when no run answered it."""
+        where = "agent=? AND play=? AND kind=? AND round=? AND position=? AND sample=?"
+        values = (slot.agent, slot.play, slot.kind, slot.round, slot.position, slot.sample)
         row = self._db.execute(
             "SELECT raw, estimate, tokens_in, tokens_out, latency, cost FROM answers "
-            "WHERE agent=? AND play=? AND kind=? AND round=? AND position=? AND sample=? "
-            "AND estimate IS NOT NULL ORDER BY time DESC LIMIT 1",
-            (slot.agent, slot.play, slot.kind, slot.round, slot.position, slot.sample),
+            f"WHERE key = (SELECT key FROM accepted WHERE {where}) AND estimate IS NOT NULL",
+            values,
         ).fetchone()
+        if row is None:  # a store written before the accepted table: the answers at the slot
+            row = self._db.execute(
+                "SELECT raw, estimate, tokens_in, tokens_out, latency, cost FROM answers "
+                f"WHERE {where} AND estimate IS NOT NULL ORDER BY time DESC LIMIT 1",
+                values,
+            ).fetchone()
         return None if row is None else _record(row)
+
+    def accept(self, slot: Slot, key: str) -> None:
+        """Note that ``slot`` took the recorded answer to request ``key`` (an answer read from
+        the store: a repeated request), in its own transaction."""
+        with self._db:
+            self._accept(slot, key)
 
     def put(self, key: str, slot: Slot, attempt: int, request: dict, record: Record) -> None:
         """Record one answer, in its own transaction (replacing an older answer to the same
-        request: ``--refresh``)."""
+        request: ``--refresh``); an answer that parsed is also the one ``slot`` took."""
         estimate = None if record.estimate is None else json.dumps(record.estimate.tolist())
         with self._db:
+            if record.estimate is not None:
+                self._accept(slot, key)
             self._db.execute(
                 "INSERT OR REPLACE INTO answers VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
@@ -141,6 +164,12 @@ class Store:
                 ),
             )
 
+    def _accept(self, slot: Slot, key: str) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO accepted VALUES (?,?,?,?,?,?,?)",
+            (slot.agent, slot.play, slot.kind, slot.round, slot.position, slot.sample, key),
+        )
+
     def __len__(self) -> int:
         return self._db.execute("SELECT count(*) FROM answers").fetchone()[0]
 
@@ -154,6 +183,24 @@ class Store:
             pass  # read-only
         finally:
             self._db.close()
+
+
+def _read_only(path: Path) -> sqlite3.Connection:
+    """Open a store without writing. Where a killed run left its journal (``-wal``), the
+    journal is read too; otherwise the file opens as immutable (nothing is created beside
+    it, so a read-only folder will do)."""
+    if not path.exists():
+        raise ConfigError(f"--store {path}: no such file to replay")
+    uri = f"file:{path.resolve()}?mode=ro"
+    if not Path(f"{path}-wal").exists():
+        return sqlite3.connect(uri + "&immutable=1", uri=True, check_same_thread=False)
+    db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+    try:
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.OperationalError as exc:
+        db.close()
+        raise ConfigError(f"--store {path}: cannot read its journal ({exc})") from None
+    return db
 
 
 def _record(row: tuple) -> Record:

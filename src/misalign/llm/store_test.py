@@ -1,0 +1,128 @@
+"""Tests of the SQLite store of answers (``misalign.llm.store``)."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from misalign.config import ConfigError
+from misalign.llm.store import Record, Slot, Store, request_key
+
+REQUEST = {"model": "m", "messages": [{"role": "user", "content": "w = [1.5, -2.0]"}]}
+
+
+def record(estimate=(1.0, 2.0), raw: str = "[1, 2]") -> Record:
+    parsed = None if estimate is None else np.array(estimate)
+    return Record(raw, parsed, 10, 3, 0.25, None)
+
+
+def test_request_key_is_canonical():
+    reordered = {"messages": REQUEST["messages"], "model": "m"}
+    assert request_key(REQUEST, 0) == request_key(reordered, 0)
+    assert request_key(REQUEST, 0) != request_key(REQUEST, 1)
+    assert request_key(REQUEST, 0) != request_key({**REQUEST, "seed": 1}, 0)
+    assert len(request_key(REQUEST, 0)) == 64
+
+
+def test_put_then_get_in_a_new_folder(tmp_path):
+    store = Store(tmp_path / "new" / "store.sqlite")
+    key = request_key(REQUEST, 0)
+    assert store.get(key) is None and len(store) == 0
+    store.put(key, Slot("A", 3, "play", 7, 1), 0, REQUEST, record((0.1, 1 / 3)))
+    got = store.get(key)
+    assert got.raw == "[1, 2]" and got.estimate.tolist() == [0.1, 1 / 3]  # bit for bit
+    assert (got.tokens_in, got.tokens_out, got.latency, got.cost) == (10, 3, 0.25, None)
+    store.close()
+    again = Store(tmp_path / "new" / "store.sqlite")
+    assert len(again) == 1 and again.get(key).estimate.tolist() == [0.1, 1 / 3]
+    again.close()
+
+
+def test_a_bad_answer_is_kept_without_an_estimate(tmp_path):
+    store = Store(tmp_path / "s.sqlite")
+    store.put("k", Slot("A", 0, "play", 0, 0), 0, REQUEST, record(None, "no idea"))
+    assert store.get("k").estimate is None and store.get("k").raw == "no idea"
+    assert store.at(Slot("A", 0, "play", 0, 0)) is None  # nothing accepted there
+    store.close()
+
+
+def test_put_replaces_an_older_answer_to_the_same_request(tmp_path):
+    store = Store(tmp_path / "s.sqlite")
+    slot = Slot("A", 0, "play", 0, 0)
+    store.put("k", slot, 0, REQUEST, record((1.0, 1.0)))
+    store.put("k", slot, 0, REQUEST, record((2.0, 2.0)))  # --refresh
+    assert len(store) == 1 and store.get("k").estimate.tolist() == [2.0, 2.0]
+    store.close()
+
+
+def test_at_finds_the_answer_a_slot_took_even_from_the_store(tmp_path):
+    """A repeated request is answered from the store; its slot still knows the answer."""
+    store = Store(tmp_path / "s.sqlite")
+    first, repeat = Slot("A", 0, "play", 3, 0), Slot("A", 0, "play", 4, 0)
+    store.put("k", first, 0, REQUEST, record((5.0, 6.0)))
+    assert store.at(repeat) is None
+    store.accept(repeat, "k")
+    assert store.at(repeat).estimate.tolist() == [5.0, 6.0]
+    store.put("k2", first, 0, REQUEST, record((7.0, 8.0)))  # a later run, another request
+    assert store.at(first).estimate.tolist() == [7.0, 8.0]
+    assert store.at(Slot("A", 1, "play", 3, 0)) is None
+    assert store.at(Slot("A", 0, "play", 3, 0, sample=1)) is None
+    store.close()
+
+
+def test_at_reads_a_store_without_the_accepted_table(tmp_path):
+    path = tmp_path / "s.sqlite"
+    store = Store(path)
+    store.put("k", Slot("A", 0, "play", 2, 0), 0, REQUEST, record((9.0, 9.0)))
+    store.close()
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TABLE accepted")
+    store = Store(path)
+    assert store.at(Slot("A", 0, "play", 2, 0)).estimate.tolist() == [9.0, 9.0]
+    store.close()
+
+
+def test_read_only_opens_nothing_beside_the_file(tmp_path):
+    path = tmp_path / "s.sqlite"
+    Store(path).close()
+    store = Store(path, readonly=True)
+    assert len(store) == 0
+    store.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.sqlite"]
+
+
+def test_read_only_reads_the_journal_of_a_killed_run(tmp_path):
+    """A process that dies without closing leaves its answers in the -wal journal."""
+    path = tmp_path / "s.sqlite"
+    code = (
+        "import os, numpy as np\n"
+        "from misalign.llm.store import Record, Slot, Store\n"
+        f"store = Store({str(path)!r})\n"
+        "for i in range(5):\n"
+        "    record = Record('x', np.ones(2), 1, 1, 0.1, None)\n"
+        "    store.put(str(i), Slot('A', 0, 'play', i, 0), 0, {'i': i}, record)\n"
+        "os._exit(0)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert (tmp_path / "s.sqlite-wal").exists()
+    store = Store(path, readonly=True)
+    assert len(store) == 5 and store.get("4").estimate.tolist() == [1.0, 1.0]
+    store.close()
+
+
+def test_read_only_refuses_a_missing_file_and_never_creates_it(tmp_path):
+    with pytest.raises(ConfigError, match=r"^--store .*nothing\.sqlite: no such file to replay"):
+        Store(tmp_path / "nothing.sqlite", readonly=True)
+    assert not (tmp_path / "nothing.sqlite").exists()
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+def test_a_file_that_is_not_a_store(tmp_path, readonly):
+    path = tmp_path / "notes.txt"
+    path.write_text("not a database, just some notes " * 100)
+    with pytest.raises(ConfigError, match=r"^--store .*notes\.txt: not a misalign store"):
+        Store(path, readonly=readonly)
