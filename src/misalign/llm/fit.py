@@ -190,17 +190,20 @@ def _scale(game) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _directions(game, name: str, fit: int, probes: int) -> np.ndarray:
-    """Probe offsets of norm about 1, ``(probes, B, d)``: play ``b``'s from its own seed,
-    so that play ``b`` of a batch asks what a single run of its seed asks."""
+    """Unit probe offsets, ``(probes, B, d)``: ``+q_1, ..., +q_d, -q_1, ..., -q_d`` for the
+    rows ``q_k`` of a random rotation, then of another, as many as needed. Any ``d + 1`` of
+    the first ``2 d`` are affinely independent, so the least-squares design is well
+    conditioned (Gaussian offsets sometimes nearly align and spoil a fit). Play ``b``'s come
+    from its own seed, so that play ``b`` of a batch asks what a single run of its seed asks."""
     d = game.start.shape[1]
     tag = zlib.crc32(name.encode())
-    return np.stack(
-        [
-            np.random.default_rng([c.seed, tag, 7, fit]).standard_normal((probes, d))
-            for c in game.configs
-        ],
-        axis=1,
-    ) / np.sqrt(d)
+    rotations = -(-probes // (2 * d))
+    out = []
+    for config in game.configs:
+        rng = np.random.default_rng([config.seed, tag, 7, fit])
+        star = [np.linalg.qr(rng.standard_normal((d, d)))[0].T for _ in range(rotations)]
+        out.append(np.concatenate([x for q in star for x in (q, -q)])[:probes])
+    return np.stack(out, axis=1)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,154 @@
+"""Tests for misalign.llm.fit: fitted maps of language-model agents against servers whose
+answers follow a known map (the fake server of misalign.llm.fake_server, over loopback)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from misalign.config import parse_config
+from misalign.experiment import fit, predict, setup, simulate
+from misalign.llm.agent import Session
+from misalign.llm.fake_server import FakeServer, Reply, affine, estimate_of
+from misalign.llm.fit import fit_answers
+
+
+def _config(server: FakeServer, d: int, rounds: int, **llm) -> dict:
+    return {
+        "seed": 0,
+        "d": d,
+        "rounds": rounds,
+        "agents": {
+            "A": {
+                "kind": "llm",
+                "model": "fake",
+                "base_url": server.base_url,
+                "api_key_env": "",
+                "n": 8,
+                "concurrency": 32,
+                **llm,
+            },
+            "B": {"n": 8, "noise": 0.2},
+        },
+    }
+
+
+def _map(d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A non-symmetric ``A`` with spectral radius 0.6, and ``c``."""
+    rng = np.random.default_rng(seed)
+    A = rng.standard_normal((d, d))
+    A *= 0.6 / max(abs(np.linalg.eigvals(A)))
+    assert not np.allclose(A, A.T)
+    return A, rng.standard_normal(d)
+
+
+def _run(config: dict, store, seeds=range(1)):
+    session = Session(str(store))
+    try:
+        game = setup(parse_config(config), seeds=seeds, session=session)
+        fits = fit(game)
+        trajectory = simulate(game)
+        return game, fits, trajectory, predict(game), session
+    finally:
+        session.close()
+
+
+@pytest.mark.parametrize("d", [2, 4])
+def test_fit_recovers_a_known_affine_map_and_the_play_ends_on_its_prediction(tmp_path, d):
+    """A server answering ``A w + c`` (non-symmetric ``A``): both fits recover ``A`` and
+    ``c`` to 1e-6, the local prediction is confirmed, and every play ends on the predicted
+    equilibrium to 1e-6."""
+    A, c = _map(d, seed=d)
+    with FakeServer(affine(A, c)) as server:
+        game, fits, trajectory, prediction, _ = _run(
+            _config(server, d, rounds=80), tmp_path / "s.sqlite", range(3)
+        )
+    fitted = fits.agents["A"]
+    for fit_ in (fitted.global_, fitted.local):
+        assert np.abs(fit_.map.A - A).max() < 1e-6
+        assert np.abs(fit_.map.c - c).max() < 1e-6
+        assert (fit_.r2 > 1 - 1e-12).all() and (fit_.rms < 1e-9).all()
+    assert fitted.confirmed.all() and fitted.iterations == 1
+    for name in ("A", "B"):
+        final = trajectory.outputs(name)[-1]
+        assert np.abs(final - prediction.fixed_point[name]).max() < 1e-6
+
+
+def test_the_local_fit_follows_a_nonlinear_model_where_the_play_goes(tmp_path):
+    """A server whose answers are affine only locally (``0.8 tanh(w) + c``): the global fit
+    over the play's scale misses the equilibrium that the play reaches; the local refits,
+    probing around the predicted equilibrium, predict it to within a small fraction of that
+    miss, and the model's answer there confirms it."""
+    d = 2
+    c = np.array([1.5, -1.2])
+
+    def tanh_map(body: dict, index: int) -> Reply:
+        w = estimate_of(body, d)
+        return Reply(content=json.dumps({"estimate": (0.8 * np.tanh(2 * w) + c).tolist()}))
+
+    with FakeServer(tanh_map) as server:
+        config = _config(server, d, rounds=200, probes=8, refits=8)
+        config["agents"]["B"] |= {"target": [4.0, -4.0], "noise": 0.0}
+        _, fits, trajectory, prediction, _ = _run(config, tmp_path / "s.sqlite")
+    observed = trajectory.outputs("A")[-1, 0]
+    global_gap = np.linalg.norm(observed - fits.global_prediction.fixed_point["A"][0])
+    local_gap = np.linalg.norm(observed - prediction.fixed_point["A"][0])
+    assert global_gap > 0.05
+    assert local_gap < 0.05 * global_gap
+    assert fits.agents["A"].confirmed[0]
+
+
+@pytest.mark.slow
+def test_predicted_stationary_spread_matches_200_noisy_plays(tmp_path):
+    """Answers ``A w + c + N(0, s^2 I)``: with ``samples = 12`` per probe the fit estimates
+    the answers' covariance ``Q``; the Lyapunov solution (docs/theory.md §6) predicts the
+    RMS spread of the final outputs around the predicted limit, over 200 plays, within 10%."""
+    d, std = 2, 0.05
+    A, c = _map(d, seed=5)
+    with FakeServer(affine(A, c, noise_std=std, seed=3)) as server:
+        config = _config(server, d, rounds=30, samples=12, refits=0, request={"seed": 1})
+        config["agents"]["B"]["n"] = 40  # a well-conditioned partner: every play mixes fast
+        game, fits, trajectory, prediction, _ = _run(config, tmp_path / "s.sqlite", range(200))
+    Q = fits.agents["A"].global_.noise
+    assert abs(np.trace(Q, axis1=1, axis2=2).mean() / (d * std**2) - 1) < 0.1
+    assert prediction.rho.max() < 0.8
+    gap = trajectory.outputs("A")[-1] - prediction.fixed_point["A"]
+    observed = np.sqrt((gap**2).sum(axis=-1).mean())
+    predicted = np.sqrt(np.trace(prediction.covariance["A"], axis1=1, axis2=2).mean())
+    assert abs(observed / predicted - 1) < 0.1, (observed, predicted)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    d=st.integers(1, 4),
+    batch=st.integers(1, 3),
+    samples=st.integers(1, 4),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_fit_answers_agrees_with_numpy_least_squares(d, batch, samples, seed):
+    """``fit_answers`` per play equals ``numpy.linalg.lstsq`` on ``[w, 1]``, its ``r2`` and
+    RMS are those of the residuals, and ``Q`` is their covariance with ``d + 1`` degrees of
+    freedom removed."""
+    rng = np.random.default_rng(seed)
+    probes = d + 2
+    W = rng.standard_normal((probes, batch, d))
+    F = rng.standard_normal((samples, probes, batch, d))
+    fit_ = fit_answers(W, F)
+    for b in range(batch):
+        X = np.concatenate([np.tile(W[:, b], (samples, 1)), np.ones((samples * probes, 1))], 1)
+        Y = F[:, :, b].reshape(samples * probes, d)
+        coef, *_ = np.linalg.lstsq(X, Y, rcond=None)
+        assert np.allclose(fit_.map.A[b], coef[:d].T, atol=1e-9)
+        assert np.allclose(fit_.map.c[b], coef[d], atol=1e-9)
+        residual = Y - X @ coef
+        total = ((Y - Y.mean(0)) ** 2).sum()
+        assert np.isclose(fit_.r2[b], 1 - (residual**2).sum() / total)
+        assert np.isclose(fit_.rms[b], np.sqrt((residual**2).mean()))
+        if samples > 1:
+            dof = samples * probes - d - 1
+            assert np.allclose(fit_.noise[b], residual.T @ residual / dof, atol=1e-9)
+    assert (fit_.noise is None) == (samples == 1)
