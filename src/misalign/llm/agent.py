@@ -25,7 +25,7 @@ import numpy as np
 from misalign.agent import AffineMap, Turn
 from misalign.config import ConfigError, LLMAgentConfig
 from misalign.llm.answer import FORMATS, BadAnswer, correction, parse
-from misalign.llm.client import Client, Exhausted, Fatal, Stats
+from misalign.llm.client import VARIABLE, Client, Exhausted, Fatal, Stats
 from misalign.llm.store import Record, Slot, Store, request_key
 from misalign.llm.template import Templates
 from misalign.prompt import Prompt
@@ -104,11 +104,8 @@ class LLMAgent:
         self.templates = Templates.load(config, self.field)
         self._messages(0, np.zeros(self.d), 0)  # a template that fails, fails before a request
         self._client: Client | None = None
-        env = config.api_key_env
-        if session.mode != "replay" and env and not os.environ.get(env):
-            raise ConfigError(
-                f"{self.field}.api_key_env: the environment variable {env} is not set"
-            )
+        if session.mode != "replay":
+            _check_key(config.api_key_env, self.field)
         self._semaphore: asyncio.Semaphore | None = None
         self.fitted: Fitted | None = None
         self.failed = np.zeros(len(prompts), dtype=bool)
@@ -342,3 +339,23 @@ class LLMAgent:
             f"{flag}: no recorded answer for agent {self.name}, play {slot.play} "
             f"(seed), {what}" + (f", sample {slot.sample}" if slot.sample else "")
         )
+
+
+def _check_key(env: str, field: str) -> None:
+    """Check that the variable holding the key is set ('': no key), before any request.
+
+    Args:
+        env: the variable's name (``api_key_env``).
+        field: the agent's configuration path, for the message.
+
+    Raises:
+        ConfigError: the variable is not set; named only when it looks like a name.
+    """
+    if not env or os.environ.get(env):
+        return
+    if VARIABLE.fullmatch(env):
+        raise ConfigError(f"{field}.api_key_env: the environment variable {env} is not set")
+    raise ConfigError(
+        f"{field}.api_key_env: names no environment variable that is set, and does not look "
+        "like a variable's name (is it a key?); write the NAME of the variable holding the key"
+    )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,6 +26,9 @@ BACKOFF = 0.5
 BACKOFF_CAP = 30.0
 RETRY_AFTER_CAP = 120.0
 """The longest ``Retry-After`` honoured, in seconds."""
+VARIABLE = re.compile(r"[A-Z_][A-Z0-9_]{0,63}")
+"""A conventional environment variable's name; anything else in ``api_key_env`` may be a key
+(``gsk_...`` passes the configuration's check of a name), so a message never repeats it."""
 
 
 class Fatal(ConfigError):
@@ -110,7 +114,9 @@ class Client:
 
         Args:
             messages: the chat messages.
-            settings: passed through to the API (the agent's ``request`` table).
+            settings: passed through to the API (the agent's ``request`` table), into the
+                request's body as they are: a server's own settings (llama.cpp's ``top_k``)
+                too, and none is read as an option of the SDK (``timeout``, ``extra_headers``).
 
         Raises:
             Exhausted: 429, 5xx or timeouts outlasted ``max_retries`` retries.
@@ -127,11 +133,11 @@ class Client:
             self.stats.requests += 1
             try:
                 response = await self._sdk.chat.completions.create(
-                    model=self.model, messages=messages, **settings, **extra
+                    model=self.model, messages=messages, extra_body=settings or None, **extra
                 )
             except openai.APIStatusError as exc:
                 status = exc.status_code
-                if status in (400, 422, 500) and not self._confirmed and used < len(FORMATS) - 1:
+                if self._format_refused(exc, used, settings):
                     if self.format == used:
                         self.format = used + 1  # the server refuses this response_format
                     self.stats.retries["format"] += 1
@@ -176,21 +182,29 @@ class Client:
         await asyncio.sleep(max(backoff, min(retry_after or 0.0, RETRY_AFTER_CAP)))
         return retry + 1
 
+    def _format_refused(self, exc, used: int, settings: dict) -> bool:
+        """Whether an error may be the server refusing ``response_format`` ``FORMATS[used]``:
+        a 400, 422 or 500 before any format worked, with another format left to try, that
+        does not name one of the passed-through settings."""
+        if exc.status_code not in (400, 422, 500) or self._confirmed:
+            return False
+        return used < len(FORMATS) - 1 and _named(exc, settings) is None
+
     def _refused(self, exc, settings: dict) -> str:
         """One line for a request the server refuses for good, naming the setting when the
         server names one of ours; the key never appears in it."""
         status = exc.status_code
-        if status in (401, 403):
+        if status in (401, 403) and not self._key_env:
             return (
-                f"{self.field}.api_key_env: the server refused the key in ${self._key_env} "
-                f"(HTTP {status})"
+                f"{self.field}.api_key_env: the server wants a key (HTTP {status}); set "
+                "api_key_env to the name of the environment variable holding it"
             )
-        body = exc.body if isinstance(exc.body, dict) else {}
-        error = body.get("error", body) if isinstance(body.get("error", body), dict) else {}
-        message = str(error.get("message") or exc.message)
-        param = error.get("param")
-        named = param if param in settings else next((k for k in settings if k in message), None)
+        if status in (401, 403):
+            held = f"${self._key_env}" if VARIABLE.fullmatch(self._key_env) else "api_key_env"
+            return f"{self.field}.api_key_env: the server refused the key in {held} (HTTP {status})"
+        named = _named(exc, settings)
         where = f"{self.field}.request.{named}" if named else f"{self.field}.model"
+        message = " ".join(_message(exc).split())
         return self.scrub(f"{where}: the server refused the request (HTTP {status}: {message})")[
             :400
         ]
@@ -201,6 +215,29 @@ class Client:
 
     async def close(self) -> None:
         await self._sdk.close()
+
+
+def _error(exc) -> dict:
+    """The error object of an OpenAI-style error body (``{"error": {...}}`` or the object
+    itself, as the SDK hands it over); ``{}`` when there is none."""
+    body = exc.body if isinstance(exc.body, dict) else {}
+    error = body.get("error", body)
+    return error if isinstance(error, dict) else {}
+
+
+def _message(exc) -> str:
+    """The server's message for an error."""
+    return str(_error(exc).get("message") or exc.message)
+
+
+def _named(exc, settings: dict) -> str | None:
+    """The passed-through setting an error names (its ``param``, else the first setting
+    its message mentions), or ``None``."""
+    param = _error(exc).get("param")
+    if isinstance(param, str) and param in settings:
+        return param
+    message = _message(exc)
+    return next((key for key in settings if key in message), None)
 
 
 def _retry_after(headers) -> float | None:

@@ -1,0 +1,368 @@
+"""Tests of the retry client and the agent's answers, against the fake server over loopback
+(``misalign.llm.client``, ``misalign.llm.agent``): corrections, failed plays, 429, 5xx,
+timeouts, hangs, response-format fallback and the one-line fatal errors."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import uuid
+from collections import Counter
+from email.utils import formatdate
+
+import numpy as np
+import pytest
+
+import misalign.llm.client as client_
+from misalign.config import ConfigError, parse_config
+from misalign.experiment import fit, predict, setup, simulate
+from misalign.llm.agent import Session
+from misalign.llm.answer import correction
+from misalign.llm.client import Fatal, _retry_after
+from misalign.llm.fake_server import (
+    FakeServer,
+    Reply,
+    affine,
+    constant,
+    error_body,
+    hang,
+    reject_key,
+    script,
+    status,
+)
+from misalign.llm.store import Slot
+
+A = np.array([[0.5, 0.1, 0.0], [0.0, 0.4, 0.1], [0.1, 0.0, 0.3]])
+C = np.array([0.1, -0.2, 0.3])
+GOOD = affine(A, C)
+W = np.array([0.25, -1.5, 2.0])
+
+
+@pytest.fixture(autouse=True)
+def fast_backoff(monkeypatch):
+    """Retries wait milliseconds, not seconds."""
+    monkeypatch.setattr(client_, "BACKOFF", 0.001)
+
+
+@pytest.fixture
+def server():
+    with FakeServer(GOOD) as fake:
+        yield fake
+
+
+def config(base_url: str, rounds: int = 6, **llm):
+    """A play of an llm agent A and a gradient agent B, d = 3."""
+    agent = {"kind": "llm", "model": "fake", "base_url": base_url, "api_key_env": "", "n": 4}
+    agent |= {"max_retries": 2, "timeout_s": 5.0, "refits": 1, **llm}
+    return parse_config({"d": 3, "rounds": rounds, "agents": {"A": agent, "B": {"n": 6}}})
+
+
+def game_of(tmp_path, base_url: str, seeds=(0,), **llm):
+    """The game and its session (the caller closes it)."""
+    session = Session(str(tmp_path / f"{uuid.uuid4().hex}.sqlite"))
+    return setup(config(base_url, **llm), seeds=seeds, session=session), session
+
+
+def ask(game, play: int = 0, round: int = 0):
+    """Agent A's answer to ``W + round`` (a new request each round) in play ``play``
+    (``None``: the play failed)."""
+    agent = game.agents["A"]
+    return agent.ask([(play, W + round, Slot("A", agent.seeds[play], "play", round, 0))])[0]
+
+
+@pytest.mark.parametrize(
+    ("bad", "problem"),
+    [
+        ('{"estimate": [1.0, ', "the answer held 1 numbers, not 3"),
+        ('{"estimate": [1, 2]}', "the estimate had 2 numbers, not 3"),
+        ('{"estimate": [1, NaN, 2]}', "the estimate held a number that is not finite"),
+        ("", "the answer was empty"),
+    ],
+)
+def test_a_bad_answer_gets_one_correction_and_a_retry(tmp_path, server, bad, problem):
+    server.behaviour = script(Reply(content=bad), GOOD)
+    game, session = game_of(tmp_path, server.base_url)
+    try:
+        answer = ask(game)
+    finally:
+        session.close()
+    np.testing.assert_allclose(answer, A @ W + C, rtol=1e-15)
+    first, second = (r["messages"] for r in server.requests)
+    assert second == [
+        *first,
+        {"role": "assistant", "content": bad},
+        {"role": "user", "content": correction(problem, 3)},
+    ]
+    assert session.stats.retries == Counter(answer=1) and session.stats.requests == 2
+
+
+def test_prose_is_read_without_a_correction(tmp_path, server):
+    server.behaviour = constant("Working it through... w_new = [0.5, -0.25, 1e-3].")
+    game, session = game_of(tmp_path, server.base_url)
+    try:
+        assert ask(game).tolist() == [0.5, -0.25, 0.001]
+    finally:
+        session.close()
+    assert len(server.requests) == 1 and not session.stats.retries
+
+
+def test_an_empty_content_gets_a_correction(tmp_path, server):
+    server.behaviour = script(Reply(content=None), GOOD)
+    game, session = game_of(tmp_path, server.base_url)
+    try:
+        np.testing.assert_allclose(ask(game), A @ W + C)
+    finally:
+        session.close()
+    assert server.requests[1]["messages"][-2] == {"role": "assistant", "content": ""}
+
+
+def prompt_marker(game, play: int) -> str:
+    """Text only play ``play``'s prompt holds: its first example."""
+    return json.dumps(game.prompts["A"][play].X[0].tolist())
+
+
+def test_a_play_that_never_answers_well_fails_and_the_others_go_on(tmp_path, server):
+    game, session = game_of(tmp_path, server.base_url, seeds=(0, 1, 2), rounds=40)
+    try:
+        fits = fit(game)
+        marker, asked = prompt_marker(game, 1), Counter()
+
+        def behaviour(body, index):
+            if marker in body["messages"][1]["content"]:
+                asked[1] += 1
+                if asked[1] > 3:  # rounds 0, 1, 2 answered, then prose without numbers
+                    return Reply(content="I would rather not say.")
+            return GOOD(body, index)
+
+        server.behaviour = behaviour
+        trajectory = simulate(game)
+        prediction = predict(game)
+    finally:
+        session.close()
+    assert fits is not None
+    assert session.failed == [
+        {
+            "agent": "A",
+            "seed": 1,
+            "kind": "play",
+            "round": 3,
+            "why": "no valid answer after 3 tries; last answer: 'I would rather not say.'",
+        }
+    ]
+    assert asked[1] == 3 + 3  # the first try and max_retries = 2 corrections
+    outputs = trajectory.outputs("A")
+    assert np.isfinite(outputs[:3, 1]).all() and np.isnan(outputs[3:, 1]).all()
+    for b in (0, 2):
+        np.testing.assert_allclose(outputs[-1, b], prediction.fixed_point["A"][b], atol=1e-9)
+    assert game.agents["A"].failed.tolist() == [False, True, False]
+
+
+def test_429_waits_at_least_retry_after(tmp_path, server):
+    limited = Reply(429, headers={"Retry-After": "0.4"}, body=error_body(429))
+    server.behaviour = script(limited, GOOD)
+    game, session = game_of(tmp_path, server.base_url)
+    try:
+        began = time.monotonic()
+        np.testing.assert_allclose(ask(game), A @ W + C)
+        elapsed = time.monotonic() - began
+    finally:
+        session.close()
+    assert elapsed >= 0.4
+    assert session.stats.retries == Counter({"429": 1}) and session.stats.requests == 2
+    assert game.agents["A"].format == "json_schema"
+
+
+def test_429_outlasting_the_retries_fails_the_play(tmp_path, server):
+    server.behaviour = status(429, retry_after=0.01)
+    game, session = game_of(tmp_path, server.base_url, max_retries=1)
+    try:
+        assert ask(game) is None
+    finally:
+        session.close()
+    assert session.failed[0]["why"] == "429 after 2 attempts; last answer: None"
+    assert len(server.requests) == 2
+
+
+def test_5xx_is_retried(tmp_path, server):
+    server.behaviour = script(Reply(content='{"estimate": [1, 2, 3]}'), status(502), GOOD)
+    game, session = game_of(tmp_path, server.base_url)
+    try:
+        assert ask(game).tolist() == [1.0, 2.0, 3.0]  # the format is now known to work
+        np.testing.assert_allclose(ask(game, round=1), A @ (W + 1) + C)
+    finally:
+        session.close()
+    assert session.stats.retries == Counter({"5xx": 1}) and len(server.requests) == 3
+    assert game.agents["A"].format == "json_schema"
+
+
+def test_a_timeout_is_retried(tmp_path, server):
+    server.behaviour = script(Reply(content='{"estimate": [1, 2, 3]}', delay=2.0), GOOD)
+    game, session = game_of(tmp_path, server.base_url, timeout_s=0.2)
+    try:
+        began = time.monotonic()
+        np.testing.assert_allclose(ask(game), A @ W + C)
+        assert time.monotonic() - began < 1.5
+    finally:
+        session.close()
+    assert session.stats.retries == Counter(timeout=1) and len(server.requests) == 2
+
+
+def test_a_server_that_never_answers_fails_the_plays_without_hanging(tmp_path, server):
+    server.behaviour = hang()
+    game, session = game_of(tmp_path, server.base_url, seeds=(0, 1), timeout_s=0.2, rounds=3)
+    try:
+        began = time.monotonic()
+        trajectory = simulate(game)
+        assert time.monotonic() - began < 3
+    finally:
+        session.close()
+    assert np.isnan(trajectory.outputs("A")).all()
+    assert [(f["seed"], f["round"], f["why"]) for f in session.failed] == [
+        (0, 0, "timeout after 3 attempts; last answer: None"),
+        (1, 0, "timeout after 3 attempts; last answer: None"),
+    ]
+    assert session.stats.retries == Counter(timeout=4)
+
+
+def test_json_schema_refused_falls_back_to_json_object_and_keeps_it(tmp_path, server):
+    server.behaviour = affine(A, C, refuse_json_schema=True)
+    game, session = game_of(tmp_path, server.base_url)
+    try:
+        assert game.agents["A"].format is None  # nothing sent yet
+        for round in range(3):
+            np.testing.assert_allclose(ask(game, round=round), A @ (W + round) + C)
+    finally:
+        session.close()
+    kinds = [r["response_format"]["type"] for r in server.requests]
+    assert kinds == ["json_schema", "json_object", "json_object", "json_object"]
+    assert game.agents["A"].format == "json_object"
+    assert session.stats.retries == Counter(format=1)
+
+
+def test_a_server_refusing_every_response_format_gets_plain_text(tmp_path, server):
+    def behaviour(body, index):
+        if "response_format" in body:
+            return Reply(400, body=error_body(400, "response_format is not supported"))
+        return GOOD(body, index)
+
+    server.behaviour = behaviour
+    game, session = game_of(tmp_path, server.base_url)
+    try:
+        np.testing.assert_allclose(ask(game), A @ W + C)
+    finally:
+        session.close()
+    assert game.agents["A"].format == "text" and len(server.requests) == 3
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_server_is_one_fatal_line(tmp_path):
+    port = closed_port()
+    game, session = game_of(tmp_path, f"http://127.0.0.1:{port}/v1", seeds=(0, 1))
+    try:
+        with pytest.raises(Fatal) as info:
+            simulate(game)
+    finally:
+        session.close()
+    assert str(info.value) == (
+        f"agents.A.base_url: http://127.0.0.1:{port}/v1 unreachable after 3 attempts"
+    )
+    assert session.stats.retries["connection"] >= 2
+
+
+def test_a_refused_request_setting_is_named(tmp_path, server):
+    server.behaviour = reject_key("reasoning_effort", GOOD)
+    game, session = game_of(tmp_path, server.base_url, request={"reasoning_effort": "low"})
+    try:
+        with pytest.raises(Fatal) as info:
+            ask(game)
+    finally:
+        session.close()
+    message = str(info.value)
+    assert message.startswith("agents.A.request.reasoning_effort: the server refused the request")
+    assert "HTTP 400" in message and "\n" not in message
+    assert len(server.requests) == 1  # not mistaken for a refused response_format
+    assert server.requests[0]["reasoning_effort"] == "low"
+
+
+def test_a_refused_model_names_the_model(tmp_path, server):
+    server.behaviour = script(
+        Reply(content='{"estimate": [1, 2, 3]}'),
+        Reply(404, body=error_body(404, "The model 'fake' does not exist")),
+    )
+    game, session = game_of(tmp_path, server.base_url)
+    try:
+        ask(game)
+        with pytest.raises(Fatal, match=r"^agents\.A\.model: .*HTTP 404: The model 'fake' does"):
+            ask(game, round=1)
+    finally:
+        session.close()
+
+
+def test_settings_reach_the_body_as_they_are(tmp_path, server):
+    """A server's own settings (llama.cpp's top_k) and names the SDK would take as its own
+    options (timeout) go into the body; a seed is offset by the sample index."""
+    settings = {"top_k": 40, "timeout": 7, "seed": 5, "temperature": 0.0}
+    game, session = game_of(tmp_path, server.base_url, request=settings)
+    try:
+        agent = game.agents["A"]
+        agent.ask([(0, W, Slot("A", 0, "probe", 0, 0, sample)) for sample in (0, 2)])
+    finally:
+        session.close()
+    bodies = sorted(server.requests, key=lambda body: body["seed"])
+    assert [{k: b[k] for k in settings} for b in bodies] == [settings, {**settings, "seed": 7}]
+
+
+def test_a_missing_key_variable_is_named_before_any_request(tmp_path, server):
+    name = f"MISALIGN_TEST_UNSET_{uuid.uuid4().hex.upper()}"
+    with pytest.raises(ConfigError) as info:
+        game_of(tmp_path, server.base_url, api_key_env=name)
+    assert str(info.value) == f"agents.A.api_key_env: the environment variable {name} is not set"
+    assert server.requests == []
+
+
+def test_a_key_written_as_the_variable_name_is_not_repeated(tmp_path, server):
+    key = f"gsk_{uuid.uuid4().hex}"  # passes as a name
+    with pytest.raises(ConfigError, match=r"^agents\.A\.api_key_env: names no environment") as e:
+        game_of(tmp_path, server.base_url, api_key_env=key)
+    assert key not in str(e.value)
+
+
+def test_a_refused_key_names_the_variable_not_the_key(tmp_path, server, monkeypatch):
+    key = f"sk-test-{uuid.uuid4()}"
+    monkeypatch.setenv("MISALIGN_TEST_KEY", key)
+    server.behaviour = status(401)
+    game, session = game_of(tmp_path, server.base_url, api_key_env="MISALIGN_TEST_KEY")
+    try:
+        with pytest.raises(Fatal) as info:
+            ask(game)
+    finally:
+        session.close()
+    assert str(info.value) == (
+        "agents.A.api_key_env: the server refused the key in $MISALIGN_TEST_KEY (HTTP 401)"
+    )
+    assert server.headers[0]["authorization"] == f"Bearer {key}"
+
+
+def test_a_server_wanting_a_key_when_none_is_set(tmp_path, server):
+    server.behaviour = status(401)
+    game, session = game_of(tmp_path, server.base_url)
+    try:
+        with pytest.raises(Fatal, match=r"^agents\.A\.api_key_env: the server wants a key"):
+            ask(game)
+    finally:
+        session.close()
+
+
+def test_retry_after_forms():
+    assert _retry_after({"retry-after": "2"}) == 2.0
+    assert _retry_after({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    assert _retry_after({"retry-after": "soon"}) is None
+    assert _retry_after({}) is None and _retry_after(None) is None
+    assert 8 < _retry_after({"retry-after": formatdate(time.time() + 10, usegmt=True)}) <= 10
+    assert _retry_after({"retry-after": formatdate(time.time() - 60, usegmt=True)}) == 0.0
