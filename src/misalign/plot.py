@@ -74,19 +74,13 @@ def plot_play(
     for k, name in enumerate(n for n in game.schedule.agents if n in targets):
         color = f"C{k}"
         _curve(ax, rounds, trajectory.distance(name, targets[name])[:, play], color, name)
+        if also is not None and also.converges[play]:
+            other = float(np.linalg.norm(also.residual[name][play]))
+            _plateau(ax, other, color, f"{name} global fit ({other:.3g})", ":")
         if not converges:
             continue
         plateau = float(np.linalg.norm(prediction.residual[name][play]))
         _plateau(ax, plateau, color, f"{name} predicted ({plateau:.3g})")
-        if also is not None and also.converges[play]:
-            other = float(np.linalg.norm(also.residual[name][play]))
-            ax.axhline(
-                max(other, FLOOR),
-                color=color,
-                ls=":",
-                lw=1,
-                label=f"{name} global fit ({other:.3g})",
-            )
         error = trajectory.distance(name, prediction.fixed_point[name])[:, play]
         _curve(gap, rounds, error, color, name)
     if converges and rho > 0:

@@ -141,9 +141,9 @@ def fit_report(
 ) -> dict[str, Any]:
     """Per language-model agent, its global and local fits (``misalign.llm.fit``): ``A``,
     ``c``, ``r2``, ``rms``, ``probes``, and ``equilibrium`` (the agent's output at the
-    equilibrium those fits predict); the local one also ``iterations`` and ``confirmed``.
-    After a play, ``observed`` (its final output) and each fit's ``gap`` to it,
-    ``|observed - equilibrium|``.
+    equilibrium those fits predict; ``null`` where they predict none); the local one also
+    ``iterations`` and ``confirmed``. After a play, ``observed`` (its final output) and each
+    fit's ``gap`` to it, ``|observed - equilibrium|``.
     """
     out = {}
     for name, agent_fit in fits.agents.items():
@@ -159,14 +159,18 @@ def fit_report(
                 row[key] = None
                 continue
             equilibrium = predicted.fixed_point[name][play]
+            if not predicted.converges[play]:
+                equilibrium = None
             row[key] = {
                 "A": fit.map.A[play].tolist(),
                 "c": fit.map.c[play].tolist(),
                 "r2": float(fit.r2[play]),
                 "rms": float(fit.rms[play]),
                 "probes": fit.probes,
-                "equilibrium": equilibrium.tolist(),
-                "gap": None if observed is None else float(np.linalg.norm(observed - equilibrium)),
+                "equilibrium": None if equilibrium is None else equilibrium.tolist(),
+                "gap": None
+                if observed is None or equilibrium is None
+                else float(np.linalg.norm(observed - equilibrium)),
             }
         if row["local"] is not None:
             row["local"]["iterations"] = agent_fit.iterations
