@@ -77,21 +77,28 @@ def _client(server: LocalServer) -> OpenAI:
     return OpenAI(base_url=server.base_url, api_key="local", max_retries=0, timeout=60)
 
 
+def _ask(client: OpenAI, messages: list[dict[str, str]]) -> str:
+    completion = client.chat.completions.create(
+        model=serve.ALIAS,
+        messages=messages,
+        response_format={"type": "json_object", "schema": SCHEMA},
+        temperature=0,
+        max_tokens=200,
+    )
+    content = completion.choices[0].message.content
+    assert content is not None
+    return content
+
+
 @local_llm
 @needs_model
 def test_json_object_with_schema_gives_d_finite_floats_reproducibly(server: LocalServer) -> None:
+    """The same request gets the same answer: after another request that shares its prefix,
+    and right after itself (which the server answers from its cached prefix)."""
     client = _client(server)
-    answers = []
-    for _ in range(2):
-        completion = client.chat.completions.create(
-            model=serve.ALIAS,
-            messages=MESSAGES,
-            response_format={"type": "json_object", "schema": SCHEMA},
-            temperature=0,
-            max_tokens=200,
-        )
-        answers.append(completion.choices[0].message.content)
-    assert answers[0] == answers[1], answers
+    other = [MESSAGES[0], {"role": "user", "content": "Estimate w: 3 numbers, as JSON."}]
+    answers = [_ask(client, MESSAGES), _ask(client, other), *(_ask(client, MESSAGES) for _ in "ab")]
+    assert answers[0] == answers[2] == answers[3], answers
     estimate = json.loads(answers[0])["estimate"]
     assert len(estimate) == D, answers[0]
     assert all(isinstance(x, int | float) and math.isfinite(x) for x in estimate), answers[0]
