@@ -1,5 +1,7 @@
 """Tests for misalign.config."""
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -63,7 +65,7 @@ def test_defaults():
         (
             "agents.A.kind",
             "oracle",
-            "agents.A.kind: got 'oracle'; expected one of: gd, lsa, helper",
+            "agents.A.kind: got 'oracle'; expected one of: gd, lsa, llm, helper",
         ),
         ("agents.A.preconditioner", "adam", "agents.A.preconditioner: got 'adam'"),
         ("schedule", ["A", "Z"], "schedule: names no agent: 'Z'"),
@@ -205,3 +207,14 @@ def test_any_input_is_valid_or_one_line_config_error(top, agent):
         parse_config(data)
     except ConfigError as exc:
         assert "\n" not in str(exc) and ":" in str(exc)
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.toml")),
+    ids=lambda p: p.name,
+)
+def test_every_example_configuration_is_valid(path):
+    """Every shipped play configuration validates (the language-model ones included: their
+    keys are read from the environment only when a run starts)."""
+    assert load_config(path).agents
