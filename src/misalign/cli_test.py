@@ -16,6 +16,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from misalign.cli import ATTACK_COLUMNS, app, main
+from misalign.config import load_config
+from misalign.llm.fake_server import FakeServer, affine
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 runner = CliRunner()
@@ -52,10 +54,33 @@ def test_json_is_one_object_on_stdout(tmp_path, command):
 
 
 @pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.toml")))
-def test_examples_run(tmp_path, example):
-    result = _invoke(tmp_path, "run", str(EXAMPLES / example))
+def test_examples_run(tmp_path, example, monkeypatch):
+    """Every example runs. A language-model example replays its shipped store where there is
+    one (and leaves it untouched), else plays against the fake server of an affine map."""
+    path, extra = EXAMPLES / example, []
+    llm = [n for n, a in load_config(path).agents.items() if a.kind == "llm"]
+    shipped = path.with_suffix(".sqlite")
+    if llm and shipped.exists():
+        before = sorted(p.name for p in EXAMPLES.iterdir()), shipped.read_bytes()
+        extra = ["--replay", "--store", str(shipped)]
+    elif llm:
+        d = load_config(path).d
+        server = FakeServer(affine(0.5 * np.eye(d), np.ones(d))).start()
+        monkeypatch.setenv("MISALIGN_FAKE_KEY", "sk-fake")
+        extra = ["--store", str(tmp_path / "s.sqlite")]
+        for name in llm:
+            extra += ["--set", f"agents.{name}.base_url='{server.base_url}'"]
+            extra += ["--set", f"agents.{name}.api_key_env='MISALIGN_FAKE_KEY'"]
+    try:
+        result = _invoke(tmp_path, "run", str(path), *extra)
+    finally:
+        if llm and not shipped.exists():
+            server.stop()
     assert result.exit_code == 0, result.stderr
     assert "rho" in result.stdout and "nan" not in result.stdout.lower()
+    if llm and shipped.exists():
+        assert (sorted(p.name for p in EXAMPLES.iterdir()), shipped.read_bytes()) == before
+        assert "0 requests" in result.stdout
 
 
 def test_divergent_play_is_reported_not_an_error(tmp_path):
