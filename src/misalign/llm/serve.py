@@ -86,6 +86,16 @@ def check_installed() -> Path:
     return model_path()
 
 
+def port_free(port: int) -> bool:
+    """Whether nothing listens on ``port`` of ``127.0.0.1`` now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+        return True
+
+
 def free_port() -> int:
     """A TCP port on ``127.0.0.1`` that nothing listens on now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -155,7 +165,10 @@ class LocalServer:
             raise RuntimeError("the local server is already started")
         model = check_installed()
         self.model = self.model or model
-        self.port = self.port or free_port()
+        if self.port is None:
+            self.port = free_port()
+        elif not port_free(self.port):
+            raise RuntimeError(f"port {self.port} on {HOST} is in use")
         self._log_dir = Path(tempfile.mkdtemp(prefix="misalign-llm-"))
         self.log_path = self._log_dir / "server.log"
         try:
@@ -168,10 +181,15 @@ class LocalServer:
                     start_new_session=True,
                 )
             self._wait_ready()
-        except BaseException:
-            self.stop(keep_log=True)
+        except BaseException as error:
+            self.stop(keep_log=not isinstance(error, KeyboardInterrupt))
             raise
         return self
+
+    @property
+    def returncode(self) -> int | None:
+        """The server's exit code, or None while it runs or before it starts."""
+        return None if self._process is None else self._process.poll()
 
     def running(self) -> bool:
         """Whether the server process is alive."""
@@ -179,7 +197,7 @@ class LocalServer:
 
     def stop(self, *, keep_log: bool = False) -> None:
         """Terminate the server, kill it if it has not exited within a few seconds, and
-        remove its log unless ``keep_log``. Does nothing when it is not running."""
+        remove its log unless ``keep_log`` (then no later ``stop()`` removes it)."""
         process, self._process = self._process, None
         if process is not None and process.poll() is None:
             process.terminate()
@@ -190,7 +208,7 @@ class LocalServer:
                 process.wait()
         if self._log_dir is not None and not keep_log:
             shutil.rmtree(self._log_dir, ignore_errors=True)
-            self._log_dir = None
+        self._log_dir = None
 
     def log_tail(self, lines: int = 20) -> str:
         """The last lines of the server's log."""
@@ -206,7 +224,7 @@ class LocalServer:
             assert self._process is not None
             code = self._process.poll()
             if code is not None:
-                raise RuntimeError(self._failure(f"exited with code {code} while starting"))
+                raise RuntimeError(self.failure(f"exited with code {code} while starting"))
             try:
                 with urllib.request.urlopen(url, timeout=2) as response:
                     if response.status == 200:
@@ -215,11 +233,12 @@ class LocalServer:
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(
-                    self._failure(f"did not answer within {self.startup_timeout:g} s")
+                    self.failure(f"did not answer within {self.startup_timeout:g} s")
                 )
             time.sleep(0.1)
 
-    def _failure(self, what: str) -> str:
+    def failure(self, what: str) -> str:
+        """One line saying what happened, with the log's path, then the log's last lines."""
         return (
             f"the local model server on port {self.port} {what} (log: {self.log_path}); "
             f"its last lines:\n{self.log_tail()}"
@@ -253,14 +272,18 @@ def serve(port: int | None = None) -> None:
 
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, interrupt) if main else None
+    server = LocalServer(port)
     try:
-        with LocalServer(port) as server:
-            print(f"base_url: {server.base_url}", flush=True)
-            while server.running():
-                time.sleep(0.2)
-            raise RuntimeError(f"the local model server exited by itself:\n{server.log_tail()}")
+        server.start()
+        print(f"base_url: {server.base_url}", flush=True)
+        while server.running():
+            time.sleep(0.2)
+        failure = server.failure(f"exited with code {server.returncode}")
+        server.stop(keep_log=True)
+        raise RuntimeError(failure)
     except KeyboardInterrupt:
         return
     finally:
+        server.stop()
         if main:
             signal.signal(signal.SIGTERM, previous)

@@ -6,8 +6,12 @@ installs it and runs them (``pytest -m local_llm``).
 
 import json
 import math
+import os
+import re
 import select
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -133,7 +137,21 @@ def test_a_server_that_dies_while_starting_is_one_error_with_its_log(tmp_path: P
         local.start()
     assert f"Failed to load model from file: {broken}" in str(caught.value)
     assert not local.running()
-    local.stop()
+    assert local.log_path is not None and local.log_path.is_file()  # kept for the reader
+    shutil.rmtree(local.log_path.parent)
+
+
+@local_llm
+@needs_model
+def test_a_port_in_use_is_one_error_before_starting() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        local = LocalServer(port)
+        with pytest.raises(RuntimeError, match=f"port {port} on 127.0.0.1 is in use"):
+            local.start()
+        assert local.log_path is None
 
 
 def _get(url: str) -> dict:
@@ -168,3 +186,28 @@ def test_serve_prints_its_base_url_answers_and_stops_on_sigterm() -> None:
                     process.wait(10)
                 except subprocess.TimeoutExpired:
                     process.kill()
+
+
+@local_llm
+@needs_model
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the server by /proc")
+def test_serve_fails_when_its_server_dies() -> None:
+    code = "from misalign.llm.serve import serve; serve(None)"
+    command = [sys.executable, "-c", code]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    with subprocess.Popen(command, **pipes) as process:
+        try:
+            assert process.stdout is not None and process.stderr is not None
+            assert process.stdout.readline().startswith("base_url: ")
+            children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text()
+            (server,) = children.split()
+            os.kill(int(server), signal.SIGKILL)
+            assert process.wait(30) == 1
+            error = process.stderr.read()
+            assert "RuntimeError: the local model server on port " in error, error
+            log = re.search(r"exited with code -9 \(log: (\S+)\)", error)
+            assert log, error
+            shutil.rmtree(Path(log.group(1)).parent)
+        finally:
+            if process.poll() is None:
+                process.kill()
