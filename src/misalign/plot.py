@@ -71,28 +71,34 @@ def plot_play(
     rounds = np.arange(1, trajectory.rounds + 1)
     targets = game.targets
     rho, converges = float(prediction.rho[play]), bool(prediction.converges[play])
+    # the right panel: the distance to the prediction's equilibrium, else to the global fit's
+    against, what = prediction, "predicted equilibrium"
+    if not converges and also is not None and also.converges[play]:
+        against, what = also, "the global fit's equilibrium"
     for k, name in enumerate(n for n in game.schedule.agents if n in targets):
         color = f"C{k}"
         _curve(ax, rounds, trajectory.distance(name, targets[name])[:, play], color, name)
         if also is not None and also.converges[play]:
             other = float(np.linalg.norm(also.residual[name][play]))
             _plateau(ax, other, color, f"{name} global fit ({other:.3g})", ":")
-        if not converges:
-            continue
-        plateau = float(np.linalg.norm(prediction.residual[name][play]))
-        _plateau(ax, plateau, color, f"{name} predicted ({plateau:.3g})")
-        error = trajectory.distance(name, prediction.fixed_point[name])[:, play]
-        _curve(gap, rounds, error, color, name)
+        if converges:
+            plateau = float(np.linalg.norm(prediction.residual[name][play]))
+            _plateau(ax, plateau, color, f"{name} predicted ({plateau:.3g})")
+        if against.converges[play]:
+            error = trajectory.distance(name, against.fixed_point[name])[:, play]
+            _curve(gap, rounds, error, color, name)
     if converges and rho > 0:
         first = max(trajectory.distance(n, prediction.fixed_point[n])[0, play] for n in targets)
         gap.plot(rounds, np.maximum(first * rho ** (rounds - 1.0), FLOOR), "k:", label="rho^t")
     verdict = "converges" if converges else "diverges"
     _log_axes(ax, "distance to own target", f"{verdict} (rho = {rho:.3g})")
-    _log_axes(
-        gap,
-        "distance to predicted equilibrium",
-        "rate: simulation vs rho^t" if converges else "no equilibrium (rho >= 1)",
-    )
+    if converges:
+        title = "rate: simulation vs rho^t"
+    elif against is also:
+        title = f"none predicted; the global fit's (rho = {float(also.rho[play]):.3g})"
+    else:
+        title = "no equilibrium (rho >= 1)"
+    _log_axes(gap, f"distance to {what}", title)
     return save_figure(fig, path)
 
 
