@@ -1,0 +1,414 @@
+"""Tests of the language-model agent's store, modes and command line, against the fake server
+over loopback (``misalign.llm.agent``): recording, re-runs, --replay, --refresh, --fork-at, a
+run killed with SIGKILL, the key that never leaks, and bad input as one line."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tomli_w
+
+import misalign.llm.client as client_
+import misalign.llm.fake_server as fake_server
+from misalign.cli import main
+from misalign.config import parse_config
+from misalign.experiment import fit, setup, simulate
+from misalign.llm.agent import Session
+from misalign.llm.fake_server import (
+    FakeServer,
+    Reply,
+    affine,
+    error_body,
+    fingerprint,
+    reject_key,
+    status,
+)
+from misalign.llm.store import Store, request_key
+
+A = np.array([[0.5, 0.1, 0.0], [0.0, 0.4, 0.1], [0.1, 0.0, 0.3]])
+C = np.array([0.1, -0.2, 0.3])
+GOOD = affine(A, C)
+
+
+HALF_STEP = affine(A, 2 * C)
+
+
+def eta_aware(body: dict, index: int) -> Reply:
+    """Answers that depend on the step size the prompt states, as a model's would."""
+    halved = "eta = 0.5" in body["messages"][1]["content"]
+    return (HALF_STEP if halved else GOOD)(body, index)
+
+
+@pytest.fixture(autouse=True)
+def fast_backoff(monkeypatch):
+    """Retries wait milliseconds, not seconds (in this process)."""
+    monkeypatch.setattr(client_, "BACKOFF", 0.001)
+
+
+@pytest.fixture(autouse=True)
+def quiet_resets(monkeypatch):
+    """The fake server, in this process, prints a traceback to stderr when a client resets a
+    connection (requests cancelled by a fatal error): keep it out of the CLI's stderr."""
+    report = fake_server._Server.handle_error
+
+    def handle_error(self, request, address) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            report(self, request, address)
+
+    monkeypatch.setattr(fake_server._Server, "handle_error", handle_error)
+
+
+@pytest.fixture
+def server():
+    with FakeServer(GOOD) as fake:
+        yield fake
+
+
+def settings(base_url: str, rounds: int = 12, **llm) -> dict:
+    """A play of an llm agent A and a gradient agent B, d = 3, as data."""
+    agent = {"kind": "llm", "model": "fake", "base_url": base_url, "api_key_env": "", "n": 4}
+    agent |= {"max_retries": 1, "timeout_s": 5.0, **llm}
+    return {"d": 3, "rounds": rounds, "agents": {"A": agent, "B": {"n": 6}}}
+
+
+def write_config(path: Path, base_url: str, rounds: int = 12, **llm) -> Path:
+    path.write_text(tomli_w.dumps(settings(base_url, rounds, **llm)))
+    return path
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """Run ``misalign`` in this process: its exit code, stdout and stderr."""
+    with pytest.raises(SystemExit) as exit_:
+        main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, err
+
+
+def run_json(capsys, config: Path, store: Path, *flags) -> dict:
+    """``misalign run CONFIG --store STORE --json FLAGS``'s report (it must succeed)."""
+    code, out, err = cli(capsys, "run", config, "--store", store, "--json", *flags)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def play(config: dict, session: Session):
+    """Set up, fit and play through the Python API; the fits and the trajectory."""
+    try:
+        game = setup(parse_config(config), session=session)
+        return fit(game), simulate(game)
+    finally:
+        session.close()
+
+
+def stored(path: Path) -> int:
+    """How many answers the store holds."""
+    with contextlib.closing(Store(path, readonly=True)) as store:
+        return len(store)
+
+
+# Store, re-runs and modes
+
+
+def test_a_run_records_every_answer_and_a_second_run_asks_nothing(tmp_path, server, capsys):
+    config, store = write_config(tmp_path / "play.toml", server.base_url), tmp_path / "s.sqlite"
+    first = run_json(capsys, config, store, "--out", tmp_path / "one")
+    sent = len(server.requests)
+    assert first["llm"]["requests"] == sent > 0 and stored(store) == sent
+    assert max(server.count().values()) == 1
+    second = run_json(capsys, config, store, "--out", tmp_path / "two")
+    assert second["llm"]["requests"] == 0 and len(server.requests) == sent
+    assert second["llm"]["cached"] == sent + first["llm"]["cached"]
+    assert second["outputs"] == first["outputs"] and second["fit"] == first["fit"]
+
+
+def test_replay_with_the_server_stopped_gives_the_same_report(tmp_path, capsys):
+    store = tmp_path / "s.sqlite"
+    with FakeServer(GOOD) as server:
+        config = write_config(tmp_path / "play.toml", server.base_url)
+        live = run_json(capsys, config, store, "--out", tmp_path / "live")
+    replay = run_json(capsys, config, store, "--replay", "--out", tmp_path / "replay")
+    assert replay["llm"]["requests"] == 0 and replay["llm"]["failed"] == []
+    for key in ("outputs", "fit", "prediction", "distance", "rounds_to_prediction"):
+        assert replay[key] == live[key], key
+
+
+def test_replay_through_the_api_is_bit_identical(tmp_path):
+    store = str(tmp_path / "s.sqlite")
+    with FakeServer(GOOD) as server:
+        config = settings(server.base_url)
+        live_fits, live = play(config, Session(store))
+    fits, replayed = play(config, Session(store, mode="replay"))
+    assert np.array_equal(replayed.turns, live.turns)
+    assert np.array_equal(fits.agents["A"].global_.map.A, live_fits.agents["A"].global_.map.A)
+    assert np.isfinite(live.turns).all()
+
+
+def one_line_error(code: int, out: str, err: str) -> str:
+    """The message of a run that failed as it should: exit 2, one line, no traceback."""
+    assert code == 2 and out == ""
+    assert err.startswith("misalign: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    return err.removeprefix("misalign: error: ").strip()
+
+
+def test_a_replay_miss_names_agent_play_and_round(tmp_path, server, capsys):
+    config, store = write_config(tmp_path / "play.toml", server.base_url), tmp_path / "s.sqlite"
+    run_json(capsys, config, store, "--out", tmp_path / "live")
+    sent = len(server.requests)
+    result = cli(capsys, "run", config, "--store", store, "--replay", "--set", "rounds=14")
+    assert one_line_error(*result) == (
+        "--replay: no recorded answer for agent A, play 0 (seed), round 12"
+    )
+    assert len(server.requests) == sent
+
+
+def test_a_replay_of_no_store(tmp_path, capsys):
+    config = write_config(tmp_path / "play.toml", "http://127.0.0.1:9/v1")
+    result = cli(capsys, "run", config, "--store", tmp_path / "none.sqlite", "--replay")
+    assert one_line_error(*result).endswith("none.sqlite: no such file to replay")
+    assert not (tmp_path / "none.sqlite").exists()
+
+
+def test_refresh_asks_everything_again(tmp_path, server, capsys):
+    config, store = write_config(tmp_path / "play.toml", server.base_url), tmp_path / "s.sqlite"
+    first = run_json(capsys, config, store, "--out", tmp_path / "one")
+    answers = first["llm"]["requests"] + first["llm"]["cached"]
+    again = run_json(capsys, config, store, "--refresh", "--out", tmp_path / "two")
+    assert again["llm"]["requests"] == answers and again["llm"]["cached"] == 0
+    assert (
+        min(server.count().values()) == 2
+        and len(server.requests) == 2 * answers - (first["llm"]["cached"])
+    )
+    assert stored(store) == first["llm"]["requests"]  # each request's newer answer
+    assert again["outputs"] == first["outputs"]
+
+
+def test_fork_at_takes_the_rounds_before_it_from_the_store(tmp_path, server):
+    server.behaviour = eta_aware
+    store, K, rounds = str(tmp_path / "s.sqlite"), 5, 12
+    _, original = play(settings(server.base_url, rounds), Session(store))
+    before = len(server.requests)
+    session = Session(store, fork_at=K)
+    try:
+        game = setup(parse_config(settings(server.base_url, rounds, eta=0.5)), session=session)
+        fit(game)
+        fitting = len(server.requests) - before
+        cached = session.stats.cached
+        forked = simulate(game)
+    finally:
+        session.close()
+    assert len(server.requests) - before - fitting == rounds - K  # rounds K.. only
+    assert session.stats.cached - cached == K
+    asked = server.requests[before:]
+    assert all("eta = 0.5" in body["messages"][1]["content"] for body in asked)
+    outputs, earlier = forked.outputs("A"), original.outputs("A")
+    assert np.array_equal(outputs[:K], earlier[:K])
+    assert not np.allclose(outputs[K:], earlier[K:])
+
+
+def test_fork_at_a_round_answered_from_the_store(tmp_path, server, capsys):
+    """A converged play repeats its request: those rounds come from the store, and a fork
+    after them still finds them."""
+    server.behaviour = eta_aware
+    config, store = write_config(tmp_path / "play.toml", server.base_url, 40), tmp_path / "s.db"
+    first = run_json(capsys, config, store, "--out", tmp_path / "one")
+    assert first["llm"]["cached"] > 0  # the play converged bit for bit: repeated requests
+    forked = run_json(
+        capsys, config, store, "--fork-at", 39, "--set", "agents.A.eta=0.5", "--out", tmp_path
+    )
+    assert forked["outputs"]["A"][:39] == first["outputs"]["A"][:39]
+    assert forked["outputs"]["A"][39] != first["outputs"]["A"][39]
+
+
+def test_fork_at_without_a_recorded_play(tmp_path, server, capsys):
+    config = write_config(tmp_path / "play.toml", server.base_url)
+    result = cli(capsys, "run", config, "--store", tmp_path / "s.sqlite", "--fork-at", 3)
+    assert one_line_error(*result) == (
+        "--fork-at: no recorded answer for agent A, play 0 (seed), round 0"
+    )
+
+
+# A run killed with SIGKILL
+
+
+def store_key(body: dict) -> str:
+    """The store's key of a request the server received (no settings, sample 0)."""
+    return request_key({k: v for k, v in body.items() if k != "response_format"}, 0)
+
+
+def test_a_killed_run_resumes_without_asking_twice(tmp_path, capsys):
+    concurrency = 4
+    store, killed, resumed = tmp_path / "s.sqlite", tmp_path / "killed", tmp_path / "resumed"
+    with FakeServer(GOOD, latency=0.05) as server:
+        config = write_config(
+            tmp_path / "play.toml", server.base_url, rounds=20, concurrency=concurrency
+        )
+        command = [sys.executable, "-m", "misalign.cli", "run", str(config), "--seeds", "2"]
+        command += ["--store", str(store), "--json"]
+        process = subprocess.Popen([*command, "--out", str(killed)], stdout=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 60
+            while len(server.requests) < 30 and time.monotonic() < deadline:
+                assert process.poll() is None, "the run ended before it was killed"
+                time.sleep(0.005)
+        finally:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+        assert process.returncode == -signal.SIGKILL and not (killed / "run.json").exists()
+        time.sleep(0.2)  # let the requests in flight at the kill arrive and be answered
+        with contextlib.closing(Store(store, readonly=True)) as recorded:
+            before = server.requests
+            in_flight = {fingerprint(b) for b in before if recorded.get(store_key(b)) is None}
+        assert len(before) - len(in_flight) >= 30 - concurrency  # answers a kill did not lose
+        done = subprocess.run(
+            [*command, "--out", str(resumed)], capture_output=True, text=True, check=True
+        )
+        counts = server.count()
+        again = {key for key, n in counts.items() if n > 1}
+        assert again <= in_flight and len(in_flight) <= concurrency  # only the lost ones
+        assert all(n <= 2 for n in counts.values())
+        server.latency = 0.0
+        reference = run_json(
+            capsys, config, tmp_path / "fresh.sqlite", "--seeds", 2, "--out", tmp_path
+        )
+    result = json.loads(done.stdout)
+    assert result["llm"]["cached"] >= len(before) - len(in_flight)
+    assert result["outputs"] == reference["outputs"] and result["fit"] == reference["fit"]
+    assert result["batch"] == reference["batch"]
+
+
+# The key never leaks
+
+
+def every_file(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file()]
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_key_never_leaks(tmp_path, server, monkeypatch, capsys):
+    key = f"sk-test-{uuid.uuid4()}"
+    monkeypatch.setenv("MISALIGN_TEST_KEY", key)
+    keyed = {"api_key_env": "MISALIGN_TEST_KEY"}
+    config = write_config(tmp_path / "play.toml", server.base_url, **keyed)
+    store = tmp_path / "s.sqlite"
+    printed = []
+
+    def run(*args) -> int:
+        code, out, err = cli(capsys, "run", *args)
+        printed.append(out + err)
+        return code
+
+    assert run(config, "--store", store, "--json", "--out", tmp_path / "json") == 0
+    assert run(config, "--store", tmp_path / "t.sqlite", "--out", tmp_path / "text") == 0
+    server.behaviour = status(401)
+    assert run(config, "--store", store, "--refresh", "--out", tmp_path / "x") == 2
+    assert "refused the key in $MISALIGN_TEST_KEY (HTTP 401)" in printed[-1]
+    server.behaviour = lambda body, index: Reply(
+        400, body=error_body(400, f"Incorrect API key provided: {key}")
+    )  # a server that echoes the key
+    assert run(config, "--store", store, "--refresh", "--out", tmp_path / "x") == 2
+    assert "Incorrect API key provided: ***" in printed[-1]
+    server.behaviour = reject_key("reasoning_effort", GOOD)
+    rejected = write_config(
+        tmp_path / "rejected.toml", server.base_url, request={"reasoning_effort": "low"}, **keyed
+    )
+    assert run(rejected, "--store", store, "--out", tmp_path / "x") == 2
+    unreachable = write_config(
+        tmp_path / "gone.toml", f"http://127.0.0.1:{closed_port()}/v1", **keyed
+    )
+    assert run(unreachable, "--store", tmp_path / "u.sqlite", "--out", tmp_path / "x") == 2
+    authorizations = {headers.get("authorization") for headers in server.headers}
+    assert authorizations == {f"Bearer {key}"}  # so the scan below means something
+    files = every_file(tmp_path)
+    assert {p.name for p in files} >= {"run.json", "config.toml", "trajectory.png", "s.sqlite"}
+    for path in files:
+        assert key.encode() not in path.read_bytes(), path
+    for text in printed:
+        assert key not in text
+
+
+# Bad input: one line, exit 2
+
+
+@pytest.mark.parametrize(
+    ("llm", "message"),
+    [
+        ({"api_key": "sk-live-abcdef0123456789"}, "agents.A.api_key: never write a key"),
+        ({"request": {"api_key": "sk-live-abcdef0123456789"}}, "agents.A.request.api_key: never"),
+        (
+            {"request": {"extra_headers": {"Authorization": "Bearer sk-live-abcdef0123456789"}}},
+            "agents.A.request.extra_headers.Authorization: never write a key",
+        ),
+        ({"api_key_env": "sk-live-abcdef0123456789"}, "agents.A.api_key_env: must be the NAME"),
+        ({"api_key_env": "sk_live_abcdef0123456789"}, "agents.A.api_key_env: names no environ"),
+        (
+            {"api_key_env": "MISALIGN_TEST_UNSET_VARIABLE"},
+            "agents.A.api_key_env: the environment variable MISALIGN_TEST_UNSET_VARIABLE is not",
+        ),
+    ],
+)
+def test_keys_in_the_configuration_are_refused_unrepeated(tmp_path, server, capsys, llm, message):
+    config = write_config(tmp_path / "play.toml", server.base_url, **llm)
+    error = one_line_error(*cli(capsys, "run", config, "--store", tmp_path / "s.sqlite"))
+    assert error.startswith(message) and "abcdef0123456789" not in error
+    assert server.requests == []
+
+
+def test_an_unreachable_server(tmp_path, capsys):
+    port = closed_port()
+    config = write_config(tmp_path / "play.toml", f"http://127.0.0.1:{port}/v1")
+    error = one_line_error(*cli(capsys, "run", config, "--store", tmp_path / "s.sqlite"))
+    assert error == f"agents.A.base_url: http://127.0.0.1:{port}/v1 unreachable after 2 attempts"
+
+
+def test_a_template_without_the_estimate(tmp_path, server, capsys):
+    template = tmp_path / "user.j2"
+    template.write_text("Examples: {{ examples }}")
+    config = write_config(tmp_path / "play.toml", server.base_url, prompt=str(template))
+    error = one_line_error(*cli(capsys, "run", config, "--store", tmp_path / "s.sqlite"))
+    assert error == f"agents.A.prompt: {template} never uses 'estimate', the incoming estimate"
+    assert server.requests == []
+
+
+def test_a_refused_request_setting(tmp_path, server, capsys):
+    server.behaviour = reject_key("reasoning_effort", GOOD)
+    config = write_config(
+        tmp_path / "play.toml", server.base_url, request={"reasoning_effort": "high"}
+    )
+    error = one_line_error(*cli(capsys, "run", config, "--store", tmp_path / "s.sqlite"))
+    assert error.startswith("agents.A.request.reasoning_effort: the server refused the request")
+    assert "Unsupported parameter" in error
+
+
+def test_what_was_recorded_before_an_error_is_kept(tmp_path, server, capsys):
+    answered = Counter()
+
+    def behaviour(body, index):
+        if index >= 5:
+            return Reply(401, body=error_body(401))
+        answered["good"] += 1
+        return GOOD(body, index)
+
+    server.behaviour = behaviour
+    config = write_config(tmp_path / "play.toml", server.base_url, concurrency=1)
+    store = tmp_path / "s.sqlite"
+    error = one_line_error(*cli(capsys, "run", config, "--store", store))
+    assert error.startswith("agents.A.api_key_env: the server wants a key (HTTP 401)")
+    assert answered["good"] == 5 and stored(store) == 5
+    assert not list(tmp_path.glob("s.sqlite-*"))  # the journal was folded back in
