@@ -1,8 +1,10 @@
 """Benchmark: plays per second of language-model agents against a server with a fixed latency,
 end to end as a user waits, at several ``concurrency`` settings, each against its floor.
 
-Agent A is a language model behind the in-process fake OpenAI server
-(``misalign.llm.fake_server.FakeServer(affine(A, c), latency=...)``); agent B is analytic.
+Agent A is a language model behind the fake OpenAI server
+(``misalign.llm.fake_server.FakeServer(affine(A, c), latency=...)``), run in a child process
+as a real server would be (in this process it would share the interpreter lock with the
+client it serves); agent B is analytic.
 One measurement is what ``misalign run --seeds N`` does for a batch of plays: set up (a
 ``Session`` on a fresh temporary SQLite store, mode ``live``), fit A (global probes, then one
 local refit), play, predict, write the JSON report and close the session. Each measurement
@@ -22,8 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -60,12 +64,36 @@ def config(base_url: str, rounds: int, concurrency: int) -> PlayConfig:
     return PlayConfig.model_validate({"d": D, "rounds": rounds, "agents": agents})
 
 
+def _serve(connection, latency: float) -> None:
+    """The child process: serve until told to stop, then report the requests received."""
+    with FakeServer(affine(MAP_A, MAP_C), latency=latency) as server:
+        connection.send(server.base_url)
+        connection.recv()
+        connection.send(len(server.requests))
+
+
+@contextmanager
+def served(latency: float):
+    """A fake server in a child process; yields ``(base_url, received)``, where
+    ``received()`` (after the block) is the number of requests it got."""
+    ours, theirs = multiprocessing.get_context("fork").Pipe()
+    child = multiprocessing.get_context("fork").Process(target=_serve, args=(theirs, latency))
+    child.start()
+    count: list[int] = []
+    try:
+        yield ours.recv(), lambda: count[0]
+    finally:
+        ours.send("stop")
+        count.append(ours.recv())
+        child.join()
+
+
 def measure(plays: int, rounds: int, latency: float, concurrency: int) -> dict:
     """One end-to-end run of ``plays`` plays on a fresh server and a fresh store."""
     phases: dict[str, float] = {}
     requests: dict[str, int] = {}
-    with FakeServer(affine(MAP_A, MAP_C), latency=latency) as server:
-        cfg = config(server.base_url, rounds, concurrency)
+    with served(latency) as (base_url, received):
+        cfg = config(base_url, rounds, concurrency)
         with tempfile.TemporaryDirectory() as out:
             began = time.perf_counter()
             session = Session(str(Path(out, "llm.sqlite")), mode="live")
@@ -89,9 +117,8 @@ def measure(plays: int, rounds: int, latency: float, concurrency: int) -> dict:
             stats, failed, stored = session.stats, list(session.failed), len(session.store)
             step("close", session.close)
             wall = time.perf_counter() - began
-        received = len(server.requests)
     assert not failed, f"failed plays: {failed[:3]}"
-    assert stats.requests == received, (stats.requests, received)
+    assert stats.requests == received(), (stats.requests, received())
     assert np.isfinite(state["play"].outputs("A")[-1]).all()
     waves = math.ceil(stats.requests / concurrency)
     return {

@@ -13,7 +13,6 @@ feeds the stationary spread of docs/theory.md §6.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,36 +114,40 @@ def fit_game(game, predict) -> Fits:
         The fits; each agent is left holding its local fit (its global one where no local
         fit could be made).
     """
-    agents = {name: agent for name, agent in _llm_agents(game).items()}
+    agents = llm_agents(game)
     reads = dict(game.schedule.turns)
     centre, radius = _scale(game)
+    batch = game.start.shape[0]
+    every = np.ones(batch, bool)
+    asked: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # per agent, the last probes and answers
     fits: dict[str, Fit] = {}
     for name, agent in agents.items():
-        probes = agent.config.probes or 2 * game.start.shape[1]
-        W = centre + radius[:, None] * _directions(game, name, 0, probes)
-        fits[name] = _probe(agent, W, 0)
-        agent.fitted = Fitted(fits[name].map, fits[name].noise)
+        W = centre + radius[:, None] * _directions(game, name, 0, _count(agent, game))
+        asked[name] = W, _answers(agent, W, 0, every)
+        fits[name] = _fit(agent, *asked[name])
     global_prediction = predict(game)
     locals_: dict[str, Fit | None] = dict.fromkeys(agents)
     used = dict.fromkeys(agents, 0)
-    batch = game.start.shape[0]
     confirmed = {name: np.zeros(batch, bool) for name in agents}
     prediction, iterations = global_prediction, 0
     refits = max((agent.config.refits for agent in agents.values()), default=0)
     for k in range(1, refits + 1):
         at = {name: prediction.fixed_point[reads[name]] for name in agents}
-        if not all(np.isfinite(x).all() for x in at.values()):
-            break  # no equilibrium to probe around in some play
+        # refit the plays with an equilibrium to probe around that is not confirmed yet
+        live = np.logical_and.reduce([np.isfinite(x).all(axis=-1) for x in at.values()])
+        live &= ~np.logical_and.reduce(list(confirmed.values()))
+        if not live.any():
+            break
         iterations = k
-        first: dict[str, np.ndarray] = {}
         for name, agent in agents.items():
-            probes = agent.config.probes or 2 * game.start.shape[1]
-            W = at[name] + LOCAL * radius[:, None] * _directions(game, name, k, probes)
-            W[0] = at[name]  # the first probe is the predicted input itself
-            locals_[name] = fit = _probe(agent, W, k)
-            used[name] += fit.probes
-            first[name] = fit.answers0
-            agent.fitted = Fitted(fit.map, fit.noise)
+            W, F = (x.copy() for x in asked[name])
+            local = at[name] + LOCAL * radius[:, None] * _directions(game, name, k, len(W))
+            local[0] = at[name]  # the first probe is the predicted input itself
+            W[:, live] = local[:, live]
+            F[:, :, live] = _answers(agent, W, k, live)[:, :, live]
+            asked[name] = W, F
+            locals_[name] = _fit(agent, W, F)
+            used[name] += int(live.sum()) * F.shape[0] * F.shape[1]
         prediction = predict(game)
         for name in agents:
             out = prediction.fixed_point[name]
@@ -152,14 +155,12 @@ def fit_game(game, predict) -> Fits:
                 CONFIRM * locals_[name].rms * np.sqrt(out.shape[-1]),
                 1e-6 * (1 + np.linalg.norm(out, axis=-1)),
             )
-            confirmed[name] = np.linalg.norm(first[name] - out, axis=-1) <= tol
-        if all(c.all() for c in confirmed.values()):
-            break
+            answer = asked[name][1][:, 0].mean(axis=0)  # the model's answer at the first probe
+            near = np.linalg.norm(answer - out, axis=-1) <= tol
+            confirmed[name] = np.where(live, near, confirmed[name])
     return Fits(
         {
-            name: AgentFit(
-                _bare(fits[name]), _bare(locals_[name]), iterations, used[name], confirmed[name]
-            )
+            name: AgentFit(fits[name], locals_[name], iterations, used[name], confirmed[name])
             for name in agents
         },
         global_prediction,
@@ -168,10 +169,6 @@ def fit_game(game, predict) -> Fits:
 
 def llm_agents(game) -> dict[str, LLMAgent]:
     """The game's language-model agents, beneath any wrapper."""
-    return _llm_agents(game)
-
-
-def _llm_agents(game) -> dict[str, LLMAgent]:
     found = {}
     for name, agent in game.agents.items():
         while isinstance(agent, Wrapper):
@@ -206,31 +203,31 @@ def _directions(game, name: str, fit: int, probes: int) -> np.ndarray:
     return np.stack(out, axis=1)
 
 
-@dataclass(frozen=True)
-class _Probed(Fit):
-    answers0: np.ndarray = None  # type: ignore[assignment]  # mean answer at probe 0
+def _count(agent: LLMAgent, game) -> int:
+    """The agent's probes per fit: ``probes``, default ``2 d``."""
+    return agent.config.probes or 2 * game.start.shape[1]
 
 
-def _probe(agent: LLMAgent, W: np.ndarray, fit: int) -> _Probed:
-    """Ask ``agent`` every probe of ``W`` (``(P, B, d)``) ``samples`` times and fit."""
+def _answers(agent: LLMAgent, W: np.ndarray, fit: int, plays: np.ndarray) -> np.ndarray:
+    """The agent's answers to every probe of ``W`` (``(P, B, d)``), ``samples`` times, for the
+    plays in the mask ``plays`` (NaN elsewhere, and where a play failed): ``(S, P, B, d)``."""
     samples = agent.config.samples
-    probes, batch, _ = W.shape
-    requests = [
-        (b, W[p, b], Slot(agent.name, agent.seeds[b], "probe", fit, p, s))
-        for s in range(samples)
-        for p in range(probes)
-        for b in range(batch)
+    probes, batch, d = W.shape
+    F = np.full((samples, probes, batch, d), np.nan)
+    index = [
+        (s, p, b) for s in range(samples) for p in range(probes) for b in np.flatnonzero(plays)
     ]
-    answers = agent.ask(requests)
-    F = np.array([np.full(W.shape[-1], np.nan) if a is None else a for a in answers]).reshape(
-        samples, probes, batch, -1
+    answers = agent.ask(
+        [(b, W[p, b], Slot(agent.name, agent.seeds[b], "probe", fit, p, s)) for s, p, b in index]
     )
+    for (s, p, b), answer in zip(index, answers, strict=True):
+        if answer is not None:
+            F[s, p, b] = answer
+    return F
+
+
+def _fit(agent: LLMAgent, W: np.ndarray, F: np.ndarray) -> Fit:
+    """Fit the answers and leave the agent holding the fitted map (and noise)."""
     fit = fit_answers(W, F)
-    return _Probed(fit.map, fit.r2, fit.rms, fit.probes, fit.noise, F[:, 0].mean(axis=0))
-
-
-def _bare(fit: Fit | None) -> Fit | None:
-    return None if fit is None else Fit(fit.map, fit.r2, fit.rms, fit.probes, fit.noise)
-
-
-__all__: Mapping = ["Fit", "AgentFit", "Fits", "fit_answers", "fit_game", "llm_agents"]
+    agent.fitted = Fitted(fit.map, fit.noise)
+    return fit

@@ -78,6 +78,24 @@ def test_fit_recovers_a_known_affine_map_and_the_play_ends_on_its_prediction(tmp
         assert np.abs(final - prediction.fixed_point[name]).max() < 1e-6
 
 
+def test_a_play_without_an_equilibrium_leaves_the_others_refitted(tmp_path):
+    """In a batch where the global fits predict no equilibrium for some plays (a partner
+    with a large step), the other plays are still refitted locally and confirmed; the plays
+    without one keep their global fit and are not confirmed."""
+    A, c = _map(2, seed=2)
+    with FakeServer(affine(A, c)) as server:
+        config = _config(server, 2, rounds=5)
+        config["agents"]["B"] |= {"preconditioner": "identity", "eta": 2.0}
+        _, fits, _, _, _ = _run(config, tmp_path / "s.sqlite", range(8))
+    converges = fits.global_prediction.converges
+    assert converges.any() and not converges.all()
+    fitted = fits.agents["A"]
+    assert fitted.iterations == 1
+    assert (fitted.confirmed == converges).all()
+    assert fitted.probes == 4 * converges.sum()  # only the plays with an equilibrium asked
+    assert np.allclose(fitted.local.map.A, fitted.global_.map.A, atol=1e-9)
+
+
 def test_the_local_fit_follows_a_nonlinear_model_where_the_play_goes(tmp_path):
     """A server whose answers are affine only locally (``0.8 tanh(w) + c``): the global fit
     over the play's scale misses the equilibrium that the play reaches; the local refits,
