@@ -211,3 +211,42 @@ def test_serve_fails_when_its_server_dies() -> None:
         finally:
             if process.poll() is None:
                 process.kill()
+
+
+EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "local_llm.toml"
+
+
+def _play(out: Path, store: Path, *extra: str) -> dict:
+    """``misalign run examples/local_llm.toml`` as a real process, shortened, ``--json``."""
+    short = ["--set", "rounds=5", "--set", "agents.A.probes=3", "--set", "agents.A.refits=1"]
+    result = subprocess.run(
+        [sys.executable, "-m", "misalign.cli", "run", str(EXAMPLE), "--json"]
+        + ["--out", str(out), "--store", str(store), *short, *extra],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@local_llm
+@needs_model
+def test_a_play_against_the_real_model_fits_it_and_replays_offline(tmp_path: Path) -> None:
+    """The whole path end to end against the real local model: a short play of
+    examples/local_llm.toml (the json_schema refusal and the fallback to json_object, the
+    answers parsed, the map fitted globally and locally, the report), then a replay with the
+    server gone that sends no request and gives identical outputs and fits."""
+    store = tmp_path / "llm.sqlite"
+    with LocalServer() as local:
+        live = _play(tmp_path / "live", store, "--set", f"agents.A.base_url='{local.base_url}'")
+    assert live["llm"]["requests"] > 0 and live["llm"]["format"]["A"] == "json_object"
+    assert live["llm"]["retries"].get("format") == 1 and not live["llm"]["failed"]
+    fit = live["fit"]["A"]
+    assert fit["global"]["probes"] == 3 and math.isfinite(fit["global"]["r2"])
+    assert len(fit["global"]["A"]) == 2 and len(fit["global"]["c"]) == 2
+    assert len(live["outputs"]["A"]) == 5
+    replay = _play(tmp_path / "replay", store, "--replay")  # the server is stopped now
+    assert replay["llm"]["requests"] == 0 and replay["llm"]["cached"] > 0
+    assert replay["outputs"] == live["outputs"]
+    assert replay["fit"] == live["fit"] and replay["prediction"] == live["prediction"]
