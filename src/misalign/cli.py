@@ -243,17 +243,15 @@ def run(
 
     session = (store, _mode(replay, refresh, fork_at), fork_at)
     cfg, game = _game(config, set_, seeds, session)
-    try:
-        fits = _fit(game)
+
+    def played(fits):
         long = cfg.rounds * len(cfg.agents) * seeds > 2e4
         asked = cfg.rounds * seeds * sum(cfg.order.count(n) for n in llm_agents(game))
         with _asking(game, asked, "playing"):
-            trajectory = simulate(game, progress=_tty() and long and not fits)
-        prediction = _predict(game)  # after the play: of the regime each agent ended in
-    except ConfigError as exc:  # a fatal server problem, a replay miss
-        _fail(str(exc))
-    finally:
-        _close(game)
+            return simulate(game, progress=_tty() and long and not fits)
+
+    # the prediction after the play is of the regime each agent ended in
+    fits, trajectory, prediction = _solve(game, played)
     with stage("writing the report and the figure", _tty()):
         result = report(game, prediction, trajectory, fits=fits)
         if seeds > 1:
@@ -271,6 +269,24 @@ def run(
         _batch_summary(result["batch"], directory, figure)
     else:
         _summary(result, directory, figure)
+
+
+def _solve(game, play=None):
+    """Fit the language-model agents, play (``play(fits)``, when given) and predict; a fatal
+    server problem or a replay miss is one line and exit 2. The agents' session is closed
+    either way (everything recorded stays in the store).
+
+    Returns:
+        ``(fits, trajectory, prediction)``; ``trajectory`` is ``None`` without ``play``.
+    """
+    try:
+        fits = _fit(game)
+        trajectory = None if play is None else play(fits)
+        return fits, trajectory, _predict(game)
+    except ConfigError as exc:
+        _fail(str(exc))
+    finally:
+        _close(game)
 
 
 def _predict(game):
@@ -301,13 +317,7 @@ def theory(
     from misalign.report import report, to_json
 
     cfg, game = _game(config, set_, session=(store, _mode(replay, refresh, None), None))
-    try:
-        fits = _fit(game)
-        prediction = _predict(game)
-    except ConfigError as exc:
-        _fail(str(exc))
-    finally:
-        _close(game)
+    fits, _, prediction = _solve(game)
     result = report(game, prediction, fits=fits)
     directory = _artifacts(cfg, out, result, "theory.json")
     if json_out:
