@@ -267,6 +267,7 @@ def run(
         print(to_json(result))
     elif seeds > 1:
         _batch_summary(result["batch"], directory, figure)
+        _llm_usage(_console(), result["llm"])
     else:
         _summary(result, directory, figure)
 
@@ -760,7 +761,11 @@ def _llm_summary(console, result: dict[str, Any]) -> None:
                 )
         console.print(table)
         console.print("gap: |observed final output - the equilibrium that fit predicts|")
-    llm = result["llm"]
+    _llm_usage(console, result["llm"])
+
+
+def _llm_usage(console, llm: dict[str, Any] | None) -> None:
+    """What the language models' requests cost, and the plays that failed."""
     if llm:
         retries = ", ".join(f"{n} {k}" for k, n in sorted(llm["retries"].items())) or "none"
         cost = "" if llm["cost"] is None else f", ${llm['cost']:.4f}"
@@ -820,6 +825,12 @@ def _batch_summary(batch: dict[str, Any], directory: Path, figure: Path) -> None
             )
         elif never:
             console.print(f"measured: no converging play gets within 1e-8 of its prediction{never}")
+    for name, row in (batch["spread"] or {}).items():
+        console.print(
+            f"{name}: RMS distance of the final output from its predicted limit "
+            f"{_num(row['observed'], '.3g')} observed, {_num(row['predicted'], '.3g')} predicted "
+            "(stationary spread)"
+        )
     console.print(f"artifacts: {directory} (figure {figure.name})")
 
 

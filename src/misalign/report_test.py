@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from misalign.config import parse_config
+from misalign.config import load_config, parse_config
 from misalign.experiment import predict, setup, simulate
 from misalign.experiment_test import CONFIG
-from misalign.report import report
+from misalign.report import batch, report
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -217,3 +217,20 @@ def test_no_verdict_where_the_play_cannot_be_checked_or_has_not_arrived(tmp_path
             break
     else:
         pytest.fail("no seed in 5..14 where the predictive victim refuses and ends on target")
+
+
+def test_batch_spread_is_the_observed_and_the_predicted_stationary_spread():
+    """``batch.spread``: over 400 sampled plays, the observed RMS distance of the final outputs
+    from their predicted limits matches the Lyapunov prediction (docs/theory.md §6) within
+    10%, and equals the quantity computed directly from the trajectory; ``null`` without
+    noise."""
+    config = load_config(EXAMPLES / "two_agents.toml", ["agents.A.sampling_std=0.05"])
+    game = setup(config, seeds=range(400))
+    trajectory, prediction = simulate(game), predict(game)
+    spread = batch(game, prediction, trajectory)["spread"]
+    for name in ("A", "B"):
+        gap = trajectory.outputs(name)[-1] - prediction.fixed_point[name]
+        assert np.isclose(spread[name]["observed"], np.sqrt((gap**2).sum(-1).mean()))
+        assert abs(spread[name]["observed"] / spread[name]["predicted"] - 1) < 0.1
+    quiet = setup(load_config(EXAMPLES / "two_agents.toml"), seeds=range(3))
+    assert batch(quiet, predict(quiet), simulate(quiet))["spread"] is None
