@@ -1,7 +1,7 @@
 """misalign: the play of in-context learners with misaligned objectives (see docs/theory.md)."""
 
 from misalign.config import ConfigError, PlayConfig, load_config, parse_config
-from misalign.experiment import Game, predict, setup, simulate
+from misalign.experiment import Game, fit, predict, setup, simulate
 from misalign.plot import plot_batch, plot_play
 from misalign.report import batch, report, to_json
 
@@ -10,6 +10,7 @@ __all__ = [
     "Game",
     "PlayConfig",
     "batch",
+    "fit",
     "load_config",
     "parse_config",
     "plot_batch",
