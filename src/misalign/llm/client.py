@@ -153,8 +153,10 @@ class Client:
             except openai.APIConnectionError:
                 if retry >= self.max_retries:
                     raise Fatal(
-                        f"{self.field}.base_url: {self.base_url} unreachable after "
-                        f"{retry + 1} attempts"
+                        self.scrub(
+                            f"{self.field}.base_url: {self.base_url} unreachable after "
+                            f"{retry + 1} attempts"
+                        )
                     ) from None
                 retry = await self._wait(retry, "connection", None)
                 continue

@@ -2,9 +2,12 @@
 
 Each answer is written in its own transaction (WAL journal), so a run killed at any moment
 loses at most the requests in flight; a re-run reads the store before asking, so it resumes
-without paying twice. Requests are keyed by the SHA-256 of the canonical request (model,
-messages, request settings, sample index). The key to the API is never part of a request
-here, so it never reaches the store.
+without paying twice (only the requests in flight at the kill are asked again). Requests are
+keyed by the SHA-256 of the canonical request (model, messages, request settings, sample
+index), so a request repeated within a run (a play that converged bit for bit) is answered
+from the store; the ``accepted`` table notes, per slot (agent, play, round or fit, turn or
+probe, sample), which request's answer it took, which ``--fork-at`` reads back. The key to
+the API is never part of a request here, so it never reaches the store.
 """
 
 from __future__ import annotations
