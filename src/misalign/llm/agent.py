@@ -255,7 +255,8 @@ class LLMAgent:
 
         Raises:
             Fatal: a replay misses the store, or the server refuses for good.
-            Exhausted: transient failures outlasted the retries.
+            Exhausted: transient failures outlasted the retries (recorded, so that a replay
+                fails the play where the run failed it; a live re-run asks again).
         """
         session, stats = self.session, self.session.stats
         record = None if session.mode == "refresh" else session.store.get(key)
@@ -263,10 +264,17 @@ class LLMAgent:
         if cached:
             stats.cached += 1
         elif session.mode == "replay":
-            raise Fatal(self._missing(slot, "--replay"))
+            why = session.store.exhausted(key)
+            if why is None:
+                raise Fatal(self._missing(slot, "--replay"))
+            raise Exhausted(why)  # the play failed here when it was recorded
         else:
             settings = {k: v for k, v in request.items() if k not in ("model", "messages")}
-            record = await self._ask_server(request["messages"], settings)
+            try:
+                record = await self._ask_server(request["messages"], settings)
+            except Exhausted as exc:
+                session.store.exhaust(key, slot, str(exc))
+                raise
             session.store.put(key, slot, attempt, request, record)
         stats.tokens_in += record.tokens_in
         stats.tokens_out += record.tokens_out

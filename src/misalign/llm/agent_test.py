@@ -154,6 +154,45 @@ def test_replay_through_the_api_is_bit_identical(tmp_path):
     assert np.isfinite(live.turns).all()
 
 
+def test_replay_fails_the_plays_the_run_failed(tmp_path):
+    """Bad answers and transient errors that outlasted the retries fail a play; a replay
+    fails it at the same round, for the same reason."""
+    store = str(tmp_path / "s.sqlite")
+
+    def played(session: Session):
+        try:
+            game = setup(parse_config(config), seeds=(0, 1, 2), session=session)
+            return simulate(game), session.failed
+        finally:
+            session.close()
+
+    with FakeServer(GOOD) as server:
+        config = settings(server.base_url, rounds=8)
+        probe = setup(parse_config(config), seeds=(0, 1, 2), session=Session(store))
+        markers = [json.dumps(probe.prompts["A"][b].X[0].tolist()) for b in (1, 2)]
+        probe.agents["A"].session.close()
+        asked = Counter()
+
+        def behaviour(body: dict, index: int) -> Reply:
+            user = body["messages"][1]["content"]
+            play = next((b for b, marker in zip((1, 2), markers, strict=True) if marker in user), 0)
+            asked[play] += 1
+            if play == 1 and asked[play] > 3:  # bad answers from round 3
+                return Reply(content="no idea")
+            if play == 2 and asked[play] > 5:  # rate limited from round 5
+                return Reply(429, headers={"Retry-After": "0"}, body=error_body(429))
+            return GOOD(body, index)
+
+        server.behaviour = behaviour
+        live, failed = played(Session(store))
+    failed = sorted(failed, key=lambda failure: failure["seed"])
+    assert [(f["seed"], f["round"]) for f in failed] == [(1, 3), (2, 5)]
+    assert failed[1]["why"] == "429 after 2 attempts; last answer: None"
+    replayed, again = played(Session(store, mode="replay"))
+    assert np.array_equal(replayed.turns, live.turns, equal_nan=True)
+    assert sorted(again, key=lambda failure: failure["seed"]) == failed
+
+
 def one_line_error(code: int, out: str, err: str) -> str:
     """The message of a run that failed as it should: exit 2, one line, no traceback."""
     assert code == 2 and out == ""

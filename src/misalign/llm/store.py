@@ -5,9 +5,10 @@ loses at most the requests in flight; a re-run reads the store before asking, so
 without paying twice (only the requests in flight at the kill are asked again). Requests are
 keyed by the SHA-256 of the canonical request (model, messages, request settings, sample
 index), so a request repeated within a run (a play that converged bit for bit) is answered
-from the store; the ``accepted`` table notes, per slot (agent, play, round or fit, turn or
-probe, sample), which request's answer it took, which ``--fork-at`` reads back. The key to
-the API is never part of a request here, so it never reaches the store.
+from the store. The ``accepted`` table notes which request's answer each slot (agent, play,
+round or fit, turn or probe, sample) took, for ``--fork-at``; the ``exhausted`` table, which
+requests failed for good on transient errors, for ``--replay``. The key to the API is never
+part of a request here, so it never reaches the store.
 """
 
 from __future__ import annotations
@@ -52,6 +53,14 @@ CREATE TABLE IF NOT EXISTS accepted (  -- which request's answer each slot took,
     sample INTEGER NOT NULL,
     key TEXT NOT NULL,
     PRIMARY KEY (agent, play, kind, round, position, sample)
+);
+CREATE TABLE IF NOT EXISTS exhausted (  -- requests whose transient failures outlasted retries
+    key TEXT PRIMARY KEY,
+    agent TEXT NOT NULL,
+    play INTEGER NOT NULL,
+    round INTEGER NOT NULL,
+    why TEXT NOT NULL,
+    time REAL NOT NULL
 );
 """
 
@@ -166,6 +175,24 @@ class Store:
                     time.time(),
                 ),
             )
+
+    def exhaust(self, key: str, slot: Slot, why: str) -> None:
+        """Record that request ``key`` failed for good on transient errors (429, 5xx,
+        timeouts), so that a replay fails its play there too."""
+        with self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO exhausted VALUES (?,?,?,?,?,?)",
+                (key, slot.agent, slot.play, slot.round, why, time.time()),
+            )
+
+    def exhausted(self, key: str) -> str | None:
+        """Why request ``key`` failed for good when it was last asked; ``None`` when it did
+        not (or the store predates the record of such failures)."""
+        try:
+            row = self._db.execute("SELECT why FROM exhausted WHERE key=?", (key,)).fetchone()
+        except sqlite3.OperationalError:  # no such table: an older store, read-only
+            return None
+        return None if row is None else row[0]
 
     def _accept(self, slot: Slot, key: str) -> None:
         self._db.execute(

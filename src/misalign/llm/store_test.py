@@ -126,3 +126,19 @@ def test_a_file_that_is_not_a_store(tmp_path, readonly):
     path.write_text("not a database, just some notes " * 100)
     with pytest.raises(ConfigError, match=r"^--store .*notes\.txt: not a misalign store"):
         Store(path, readonly=readonly)
+
+
+def test_exhausted_requests_are_remembered(tmp_path):
+    path = tmp_path / "s.sqlite"
+    store = Store(path)
+    assert store.exhausted("k") is None
+    store.exhaust("k", Slot("A", 0, "play", 4, 0), "timeout after 3 attempts")
+    store.close()
+    store = Store(path, readonly=True)
+    assert store.exhausted("k") == "timeout after 3 attempts" and store.get("k") is None
+    store.close()
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TABLE exhausted")  # a store written before this table
+    store = Store(path, readonly=True)
+    assert store.exhausted("k") is None
+    store.close()
