@@ -87,6 +87,11 @@ class LLMAgent:
         prompts: one prompt per play.
         seeds: each play's seed (the store's ``play``).
         session: the run's session.
+
+    Raises:
+        ConfigError: before any request, as one line: a template that does not compile or
+            render, a credential's name inside ``request``, or (except in a replay) the
+            variable ``api_key_env`` names is not set.
     """
 
     def __init__(
