@@ -86,6 +86,8 @@ def _game(path: Path, overrides: list[str] | None, seeds: int = 1, session=None)
             seeds_ = range(config.seed, config.seed + seeds)
             return config, setup(config, seeds=seeds_, progress=_tty(), session=llm)
     except ConfigError as exc:  # sizes that cannot fit, failed attack preconditions
+        if llm is not None:
+            llm.close()
         _fail(str(exc))
 
 

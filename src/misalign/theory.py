@@ -45,7 +45,8 @@ class Prediction:
         rho: spectral radius of the moving part of the round map, per play, shape ``(B,)``:
             of ``R`` itself, or of ``R - P_1`` where ``R`` acts as the identity on an
             eigenvalue-1 space (directions no prompt sees, docs/theory.md §2). At least 1
-            where the play does not converge.
+            where the play does not converge; ``inf`` where a map is not finite (a
+            language model's play that failed while its map was fitted).
         fixed_point: per agent, the predicted limit of its output, ``(B, d)``;
             NaN for plays that do not converge.
         residual: per agent with a target, ``fixed_point - target``, ``(B, d)``.
@@ -307,6 +308,14 @@ def predict(
     """
     names = schedule.agents
     R, r, Q = round_map(maps, schedule, noise)
+    # a map that is not finite (a language model's play that failed while probed) predicts
+    # nothing: solve a harmless stand-in (R = 0) and report rho = inf there
+    unknown = ~(np.isfinite(R).all(axis=(1, 2)) & np.isfinite(r).all(axis=1))
+    if Q is not None:
+        unknown |= ~np.isfinite(Q).all(axis=(1, 2))
+    if unknown.any():
+        R, r = np.where(unknown[:, None, None], 0.0, R), np.where(unknown[:, None], 0.0, r)
+        Q = None if Q is None else np.where(unknown[:, None, None], 0.0, Q)
     batch, size = r.shape
     d = size // len(names)
     start = np.zeros((batch, d)) if start is None else np.broadcast_to(start, (batch, d))
@@ -316,6 +325,7 @@ def predict(
     moving = R - P
     rho = spectral_radius(moving)
     rho = np.where(unit.identity, rho, np.maximum(rho, 1.0))  # a Jordan block or a drift at 1
+    rho[unknown] = np.inf
     ok = rho < 1
     s = np.full_like(r, np.nan)
     if ok.any():

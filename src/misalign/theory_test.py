@@ -739,3 +739,31 @@ def test_tiny_steps_are_a_slow_play_not_unseen_directions():
     pooled = np.linalg.solve(S["A"] + S["B"], S["A"] @ w["A"] + S["B"] @ w["B"])
     for name in ("A", "B"):  # solves with I - R at condition ~1e11: about 1e-5 of rounding
         np.testing.assert_allclose(prediction.fixed_point[name][0], pooled, atol=1e-4)
+
+
+def test_a_map_that_is_not_finite_predicts_nothing_for_its_play_only():
+    """A play whose fitted map is NaN (a language model that failed while probed) gets
+    ``rho = inf``, no fixed point and no covariance; the other plays of the batch are
+    predicted as if alone."""
+    rng = np.random.default_rng(0)
+    d = 2
+    maps = {
+        name: AffineMap(0.5 * rng.standard_normal((3, d, d)) / d, rng.standard_normal((3, d)))
+        for name in "AB"
+    }
+    maps["A"].A[1, 0, 0] = np.nan
+    schedule = Schedule.build(["A", "B"])
+    targets = {name: np.zeros((3, d)) for name in "AB"}
+    noise = {"A": np.broadcast_to(0.01 * np.eye(d), (3, d, d)).copy()}
+    both = predict_maps(maps, schedule, targets, noise)
+    assert both.rho[1] == np.inf and not both.converges[1]
+    assert np.isnan(both.fixed_point["A"][1]).all() and np.isnan(both.covariance["B"][1]).all()
+    for play in (0, 2):
+        alone = predict_maps(
+            {n: m[[play]] for n, m in maps.items()},
+            schedule,
+            {n: t[[play]] for n, t in targets.items()},
+            {n: q[[play]] for n, q in noise.items()},
+        )
+        assert np.allclose(both.fixed_point["B"][play], alone.fixed_point["B"][0])
+        assert np.allclose(both.covariance["A"][play], alone.covariance["A"][0])

@@ -20,7 +20,6 @@ import pytest
 import tomli_w
 
 import misalign.llm.client as client_
-import misalign.llm.fake_server as fake_server
 from misalign.cli import main
 from misalign.config import parse_config
 from misalign.experiment import fit, setup, simulate
@@ -54,19 +53,6 @@ def eta_aware(body: dict, index: int) -> Reply:
 def fast_backoff(monkeypatch):
     """Retries wait milliseconds, not seconds (in this process)."""
     monkeypatch.setattr(client_, "BACKOFF", 0.001)
-
-
-@pytest.fixture(autouse=True)
-def quiet_resets(monkeypatch):
-    """The fake server, in this process, prints a traceback to stderr when a client resets a
-    connection (requests cancelled by a fatal error): keep it out of the CLI's stderr."""
-    report = fake_server._Server.handle_error
-
-    def handle_error(self, request, address) -> None:
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            report(self, request, address)
-
-    monkeypatch.setattr(fake_server._Server, "handle_error", handle_error)
 
 
 @pytest.fixture

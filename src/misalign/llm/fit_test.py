@@ -170,3 +170,34 @@ def test_fit_answers_agrees_with_numpy_least_squares(d, batch, samples, seed):
             dof = samples * probes - d - 1
             assert np.allclose(fit_.noise[b], residual.T @ residual / dof, atol=1e-9)
     assert (fit_.noise is None) == (samples == 1)
+
+
+def test_a_play_that_fails_while_probed_leaves_the_batch_predicted(tmp_path):
+    """A model that never answers one play's prompt with numbers: that play fails during the
+    fit (``rho = inf``, no equilibrium, listed as failed) and the rest of the batch is fitted,
+    played and predicted as if alone."""
+    d = 2
+    A, c = _map(d, seed=3)
+    probe = Session(str(tmp_path / "probe.sqlite"))
+    with FakeServer(affine(A, c)) as server:
+        config = parse_config(_config(server, d, rounds=40, max_retries=1))
+        game = setup(config, seeds=range(3), session=probe)
+        probe.close()
+        marker = f"x = {game.prompts['A'][1].X[0].tolist()}"
+        answer = affine(A, c)
+
+        def refuse_play_1(body: dict, index: int) -> Reply:
+            if any(marker in str(m["content"]) for m in body["messages"]):
+                return Reply(content="I would rather not compute that.")
+            return answer(body, index)
+
+        server.behaviour = refuse_play_1
+        game, fits, trajectory, prediction, session = _run(
+            _config(server, d, rounds=40, max_retries=1), tmp_path / "s.sqlite", range(3)
+        )
+    assert {f["seed"] for f in session.failed} == {1}
+    assert prediction.rho[1] == np.inf and not fits.global_prediction.converges[1]
+    for play in (0, 2):
+        assert np.abs(fits.agents["A"].global_.map.A[play] - A).max() < 1e-6
+        final = trajectory.outputs("A")[-1, play]
+        assert np.abs(final - prediction.fixed_point["A"][play]).max() < 1e-6
