@@ -33,7 +33,7 @@ from misalign.llm.fake_server import (
     reject_key,
     status,
 )
-from misalign.llm.store import Store, request_key
+from misalign.llm.store import Store
 
 A = np.array([[0.5, 0.1, 0.0], [0.0, 0.4, 0.1], [0.1, 0.0, 0.3]])
 C = np.array([0.1, -0.2, 0.3])
@@ -267,12 +267,17 @@ def test_fork_at_without_a_recorded_play(tmp_path, server, capsys):
 # A run killed with SIGKILL
 
 
-def store_key(body: dict) -> str:
-    """The store's key of a request the server received (no settings, sample 0)."""
-    return request_key({k: v for k, v in body.items() if k != "response_format"}, 0)
+def recorded(path: Path) -> int:
+    """How many answers the store holds."""
+    with contextlib.closing(Store(path, readonly=True)) as store:
+        return len(store)
 
 
 def test_a_killed_run_resumes_without_asking_twice(tmp_path, capsys):
+    """A real ``misalign run`` killed with SIGKILL mid-run, then re-run: no request is answered
+    twice at the server (nothing is paid for twice) and the outputs are those of an
+    uninterrupted run. Before the kill the server holds every new request unanswered, so the
+    requests in flight at the kill are the only ones the re-run sends again."""
     concurrency = 4
     store, killed, resumed = tmp_path / "s.sqlite", tmp_path / "killed", tmp_path / "resumed"
     with FakeServer(GOOD, latency=0.05) as server:
@@ -287,28 +292,29 @@ def test_a_killed_run_resumes_without_asking_twice(tmp_path, capsys):
             while len(server.requests) < 30 and time.monotonic() < deadline:
                 assert process.poll() is None, "the run ended before it was killed"
                 time.sleep(0.005)
+            server.behaviour = lambda body, index: Reply(hang=True)  # hold what comes next
+            while recorded(store) < sum(server.answered().values()):
+                assert time.monotonic() < deadline, "answers were not recorded"
+                time.sleep(0.01)  # every answer given is in the store
         finally:
             process.send_signal(signal.SIGKILL)
             process.wait()
         assert process.returncode == -signal.SIGKILL and not (killed / "run.json").exists()
-        time.sleep(0.2)  # let the requests in flight at the kill arrive and be answered
-        with contextlib.closing(Store(store, readonly=True)) as recorded:
-            before = server.requests
-            in_flight = {fingerprint(b) for b in before if recorded.get(store_key(b)) is None}
-        assert len(before) - len(in_flight) >= 30 - concurrency  # answers a kill did not lose
+        held = {fingerprint(b) for b in server.requests} - set(server.answered())
+        assert 0 < len(held) <= concurrency  # requests were in flight at the kill
+        server.behaviour = GOOD
         done = subprocess.run(
             [*command, "--out", str(resumed)], capture_output=True, text=True, check=True
         )
-        counts = server.count()
-        again = {key for key, n in counts.items() if n > 1}
-        assert again <= in_flight and len(in_flight) <= concurrency  # only the lost ones
-        assert all(n <= 2 for n in counts.values())
+        assert max(server.answered().values()) == 1  # nothing answered twice
+        sent_again = {key for key, n in server.count().items() if n > 1}
+        assert sent_again == held  # only the requests held unanswered at the kill
         server.latency = 0.0
         reference = run_json(
             capsys, config, tmp_path / "fresh.sqlite", "--seeds", 2, "--out", tmp_path
         )
     result = json.loads(done.stdout)
-    assert result["llm"]["cached"] >= len(before) - len(in_flight)
+    assert result["llm"]["cached"] >= 30 - concurrency
     assert result["llm"]["failed"] == reference["llm"]["failed"] == []
     assert result["outputs"] == reference["outputs"] and result["batch"] == reference["batch"]
 

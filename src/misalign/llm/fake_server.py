@@ -371,17 +371,21 @@ class _Handler(BaseHTTPRequestHandler):
             payload = _completion(body, reply.content, index)
         else:
             payload = error_body(reply.status)
-        self.send(reply.status, payload, reply.headers)
+        if self.send(reply.status, payload, reply.headers) and reply.status == 200:
+            fake._answered(body)
 
     def send(
         self, code: int, payload: dict[str, Any], headers: dict[str, str] | None = None
-    ) -> None:
+    ) -> bool:
         """Send a JSON response with a Content-Length (so the connection can be reused).
 
         Args:
             code: The HTTP status code.
             payload: The JSON body.
             headers: Extra headers.
+
+        Returns:
+            Whether the response was written (the client had not gone away).
         """
         data = json.dumps(payload).encode()
         try:
@@ -395,6 +399,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
         except OSError:  # the client went away (e.g. it timed out)
             self.close_connection = True
+            return False
+        return True
 
 
 class FakeServer:
@@ -423,6 +429,7 @@ class FakeServer:
         self.port = port
         self._lock = threading.Lock()
         self._requests: list[dict[str, Any]] = []
+        self._answers: list[str] = []
         self._headers: list[dict[str, str]] = []
         self._connections: set[socket.socket] = set()
         self._stopping = threading.Event()
@@ -454,6 +461,16 @@ class FakeServer:
         """
         with self._lock:
             return collections.Counter(fingerprint(body) for body in self._requests)
+
+    def answered(self) -> collections.Counter[str]:
+        """How many times each canonical request body was answered with a completion (what a
+        paid API would charge for), keyed by :func:`fingerprint`."""
+        with self._lock:
+            return collections.Counter(self._answers)
+
+    def _answered(self, body: dict[str, Any]) -> None:
+        with self._lock:
+            self._answers.append(fingerprint(body))
 
     def start(self) -> FakeServer:
         """Start listening and serving in a daemon thread.
