@@ -149,16 +149,23 @@ class LLMAgentConfig(LearnerConfig):
     @model_validator(mode="before")
     @classmethod
     def _no_key(cls, data: Any) -> Any:
-        """A key written into the configuration is refused without being echoed."""
+        """A key written into the configuration, at any depth of the agent's table, is refused
+        without being echoed; so are credentials inside ``base_url``."""
         if isinstance(data, dict):
-            for where, table in (("", data), ("request.", data.get("request") or {})):
-                for key in table if isinstance(table, dict) else ():
-                    if KEY_NAME.search(str(key)) and key != "api_key_env":
-                        raise _FieldError(
-                            f"{where}{key}",
-                            "never write a key into a configuration; set "
-                            "api_key_env to the name of the environment variable holding it",
-                        )
+            named = _credential_name(data, "")
+            if named is not None:
+                raise _FieldError(
+                    named,
+                    "never write a key into a configuration; set api_key_env to the name of "
+                    "the environment variable holding it",
+                )
+            url = data.get("base_url")
+            if isinstance(url, str) and _url_credentials(url):
+                raise _FieldError(
+                    "base_url",
+                    "holds credentials (user:password@ or a key in the query); set "
+                    "api_key_env to the name of the environment variable holding the key",
+                )
             env = data.get("api_key_env", "")
             if not isinstance(env, str) or not re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)?", env):
                 raise _FieldError(
@@ -173,7 +180,45 @@ class LLMAgentConfig(LearnerConfig):
         taken = sorted(set(self.request) & OURS)
         if taken:
             raise _FieldError(f"request.{taken[0]}", "is set by misalign, not passed through")
+        for name, value in self.request.items():
+            try:
+                json.dumps(value, allow_nan=False)
+            except (TypeError, ValueError):
+                raise _FieldError(
+                    f"request.{name}", "must be plain JSON (finite numbers, strings, tables)"
+                ) from None
+        if self.base_url is not None and "api_key_env" not in self.model_fields_set:
+            raise _FieldError(
+                "api_key_env",
+                "name the variable whose key may go to base_url explicitly ('' for none): "
+                "the default, OPENAI_API_KEY, is sent only to OpenAI",
+            )
         return self
+
+
+def _credential_name(table: dict, where: str) -> str | None:
+    """The dotted path of the first setting named like a credential (``KEY_NAME``) in a table
+    and the tables and lists within it, or ``None``."""
+    for name, value in table.items():
+        path = f"{where}{name}"
+        if KEY_NAME.search(str(name)) and path != "api_key_env":
+            return path
+        for inner in value if isinstance(value, list) else [value]:
+            if isinstance(inner, dict) and (found := _credential_name(inner, f"{path}.")):
+                return found
+    return None
+
+
+def _url_credentials(url: str) -> bool:
+    """Whether a URL carries credentials: ``user:password@host``, or a query parameter named
+    like a credential."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    parts = urlsplit(url)
+    return bool(parts.username or parts.password) or any(
+        KEY_NAME.search(name) or name.lower() in ("key", "code", "sig")
+        for name, _ in parse_qsl(parts.query)
+    )
 
 
 KEY_NAME = re.compile(r"(?i)(api[_-]?key|secret|token$|authorization|password)")
@@ -331,6 +376,12 @@ class PlayConfig(_Strict):
                 )
             if table is not None and not isinstance(self.agents[table.agent], GradientAgentConfig):
                 raise _FieldError(f"{key}.agent", f"{table.agent!r} is not a gd agent")
+            if table is not None and any(
+                isinstance(a, LLMAgentConfig) for a in self.agents.values()
+            ):
+                raise _FieldError(
+                    key, "needs analytic maps on both sides; this play has an llm agent"
+                )
         attack = self.attack
         if attack is not None and attack.knowledge == "gray-box" and attack.method != "decoy":
             raise _FieldError("attack.knowledge", "gray-box applies to the decoy method only")

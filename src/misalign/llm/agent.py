@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 
 from misalign.agent import AffineMap, Turn
-from misalign.config import KEY_NAME, ConfigError, LLMAgentConfig
+from misalign.config import ConfigError, LLMAgentConfig
 from misalign.llm.answer import FORMATS, BadAnswer, correction, parse
 from misalign.llm.client import VARIABLE, Client, Exhausted, Fatal, Stats
 from misalign.llm.store import Record, Slot, Store, request_key
@@ -109,7 +109,6 @@ class LLMAgent:
         self.templates = Templates.load(config, self.field)
         self._messages(0, np.zeros(self.d), 0)  # a template that fails, fails before a request
         self._client: Client | None = None
-        _no_nested_key(config.request, f"{self.field}.request")
         if session.mode != "replay":
             _check_key(config.api_key_env, self.field)
         self._semaphore: asyncio.Semaphore | None = None
@@ -373,25 +372,3 @@ def _check_key(env: str, field: str) -> None:
         f"{field}.api_key_env: names no environment variable that is set, and does not look "
         "like a variable's name (is it a key?); write the NAME of the variable holding the key"
     )
-
-
-def _no_nested_key(settings: dict, field: str) -> None:
-    """Refuse a credential's name anywhere inside the passed-through settings (the
-    configuration checks the top level): the store records them with every request.
-
-    Raises:
-        ConfigError: naming the setting, never its value.
-    """
-    for name, value in settings.items():
-        where = f"{field}.{name}"
-        if KEY_NAME.search(str(name)):
-            raise ConfigError(
-                f"{where}: never write a key into a configuration; set api_key_env to the "
-                "name of the environment variable holding it"
-            )
-        if isinstance(value, dict):
-            _no_nested_key(value, where)
-        elif isinstance(value, list):
-            for item in value:
-                if isinstance(item, dict):
-                    _no_nested_key(item, where)
