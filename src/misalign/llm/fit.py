@@ -17,16 +17,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from misalign.agent import AffineMap, Wrapper, affine_lstsq
+from misalign.agent import AffineMap, Wrapper
 from misalign.llm.agent import Fitted, LLMAgent
 from misalign.llm.store import Slot
 from misalign.theory import Prediction
 
 LOCAL = 0.25
 """The local probes' radius, as a fraction of the global one."""
-CONFIRM = 3.0
-"""A local prediction is confirmed when the model's answer at the predicted input is within
-``CONFIRM`` residual RMS (per answer) of the predicted output (or 1e-6 relative, if larger)."""
+CONFIRM = 0.02
+"""A prediction is confirmed when the model's answer at the input it predicts for the agent is
+within ``CONFIRM`` times the play's scale (the global probes' radius; or 1e-6 relative, if
+larger) of the output it predicts, plus three standard errors of the mean answer when the
+answers are sampled."""
 
 
 @dataclass(frozen=True)
@@ -56,10 +58,12 @@ class AgentFit:
         global_: the fit over the play's scale.
         local: the last fit around the predicted equilibrium (``None`` when the global
             prediction does not converge or ``refits`` is 0).
-        iterations: local refits made.
+        iterations: local refits made (at most the agent's ``refits``).
         probes: answers used by every local refit together.
-        confirmed: per play, whether the model's answer at the predicted input confirms the
-            predicted equilibrium, ``(B,)``.
+        confirmed: per play, whether the model's answer at the input a prediction names for
+            the agent was the output that prediction names (within ``CONFIRM``), for every
+            language-model agent of the play: the last refit probed an equilibrium that
+            holds, ``(B,)``.
     """
 
     global_: Fit
@@ -81,26 +85,44 @@ def fit_answers(inputs: np.ndarray, answers: np.ndarray) -> Fit:
     """Least squares ``answers ~ A inputs + c`` per play, with its ``r2``, residual RMS and,
     with several samples per input, the answers' covariance around the map.
 
+    Answers that are missing (NaN: a request that failed) are left out of their play's fit;
+    a play left without ``d + 1`` affinely independent probes answered has no fit (NaN map,
+    ``r2`` and RMS).
+
     Args:
         inputs: probe estimates, ``(P, B, d)``.
-        answers: ``(S, P, B, d)``, ``S`` samples per probe (NaN where a play failed).
+        answers: ``(S, P, B, d)``, ``S`` samples per probe (NaN where an answer is missing).
 
     Returns:
-        The fit; ``Q = sum r r^T / (S P - d - 1)`` for ``S > 1``.
+        The fit; ``Q = sum r r^T / (m - d - 1)`` over a play's ``m`` answers, for ``S > 1``.
     """
     samples, probes, batch, d = answers.shape
     X = np.broadcast_to(inputs, answers.shape).reshape(samples * probes, batch, d)
     Y = answers.reshape(samples * probes, batch, d)
-    fitted = affine_lstsq(X, Y)
-    residual = Y - np.einsum("bij,pbj->pbi", fitted.A, X) - fitted.c
-    total = ((Y - Y.mean(axis=0)) ** 2).sum(axis=(0, 2))
-    squared = (residual**2).sum(axis=(0, 2))
-    with np.errstate(divide="ignore", invalid="ignore"):
+    kept = np.isfinite(X).all(axis=-1) & np.isfinite(Y).all(axis=-1)  # (m, B)
+    count = kept.sum(axis=0)
+    X, Y = np.where(kept[..., None], X, 0.0), np.where(kept[..., None], Y, 0.0)
+    design = np.concatenate([X, kept[..., None].astype(float)], axis=-1).transpose(1, 0, 2)
+    coef = np.linalg.pinv(design) @ Y.transpose(1, 0, 2)  # a zero row weighs nothing
+    known = np.linalg.matrix_rank(design) == d + 1  # d + 1 affinely independent answers
+    coef[~known] = np.nan
+    fitted = AffineMap(A=coef[:, :d, :].transpose(0, 2, 1), c=coef[:, d, :])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        residual = np.where(
+            kept[..., None], Y - np.einsum("bij,pbj->pbi", fitted.A, X) - fitted.c, 0.0
+        )
+        mean = Y.sum(axis=0) / count[:, None]
+        total = (np.where(kept[..., None], Y - mean, 0.0) ** 2).sum(axis=(0, 2))
+        squared = (residual**2).sum(axis=(0, 2))
         r2 = np.where(total > 0, 1 - squared / total, np.where(squared > 0, 0.0, 1.0))
+        rms = np.sqrt(squared / (count * d))
+    r2[~known], rms[~known] = np.nan, np.nan
     noise = None
     if samples > 1:
-        noise = np.einsum("pbi,pbj->bij", residual, residual) / max(1, len(Y) - d - 1)
-    return Fit(fitted, r2, np.sqrt(squared / (len(Y) * d)), len(Y), noise)
+        dof = np.maximum(1, count - d - 1)[:, None, None]
+        noise = np.einsum("pbi,pbj->bij", residual, residual) / dof
+        noise[~known] = np.nan
+    return Fit(fitted, r2, rms, len(Y), noise)
 
 
 def fit_game(game, predict) -> Fits:
@@ -128,39 +150,43 @@ def fit_game(game, predict) -> Fits:
     global_prediction = predict(game)
     locals_: dict[str, Fit | None] = dict.fromkeys(agents)
     used = dict.fromkeys(agents, 0)
+    done = dict.fromkeys(agents, 0)
     confirmed = {name: np.zeros(batch, bool) for name in agents}
-    prediction, iterations = global_prediction, 0
-    refits = max((agent.config.refits for agent in agents.values()), default=0)
-    for k in range(1, refits + 1):
+    prediction = global_prediction
+    for k in range(1, max((a.config.refits for a in agents.values()), default=0) + 1):
+        # the equilibrium the last prediction names: each agent's input and output there
         at = {name: prediction.fixed_point[reads[name]] for name in agents}
-        # refit the plays with an equilibrium to probe around that is not confirmed yet
-        live = np.logical_and.reduce([np.isfinite(x).all(axis=-1) for x in at.values()])
-        live &= ~np.logical_and.reduce(list(confirmed.values()))
-        if not live.any():
-            break
-        iterations = k
+        expected = {name: prediction.fixed_point[name] for name in agents}
+        known = np.logical_and.reduce([np.isfinite(x).all(axis=-1) for x in at.values()])
+        checked = [confirmed[n] for n, a in agents.items() if a.config.refits > 0]
+        known &= ~np.logical_and.reduce(checked)  # every refitted agent of a play agrees
+        refitted = False
         for name, agent in agents.items():
+            live = known if k <= agent.config.refits else ~every
+            if not live.any():
+                continue
+            refitted, done[name] = True, k
             W, F = (x.copy() for x in asked[name])
             local = at[name] + LOCAL * radius[:, None] * _directions(game, name, k, len(W))
             local[0] = at[name]  # the first probe is the predicted input itself
             W[:, live] = local[:, live]
             F[:, :, live] = _answers(agent, W, k, live)[:, :, live]
             asked[name] = W, F
-            locals_[name] = _fit(agent, W, F)
+            locals_[name] = fit = _fit(agent, W, F)
             used[name] += int(live.sum()) * F.shape[0] * F.shape[1]
-        prediction = predict(game)
-        for name in agents:
-            out = prediction.fixed_point[name]
-            tol = np.maximum(
-                CONFIRM * locals_[name].rms * np.sqrt(out.shape[-1]),
-                1e-6 * (1 + np.linalg.norm(out, axis=-1)),
-            )
-            answer = asked[name][1][:, 0].mean(axis=0)  # the model's answer at the first probe
-            near = np.linalg.norm(answer - out, axis=-1) <= tol
+            # confirmed: the model's answer at the predicted input is the predicted output
+            answer = F[:, 0].mean(axis=0)
+            spread = 0.0 if fit.noise is None else np.sqrt(np.trace(fit.noise, axis1=1, axis2=2))
+            tol = np.maximum(CONFIRM * radius, 1e-6 * (1 + np.linalg.norm(expected[name], axis=-1)))
+            tol = tol + 3 * spread / np.sqrt(F.shape[0])
+            near = np.linalg.norm(answer - expected[name], axis=-1) <= tol
             confirmed[name] = np.where(live, near, confirmed[name])
+        if not refitted:
+            break
+        prediction = predict(game)
     return Fits(
         {
-            name: AgentFit(fits[name], locals_[name], iterations, used[name], confirmed[name])
+            name: AgentFit(fits[name], locals_[name], done[name], used[name], confirmed[name])
             for name in agents
         },
         global_prediction,
