@@ -664,6 +664,11 @@ def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> No
             f"converges (rho = {_num(p['rho'])} per round; about {rounds} "
             f"round{'s' if rounds != 1 else ''} to shrink the error by 1e-8)"
         )
+    elif _unfitted(result):
+        console.print(
+            f"[bold red]no prediction[/]: the fit of {', '.join(_unfitted(result))} failed "
+            "(too few of its probes were answered)"
+        )
     else:
         console.print(f"[bold red]diverges[/] (rho = {_num(p['rho'])})")
     if p["depends_on_start"]:
@@ -694,7 +699,14 @@ def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> No
         )
         console.print(f"sampled agents: stationary RMS spread of each output around it: {spread}")
     if result.get("diverged_at") is not None:
-        console.print(f"stopped at round {result['diverged_at']}: outputs overflowed")
+        seed = result["config"]["seed"]
+        failed = [
+            f["agent"]
+            for f in (result["llm"] or {}).get("failed", [])
+            if f["seed"] == seed and f["kind"] == "play"
+        ]
+        why = f"{failed[0]} failed" if failed else "outputs overflowed"
+        console.print(f"stopped at round {result['diverged_at']}: {why}")
     table = Table("agent", "|target|", "predicted distance", *(["final distance"] * played))
     names = list(result["agents"])
     for name in names:
@@ -736,6 +748,19 @@ def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> No
     console.print(f"artifacts: {directory}" + (f" (figure {figure.name})" if figure else ""))
 
 
+def _unfitted(result: dict[str, Any]) -> list[str]:
+    """The language-model agents of the play whose global fit failed (no map)."""
+    return [
+        name
+        for name, row in (result["fit"] or {}).items()
+        if row["global"] is not None and not all(_finite(x) for x in row["global"]["c"])
+    ]
+
+
+def _finite(x) -> bool:
+    return x is not None and math.isfinite(x)
+
+
 def _llm_summary(console, result: dict[str, Any]) -> None:
     """Language-model agents: each fitted map (global and local) and the equilibrium it
     predicts against the observed play; what the requests cost; the plays that failed."""
@@ -755,8 +780,8 @@ def _llm_summary(console, result: dict[str, Any]) -> None:
                 table.add_row(
                     name,
                     label,
-                    _num(fit["r2"], ".3f"),
-                    _num(fit["rms"], ".3g"),
+                    "-" if not _finite(fit["r2"]) else _num(fit["r2"], ".3f"),
+                    "-" if not _finite(fit["rms"]) else _num(fit["rms"], ".3g"),
                     str(fit["probes"]),
                     _norm(fit["equilibrium"]),
                     "-" if fit["gap"] is None else _num(fit["gap"], ".3g"),
@@ -841,8 +866,8 @@ def _band(row: dict[str, Any], key: str) -> str:
 
 
 def _num(value: float | None, fmt: str = ".4g") -> str:
-    """A number for the summary; ``None`` (not finite in the JSON) prints as such."""
-    return "not finite" if value is None else format(value, fmt)
+    """A number for the summary; ``None`` or NaN (``null`` in the JSON) prints as such."""
+    return "not finite" if value is None or math.isnan(value) else format(value, fmt)
 
 
 def _console():

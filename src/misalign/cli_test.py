@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from misalign.cli import ATTACK_COLUMNS, app, main
 from misalign.config import load_config
-from misalign.llm.fake_server import FakeServer, affine
+from misalign.llm.fake_server import FakeServer, affine, constant
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 runner = CliRunner()
@@ -553,3 +553,30 @@ def test_attack_summary_names_probe_turns_only_for_the_gray_box(tmp_path):
     args = ["--set", "attack.knowledge=gray-box", "--set", "attack.probe_turns=10"]
     gray = _process("run", str(EXAMPLES / "attack.toml"), *args, "--out", str(tmp_path)).stdout
     assert "attack: B attacks the agent it reads after 10 probe turns" in gray
+
+
+def test_a_model_that_never_answers_with_numbers_is_reported_not_crashed(tmp_path):
+    """Every answer is prose: the fit fails, the play fails at round 0, and the run says so
+    (no prediction, which agent failed) with exit 0 and strict JSON, never 'diverges' or
+    'overflowed'."""
+    with FakeServer(constant("I cannot say.")) as server:
+        config = tmp_path / "c.toml"
+        config.write_text(
+            GOOD.replace("[agents.A]\n", "[agents.A]\nkind = 'llm'\nmodel = 'fake'\n")
+        )
+        overrides = [
+            f"agents.A.base_url='{server.base_url}'",
+            "agents.A.api_key_env=''",
+            "agents.A.max_retries=0",
+        ]
+        args = [arg for o in overrides for arg in ("--set", o)]
+        store = ["--store", str(tmp_path / "s.sqlite")]
+        text = _invoke(tmp_path, "run", str(config), *args, *store)
+        as_json = _invoke(tmp_path, "run", str(config), *args, *store, "--json")
+    assert text.exit_code == 0, text.stderr
+    assert "no prediction: the fit of A failed" in text.stdout
+    assert "stopped at round 0: A failed" in text.stdout
+    assert "diverges" not in text.stdout and "overflowed" not in text.stdout
+    data = json.loads(as_json.stdout, parse_constant=lambda c: pytest.fail(c))
+    assert data["prediction"]["rho"] is None and data["fit"]["A"]["global"]["A"][0] == [None] * 2
+    assert {f["seed"] for f in data["llm"]["failed"]} == {data["config"]["seed"]}
