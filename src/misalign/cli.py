@@ -102,9 +102,9 @@ def _mode(replay: bool, refresh: bool, fork_at: int | None) -> str:
 def _asking(game, total: int, what: str):
     """A progress bar of language-model answers (with the requests, retries, tokens, cost and
     failed plays so far) while the block runs; nothing without such agents."""
-    from misalign.llm.fit import llm_agents
+    from misalign.experiment import language_models
 
-    agents = llm_agents(game)
+    agents = language_models(game)
     if not agents or not _tty():
         yield
         return
@@ -144,19 +144,18 @@ def _counts(session) -> dict[str, Any]:
 
 def _close(game) -> None:
     """Close the language-model agents' session (its clients and store), if any."""
-    from misalign.llm.fit import llm_agents
+    from misalign.experiment import language_models
 
-    agents = llm_agents(game)
+    agents = language_models(game)
     if agents:
         next(iter(agents.values())).session.close()
 
 
 def _fit(game):
     """Fit the language-model agents' maps, with a bar of their answers."""
-    from misalign.experiment import fit
-    from misalign.llm.fit import llm_agents
+    from misalign.experiment import fit, language_models
 
-    agents = llm_agents(game)
+    agents = language_models(game)
     plays, d = game.start.shape
     total = sum(
         (a.config.probes or 2 * d) * a.config.samples * plays * (1 + a.config.refits)
@@ -238,8 +237,7 @@ def run(
 
     Language-model agents are fitted first (probes) and every answer is recorded in --store:
     a re-run reads it first, --replay never asks the server."""
-    from misalign.experiment import simulate
-    from misalign.llm.fit import llm_agents
+    from misalign.experiment import language_models, simulate
     from misalign.plot import plot_batch, plot_play
     from misalign.report import batch, report, to_json
 
@@ -248,7 +246,7 @@ def run(
 
     def played(fits):
         long = cfg.rounds * len(cfg.agents) * seeds > 2e4
-        asked = cfg.rounds * seeds * sum(cfg.order.count(n) for n in llm_agents(game))
+        asked = cfg.rounds * seeds * sum(cfg.order.count(n) for n in language_models(game))
         with _asking(game, asked, "playing"):
             return simulate(game, progress=_tty() and long and not fits)
 

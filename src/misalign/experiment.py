@@ -30,6 +30,7 @@ from misalign.agent import (
     Agent,
     GradientAgent,
     Sampled,
+    Wrapper,
     condition,
     noise_covariance,
     preconditioner,
@@ -366,6 +367,22 @@ def simulate(game: Game, rounds: int | None = None, progress: bool = False) -> T
     """
     rounds = game.configs[0].rounds if rounds is None else rounds
     return play(game.agents, game.schedule, rounds, game.start, progress=progress)
+
+
+def language_models(game: Game) -> dict[str, Agent]:
+    """The game's language-model agents (``misalign.llm.agent.LLMAgent``), beneath any
+    wrapper; ``{}`` without importing the language-model code when there are none."""
+    if not any(isinstance(a, LLMAgentConfig) for a in game.configs[0].agents.values()):
+        return {}
+    from misalign.llm.agent import LLMAgent
+
+    found = {}
+    for name, agent in game.agents.items():
+        while isinstance(agent, Wrapper):
+            agent = agent.inner
+        if isinstance(agent, LLMAgent):
+            found[name] = agent
+    return found
 
 
 def fit(game: Game):

@@ -186,9 +186,9 @@ def llm_report(game: Game) -> dict[str, Any] | None:
     ``retries`` by cause, ``tokens_in``, ``tokens_out``, ``cost`` (dollars; ``null``
     without prices), ``format.<name>`` (the ``response_format`` the server accepted) and
     ``failed`` (per failed play: agent, seed, round, why)."""
-    from misalign.llm.fit import llm_agents
+    from misalign.experiment import language_models
 
-    agents = llm_agents(game)
+    agents = language_models(game)
     if not agents:
         return None
     session = next(iter(agents.values())).session

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from misalign.agent import AffineMap, Wrapper
+from misalign.agent import AffineMap
+from misalign.experiment import language_models
 from misalign.llm.agent import Fitted, LLMAgent
 from misalign.llm.store import Slot
 from misalign.theory import Prediction
@@ -136,7 +137,7 @@ def fit_game(game, predict) -> Fits:
         The fits; each agent is left holding its local fit (its global one where no local
         fit could be made).
     """
-    agents = llm_agents(game)
+    agents = language_models(game)
     reads = dict(game.schedule.turns)
     centre, radius = _scale(game)
     batch = game.start.shape[0]
@@ -191,17 +192,6 @@ def fit_game(game, predict) -> Fits:
         },
         global_prediction,
     )
-
-
-def llm_agents(game) -> dict[str, LLMAgent]:
-    """The game's language-model agents, beneath any wrapper."""
-    found = {}
-    for name, agent in game.agents.items():
-        while isinstance(agent, Wrapper):
-            agent = agent.inner
-        if isinstance(agent, LLMAgent):
-            found[name] = agent
-    return found
 
 
 def _scale(game) -> tuple[np.ndarray, np.ndarray]:
