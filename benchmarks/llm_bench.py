@@ -47,8 +47,8 @@ PHASES = ("setup", "fit", "play", "predict", "report", "close")
 def config(base_url: str, rounds: int, concurrency: int) -> PlayConfig:
     """The play: language-model agent A (behind ``base_url``) and gradient agent B, ``d = 3``.
 
-    B's ``eta = 0.5`` keeps every play of the default batch convergent, so the fit makes its
-    local refit (one diverging play in the batch skips it for all).
+    B's ``eta = 0.5`` keeps every play of the default batch convergent, so every play makes
+    its local refit (a play without an equilibrium would skip it).
     """
     llm = {
         "kind": "llm",
