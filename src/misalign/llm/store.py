@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS answers (
     tokens_out INTEGER NOT NULL,
     latency REAL NOT NULL,       -- seconds
     cost REAL,                   -- dollars, NULL without prices
-    time REAL NOT NULL           -- unix time of the answer
+    time REAL NOT NULL,          -- unix time of the answer
+    problem TEXT                 -- why an answer was refused whatever its text (cut off)
 );
 CREATE INDEX IF NOT EXISTS slots ON answers (agent, play, kind, round, position, sample);
 CREATE TABLE IF NOT EXISTS accepted (  -- which request's answer each slot took, last run wins
@@ -54,7 +55,7 @@ CREATE TABLE IF NOT EXISTS accepted (  -- which request's answer each slot took,
     key TEXT NOT NULL,
     PRIMARY KEY (agent, play, kind, round, position, sample)
 );
-CREATE TABLE IF NOT EXISTS exhausted (  -- requests whose transient failures outlasted retries
+CREATE TABLE IF NOT EXISTS exhausted (  -- requests that failed for good (retries, a refusal)
     key TEXT PRIMARY KEY,
     agent TEXT NOT NULL,
     play INTEGER NOT NULL,
@@ -63,6 +64,30 @@ CREATE TABLE IF NOT EXISTS exhausted (  -- requests whose transient failures out
     time REAL NOT NULL
 );
 """
+COLUMNS = {
+    "answers": [
+        "key",
+        "agent",
+        "play",
+        "kind",
+        "round",
+        "position",
+        "sample",
+        "attempt",
+        "request",
+        "raw",
+        "estimate",
+        "tokens_in",
+        "tokens_out",
+        "latency",
+        "cost",
+        "time",
+    ],
+    "accepted": ["agent", "play", "kind", "round", "position", "sample", "key"],
+    "exhausted": ["key", "agent", "play", "round", "why", "time"],
+}
+"""The columns each table must have (a store may lack ``answers.problem``: it was added
+later, and is added on opening for writing)."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +104,8 @@ class Slot:
 
 @dataclass(frozen=True)
 class Record:
-    """One recorded answer."""
+    """One recorded answer; ``problem``: why it was refused whatever its text says (the
+    answer was cut off at the token limit, the server's response was malformed)."""
 
     raw: str | None
     estimate: np.ndarray | None
@@ -87,6 +113,7 @@ class Record:
     tokens_out: int
     latency: float
     cost: float | None
+    problem: str | None = None
 
 
 def request_key(request: dict, sample: int) -> str:
@@ -107,25 +134,53 @@ class Store:
 
     def __init__(self, path: str | Path, readonly: bool = False) -> None:
         self.path = Path(path)
+        self._db: sqlite3.Connection | None = None
         try:
             if readonly:
                 self._db = _read_only(self.path)
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._db = sqlite3.connect(self.path, check_same_thread=False)
+            problem = _foreign(self._db)  # before anything is written into another's file
+            if problem:
+                raise ConfigError(f"--store {self.path}: not a misalign store ({problem})")
+            if not readonly:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=NORMAL")  # a kill loses nothing committed
                 self._db.executescript(SCHEMA)
+                if "problem" not in _columns(self._db, "answers"):  # a store from before it
+                    self._db.execute("ALTER TABLE answers ADD COLUMN problem TEXT")
             self._db.execute("SELECT count(*) FROM answers").fetchone()
-        except sqlite3.DatabaseError as exc:
+            self._problem = "problem" in _columns(self._db, "answers")
+        except ConfigError:
+            self._abandon()
+            raise
+        except OSError as exc:  # no such folder, not a folder, no permission
+            self._abandon()
+            why = exc.strerror or type(exc).__name__
+            raise ConfigError(
+                f"--store {self.path}: cannot create the store there ({why})"
+            ) from None
+        except sqlite3.OperationalError as exc:
+            self._abandon()
+            if "unable to open" in str(exc):
+                raise ConfigError(
+                    f"--store {self.path}: cannot open or create it ({exc})"
+                ) from None
             raise ConfigError(f"--store {self.path}: not a misalign store ({exc})") from None
+        except sqlite3.DatabaseError as exc:
+            self._abandon()
+            raise ConfigError(f"--store {self.path}: not a misalign store ({exc})") from None
+
+    def _abandon(self) -> None:
+        """Close the connection of a store that failed to open."""
+        if self._db is not None:
+            self._db.close()
+            self._db = None
 
     def get(self, key: str) -> Record | None:
         """The recorded answer to a request, or ``None``."""
-        row = self._db.execute(
-            "SELECT raw, estimate, tokens_in, tokens_out, latency, cost FROM answers WHERE key=?",
-            (key,),
-        ).fetchone()
+        row = self._db.execute(f"SELECT {self._fields} FROM answers WHERE key=?", (key,)).fetchone()
         return None if row is None else _record(row)
 
     def at(self, slot: Slot) -> Record | None:
@@ -133,14 +188,17 @@ class Store:
         answered from the store; ``None`` when no run answered it."""
         where = "agent=? AND play=? AND kind=? AND round=? AND position=? AND sample=?"
         values = (slot.agent, slot.play, slot.kind, slot.round, slot.position, slot.sample)
-        row = self._db.execute(
-            "SELECT raw, estimate, tokens_in, tokens_out, latency, cost FROM answers "
-            f"WHERE key = (SELECT key FROM accepted WHERE {where}) AND estimate IS NOT NULL",
-            values,
-        ).fetchone()
+        try:
+            row = self._db.execute(
+                f"SELECT {self._fields} FROM answers "
+                f"WHERE key = (SELECT key FROM accepted WHERE {where}) AND estimate IS NOT NULL",
+                values,
+            ).fetchone()
+        except sqlite3.OperationalError:  # no accepted table: an older store, read-only
+            row = None
         if row is None:  # a store written before the accepted table: the answers at the slot
             row = self._db.execute(
-                "SELECT raw, estimate, tokens_in, tokens_out, latency, cost FROM answers "
+                f"SELECT {self._fields} FROM answers "
                 f"WHERE {where} AND estimate IS NOT NULL ORDER BY time DESC LIMIT 1",
                 values,
             ).fetchone()
@@ -160,7 +218,8 @@ class Store:
             if record.estimate is not None:
                 self._accept(slot, key)
             self._db.execute(
-                "INSERT OR REPLACE INTO answers VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT OR REPLACE INTO answers ({', '.join(INSERTED)}) "
+                f"VALUES ({', '.join('?' * len(INSERTED))})",
                 (
                     key,
                     *(slot.agent, slot.play, slot.kind, slot.round, slot.position, slot.sample),
@@ -173,12 +232,13 @@ class Store:
                     record.latency,
                     record.cost,
                     time.time(),
+                    record.problem,
                 ),
             )
 
     def exhaust(self, key: str, slot: Slot, why: str) -> None:
-        """Record that request ``key`` failed for good on transient errors (429, 5xx,
-        timeouts), so that a replay fails its play there too."""
+        """Record that request ``key`` failed for good (transient errors outlasted the
+        retries, or the server refused it), so that a replay fails its play there too."""
         with self._db:
             self._db.execute(
                 "INSERT OR REPLACE INTO exhausted VALUES (?,?,?,?,?,?)",
@@ -203,8 +263,16 @@ class Store:
     def __len__(self) -> int:
         return self._db.execute("SELECT count(*) FROM answers").fetchone()[0]
 
+    @property
+    def _fields(self) -> str:
+        return "raw, estimate, tokens_in, tokens_out, latency, cost, " + (
+            "problem" if self._problem else "NULL"
+        )
+
     def close(self) -> None:
-        """Fold the journal back into the file and close it."""
+        """Fold the journal back into the file and close it (again: nothing)."""
+        if self._db is None:
+            return
         try:
             if not self.path.exists() or self._db.in_transaction:
                 return
@@ -213,6 +281,7 @@ class Store:
             pass  # read-only
         finally:
             self._db.close()
+            self._db = None
 
 
 def _read_only(path: Path) -> sqlite3.Connection:
@@ -233,7 +302,26 @@ def _read_only(path: Path) -> sqlite3.Connection:
     return db
 
 
+def _columns(db: sqlite3.Connection, table: str) -> set[str]:
+    """The columns of ``table`` (none when there is no such table)."""
+    return {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+
+
+def _foreign(db: sqlite3.Connection) -> str | None:
+    """What makes a database another program's (a table of ours that lacks our columns),
+    or ``None``. Raises ``sqlite3.DatabaseError`` for a file that is no database."""
+    for table, needed in COLUMNS.items():
+        have = _columns(db, table)
+        missing = [column for column in needed if column not in have]
+        if have and missing:
+            return f"its table {table} has no column {', '.join(missing)}"
+    return None
+
+
+INSERTED = (*COLUMNS["answers"], "problem")
+
+
 def _record(row: tuple) -> Record:
-    raw, estimate, tokens_in, tokens_out, latency, cost = row
+    raw, estimate, tokens_in, tokens_out, latency, cost, problem = row
     parsed = None if estimate is None else np.array(json.loads(estimate), dtype=float)
-    return Record(raw, parsed, tokens_in, tokens_out, latency, cost)
+    return Record(raw, parsed, tokens_in, tokens_out, latency, cost, problem)

@@ -142,3 +142,68 @@ def test_exhausted_requests_are_remembered(tmp_path):
     store = Store(path, readonly=True)
     assert store.exhausted("k") is None
     store.close()
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        lambda tmp_path: "/proc/misalign-no-such-folder/x.sqlite",  # no folder can be made
+        lambda tmp_path: tmp_path / "file.txt" / "x.sqlite",  # a file where a folder should be
+        lambda tmp_path: tmp_path,  # a folder where the file should be
+    ],
+)
+def test_a_store_that_cannot_be_created_is_one_line(tmp_path, where):
+    (tmp_path / "file.txt").write_text("a file")
+    path = where(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        Store(path)
+    assert str(info.value).startswith(f"--store {path}: ")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+def test_another_programs_database_is_refused_untouched(tmp_path, readonly):
+    """A SQLite file with a table ``answers`` of other columns is no store: refused on
+    opening, before anything is read from it or written into it."""
+    path = tmp_path / "other.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE answers (question TEXT, answer TEXT)")
+        db.execute("INSERT INTO answers VALUES ('6 x 7', '42')")
+    db.close()
+    before = path.read_bytes()
+    with pytest.raises(
+        ConfigError, match=r"^--store .*other\.sqlite: not a misalign store \(its"
+    ) as e:
+        Store(path, readonly=readonly)
+    assert "table answers has no column key" in str(e.value)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.sqlite"]
+
+
+def test_a_store_from_before_the_problem_column_is_read_and_extended(tmp_path):
+    """A store written before answers had a ``problem`` column: read as it is (read-only),
+    and the column is added when it is opened for writing."""
+    path = tmp_path / "old.sqlite"
+    Store(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("ALTER TABLE answers DROP COLUMN problem")
+        db.execute(
+            "INSERT INTO answers VALUES ('k','A',0,'play',0,0,0,0,'{}','[1, 2]','[1.0, 2.0]',"
+            "10,3,0.5,NULL,0.0)"
+        )
+    db.close()
+    store = Store(path, readonly=True)
+    assert store.get("k").estimate.tolist() == [1.0, 2.0] and store.get("k").problem is None
+    store.close()
+    store = Store(path)
+    store.put(
+        "c", Slot("A", 0, "play", 1, 0), 0, REQUEST, Record("[3, 4", None, 1, 1, 0.1, None, "cut")
+    )
+    assert store.get("c").problem == "cut" and store.get("k").raw == "[1, 2]"
+    store.close()
+
+
+def test_close_twice(tmp_path):
+    store = Store(tmp_path / "s.sqlite")
+    store.close()
+    store.close()
