@@ -1,8 +1,10 @@
 """Reading a language model's answer as ``d`` numbers.
 
 The agent asks for ``{"estimate": [d numbers]}``; ``parse`` reads that strictly, then falls
-back to the last ``d`` numbers in the text (a model that wraps its JSON in prose, or answers
-in prose), and checks length and finiteness. A bad answer gets one short ``correction``.
+back to the last bracketed list of ``d`` numbers in the text, else its last ``d`` numbers (a
+model that wraps its JSON in prose, or answers in prose), and checks length and finiteness.
+An estimate whose list never closes was cut off, and is refused. A bad answer gets one short
+``correction``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,11 @@ import numpy as np
 
 NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 """A number as a model writes it: ``-1``, ``0.5``, ``.5``, ``3e-2``."""
+BRACKETED = re.compile(r"\[([^\[\]]*)\]")
+"""A bracketed list without brackets inside."""
+SEPARATORS = re.compile(r"[\s,;]+")
+UNCLOSED = re.compile(r'"estimate"\s*:\s*\[[^\]]*$')
+"""An estimate whose list runs to the end of the text: an answer cut off."""
 
 
 class BadAnswer(ValueError):
@@ -54,12 +61,14 @@ FORMATS = ("json_schema", "json_object", "text")
 def parse(text: str | None, d: int) -> np.ndarray:
     """The ``d`` numbers of an answer.
 
-    Reads ``{"estimate": [...]}`` (or a bare JSON list) strictly; otherwise the last ``d``
-    numbers in the text.
+    Reads ``{"estimate": [...]}`` (or a bare JSON list) strictly; otherwise the last
+    bracketed list of exactly ``d`` numbers in the text (``w = [0.5, -0.3] (step 2 of 3)``
+    is ``[0.5, -0.3]``), and when there is none, the last ``d`` numbers of the text.
 
     Raises:
-        BadAnswer: empty, fewer or more than ``d`` numbers in the JSON, fewer than ``d`` in
-            the text, or a number that is not finite.
+        BadAnswer: empty, fewer or more than ``d`` numbers in the JSON, an estimate whose
+            list never closes (cut off), fewer than ``d`` numbers in the text, or a number
+            that is not finite.
     """
     if not text or not text.strip():
         raise BadAnswer("the answer was empty")
@@ -78,14 +87,25 @@ def parse(text: str | None, d: int) -> np.ndarray:
             values = [float(v) for v in data]
         except OverflowError:  # an integer beyond float64
             raise BadAnswer("the estimate held a number that is not finite") from None
+    elif UNCLOSED.search(text):
+        raise BadAnswer("the estimate was cut off: its list never closes")
     else:
-        found = NUMBER.findall(text)
+        found = _last_list(text, d) or NUMBER.findall(text)
         if len(found) < d:
             raise BadAnswer(f"the answer held {len(found)} numbers, not {d}")
         values = [float(v) for v in found[-d:]]
     if not all(math.isfinite(v) for v in values):
         raise BadAnswer("the estimate held a number that is not finite")
     return np.array(values)
+
+
+def _last_list(text: str, d: int) -> list[str] | None:
+    """The numbers of the last bracketed list of exactly ``d`` numbers in ``text``."""
+    for match in reversed(list(BRACKETED.finditer(text))):
+        items = [item for item in SEPARATORS.split(match.group(1)) if item]
+        if len(items) == d and all(NUMBER.fullmatch(item) for item in items):
+            return items
+    return None
 
 
 def correction(problem: str, d: int) -> str:

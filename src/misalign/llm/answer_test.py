@@ -97,3 +97,40 @@ def test_prose_fallback_finds_the_json_after_any_text(values, before, after, wra
     parsed = parse(f"{before}\n{answer}{after}", len(values))
     assert np.array_equal(parsed, values)
     assert [math.copysign(1, v) for v in parsed] == [math.copysign(1, v) for v in values]
+
+
+@pytest.mark.parametrize(
+    ("text", "d", "expected"),
+    [
+        ("w_new = [0.5, -0.3] (step 2 of 3)", 2, [0.5, -0.3]),
+        ("From [1, 2] I get [0.25, 0.75]; that is step 3 of 4.", 2, [0.25, 0.75]),
+        ("w = [0.5 -0.3]; done in 2 of 3 steps", 2, [0.5, -0.3]),  # numpy's way
+        ("The list [1, 2, 3] is longer; the answer: 4 and 5", 2, [4.0, 5.0]),  # no list of 2
+        ("between [0, 1] then [2, 3, 4], finally 5 6", 2, [0.0, 1.0]),
+    ],
+)
+def test_prose_prefers_the_last_bracketed_list_of_d_numbers(text, d, expected):
+    assert parse(text, d).tolist() == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"estimate": [0.123, 0.45',
+        'Sure: {"estimate": [0.1, 0.2,\n0.3',
+        'here [1, 2] then {"estimate" : [0.5, 0.6',
+    ],
+)
+def test_an_estimate_cut_off_is_refused(text):
+    with pytest.raises(BadAnswer, match="cut off"):
+        parse(text, 2)
+
+
+@given(vectors, vectors, wordy)
+def test_the_last_list_wins_over_numbers_after_it(values, earlier, words):
+    """A list of ``d`` numbers followed by prose with other numbers (a step count) is read;
+    an earlier list of ``d`` numbers (the incoming estimate) is not."""
+    d = len(values)
+    earlier = (earlier * d)[:d]
+    text = f"From {json.dumps(earlier)}{words} I get {json.dumps(values)} (step {d} of {d + 1})"
+    assert parse(text, d).tolist() == values
