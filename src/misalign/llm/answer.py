@@ -3,8 +3,8 @@
 The agent asks for ``{"estimate": [d numbers]}``; ``parse`` reads that strictly, then falls
 back to the last bracketed list of ``d`` numbers in the text, else its last ``d`` numbers (a
 model that wraps its JSON in prose, or answers in prose), and checks length and finiteness.
-An estimate whose list never closes was cut off, and is refused. A bad answer gets one short
-``correction``.
+A bad answer gets one short ``correction``. (An answer cut off at the token limit is refused
+by the agent, from the server's ``finish_reason``; its numbers may still parse here.)
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 BRACKETED = re.compile(r"\[([^\[\]]*)\]")
 """A bracketed list without brackets inside."""
 SEPARATORS = re.compile(r"[\s,;]+")
-UNCLOSED = re.compile(r'"estimate"\s*:\s*\[[^\]]*$')
-"""An estimate whose list runs to the end of the text: an answer cut off."""
 
 
 class BadAnswer(ValueError):
@@ -58,17 +56,19 @@ FORMATS = ("json_schema", "json_object", "text")
 """The fallback chain of ``response_format``: the first the server accepts is kept."""
 
 
-def parse(text: str | None, d: int) -> np.ndarray:
+def parse(text: str | None, d: int, strict: bool = False) -> np.ndarray:
     """The ``d`` numbers of an answer.
 
     Reads ``{"estimate": [...]}`` (or a bare JSON list) strictly; otherwise the last
     bracketed list of exactly ``d`` numbers in the text (``w = [0.5, -0.3] (step 2 of 3)``
     is ``[0.5, -0.3]``), and when there is none, the last ``d`` numbers of the text.
+    ``strict``: JSON only, no fallback.
 
     Raises:
-        BadAnswer: empty, fewer or more than ``d`` numbers in the JSON, an estimate whose
-            list never closes (cut off), fewer than ``d`` numbers in the text, or a number
-            that is not finite.
+        BadAnswer: empty, fewer or more than ``d`` numbers in the JSON, not JSON
+            (``strict``), fewer than ``d`` numbers in the text, or a number that is not
+            finite. The messages are part of the requests that follow (the corrections), so
+            a store's replay needs them unchanged.
     """
     if not text or not text.strip():
         raise BadAnswer("the answer was empty")
@@ -87,8 +87,8 @@ def parse(text: str | None, d: int) -> np.ndarray:
             values = [float(v) for v in data]
         except OverflowError:  # an integer beyond float64
             raise BadAnswer("the estimate held a number that is not finite") from None
-    elif UNCLOSED.search(text):
-        raise BadAnswer("the estimate was cut off: its list never closes")
+    elif strict:
+        raise BadAnswer("the answer was not JSON")
     else:
         found = _last_list(text, d) or NUMBER.findall(text)
         if len(found) < d:

@@ -115,15 +115,13 @@ def test_prose_prefers_the_last_bracketed_list_of_d_numbers(text, d, expected):
 
 @pytest.mark.parametrize(
     "text",
-    [
-        '{"estimate": [0.123, 0.45',
-        'Sure: {"estimate": [0.1, 0.2,\n0.3',
-        'here [1, 2] then {"estimate" : [0.5, 0.6',
-    ],
+    ['{"estimate": [0.123, 0.45', 'Sure: {"estimate": [0.1, 0.2]} as asked', "0.5, 0.25"],
 )
-def test_an_estimate_cut_off_is_refused(text):
-    with pytest.raises(BadAnswer, match="cut off"):
-        parse(text, 2)
+def test_strict_reads_json_only(text):
+    """An answer cut off at the token limit is accepted only if it is JSON whole."""
+    with pytest.raises(BadAnswer, match="not JSON"):
+        parse(text, 2, strict=True)
+    assert parse('{"estimate": [0.5, 0.25]}\n\n', 2, strict=True).tolist() == [0.5, 0.25]
 
 
 @given(vectors, vectors, wordy)
