@@ -558,6 +558,43 @@ def lsa_study(
     console.print(f"artifacts: {out} (figure {figure.name})")
 
 
+@app.command("sweep")
+def sweep_command(
+    path: Annotated[
+        Path, typer.Argument(metavar="SWEEP", help="Sweep TOML (see examples/sweeps/).")
+    ],
+    backend: Annotated[str, typer.Option(help="local (joblib worker processes) or ray.")] = "local",
+    address: Annotated[
+        str | None, typer.Option(help="Ray: join the running cluster at this address.")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=1, show_default="all cores", help="Worker processes.")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Finish a killed sweep: skip finished chunks.")
+    ] = False,
+    json_out: JsonOpt = False,
+    out: Annotated[
+        Path | None,
+        typer.Option(show_default="runs/sweep-<hash>", help="Directory of the parquet rows."),
+    ] = None,
+) -> None:
+    """One batched play and its prediction per point of a grid of configuration overrides.
+
+    Rows stream to a parquet dataset, one file per finished chunk of points; --resume
+    finishes a killed sweep without recomputing finished chunks."""
+    from misalign.sweep import check_backend, load_sweep, run_sweep, summary_line
+
+    try:
+        check_backend(backend, address)
+        spec = load_sweep(path)
+        out = Path("runs") / f"sweep-{spec.digest}" if out is None else out
+        summary = run_sweep(spec, out, backend, workers, address, resume, progress=_tty())
+    except ConfigError as exc:
+        _fail(str(exc))
+    print(json.dumps(summary) if json_out else summary_line(summary))
+
+
 @app.command()
 def serve(
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port on 127.0.0.1.")] = 8765,
