@@ -2,10 +2,12 @@
 
 One ``respond`` per turn serves the whole batch: it renders every play's messages, reads the
 store first, and fans the requests it still needs out concurrently (at most ``concurrency``
-in flight), on one event loop that the run's ``Session`` keeps in a thread. A play whose
-agent cannot produce ``d`` finite numbers after ``max_retries`` corrections, or whose
-transient failures outlast the retries, ends with status ``failed`` (its outputs from then
-on are NaN; everything before is kept) while the other plays go on.
+in flight), on one event loop that the run's ``Session`` keeps in a thread; a request
+identical to one in flight waits for that one's answer instead of being sent again. A play
+whose agent cannot produce ``d`` finite numbers after ``max_retries`` corrections, whose
+transient failures outlast the retries, or whose request the server refuses for good without
+naming a setting (a context grown too long), ends with status ``failed`` (its outputs from
+then on are NaN; everything before is kept) while the other plays go on.
 
 Its map ``f(w) ~ A w + c`` is fitted from probes (``misalign.llm.fit``); until then
 ``affine()`` is ``None``.
@@ -14,6 +16,7 @@ Its map ``f(w) ~ A w + c`` is fitted from probes (``misalign.llm.fit``); until t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -25,7 +28,7 @@ import numpy as np
 from misalign.agent import AffineMap, Turn
 from misalign.config import ConfigError, LLMAgentConfig
 from misalign.llm.answer import FORMATS, BadAnswer, correction, parse
-from misalign.llm.client import VARIABLE, Client, Exhausted, Fatal, Stats
+from misalign.llm.client import VARIABLE, Client, Exhausted, Fatal, Refused, Stats
 from misalign.llm.store import Record, Slot, Store, request_key
 from misalign.llm.template import Templates
 from misalign.prompt import Prompt
@@ -51,23 +54,31 @@ class Session:
         self.stats = Stats()
         self.failed: list[dict] = []
         self.on_answer: Callable[[], None] | None = None
+        self.inflight: dict[str, asyncio.Future] = {}
+        """The requests sent and not yet answered, by key: an identical request waits."""
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
         self._clients: list[Client] = []
+        self._closed = False
 
     def run(self, coroutine):
         """Run a coroutine on the session's loop and return its result."""
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     def close(self) -> None:
-        """Close the clients, the loop and the store."""
-        for client in self._clients:
-            self.run(client.close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
-        self.store.close()
+        """Close the clients, the loop and the store (once: closing again does nothing)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            for client in self._clients:
+                self.run(client.close())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+            self.store.close()
 
 
 @dataclass(frozen=True)
@@ -90,7 +101,8 @@ class LLMAgent:
 
     Raises:
         ConfigError: before any request, as one line: a template that does not compile or
-            render, a credential's name inside ``request``, or (except in a replay) the
+            render, a credential's name inside ``request``, a value inside ``request`` that
+            holds the key (named by its place, never shown), or (except in a replay) the
             variable ``api_key_env`` names is not set.
     """
 
@@ -105,6 +117,7 @@ class LLMAgent:
         self.name, self.config, self.prompts, self.seeds = name, config, prompts, list(seeds)
         self.session = session
         self.field = f"agents.{name}"
+        _check_request(config.request, config.api_key_env, self.field)
         self.d = prompts[0].d
         self.templates = Templates.load(config, self.field)
         self._messages(0, np.zeros(self.d), 0)  # a template that fails, fails before a request
@@ -190,7 +203,8 @@ class LLMAgent:
         """The passed-through settings; a ``seed`` is offset by the sample index, so that the
         samples of a probe are distinct draws."""
         settings = dict(self.config.request)
-        if sample and isinstance(settings.get("seed"), int):
+        seed = settings.get("seed")
+        if sample and isinstance(seed, int) and not isinstance(seed, bool):
             settings["seed"] += sample
         return settings
 
@@ -206,24 +220,25 @@ class LLMAgent:
             return self._forked(slot)
         messages = self._messages(play, estimate, slot.round)
         settings = self._settings(slot.sample)
-        raw = None
-        for attempt in range(self.config.max_retries + 1):
+        tries = self.config.max_retries + 1
+        last = "no answer"
+        for attempt in range(tries):
             request = {"model": self.config.model, "messages": messages, **settings}
             key = request_key(request, slot.sample)
             try:
                 record, cached = await self._record(key, slot, attempt, request)
-            except Exhausted as exc:
-                return self._fail(slot, f"{exc}; last answer: {raw!r}")
-            raw = record.raw
+            except (Exhausted, Refused) as exc:
+                return self._fail(slot, f"{exc}; {last}")
             try:
-                answer = parse(raw, self.d)
+                answer = self._accepted(record)
             except BadAnswer as exc:
-                if attempt == self.config.max_retries:
+                last = _last(record, str(exc))
+                if attempt == tries - 1:
                     break
                 session.stats.retries["answer"] += 1
                 messages = [
                     *messages,
-                    {"role": "assistant", "content": raw or ""},
+                    {"role": "assistant", "content": record.raw or ""},
                     {"role": "user", "content": correction(str(exc), self.d)},
                 ]
                 continue
@@ -232,8 +247,21 @@ class LLMAgent:
             self._answered()
             return answer
         return self._fail(
-            slot, f"no valid answer after {self.config.max_retries + 1} tries; last answer: {raw!r}"
+            slot, f"no valid answer after {tries} tr{'y' if tries == 1 else 'ies'}; {last}"
         )
+
+    def _accepted(self, record: Record) -> np.ndarray:
+        """The estimate of an answer.
+
+        Raises:
+            BadAnswer: the answer was refused when it came (cut off at the token limit, a
+                malformed response), or is not ``d`` finite numbers.
+        """
+        if record.problem:
+            raise BadAnswer(record.problem)
+        if record.estimate is not None:
+            return record.estimate
+        return parse(record.raw, self.d)
 
     def _forked(self, slot: Slot) -> np.ndarray:
         """``--fork-at``: the answer the slot took before, whatever the request is now.
@@ -244,15 +272,16 @@ class LLMAgent:
         record = self.session.store.at(slot)
         if record is None:
             raise Fatal(self._missing(slot, "--fork-at"))
-        self.session.stats.cached += 1
+        _count_cached(self.session.stats, record)
         self._answered()
         return record.estimate
 
     async def _record(
         self, key: str, slot: Slot, attempt: int, request: dict
     ) -> tuple[Record, bool]:
-        """The answer to ``request``: the store's (``refresh``: never), else the server's,
-        recorded at once; with its tokens and cost counted.
+        """The answer to ``request``: the store's (``refresh``: never), else an identical
+        request's in flight, else the server's, recorded at once; with its tokens and cost
+        counted (as paid only when the server gave it now).
 
         Returns:
             The record, and whether it came from the store.
@@ -265,34 +294,67 @@ class LLMAgent:
         session, stats = self.session, self.session.stats
         record = None if session.mode == "refresh" else session.store.get(key)
         cached = record is not None
-        if cached:
-            stats.cached += 1
-        elif session.mode == "replay":
+        if record is None and session.mode == "replay":
             why = session.store.exhausted(key)
             if why is None:
                 raise Fatal(self._missing(slot, "--replay"))
             raise Exhausted(why)  # the play failed here when it was recorded
+        if record is None and (pending := session.inflight.get(key)) is not None:
+            record, cached = await asyncio.shield(pending), True  # asked once, answered once
+        if record is None:
+            record = await self._sent(key, slot, attempt, request)
+            stats.tokens_in += record.tokens_in
+            stats.tokens_out += record.tokens_out
+            stats.cost += record.cost or 0.0
         else:
+            _count_cached(stats, record)
+        return record, cached
+
+    async def _sent(self, key: str, slot: Slot, attempt: int, request: dict) -> Record:
+        """The server's answer to ``request``, recorded at once; identical requests made
+        meanwhile wait for it (``Session.inflight``).
+
+        Raises:
+            Fatal: the server refuses for good.
+            Exhausted, Refused: the play fails here (recorded, so that a replay fails it too).
+        """
+        session = self.session
+        shared = asyncio.get_running_loop().create_future()
+        shared.add_done_callback(_seen)
+        session.inflight[key] = shared
+        try:
             settings = {k: v for k, v in request.items() if k not in ("model", "messages")}
             try:
                 record = await self._ask_server(request["messages"], settings)
-            except Exhausted as exc:
+            except (Exhausted, Refused) as exc:
                 session.store.exhaust(key, slot, str(exc))
                 raise
             session.store.put(key, slot, attempt, request, record)
-        stats.tokens_in += record.tokens_in
-        stats.tokens_out += record.tokens_out
-        stats.cost += record.cost or 0.0
-        return record, cached
+        except asyncio.CancelledError:
+            shared.cancel()
+            raise
+        except BaseException as exc:
+            shared.set_exception(exc)
+            raise
+        else:
+            shared.set_result(record)
+            return record
+        finally:
+            session.inflight.pop(key, None)
 
     async def _ask_server(self, messages: list[dict], settings: dict) -> Record:
         client = self._connect()
         async with self._semaphore:
             completion = await client.complete(messages, settings)
-        try:
-            estimate = parse(completion.text, self.d)
-        except BadAnswer:
-            estimate = None
+        problem, estimate = completion.problem, None
+        if problem is None and completion.finish_reason == "length":
+            try:  # JSON that parses whole was not cut off (trailing whitespace at the limit)
+                estimate = parse(completion.text, self.d, strict=True)
+            except BadAnswer:
+                problem = CUT_OFF
+        elif problem is None:
+            with contextlib.suppress(BadAnswer):  # kept without an estimate
+                estimate = parse(completion.text, self.d)
         return Record(
             completion.text,
             estimate,
@@ -300,6 +362,7 @@ class LLMAgent:
             completion.tokens_out,
             completion.latency,
             self._cost(completion.tokens_in, completion.tokens_out),
+            problem,
         )
 
     def _connect(self) -> Client:
@@ -326,15 +389,13 @@ class LLMAgent:
         return (tokens_in * (price_in or 0.0) + tokens_out * (price_out or 0.0)) / 1e6
 
     def _fail(self, slot: Slot, why: str) -> None:
-        self.session.failed.append(
-            {
-                "agent": self.name,
-                "seed": slot.play,
-                "kind": slot.kind,
-                "round": slot.round,
-                "why": why[:500],
-            }
-        )
+        """Note that ``slot``'s play failed, and why (a probe's failure names the probe and
+        the sample, in ``why`` and as ``probe`` and ``sample``)."""
+        failure = {"agent": self.name, "seed": slot.play, "kind": slot.kind, "round": slot.round}
+        if slot.kind == "probe":
+            why = f"probe {slot.position}, sample {slot.sample}: {why}"
+            failure |= {"probe": slot.position, "sample": slot.sample}
+        self.session.failed.append({**failure, "why": why[:500]})
         self._answered()
         return None
 
@@ -352,6 +413,58 @@ class LLMAgent:
             f"{flag}: no recorded answer for agent {self.name}, play {slot.play} "
             f"(seed), {what}" + (f", sample {slot.sample}" if slot.sample else "")
         )
+
+
+CUT_OFF = "the answer was cut off at the token limit; answer shorter"
+
+
+def _last(record: Record, problem: str) -> str:
+    """The last bad answer, for the line of a failed play."""
+    if record.raw is None:
+        return f"last answer: none ({problem})"
+    return f"last answer: {record.raw!r}"
+
+
+def _count_cached(stats: Stats, record: Record) -> None:
+    """Count an answer that was not paid for in this run (read from the store, or shared
+    with an identical request in flight)."""
+    stats.cached += 1
+    stats.cached_tokens_in += record.tokens_in
+    stats.cached_tokens_out += record.tokens_out
+    stats.cached_cost += record.cost or 0.0
+
+
+def _seen(future: asyncio.Future) -> None:
+    """Mark a shared answer's failure as seen, when no identical request waited for it."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _check_request(request: dict, env: str, field: str) -> None:
+    """Refuse a ``request`` that holds the key (the value of ``$env``, when set) anywhere:
+    it would be sent in the body and written into the store.
+
+    Raises:
+        ConfigError: one line naming the setting, never its value.
+    """
+    key = os.environ.get(env, "") if env else ""
+    if not key:
+        return
+    held = f"${env}" if VARIABLE.fullmatch(env) else "the variable api_key_env names"
+
+    def walk(value, path: str) -> None:
+        if isinstance(value, str) and key in value:
+            raise ConfigError(f"{path}: never write a key (this holds the value of {held})")
+        if isinstance(value, dict):
+            for name, inner in value.items():
+                if isinstance(name, str) and key in name:
+                    raise ConfigError(f"{path}: never write a key (a name holds the key)")
+                walk(inner, f"{path}.{name}")
+        elif isinstance(value, list | tuple):
+            for index, inner in enumerate(value):
+                walk(inner, f"{path}[{index}]")
+
+    walk(request, f"{field}.request")
 
 
 def _check_key(env: str, field: str) -> None:

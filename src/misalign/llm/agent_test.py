@@ -33,7 +33,7 @@ from misalign.llm.fake_server import (
     reject_key,
     status,
 )
-from misalign.llm.store import Store
+from misalign.llm.store import Slot, Store
 
 A = np.array([[0.5, 0.1, 0.0], [0.0, 0.4, 0.1], [0.1, 0.0, 0.3]])
 C = np.array([0.1, -0.2, 0.3])
@@ -173,7 +173,7 @@ def test_replay_fails_the_plays_the_run_failed(tmp_path):
         live, failed = played(Session(store))
     failed = sorted(failed, key=lambda failure: failure["seed"])
     assert [(f["seed"], f["round"]) for f in failed] == [(1, 3), (2, 5)]
-    assert failed[1]["why"] == "429 after 2 attempts; last answer: None"
+    assert failed[1]["why"] == "429 after 2 attempts; no answer"
     replayed, again = played(Session(store, mode="replay"))
     assert np.array_equal(replayed.turns, live.turns, equal_nan=True)
     assert sorted(again, key=lambda failure: failure["seed"]) == failed
@@ -443,3 +443,101 @@ def test_what_was_recorded_before_an_error_is_kept(tmp_path, server, capsys):
     assert error.startswith("agents.A.api_key_env: the server wants a key (HTTP 401)")
     assert answered["good"] == 5 and stored(store) == 5
     assert not list(tmp_path.glob("s.sqlite-*"))  # the journal was folded back in
+
+
+def test_a_request_value_holding_the_key_is_refused_before_anything(tmp_path, server, capsys):
+    key = uuid.uuid4().hex  # no prefix that would give it away
+    keyed = {
+        "api_key_env": "MISALIGN_TEST_KEY",
+        "request": {"metadata": {"tags": ["a", f"x{key}"]}},
+    }
+    config = write_config(tmp_path / "play.toml", server.base_url, **keyed)
+    store = tmp_path / "s.sqlite"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MISALIGN_TEST_KEY", key)
+        error = one_line_error(*cli(capsys, "run", config, "--store", store))
+        assert error == (
+            "agents.A.request.metadata.tags[1]: never write a key (this holds the value of "
+            "$MISALIGN_TEST_KEY)"
+        )
+        assert server.requests == [] and stored(store) == 0
+        patch.setenv("MISALIGN_TEST_KEY", f"{key}-other")  # another key: nothing to refuse
+        assert run_json(capsys, config, store, "--out", tmp_path)["llm"]["failed"] == []
+
+
+# Identical requests in flight at once, and what is paid
+
+
+def test_identical_requests_in_flight_are_sent_once(tmp_path):
+    """Two slots asking the same request at once: one request is sent, both slots take its
+    answer, and the store notes that both did (the second was sent too, and the store kept
+    its answer while the first slot had taken the other)."""
+    answers = iter(range(100))
+
+    def behaviour(body: dict, index: int) -> Reply:
+        return Reply(content=json.dumps({"estimate": [next(answers), 0, 0]}))
+
+    with FakeServer(behaviour, latency=0.2) as server:
+        session = Session(str(tmp_path / "s.sqlite"))
+        try:
+            game = setup(parse_config(settings(server.base_url)), session=session)
+            agent = game.agents["A"]
+            slots = [Slot("A", agent.seeds[0], "play", 0, position) for position in (0, 1)]
+            w = np.array([0.5, -1.0, 2.0])
+            got = agent.ask([(0, w, slot) for slot in slots])
+            recorded = [session.store.at(slot).estimate.tolist() for slot in slots]
+        finally:
+            session.close()
+    assert len(server.requests) == 1
+    assert got[0].tolist() == got[1].tolist() == recorded[0] == recorded[1] == [0.0, 0.0, 0.0]
+    assert session.stats.requests == 1 and session.stats.cached == 1
+
+
+def test_tokens_and_cost_count_only_what_was_paid(tmp_path, server, capsys):
+    """A replay pays nothing: its tokens and cost are the cached ones."""
+    priced = {"price_in": 1.0, "price_out": 2.0}
+    store = str(tmp_path / "s.sqlite")
+    config = settings(server.base_url, **priced)
+    live = Session(store)
+    play(config, live)
+    replay = Session(store, mode="replay")
+    play(config, replay)
+    paid = live.stats
+    assert paid.tokens_in > 0 and paid.cost > 0
+    assert (replay.stats.tokens_in, replay.stats.tokens_out, replay.stats.cost) == (0, 0, 0.0)
+    assert replay.stats.cached_tokens_in == paid.tokens_in + paid.cached_tokens_in
+    assert replay.stats.cached_tokens_out == paid.tokens_out + paid.cached_tokens_out
+    assert replay.stats.cached_cost == pytest.approx(paid.cost + paid.cached_cost)
+    assert paid.cost == pytest.approx((paid.tokens_in * 1.0 + paid.tokens_out * 2.0) / 1e6)
+
+
+# Stores that cannot be used, answers that cannot be read: one line, or a failed play
+
+
+def test_a_store_that_cannot_be_created(tmp_path, server, capsys):
+    config = write_config(tmp_path / "play.toml", server.base_url)
+    (tmp_path / "file").write_text("in the way")
+    for store in ("/proc/misalign-none/x.sqlite", tmp_path / "file" / "x.sqlite"):
+        error = one_line_error(*cli(capsys, "run", config, "--store", store))
+        assert error.startswith(f"--store {store}: cannot create the store there")
+    assert server.requests == []
+
+
+def test_a_replay_of_another_programs_database(tmp_path, server, capsys):
+    import sqlite3
+
+    config, store = write_config(tmp_path / "play.toml", server.base_url), tmp_path / "x.db"
+    with contextlib.closing(sqlite3.connect(store)) as db, db:
+        db.execute("CREATE TABLE answers (question TEXT, answer TEXT)")
+    error = one_line_error(*cli(capsys, "run", config, "--store", store, "--replay"))
+    assert error.startswith(f"--store {store}: not a misalign store (its table answers has")
+
+
+def test_malformed_answers_fail_plays_not_the_run(tmp_path, server, capsys):
+    server.behaviour = lambda body, index: Reply(
+        body={"choices": [{"index": 0, "message": None}], "usage": {"prompt_tokens": None}}
+    )
+    config = write_config(tmp_path / "play.toml", server.base_url, rounds=3)
+    report = run_json(capsys, config, tmp_path / "s.sqlite", "--out", tmp_path)
+    assert report["llm"]["failed"]
+    assert all("the server's response was malformed" in f["why"] for f in report["llm"]["failed"])

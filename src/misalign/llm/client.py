@@ -3,14 +3,19 @@
 The SDK's own retries are off (``max_retries=0``): HTTP 429, 5xx, timeouts and dropped
 connections are retried here, with exponential backoff and jitter that honours
 ``Retry-After``, and every retry is counted (``Stats``). The ``response_format`` falls back
-from ``json_schema`` to ``json_object`` to plain text while the server refuses it; the first
-format that works is kept. The key is read from the environment by the caller, held in
-memory only, and scrubbed from every message this module raises.
+from ``json_schema`` to ``json_object`` to plain text while the server refuses it (a 400 or
+422 before any format worked, an error about ``response_format``, or a 5xx that outlasts the
+retries of a format not yet known to work); the first format that works is kept. A response
+that is not a completion (not JSON, no message, content that is not text) is returned as a
+``Completion`` with a ``problem``: a bad answer of its play, never a traceback. The key is
+read from the environment by the caller, held in memory only, and scrubbed from every message
+this module raises.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import re
 import time
@@ -39,17 +44,30 @@ class Exhausted(Exception):
     """Retries ran out on a transient failure (429, 5xx, timeout): the play fails."""
 
 
+class Refused(Exception):
+    """The server refused one request for good without naming a setting of ours, after a
+    format had worked (a context grown too long with corrections): that play fails, the
+    others go on."""
+
+
+class Malformed(ValueError):
+    """A response that is not a completion; the message says what is wrong with it."""
+
+
 @dataclass
 class Stats:
     """What the requests of a run cost.
 
     Attributes:
         requests: requests sent to the server (retries included).
-        cached: answers read from the store instead.
+        cached: answers read from the store instead (or shared with an identical request
+            in flight at the same time).
         retries: retries by cause (``429``, ``5xx``, ``timeout``, ``connection``, ``answer``,
             ``format``).
-        tokens_in, tokens_out: tokens of the answers (sent or read from the store).
-        cost: dollars, where the agents have prices.
+        tokens_in, tokens_out: tokens of the answers the server gave in this run (paid).
+        cost: dollars of those answers, where the agents have prices (paid).
+        cached_tokens_in, cached_tokens_out, cached_cost: the same of the ``cached``
+            answers, as recorded when they were paid for (not paid again).
     """
 
     requests: int = 0
@@ -58,16 +76,23 @@ class Stats:
     tokens_in: int = 0
     tokens_out: int = 0
     cost: float = 0.0
+    cached_tokens_in: int = 0
+    cached_tokens_out: int = 0
+    cached_cost: float = 0.0
 
 
 @dataclass(frozen=True)
 class Completion:
-    """One answer: its text, tokens and latency (seconds, retries included)."""
+    """One answer: its text, tokens, latency (seconds, retries included), why the model
+    stopped (``finish_reason``: ``"length"`` at the token limit) and, for a response that
+    was no completion, the ``problem`` (its text is then ``None``)."""
 
     text: str | None
     tokens_in: int
     tokens_out: int
     latency: float
+    finish_reason: str | None = None
+    problem: str | None = None
 
 
 class Client:
@@ -120,12 +145,14 @@ class Client:
 
         Raises:
             Exhausted: 429, 5xx or timeouts outlasted ``max_retries`` retries.
+            Refused: the server refused this request for good, naming no setting of ours,
+                after a format had worked (the play fails).
             Fatal: the server is unreachable after every attempt, refuses the key, or
                 refuses a passed-through setting (named).
         """
         import openai
 
-        began, retry = time.monotonic(), 0
+        began, retry, last = time.monotonic(), 0, len(FORMATS) - 1
         while True:
             used = self.format
             fmt = response_format(FORMATS[used], self.d)
@@ -135,17 +162,26 @@ class Client:
                 response = await self._sdk.chat.completions.create(
                     model=self.model, messages=messages, extra_body=settings or None, **extra
                 )
+                text, tokens_in, tokens_out, finish = _read(response)
             except openai.APIStatusError as exc:
-                status = exc.status_code
-                if self._format_refused(exc, used, settings):
+                status, named = exc.status_code, _named(exc, settings)
+                formatted = status in (400, 422) or status >= 500
+                if formatted and named is None and used != self.format:
+                    self.stats.retries["format"] += 1  # sent before the format moved on
+                    continue
+                spent = status >= 500 and retry >= self.max_retries
+                if formatted and named is None and used < last and self._downgrade(exc, spent):
                     if self.format == used:
                         self.format = used + 1  # the server refuses this response_format
                     self.stats.retries["format"] += 1
+                    retry = 0  # the next format has retries of its own
                     continue
                 if status == 429 or status >= 500:
                     cause = "429" if status == 429 else "5xx"
                     retry = await self._wait(retry, cause, _retry_after(exc.response.headers))
                     continue
+                if status in (400, 413, 422) and named is None and self._confirmed:
+                    raise Refused(self._problem(exc)) from None
                 raise Fatal(self._refused(exc, settings)) from None
             except openai.APITimeoutError:
                 retry = await self._wait(retry, "timeout", None)
@@ -155,20 +191,16 @@ class Client:
                     raise Fatal(
                         self.scrub(
                             f"{self.field}.base_url: {self.base_url} unreachable after "
-                            f"{retry + 1} attempts"
+                            f"{_attempts(retry + 1)}"
                         )
                     ) from None
                 retry = await self._wait(retry, "connection", None)
                 continue
+            except (openai.APIResponseValidationError, ValueError, TypeError, AttributeError) as e:
+                problem = f"the server's response was malformed ({_malformed(e)})"
+                return Completion(None, 0, 0, time.monotonic() - began, None, problem)
             self._confirmed = True
-            usage = response.usage
-            text = response.choices[0].message.content if response.choices else None
-            return Completion(
-                text,
-                usage.prompt_tokens if usage else 0,
-                usage.completion_tokens if usage else 0,
-                time.monotonic() - began,
-            )
+            return Completion(text, tokens_in, tokens_out, time.monotonic() - began, finish)
 
     async def _wait(self, retry: int, cause: str, retry_after: float | None) -> int:
         """Sleep before retry ``retry + 1``: ``2^retry`` times ``BACKOFF`` with jitter, at
@@ -178,19 +210,32 @@ class Client:
             Exhausted: ``max_retries`` retries were spent.
         """
         if retry >= self.max_retries:
-            raise Exhausted(f"{cause} after {retry + 1} attempts")
+            raise Exhausted(f"{cause} after {_attempts(retry + 1)}")
         self.stats.retries[cause] += 1
         backoff = min(BACKOFF_CAP, BACKOFF * 2**retry) * self._jitter.uniform(0.5, 1.0)
         await asyncio.sleep(max(backoff, min(retry_after or 0.0, RETRY_AFTER_CAP)))
         return retry + 1
 
-    def _format_refused(self, exc, used: int, settings: dict) -> bool:
-        """Whether an error may be the server refusing ``response_format`` ``FORMATS[used]``:
-        a 400, 422 or 500 before any format worked, with another format left to try, that
-        does not name one of the passed-through settings."""
-        if exc.status_code not in (400, 422, 500) or self._confirmed:
+    def _downgrade(self, exc, spent: bool) -> bool:
+        """Whether an error that names none of our settings (a 400, 422 or 5xx) is the server
+        refusing the ``response_format`` sent: its ``param`` is ``response_format``; or no
+        format has worked yet and it is a 400 or 422, a 5xx whose message is about the format
+        (llama.cpp's 500 says "Input should be 'text' or 'json_object'" of
+        ``response_format``), or a 5xx that outlasted the retries (``spent``). A single 5xx
+        with another message is retried on the same format first."""
+        if _param(exc) == "response_format":
+            return True
+        if self._confirmed:
             return False
-        return used < len(FORMATS) - 1 and _named(exc, settings) is None
+        if exc.status_code in (400, 422):
+            return True
+        return spent or ABOUT_FORMAT.search(_message(exc)) is not None
+
+    def _problem(self, exc) -> str:
+        """One line for a request the server refused for good, naming nothing of ours."""
+        message = " ".join(_message(exc).split())
+        why = f"the server refused the request (HTTP {exc.status_code}: {message})"
+        return self.scrub(why)[:300]
 
     def _refused(self, exc, settings: dict) -> str:
         """One line for a request the server refuses for good, naming the setting when the
@@ -233,13 +278,86 @@ def _message(exc) -> str:
 
 
 def _named(exc, settings: dict) -> str | None:
-    """The passed-through setting an error names (its ``param``, else the first setting
-    its message mentions), or ``None``."""
-    param = _error(exc).get("param")
-    if isinstance(param, str) and param in settings:
-        return param
+    """The passed-through setting an error names, or ``None``: its ``param`` when it has one
+    (``top_k`` of ``top_k``, ``extra.x`` or ``extra[0]``), else the first setting its message
+    mentions in quotes (``'user'``, ``"user"``, ```user```) or, for a name with an
+    underscore, as a whole word (``top_k is not supported``); "this user tier" names none."""
+    param = _param(exc)
+    if param is not None:
+        return param if param in settings else None
     message = _message(exc)
-    return next((key for key in settings if key in message), None)
+    for key in settings:
+        name = re.escape(key)
+        if re.search(rf"(['\"`]){name}\1", message) or (
+            "_" in key and re.search(rf"(?<![\w.]){name}(?!\w)", message)
+        ):
+            return key
+    return None
+
+
+def _param(exc) -> str | None:
+    """The top-level request key an error's ``param`` names (``top_k`` of ``top_k.x`` or
+    ``top_k[0]``), or ``None`` when it names none."""
+    param = _error(exc).get("param")
+    if not isinstance(param, str) or not param:
+        return None
+    return re.split(r"[.\[]", param, maxsplit=1)[0]
+
+
+ABOUT_FORMAT = re.compile(r"response_format|schema", re.IGNORECASE)
+"""A server error about the ``response_format`` sent (``json_schema``, a schema)."""
+
+
+def _attempts(n: int) -> str:
+    return f"{n} attempt" + ("" if n == 1 else "s")
+
+
+def _count(value) -> int:
+    """A token count as the server gave it: ``None`` or anything unreadable is 0."""
+    try:
+        return max(0, int(value or 0))
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
+def _read(response) -> tuple[str | None, int, int, str | None]:
+    """The text, tokens in and out and finish reason of a completion.
+
+    Raises:
+        Malformed: the response is no completion (a list, HTML, no message, content that
+            is not text).
+    """
+    choices = getattr(response, "choices", None)
+    if choices is None:  # the SDK hands over other JSON, and text, as it is
+        what = "text" if isinstance(response, str) else f"a JSON {type(response).__name__}"
+        raise Malformed(f"{what}, not a completion")
+    if not isinstance(choices, list):
+        raise Malformed("its choices are not a list")
+    text, finish = None, None
+    if choices:
+        message = getattr(choices[0], "message", None)
+        if message is None:
+            raise Malformed("a choice without a message")
+        text = getattr(message, "content", None)
+        if text is not None and not isinstance(text, str):
+            raise Malformed(f"its content is a {type(text).__name__}, not text")
+        finish = getattr(choices[0], "finish_reason", None)
+    usage = getattr(response, "usage", None)
+    return (
+        text,
+        _count(getattr(usage, "prompt_tokens", 0)),
+        _count(getattr(usage, "completion_tokens", 0)),
+        finish if isinstance(finish, str) else None,
+    )
+
+
+def _malformed(exc: Exception) -> str:
+    """What was wrong with a response, in a few words."""
+    if isinstance(exc, Malformed):
+        return str(exc)
+    if isinstance(exc, json.JSONDecodeError):
+        return "not JSON"
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:120]
 
 
 def _retry_after(headers) -> float | None:
