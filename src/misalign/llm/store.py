@@ -7,8 +7,8 @@ keyed by the SHA-256 of the canonical request (model, messages, request settings
 index), so a request repeated within a run (a play that converged bit for bit) is answered
 from the store. The ``accepted`` table notes which request's answer each slot (agent, play,
 round or fit, turn or probe, sample) took, for ``--fork-at``; the ``exhausted`` table, which
-requests failed for good on transient errors, for ``--replay``. The key to the API is never
-part of a request here, so it never reaches the store.
+requests failed for good (transient errors, a refusal), for ``--replay``. The key to the API
+is never part of a request here, so it never reaches the store.
 """
 
 from __future__ import annotations
