@@ -583,7 +583,7 @@ def sweep_command(
 
     Rows stream to a parquet dataset, one file per finished chunk of points; --resume
     finishes a killed sweep without recomputing finished chunks."""
-    from misalign.sweep import check_backend, load_sweep, run_sweep, summary_line
+    from misalign.sweep import SweepStopped, check_backend, load_sweep, run_sweep, summary_line
 
     try:
         check_backend(backend, address)
@@ -592,6 +592,9 @@ def sweep_command(
         summary = run_sweep(spec, out, backend, workers, address, resume, progress=_tty())
     except ConfigError as exc:
         _fail(str(exc))
+    except SweepStopped as exc:  # not bad input: exit 1
+        print(f"misalign: error: {exc}", file=sys.stderr)
+        raise typer.Exit(1) from None
     print(json.dumps(summary) if json_out else summary_line(summary))
 
 
@@ -833,7 +836,7 @@ def _llm_usage(console, llm: dict[str, Any] | None) -> None:
         cost = "" if llm["cost"] is None else f", ${llm['cost']:.4f}"
         console.print(
             f"language models: {llm['requests']} requests, {llm['cached']} answers from the "
-            f"store, retries: {retries}; {llm['tokens_in']} + {llm['tokens_out']} tokens{cost}"
+            f"store, retries: {retries}; {llm['tokens_in']} + {llm['tokens_out']} tokens paid{cost}"
         )
         for failure in llm["failed"]:
             console.print(

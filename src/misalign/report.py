@@ -183,9 +183,10 @@ def fit_report(
 def llm_report(game: Game) -> dict[str, Any] | None:
     """What the language-model agents' requests cost (``null`` without such agents):
     ``requests`` sent (retries included), ``cached`` (answers read from the store),
-    ``retries`` by cause, ``tokens_in``, ``tokens_out``, ``cost`` (dollars; ``null``
-    without prices), ``format.<name>`` (the ``response_format`` the server accepted) and
-    ``failed`` (per failed play: agent, seed, round, why)."""
+    ``retries`` by cause, ``tokens_in``, ``tokens_out``, ``cost`` (paid in this run: dollars,
+    ``null`` without prices), ``cached_tokens_in``, ``cached_tokens_out``, ``cached_cost``
+    (of the answers read from the store), ``format.<name>`` (the ``response_format`` the
+    server accepted) and ``failed`` (per failed play: agent, seed, round, why)."""
     from misalign.experiment import language_models
 
     agents = language_models(game)
@@ -203,6 +204,9 @@ def llm_report(game: Game) -> dict[str, Any] | None:
         "tokens_in": stats.tokens_in,
         "tokens_out": stats.tokens_out,
         "cost": stats.cost if priced else None,
+        "cached_tokens_in": stats.cached_tokens_in,
+        "cached_tokens_out": stats.cached_tokens_out,
+        "cached_cost": stats.cached_cost if priced else None,
         "format": {name: agent.format for name, agent in agents.items()},
         "failed": list(session.failed),
     }
