@@ -78,6 +78,11 @@ class SweepConfig(BaseModel):
     axes: dict[str, list[Any] | dict[str, Any]] = Field(min_length=1)
 
 
+class SweepStopped(RuntimeError):
+    """The backend failed before every chunk finished (a worker died, the cluster went away);
+    the finished chunks are kept, and ``resume`` computes the rest."""
+
+
 @dataclass(frozen=True)
 class Sweep:
     """A validated sweep, ready to run.
@@ -479,6 +484,7 @@ def run_sweep(
     Raises:
         ConfigError: ``out`` holds another sweep, or a partial one without ``resume``; the
             backend is missing or its cluster unreachable.
+        SweepStopped: the backend failed part way; what finished is kept.
     """
     started = time.perf_counter()
     out = Path(out)
@@ -613,15 +619,22 @@ def _collect(
     if progress:
         columns = ["{task.fields[rate]} points/s"]
         bar = progress_bar(len(sweep.points), "sweep", done=done, columns=columns, rate="-")
-    started, computed = time.perf_counter(), 0
+    started, computed, written = time.perf_counter(), 0, 0
     try:
         for k, rows in results:
             table = _table(rows, schema)
             atomic_write(chunk_path(out, k), lambda tmp, t=table: pq.write_table(t, tmp))
-            computed += len(rows)
+            computed, written = computed + len(rows), written + 1
             if bar is not None:
                 rate = f"{computed / (time.perf_counter() - started):.3g}"
                 bar.update(bar.task_ids[0], advance=len(rows), rate=rate)
+    except Exception as exc:  # a worker died, the cluster went away, the disk filled up
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        raise SweepStopped(
+            f"the sweep stopped after {written} new chunks ({type(exc).__name__}"
+            f"{': ' + text if text else ''}); the finished chunks are kept: run it again "
+            "with --resume"
+        ) from exc
     finally:
         if bar is not None:
             bar.stop()
@@ -751,6 +764,7 @@ __all__ = [
     "Chunk",
     "Sweep",
     "SweepConfig",
+    "SweepStopped",
     "axis_values",
     "check_backend",
     "chunk_path",

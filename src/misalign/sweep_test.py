@@ -17,11 +17,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+import misalign.sweep
 from misalign.cli import main
 from misalign.config import ConfigError, parse_config
 from misalign.experiment import predict, setup, simulate
 from misalign.report import batch
 from misalign.sweep import (
+    SweepStopped,
     axis_values,
     chunk_path,
     load_sweep,
@@ -211,6 +213,28 @@ def test_a_changed_sweep_or_a_partial_one_without_resume_is_refused(tmp_path):
     kept = chunk_path(tmp_path, 0).stat().st_mtime_ns
     resumed = run_sweep(sweep, tmp_path, workers=1, resume=True)
     assert resumed["computed"] == 1 and chunk_path(tmp_path, 0).stat().st_mtime_ns == kept
+    assert read_rows(tmp_path).column("point").to_pylist() == list(range(6))
+
+
+def test_a_backend_failure_keeps_the_finished_chunks_and_says_to_resume(monkeypatch, tmp_path):
+    sweep = parse_sweep(small())
+    real = misalign.sweep.run_chunk
+
+    def dies_on_the_second(chunk):
+        if chunk.k == 1:
+            raise RuntimeError("worker died\nand more")
+        return real(chunk)
+
+    monkeypatch.setattr(misalign.sweep, "run_chunk", dies_on_the_second)
+    with pytest.raises(SweepStopped) as caught:
+        run_sweep(sweep, tmp_path, workers=1)
+    assert str(caught.value) == (
+        "the sweep stopped after 1 new chunks (RuntimeError: worker died); the finished "
+        "chunks are kept: run it again with --resume"
+    )
+    assert [p.name for p in (tmp_path / "rows").iterdir()] == ["chunk-00000.parquet"]
+    monkeypatch.setattr(misalign.sweep, "run_chunk", real)
+    assert run_sweep(sweep, tmp_path, workers=1, resume=True)["computed"] == 2
     assert read_rows(tmp_path).column("point").to_pylist() == list(range(6))
 
 
