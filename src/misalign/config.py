@@ -442,17 +442,30 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PlayConfig:
     return parse_config(_read(path, overrides))
 
 
-def _read(path: str | Path, overrides: Sequence[str]) -> dict[str, Any]:
-    """The TOML file as data, with the overrides applied."""
+def read_toml(path: str | Path, field: str = "") -> dict[str, Any]:
+    """A TOML file as data.
+
+    Args:
+        path: the file.
+        field: what names it in a message (``base: ``), before the path.
+
+    Raises:
+        ConfigError: one line: the file is missing, unreadable or not TOML.
+    """
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
+        raise ConfigError(f"{field}{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.__class__.__name__})") from None
+        raise ConfigError(f"{field}{path}: cannot read ({exc.__class__.__name__})") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        raise ConfigError(f"{field}{path}: invalid TOML: {exc}") from None
+
+
+def _read(path: str | Path, overrides: Sequence[str]) -> dict[str, Any]:
+    """The TOML file as data, with the overrides applied."""
+    data = read_toml(path)
     for assignment in overrides:
         _apply(data, assignment)
     return data

@@ -39,7 +39,6 @@ import json
 import math
 import os
 import time
-import tomllib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +55,7 @@ from misalign.config import (
     _apply,
     _validated,
     parse_config,
+    read_toml,
 )
 
 ROWS = "rows"
@@ -138,15 +138,7 @@ def load_sweep(path: str | Path) -> Sweep:
             override gives an invalid configuration.
     """
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.__class__.__name__})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    return parse_sweep(data, path.parent)
+    return parse_sweep(read_toml(path), path.parent)
 
 
 def parse_sweep(data: dict[str, Any], folder: Path = Path(".")) -> Sweep:
@@ -163,7 +155,9 @@ def parse_sweep(data: dict[str, Any], folder: Path = Path(".")) -> Sweep:
         ConfigError: as ``load_sweep``.
     """
     config: SweepConfig = _validated(SweepConfig, data)
-    base = config.base if isinstance(config.base, dict) else _read_base(folder / config.base)
+    base = (
+        config.base if isinstance(config.base, dict) else read_toml(folder / config.base, "base: ")
+    )
     try:
         parse_config(base)
     except ConfigError as exc:
@@ -203,18 +197,6 @@ def parse_sweep(data: dict[str, Any], folder: Path = Path(".")) -> Sweep:
         points=tuple(points),
         agents=tuple(agents),
     )
-
-
-def _read_base(path: Path) -> dict[str, Any]:
-    """The base configuration file as data."""
-    try:
-        return tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"base: {path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"base: {path}: cannot read ({exc.__class__.__name__})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"base: {path}: invalid TOML: {exc}") from None
 
 
 def axis_values(axis: str, spec: list[Any] | dict[str, Any]) -> list[Any]:
