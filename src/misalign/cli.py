@@ -598,6 +598,57 @@ def sweep_command(
     print(json.dumps(summary) if json_out else summary_line(summary))
 
 
+@app.command("reproduce")
+def reproduce(
+    name: Annotated[
+        str | None, typer.Argument(metavar="NAME", help="An experiment (see --list).")
+    ] = None,
+    list_: Annotated[bool, typer.Option("--list", help="One line per experiment.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="The small variant (seconds).")] = False,
+    seeds: Annotated[int | None, typer.Option(min=1, help="Seeds per point.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(show_default="runs/<name>-<config hash>", help="Directory for the run."),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Reproduce one claim of docs/theory.md: run its experiment, write the figure, table,
+    configuration, version and claims.json, and check every claim (exit 1 when one fails)."""
+    from misalign.experiments import REGISTRY, default_out
+
+    if list_:
+        width = max(len(n) for n in REGISTRY)
+        for entry in REGISTRY.values():
+            print(f"{entry.name:<{width}}  {entry.typical:>6}  {entry.claim}")
+        return
+    if name is None:
+        _fail(f"name an experiment or give --list; known: {', '.join(REGISTRY)}")
+    if name not in REGISTRY:
+        _fail(f"unknown experiment {name!r}; known: {', '.join(REGISTRY)}")
+    entry = REGISTRY[name]
+    out = default_out(entry, quick, seeds) if out is None else out
+    try:
+        result = entry.run(quick, seeds, out)
+    except OSError as exc:
+        _fail(f"--out {out}: cannot write ({exc.strerror})")
+    claims = [c.as_dict() for c in result.claims]
+    if json_out:
+        from misalign.report import to_json
+
+        print(
+            to_json(
+                {"experiment": name, "out": str(out), "passed": result.passed, "claims": claims}
+            )
+        )
+    else:
+        for c in claims:
+            verdict = "pass" if c["passed"] else "FAIL"
+            print(f"{verdict}  {c['name']}: {c['measured']:.3g} (tolerance {c['tolerance']:.3g})")
+        print(f"artifacts: {out}")
+    if not result.passed:
+        raise typer.Exit(1)
+
+
 @app.command()
 def serve(
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port on 127.0.0.1.")] = 8765,

@@ -1,0 +1,207 @@
+"""The experiment registry: one entry per claim of docs/theory.md, each reproduced by one command.
+
+``misalign reproduce --list`` prints the entries; ``misalign reproduce NAME`` runs one and
+writes into its output directory (``runs/<name>-<config hash>/`` by default):
+
+- ``figure.png`` and ``figure.svg``: theory as lines, simulation as markers with the
+  standard deviation over seeds as error bars or bands;
+- ``table.csv`` and ``table.parquet``: the same rows;
+- ``config.json``: the experiment's resolved parameters;
+- ``version.json``: the package version and, when there is one, the git commit;
+- ``claims.json``: every numeric claim with its measured value, tolerance and verdict.
+
+Every experiment module has one shape: ``config(quick, seeds)`` resolves its parameters,
+``run(quick, seeds, out)`` plays batches through the Python API (``misalign.experiment``)
+with the theory beside them and returns a ``Result`` through ``write_run``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One numeric claim: ``measured`` (an error or a count) passes when ``<= tolerance``."""
+
+    name: str
+    measured: float
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.measured <= self.tolerance)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed}
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a run produced: the table's rows, the figures written and the claims checked."""
+
+    rows: list[dict[str, Any]]
+    figures: list[Path]
+    claims: list[Claim]
+    out: Path
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.claims)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A registry entry.
+
+    Attributes:
+        name: the name ``misalign reproduce`` takes.
+        claim: the claim it checks, one line.
+        typical: wall time of the full run, measured (for example ``"4 s"``).
+        config: ``config(quick, seeds) -> dict``, the resolved parameters.
+        run: ``run(quick, seeds, out) -> Result``.
+    """
+
+    name: str
+    claim: str
+    typical: str
+    config: Callable[[bool, int | None], dict[str, Any]]
+    run: Callable[[bool, int | None, Path], Result]
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """A short hash of the resolved parameters (names the default output directory)."""
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def default_out(experiment: Experiment, quick: bool, seeds: int | None) -> Path:
+    """``runs/<name>-<config hash>``."""
+    return Path("runs") / f"{experiment.name}-{config_hash(experiment.config(quick, seeds))}"
+
+
+def version() -> dict[str, Any]:
+    """The package version, and the git commit when ``git rev-parse HEAD`` works."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        found = package_version("misalign")
+    except PackageNotFoundError:  # pragma: no cover - run from a bare checkout
+        found = None
+    commit = None
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).parent,
+        )
+        if done.returncode == 0:
+            commit = done.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"version": found, "commit": commit}
+
+
+def _plain(value: Any) -> Any:
+    """Numpy scalars as Python numbers, non-finite floats as ``None`` (strict JSON)."""
+    import math
+
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_run(
+    out: Path,
+    config: dict[str, Any],
+    rows: list[dict[str, Any]],
+    claims: list[Claim],
+    figure: Any,
+) -> Result:
+    """Write a run's files into ``out`` and return its ``Result``.
+
+    Args:
+        out: the output directory (created).
+        config: the resolved parameters (``config.json``).
+        rows: the table, one flat dict per row, the same keys in every row.
+        claims: the numeric claims (``claims.json``).
+        figure: a matplotlib figure (from ``misalign.plot.new_figure``): saved as
+            ``figure.svg`` and ``figure.png`` (``save_figure``, which closes it).
+    """
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from misalign.files import atomic_write
+    from misalign.plot import save_figure
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [{k: _plain(v) for k, v in row.items()} for row in rows]
+    columns = list(rows[0]) if rows else []
+
+    def write_csv(tmp: str) -> None:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, columns)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(out / "table.csv", write_csv)
+    table = pa.Table.from_pylist(rows)
+    atomic_write(out / "table.parquet", lambda tmp: pq.write_table(table, tmp))
+    texts = {
+        "config.json": config,
+        "version.json": version(),
+        "claims.json": [c.as_dict() | {"measured": _plain(c.measured)} for c in claims],
+    }
+    for name, data in texts.items():
+        text = json.dumps(data, indent=1, default=str)
+        atomic_write(out / name, lambda tmp, text=text: Path(tmp).write_text(text))
+    for axis in figure.axes:  # the SVG gets the legends save_figure would add
+        if axis.get_legend() is None and axis.get_legend_handles_labels()[0]:
+            axis.legend(frameon=False, fontsize="small")
+    figure.savefig(out / "figure.svg")
+    save_figure(figure, out / "figure.png")
+    return Result(rows, [out / "figure.png", out / "figure.svg"], claims, out, config)
+
+
+def measured_rate(errors: Any, floor: float = 1e-9, window: int = 20) -> Any:
+    """Per play, the geometric rate at which ``errors`` (``(rounds, B)``) shrink or grow,
+    ``(e[t1] / e[t0]) ** (1 / (t1 - t0))`` over the last ``window`` rounds before the error
+    first falls below ``floor`` (or before the end): the measured counterpart of ``rho``."""
+    import numpy as np
+
+    rounds = errors.shape[0]
+    below = errors < floor
+    t1 = np.where(below.any(axis=0), below.argmax(axis=0) - 1, rounds - 1)
+    t1 = np.clip(t1, 1, rounds - 1)
+    t0 = np.maximum(t1 - window, 0)
+    plays = np.arange(errors.shape[1])
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        return (errors[t1, plays] / errors[t0, plays]) ** (1.0 / (t1 - t0))
+
+
+def _registry() -> dict[str, Experiment]:
+    from misalign.experiments import gap, noise, single_agent, stability
+
+    entries = [single_agent.EXPERIMENT, gap.EXPERIMENT, noise.EXPERIMENT, stability.EXPERIMENT]
+    return {e.name: e for e in entries}
+
+
+REGISTRY: dict[str, Experiment] = _registry()
+"""Every experiment, by name, in the order ``reproduce --list`` prints them."""

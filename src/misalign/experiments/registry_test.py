@@ -1,0 +1,137 @@
+"""Every registry entry's quick run checks its claims from claims.json; the files parse; the
+CLI lists, refuses an unknown name and prints JSON."""
+
+import csv
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from misalign.cli import app
+from misalign.experiments import REGISTRY, Claim, config_hash, measured_rate
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Each experiment's quick run, once for the module."""
+    root = tmp_path_factory.mktemp("runs")
+    return {name: (e.run(True, None, root / name), root / name) for name, e in REGISTRY.items()}
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_quick_run_passes_its_claims(runs, name):
+    result, out = runs[name]
+    claims = json.loads((out / "claims.json").read_text())
+    assert claims, "an experiment checks at least one numeric claim"
+    assert len(claims) == len(result.claims)
+    for claim in claims:
+        assert set(claim) == {"name", "measured", "tolerance", "passed"}
+        assert claim["passed"] is True, claim
+        assert claim["measured"] is not None and claim["measured"] <= claim["tolerance"], claim
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_quick_run_files_exist_and_parse(runs, name):
+    result, out = runs[name]
+    with Image.open(out / "figure.png") as image:
+        image.load()
+        assert image.size[0] > 100
+    svg = (out / "figure.svg").read_text()
+    assert svg.lstrip().startswith("<?xml") and "</svg>" in svg
+    with open(out / "table.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    table = pq.read_table(out / "table.parquet")
+    assert len(rows) == table.num_rows == len(result.rows) > 0
+    assert list(rows[0]) == table.column_names
+    config = json.loads((out / "config.json").read_text())
+    assert config["experiment"] == name
+    assert config == REGISTRY[name].config(True, None)
+    version = json.loads((out / "version.json").read_text())
+    assert version["version"] and "commit" in version
+    assert result.figures == [out / "figure.png", out / "figure.svg"]
+
+
+def test_seeds_override_the_default_and_change_the_hash():
+    entry = REGISTRY["gap"]
+    assert entry.config(True, 3)["seeds"] == 3
+    assert config_hash(entry.config(True, 3)) != config_hash(entry.config(True, None))
+    assert config_hash(entry.config(True, None)) != config_hash(entry.config(False, None))
+
+
+def test_claim_fails_above_its_tolerance_and_on_nan():
+    assert Claim("x", 0.5, 1.0).passed and not Claim("x", 1.5, 1.0).passed
+    assert not Claim("x", float("nan"), 1.0).passed
+    assert Claim("count", 0, 0).as_dict() == {
+        "name": "count",
+        "measured": 0,
+        "tolerance": 0,
+        "passed": True,
+    }
+
+
+def test_measured_rate_of_a_geometric_sequence():
+    import numpy as np
+
+    t = np.arange(100)[:, None]
+    errors = np.hstack([0.9**t, 1.1**t, 0.5**t])
+    np.testing.assert_allclose(measured_rate(errors, floor=1e-12), [0.9, 1.1, 0.5])
+
+
+def test_list_has_one_line_per_experiment():
+    done = runner.invoke(app, ["reproduce", "--list"])
+    assert done.exit_code == 0
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == len(REGISTRY)
+    for line, entry in zip(lines, REGISTRY.values(), strict=True):
+        assert line.startswith(entry.name) and entry.claim in line and entry.typical in line
+
+
+def test_unknown_name_is_one_line_exit_2():
+    done = runner.invoke(app, ["reproduce", "nope"])
+    assert done.exit_code == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nope" in lines[0]
+    assert all(name in lines[0] for name in REGISTRY)
+
+
+def test_json_prints_one_object_with_the_claims(tmp_path):
+    done = runner.invoke(
+        app, ["reproduce", "stability", "--quick", "--json", "--out", str(tmp_path)]
+    )
+    assert done.exit_code == 0, done.output
+    data = json.loads(done.stdout)
+    assert data["experiment"] == "stability" and data["passed"] is True
+    assert data["claims"] == json.loads((tmp_path / "claims.json").read_text())
+    assert Path(data["out"]) == tmp_path
+
+
+def test_text_output_and_a_failed_claim_exits_1(tmp_path, monkeypatch):
+    done = runner.invoke(app, ["reproduce", "single-agent", "--quick", "--out", str(tmp_path)])
+    assert done.exit_code == 0, done.output
+    assert done.stdout.count("pass  ") == 3 and "FAIL" not in done.stdout
+    entry = REGISTRY["single-agent"]
+    failing = entry.run
+
+    def run(quick, seeds, out):
+        result = failing(quick, seeds, out)
+        return type(result)(
+            result.rows, result.figures, [Claim("impossible", 1.0, 0.0)], result.out
+        )
+
+    monkeypatch.setitem(REGISTRY, "single-agent", type(entry)(**{**entry.__dict__, "run": run}))
+    done = runner.invoke(app, ["reproduce", "single-agent", "--quick", "--out", str(tmp_path)])
+    assert done.exit_code == 1
+    assert "FAIL  impossible" in done.stdout
+
+
+def test_default_out_is_named_by_the_config_hash(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    done = runner.invoke(app, ["reproduce", "gap", "--quick", "--seeds", "2"])
+    assert done.exit_code == 0, done.output
+    digest = config_hash(REGISTRY["gap"].config(True, 2))
+    assert (tmp_path / "runs" / f"gap-{digest}" / "claims.json").exists()
