@@ -197,9 +197,15 @@ def measured_rate(errors: Any, floor: float = 1e-9, window: int = 20) -> Any:
 
 
 def _registry() -> dict[str, Experiment]:
-    from misalign.experiments import gap, noise, single_agent, stability
+    from misalign.experiments import gap, noise, single_agent, small_steps, stability
 
-    entries = [single_agent.EXPERIMENT, gap.EXPERIMENT, noise.EXPERIMENT, stability.EXPERIMENT]
+    entries = [
+        single_agent.EXPERIMENT,
+        gap.EXPERIMENT,
+        stability.EXPERIMENT,
+        small_steps.EXPERIMENT,
+        noise.EXPERIMENT,
+    ]
     return {e.name: e for e in entries}
 
 

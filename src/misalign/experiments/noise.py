@@ -119,7 +119,7 @@ def _figure(cfg, points):
 EXPERIMENT = Experiment(
     name=NAME,
     claim="sampled agents' stationary spread matches the Lyapunov prediction",
-    typical="8 s",
+    typical="8.5 s",
     config=config,
     run=run,
 )

@@ -137,7 +137,7 @@ def _figure(cfg, etas, rho, rate, shape, boundary):
 EXPERIMENT = Experiment(
     name=NAME,
     claim="the play converges exactly when rho < 1; the boundary eta where rho crosses 1",
-    typical="2 s",
+    typical="2.5 s",
     config=config,
     run=run,
 )
