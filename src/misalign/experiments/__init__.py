@@ -197,7 +197,15 @@ def measured_rate(errors: Any, floor: float = 1e-9, window: int = 20) -> Any:
 
 
 def _registry() -> dict[str, Experiment]:
-    from misalign.experiments import gap, noise, single_agent, small_steps, stability
+    from misalign.experiments import (
+        gap,
+        noise,
+        one_sided,
+        schedules,
+        single_agent,
+        small_steps,
+        stability,
+    )
 
     entries = [
         single_agent.EXPERIMENT,
@@ -205,6 +213,8 @@ def _registry() -> dict[str, Experiment]:
         stability.EXPERIMENT,
         small_steps.EXPERIMENT,
         noise.EXPERIMENT,
+        schedules.EXPERIMENT,
+        one_sided.EXPERIMENT,
     ]
     return {e.name: e for e in entries}
 
