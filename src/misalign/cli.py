@@ -155,13 +155,11 @@ def _fit(game):
     """Fit the language-model agents' maps, with a bar of their answers."""
     from misalign.experiment import fit, language_models
 
-    agents = language_models(game)
-    plays, d = game.start.shape
-    total = sum(
-        (a.config.probes or 2 * d) * a.config.samples * plays * (1 + a.config.refits)
-        for a in agents.values()
-    )
-    with _asking(game, total, "fitting"):
+    if not language_models(game):
+        return None
+    from misalign.llm.fit import most_answers
+
+    with _asking(game, most_answers(game), "fitting"):
         return fit(game)
 
 

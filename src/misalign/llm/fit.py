@@ -224,6 +224,16 @@ def _count(agent: LLMAgent, game) -> int:
     return agent.config.probes or 2 * game.start.shape[1]
 
 
+def most_answers(game) -> int:
+    """The most answers ``fit_game`` asks for: every agent's probes times samples, for every
+    play, in the global fit and each of its ``refits`` (fewer when plays confirm early)."""
+    plays = game.start.shape[0]
+    return sum(
+        _count(agent, game) * agent.config.samples * plays * (1 + agent.config.refits)
+        for agent in language_models(game).values()
+    )
+
+
 def _answers(agent: LLMAgent, W: np.ndarray, fit: int, plays: np.ndarray) -> np.ndarray:
     """The agent's answers to every probe of ``W`` (``(P, B, d)``), ``samples`` times, for the
     plays in the mask ``plays`` (NaN elsewhere, and where a play failed): ``(S, P, B, d)``."""
