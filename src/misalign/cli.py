@@ -647,6 +647,35 @@ def reproduce(
         raise typer.Exit(1)
 
 
+@app.command("report")
+def report_command(
+    run_dirs: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="RUN_DIR...",
+            help="Run directories of misalign reproduce, or directories of them (e.g. runs/).",
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="The HTML page to write.")] = Path(
+        "report.html"
+    ),
+) -> None:
+    """One static HTML page over experiment runs: every claim's verdict at the top, then per
+    run its figure, claims, configuration and table. No server, nothing loaded from outside."""
+    from misalign.page import find_runs, load_runs, write
+
+    try:
+        runs = load_runs(find_runs(run_dirs))
+    except ConfigError as exc:
+        _fail(str(exc))
+    try:
+        write(runs, out)
+    except OSError as exc:
+        _fail(f"--out {out}: cannot write ({exc.strerror or type(exc).__name__})")
+    passed, total = sum(r.passed for r in runs), sum(len(r.claims) for r in runs)
+    print(f"report: {out} ({len(runs)} runs, {passed} of {total} claims pass)")
+
+
 @app.command()
 def serve(
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port on 127.0.0.1.")] = 8765,

@@ -1,0 +1,276 @@
+"""One static HTML page over experiment runs (``misalign report RUN_DIR...``).
+
+A run directory is what ``misalign reproduce`` writes (see ``misalign.experiments``):
+``claims.json`` (required), ``config.json``, ``version.json``, ``figure.png`` and
+``table.csv``. The page reads top to bottom: a title, when and from which version it was
+generated, a summary table of every claim of every run with its verdict, then one section
+per run, in the order given: the claim the experiment checks, its figure (a PNG data URI),
+its claims, its resolved configuration and the first rows of its table (the whole CSV
+rides along as a ``data:`` download link). It needs no server and loads nothing from
+outside the file: the CSS is inline and every value is escaped (Jinja2 autoescape).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from misalign.config import ConfigError
+
+ROWS = 50
+"""Rows of ``table.csv`` shown on the page (the full table is a download link)."""
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass(frozen=True)
+class Table:
+    """The first rows of ``table.csv`` as display cells, and the whole file base64-encoded."""
+
+    header: list[str]
+    rows: list[list[dict[str, Any]]]
+    total: int
+    csv: str
+    filename: str
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run directory, read and ready to render."""
+
+    directory: Path
+    name: str
+    claims: list[dict[str, Any]]
+    claim: str | None = None
+    config: str = "{}"
+    version: str = "misalign (version unknown)"
+    figure: str | None = None
+    figure_missing: str = ""
+    table: Table | None = None
+    table_missing: str = ""
+    anchor: str = field(default="run", compare=False)
+
+    @property
+    def passed(self) -> int:
+        """How many of its claims pass."""
+        return sum(1 for c in self.claims if c["passed"])
+
+
+def find_runs(paths: Sequence[Path]) -> list[Path]:
+    """Run directories from ``paths``: a directory with ``claims.json`` is a run; one
+    without but with subdirectories that have it stands for those (sorted by name).
+
+    Raises:
+        ConfigError: one line naming a path that does not exist or holds no run.
+    """
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise ConfigError(f"{path}: no such run directory")
+        if not path.is_dir():
+            raise ConfigError(f"{path}: not a directory")
+        if (path / "claims.json").is_file():
+            found.append(path)
+            continue
+        inner = sorted(p for p in path.iterdir() if p.is_dir() and (p / "claims.json").is_file())
+        if not inner:
+            raise ConfigError(
+                f"{path}: no claims.json (neither a run directory nor a directory of runs)"
+            )
+        found.extend(inner)
+    return found
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON (line {exc.lineno})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read ({_why(exc)})") from None
+
+
+def _why(exc: Exception) -> str:
+    return getattr(exc, "strerror", None) or type(exc).__name__
+
+
+def _claims(path: Path) -> list[dict[str, Any]]:
+    data = _read_json(path)
+    if not isinstance(data, list):
+        raise ConfigError(f"{path}: expected a list of claims")
+    claims = []
+    for i, entry in enumerate(data):
+        if not isinstance(entry, dict) or "name" not in entry or "passed" not in entry:
+            raise ConfigError(f"{path}: claim {i} lacks a name or a verdict (passed)")
+        claims.append(
+            {
+                "name": str(entry["name"]),
+                "measured": entry.get("measured"),
+                "tolerance": entry.get("tolerance"),
+                "passed": entry["passed"] is True,
+            }
+        )
+    return claims
+
+
+def _version(path: Path) -> str:
+    if not path.is_file():
+        return "misalign (version unknown)"
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        return "misalign (version unknown)"
+    text = f"misalign {data.get('version') or '(version unknown)'}"
+    commit = data.get("commit")
+    return f"{text} (commit {str(commit)[:12]})" if commit else text
+
+
+def _cell(text: str) -> dict[str, Any]:
+    """A CSV value for display: numbers right-aligned, long floats to 6 significant digits."""
+    try:
+        value = float(text)
+    except ValueError:
+        return {"text": text, "number": False}
+    if math.isfinite(value) and any(c in text for c in ".eE"):
+        text = format(value, ".6g")
+    return {"text": text, "number": True}
+
+
+def _table(directory: Path, name: str) -> tuple[Table | None, str]:
+    path = directory / "table.csv"
+    if not path.is_file():
+        return None, "table.csv is missing"
+    try:
+        raw = path.read_bytes()
+        rows = list(csv.reader(io.StringIO(raw.decode("utf-8"))))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        return None, f"table.csv cannot be read: {_why(exc)}"
+    if not rows:
+        return None, "table.csv is empty"
+    header, body = rows[0], rows[1:]
+    shown = [[_cell(value) for value in row] for row in body[:ROWS]]
+    encoded = base64.b64encode(raw).decode("ascii")
+    return Table(header, shown, len(body), encoded, f"{name}-table.csv"), ""
+
+
+def _figure(directory: Path) -> tuple[str | None, str]:
+    path = directory / "figure.png"
+    if not path.is_file():
+        return None, "figure.png is missing"
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return None, f"figure.png cannot be read: {_why(exc)}"
+    if not data.startswith(PNG_MAGIC):
+        return None, "figure.png is not a PNG"
+    return base64.b64encode(data).decode("ascii"), ""
+
+
+def load_run(directory: Path, anchor: str = "run") -> Run:
+    """Read one run directory.
+
+    Raises:
+        ConfigError: one line naming the directory when it does not exist or lacks
+            ``claims.json``, or naming a file that is not valid JSON.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        missing = "no such run directory" if not directory.exists() else "not a directory"
+        raise ConfigError(f"{directory}: {missing}")
+    if not (directory / "claims.json").is_file():
+        raise ConfigError(f"{directory}: no claims.json (not a run directory)")
+    claims = _claims(directory / "claims.json")
+    config: Any = {}
+    if (directory / "config.json").is_file():
+        config = _read_json(directory / "config.json")
+    experiment = config.get("experiment") if isinstance(config, dict) else None
+    name = str(experiment) if experiment else directory.resolve().name
+    from misalign.experiments import REGISTRY
+
+    entry = REGISTRY.get(name)
+    figure, figure_missing = _figure(directory)
+    table, table_missing = _table(directory, name)
+    return Run(
+        directory=directory,
+        name=name,
+        claims=claims,
+        claim=entry.claim if entry is not None else None,
+        config=json.dumps(config, indent=2, default=str),
+        version=_version(directory / "version.json"),
+        figure=figure,
+        figure_missing=figure_missing,
+        table=table,
+        table_missing=table_missing,
+        anchor=anchor,
+    )
+
+
+def load_runs(run_dirs: Sequence[Path]) -> list[Run]:
+    """Every run directory, in the order given (see ``load_run``)."""
+    if not run_dirs:
+        raise ConfigError("no run directories given")
+    return [load_run(Path(d), f"run-{i + 1}") for i, d in enumerate(run_dirs)]
+
+
+def _num(value: Any) -> str:
+    if value is None:
+        return "not finite"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return "not finite"
+    return format(value, ".3g") if isinstance(value, float) else str(value)
+
+
+def render(runs: Sequence[Run], now: datetime | None = None) -> str:
+    """The page for runs already read (``load_runs``)."""
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("misalign", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    env.filters["num"] = _num
+    now = datetime.now(UTC) if now is None else now
+    versions = list(dict.fromkeys(run.version for run in runs))
+    return env.get_template("report.html.j2").render(
+        title="misalign report",
+        generated=now.strftime("%Y-%m-%d %H:%M UTC"),
+        versions=versions,
+        runs=runs,
+        passed=sum(run.passed for run in runs),
+        total=sum(len(run.claims) for run in runs),
+    )
+
+
+def build_page(run_dirs: Sequence[Path], now: datetime | None = None) -> str:
+    """The HTML page over ``run_dirs`` (in the order given), as one string.
+
+    Raises:
+        ConfigError: one line naming a directory that does not exist or lacks
+            ``claims.json``.
+    """
+    return render(load_runs(run_dirs), now)
+
+
+def write(runs: Sequence[Run], out: Path) -> Path:
+    """Render ``runs`` into ``out`` atomically; returns ``out``."""
+    from misalign.files import atomic_write
+
+    text = render(runs)
+    out = Path(out)
+    atomic_write(out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return out
+
+
+def write_page(run_dirs: Sequence[Path], out: Path) -> Path:
+    """Write the page over ``run_dirs`` into ``out`` atomically; returns ``out``."""
+    return write(load_runs(run_dirs), out)

@@ -1,0 +1,459 @@
+"""Tests for misalign.page and ``misalign report``: the page over real quick runs, its
+escaping, bad input as one line, and (marked ``browser``) the page loaded in headless
+Chromium through the DevTools protocol: every image decodes, no console error, a screenshot."""
+
+import base64
+import contextlib
+import html
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from misalign.cli import app
+from misalign.config import ConfigError
+from misalign.experiments import REGISTRY
+from misalign.page import ROWS, build_page, find_runs, write_page
+
+runner = CliRunner()
+NAMES = ["single-agent", "stability"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """``runs/single-agent`` and ``runs/stability``: real quick runs (about a second each)."""
+    root = tmp_path_factory.mktemp("runs")
+    for name in NAMES:
+        REGISTRY[name].run(True, None, root / name)
+    return root
+
+
+def _claims(run: Path) -> list[dict]:
+    return json.loads((run / "claims.json").read_text())
+
+
+def _summary(page: str) -> str:
+    """The summary table at the top of the page."""
+    return page.split('<table class="summary">', 1)[1].split("</table>", 1)[0]
+
+
+def _rows(table: str) -> list[str]:
+    return table.split("<tr")[2:]  # after the header row
+
+
+def _copy(runs: Path, name: str, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(runs / name, tmp_path / name))
+
+
+def test_summary_lists_every_claim_of_every_run_with_its_verdict(runs):
+    page = build_page([runs / name for name in NAMES])
+    summary = _summary(page)
+    claims = [(name, c) for name in NAMES for c in _claims(runs / name)]
+    rows = _rows(summary)
+    assert len(rows) == len(claims) >= 2
+    for row, (name, claim) in zip(rows, claims, strict=True):  # in the order given
+        assert f">{name}</a>" in row and html.escape(claim["name"]) in row
+        assert (">pass<" if claim["passed"] else ">FAIL<") in row
+    assert f"{len(claims)} of {len(claims)} claims pass" in page
+    assert page.index(f"{len(claims)} of {len(claims)} claims pass") < page.index("<section")
+
+
+def test_one_section_per_run_in_the_order_given(runs):
+    page = build_page([runs / "stability", runs / "single-agent"])
+    sections = page.split("<section")[1:]
+    assert [re.search(r"<h2>(.*?)</h2>", s).group(1) for s in sections] == [
+        "stability",
+        "single-agent",
+    ]
+    for section, name in zip(sections, ["stability", "single-agent"], strict=True):
+        assert html.escape(REGISTRY[name].claim) in section
+        assert "<details>" in section and f'"experiment": "{name}"' in html.unescape(section)
+        for claim in _claims(runs / name):
+            assert html.escape(claim["name"]) in section
+        version = json.loads((runs / name / "version.json").read_text())["version"]
+        assert f"misalign {version}" in section
+    assert "Generated " in page and "misalign " in page.split("<table", 1)[0]
+
+
+def test_images_are_base64_pngs_that_decode(runs):
+    page = build_page([runs / name for name in NAMES])
+    images = re.findall(r'<img src="data:image/png;base64,([^"]+)" alt="([^"]+)"', page)
+    assert len(images) == len(NAMES) == page.count("<img ")
+    for (data, alt), name in zip(images, NAMES, strict=True):
+        image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+        image.load()
+        assert image.format == "PNG" and image.width > 100 and image.height > 100
+        assert alt.startswith(name)
+        assert base64.b64decode(data) == (runs / name / "figure.png").read_bytes()
+
+
+def test_nothing_is_loaded_from_outside_the_page(runs):
+    page = build_page([runs / name for name in NAMES])
+    references = re.findall(r'\b(?:src|href)\s*=\s*"([^"]*)"', page)
+    assert references and all(r.startswith(("data:", "#")) for r in references), references
+    assert "http://" not in page and "https://" not in page
+    assert "@import" not in page and "url(" not in page and "<script" not in page
+
+
+def test_table_shows_the_first_rows_and_embeds_the_whole_csv(runs, tmp_path):
+    run = _copy(runs, "stability", tmp_path)
+    rows = ["eta,seed,note"] + [f"{i / 7},{i},<b>{i}</b>" for i in range(120)]
+    (run / "table.csv").write_text("\n".join(rows) + "\n")
+    page = build_page([runs / "single-agent", run])
+    single = len((runs / "single-agent" / "table.csv").read_text().splitlines()) - 1
+    assert f"showing {single} of {single} rows" in page
+    assert f"showing {ROWS} of 120 rows" in page
+    section = page.split("<section")[2]
+    data = section.split('<table class="data">', 1)[1].split("</table>", 1)[0]
+    assert len(_rows(data)) == ROWS
+    assert "&lt;b&gt;0&lt;/b&gt;" in data and "<b>" not in data
+    assert ">0.142857<" in data  # 1/7 to 6 significant digits
+    link = re.search(r'href="data:text/csv;base64,([^"]+)" download="stability-table.csv"', page)
+    assert base64.b64decode(link.group(1)) == (run / "table.csv").read_bytes()
+
+
+def test_everything_is_escaped(runs, tmp_path):
+    run = _copy(runs, "single-agent", tmp_path)
+    (run / "config.json").write_text(json.dumps({"experiment": "<script>alert(1)</script>"}))
+    claims = _claims(run)
+    claims[0]["name"] = 'a <img src=x onerror="alert(2)"> & b'
+    (run / "claims.json").write_text(json.dumps(claims))
+    page = build_page([run])
+    assert "<script>" not in page and "<img src=x" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "a &lt;img src=x onerror=&#34;alert(2)&#34;&gt; &amp; b" in page
+
+
+def test_a_run_without_figure_still_renders(runs, tmp_path):
+    run = _copy(runs, "stability", tmp_path)
+    (run / "figure.png").unlink()
+    page = build_page([runs / "single-agent", run])
+    section = page.split("<section")[2]
+    assert "no figure" in section and "<img" not in section
+    assert page.count("<img ") == 1
+    (run / "figure.png").write_text("not a png")
+    assert "figure.png is not a PNG" in build_page([run])
+
+
+def test_fallbacks_for_missing_config_version_and_table(runs, tmp_path):
+    run = _copy(runs, "stability", tmp_path)
+    run = run.rename(tmp_path / "my-run")
+    for name in ("config.json", "version.json", "table.csv"):
+        (run / name).unlink()
+    page = build_page([run])
+    assert "<h2>my-run</h2>" in page and "version unknown" in page
+    assert "no table (table.csv is missing)" in page
+    assert '<p class="claim">' not in page  # not a registry experiment
+
+
+def test_a_failing_claim_shows_fail_at_the_top(runs, tmp_path):
+    run = _copy(runs, "stability", tmp_path)
+    claims = _claims(run)
+    claims[1] |= {"measured": 3, "passed": False}
+    claims[2] |= {"measured": None, "passed": False}  # non-finite, as write_run writes it
+    (run / "claims.json").write_text(json.dumps(claims))
+    page = build_page([runs / "single-agent", run])
+    total = len(claims) + len(_claims(runs / "single-agent"))
+    assert f"{total - 2} of {total} claims pass" in page
+    summary = _summary(page)
+    failed = [row for row in _rows(summary) if ">FAIL<" in row]
+    assert [html.unescape(re.findall(r"<td>(.*?)</td>", r)[1]) for r in failed] == [
+        claims[1]["name"],
+        claims[2]["name"],
+    ]
+    assert all('class="failed"' in row and 'class="fail"' in row for row in failed)
+    assert ">3<" in failed[0] and ">not finite<" in failed[1]
+    assert page.index(">FAIL<") < page.index("<section")
+
+
+@pytest.mark.parametrize(
+    "make,expect",
+    [
+        (lambda d: d / "nope", "nope: no such run directory"),
+        (lambda d: d, "no claims.json"),
+        (lambda d: (d / "claims.json").write_text("[") and d, "claims.json: not valid JSON"),
+        (lambda d: (d / "claims.json").write_text("{}") and d, "expected a list of claims"),
+        (lambda d: (d / "claims.json").write_text('[{"x": 1}]') and d, "claim 0 lacks a name"),
+    ],
+)
+def test_bad_run_dir_is_one_line_naming_it(tmp_path, make, expect):
+    bad = make(tmp_path)
+    with pytest.raises(ConfigError, match=re.escape(expect)) as caught:
+        build_page([bad])
+    assert str(bad) in str(caught.value) and "\n" not in str(caught.value)
+    out = tmp_path / "out" / "report.html"
+    result = runner.invoke(app, ["report", str(bad), "--out", str(out)])
+    assert result.exit_code == 2 and result.stdout == "" and not out.exists()
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("misalign: error: ")
+    assert str(bad) in lines[0] and expect in lines[0]
+
+
+def test_find_runs_takes_a_directory_of_runs(runs, tmp_path):
+    assert find_runs([runs]) == [runs / name for name in sorted(NAMES)]
+    assert find_runs([runs / "stability", runs]) == [runs / "stability", *find_runs([runs])]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="empty: no claims.json"):
+        find_runs([tmp_path / "empty"])
+
+
+def test_cli_writes_the_page_and_prints_the_summary_line(runs, tmp_path, monkeypatch):
+    out = tmp_path / "site" / "page.html"
+    result = runner.invoke(app, ["report", str(runs / "stability"), str(runs), "--out", str(out)])
+    total = sum(len(_claims(runs / name)) for name in NAMES) + len(_claims(runs / "stability"))
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"report: {out} (3 runs, {total} of {total} claims pass)\n"
+    page = out.read_text()
+    assert [re.search(r"<h2>(.*?)</h2>", s).group(1) for s in page.split("<section")[1:]] == [
+        "stability",
+        "single-agent",
+        "stability",
+    ]
+    monkeypatch.chdir(tmp_path)  # the default --out: report.html here
+    result = runner.invoke(app, ["report", str(runs)])
+    assert result.exit_code == 0 and result.stdout.startswith("report: report.html (2 runs, ")
+    assert (tmp_path / "report.html").read_text().startswith("<!DOCTYPE html>")
+    assert "RUN_DIR..." in runner.invoke(app, ["report", "--help"]).stdout
+
+
+def test_cli_unwritable_out_is_one_line(runs, tmp_path):
+    (tmp_path / "taken").mkdir()
+    result = runner.invoke(app, ["report", str(runs), "--out", str(tmp_path / "taken")])
+    assert result.exit_code == 2 and result.stderr.startswith("misalign: error: --out ")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_write_page_is_the_built_page(runs, tmp_path):
+    out = write_page([runs / "single-agent"], tmp_path / "report.html")
+    assert out == tmp_path / "report.html"
+    strip = re.compile(r"Generated [^f]*from")
+    assert strip.sub("", out.read_text()) == strip.sub("", build_page([runs / "single-agent"]))
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # no temporary left
+
+
+def test_help_does_not_import_jinja2():
+    code = "import sys; from misalign.cli import main; print('jinja2' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
+# --- headless Chromium over the DevTools protocol ------------------------------------------
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+
+
+def _browser() -> str | None:
+    return next(filter(None, map(shutil.which, BROWSERS)), None)
+
+
+class DevTools:
+    """A minimal Chrome DevTools Protocol client over the browser's websocket: commands go
+    to one page target (a flat session); events are kept for the test to read."""
+
+    def __init__(self, socket):
+        self.socket = socket
+        self.next_id = 0
+        self.events: list[dict] = []
+        self.session: str | None = None
+
+    def send(self, method: str, params: dict | None = None, timeout: float = 30) -> dict:
+        self.next_id += 1
+        message = {"id": self.next_id, "method": method, "params": params or {}}
+        if self.session is not None and not method.startswith("Target."):
+            message["sessionId"] = self.session
+        self.socket.send(json.dumps(message))
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self._receive(deadline, method)
+            if reply.get("id") == self.next_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply["result"]
+
+    def wait_for(self, method: str, since: int = 0, timeout: float = 30) -> dict:
+        """The first event ``method`` from ``self.events[since:]`` on, waiting for it."""
+        for event in self.events[since:]:
+            if event["method"] == method:
+                return event
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self._receive(deadline, method)
+            if reply.get("method") == method:
+                return reply
+
+    def _receive(self, deadline: float, waiting_for: str) -> dict:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"DevTools: no answer to {waiting_for}")
+        reply = json.loads(self.socket.recv(timeout=left))
+        if "method" in reply:
+            self.events.append(reply)
+        return reply
+
+
+@contextlib.contextmanager
+def _chromium(binary: str, profile: Path):
+    """Start headless Chromium on 127.0.0.1 with a random DevTools port; yield the browser's
+    websocket URL; stop the browser (and its child processes) however the test ends."""
+    log = profile.parent / "chromium.log"
+    command = [
+        binary,
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--no-default-browser-check",
+        "--disable-extensions",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        "--remote-debugging-address=127.0.0.1",
+        "--remote-debugging-port=0",
+        f"--user-data-dir={profile}",
+        "about:blank",
+    ]
+    process = subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group: the teardown stops its children too
+    )
+    found: list[str] = []
+    ready = threading.Event()
+
+    def drain() -> None:  # read stderr to the end so that the pipe never fills
+        with open(log, "w") as handle:
+            for line in process.stderr:
+                handle.write(line)
+                handle.flush()
+                match = re.search(r"DevTools listening on (ws://127\.0\.0\.1:\d+/\S+)", line)
+                if match and not ready.is_set():
+                    found.append(match.group(1))
+                    ready.set()
+        ready.set()
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        if not ready.wait(60) or not found:
+            tail = log.read_text()[-2000:] if log.exists() else ""
+            pytest.fail(f"{binary} gave no DevTools URL (exit {process.poll()}):\n{tail}")
+        yield found[0]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+        reader.join(10)
+
+
+CHECK_PAGE = """JSON.stringify({
+  ready: document.readyState,
+  images: Array.from(document.images).map(i => ({alt: i.alt, complete: i.complete,
+                                                  width: i.naturalWidth})),
+  references: Array.from(document.querySelectorAll('[src],[href]'))
+    .map(e => e.getAttribute('src') || e.getAttribute('href')),
+  verdicts: Array.from(document.querySelectorAll('table.summary td.pass, table.summary td.fail'))
+    .map(td => [td.textContent, getComputedStyle(td).backgroundColor]),
+  count: document.querySelector('.count').textContent,
+})"""
+
+
+@pytest.mark.browser
+def test_the_page_in_headless_chromium(runs, tmp_path):
+    binary = _browser()
+    if binary is None:
+        why = f"no headless Chromium: none of {', '.join(BROWSERS)} is on PATH"
+        if os.environ.get("MISALIGN_REQUIRE_BROWSER"):  # CI, after installing one
+            pytest.fail(why)
+        pytest.skip(why)
+    from websockets.sync.client import connect
+
+    page = write_page([runs / name for name in NAMES], tmp_path / "report.html")
+    shot = tmp_path / "report.png"
+    started = time.monotonic()
+    (tmp_path / "profile").mkdir()
+    with (
+        _chromium(binary, tmp_path / "profile") as url,
+        connect(url, max_size=None, open_timeout=30) as socket,
+    ):
+        tools = DevTools(socket)
+        target = tools.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        attached = tools.send("Target.attachToTarget", {"targetId": target, "flatten": True})
+        tools.session = attached["sessionId"]
+        for domain in ("Page", "Runtime", "Log", "Network"):
+            tools.send(f"{domain}.enable")
+        tools.send(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": 1200, "height": 900, "deviceScaleFactor": 1, "mobile": False},
+        )
+        since = len(tools.events)  # not about:blank's load
+        tools.send("Page.navigate", {"url": page.resolve().as_uri()})
+        tools.wait_for("Page.loadEventFired", since, timeout=60)
+        found = json.loads(
+            tools.send("Runtime.evaluate", {"expression": CHECK_PAGE, "returnByValue": True})[
+                "result"
+            ]["value"]
+        )
+        size = tools.send("Page.getLayoutMetrics")["cssContentSize"]
+        clip = {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}
+        picture = tools.send(
+            "Page.captureScreenshot",
+            {"format": "png", "captureBeyondViewport": True, "clip": clip},
+            timeout=60,
+        )
+        shot.write_bytes(base64.b64decode(picture["data"]))
+    seconds = time.monotonic() - started
+
+    assert found["ready"] == "complete"
+    assert len(found["images"]) == len(NAMES)
+    for image in found["images"]:  # every figure decodes in the browser
+        assert image["complete"] and image["width"] > 0 and image["alt"], image
+    assert found["references"] and all(r.startswith(("data:", "#")) for r in found["references"])
+    total = sum(len(_claims(runs / name)) for name in NAMES)
+    assert found["count"] == f"{total} of {total} claims pass"
+    assert len(found["verdicts"]) == total
+    assert {tuple(v) for v in found["verdicts"]} == {("pass", "rgb(218, 251, 225)")}  # coloured
+
+    errors = [
+        e["params"]
+        for e in tools.events
+        if (e["method"] == "Runtime.consoleAPICalled" and e["params"]["type"] == "error")
+        or e["method"] == "Runtime.exceptionThrown"
+        or (e["method"] == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")
+    ]
+    assert errors == []
+    requested = [
+        e["params"]["request"]["url"]
+        for e in tools.events
+        if e["method"] == "Network.requestWillBeSent"
+    ]
+    assert requested and all(u.startswith(("file:", "data:")) for u in requested), requested
+
+    image = Image.open(shot)
+    image.load()
+    assert image.format == "PNG" and image.width >= 1000 and image.height > 1500
+    colours = image.convert("RGB").getcolors(maxcolors=1 << 24)
+    assert len(colours) > 50  # text, tables, verdict colours and the figures: not blank
+    if os.environ.get("MISALIGN_SCREENSHOT"):
+        shutil.copyfile(shot, os.environ["MISALIGN_SCREENSHOT"])
+    print(f"chromium: {binary}, page checked and captured in {seconds:.1f} s")
