@@ -198,7 +198,10 @@ def measured_rate(errors: Any, floor: float = 1e-9, window: int = 20) -> Any:
 
 def _registry() -> dict[str, Experiment]:
     from misalign.experiments import (
+        attacks,
+        direction,
         gap,
+        helper,
         noise,
         one_sided,
         schedules,
@@ -210,11 +213,14 @@ def _registry() -> dict[str, Experiment]:
     entries = [
         single_agent.EXPERIMENT,
         gap.EXPERIMENT,
+        direction.EXPERIMENT,
         stability.EXPERIMENT,
         small_steps.EXPERIMENT,
         noise.EXPERIMENT,
         schedules.EXPERIMENT,
         one_sided.EXPERIMENT,
+        attacks.EXPERIMENT,
+        helper.EXPERIMENT,
     ]
     return {e.name: e for e in entries}
 
