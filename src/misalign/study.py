@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from misalign.config import ConfigError, PlayConfig, parse_config
-from misalign.experiment import Game, check_size, setup, simulate
+from misalign.experiment import Game, check_size, predict, setup, simulate
 from misalign.progress import progress_bar
 
 ATTACKS: dict[str, dict[str, str] | None] = {
@@ -40,6 +40,10 @@ class Cell:
         flagged_at: per seed, the round the monitor first flagged (``-1``: never), or ``None``.
         score: per seed, the monitor's largest score, or ``None``.
         refused: per seed, whether the predictive victim stopped reading its partner.
+        victim_predicted, attacker_predicted: per seed, the final distance to own target that
+            the theory predicts for the play (``misalign.experiment.predict`` after it, so of
+            the regime each agent ended in).
+        rho: per seed, the predicted rate of that play (``>= 1``: it does not converge).
     """
 
     victim: np.ndarray
@@ -48,6 +52,9 @@ class Cell:
     flagged_at: np.ndarray | None
     score: np.ndarray | None
     refused: np.ndarray | None
+    victim_predicted: np.ndarray | None = None
+    attacker_predicted: np.ndarray | None = None
+    rho: np.ndarray | None = None
 
 
 def roles(config: PlayConfig) -> tuple[str, str]:
@@ -99,6 +106,7 @@ def run_study(
 
 def _measure(game: Game, attacker: str, victim: str) -> Cell:
     trajectory = simulate(game)
+    prediction = predict(game)
     targets = game.targets
     distance = {n: trajectory.distance(n, targets[n]) for n in (victim, attacker)}
     guard = game.agents[victim]
@@ -112,6 +120,9 @@ def _measure(game: Game, attacker: str, victim: str) -> Cell:
         flagged_at=None if flagged is None else flagged.copy(),
         score=None if score is None else score.copy(),
         refused=None if refused is None else refused >= 0,
+        victim_predicted=np.linalg.norm(prediction.residual[victim], axis=-1),
+        attacker_predicted=np.linalg.norm(prediction.residual[attacker], axis=-1),
+        rho=prediction.rho.copy(),
     )
 
 
@@ -178,9 +189,6 @@ def plot_study(cells: dict[tuple[str, str], Cell], config: PlayConfig, path: str
         rounds = np.arange(1, len(cell.distance[victim]) + 1)
         ax.plot(rounds, np.maximum(cell.distance[victim], 1e-16), color=f"C{k}", label=attack)
         ax.plot(rounds, np.maximum(cell.distance[attacker], 1e-16), color=f"C{k}", ls="--")
-        if attack != "honest" and (attack, "monitor") in cells:
-            fpr, tpr, auc = roc(cells["honest", "monitor"].score, cells[attack, "monitor"].score)
-            rocs.plot(fpr, tpr, color=f"C{k}", label=f"{attack} (AUC {auc:.3f})")
     ax.set(
         yscale="log",
         xscale="log",
@@ -188,10 +196,20 @@ def plot_study(cells: dict[tuple[str, str], Cell], config: PlayConfig, path: str
         ylabel="median distance to own target",
         title=f"no defence: victim {victim} (solid), attacker {attacker} (dashed)",
     )
-    rocs.plot([0, 1], [0, 1], "k:", lw=1)
-    rocs.set(
+    draw_roc(rocs, cells)
+    return save_figure(fig, path)
+
+
+def draw_roc(ax, cells: dict[tuple[str, str], Cell]) -> None:
+    """The victim's monitor's ROC for each attack against honest plays, on ``ax`` (an attack
+    keeps its colour of ``plot_study``'s left panel)."""
+    for k, attack in enumerate(a for a in ATTACKS if (a, "none") in cells):
+        if attack != "honest" and (attack, "monitor") in cells and ("honest", "monitor") in cells:
+            fpr, tpr, auc = roc(cells["honest", "monitor"].score, cells[attack, "monitor"].score)
+            ax.plot(fpr, tpr, color=f"C{k}", label=f"{attack} (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=1)
+    ax.set(
         xlabel="false-alarm rate (honest partners)",
         ylabel="detection rate",
         title="victim's monitor: ROC",
     )
-    return save_figure(fig, path)
