@@ -109,10 +109,18 @@ def run_lsa_study(
 
 
 def plot_lsa_study(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """Write ``lsa_study_figure(rows)`` to ``path``."""
+    from misalign.plot import save_figure
+
+    return save_figure(lsa_study_figure(rows), path)
+
+
+def lsa_study_figure(rows: list[dict[str, Any]]):
     """Residual against objective gap, a panel per geometry: the simulation as markers
     (mean, standard-deviation error bars) over the theory as lines, the extracted-``Gamma``
-    prediction (dashed; the simulation lands on it) and ``Gamma*`` (dotted)."""
-    from misalign.plot import new_figure, save_figure
+    prediction (dashed; the simulation lands on it) and ``Gamma*`` (dotted). Returns the
+    matplotlib figure (``misalign.plot.new_figure``), not yet saved."""
+    from misalign.plot import new_figure
 
     geometries = list(dict.fromkeys(r["geometry"] for r in rows))
     fig, axes = new_figure(len(geometries), (5.5 * len(geometries), 4.2))
@@ -148,4 +156,4 @@ def plot_lsa_study(rows: list[dict[str, Any]], path: str | Path) -> Path:
             ylabel="final distance to own target",
             title=f"{geometry} inputs (d = 4, n = {N})",
         )
-    return save_figure(fig, path)
+    return fig

@@ -202,6 +202,7 @@ def _registry() -> dict[str, Experiment]:
         direction,
         gap,
         helper,
+        lsa,
         noise,
         one_sided,
         schedules,
@@ -221,6 +222,7 @@ def _registry() -> dict[str, Experiment]:
         one_sided.EXPERIMENT,
         attacks.EXPERIMENT,
         helper.EXPERIMENT,
+        lsa.EXPERIMENT,
     ]
     return {e.name: e for e in entries}
 
