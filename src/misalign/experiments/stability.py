@@ -7,6 +7,22 @@ measured from the successive round-to-round changes of the stacked outputs
 ``|s_t - s_{t-1}|`` (defined whether the play converges or not), is compared with the
 theory's ``rho``; per seed, the ``eta`` where the measured rate crosses 1 is compared with
 the one where ``rho`` does (both interpolated linearly on the grid).
+
+Plateaus: as ``rho -> 1`` the play needs ``log(tol) / log(rho)`` rounds to shrink its error
+``|s_t - s*|`` by ``tol`` (``Prediction.rounds_to``). For small steps on a log grid the rounds
+the simulation takes to come within ``tol |s_0 - s*|`` of the fixed point are compared with
+that (per step size, the median over seeds of their ratio: the asymptotic count ignores the
+start's share of the slowest mode, which only shortens the wait).
+
+Transient growth: the error after ``t`` rounds is ``R^t (s_0 - s*)`` exactly (``R`` the round
+map on the stacked outputs, ``misalign.theory.round_map``), and ``R`` need not be normal, so
+``|s_t - s*|`` can grow before it decays although ``rho < 1``. Two agents whose prompts are
+stiff along one direction (``Lambda = diag(10, 1)``, rotated at random: distinct geometry)
+with a step that overshoots along it (``eta`` from 0.18 to 0.23: ``h = 10 eta ~ 2``, each
+agent alone would oscillate or diverge there) still converge for most seeds, their misaligned
+stiff directions damping each other. The simulated error is compared with
+``|R^t (s_0 - s*)|`` from matrix powers, and the growth ``max_t |s_t - s*| / |s_0 - s*|`` of
+the plays with ``rho < 1`` with its bound ``max_t |R^t|_2``.
 """
 
 from __future__ import annotations
@@ -19,6 +35,7 @@ import numpy as np
 from misalign.config import parse_config
 from misalign.experiment import predict, setup, simulate
 from misalign.experiments import Claim, Experiment, Result, measured_rate, write_run
+from misalign.theory import round_map
 
 NAME = "stability"
 
@@ -35,6 +52,20 @@ def config(quick: bool, seeds: int | None) -> dict[str, Any]:
         "rounds": 60,
         "rate_from": 0.8,
         "window": 30,
+        "plateau": {
+            "etas": np.geomspace(0.02, 0.5, 5 if quick else 12).tolist(),
+            "tol": 1e-8,
+            "rounds": 1500,
+        },
+        "transient": {
+            "d": 2,
+            "n": 200,
+            "spectrum": [10.0, 1.0],
+            "rotate": True,
+            "etas": np.linspace(0.18, 0.23, 3 if quick else 11).tolist(),
+            "seeds": seeds or (12 if quick else 100),
+            "rounds": 300,
+        },
     }
 
 
@@ -63,13 +94,14 @@ def run(quick: bool, seeds: int | None, out: Path) -> Result:
     boundary_simulated = _crossing(etas, rate.reshape(shape))
     wrong_side = int(((rate >= 1) != (rho >= 1)).sum())
     rows = [
-        {
-            "eta": eta,
-            "seed": s,
-            "rho": rho[i],
-            "measured_rate": rate[i],
-            "diverged_at": int(trajectory.diverged_at[i]),
-        }
+        _row(
+            "boundary",
+            eta,
+            s,
+            rho[i],
+            measured_rate=rate[i],
+            diverged_at=int(trajectory.diverged_at[i]),
+        )
         for i, (eta, s) in enumerate(grid)
     ]
     both = np.isfinite(boundary_theory) & np.isfinite(boundary_simulated)
@@ -89,7 +121,178 @@ def run(quick: bool, seeds: int | None, out: Path) -> Result:
         ),
         Claim("seeds whose boundary lies outside the grid", int((~both).sum()), 0),
     ]
-    return write_run(out, cfg, rows, claims, _figure(cfg, etas, rho, rate, shape, boundary_theory))
+    plateau_rows, plateau_claims, plateau = _plateaus(cfg)
+    transient_rows, transient_claims, transient = _transient(cfg)
+    rows += plateau_rows + transient_rows
+    claims += plateau_claims + transient_claims
+    figure = _figure(cfg, etas, rho, rate, shape, boundary_theory, plateau, transient)
+    return write_run(out, cfg, rows, claims, figure)
+
+
+COLUMNS = (
+    "measured_rate",
+    "diverged_at",
+    "rounds_to_tol_simulated",
+    "rounds_to_tol_theory",
+    "growth_simulated",
+    "growth_theory",
+    "growth_bound",
+)
+"""The table's columns past ``part``, ``eta``, ``seed`` and ``rho`` (``None`` where a part
+does not measure them)."""
+
+
+def _row(part: str, eta: float, seed: int, rho: float, **values: Any) -> dict[str, Any]:
+    return {"part": part, "eta": eta, "seed": seed, "rho": rho} | {
+        key: values.get(key) for key in COLUMNS
+    }
+
+
+def _alternating(d: int, rounds: int, grid, agent) -> list:
+    """One configuration per ``(eta, seed)`` of two agents with the same settings."""
+    configs = []
+    for eta, s in grid:
+        settings = agent | {"eta": eta}
+        agents = {"A": settings, "B": settings}
+        configs.append(parse_config({"seed": s, "d": d, "rounds": rounds, "agents": agents}))
+    return configs
+
+
+def _errors(game, trajectory, prediction) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``|s_t - s*|`` for rounds ``1..T`` (``(T, B)``), ``s_0 - s*`` (``(B, N d)``) and ``s*``
+    (``(B, N d)``) on the stacked outputs, blocks in schedule order."""
+    names = game.schedule.agents
+    star = np.concatenate([prediction.fixed_point[n] for n in names], axis=-1)
+    start = np.concatenate([game.start] * len(names), axis=-1)  # every block starts at start
+    stacked = np.concatenate([trajectory.outputs(n) for n in names], axis=-1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.linalg.norm(stacked - star, axis=-1), start - star, star
+
+
+def _plateaus(cfg):
+    """Rounds to shrink the error by ``tol`` against ``Prediction.rounds_to(tol)``, small steps."""
+    part = cfg["plateau"]
+    grid = [(eta, s) for eta in part["etas"] for s in range(cfg["seeds"])]
+    agent = {"n": cfg["n"], "preconditioner": cfg["preconditioner"]}
+    game = setup(_alternating(cfg["d"], part["rounds"], grid, agent))
+    trajectory = simulate(game)
+    prediction = predict(game)
+    errors, initial, _ = _errors(game, trajectory, prediction)
+    relative = errors / np.linalg.norm(initial, axis=-1)
+    below = relative <= part["tol"]
+    simulated = np.where(below.any(axis=0), below.argmax(axis=0) + 1.0, np.inf)
+    theory = prediction.rounds_to(part["tol"])
+    shape = (len(part["etas"]), cfg["seeds"])
+    ratio = (simulated / theory).reshape(shape)
+    median = np.median(ratio, axis=1)
+    claims = [
+        Claim(
+            f"plays that never came within {part['tol']:g} |s_0 - s*| of s* in"
+            f" {part['rounds']} rounds (eta >= {part['etas'][0]:g}, rho <= "
+            f"{prediction.rho.max():.4f})",
+            int(np.isinf(simulated).sum()),
+            0,
+        ),
+        Claim(
+            f"rounds to {part['tol']:g} as rho -> 1: |median over seeds of simulated /"
+            " log(tol)/log(rho) - 1|, max over eta",
+            float(np.abs(median - 1).max()),
+            0.1,
+        ),
+    ]
+    rows = [
+        _row(
+            "plateau",
+            eta,
+            s,
+            prediction.rho[i],
+            rounds_to_tol_simulated=simulated[i],
+            rounds_to_tol_theory=theory[i],
+        )
+        for i, (eta, s) in enumerate(grid)
+    ]
+    return rows, claims, (simulated.reshape(shape), theory.reshape(shape), median)
+
+
+def _transient(cfg):
+    """The error ``|s_t - s*|`` against ``|R^t (s_0 - s*)|`` from matrix powers, and its
+    growth before decay in plays with ``rho < 1``."""
+    part = cfg["transient"]
+    grid = [(eta, s) for eta in part["etas"] for s in range(part["seeds"])]
+    agent = {
+        "n": part["n"],
+        "preconditioner": cfg["preconditioner"],
+        "spectrum": part["spectrum"],
+        "rotate": part["rotate"],
+    }
+    game = setup(_alternating(part["d"], part["rounds"], grid, agent))
+    trajectory = simulate(game)
+    prediction = predict(game)
+    converges = prediction.rho < 1
+    errors, initial, _ = _errors(game, trajectory, prediction)
+    maps = {n: game.agents[n].affine() for n in game.schedule.agents}
+    R = round_map(maps, game.schedule).R[converges]
+    e = initial[converges]
+    power = np.broadcast_to(np.eye(R.shape[-1]), R.shape).copy()
+    theory = np.empty((part["rounds"], len(e)))
+    bound = np.ones(len(e))  # max_t |R^t|_2, t = 0 included
+    for t in range(part["rounds"]):
+        power = R @ power
+        theory[t] = np.linalg.norm(np.einsum("bij,bj->bi", power, e), axis=-1)
+        bound = np.maximum(bound, np.linalg.norm(power, ord=2, axis=(1, 2)))
+    size = np.linalg.norm(e, axis=-1)
+    simulated = errors[:, converges]
+    growth_simulated = np.maximum(1.0, (simulated / size).max(axis=0))
+    growth_theory = np.maximum(1.0, (theory / size).max(axis=0))
+    largest = int(np.argmax(growth_simulated))
+    claims = [
+        Claim(
+            "max_t ||s_t - s*| - |R^t (s_0 - s*)|| / |s_0 - s*| over plays with rho < 1"
+            " (R^t by matrix powers of the round map)",
+            float((np.abs(simulated - theory) / size).max()),
+            1e-8,
+        ),
+        Claim(
+            "1 / largest growth max_t |s_t - s*| / |s_0 - s*| among plays with rho < 1"
+            f" (< 1: the error grows before it decays; growth {growth_simulated[largest]:.3f}"
+            f" at rho = {prediction.rho[converges][largest]:.3f})",
+            float(1.0 / growth_simulated[largest]),
+            0.9,
+        ),
+        Claim(
+            "plays with rho < 1 whose growth exceeds the bound max_t |R^t|_2",
+            int((growth_simulated > bound * (1 + 1e-9)).sum()),
+            0,
+        ),
+    ]
+    rows, k = [], 0
+    for i, (eta, s) in enumerate(grid):
+        values = {}
+        if converges[i]:
+            values = {
+                "growth_simulated": growth_simulated[k],
+                "growth_theory": growth_theory[k],
+                "growth_bound": bound[k],
+            }
+            k += 1
+        rows.append(_row("transient", eta, s, prediction.rho[i], **values))
+    example = {
+        "simulated": simulated[:, largest] / size[largest],
+        "theory": theory[:, largest] / size[largest],
+        "rho": float(prediction.rho[converges][largest]),
+        "eta": float(np.array([eta for eta, _ in grid])[converges][largest]),
+    }
+    return (
+        rows,
+        claims,
+        {
+            "rho": prediction.rho[converges],
+            "growth_simulated": growth_simulated,
+            "growth_theory": growth_theory,
+            "bound": bound,
+            "example": example,
+        },
+    )
 
 
 def _crossing(etas: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -105,10 +308,10 @@ def _crossing(etas: np.ndarray, values: np.ndarray) -> np.ndarray:
     return out
 
 
-def _figure(cfg, etas, rho, rate, shape, boundary):
+def _figure(cfg, etas, rho, rate, shape, boundary, plateau, transient):
     from misalign.plot import new_figure
 
-    fig, ax = new_figure(1, (6.5, 4.2))
+    fig, (ax, wait, example, growth) = new_figure(4, (22, 4.6))
     rho, rate = rho.reshape(shape), rate.reshape(shape)
     mean, std = rho.mean(axis=1), rho.std(axis=1)
     ax.plot(etas, mean, "-", color="C0", label="theory rho (mean over seeds)")
@@ -131,13 +334,102 @@ def _figure(cfg, etas, rho, rate, shape, boundary):
         ylabel="rate per round",
         title=f"stability: rho against eta ({cfg['seeds']} seeds)",
     )
+    _plateau_panel(wait, cfg, plateau)
+    _example_panel(example, transient["example"])
+    _growth_panel(growth, cfg, transient)
     return fig
+
+
+def _plateau_panel(ax, cfg, plateau):
+    part, (simulated, theory, _) = cfg["plateau"], plateau
+    etas = np.array(part["etas"])
+    mean, std = theory.mean(axis=1), theory.std(axis=1)
+    ax.plot(etas, mean, "-", color="C0", label="theory log(tol) / log(rho) (mean)")
+    ax.fill_between(etas, mean - std, mean + std, color="C0", alpha=0.2)
+    ax.errorbar(
+        etas,
+        simulated.mean(axis=1),
+        simulated.std(axis=1),
+        fmt="o",
+        ms=4,
+        color="C1",
+        capsize=2,
+        label="simulation: first round with |s_t - s*| <= tol |s_0 - s*| ± std",
+    )
+    from matplotlib.ticker import NullFormatter
+
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="step size eta (both agents)",
+        ylabel=f"rounds to shrink the error by {part['tol']:g}",
+        title=f"plateaus: rounds to tolerance as rho -> 1 ({cfg['seeds']} seeds)",
+    )
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def _example_panel(ax, example):
+    rounds = np.arange(1, len(example["theory"]) + 1)
+    what = "theory |R^t (s_0 - s*)| / |s_0 - s*|"
+    ax.plot(rounds, example["theory"], "-", color="C0", label=what)
+    every = max(1, len(rounds) // 60)
+    ax.plot(
+        rounds[::every],
+        example["simulated"][::every],
+        "o",
+        ms=3,
+        color="C1",
+        label="simulation |s_t - s*| / |s_0 - s*|",
+    )
+    ax.plot(rounds, example["rho"] ** rounds, ":", color="k", label="rho^t")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set(
+        yscale="log",
+        xlabel="round t",
+        ylabel="relative error",
+        title=f"transient growth before decay (eta = {example['eta']:.3f},"
+        f" rho = {example['rho']:.3f})",
+    )
+
+
+def _growth_panel(ax, cfg, transient):
+    from matplotlib.ticker import NullFormatter
+
+    part = cfg["transient"]
+    ax.plot(
+        transient["rho"],
+        transient["growth_theory"],
+        "o",
+        mfc="none",
+        ms=7,
+        color="C0",
+        label="theory max_t |R^t e_0| / |e_0|",
+    )
+    ax.plot(
+        transient["rho"],
+        transient["growth_simulated"],
+        ".",
+        color="C1",
+        label="simulation max_t |s_t - s*| / |s_0 - s*|",
+    )
+    bound = transient["bound"]
+    ax.plot(transient["rho"], bound, "x", ms=4, color="C3", label="bound max_t |R^t|_2")
+    ax.axhline(1.0, color="k", lw=0.8, ls=":")
+    ax.set(
+        yscale="log",
+        xlabel="rho (plays with rho < 1)",
+        ylabel="growth before decay",
+        title=f"growth, rotated diag{tuple(part['spectrum'])} ({len(transient['rho'])} plays)",
+    )
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 EXPERIMENT = Experiment(
     name=NAME,
-    claim="the play converges exactly when rho < 1; the boundary eta where rho crosses 1",
-    typical="2.5 s",
+    claim="the play converges exactly when rho < 1; the boundary eta; plateaus as rho -> 1;"
+    " transient growth before decay",
+    typical="4.9 s",
     config=config,
     run=run,
 )
