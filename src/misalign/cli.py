@@ -6,7 +6,6 @@ one JSON object on stdout and nothing else (progress and messages go to stderr).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import sys
@@ -506,56 +505,6 @@ def _trained(steps: int, summary: dict[str, Any]) -> str:
     return line + f"; checkpoint {summary['checkpoint']}"
 
 
-@app.command("lsa-study")
-def lsa_study(
-    steps: Annotated[int, typer.Option(min=1, help="Training steps per model.")] = 3000,
-    seeds: Annotated[int, typer.Option(min=2, help="Plays per gap.")] = 20,
-    json_out: JsonOpt = False,
-    out: Annotated[
-        Path | None, typer.Option(show_default="runs/lsa-study-<steps>", help="Artifact directory.")
-    ] = None,
-) -> None:
-    """Trained-LSA plays against the theory, over objective gaps and seeds.
-
-    Trains a model per input geometry, plays two copies against each other, and compares
-    the residuals with the theory from the extracted Gamma and from Gamma*."""
-    import numpy as np
-
-    from misalign.lsa_study import plot_lsa_study, run_lsa_study, train_models
-
-    out = Path("runs") / f"lsa-study-{steps}" if out is None else out
-    checkpoints = train_models(out, steps, progress=sys.stderr.isatty())
-    rows = run_lsa_study(checkpoints, seeds=seeds)
-    result = {"steps": steps, "seeds": seeds, "rows": rows}
-    figure = _publish(out, "lsa_study", result, lambda path: plot_lsa_study(rows, path), json_out)
-    if figure is None:
-        return
-    from rich.table import Table
-
-    table = Table(
-        "geometry",
-        "gap",
-        "B simulated",
-        "B theory (extracted)",
-        "B theory (Gamma*)",
-        "max rel. error",
-        title=f"final distance of B to its target, {seeds} seeds",
-    )
-    for row in rows:
-        b = row["B"]
-        table.add_row(
-            row["geometry"],
-            f"{row['gap']:g}",
-            f"{np.mean(b['simulated']):.4f} ± {np.std(b['simulated']):.3f}",
-            f"{np.mean(b['predicted_extracted']):.4f}",
-            f"{np.mean(b['predicted_optimal']):.4f}",
-            f"{max(row['A']['max_relative_error'], b['max_relative_error']):.1e}",
-        )
-    console = _console()
-    console.print(table)
-    console.print(f"artifacts: {out} (figure {figure.name})")
-
-
 @app.command("sweep")
 def sweep_command(
     path: Annotated[
@@ -596,23 +545,28 @@ def sweep_command(
     print(json.dumps(summary) if json_out else summary_line(summary))
 
 
+QuickOpt = Annotated[bool, typer.Option("--quick", help="The small variant (seconds).")]
+SeedsOpt = Annotated[int | None, typer.Option(min=1, help="Seeds per point.")]
+RunOutOpt = Annotated[
+    Path | None,
+    typer.Option(show_default="runs/<name>-<config hash>", help="Directory for the run."),
+]
+
+
 @app.command("reproduce")
 def reproduce(
     name: Annotated[
         str | None, typer.Argument(metavar="NAME", help="An experiment (see --list).")
     ] = None,
     list_: Annotated[bool, typer.Option("--list", help="One line per experiment.")] = False,
-    quick: Annotated[bool, typer.Option("--quick", help="The small variant (seconds).")] = False,
-    seeds: Annotated[int | None, typer.Option(min=1, help="Seeds per point.")] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option(show_default="runs/<name>-<config hash>", help="Directory for the run."),
-    ] = None,
+    quick: QuickOpt = False,
+    seeds: SeedsOpt = None,
+    out: RunOutOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Reproduce one claim of docs/theory.md: run its experiment, write the figure, table,
     configuration, version and claims.json, and check every claim (exit 1 when one fails)."""
-    from misalign.experiments import REGISTRY, default_out
+    from misalign.experiments import REGISTRY
 
     if list_:
         width = max(len(n) for n in REGISTRY)
@@ -623,6 +577,13 @@ def reproduce(
         _fail(f"name an experiment or give --list; known: {', '.join(REGISTRY)}")
     if name not in REGISTRY:
         _fail(f"unknown experiment {name!r}; known: {', '.join(REGISTRY)}")
+    _reproduce(name, quick, seeds, out, json_out)
+
+
+def _reproduce(name: str, quick: bool, seeds: int | None, out: Path | None, json_out: bool) -> None:
+    """Run the registry entry ``name``, print its claims (or JSON), exit 1 when one fails."""
+    from misalign.experiments import REGISTRY, default_out
+
     entry = REGISTRY[name]
     out = default_out(entry, quick, seeds) if out is None else out
     try:
@@ -676,6 +637,28 @@ def report_command(
     print(f"report: {out} ({len(runs)} runs, {passed} of {total} claims pass)")
 
 
+@app.command("helper-study")
+def helper_study(
+    quick: QuickOpt = False,
+    seeds: SeedsOpt = None,
+    out: RunOutOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Alias of `misalign reproduce helper`: rounds to target with and without a Newton helper."""
+    _reproduce("helper", quick, seeds, out, json_out)
+
+
+@app.command("lsa-study")
+def lsa_study(
+    quick: QuickOpt = False,
+    seeds: SeedsOpt = None,
+    out: RunOutOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Alias of `misalign reproduce lsa`: trained-LSA plays against the theory."""
+    _reproduce("lsa", quick, seeds, out, json_out)
+
+
 @app.command()
 def serve(
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port on 127.0.0.1.")] = 8765,
@@ -690,81 +673,6 @@ def serve(
         serve_model(port)
     except (ConfigError, RuntimeError) as exc:
         _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-
-
-@app.command("helper-study")
-def helper_study(
-    dims: Annotated[str, typer.Option(help="Dimensions, comma-separated.")] = "2,5,10,20",
-    kappas: Annotated[
-        str, typer.Option(help="Condition numbers, comma-separated.")
-    ] = "10,100,1000",
-    seeds: Annotated[int, typer.Option(min=1, help="Seeds per grid point.")] = 5,
-    cap: Annotated[int, typer.Option(min=10, help="Most rounds a play may take.")] = 100_000,
-    json_out: JsonOpt = False,
-    out: Annotated[
-        Path | None,
-        typer.Option(show_default="runs/helper-study-<hash>", help="Artifact directory."),
-    ] = None,
-) -> None:
-    """Rounds to target with and without a Newton helper, over d and kappa.
-
-    The main agent alone, in plain alternation, with a white-box and with a secant
-    helper."""
-    from misalign.helper_study import plot_helper_study, run_helper_study
-
-    grid = {"dims": _numbers(dims, int, "--dims"), "kappas": _numbers(kappas, float, "--kappas")}
-    if not all(1 <= d <= 200 for d in grid["dims"]):
-        _fail("--dims: each must be between 1 and 200")
-    if not all(1 <= k <= 1e8 for k in grid["kappas"]):  # also rules out inf and nan
-        _fail("--kappas: each must be between 1 and 1e8")
-    try:
-        rows = run_helper_study(**grid, seeds=seeds, cap=cap, progress=sys.stderr.isatty())
-    except ConfigError as exc:
-        _fail(str(exc))
-    result = {"rows": rows, "seeds": seeds, "cap": cap, **grid}
-    digest = hashlib.sha256(json.dumps([grid, seeds, cap]).encode()).hexdigest()[:12]
-    out = Path("runs") / f"helper-study-{digest}" if out is None else out
-    figure = _publish(
-        out, "helper_study", result, lambda path: plot_helper_study(rows, path), json_out
-    )
-    if figure is None:
-        return
-    from rich.table import Table
-
-    table = Table(
-        "d", "kappa", "cond(H_A)", *METHODS_SHORT, title=f"median (max) rounds, {seeds} seed(s)"
-    )
-    for d in grid["dims"]:
-        for kappa in grid["kappas"]:
-            cells = {r["method"]: r for r in rows if r["d"] == d and r["kappa"] == kappa}
-            first = next(iter(cells.values()))
-            table.add_row(
-                str(d),
-                f"{kappa:g}",
-                f"{first['cond_H_A_median']:.3g}",
-                *(_rounds(cells[m]) for m in cells),
-            )
-    console = _console()
-    console.print(table)
-    console.print(f"artifacts: {out} (figure {figure.name})")
-
-
-METHODS_SHORT = ("A alone", "alternation", "white-box", "secant")
-
-
-def _rounds(row: dict[str, Any]) -> str:
-    fmt = lambda x: "never" if x == float("inf") else f"{x:.0f}"  # noqa: E731
-    return f"{fmt(row['rounds_median'])} ({fmt(row['rounds_max'])})"
-
-
-def _numbers(text: str, kind: type, option: str) -> list:
-    try:
-        values = [kind(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        _fail(f"{option}: expected comma-separated numbers, got {text!r}")
-    if not values:
-        _fail(f"{option}: expected comma-separated numbers, got {text!r}")
-    return values
 
 
 def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> None:

@@ -202,19 +202,20 @@ def test_attack_study_command(tmp_path):
     assert "ROC AUC" in table.stdout
 
 
-def test_helper_study_command(tmp_path):
-    args = ["helper-study", "--dims", "2", "--kappas", "10", "--seeds", "2", "--cap", "2000"]
-    result = _invoke(tmp_path, *args, "--json")
-    assert result.exit_code == 0, result.stderr
-    rows = json.loads(result.stdout)["rows"]
-    assert {r["method"] for r in rows} == {
-        "A alone",
-        "plain alternation",
-        "white-box helper",
-        "secant helper",
-    }
-    bad = _invoke(tmp_path, "helper-study", "--dims", "two")
-    assert bad.exit_code == 2 and bad.stderr.startswith("misalign: error: --dims:")
+def test_old_study_commands_are_aliases_of_reproduce(tmp_path):
+    """helper-study and lsa-study run the registry's helper and lsa entries."""
+    for command, name in (("helper-study", "helper"), ("lsa-study", "lsa")):
+        out = tmp_path / name
+        result = runner.invoke(
+            app, [command, "--quick", "--seeds", "2", "--out", str(out), "--json"]
+        )
+        assert result.exit_code == 0, result.stderr
+        data = json.loads(result.stdout)
+        assert data["experiment"] == name and data["passed"] is True
+        assert data["claims"] == json.loads((out / "claims.json").read_text())
+        assert json.loads((out / "config.json").read_text())["experiment"] == name
+    bad = _invoke(tmp_path, "helper-study", "--dims", "2")
+    assert bad.exit_code == 2 and "No such option: --dims" in bad.stderr
 
 
 def test_training_example_runs(tmp_path):
@@ -268,9 +269,6 @@ def test_lsa_play_example_against_a_trained_checkpoint(tmp_path):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["helper-study", "--kappas", "inf"], "--kappas: each must be between 1 and 1e8"),
-        (["helper-study", "--kappas", "nan"], "--kappas: each must be between 1 and 1e8"),
-        (["helper-study", "--dims", "0"], "--dims: each must be between 1 and 200"),
         (["attacks", str(EXAMPLES / "helper.toml")], "attack study needs a two-agent play"),
     ],
 )

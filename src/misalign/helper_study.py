@@ -16,7 +16,6 @@ spaced geometrically from 1 down to ``1 / kappa`` (``n = 20 d`` examples, so
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -116,31 +115,3 @@ def run_helper_study(
 def _conditions(d: int, grid: list[tuple[float, int]]) -> list[float]:
     game = setup([study_config("A alone", d, k, s, 1) for k, s in grid])
     return np.linalg.cond(game.agents["A"].affine().H).tolist()
-
-
-def plot_helper_study(rows: list[dict[str, Any]], path: str | Path) -> Path:
-    """Median rounds to target against ``kappa``, one panel per method family, a line per ``d``."""
-    from misalign.plot import new_figure, save_figure
-
-    fig, ax = new_figure(1, (7, 4.5))
-    dims = sorted({r["d"] for r in rows})
-    styles = dict(zip(METHODS, ["-", "--", ":", "-."], strict=True))
-    for method in METHODS:
-        for k, d in enumerate(dims):
-            mine = sorted(
-                (r for r in rows if r["method"] == method and r["d"] == d), key=lambda r: r["kappa"]
-            )
-            x, y = [r["kappa"] for r in mine], [r["rounds_median"] for r in mine]
-            ax.plot(x, y, styles[method], marker="o", color=f"C{k}", alpha=0.9)
-        ax.plot([], [], styles[method], color="k", label=method)
-    for k, d in enumerate(dims):
-        ax.plot([], [], color=f"C{k}", label=f"d = {d}")
-    ax.set(
-        xscale="log",
-        yscale="log",
-        xlabel="condition number kappa (of A's covariance)",
-        ylabel="median rounds until |u_t - w_A*| < 1e-8",
-        title="the Newton helper against plain play",
-    )
-    ax.legend(frameon=False, fontsize="small", ncol=2)
-    return save_figure(fig, path)

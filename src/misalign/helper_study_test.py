@@ -3,7 +3,7 @@
 import numpy as np
 
 from misalign.experiment import setup
-from misalign.helper_study import METHODS, plot_helper_study, run_helper_study, study_config
+from misalign.helper_study import METHODS, run_helper_study, study_config
 
 
 def test_every_method_chases_the_same_target_on_the_same_prompt():
@@ -19,11 +19,10 @@ def test_condition_number_follows_kappa():
     assert 5 < cond[0] < 20 and 500 < cond[1] < 2000
 
 
-def test_study_rows_and_figure(tmp_path):
+def test_study_rows():
     rows = run_helper_study(dims=(2, 3), kappas=(10.0, 100.0), seeds=2, cap=5000)
     assert len(rows) == len(METHODS) * 4
     by = {(r["method"], r["d"], r["kappa"]): r for r in rows}
     assert by["white-box helper", 3, 100.0]["rounds_max"] == 1
     assert by["secant helper", 3, 100.0]["rounds_max"] == 5
     assert by["A alone", 3, 100.0]["rounds_median"] > 1000
-    assert plot_helper_study(rows, tmp_path / "h.png").stat().st_size > 10_000

@@ -108,13 +108,6 @@ def run_lsa_study(
     return rows
 
 
-def plot_lsa_study(rows: list[dict[str, Any]], path: str | Path) -> Path:
-    """Write ``lsa_study_figure(rows)`` to ``path``."""
-    from misalign.plot import save_figure
-
-    return save_figure(lsa_study_figure(rows), path)
-
-
 def lsa_study_figure(rows: list[dict[str, Any]]):
     """Residual against objective gap, a panel per geometry: the simulation as markers
     (mean, standard-deviation error bars) over the theory as lines, the extracted-``Gamma``
