@@ -202,6 +202,7 @@ def _registry() -> dict[str, Experiment]:
         direction,
         gap,
         helper,
+        llm,
         lsa,
         noise,
         one_sided,
@@ -223,6 +224,7 @@ def _registry() -> dict[str, Experiment]:
         attacks.EXPERIMENT,
         helper.EXPERIMENT,
         lsa.EXPERIMENT,
+        llm.EXPERIMENT,
     ]
     return {e.name: e for e in entries}
 

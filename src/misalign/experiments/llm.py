@@ -1,0 +1,407 @@
+"""``llm``: language-model agents, offline. The shipped recorded run replays bit for bit from
+its store without a server or a key; a loopback server whose answers follow a known affine map
+is fitted exactly and the play ends on the predicted equilibrium (docs/theory.md §7).
+
+Part 1, the recorded run (``examples/local_llm.toml`` with ``examples/local_llm.sqlite``:
+SmolLM2-135M-Instruct against an analytic agent, ``d = 2``, 20 rounds). The store is copied
+into a temporary directory and the copy is replayed (``Session(copy, "replay")``: no request
+may reach a server, a miss is an error; the shipped file is hashed before and after). The
+replay is run twice through the Python API (``setup``, ``fit``, ``simulate``, ``predict``).
+This part tests the path (store, replay, parsing, fit, report), not the theory: the small
+model does not compute a gradient step, its answers are only roughly affine, and the claims
+say what is true of that recording (the fit table of the README).
+
+Part 2, the theory: ``misalign.llm.fake_server.FakeServer`` on ``127.0.0.1`` answers
+``A w + c`` (a non-symmetric ``A`` with spectral radius 0.6) in the JSON an OpenAI-compatible
+server would; a language-model agent plays it against a noisy-label analytic agent, recorded
+into a temporary store. Both fits must recover ``A`` and ``c``, the local prediction must be
+confirmed, and every play must end on the predicted equilibrium. The server is stopped
+whatever happens (a context manager).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sqlite3
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from misalign.config import load_config, parse_config
+from misalign.experiment import fit, predict, setup, simulate
+from misalign.experiments import Claim, Experiment, Result, write_run
+from misalign.theory import round_map
+
+NAME = "llm"
+ROOT = Path(__file__).resolve().parents[3]
+"""The repository root (``examples/`` lives there)."""
+
+
+def config(quick: bool, seeds: int | None) -> dict[str, Any]:
+    """The resolved parameters."""
+    return {
+        "experiment": NAME,
+        "recorded": {
+            "config": "examples/local_llm.toml",
+            "store": "examples/local_llm.sqlite",
+            "replays": 2,
+            # the README's fit table for the shipped run, to its printed digits
+            "readme": {
+                "global_r2": 0.70,
+                "global_rms": 0.39,
+                "global_gap": 0.53,
+                "global_gap_relative": 0.21,
+                "local_r2": 0.04,
+                "local_gap": 0.11,
+            },
+            "digits": 0.005,
+            "global_r2_at_least": 0.70,
+        },
+        "fake": {
+            "dims": [2] if quick else [2, 4],
+            "plays": seeds or (3 if quick else 20),
+            "rounds": 80,
+            "spectral_radius": 0.6,
+            "map_seed": 0,
+            "A": {"n": 8, "concurrency": 32},
+            "B": {"n": 8, "noise": 0.2},
+        },
+    }
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _recorded_estimates(store: Path, agent: str, play: int) -> np.ndarray:
+    """The estimates the store's accepted play slots of ``agent`` hold, by round."""
+    with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as db:
+        rows = db.execute(
+            "SELECT c.round, a.estimate FROM accepted c JOIN answers a ON a.key = c.key"
+            " WHERE c.agent = ? AND c.play = ? AND c.kind = 'play' AND c.sample = 0"
+            " ORDER BY c.round, c.position",
+            (agent, play),
+        ).fetchall()
+    return np.array([json.loads(estimate) for _, estimate in rows], dtype=float)
+
+
+def _accepted(store: Path) -> int:
+    with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as db:
+        return int(db.execute("SELECT count(*) FROM accepted").fetchone()[0])
+
+
+def _replay(toml: Path, store: Path):
+    """One replay of the recorded run from ``store``: game, fits, trajectory, prediction and
+    the session's counters."""
+    from misalign.llm.agent import Session
+
+    session = Session(str(store), "replay")
+    try:
+        game = setup(load_config(toml), session=session)
+        fits = fit(game)
+        trajectory = simulate(game)
+        prediction = predict(game)
+    finally:
+        session.close()
+    return game, fits, trajectory, prediction, session
+
+
+def _recorded(cfg: dict[str, Any]):
+    """Part 1: replay the shipped run from copies of its store."""
+    part = cfg["recorded"]
+    toml, shipped = ROOT / part["config"], ROOT / part["store"]
+    if not (toml.exists() and shipped.exists()):
+        raise FileNotFoundError(f"{part['config']} and {part['store']} ship with the repository")
+    before = _sha256(shipped)
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="misalign-llm-") as tmp:
+        for k in range(part["replays"]):
+            copy = Path(tmp) / f"replay-{k}.sqlite"
+            shutil.copyfile(shipped, copy)
+            runs.append(_replay(toml, copy))
+        recorded = _recorded_estimates(copy, "A", int(runs[0][0].configs[0].seed))
+        accepted = _accepted(copy)
+    changed = int(_sha256(shipped) != before)
+    game, fits, trajectory, prediction, session = runs[0]
+    names = game.schedule.agents
+    replayed = trajectory.outputs("A")[:, 0]
+    bit_for_bit = (
+        float(np.abs(replayed - recorded).max()) if replayed.shape == recorded.shape else np.inf
+    )
+
+    def everything(run) -> np.ndarray:
+        g, f, t, p, _ = run
+        agent = f.agents["A"]
+        parts = [t.outputs(n).ravel() for n in names]
+        parts += [agent.global_.map.A.ravel(), agent.global_.map.c.ravel()]
+        parts += [agent.local.map.A.ravel(), agent.local.map.c.ravel()]
+        parts += [p.fixed_point[n].ravel() for n in names]
+        parts += [f.global_prediction.fixed_point[n].ravel() for n in names]
+        return np.concatenate(parts)
+
+    again = max(float(np.abs(everything(run) - everything(runs[0])).max()) for run in runs[1:])
+    agent = fits.agents["A"]
+    final = replayed[-1]
+    equilibrium = {
+        "global": fits.global_prediction.fixed_point["A"][0],
+        "local": prediction.fixed_point["A"][0],
+    }
+    measured = {
+        "global_r2": float(agent.global_.r2[0]),
+        "global_rms": float(agent.global_.rms[0]),
+        "global_gap": float(np.linalg.norm(final - equilibrium["global"])),
+        "global_gap_relative": float(
+            np.linalg.norm(final - equilibrium["global"]) / np.linalg.norm(final)
+        ),
+        "local_r2": float(agent.local.r2[0]),
+        "local_gap": float(np.linalg.norm(final - equilibrium["local"])),
+    }
+    readme = part["readme"]
+    table = max(abs(measured[k] - readme[k]) for k in readme)
+    stats = [run[4].stats for run in runs]
+    failed = sum(len(run[4].failed) for run in runs)
+    claims = [
+        Claim(
+            "replay: max |A's output - the estimate recorded in the store| over the 20 rounds"
+            " (bit for bit)",
+            bit_for_bit,
+            0.0,
+        ),
+        Claim(
+            f"replay: max difference between {part['replays']} replays (every output, both"
+            " fits' A and c, both predicted equilibria)",
+            again,
+            0.0,
+        ),
+        Claim(
+            "replay: requests sent to a server, plus answers not read from the store"
+            f" (|cached - accepted slots| per replay, {accepted} slots), plus failed plays",
+            sum(s.requests + abs(s.cached - accepted) for s in stats) + failed,
+            0,
+        ),
+        Claim("replay: the shipped store changed (sha256 before and after)", changed, 0),
+        Claim(
+            "recorded run: 1 - r2 of the global affine fit (the answers are only roughly affine;"
+            f" r2 = {measured['global_r2']:.4f})",
+            1.0 - measured["global_r2"],
+            1.0 - part["global_r2_at_least"],
+        ),
+        Claim(
+            "recorded run: max |fit table - README| (global r2 0.70, rms 0.39, gap 0.53 = 21% of"
+            " the final output; local r2 0.04, gap 0.11)",
+            table,
+            part["digits"],
+        ),
+        Claim(
+            "recorded run: local fits confirmed (0: the model's answer at the predicted input is"
+            " not the predicted output; this run tests the path, not the theory)",
+            int(agent.confirmed.sum()),
+            0,
+        ),
+    ]
+    rows = []
+    for t in range(trajectory.rounds):
+        for name in names:
+            output = trajectory.outputs(name)[t, 0]
+            for i, value in enumerate(output):
+                rows.append(
+                    _row(
+                        "recorded",
+                        int(game.configs[0].seed),
+                        t + 1,
+                        name,
+                        i,
+                        value,
+                        prediction.fixed_point[name][0, i],
+                        fits.global_prediction.fixed_point[name][0, i],
+                    )
+                )
+    curves = {"outputs": replayed, "equilibrium": equilibrium, "measured": measured}
+    return rows, claims, curves
+
+
+def _row(part, play, round_, agent, coordinate, output, local, global_) -> dict[str, Any]:
+    return {
+        "part": part,
+        "play": play,
+        "round": round_,
+        "agent": agent,
+        "coordinate": coordinate,
+        "output": output,
+        "equilibrium_predicted": local,
+        "equilibrium_global_fit": global_,
+    }
+
+
+def _true_map(d: int, radius: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A non-symmetric ``A`` with spectral radius ``radius``, and ``c``."""
+    rng = np.random.default_rng([seed, d])
+    A = rng.standard_normal((d, d))
+    A *= radius / max(abs(np.linalg.eigvals(A)))
+    return A, rng.standard_normal(d)
+
+
+def _fake(cfg: dict[str, Any]):
+    """Part 2: a loopback server answering a known affine map, fitted and played."""
+    from misalign.llm.agent import Session
+    from misalign.llm.fake_server import FakeServer, affine
+
+    part = cfg["fake"]
+    rows, curves = [], {}
+    fit_error = equilibrium_error = 0.0
+    unconfirmed = 0
+    with tempfile.TemporaryDirectory(prefix="misalign-llm-") as tmp:
+        for d in part["dims"]:
+            A, c = _true_map(d, part["spectral_radius"], part["map_seed"])
+            with FakeServer(affine(A, c)) as server:
+                llm = {"kind": "llm", "model": "fake", "base_url": server.base_url}
+                agents = {"A": llm | {"api_key_env": ""} | part["A"], "B": part["B"]}
+                play = parse_config({"seed": 0, "d": d, "rounds": part["rounds"], "agents": agents})
+                session = Session(str(Path(tmp) / f"fake-{d}.sqlite"))
+                try:
+                    game = setup(play, seeds=range(part["plays"]), session=session)
+                    fits = fit(game)
+                    trajectory = simulate(game)
+                    prediction = predict(game)
+                finally:
+                    session.close()
+            agent = fits.agents["A"]
+            for one in (agent.global_, agent.local):
+                fit_error = max(
+                    fit_error,
+                    float(np.abs(one.map.A - A).max()),
+                    float(np.abs(one.map.c - c).max()),
+                )
+            for name in game.schedule.agents:
+                final = trajectory.outputs(name)[-1]
+                gap = np.abs(final - prediction.fixed_point[name]).max()
+                equilibrium_error = max(equilibrium_error, float(gap))
+            unconfirmed += int((~agent.confirmed).sum())
+            names = game.schedule.agents
+            star = np.concatenate([prediction.fixed_point[n] for n in names], axis=-1)
+            s0 = np.concatenate([game.start] * len(names), axis=-1) - star
+            stacked = np.concatenate([trajectory.outputs(n) for n in names], axis=-1)
+            simulated = np.linalg.norm(stacked - star, axis=-1) / np.linalg.norm(s0, axis=-1)
+            R = round_map({n: game.agents[n].affine() for n in names}, game.schedule).R
+            theory, power = [], np.broadcast_to(np.eye(R.shape[-1]), R.shape).copy()
+            for _ in range(trajectory.rounds):
+                power = R @ power
+                theory.append(np.linalg.norm(np.einsum("bij,bj->bi", power, s0), axis=-1))
+            theory = np.array(theory) / np.linalg.norm(s0, axis=-1)
+            curves[d] = (simulated, theory, float(np.median(prediction.rho)))
+            for p in range(part["plays"]):
+                for t in range(trajectory.rounds):
+                    for name in names:
+                        for i in range(d):
+                            rows.append(
+                                _row(
+                                    f"fake d={d}",
+                                    p,
+                                    t + 1,
+                                    name,
+                                    i,
+                                    trajectory.outputs(name)[t, p, i],
+                                    prediction.fixed_point[name][p, i],
+                                    fits.global_prediction.fixed_point[name][p, i],
+                                )
+                            )
+    plays = part["plays"] * len(part["dims"])
+    claims = [
+        Claim(
+            f"fake server (A w + c, d = {part['dims']}, {plays} plays): max |fitted - true|"
+            " of A and c, global and local fits",
+            fit_error,
+            1e-6,
+        ),
+        Claim(
+            "fake server: max |final output - predicted equilibrium| over agents and plays",
+            equilibrium_error,
+            1e-6,
+        ),
+        Claim("fake server: plays whose local prediction is not confirmed", unconfirmed, 0),
+    ]
+    return rows, claims, curves
+
+
+def run(quick: bool, seeds: int | None, out: Path) -> Result:
+    """The recorded run replayed twice, then the fake server's plays."""
+    cfg = config(quick, seeds)
+    rows, claims, recorded = _recorded(cfg)
+    fake_rows, fake_claims, fake = _fake(cfg)
+    return write_run(out, cfg, rows + fake_rows, claims + fake_claims, _figure(recorded, fake))
+
+
+def _figure(recorded, fake):
+    from misalign.plot import new_figure
+
+    fig, (ax, right) = new_figure(2, (12, 4.4))
+    outputs = recorded["outputs"]
+    rounds = np.arange(1, len(outputs) + 1)
+    styles = {"local": "--", "global": ":"}
+    for i in range(outputs.shape[1]):
+        color = f"C{i}"
+        ax.plot(rounds, outputs[:, i], "o", color=color, label=f"replayed output of A, w[{i}]")
+        for which, style in styles.items():
+            ax.axhline(
+                recorded["equilibrium"][which][i],
+                color=color,
+                ls=style,
+                label=f"{which} fit's predicted equilibrium, w[{i}]",
+            )
+    measured = recorded["measured"]
+    ax.set_ylim(-1.0, 3.0)
+    ax.legend(frameon=False, fontsize="x-small", ncol=2, loc="lower left")
+    ax.set(
+        xlabel="round",
+        ylabel="language model's output (coordinate)",
+        title=(
+            f"recorded SmolLM2 run, replayed: global r2 {measured['global_r2']:.2f},"
+            f" local r2 {measured['local_r2']:.2f}"
+        ),
+    )
+    for k, (d, (simulated, theory, rho)) in enumerate(fake.items()):
+        color = f"C{k}"
+        t = np.arange(1, len(theory) + 1)
+        # below 1e-12 (geometric mean) the plays sit at float64 rounding
+        log_t = np.log10(np.maximum(theory, 1e-300))
+        shown = log_t.mean(axis=1) > -12
+        log_t, log_s = log_t[shown], np.log10(np.maximum(simulated[shown], 1e-300))
+        right.plot(
+            t[shown],
+            10 ** log_t.mean(axis=1),
+            "-",
+            color=color,
+            label=f"theory |R^t e_0| / |e_0|, d = {d} (geometric mean)",
+        )
+        mean, std = log_s.mean(axis=1), log_s.std(axis=1)
+        right.errorbar(
+            t[shown][::2],
+            10 ** mean[::2],
+            [10 ** mean[::2] - 10 ** (mean - std)[::2], 10 ** (mean + std)[::2] - 10 ** mean[::2]],
+            fmt="o",
+            ms=3,
+            color=color,
+            capsize=2,
+            label=f"simulation, d = {d} ± std ({simulated.shape[1]} plays, rho ~ {rho:.2f})",
+        )
+    right.set(
+        yscale="log",
+        xlabel="round",
+        ylabel="|s_t - s*| / |s_0 - s*| (log mean ± std over plays)",
+        title="fake server answering A w + c: the fitted theory holds",
+    )
+    return fig
+
+
+EXPERIMENT = Experiment(
+    name=NAME,
+    claim="the recorded language-model run replays bit for bit offline; a fitted affine server"
+    " ends on its predicted equilibrium",
+    typical="9.5 s",
+    config=config,
+    run=run,
+)
