@@ -236,7 +236,7 @@ def _figure(cfg, gaps, per_gap, response, simulated, small):
 EXPERIMENT = Experiment(
     name=NAME,
     claim="the prompt geometry decides how much of the gap each agent feels, per direction",
-    typical="8.3 s",
+    typical="3.3 s",
     config=config,
     run=run,
 )

@@ -429,7 +429,7 @@ EXPERIMENT = Experiment(
     name=NAME,
     claim="the play converges exactly when rho < 1; the boundary eta; plateaus as rho -> 1;"
     " transient growth before decay",
-    typical="4.9 s",
+    typical="5.7 s",
     config=config,
     run=run,
 )
