@@ -1,5 +1,6 @@
 """Benchmark: a sweep of the analytic two-agent play, on one process, on joblib workers over
-every core and on a local Ray instance, and its end-to-end cost per play against a bare loop.
+every core and on a local Ray instance, and its end-to-end cost per play against a bare loop;
+then one large batch, setup, play and prediction timed apart, against the bare play.
 
 The sweep zips two axes over ``--points`` points: ``seed`` (10 apart, so no two points share a
 play) and B's step scale drawn uniformly. Each point plays ``--seeds`` seeds of ``--rounds``
@@ -9,6 +10,12 @@ process. The bare loop is the least the same plays need: the agents' affine maps
 alternation, nothing recorded, for the plays of one point at a time (as the sweep batches
 them) and for every play at once; its maps come from the first ``--floor-points`` points.
 Every backend's rows are checked equal (``seconds`` aside).
+
+The batch: ``--batch`` plays (seeds 0, 1, ...) of the same two agents at dimension
+``--batch-d`` (``n = 2 d``, B rotated), ``--batch-rounds`` rounds, through
+``misalign.experiment``: ``setup``, ``simulate`` (the bare play: every turn recorded) and
+``predict``, in microseconds per play, best of ``--repeats`` runs (the first run, which
+also faults in fresh memory, is reported apart), with the bare loop over the same maps.
 
     python benchmarks/sweep_bench.py                       # 10^4 points x 10 seeds x 100 rounds
     python benchmarks/sweep_bench.py --points 500          # a quick run
@@ -25,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from misalign.experiment import setup
+from misalign.config import parse_config
+from misalign.experiment import predict, setup, simulate
 from misalign.sweep import Sweep, parse_sweep, point_config, read_rows, run_sweep
 
 
@@ -75,6 +83,56 @@ def bare(maps: tuple[np.ndarray, ...], rounds: int) -> np.ndarray:
     return v
 
 
+def batch_costs(plays: int, d: int, rounds: int, repeats: int) -> dict:
+    """Microseconds per play of ``setup``, ``simulate`` and ``predict`` on one batch of
+    ``plays`` plays, and of the bare loop over its maps: the best of ``repeats`` runs, and the
+    first run apart."""
+    config = parse_config(
+        {
+            "d": d,
+            "rounds": rounds,
+            "agents": {"A": {"n": 2 * d}, "B": {"n": 2 * d, "rotate": True}},
+        }
+    )
+    runs = []
+    for _ in range(repeats):
+        times = {}
+        started = time.perf_counter()
+        game = setup(config, seeds=range(plays))
+        times["setup"] = time.perf_counter() - started
+        started = time.perf_counter()
+        trajectory = simulate(game)
+        times["simulate"] = time.perf_counter() - started
+        started = time.perf_counter()
+        predict(game)
+        times["predict"] = time.perf_counter() - started
+        a, b = game.agents["A"].affine(), game.agents["B"].affine()
+        started = time.perf_counter()
+        bare((a.A, a.c, b.A, b.c), rounds)
+        times["bare_loop"] = time.perf_counter() - started
+        del game, trajectory
+        runs.append({k: v / plays * 1e6 for k, v in times.items()})
+
+    def summary(us: dict) -> dict:
+        total = us["setup"] + us["simulate"] + us["predict"]
+        return {
+            **{f"{k}_us": v for k, v in us.items()},
+            "total_us": total,
+            "total_over_simulate": total / us["simulate"],
+            "total_over_bare_loop": total / us["bare_loop"],
+        }
+
+    best = {k: min(run[k] for run in runs) for k in runs[0]}
+    return {
+        "plays": plays,
+        "d": d,
+        "rounds": rounds,
+        "repeats": repeats,
+        **summary(best),
+        "first_run": summary(runs[0]),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", type=int, default=10_000)
@@ -86,6 +144,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--backends", default="one,local,ray", help="any of one, local, ray (comma-separated)"
     )
+    parser.add_argument("--batch", type=int, default=20_000, help="plays of the large batch")
+    parser.add_argument("--batch-d", type=int, default=10)
+    parser.add_argument("--batch-rounds", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of the large batch")
     args = parser.parse_args(argv)
     cores = len(os.sched_getaffinity(0))
     wanted = args.backends.split(",")
@@ -153,6 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
         if per_play is not None
         else None,
     }
+    result["batch"] = batch = batch_costs(args.batch, args.batch_d, args.batch_rounds, args.repeats)
     print(json.dumps(result, indent=1))
     if per_play is not None:
         ratios = ", ".join(f"{n} {r:.2f}x" for n, r in result["ratio_to_one_process"].items())
@@ -164,6 +227,15 @@ def main(argv: list[str] | None = None) -> dict:
             f"one point's {args.seeds} plays, "
             f"{result['end_to_end_over_bare']['one_batch']:.0f}x over all plays in one batch"
         )
+    print(
+        f"A batch of {batch['plays']} plays (d = {batch['d']}, {batch['rounds']} rounds), best of "
+        f"{batch['repeats']}: setup {batch['setup_us']:.1f} us, play {batch['simulate_us']:.1f} "
+        f"us, prediction {batch['predict_us']:.1f} us per play; setup + play + prediction "
+        f"{batch['total_us']:.1f} us, {batch['total_over_simulate']:.2f}x the bare play, "
+        f"{batch['total_over_bare_loop']:.2f}x the bare loop ({batch['bare_loop_us']:.1f} us). "
+        f"First run: {batch['first_run']['total_us']:.1f} us, "
+        f"{batch['first_run']['total_over_simulate']:.2f}x its play"
+    )
     return result
 
 

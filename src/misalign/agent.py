@@ -68,10 +68,14 @@ class AffineMap:
         )
 
     def power(self, k: int) -> AffineMap:
-        """The ``k``-fold composition ``f o ... o f``."""
-        A, c = np.broadcast_to(np.eye(self.A.shape[-1]), self.A.shape).copy(), np.zeros_like(self.c)
+        """The ``k``-fold composition ``f o ... o f`` (its first factor is ``f`` itself: ``A I``
+        and ``A 0 + c`` are ``A`` and ``c``, the same numbers)."""
+        if k == 0:
+            eye = np.broadcast_to(np.eye(self.A.shape[-1]), self.A.shape).copy()
+            return AffineMap(eye, np.zeros_like(self.c))
+        A, c = self.A, self.c
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is checked by the caller
-            for _ in range(k):
+            for _ in range(k - 1):
                 A, c = self.A @ A, self(c)
         return AffineMap(A, c)
 
@@ -151,7 +155,9 @@ class Agent(Protocol):
         """The effective preconditioner ``Gamma`` (``(B, d, d)``), or ``None`` for black boxes."""
 
 
-def preconditioner(kind: Preconditioner, prompt: Prompt, eta: float = 1.0) -> np.ndarray:
+def preconditioner(
+    kind: Preconditioner, prompt: Prompt, eta: float | np.ndarray = 1.0
+) -> np.ndarray:
     """The preconditioner ``Gamma`` of an analytic agent (docs/theory.md §1).
 
     Args:
@@ -159,34 +165,40 @@ def preconditioner(kind: Preconditioner, prompt: Prompt, eta: float = 1.0) -> np
             Newton step ``H = eta I``; with ``n < d`` ``H`` projects on the row space of ``X``),
             or ``lsa-optimal``, the optimum of a trained linear self-attention layer,
             ``eta ((n+1)/n Lambda + tr(Lambda)/n I)^{-1}`` (isotropic: ``eta n/(n+d+1) I``).
-        prompt: the agent's prompt; ``Lambda`` is its population covariance.
-        eta: step scale.
+        prompt: the agent's prompt, or a batch of them (``misalign.prompt.sample_prompts``);
+            ``Lambda`` is its population covariance.
+        eta: step scale, one or one per play of a batch.
 
     Returns:
-        ``Gamma``, shape ``(d, d)``.
+        ``Gamma``, shape ``(d, d)``, or ``(B, d, d)`` for a batch.
     """
     n, d = prompt.n, prompt.d
+    eta = np.reshape(eta, (*np.shape(eta), 1, 1))
     if kind == "identity":
-        return eta * np.eye(d)
+        return eta * np.broadcast_to(np.eye(d), prompt.covariance.shape)
     if kind == "newton":
         return eta * np.linalg.pinv(prompt.second_moment, hermitian=True)
     if kind == "lsa-optimal":
-        return eta * lsa_optimal_gamma(prompt.covariance, n)
+        covariance = prompt.covariance
+        if covariance.ndim == 3 and covariance.strides[0] == 0:  # one for the batch: one solve
+            return eta * np.broadcast_to(lsa_optimal_gamma(covariance[0], n), covariance.shape)
+        return eta * lsa_optimal_gamma(covariance, n)
     raise ValueError(f"unknown preconditioner {kind!r}")
 
 
 def lsa_optimal_gamma(covariance: np.ndarray, n: int) -> np.ndarray:
     """``Gamma* = ((n+1)/n Lambda + tr(Lambda)/n I)^{-1}``: the preconditioner of a linear
-    self-attention layer trained on ``x ~ N(0, Lambda)``, ``w ~ N(0, I)`` (docs/theory.md §1).
+    self-attention layer trained on ``x ~ N(0, Lambda)``, ``w ~ N(0, I)`` (docs/theory.md §1);
+    of each covariance of a stack ``(B, d, d)``, one solve each.
 
     It minimises the ICL loss ``L(Gamma) = E (x_q^T (Gamma S - I) w)^2``, whose gradient
     vanishes at ``Gamma E[S^2] = Lambda`` with the Wishart moment
     ``E[S^2] = (n+1)/n Lambda^2 + tr(Lambda)/n Lambda``.
     """
-    d = len(covariance)
-    return np.linalg.solve(
-        (n + 1) / n * covariance + np.trace(covariance) / n * np.eye(d), np.eye(d)
-    )
+    eye = np.eye(covariance.shape[-1])
+    trace = np.trace(covariance, axis1=-2, axis2=-1)[..., None, None]
+    moment = (n + 1) / n * covariance + trace / n * eye
+    return np.linalg.solve(moment, np.broadcast_to(eye, moment.shape))
 
 
 def icl_loss(gamma: np.ndarray, covariance: np.ndarray, n: int) -> float:
@@ -222,10 +234,9 @@ class GradientAgent:
     ) -> None:
         self.name = name
         self._gamma = gamma
-        step = AffineMap(
-            A=np.eye(gamma.shape[-1]) - gamma @ second_moment,
-            c=np.einsum("bij,bj->bi", gamma, moment),
-        )
+        A = gamma @ second_moment
+        np.subtract(np.eye(gamma.shape[-1]), A, out=A)
+        step = AffineMap(A=A, c=np.einsum("bij,bj->bi", gamma, moment))
         self._map = step.power(steps_per_turn)
 
     @classmethod

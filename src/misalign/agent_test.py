@@ -14,7 +14,7 @@ from misalign.agent import (
     lsa_optimal_gamma,
     preconditioner,
 )
-from misalign.prompt import agent_rng, sample_prompt
+from misalign.prompt import agent_rng, agent_streams, sample_prompt, sample_prompts
 
 KINDS = ["identity", "lsa-optimal", "newton"]
 
@@ -165,3 +165,40 @@ def test_icl_loss_closed_form_matches_monte_carlo(seed, d, n):
     assert min(gradient_free) >= icl_loss(best, Lam, n)
     iso = icl_loss(lsa_optimal_gamma(np.eye(d), n), np.eye(d), n)
     assert iso == pytest.approx(d * (d + 1) / (n + d + 1))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    d=st.integers(1, 8),
+    n=st.integers(1, 20),
+    kind=st.sampled_from(KINDS),
+    rotate=st.booleans(),
+    skewed=st.booleans(),
+    seed=st.integers(0, 2**40),
+)
+def test_preconditioner_of_a_batch_is_each_play_alone(d, n, kind, rotate, skewed, seed):
+    """On a batch of prompts (one ``eta`` per play, or one for all), ``preconditioner`` and
+    ``lsa_optimal_gamma`` give each play's own matrix, bit for bit."""
+    seeds = [seed + b for b in range(4)]
+    spectrum = np.random.default_rng(seed).uniform(0.2, 3.0, d) if skewed else None
+    batch = sample_prompts(agent_streams(seeds, "A"), d, n, spectrum, rotate)
+    alone = [sample_prompt(agent_rng(s, "A"), d, n, spectrum, rotate) for s in seeds]
+    etas = np.array([0.3, 0.7, 1.0, 1.3])
+    for eta in (etas, 0.6):
+        gamma = preconditioner(kind, batch, eta)
+        assert gamma.shape == (4, d, d)
+        for b, p in enumerate(alone):
+            assert np.array_equal(
+                gamma[b], preconditioner(kind, p, float(np.broadcast_to(eta, 4)[b]))
+            )
+    stacked = lsa_optimal_gamma(batch.covariance, n)
+    for b, p in enumerate(alone):
+        assert np.array_equal(stacked[b], lsa_optimal_gamma(p.covariance, n))
+
+
+def test_one_step_power_is_the_map_itself():
+    f = AffineMap(np.random.default_rng(0).standard_normal((2, 3, 3)), np.ones((2, 3)))
+    g = f.power(1)
+    assert np.array_equal(g.A, f.A) and np.array_equal(g.c, f.c)
+    eye = np.broadcast_to(np.eye(3), f.A.shape)
+    assert np.array_equal(f.A @ eye, f.A) and np.array_equal(f(np.zeros((2, 3))), f.c)

@@ -49,7 +49,7 @@ from misalign.config import (
 from misalign.helper import Helper
 from misalign.play import Schedule, Trajectory, play
 from misalign.progress import progress_bar
-from misalign.prompt import Prompt, agent_rng, sample_prompt
+from misalign.prompt import Prompt, agent_streams, sample_prompts
 from misalign.sizes import require
 from misalign.theory import Prediction
 from misalign.theory import predict as predict_maps
@@ -108,27 +108,30 @@ def setup(
     else:
         configs = tuple(config)
         check_size(configs[0], len(configs))
+        for other in configs[1:]:
+            if _shape(other) != _shape(configs[0]):
+                raise ValueError("a batch needs one d, agent list, schedule, attack and defence")
     first = configs[0]
-    for other in configs[1:]:
-        if _shape(other) != _shape(first):
-            raise ValueError("a batch needs one d, agent list, schedule, attack and defence")
     learners = [n for n, a in first.agents.items() if isinstance(a, LearnerConfig)]
-    prompts: dict[str, list[Prompt]] = {n: [] for n in learners}
+    sampled: dict[str, list[tuple[np.ndarray, Prompt]]] = {n: [] for n in learners}
     bar = progress_bar(len(configs), "prompts") if progress and len(configs) >= 2000 else None
-    for c in configs:
+    for start in range(0, len(configs), CHUNK):
+        plays = range(start, min(start + CHUNK, len(configs)))
         for n in learners:
-            prompts[n].append(_prompt(c.seed, n, c.agents[n], c.d))
+            sampled[n] += _prompts(configs, plays, n)
         if bar is not None:
-            bar.advance(bar.task_ids[0])
+            bar.advance(bar.task_ids[0], len(plays))
     if bar is not None:
         bar.stop()
+    prompts = {n: _plays(sampled[n], len(configs)) for n in learners}
     seeds_ = [c.seed for c in configs]
     if session is None and any(isinstance(first.agents[n], LLMAgentConfig) for n in learners):
         from misalign.llm.agent import Session
 
         session = Session("runs/llm.sqlite")
     agents: dict[str, Agent] = {
-        n: _agent(n, [c.agents[n] for c in configs], prompts[n], session, seeds_) for n in learners
+        n: _agent(n, [c.agents[n] for c in configs], prompts[n], session, seeds_, sampled[n])
+        for n in learners
     }
     for n in learners:
         if isinstance(first.agents[n], LLMAgentConfig):
@@ -159,7 +162,12 @@ def setup(
     if first.defence is not None:
         name = first.defence.agent
         agents[name] = _defended(first.defence, agents[name], prompts[name])
-    start = np.stack([np.zeros(c.d) if c.start is None else np.asarray(c.start) for c in configs])
+    if all(c.start is None for c in configs):
+        start = np.zeros((len(configs), first.d))
+    else:
+        start = np.stack(
+            [np.zeros(c.d) if c.start is None else np.asarray(c.start) for c in configs]
+        )
     return Game(configs, agents, prompts, schedule, start)
 
 
@@ -215,29 +223,80 @@ def _shape(config: PlayConfig) -> tuple:
     )
 
 
-def _prompt(seed: int, name: str, agent: AgentConfig, d: int) -> Prompt:
-    return sample_prompt(
-        agent_rng(seed, name),
-        d=d,
-        n=agent.n,
-        spectrum=agent.spectrum,
-        rotate=agent.rotate,
-        target=agent.target,
-        noise=agent.noise,
-    )
+CHUNK = 4096
+"""Plays sampled together: bounds the temporaries of a large batch's prompts."""
+
+
+def _prompts(
+    configs: Sequence[PlayConfig], plays: range, name: str
+) -> list[tuple[np.ndarray, Prompt]]:
+    """Agent ``name``'s prompts in ``plays``, sampled together where plays draw the same
+    streams with the same shapes (and, for the analytic agent, take one preconditioner):
+    ``(plays, prompts)`` per group. Play ``i``'s prompt is ``sample_prompt(agent_rng(seed_i,
+    name), ...)`` of its own configuration, bit for bit."""
+    keys: dict[int, tuple] = {}  # by agent configuration: the plays of one config share it
+    groups: dict[tuple, list[int]] = {}
+    for i in plays:
+        agent = configs[i].agents[name]
+        key = keys.get(id(agent))
+        if key is None:
+            key = keys[id(agent)] = (
+                *(agent.n, agent.rotate, agent.target is None, agent.noise > 0),
+                getattr(agent, "preconditioner", None),
+            )
+        groups.setdefault(key, []).append(i)
+    d, out = configs[0].d, []
+    for (n, rotate, *_), members in groups.items():
+        agents = [configs[i].agents[name] for i in members]
+        batch = sample_prompts(
+            agent_streams([configs[i].seed for i in members], name),
+            d=d,
+            n=n,
+            spectrum=_setting(agents, "spectrum", np.ones(d)),
+            rotate=rotate,
+            target=None if agents[0].target is None else _setting(agents, "target", 0.0),
+            noise=_setting(agents, "noise", 0.0),
+        )
+        out.append((np.array(members), batch))
+    return out
+
+
+def _setting(agents: list[AgentConfig], key: str, default: np.ndarray | float):
+    """The agents' setting ``key``: the one value when they are one configuration, else one
+    row per agent (``default`` where unset)."""
+    if all(a is agents[0] for a in agents):
+        return getattr(agents[0], key)
+    values = [getattr(a, key) for a in agents]
+    return np.array([default if v is None else v for v in values], dtype=float)
+
+
+def _plays(sampled: list[tuple[np.ndarray, Prompt]], size: int) -> list[Prompt]:
+    """One prompt per play from the batches of ``_prompts``."""
+    prompts: list[Prompt] = [None] * size  # type: ignore[list-item]
+    for plays, batch in sampled:
+        for i, prompt in zip(plays, batch.plays(), strict=True):
+            prompts[i] = prompt
+    return prompts
 
 
 def _agent(
-    name: str, configs: list[AgentConfig], prompts: list[Prompt], session, seeds: list[int]
+    name: str,
+    configs: list[AgentConfig],
+    prompts: list[Prompt],
+    session,
+    seeds: list[int],
+    sampled: list[tuple[np.ndarray, Prompt]],
 ) -> Agent:
     """One agent over the batch; plays may differ in all but kind, steps and checkpoint (and
-    a language model's settings other than its prompt)."""
+    a language model's settings other than its prompt). ``sampled``: the prompts as
+    ``_prompts`` batched them."""
     first = configs[0]
+    distinct = list({id(c): c for c in configs}.values())
     if (
         len(
             {
                 (c.kind, getattr(c, "steps_per_turn", 1), getattr(c, "checkpoint", ""))
-                for c in configs
+                for c in distinct
             }
         )
         > 1
@@ -247,17 +306,28 @@ def _agent(
         from misalign.llm.agent import LLMAgent
 
         prompt_keys = {"n", "spectrum", "rotate", "target", "noise"}
-        if len({c.model_dump_json(exclude=prompt_keys) for c in configs}) > 1:
+        if len({c.model_dump_json(exclude=prompt_keys) for c in distinct}) > 1:
             raise ValueError(f"agent {name}: a batch needs one set of language-model settings")
         return LLMAgent(name, first, prompts, seeds, session)
     if isinstance(first, LSAAgentConfig):
         from misalign.lsa import LSAAgent
 
         return LSAAgent(name, _trained(name, first.checkpoint, prompts[0].d), prompts)
-    gamma = [
-        preconditioner(c.preconditioner, p, c.eta) for c, p in zip(configs, prompts, strict=True)
-    ]
-    return GradientAgent.on_prompts(name, np.stack(gamma), prompts, first.steps_per_turn)
+    parts = []
+    for plays, batch in sampled:  # each batch takes one preconditioner (``_prompts``)
+        eta = [configs[i].eta for i in plays]
+        eta = eta[0] if len(set(eta)) == 1 else np.array(eta)
+        gamma = preconditioner(configs[plays[0]].preconditioner, batch, eta)
+        parts.append((plays, gamma, batch.second_moment, batch.moment))
+    if len(parts) == 1:
+        _, gamma, second_moment, moment = parts[0]
+    else:
+        size, d = len(configs), prompts[0].d
+        gamma, second_moment = np.empty((size, d, d)), np.empty((size, d, d))
+        moment = np.empty((size, d))
+        for plays, *part in parts:
+            gamma[plays], second_moment[plays], moment[plays] = part
+    return GradientAgent(name, gamma, second_moment, moment, first.steps_per_turn)
 
 
 def _trained(name: str, checkpoint: str, d: int):

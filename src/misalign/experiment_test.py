@@ -261,3 +261,77 @@ def test_more_gray_box_probes_average_a_sampled_victims_noise_out_of_the_fit():
 def test_probe_turns_are_checked(attack, message):
     with pytest.raises(ConfigError, match=f"^attack.probe_turns: .*{re.escape(message)}"):
         _config(attack)
+
+
+# A batch is sampled and built a group of plays at a time (issue 12): each play's prompts,
+# preconditioners and turn maps are still those of its single run, bit for bit.
+
+HUGE = [0, 1, 2**32 - 1, 2**32, 2**40 + 3, 2**64 + 3, 10**25]
+
+
+def _exact(game, alone, play):
+    """Play ``play`` of ``game`` equals the one play of ``alone``, bit for bit."""
+    for name, agent in game.agents.items():
+        f, g = agent.affine(), alone.agents[name].affine()
+        assert np.array_equal(f.A[play], g.A[0]) and np.array_equal(f.c[play], g.c[0]), name
+        assert np.array_equal(agent.gamma[play], alone.agents[name].gamma[0]), name
+        for key in ("X", "y", "target", "covariance"):
+            mine = getattr(game.prompts[name][play], key)
+            assert np.array_equal(mine, getattr(alone.prompts[name][0], key)), (name, key)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"d": 10, "agents": {"A": {"n": 20}, "B": {"n": 20, "rotate": True}}},
+        {
+            "d": 6,
+            "schedule": ["A", "B", "C"],
+            "agents": {
+                "A": {"n": 6, "spectrum": [1, 0.5, 2, 3, 1, 1], "rotate": True, "noise": 0.1},
+                "B": {"n": 1, "preconditioner": "identity", "target": [0.3, 1, -2, 0.7, 0.1, 5]},
+                "C": {"n": 5, "preconditioner": "newton", "eta": 0.7, "steps_per_turn": 2},
+            },
+        },
+    ],
+)
+@pytest.mark.parametrize("chunk", [3, 4096])
+def test_a_batch_is_each_seed_alone_bit_for_bit(data, chunk, monkeypatch):
+    """Seeds of one to four words; the batch sampled whole, or in chunks of 3 plays."""
+    import misalign.experiment as experiment
+
+    monkeypatch.setattr(experiment, "CHUNK", chunk)
+    config = parse_config({"rounds": 5, **data})
+    seeds = HUGE + list(range(5, 12))
+    game = setup(config, seeds=seeds)
+    for play, seed in enumerate(seeds):
+        _exact(game, setup(config.model_copy(update={"seed": seed})), play)
+
+
+def test_a_batch_of_different_configs_is_each_alone_bit_for_bit(monkeypatch):
+    """Plays that differ in n, rotation, spectrum, target, noise, preconditioner and eta."""
+    import misalign.experiment as experiment
+
+    monkeypatch.setattr(experiment, "CHUNK", 7)
+    rng = np.random.default_rng(5)
+    configs = []
+    for k in range(24):
+        A = {
+            "n": int(rng.choice([1, 2, 4, 7])),
+            "rotate": bool(rng.integers(2)),
+            "noise": float(rng.choice([0.0, 0.2])),
+            "eta": float(rng.uniform(0.2, 1)),
+            "preconditioner": str(rng.choice(["identity", "lsa-optimal", "newton"])),
+        }
+        if rng.integers(2):
+            A["spectrum"] = rng.uniform(0.5, 2, 3).tolist()
+        if rng.integers(2):
+            A["target"] = rng.standard_normal(3).tolist()
+        B = {"n": 5, "eta": float(rng.uniform(0.2, 1))}
+        seed = HUGE[k % len(HUGE)] + k
+        configs.append(
+            parse_config({"seed": seed, "d": 3, "rounds": 5, "agents": {"A": A, "B": B}})
+        )
+    game = setup(configs)
+    for play, config in enumerate(configs):
+        _exact(game, setup(config), play)

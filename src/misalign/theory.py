@@ -133,9 +133,12 @@ def round_map(
         f = maps[name]
         # s_i <- A_i s_j + c_i + keep_i s_i (+ eps_k), with s_j = R_j s + N_j eps + r_j block
         # j's current value (keep: a damped agent's weight on its own last output).
-        keep = np.zeros(batch) if f.keep is None else f.keep
-        M[:, block[name]] = f.A @ M[:, block[reads]] + keep[:, None, None] * M[:, block[name]]
-        r[:, block[name]] = f(r[:, block[reads]]) + keep[:, None] * r[:, block[name]]
+        if f.keep is None:
+            M[:, block[name]] = f.A @ M[:, block[reads]]
+            r[:, block[name]] = f(r[:, block[reads]])
+        else:
+            M[:, block[name]] = f.A @ M[:, block[reads]] + f.keep[:, None, None] * M[:, block[name]]
+            r[:, block[name]] = f(r[:, block[reads]]) + f.keep[:, None] * r[:, block[name]]
         if k in noisy:
             column = size + d * noisy.index(k)
             M[:, block[name], column : column + d] += np.eye(d)
@@ -234,8 +237,15 @@ def unit_space(R: np.ndarray, r: np.ndarray) -> UnitSpace:
     fed = (R != 0).any(axis=(0, 1))
     F, rest = np.flatnonzero(fed), np.flatnonzero(~fed)
     finite = np.isfinite(R).all(axis=(1, 2)) & np.isfinite(r).all(axis=1)
-    M = np.where(finite[:, None, None], np.eye(len(F)) - R[:, F[:, None], F], 0.0)
-    dim = np.where(finite, _null_dim(np.linalg.svd(M, compute_uv=False)), 0)
+    # gathered blocks made C-ordered: numpy lays a gather out by the batch's size, and a
+    # product of other layouts may round differently (a play's numbers would hang on its batch)
+    M = np.eye(len(F)) - np.ascontiguousarray(R[:, F[:, None], F])
+    if not finite.all():
+        M[~finite] = 0.0
+    dim = np.zeros(batch, dtype=int)
+    maybe = np.flatnonzero(finite & ~_invertible(M))
+    if len(maybe):
+        dim[maybe] = _null_dim(np.linalg.svd(M[maybe], compute_uv=False))
     L = np.zeros((batch, size, 0))
     identity, P = dim == 0, np.zeros((batch, size, size))
     some = np.flatnonzero(dim > 0)
@@ -252,7 +262,7 @@ def unit_space(R: np.ndarray, r: np.ndarray) -> UnitSpace:
     Ls[:, F] = U[:, :, len(F) - k :] * live[:, None, :]
     V = np.zeros((len(some), size, k))
     V[:, F] = Vh[:, len(F) - k :, :].transpose(0, 2, 1) * live[:, None, :]
-    V[:, rest] = R[some][:, rest[:, None], F] @ V[:, F]
+    V[:, rest] = np.ascontiguousarray(R[some][:, rest[:, None], F]) @ np.ascontiguousarray(V[:, F])
     G = Ls.transpose(0, 2, 1) @ V + np.eye(k) * ~live[:, :, None]  # identity on the padding
     semisimple = np.linalg.svd(G, compute_uv=False)[:, -1] > SEMISIMPLE_TOL
     drift = np.linalg.norm(np.einsum("bik,bi->bk", Ls, r[some]), axis=1)
@@ -264,6 +274,31 @@ def unit_space(R: np.ndarray, r: np.ndarray) -> UnitSpace:
     L = np.zeros((batch, size, k))
     L[some], P[some], identity[some] = Ls, Ps, ok
     return UnitSpace(dim, L, identity | (dim == 0), P)
+
+
+SCREEN = 1e3
+"""``_invertible``'s margin: a play passes when the lower bound on the smallest singular value
+of ``I - R`` exceeds the largest null tolerance by this factor."""
+
+
+def _invertible(M: np.ndarray) -> np.ndarray:
+    """Where ``M`` (``(B, n, n)``) is surely nonsingular at ``_null_dim``'s tolerance, from one
+    inverse instead of an SVD: ``1 / |M^{-1}|_F`` is at most the smallest singular value and
+    ``|M|_F`` at least the largest, so a play whose ``1 / |M^{-1}|_F`` exceeds ``SCREEN`` times
+    the tolerance ``|M|_F`` allows has no null singular value (its inverse is then accurate, to
+    a relative ``1e-7 * 1e-16 / UNIT_TOL``). Where it fails, ``M`` may be singular: ask the
+    SVD. Plays with an exactly zero pivot (``det = 0``, where the inversion stops) fail."""
+    try:
+        inverse, rows = np.linalg.inv(M), slice(None)
+    except np.linalg.LinAlgError:
+        rows = np.flatnonzero(np.linalg.det(M) != 0)
+        inverse = np.linalg.inv(M[rows])
+    passed = np.zeros(len(M), dtype=bool)
+    with np.errstate(all="ignore"):
+        low = 1 / np.linalg.norm(inverse, axis=(1, 2))
+        top = np.linalg.norm(M[rows], axis=(1, 2))
+        passed[rows] = low > SCREEN * np.maximum(UNIT_TOL * top, ROUNDING * np.maximum(1.0, top))
+    return passed
 
 
 def _null_dim(sigma: np.ndarray) -> np.ndarray:
@@ -306,6 +341,54 @@ def predict(
     Returns:
         The prediction.
     """
+    batch, d = maps[schedule.agents[0]].c.shape
+    if batch <= CHUNK:
+        return _predict(maps, schedule, targets, noise, start)
+    targets = {name: np.broadcast_to(t, (batch, d)) for name, t in targets.items()}
+    start = None if start is None else np.broadcast_to(start, (batch, d))
+    parts = []
+    for first in range(0, batch, CHUNK):
+        plays = slice(first, first + CHUNK)
+        parts.append(
+            _predict(
+                {name: f[plays] for name, f in maps.items()},
+                schedule,
+                {name: t[plays] for name, t in targets.items()},
+                None if noise is None else {name: q[plays] for name, q in noise.items()},
+                None if start is None else start[plays],
+            )
+        )
+
+    def joined(field: str) -> dict[str, np.ndarray]:
+        return {
+            k: np.concatenate([getattr(p, field)[k] for p in parts])
+            for k in getattr(parts[0], field)
+        }
+
+    return Prediction(
+        rho=np.concatenate([p.rho for p in parts]),
+        fixed_point=joined("fixed_point"),
+        residual=joined("residual"),
+        covariance=joined("covariance"),
+        depends_on_start=np.concatenate([p.depends_on_start for p in parts]),
+    )
+
+
+CHUNK = 2048
+"""Plays predicted together: a large batch goes a chunk at a time, so that its temporaries
+(several ``N d x N d`` matrices per play) are reused rather than faulted in afresh. A play's
+numbers do not depend on the plays beside it, except through the blocks that feed back
+(``unit_space``, found over the chunk as over any batch)."""
+
+
+def _predict(
+    maps: Mapping[str, AffineMap],
+    schedule: Schedule,
+    targets: Mapping[str, np.ndarray],
+    noise: Mapping[str, np.ndarray] | None,
+    start: np.ndarray | None,
+) -> Prediction:
+    """``predict`` on one chunk of plays."""
     names = schedule.agents
     R, r, Q = round_map(maps, schedule, noise)
     # a map that is not finite (a language model's play that failed while probed) predicts
@@ -322,13 +405,16 @@ def predict(
     s0 = np.concatenate([start] * len(names), axis=1)  # every agent's block starts at start
     unit = unit_space(R, r)
     P = unit.projection
-    moving = R - P
+    projected = bool((unit.dim > 0).any())  # elsewhere P = 0: the same numbers without it
+    moving = R - P if projected else R
     rho = spectral_radius(moving)
     rho = np.where(unit.identity, rho, np.maximum(rho, 1.0))  # a Jordan block or a drift at 1
     rho[unknown] = np.inf
     ok = rho < 1
     s = np.full_like(r, np.nan)
-    if ok.any():
+    if ok.all() and not projected:
+        s[...] = np.linalg.solve(np.eye(size) - R, r[..., None])[..., 0]
+    elif ok.any():
         eye = np.eye(size)
         Pk, rk = P[ok], r[ok][..., None]
         s[ok] = (Pk @ s0[ok][..., None] + np.linalg.solve(eye - R[ok] + Pk, rk - Pk @ rk))[..., 0]

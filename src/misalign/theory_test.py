@@ -106,8 +106,8 @@ def test_general_solver_gives_the_two_agent_closed_forms(seed, d):
         np.sort_complex(np.linalg.eigvals(M_A)), np.sort_complex(np.linalg.eigvals(M_B)), atol=1e-6
     )
     prediction = predict(game)
-    if not prediction.converges[0]:
-        return
+    if not prediction.converges[0] or prediction.depends_on_start[0]:
+        return  # the closed forms need a unique fixed point: not with n_A + n_B < d
     assert prediction.rho[0] == pytest.approx(spectral_radius(M_B)[0], abs=1e-8)
     scale = max(1.0, np.abs(v).max())
     np.testing.assert_allclose(prediction.fixed_point["B"], v, atol=1e-8 * scale)
@@ -767,3 +767,72 @@ def test_a_map_that_is_not_finite_predicts_nothing_for_its_play_only():
         )
         assert np.allclose(both.fixed_point["B"][play], alone.fixed_point["B"][0])
         assert np.allclose(both.covariance["A"][play], alone.covariance["A"][0])
+
+
+# Speed (issue 12): a large batch is predicted a chunk at a time, and an inverse screens out the
+# plays whose I - R is surely nonsingular before the SVD; neither may change a number.
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"d": 5, "agents": {"A": {"n": 12}, "B": {"n": 9, "rotate": True, "eta": 0.7}}},
+        {  # unseen directions (n_A + n_B < d): the limit depends on the start
+            "d": 4,
+            "start": [1.0, 0.0, -1.0, 2.0],
+            "agents": {"A": {"n": 1, "sampling_std": 0.2}, "B": {"n": 2, "sampling_std": 0.1}},
+        },
+        {  # three agents, noisy: stationary covariances
+            "d": 3,
+            "schedule": ["A", "C", "B", "C"],
+            "agents": {
+                "A": {"n": 5, "sampling_std": 0.1, "preconditioner": "identity", "eta": 0.3},
+                "B": {"n": 4, "preconditioner": "newton", "eta": 0.5},
+                "C": {"n": 6, "sampling_std": 0.2, "eta": 0.4},
+            },
+        },
+    ],
+)
+def test_a_batch_predicted_in_chunks_has_the_same_numbers(data, monkeypatch):
+    import misalign.theory as theory
+
+    game = setup(parse_config({"seed": 3, "rounds": 5, **data}), seeds=range(10))
+    whole = predict(game)
+    monkeypatch.setattr(theory, "CHUNK", 3)
+    chunked = predict(game)
+    np.testing.assert_array_equal(chunked.rho, whole.rho)
+    np.testing.assert_array_equal(chunked.depends_on_start, whole.depends_on_start)
+    for key in ("fixed_point", "residual", "covariance"):
+        assert getattr(chunked, key).keys() == getattr(whole, key).keys()
+        for name, value in getattr(whole, key).items():
+            np.testing.assert_array_equal(getattr(chunked, key)[name], value)
+
+
+def test_the_inverse_screen_leaves_every_null_dimension_to_the_svd():
+    """Matrices ``I - R`` with singular values from 1 down to 0, and an exactly singular one
+    (it stops a batched inversion): the dimensions ``unit_space`` finds are those of the SVD of
+    every play, and the screen passes the clearly nonsingular ones."""
+    from misalign.theory import _invertible, _null_dim, unit_space
+
+    rng = np.random.default_rng(0)
+    smallest = [1.0, 1e-3, 1e-6, 1e-8, 1e-9, 1e-10, 3e-11, 1e-12, 1e-14, 1e-17, 0.0]
+    M = []
+    for low in smallest * 20:
+        U, _ = np.linalg.qr(rng.standard_normal((4, 4)))
+        V, _ = np.linalg.qr(rng.standard_normal((4, 4)))
+        sigma = np.array([rng.uniform(1, 3), rng.uniform(0.5, 1), low, low * rng.uniform(0, 1)])
+        M.append((U * sigma) @ V.T * rng.choice([1e-3, 1.0, 1e3]))
+    M = np.array(M)
+    R = np.eye(4) - M
+    r = np.zeros((len(M), 4))
+    expected = _null_dim(np.linalg.svd(M, compute_uv=False))
+    assert (expected > 0).any() and (expected == 0).any()
+    np.testing.assert_array_equal(unit_space(R, r).dim, expected)
+    passed = _invertible(M)
+    assert not (passed & (expected > 0)).any()
+    assert passed[[i for i, low in enumerate(smallest * 20) if low >= 1e-3]].all()
+    singular = np.concatenate([M, np.zeros((1, 4, 4))])
+    np.testing.assert_array_equal(_invertible(singular), [*passed, False])
+    np.testing.assert_array_equal(
+        unit_space(np.eye(4) - singular, np.zeros((len(singular), 4))).dim, [*expected, 4]
+    )
