@@ -1,0 +1,746 @@
+"""Design advice from the theory (``misalign design``): what to change in a play so that one
+agent, ``A``, ends closer to its own target, each change verified by re-simulating it.
+
+Four items, all computed from the round map (docs/theory.md §2-3) on play 0 of the game:
+
+- ``stability``: per agent ``i``, the largest multiplier ``s`` of its ``eta`` (of ``Gamma_i``)
+  that keeps ``rho < 1`` with the others fixed (the first crossing of ``rho = 1`` above the
+  present scale, found on a log grid of scales and refined by batched bisection), and the
+  margin ``1 - rho`` now. Verified by playing ``0.99 s`` and ``1.01 s``: the measured rate
+  (``|s_T - s_{T-1}| / |s_{T/2} - s_{T/2-1}|`` to the power ``2 / T``, from a seeded random
+  start so that every eigenvector is excited) is below 1 and above 1.
+- ``bias``: the multiplier of ``A``'s ``eta`` within the stable range (``rho <= RHO_CAP``, so
+  that the check converges in a bounded number of rounds) that minimises ``|e_A|``, A's
+  distance to its target at the equilibrium; verified by playing the changed configuration
+  (``agents.A.eta`` set, prompts re-sampled by ``setup`` from the same seed: the same prompts)
+  with its neighbours ``0.99 s`` and ``1.01 s``.
+- ``prompt``: ``K`` in-context examples added to ``A``'s prompt, chosen greedily: each step
+  adds the candidate input (norm ``norm``, default the typical norm ``sqrt(tr Lambda_A)``)
+  whose addition gives the smallest predicted ``|e_A|``. Candidates: the eigenvectors of
+  ``Lambda_A`` and ``S_A``, the right singular vectors of ``H_A`` and of every partner's
+  ``H``, the gap ``w_A* - w_j*`` to every agent, the present residual ``e_A`` and
+  ``(I - H_A) delta``, and ``candidates`` seeded random directions, recomputed each step.
+  An example ``x`` is labelled by A's own target, ``y = x^T w_A*`` (no noise). The prompt
+  then has ``n + K`` rows: ``S_A = X^T X / (n + K)``, ``X^T y / (n + K)``, and the
+  preconditioner is recomputed by the agent's own rule on the augmented prompt
+  (``misalign.agent.preconditioner`` with ``n + K`` and the same ``eta`` and population
+  covariance ``Lambda_A``: ``lsa-optimal`` changes with ``n``, ``newton`` with ``S_A``,
+  ``identity`` not at all); the check plays exactly that agent. Baseline: ``K`` random
+  directions of the same norm, over ``seeds`` seeds.
+- ``exposure``: what a white-box attacker reading ``A`` could impose: the decoy of
+  docs/theory.md §3 (``misalign.attack.decoy``) puts its partner ``B`` exactly on target and
+  leaves ``A`` at ``f_A(w_B*)``, so the exposure is ``|f_A(w_B*) - w_A*|``; and the ``K``
+  examples (same rule as ``prompt``) that most reduce it, against the random baseline.
+  Verified by playing the decoy attack on the changed configuration. Needs a two-agent
+  alternating play and an invertible ``H_B``; skipped with the reason otherwise.
+
+Scope: every agent an analytic ``gd`` agent, noise-free answers (``sampling_std = 0``), no
+``[attack]`` or ``[defence]`` table (the exposure item simulates the decoy itself).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from misalign import attack as attack_
+from misalign.agent import AffineMap, GradientAgent, preconditioner
+from misalign.config import ConfigError, GradientAgentConfig, PlayConfig, parse_config
+from misalign.experiment import Game, predict, setup, simulate
+from misalign.prompt import Prompt
+from misalign.theory import predict as predict_maps
+
+RHO_CAP = 0.999
+"""The bias item searches scales with ``rho`` at most this: the check then converges to
+``1e-14`` within ``MAX_ROUNDS`` rounds."""
+MAX_ROUNDS = 50_000
+"""The most rounds a check plays."""
+GRID = 161
+"""Scales of the first, coarse search (log-spaced over ``SCALES``)."""
+SCALES = (1e-4, 1e4)
+"""The multipliers of ``eta`` searched."""
+ZOOM = 17
+"""Points per refinement step (one batched prediction each)."""
+TOL = 1e-8
+"""Predicted and simulated values agree to this."""
+BELOW, ABOVE = 0.99, 1.01
+"""The stability boundary is checked at these multiples of it."""
+
+
+def check(config: PlayConfig, agent: str) -> None:
+    """Refuse what the advice does not cover, as one line naming the field or option.
+
+    Raises:
+        ConfigError: ``--agent`` names no agent; an agent is not ``gd`` (a language model is a
+            black box, an lsa or helper agent is not a preconditioned step the advice can
+            rescale); an agent is sampled; the play has an attack or a defence.
+    """
+    if agent not in config.agents:
+        raise ConfigError(
+            f"--agent: names no agent: {agent!r} (agents: {', '.join(config.agents)})"
+        )
+    for name, a in config.agents.items():
+        if not isinstance(a, GradientAgentConfig):
+            what = {
+                "llm": "a black box (kind llm) without a fitted map",
+                "lsa": "a trained lsa model",
+                "helper": "a helper",
+            }.get(a.kind, a.kind)
+            raise ConfigError(f"agents.{name}.kind: {name} is {what}; design needs gd agents")
+        if a.sampling_std > 0:
+            raise ConfigError(
+                f"agents.{name}.sampling_std: design needs noise-free answers "
+                f"(got {a.sampling_std})"
+            )
+    for key in ("attack", "defence"):
+        if getattr(config, key) is not None:
+            raise ConfigError(
+                f"{key}: design advises on the honest play; remove [{key}] (the exposure item "
+                "simulates the decoy attack itself)"
+            )
+
+
+class Design:
+    """The advice for agent ``agent`` of one play (``config``, its own seed).
+
+    Args:
+        config: the play (``check`` passes).
+        agent: the agent advised, ``A``.
+        norm: the norm of added examples; default ``sqrt(tr Lambda_A)``.
+        seeds: random-baseline seeds.
+        candidates: random candidate directions per greedy step.
+    """
+
+    def __init__(
+        self,
+        config: PlayConfig,
+        agent: str,
+        norm: float | None = None,
+        seeds: int = 20,
+        candidates: int = 64,
+    ) -> None:
+        check(config, agent)
+        self.config, self.name = config, agent
+        self.game = setup(config)
+        self.names = self.game.schedule.agents
+        self.seeds, self.candidates = seeds, candidates
+        prompt = self.game.prompts[agent][0]
+        self.norm = float(np.sqrt(np.trace(prompt.covariance))) if norm is None else float(norm)
+        self.partner = dict(self.game.schedule.turns)[agent]
+        self.random_start = np.random.default_rng([config.seed, 13]).standard_normal(config.d)
+
+    # -- the maps of a batch of variants -----------------------------------------------------
+
+    def _maps(
+        self,
+        size: int,
+        scale: dict[str, np.ndarray] | None = None,
+        prompts: Sequence[Prompt] | None = None,
+    ) -> dict[str, AffineMap]:
+        """Every agent's map over ``size`` variants: agent ``i``'s ``Gamma`` times
+        ``scale[i]``, and A on ``prompts`` (one per variant) when given."""
+        scale = scale or {}
+        maps = {}
+        for name in self.names:
+            cfg = self.config.agents[name]
+            if name == self.name and prompts is not None:
+                gamma, S, m = _arrays(cfg, prompts)
+            else:
+                p = self.game.prompts[name][0]
+                gamma = np.broadcast_to(
+                    self.game.agents[name].gamma[0], (size, *p.covariance.shape)
+                )
+                S = np.broadcast_to(p.second_moment, gamma.shape)
+                m = np.broadcast_to(p.moment, (size, p.d))
+            if name in scale:
+                gamma = gamma * np.asarray(scale[name], dtype=float)[:, None, None]
+            maps[name] = GradientAgent(
+                name, np.array(gamma), np.array(S), np.array(m), cfg.steps_per_turn
+            ).affine()
+        return maps
+
+    def _predict(self, maps: dict[str, AffineMap], start: np.ndarray | None = None):
+        size = maps[self.name].c.shape[0]
+        targets = {
+            n: np.broadcast_to(t[0], (size, t.shape[1])) for n, t in self.game.targets.items()
+        }
+        start = self.game.start[0] if start is None else start
+        return predict_maps(
+            maps, self.game.schedule, targets, start=np.broadcast_to(start, (size, len(start)))
+        )
+
+    def residual(self, maps: dict[str, AffineMap]) -> np.ndarray:
+        """``|e_A|`` per variant; ``inf`` where the play does not converge."""
+        p = self._predict(maps)
+        value = np.linalg.norm(p.residual[self.name], axis=-1)
+        return np.where(p.converges, value, np.inf)
+
+    def exposure(self, maps: dict[str, AffineMap]) -> np.ndarray:
+        """``|f_A(w_B*) - w_A*|`` per variant (the decoy's bias on A, docs/theory.md §3);
+        ``inf`` where the play does not converge."""
+        p = self._predict(maps)
+        t = self.game.targets
+        f = maps[self.name](np.broadcast_to(t[self.partner][0], maps[self.name].c.shape).copy())
+        value = np.linalg.norm(f - t[self.name][0], axis=-1)
+        return np.where(p.converges, value, np.inf)
+
+    def rho(self, name: str, scales: np.ndarray) -> np.ndarray:
+        """``rho`` with agent ``name``'s ``Gamma`` times each of ``scales``."""
+        return self._predict(self._maps(len(scales), {name: scales})).rho
+
+    # -- stability ---------------------------------------------------------------------------
+
+    def boundary(self, name: str) -> tuple[float | None, float | None]:
+        """``(s, lower)``: the first scale above the stable interval holding 1 (or, when scale 1
+        diverges, the stable interval nearest below it) where ``rho`` reaches 1, to a relative
+        ``1e-12``; ``None`` when ``rho < 1`` up to ``SCALES[1]``. ``lower``: the interval's
+        lower end (``None``: stable down to ``SCALES[0]``). ``(None, None)`` with no stable
+        scale at all is reported as ``s = 0``."""
+        grid = np.unique(np.append(np.geomspace(*SCALES, GRID), 1.0))
+        rho = self.rho(name, grid)
+        stable = rho < 1
+        one = int(np.flatnonzero(grid == 1.0)[0])
+        if stable[one]:
+            k = one
+        else:
+            below = np.flatnonzero(stable[:one])
+            if len(below) == 0:
+                return 0.0, None
+            k = int(below[-1])
+        up = np.flatnonzero(~stable[k:])
+        down = np.flatnonzero(~stable[: k + 1])
+        lower = None if len(down) == 0 else float(grid[down[-1] + 1])
+        if len(up) == 0:
+            return None, lower
+        lo, hi = grid[k + up[0] - 1], grid[k + up[0]]
+        while hi / lo - 1 > 1e-12:
+            points = np.geomspace(lo, hi, ZOOM)
+            r = self.rho(name, points)
+            first = int(np.flatnonzero(r >= 1)[0]) if (r >= 1).any() else ZOOM - 1
+            lo, hi = points[max(first - 1, 0)], points[first]
+        return float(lo), lower
+
+    # -- bias ----------------------------------------------------------------------------------
+
+    def best_scale(self, top: float | None, lower: float | None) -> tuple[float, bool]:
+        """The multiplier of A's ``eta`` in the stable range with ``rho <= RHO_CAP`` that
+        minimises ``|e_A|`` (coarse grid, then batched zooms to a relative ``1e-10``), and
+        whether it sits on the edge of the range searched."""
+        lo = SCALES[0] if lower is None else lower
+        hi = SCALES[1] if top is None else top
+        grid = np.geomspace(lo, hi, 257)
+
+        def value(scales):
+            maps = self._maps(len(scales), {self.name: scales})
+            p = self._predict(maps)
+            v = np.linalg.norm(p.residual[self.name], axis=-1)
+            return np.where(p.rho <= RHO_CAP, v, np.inf)
+
+        v = value(grid)
+        if not np.isfinite(v).any():
+            raise ValueError("no stable scale")
+        k = int(np.argmin(v))
+        edge = k == 0 or k == len(grid) - 1 or not (np.isfinite(v[k - 1]) and np.isfinite(v[k + 1]))
+        a, b = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]
+        best = grid[k]
+        for _ in range(40):
+            if b / a - 1 < 1e-10:
+                break
+            points = np.geomspace(a, b, ZOOM)
+            w = value(points)
+            j = int(np.argmin(w))
+            best = points[j]
+            a, b = points[max(j - 1, 0)], points[min(j + 1, ZOOM - 1)]
+        return float(best), bool(edge)
+
+    # -- examples ------------------------------------------------------------------------------
+
+    def augmented(self, extra: np.ndarray) -> list[Prompt]:
+        """A's prompt with the rows ``extra`` (``(P, K, d)``) added, labelled ``y = x^T w_A*``:
+        one prompt of ``n + K`` rows per variant."""
+        p = self.game.prompts[self.name][0]
+        out = []
+        for rows in extra:
+            X = np.concatenate([p.X, rows])
+            out.append(replace(p, X=X, y=np.concatenate([p.y, rows @ p.target])))
+        return out
+
+    def directions(self, chosen: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Unit candidate directions for the next example, given the ``chosen`` rows so far."""
+        p = self.augmented(chosen[None])[0]
+        maps = self._maps(1, prompts=[p])
+        t = self.game.targets
+        eye = np.eye(self.config.d)
+        H = {n: eye - maps[n].A[0] for n in self.names}
+        found = [np.linalg.eigh(p.covariance)[1].T, np.linalg.eigh(p.second_moment)[1].T]
+        found += [np.linalg.svd(H[n])[2] for n in self.names]
+        for n in self.names:
+            if n != self.name:
+                gap = t[self.name][0] - t[n][0]
+                found += [gap[None], ((eye - H[self.name]) @ gap)[None]]
+        e = self._predict(maps).residual[self.name]
+        if np.isfinite(e).all():
+            found.append(e)
+        found.append(rng.standard_normal((self.candidates, self.config.d)))
+        units = np.concatenate(found)
+        size = np.linalg.norm(units, axis=1)
+        return units[size > 1e-12] / size[size > 1e-12, None]
+
+    def greedy(self, k: int, objective: Callable) -> tuple[np.ndarray, np.ndarray]:
+        """``k`` examples added one at a time, each the candidate of smallest ``objective``.
+
+        Returns:
+            The rows ``(k, d)`` and the objective after each prefix, ``(k + 1,)``.
+        """
+        rng = np.random.default_rng([self.config.seed, 17])
+        d = self.config.d
+        chosen = np.zeros((0, d))
+        curve = [float(objective(self._maps(1, prompts=self.augmented(chosen[None])))[0])]
+        for _ in range(k):
+            cand = self.norm * self.directions(chosen, rng)
+            extra = np.concatenate(
+                [np.broadcast_to(chosen, (len(cand), *chosen.shape)), cand[:, None]], axis=1
+            )
+            values = objective(self._maps(len(cand), prompts=self.augmented(extra)))
+            j = int(np.argmin(values))
+            chosen = extra[j]
+            curve.append(float(values[j]))
+        return chosen, np.array(curve)
+
+    def random(self, k: int, objective: Callable) -> tuple[np.ndarray, np.ndarray]:
+        """The baseline: ``k`` examples of random directions (norm ``norm``) per seed.
+
+        Returns:
+            The rows ``(seeds, k, d)`` and the objective after each prefix, ``(seeds, k + 1)``.
+        """
+        rows = np.stack(
+            [
+                np.random.default_rng([self.config.seed, 19, s]).standard_normal((k, self.config.d))
+                for s in range(self.seeds)
+            ]
+        )
+        rows *= self.norm / np.linalg.norm(rows, axis=-1, keepdims=True)
+        curve = np.empty((self.seeds, k + 1))
+        for j in range(k + 1):
+            curve[:, j] = objective(self._maps(self.seeds, prompts=self.augmented(rows[:, :j])))
+        return rows, curve
+
+    # -- the checks ----------------------------------------------------------------------------
+
+    def changed_game(self, extra: np.ndarray, decoy: bool = False) -> Game:
+        """The game set up from the configuration once per variant, with A's agent replaced by
+        the agent on its augmented prompt (``extra``: ``(P, K, d)``); with ``decoy``, A's
+        partner plays the white-box decoy against it (``misalign.attack.decoy``, as
+        ``[attack] method = "decoy"`` sets it up)."""
+        size = len(extra)
+        game = setup(self.config, seeds=[self.config.seed] * size)
+        prompts = self.augmented(extra)
+        cfg = self.config.agents[self.name]
+        gamma, S, m = _arrays(cfg, prompts)
+        agents = dict(game.agents)
+        agents[self.name] = GradientAgent(self.name, gamma, S, m, cfg.steps_per_turn)
+        game_prompts = dict(game.prompts) | {self.name: prompts}
+        if decoy:
+            b = self.partner
+            agents[b], game_prompts[b] = attack_.decoy(
+                b,
+                agents[b].gamma,
+                game.prompts[b],
+                self.config.agents[b].steps_per_turn,
+                agents[self.name].affine(),
+            )
+        return replace(game, agents=agents, prompts=game_prompts)
+
+    def scaled_game(self, name: str, scales: Sequence[float]) -> Game:
+        """The configuration with ``agents.<name>.eta`` times each of ``scales``, set up as one
+        batch (the same seed: the same prompts)."""
+        data = self.config.model_dump(mode="json", exclude_none=True)
+        configs = []
+        for s in scales:
+            data["agents"][name]["eta"] = float(self.config.agents[name].eta * s)
+            configs.append(parse_config(data))
+        return setup(configs)
+
+    def verify(self, game: Game) -> tuple[np.ndarray, np.ndarray, int]:
+        """Predicted and simulated final ``|s_A - w_A*|`` per play, and the rounds played:
+        enough for the error to shrink by ``1e-15`` at the slowest converging play's rate."""
+        p = predict(game)
+        rounds = _rounds(p.rho, self.config)
+        trajectory = simulate(game, rounds=rounds)
+        target = game.targets[self.name]
+        predicted = np.where(p.converges, np.linalg.norm(p.residual[self.name], axis=-1), np.nan)
+        simulated = trajectory.distance(self.name, target)[-1]
+        return predicted, simulated, rounds
+
+    def rate(self, game: Game, rho: np.ndarray) -> tuple[np.ndarray, int]:
+        """The measured rate per round of every play, from the seeded random start."""
+        game = replace(game, start=np.broadcast_to(self.random_start, game.start.shape).copy())
+        slow = np.abs(np.log(np.clip(rho, 1e-300, None)))
+        rounds = int(np.clip(np.ceil(30 / max(slow.min(), 1e-300)), 200, 20_000))
+        rounds = min(rounds, _memory_rounds(len(game.configs), self.config))
+        t = simulate(game, rounds=rounds)
+        s = np.concatenate([t.outputs(n) for n in self.names], axis=-1)
+        step = np.linalg.norm(np.diff(s, axis=0), axis=-1)  # (rounds - 1, plays)
+        half = len(step) // 2
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            measured = (step[-1] / step[half - 1]) ** (1 / (len(step) - half))
+        return measured, rounds
+
+
+def _arrays(cfg: GradientAgentConfig, prompts: Sequence[Prompt]):
+    """``Gamma``, ``S`` and ``X^T y / n`` of an agent on each prompt, by its own rule."""
+    gamma = np.stack([preconditioner(cfg.preconditioner, p, cfg.eta) for p in prompts])
+    S = np.stack([p.second_moment for p in prompts])
+    m = np.stack([p.moment for p in prompts])
+    return gamma, S, m
+
+
+def _memory_rounds(plays: int, config: PlayConfig) -> int:
+    """Rounds whose record fits in 200 MB."""
+    per_round = len(config.order) * plays * config.d * 8
+    return max(100, int(2e8 // per_round))
+
+
+def _rounds(rho: np.ndarray, config: PlayConfig) -> int:
+    """Rounds for the slowest converging play's error to shrink by ``1e-15`` (half as many
+    again for transients), at least the configuration's, at most ``MAX_ROUNDS`` and what fits
+    in memory."""
+    ok = rho[rho < 1]
+    worst = float(ok.max()) if len(ok) else 0.5
+    need = 100 if worst <= 0 else math.ceil(1.5 * math.log(1e-15) / math.log(worst)) + 100
+    cap = min(MAX_ROUNDS, _memory_rounds(len(rho), config))
+    return int(min(max(config.rounds, need), cap))
+
+
+def advise(
+    config: PlayConfig,
+    agent: str,
+    examples: int = 3,
+    norm: float | None = None,
+    seeds: int = 20,
+    candidates: int = 64,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Every advice item for ``agent``, each verified by re-simulation (module docstring).
+
+    Args:
+        config: the play.
+        agent: the agent advised.
+        examples: ``K``, examples added by the prompt and exposure items.
+        norm: the added examples' norm; default ``sqrt(tr Lambda_A)``.
+        seeds: random-baseline seeds.
+        candidates: random candidate directions per greedy step.
+        progress: called with the name of each stage as it starts.
+
+    Returns:
+        One JSON-ready object: ``baseline``, ``stability``, ``bias``, ``prompt``, ``exposure``.
+
+    Raises:
+        ConfigError: what ``check`` refuses, or what ``setup`` refuses.
+    """
+    say = progress or (lambda _: None)
+    design = Design(config, agent, norm, seeds, candidates)
+    a = agent
+    game = design.game
+    base = predict(game)
+    rho0 = float(base.rho[0])
+    out: dict[str, Any] = {
+        "agent": a,
+        "partner": design.partner,
+        "examples": examples,
+        "norm": design.norm,
+        "seeds": seeds,
+        "config_hash": config.digest(),
+        "tolerance": TOL,
+    }
+    pred0, sim0, rounds0 = design.verify(game)
+    out["baseline"] = {
+        "rho": rho0,
+        "converges": bool(rho0 < 1),
+        "predicted": _f(pred0[0]),
+        "simulated": _f(sim0[0]),
+        "difference": _diff(pred0[0], sim0[0]),
+        "rounds": rounds0,
+    }
+
+    say("stability: rho against each agent's step scale")
+    stability, tops = {}, {}
+    for name in design.names:
+        top, lower = design.boundary(name)
+        tops[name] = (top, lower)
+        row: dict[str, Any] = {
+            "eta": config.agents[name].eta,
+            "scale": top,
+            "eta_max": None if top is None else config.agents[name].eta * top,
+            "lower": lower,
+            "rho": rho0,
+            "margin": 1 - rho0,
+        }
+        if top:
+            scales = [BELOW * top, ABOVE * top]
+            checked = design.scaled_game(name, scales)
+            rho = predict(checked).rho
+            measured, rounds = design.rate(checked, rho)
+            row["checks"] = [
+                {
+                    "scale": s,
+                    "rho": float(r),
+                    "rate": _f(m),
+                    "difference": _diff(r, m),
+                    "converges": bool(m < 1),
+                }
+                for s, r, m in zip(scales, rho, measured, strict=True)
+            ]
+            row["rounds"] = rounds
+            row["verified"] = bool(measured[0] < 1 <= measured[1])
+        stability[name] = row
+    out["stability"] = stability
+
+    say("bias: the step scale of least residual")
+    top, lower = tops[a]
+    if top == 0.0:
+        out["bias"] = {"skipped": f"no scale of agents.{a}.eta makes the play converge"}
+    else:
+        best, edge = design.best_scale(top, lower)
+        scales = [1.0, best, BELOW * best, ABOVE * best]
+        predicted, simulated, rounds = design.verify(design.scaled_game(a, scales))
+        before = _f(predicted[0])
+        out["bias"] = {
+            "scale": best,
+            "eta": config.agents[a].eta * best,
+            "on_edge": edge,
+            "before": {"predicted": before, "simulated": _f(simulated[0])},
+            "predicted": _f(predicted[1]),
+            "simulated": _f(simulated[1]),
+            "difference": _diff(predicted[1], simulated[1]),
+            "gain": _gain(before, predicted[1]),
+            "neighbours": [
+                {"scale": s, "predicted": _f(p), "simulated": _f(q)}
+                for s, p, q in zip(scales[2:], predicted[2:], simulated[2:], strict=True)
+            ],
+            "rounds": rounds,
+        }
+
+    if rho0 >= 1:
+        why = f"the play does not converge (rho = {rho0:.6g}): see stability and bias"
+        out["prompt"] = out["exposure"] = {"skipped": why}
+        return out
+
+    say(f"prompt: {examples} examples, greedy against {seeds} random seeds")
+    out["prompt"] = _examples(design, examples, design.residual, decoy=False)
+
+    say("exposure: the decoy's bias and the examples that reduce it")
+    two = len(config.agents) == 2
+    try:
+        if not two:
+            raise ConfigError("needs a two-agent alternating play (the decoy of §3)")
+        data = config.model_dump(mode="json", exclude_none=True)
+        parse_config(data | {"attack": {"agent": design.partner, "method": "decoy"}})
+        out["exposure"] = _examples(design, examples, design.exposure, decoy=True)
+    except ConfigError as exc:
+        out["exposure"] = {"skipped": str(exc)}
+    return out
+
+
+def _examples(design: Design, k: int, objective: Callable, decoy: bool) -> dict[str, Any]:
+    """The greedy examples against the random baseline, checked by playing all of them (the
+    unchanged prompt, the greedy one and every seed's) as one batch."""
+    chosen, curve = design.greedy(k, objective)
+    rows, baseline = design.random(k, objective)
+    d = design.config.d
+    extra = np.concatenate([np.zeros((1, k, d)), chosen[None], rows])
+    # the unchanged prompt: the same game without rows (a zero row would change n)
+    game0 = design.changed_game(np.zeros((1, 0, d)), decoy)
+    p0, s0, _ = design.verify(game0)
+    predicted, simulated, rounds = design.verify(design.changed_game(extra[1:], decoy))
+    before = float(curve[0])
+    target = design.game.prompts[design.name][0].target
+    final = baseline[:, -1]
+    return {
+        "examples": chosen.tolist(),
+        "labels": (chosen @ target).tolist(),
+        "preconditioner": design.config.agents[design.name].preconditioner,
+        "gamma": "recomputed by the agent's own rule on the augmented prompt (n + K rows)",
+        "before": {"predicted": _f(p0[0]), "simulated": _f(s0[0]), "theory": before},
+        "predicted": _f(predicted[0]),
+        "simulated": _f(simulated[0]),
+        "difference": _diff(predicted[0], simulated[0]),
+        "gain": _gain(before, predicted[0]),
+        "greedy_curve": curve.tolist(),
+        "baseline": {
+            "seeds": design.seeds,
+            "mean": _f(np.mean(final)),
+            "std": _f(np.std(final)),
+            "gain_mean": _f(before - np.mean(final)),
+            "curve_mean": baseline.mean(axis=0).tolist(),
+            "curve_std": baseline.std(axis=0).tolist(),
+            "simulated_mean": _f(np.nanmean(simulated[1:])),
+            "max_difference": _f(np.nanmax(np.abs(predicted[1:] - simulated[1:]))),
+        },
+        "theory_vs_check": _diff(curve[-1], predicted[0]),
+        "rounds": rounds,
+    }
+
+
+def _f(x) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _diff(a, b) -> float | None:
+    return _f(abs(float(a) - float(b)))
+
+
+def _gain(before, after) -> dict[str, float | None]:
+    before, after = float(before), float(after)
+    return {
+        "before": _f(before),
+        "after": _f(after),
+        "absolute": _f(before - after),
+        "relative": _f((before - after) / before) if before > 0 else None,
+    }
+
+
+COLUMNS = ("item", "change", "predicted", "simulated", "|difference|", "gain")
+"""The columns of the ``misalign design`` table."""
+
+
+def table_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
+    """The ``misalign design`` table: one row per item (per agent for stability)."""
+    a, k = result["agent"], result["examples"]
+    base = result["baseline"]
+    rows = [
+        (
+            "now",
+            f"the configuration (rho = {base['rho']:.4g})",
+            _text(base["predicted"]),
+            _text(base["simulated"]),
+            _text(base["difference"], ".1e"),
+            "-",
+        )
+    ]
+    for name, row in result["stability"].items():
+        if row["scale"] is None:
+            change = f"{name}: rho < 1 for every eta up to x{SCALES[1]:g}"
+            rows.append((f"stability {name}", change, "-", "-", "-", f"margin {row['margin']:.3g}"))
+            continue
+        if not row["scale"]:
+            rows.append((f"stability {name}", "no stable scale", "-", "-", "-", "-"))
+            continue
+        low, high = row["checks"]
+        rows.append(
+            (
+                f"stability {name}",
+                f"eta_{name} < {row['eta_max']:.4g} (x{row['scale']:.4g}); "
+                f"checked at x{BELOW:g}, x{ABOVE:g}",
+                f"rho {low['rho']:.4f}, {high['rho']:.4f}",
+                f"rate {_text(low['rate'], '.4f')}, {_text(high['rate'], '.4f')}"
+                + ("" if row["verified"] else " (NOT VERIFIED)"),
+                _text(max(low["difference"] or math.inf, high["difference"] or math.inf), ".1e"),
+                f"margin 1 - rho = {row['margin']:.3g}",
+            )
+        )
+    bias = result["bias"]
+    if "skipped" in bias:
+        rows.append(("bias", bias["skipped"], "-", "-", "-", "-"))
+    else:
+        edge = " (edge of the range searched)" if bias["on_edge"] else ""
+        rows.append(
+            (
+                "bias",
+                f"eta_{a} = {bias['eta']:.4g} (x{bias['scale']:.4g}){edge}",
+                _text(bias["predicted"]),
+                _text(bias["simulated"]),
+                _text(bias["difference"], ".1e"),
+                _gain_text(bias["gain"]),
+            )
+        )
+    for item in ("prompt", "exposure"):
+        row = result[item]
+        if "skipped" in row:
+            rows.append((item, row["skipped"], "-", "-", "-", "-"))
+            continue
+        b = row["baseline"]
+        rows.append(
+            (
+                item,
+                f"+{k} greedy examples in {a}'s prompt"
+                + (f" (against {result['partner']}'s decoy)" if item == "exposure" else ""),
+                _text(row["predicted"]),
+                _text(row["simulated"]),
+                _text(row["difference"], ".1e"),
+                f"{_gain_text(row['gain'])}; random {_text(b['mean'])} ± {_text(b['std'], '.2g')}",
+            )
+        )
+    return rows
+
+
+def _text(x, fmt: str = ".6g") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _gain_text(gain: dict[str, float | None]) -> str:
+    rel = gain["relative"]
+    tail = "" if rel is None else f" ({-rel:+.0%})"
+    return f"{_text(gain['before'], '.4g')} -> {_text(gain['after'], '.4g')}{tail}"
+
+
+def plot_design(result: dict[str, Any], path) -> Any:
+    """The figure of ``misalign design``: A's residual before and after each change (theory
+    bars, simulated markers), and the greedy examples against the random baseline over ``K``.
+
+    Returns:
+        The path written.
+    """
+    from misalign.plot import new_figure, save_figure
+
+    fig, (bars, curves) = new_figure(2, (11, 4.2))
+    a = result["agent"]
+    labels, theory, simulated = (
+        ["now"],
+        [result["baseline"]["predicted"]],
+        [result["baseline"]["simulated"]],
+    )
+    if "skipped" not in result["bias"]:
+        labels.append("bias\n(eta)")
+        theory.append(result["bias"]["predicted"])
+        simulated.append(result["bias"]["simulated"])
+    for item, name in (("prompt", "prompt"), ("exposure", "decoy")):
+        row = result[item]
+        if "skipped" in row:
+            continue
+        if item == "exposure":
+            labels.append("decoy\nnow")
+            theory.append(row["before"]["predicted"])
+            simulated.append(row["before"]["simulated"])
+        labels += [f"{name}\ngreedy", f"{name}\nrandom"]
+        theory += [row["predicted"], row["baseline"]["mean"]]
+        simulated += [row["simulated"], row["baseline"]["simulated_mean"]]
+    x = np.arange(len(labels))
+    t = np.array([np.nan if v is None else v for v in theory], dtype=float)
+    s = np.array([np.nan if v is None else v for v in simulated], dtype=float)
+    bars.bar(x, t, color="0.75", label="theory")
+    bars.plot(x, s, "o", color="C3", label="simulated")
+    bars.set_xticks(x, labels, fontsize="small")
+    bars.set(ylabel=f"{a}'s final distance to its target", title=f"{a}'s residual per change")
+    k = np.arange(result["examples"] + 1)
+    for item, color, style in (("prompt", "C0", "-"), ("exposure", "C1", "--")):
+        row = result[item]
+        if "skipped" in row:
+            continue
+        what = "|e_A|" if item == "prompt" else "decoy exposure"
+        curves.plot(k, row["greedy_curve"], style, color=color, marker="o", label=f"{what} greedy")
+        mean, std = np.array(row["baseline"]["curve_mean"]), np.array(row["baseline"]["curve_std"])
+        curves.plot(k, mean, ":", color=color, label=f"{what} random (mean ± std)")
+        curves.fill_between(k, mean - std, mean + std, color=color, alpha=0.15)
+    curves.set_xticks(k)
+    curves.set(
+        xlabel="examples added (K)",
+        ylabel="predicted distance",
+        title=f"greedy vs random examples ({result['seeds']} seeds)",
+    )
+    return save_figure(fig, path)
