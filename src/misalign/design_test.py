@@ -1,0 +1,236 @@
+"""Tests for misalign.design: every advice item's predicted effect is what a re-simulation of
+the changed configuration gives, the stability boundary is where the play stops converging,
+the bias scale is a minimum, and greedy examples beat random ones."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from misalign.agent import lsa_optimal_gamma
+from misalign.cli import app
+from misalign.config import load_config, parse_config
+from misalign.design import COLUMNS, TOL, Design, advise
+from misalign.experiment import predict, setup, simulate
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+runner = CliRunner()
+
+
+def _agreed(result):
+    """Every item's predicted and simulated value agree to ``TOL``."""
+    assert result["baseline"]["difference"] < TOL
+    for name, row in result["stability"].items():
+        if row["scale"]:
+            assert row["verified"], name
+    if "skipped" not in result["bias"]:
+        assert result["bias"]["difference"] < TOL
+        before = result["bias"]["before"]
+        assert abs(before["predicted"] - before["simulated"]) < TOL
+    for item in ("prompt", "exposure"):
+        row = result[item]
+        if "skipped" in row:
+            continue
+        assert row["difference"] < TOL, item
+        assert row["theory_vs_check"] < TOL, item  # the greedy search's value is the game's
+        assert abs(row["before"]["predicted"] - row["before"]["simulated"]) < TOL, item
+        assert abs(row["before"]["theory"] - row["before"]["predicted"]) < TOL, item
+        assert row["baseline"]["max_difference"] < TOL, item
+
+
+@pytest.mark.parametrize("example", ["two_agents.toml", "design.toml"])
+def test_every_item_matches_its_simulation_on_the_examples(example):
+    result = advise(load_config(EXAMPLES / example), "A", examples=3, seeds=6)
+    _agreed(result)
+    assert {"stability", "bias", "prompt", "exposure"} <= set(result)
+    assert "skipped" not in result["exposure"]
+    assert result["prompt"]["gain"]["absolute"] > 0 and result["exposure"]["gain"]["absolute"] > 0
+
+
+def _random_config(seed: int, agents: int = 2) -> dict:
+    rng = np.random.default_rng(seed)
+    d = int(rng.integers(2, 6))
+    table = {}
+    for k in range(agents):
+        kind = ["identity", "lsa-optimal", "newton"][int(rng.integers(3))]
+        eta = float(rng.uniform(0.1, 0.4)) if kind == "identity" else float(rng.uniform(0.3, 0.9))
+        table["ABC"[k]] = {
+            "n": int(rng.integers(d, 3 * d + 1)),
+            "spectrum": rng.uniform(0.2, 3.0, d).round(3).tolist(),
+            "rotate": bool(rng.integers(2)),
+            "preconditioner": kind,
+            "eta": eta,
+        }
+    return {"seed": seed, "d": d, "rounds": 100, "agents": table}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_every_item_matches_its_simulation_on_random_configs(seed):
+    config = parse_config(_random_config(seed, agents=2 if seed < 4 else 3))
+    result = advise(config, "A", examples=2, seeds=4)
+    _agreed(result)
+    if seed >= 4:
+        assert "two-agent" in result["exposure"]["skipped"]
+
+
+def test_the_stability_boundary_is_where_the_play_stops_converging():
+    """Independently of the rate ``advise`` measures: at 0.99 s the play settles on the
+    prediction, at 1.01 s its outputs grow without bound."""
+    config = load_config(EXAMPLES / "design.toml")
+    result = advise(config, "A", examples=1, seeds=2)
+    for name, row in result["stability"].items():
+        s = row["scale"]
+        data = config.model_dump(mode="json", exclude_none=True)
+        games = {}
+        for factor in (0.99, 1.0, 1.01):
+            data["agents"][name]["eta"] = config.agents[name].eta * s * factor
+            games[factor] = setup(parse_config(data))
+        assert abs(predict(games[1.0]).rho[0] - 1) < 1e-9  # the boundary: rho = 1
+        low, high = games[0.99], games[1.01]
+        p = predict(low)
+        t = simulate(low, rounds=4000)
+        assert t.distance(name, p.fixed_point[name])[-1, 0] < 1e-12
+        grown = simulate(high, rounds=4000).outputs(name)
+        norms = np.linalg.norm(grown, axis=-1)[:, 0]
+        assert norms[-1] > 1e6 * norms[len(norms) // 2 - 1]
+
+
+def test_the_bias_scale_is_a_minimum():
+    for path, overrides in ((EXAMPLES / "design.toml", []), (EXAMPLES / "three_agents.toml", [])):
+        result = advise(load_config(path, overrides), "A", examples=1, seeds=2)
+        bias = result["bias"]
+        assert not bias["on_edge"]
+        for neighbour in bias["neighbours"]:
+            assert neighbour["simulated"] > bias["simulated"]
+        assert bias["simulated"] < bias["before"]["simulated"]
+
+
+def _gains(objective: str, seeds: range, k: int = 3):
+    greedy, random = [], []
+    for seed in seeds:
+        config = load_config(EXAMPLES / "design.toml", [f"seed={seed}"])
+        design = Design(config, "A", seeds=10)
+        f = getattr(design, objective)
+        _, curve = design.greedy(k, f)
+        _, baseline = design.random(k, f)
+        greedy.append(curve[0] - curve[-1])
+        random.append(curve[0] - baseline[:, -1].mean())
+    return np.array(greedy), np.array(random)
+
+
+@pytest.mark.parametrize("objective", ["residual", "exposure"])
+def test_greedy_examples_beat_random_ones_over_seeds(objective):
+    greedy, random = _gains(objective, range(20))
+    print(
+        f"{objective}: mean gain over 20 seeds, greedy {greedy.mean():.4f}, "
+        f"random {random.mean():.4f}"
+    )
+    assert greedy.mean() > random.mean() and (greedy >= random).mean() >= 0.9
+    assert (greedy >= 0).all()  # greedy never does worse than adding nothing
+
+
+def test_the_augmented_agent_recomputes_its_preconditioner_with_n_plus_k():
+    config = load_config(EXAMPLES / "design.toml")
+    design = Design(config, "A")
+    rows = np.eye(config.d)[None, :2] * 2.0
+    game = design.changed_game(rows)
+    prompt = game.prompts["A"][0]
+    assert prompt.n == config.agents["A"].n + 2
+    np.testing.assert_allclose(game.agents["A"].gamma[0], lsa_optimal_gamma(prompt.covariance, 10))
+    np.testing.assert_array_equal(prompt.y[-2:], rows[0] @ prompt.target)
+
+
+def test_the_decoy_is_the_configured_attack():
+    """Without added examples, the exposure check plays what ``[attack] method = "decoy"``
+    sets up."""
+    config = load_config(EXAMPLES / "design.toml")
+    design = Design(config, "A")
+    mine = simulate(design.changed_game(np.zeros((1, 0, config.d)), decoy=True))
+    data = config.model_dump(mode="json", exclude_none=True)
+    configured = setup(parse_config(data | {"attack": {"agent": "B", "method": "decoy"}}))
+    np.testing.assert_allclose(mine.turns, simulate(configured).turns, atol=1e-12)
+    assert mine.distance("B", design.game.targets["B"])[-1, 0] < 1e-12
+
+
+def test_cli_table_and_artifacts(tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(
+        app, ["design", str(EXAMPLES / "design.toml"), "--agent", "A", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.stderr
+    for word in (*COLUMNS, "stability A", "stability B", "bias", "prompt", "exposure"):
+        assert word in result.stdout
+    assert (out / "design.json").exists() and (out / "design.png").exists()
+    assert (out / "config.toml").exists()
+
+
+def test_cli_json(tmp_path):
+    out = tmp_path / "out"
+    args = ["design", str(EXAMPLES / "design.toml"), "--agent", "A", "--examples", "2"]
+    result = runner.invoke(app, [*args, "--seeds", "3", "--json", "--out", str(out)])
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert json.loads((out / "design.json").read_text()) == data
+    assert {"agent", "baseline", "stability", "bias", "prompt", "exposure", "config_hash"} <= set(
+        data
+    )
+    assert data["examples"] == 2 and len(data["prompt"]["examples"]) == 2
+    assert {"predicted", "simulated", "difference", "gain", "baseline"} <= set(data["prompt"])
+    assert {"mean", "std", "seeds", "curve_mean"} <= set(data["prompt"]["baseline"])
+
+
+LSA = """d = 2
+rounds = 10
+[agents.A]
+kind = "lsa"
+n = 4
+checkpoint = "nowhere.pt"
+[agents.B]
+n = 4
+"""
+SAMPLED = """d = 2
+rounds = 10
+[agents.A]
+n = 4
+sampling_std = 0.1
+[agents.B]
+n = 4
+"""
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--agent", "Z"], "--agent: names no agent: 'Z' (agents: A, B)"),
+        (["--agent", "A", "--norm", "-1"], "--norm: must be a positive finite number"),
+        (["--agent", "A", "--examples", "0"], "--examples"),
+        ([], "Missing option '--agent'"),
+        (["--agent", "A", "--set", "agents.A.eta=-1"], "agents.A.eta"),
+        (["llm", "--agent", "B"], "agents.A.kind: A is a black box (kind llm)"),
+        (["attack", "--agent", "A"], "attack: design advises on the honest play"),
+        (["lsa", "--agent", "B"], "agents.A.kind: A is a trained lsa model"),
+        (["sampled", "--agent", "A"], "agents.A.sampling_std: design needs noise-free answers"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
+    files = {"llm": EXAMPLES / "local_llm.toml", "attack": EXAMPLES / "attack.toml"}
+    (tmp_path / "lsa.toml").write_text(LSA)
+    (tmp_path / "sampled.toml").write_text(SAMPLED)
+    files |= {"lsa": tmp_path / "lsa.toml", "sampled": tmp_path / "sampled.toml"}
+    config = EXAMPLES / "design.toml"
+    if args and args[0] in files:
+        config, args = files[args[0]], args[1:]
+    done = subprocess.run(
+        [sys.executable, "-m", "misalign.cli", "design", str(config), *args]
+        + ["--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr
+    assert not (tmp_path / "out").exists()
