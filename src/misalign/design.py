@@ -374,6 +374,7 @@ class Design:
         target = game.targets[self.name]
         predicted = np.where(p.converges, np.linalg.norm(p.residual[self.name], axis=-1), np.nan)
         simulated = trajectory.distance(self.name, target)[-1]
+        simulated = np.where(trajectory.diverged_at >= 0, np.nan, simulated)
         return predicted, simulated, rounds
 
     def rate(self, game: Game, rho: np.ndarray) -> tuple[np.ndarray, int]:
@@ -596,7 +597,9 @@ def _diff(a, b) -> float | None:
 
 
 def _gain(before, after) -> dict[str, float | None]:
-    before, after = float(before), float(after)
+    """Distance before and after a change, and by how much it fell (``None``: not finite,
+    as where the play diverged before the change)."""
+    before, after = (math.nan if x is None else float(x) for x in (before, after))
     return {
         "before": _f(before),
         "after": _f(after),
@@ -617,8 +620,8 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
         (
             "now",
             f"the configuration (rho = {base['rho']:.4g})",
-            _text(base["predicted"]),
-            _text(base["simulated"]),
+            _text(base["predicted"]) if base["converges"] else "diverges",
+            _text(base["simulated"], missing="diverged"),
             _text(base["difference"], ".1e"),
             "-",
         )
@@ -629,7 +632,8 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
             rows.append((f"stability {name}", change, "-", "-", "-", f"margin {row['margin']:.3g}"))
             continue
         if not row["scale"]:
-            rows.append((f"stability {name}", "no stable scale", "-", "-", "-", "-"))
+            change = f"no eta_{name} makes the play converge (the others fixed)"
+            rows.append((f"stability {name}", change, "-", "-", "-", "-"))
             continue
         low, high = row["checks"]
         rows.append(
@@ -679,8 +683,8 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
     return rows
 
 
-def _text(x, fmt: str = ".6g") -> str:
-    return "-" if x is None else format(x, fmt)
+def _text(x, fmt: str = ".6g", missing: str = "-") -> str:
+    return missing if x is None else format(x, fmt)
 
 
 def _gain_text(gain: dict[str, float | None]) -> str:

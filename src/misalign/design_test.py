@@ -234,3 +234,21 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_diverging_play_gets_a_stable_scale_and_no_example_advice(tmp_path):
+    out = tmp_path / "out"
+    args = ["design", str(EXAMPLES / "diverging.toml"), "--agent", "A", "--seeds", "2"]
+    result = runner.invoke(app, [*args, "--json", "--out", str(out)])
+    assert result.exit_code == 0, result.stderr
+
+    def refuse(constant):
+        raise AssertionError(f"not JSON: {constant}")
+
+    data = json.loads(result.stdout, parse_constant=refuse)
+    assert not data["baseline"]["converges"] and data["baseline"]["simulated"] is None
+    assert data["stability"]["A"]["verified"] and data["stability"]["A"]["scale"] < 1
+    assert data["stability"]["B"]["scale"] == 0.0  # B alone cannot save the play
+    assert data["bias"]["difference"] < TOL and data["bias"]["scale"] < 1
+    assert "does not converge" in data["prompt"]["skipped"]
+    assert (out / "design.png").exists()
