@@ -56,6 +56,38 @@ def test_quick_run_files_exist_and_parse(runs, name):
     assert result.figures == [out / "figure.png", out / "figure.svg"]
 
 
+ONE_SEED_FAILS = {
+    "noise": "its spread claims have tolerance 0 over one seed (|observed / predicted - 1| = 1)",
+}
+"""Entries whose claims cannot hold with ``--seeds 1`` (known defects, strict xfail)."""
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=ONE_SEED_FAILS[n]))
+        if n in ONE_SEED_FAILS
+        else n
+        for n in REGISTRY
+    ],
+)
+def test_one_seed_runs_and_passes(name, tmp_path):
+    """``reproduce NAME --quick --seeds 1``: no crash (std of one seed, empty filters), every
+    claim finite and passing."""
+    result = REGISTRY[name].run(True, 1, tmp_path)
+    claims = json.loads((tmp_path / "claims.json").read_text())
+    assert [c["name"] for c in claims] == [c.name for c in result.claims]
+    assert all(c["measured"] is not None for c in claims), claims
+    assert [c["name"] for c in claims if not c["passed"]] == []
+
+
+def test_stability_plays_its_default_transient_seeds_at_least():
+    config = REGISTRY["stability"].config
+    assert config(True, 1)["seeds"] == 1 and config(True, 1)["transient"]["seeds"] == 12
+    assert config(True, 40)["transient"]["seeds"] == 40
+    assert config(False, 3)["transient"]["seeds"] == 100
+
+
 def test_seeds_override_the_default_and_change_the_hash():
     entry = REGISTRY["gap"]
     assert entry.config(True, 3)["seeds"] == 3
