@@ -229,7 +229,9 @@ class Design:
     def best_scale(self, top: float | None, lower: float | None) -> tuple[float, bool]:
         """The multiplier of A's ``eta`` in the stable range with ``rho <= RHO_CAP`` that
         minimises ``|e_A|`` (coarse grid, then batched zooms to a relative ``1e-10``), and
-        whether it sits on the edge of the range searched."""
+        whether it sits on the edge of the range searched; 1 (no change) when no scale beats
+        the present one by a relative ``1e-9`` (a residual that does not depend on the scale,
+        as against a Newton partner with ``n >= d``)."""
         lo = SCALES[0] if lower is None else lower
         hi = SCALES[1] if top is None else top
         grid = np.geomspace(lo, hi, 257)
@@ -255,6 +257,9 @@ class Design:
             j = int(np.argmin(w))
             best = points[j]
             a, b = points[max(j - 1, 0)], points[min(j + 1, ZOOM - 1)]
+        now = value(np.array([1.0]))[0]
+        if np.isfinite(now) and value(np.array([best]))[0] >= now * (1 - 1e-9):
+            return 1.0, False  # no scale does measurably better than the present one
         return float(best), bool(edge)
 
     # -- examples ------------------------------------------------------------------------------
@@ -291,10 +296,11 @@ class Design:
         return units[size > 1e-12] / size[size > 1e-12, None]
 
     def greedy(self, k: int, objective: Callable) -> tuple[np.ndarray, np.ndarray]:
-        """``k`` examples added one at a time, each the candidate of smallest ``objective``.
+        """``k`` examples added one at a time, each the candidate of smallest ``objective``
+        (fewer when every candidate would make the play diverge).
 
         Returns:
-            The rows ``(k, d)`` and the objective after each prefix, ``(k + 1,)``.
+            The rows ``(j, d)`` and the objective after each prefix, ``(j + 1,)``, ``j <= k``.
         """
         rng = np.random.default_rng([self.config.seed, 17])
         d = self.config.d
@@ -306,6 +312,8 @@ class Design:
                 [np.broadcast_to(chosen, (len(cand), *chosen.shape)), cand[:, None]], axis=1
             )
             values = objective(self._maps(len(cand), prompts=self.augmented(extra)))
+            if not np.isfinite(values).any():  # every candidate makes the play diverge: stop
+                break
             j = int(np.argmin(values))
             chosen = extra[j]
             curve.append(float(values[j]))
@@ -548,21 +556,32 @@ def advise(
 
 
 def _examples(design: Design, k: int, objective: Callable, decoy: bool) -> dict[str, Any]:
-    """The greedy examples against the random baseline, checked by playing all of them (the
-    unchanged prompt, the greedy one and every seed's) as one batch."""
+    """The greedy examples against the random baseline, checked by playing the unchanged
+    prompt, the greedy one and every seed's (the seeds as one batch)."""
     chosen, curve = design.greedy(k, objective)
     rows, baseline = design.random(k, objective)
     d = design.config.d
-    extra = np.concatenate([np.zeros((1, k, d)), chosen[None], rows])
     # the unchanged prompt: the same game without rows (a zero row would change n)
-    game0 = design.changed_game(np.zeros((1, 0, d)), decoy)
-    p0, s0, _ = design.verify(game0)
-    predicted, simulated, rounds = design.verify(design.changed_game(extra[1:], decoy))
+    p0, s0, _ = design.verify(design.changed_game(np.zeros((1, 0, d)), decoy))
+    p1, s1, rounds = design.verify(design.changed_game(chosen[None], decoy))
+    p2, s2, more = design.verify(design.changed_game(rows, decoy))
+    predicted, simulated = np.concatenate([p1, p2]), np.concatenate([s1, s2])
+    rounds = max(rounds, more)
     before = float(curve[0])
     target = design.game.prompts[design.name][0].target
     final = baseline[:, -1]
+    ok = np.isfinite(final)  # random examples may make the play diverge: counted apart
+    good = np.isfinite(baseline)
+    columns = list(zip(baseline.T, good.T, strict=True))
+    curve_mean = [_f(np.mean(c[g])) if g.any() else None for c, g in columns]
+    curve_std = [_f(np.std(c[g])) if g.any() else None for c, g in columns]
+    checked = ok & np.isfinite(simulated[1:])
+    stopped = len(chosen) < k
     return {
         "examples": chosen.tolist(),
+        "stopped": f"after {len(chosen)}: every further example makes the play diverge"
+        if stopped
+        else None,
         "labels": (chosen @ target).tolist(),
         "preconditioner": design.config.agents[design.name].preconditioner,
         "gamma": "recomputed by the agent's own rule on the augmented prompt (n + K rows)",
@@ -571,16 +590,19 @@ def _examples(design: Design, k: int, objective: Callable, decoy: bool) -> dict[
         "simulated": _f(simulated[0]),
         "difference": _diff(predicted[0], simulated[0]),
         "gain": _gain(before, predicted[0]),
-        "greedy_curve": curve.tolist(),
+        "greedy_curve": [_f(v) for v in curve],
         "baseline": {
             "seeds": design.seeds,
-            "mean": _f(np.mean(final)),
-            "std": _f(np.std(final)),
-            "gain_mean": _f(before - np.mean(final)),
-            "curve_mean": baseline.mean(axis=0).tolist(),
-            "curve_std": baseline.std(axis=0).tolist(),
-            "simulated_mean": _f(np.nanmean(simulated[1:])),
-            "max_difference": _f(np.nanmax(np.abs(predicted[1:] - simulated[1:]))),
+            "diverging": int((~ok).sum()),
+            "mean": _f(np.mean(final[ok])) if ok.any() else None,
+            "std": _f(np.std(final[ok])) if ok.any() else None,
+            "gain_mean": _f(before - np.mean(final[ok])) if ok.any() else None,
+            "curve_mean": curve_mean,
+            "curve_std": curve_std,
+            "simulated_mean": _f(np.mean(simulated[1:][checked])) if checked.any() else None,
+            "max_difference": _f(np.max(np.abs(predicted[1:] - simulated[1:])[checked]))
+            if checked.any()
+            else None,
         },
         "theory_vs_check": _diff(curve[-1], predicted[0]),
         "rounds": rounds,
@@ -614,8 +636,7 @@ COLUMNS = ("item", "change", "predicted", "simulated", "|difference|", "gain")
 
 def table_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
     """The ``misalign design`` table: one row per item (per agent for stability)."""
-    a, k = result["agent"], result["examples"]
-    base = result["baseline"]
+    a, base = result["agent"], result["baseline"]
     rows = [
         (
             "now",
@@ -672,12 +693,14 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
         rows.append(
             (
                 item,
-                f"+{k} greedy examples in {a}'s prompt"
+                f"+{len(row['examples'])} greedy examples in {a}'s prompt"
+                + ("" if row["stopped"] is None else f" (stopped {row['stopped']})")
                 + (f" (against {result['partner']}'s decoy)" if item == "exposure" else ""),
                 _text(row["predicted"]),
                 _text(row["simulated"]),
                 _text(row["difference"], ".1e"),
-                f"{_gain_text(row['gain'])}; random {_text(b['mean'])} ± {_text(b['std'], '.2g')}",
+                f"{_gain_text(row['gain'])}; random {_text(b['mean'])} ± {_text(b['std'], '.2g')}"
+                + (f" ({b['diverging']} of {b['seeds']} diverge)" if b["diverging"] else ""),
             )
         )
     return rows
@@ -737,8 +760,13 @@ def plot_design(result: dict[str, Any], path) -> Any:
         if "skipped" in row:
             continue
         what = "|e_A|" if item == "prompt" else "decoy exposure"
-        curves.plot(k, row["greedy_curve"], style, color=color, marker="o", label=f"{what} greedy")
-        mean, std = np.array(row["baseline"]["curve_mean"]), np.array(row["baseline"]["curve_std"])
+        greedy = [np.nan if v is None else v for v in row["greedy_curve"]]
+        shown = k[: len(greedy)]
+        curves.plot(shown, greedy, style, color=color, marker="o", label=f"{what} greedy")
+        mean, std = (
+            np.array([np.nan if v is None else v for v in row["baseline"][key]], dtype=float)
+            for key in ("curve_mean", "curve_std")
+        )
         curves.plot(k, mean, ":", color=color, label=f"{what} random (mean ± std)")
         curves.fill_between(k, mean - std, mean + std, color=color, alpha=0.15)
     curves.set_xticks(k)
