@@ -163,15 +163,14 @@ class Design:
             ).affine()
         return maps
 
-    def _predict(self, maps: dict[str, AffineMap], start: np.ndarray | None = None):
+    def _predict(self, maps: dict[str, AffineMap]):
+        """The theory's prediction for a batch of variants of play 0 (its targets and start)."""
         size = maps[self.name].c.shape[0]
         targets = {
             n: np.broadcast_to(t[0], (size, t.shape[1])) for n, t in self.game.targets.items()
         }
-        start = self.game.start[0] if start is None else start
-        return predict_maps(
-            maps, self.game.schedule, targets, start=np.broadcast_to(start, (size, len(start)))
-        )
+        start = np.broadcast_to(self.game.start[0], (size, self.config.d))
+        return predict_maps(maps, self.game.schedule, targets, start=start)
 
     def residual(self, maps: dict[str, AffineMap]) -> np.ndarray:
         """``|e_A|`` per variant; ``inf`` where the play does not converge."""
