@@ -196,6 +196,52 @@ def measured_rate(errors: Any, floor: float = 1e-9, window: int = 20) -> Any:
         return (errors[t1, plays] / errors[t0, plays]) ** (1.0 / (t1 - t0))
 
 
+def errors_from_fixed_point(game: Any, trajectory: Any, prediction: Any) -> tuple[Any, Any]:
+    """The simulated error on the stacked outputs (blocks in schedule order).
+
+    Args:
+        game, trajectory, prediction: ``misalign.experiment``'s ``setup``, ``simulate`` and
+            ``predict`` of one batch of ``B`` plays.
+
+    Returns:
+        ``|s_t - s*|`` for rounds ``1..T`` (``(T, B)``; ``inf`` or ``nan`` where a play
+        overflowed) and ``e_0 = s_0 - s*`` (``(B, N d)``; every block starts at the game's
+        start).
+    """
+    import numpy as np
+
+    names = game.schedule.agents
+    star = np.concatenate([prediction.fixed_point[n] for n in names], axis=-1)
+    start = np.concatenate([game.start] * len(names), axis=-1)
+    stacked = np.concatenate([trajectory.outputs(n) for n in names], axis=-1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.linalg.norm(stacked - star, axis=-1), start - star
+
+
+def errors_by_matrix_powers(R: Any, e0: Any, rounds: int) -> tuple[Any, Any]:
+    """The theory's error ``|R^t e_0|`` by matrix powers of the round map.
+
+    Args:
+        R: the round maps, ``(B, m, m)`` (``misalign.theory.round_map(...).R``).
+        e0: the initial errors ``s_0 - s*``, ``(B, m)``.
+        rounds: ``T``.
+
+    Returns:
+        ``|R^t e_0|`` for ``t = 1..T`` (``(T, B)``) and ``max_t |R^t|_2`` over
+        ``t = 0..T`` (``(B,)``), the bound on the growth ``|R^t e_0| / |e_0|``.
+    """
+    import numpy as np
+
+    power = np.broadcast_to(np.eye(R.shape[-1]), R.shape).copy()
+    errors = np.empty((rounds, len(e0)))
+    bound = np.ones(len(e0))
+    for t in range(rounds):
+        power = R @ power
+        errors[t] = np.linalg.norm(np.einsum("bij,bj->bi", power, e0), axis=-1)
+        bound = np.maximum(bound, np.linalg.norm(power, ord=2, axis=(1, 2)))
+    return errors, bound
+
+
 def _registry() -> dict[str, Experiment]:
     from misalign.experiments import (
         attacks,

@@ -33,7 +33,14 @@ import numpy as np
 
 from misalign.config import load_config, parse_config
 from misalign.experiment import fit, predict, setup, simulate
-from misalign.experiments import Claim, Experiment, Result, write_run
+from misalign.experiments import (
+    Claim,
+    Experiment,
+    Result,
+    errors_by_matrix_powers,
+    errors_from_fixed_point,
+    write_run,
+)
 from misalign.theory import round_map
 
 NAME = "llm"
@@ -282,16 +289,11 @@ def _fake(cfg: dict[str, Any]):
                 equilibrium_error = max(equilibrium_error, float(gap))
             unconfirmed += int((~agent.confirmed).sum())
             names = game.schedule.agents
-            star = np.concatenate([prediction.fixed_point[n] for n in names], axis=-1)
-            s0 = np.concatenate([game.start] * len(names), axis=-1) - star
-            stacked = np.concatenate([trajectory.outputs(n) for n in names], axis=-1)
-            simulated = np.linalg.norm(stacked - star, axis=-1) / np.linalg.norm(s0, axis=-1)
+            errors, s0 = errors_from_fixed_point(game, trajectory, prediction)
             R = round_map({n: game.agents[n].affine() for n in names}, game.schedule).R
-            theory, power = [], np.broadcast_to(np.eye(R.shape[-1]), R.shape).copy()
-            for _ in range(trajectory.rounds):
-                power = R @ power
-                theory.append(np.linalg.norm(np.einsum("bij,bj->bi", power, s0), axis=-1))
-            theory = np.array(theory) / np.linalg.norm(s0, axis=-1)
+            theory = errors_by_matrix_powers(R, s0, trajectory.rounds)[0]
+            size = np.linalg.norm(s0, axis=-1)
+            simulated, theory = errors / size, theory / size
             curves[d] = (simulated, theory, float(np.median(prediction.rho)))
             for p in range(part["plays"]):
                 for t in range(trajectory.rounds):

@@ -11,7 +11,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from misalign.cli import app
-from misalign.experiments import REGISTRY, Claim, config_hash, measured_rate
+from misalign.experiments import (
+    REGISTRY,
+    Claim,
+    config_hash,
+    errors_by_matrix_powers,
+    measured_rate,
+)
 
 runner = CliRunner()
 
@@ -112,6 +118,24 @@ def test_measured_rate_of_a_geometric_sequence():
     t = np.arange(100)[:, None]
     errors = np.hstack([0.9**t, 1.1**t, 0.5**t])
     np.testing.assert_allclose(measured_rate(errors, floor=1e-12), [0.9, 1.1, 0.5])
+
+
+def test_errors_by_matrix_powers_of_a_non_normal_map():
+    import numpy as np
+
+    R = np.array([[[0.5, 4.0], [0.0, 0.5]], [[0.9, 0.0], [0.0, -0.2]]])
+    e0 = np.array([[0.0, 1.0], [1.0, 1.0]])
+    errors, bound = errors_by_matrix_powers(R, e0, 30)
+    for b in range(2):
+        for t in range(30):
+            power = np.linalg.matrix_power(R[b], t + 1)
+            assert errors[t, b] == pytest.approx(np.linalg.norm(power @ e0[b]), rel=1e-12)
+    # the first map grows |e_t| from 1 to |(4, 0.5)| before it decays; the second is normal
+    assert errors[0, 0] == pytest.approx(np.hypot(4.0, 0.5)) and errors[-1, 0] < 1e-5
+    assert bound[0] == pytest.approx(
+        max(np.linalg.norm(np.linalg.matrix_power(R[0], t), 2) for t in range(31))
+    )
+    assert bound[1] == 1.0 and (errors[:, 0] <= bound[0] * np.linalg.norm(e0[0])).all()
 
 
 def test_list_has_one_line_per_experiment():

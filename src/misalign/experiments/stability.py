@@ -37,7 +37,15 @@ import numpy as np
 
 from misalign.config import parse_config
 from misalign.experiment import predict, setup, simulate
-from misalign.experiments import Claim, Experiment, Result, measured_rate, write_run
+from misalign.experiments import (
+    Claim,
+    Experiment,
+    Result,
+    errors_by_matrix_powers,
+    errors_from_fixed_point,
+    measured_rate,
+    write_run,
+)
 from misalign.theory import round_map
 
 NAME = "stability"
@@ -78,14 +86,8 @@ def run(quick: bool, seeds: int | None, out: Path) -> Result:
     """Every ``(eta, seed)`` in one batch."""
     cfg = config(quick, seeds)
     grid = [(eta, s) for eta in cfg["etas"] for s in range(cfg["seeds"])]
-    configs = []
-    for eta, s in grid:
-        agent = {"n": cfg["n"], "preconditioner": cfg["preconditioner"], "eta": eta}
-        agents = {"A": agent, "B": agent}
-        configs.append(
-            parse_config({"seed": s, "d": cfg["d"], "rounds": cfg["rounds"], "agents": agents})
-        )
-    game = setup(configs)
+    agent = {"n": cfg["n"], "preconditioner": cfg["preconditioner"]}
+    game = setup(_alternating(cfg["d"], cfg["rounds"], grid, agent))
     trajectory = simulate(game)
     prediction = predict(game)
     stacked = np.concatenate([trajectory.outputs(n) for n in ("A", "B")], axis=-1)
@@ -163,17 +165,6 @@ def _alternating(d: int, rounds: int, grid, agent) -> list:
     return configs
 
 
-def _errors(game, trajectory, prediction) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``|s_t - s*|`` for rounds ``1..T`` (``(T, B)``), ``s_0 - s*`` (``(B, N d)``) and ``s*``
-    (``(B, N d)``) on the stacked outputs, blocks in schedule order."""
-    names = game.schedule.agents
-    star = np.concatenate([prediction.fixed_point[n] for n in names], axis=-1)
-    start = np.concatenate([game.start] * len(names), axis=-1)  # every block starts at start
-    stacked = np.concatenate([trajectory.outputs(n) for n in names], axis=-1)
-    with np.errstate(over="ignore", invalid="ignore"):
-        return np.linalg.norm(stacked - star, axis=-1), start - star, star
-
-
 def _plateaus(cfg):
     """Rounds to shrink the error by ``tol`` against ``Prediction.rounds_to(tol)``, small steps."""
     part = cfg["plateau"]
@@ -182,7 +173,7 @@ def _plateaus(cfg):
     game = setup(_alternating(cfg["d"], part["rounds"], grid, agent))
     trajectory = simulate(game)
     prediction = predict(game)
-    errors, initial, _ = _errors(game, trajectory, prediction)
+    errors, initial = errors_from_fixed_point(game, trajectory, prediction)
     relative = errors / np.linalg.norm(initial, axis=-1)
     below = relative <= part["tol"]
     simulated = np.where(below.any(axis=0), below.argmax(axis=0) + 1.0, np.inf)
@@ -234,17 +225,11 @@ def _transient(cfg):
     trajectory = simulate(game)
     prediction = predict(game)
     converges = prediction.rho < 1
-    errors, initial, _ = _errors(game, trajectory, prediction)
+    errors, initial = errors_from_fixed_point(game, trajectory, prediction)
     maps = {n: game.agents[n].affine() for n in game.schedule.agents}
     R = round_map(maps, game.schedule).R[converges]
     e = initial[converges]
-    power = np.broadcast_to(np.eye(R.shape[-1]), R.shape).copy()
-    theory = np.empty((part["rounds"], len(e)))
-    bound = np.ones(len(e))  # max_t |R^t|_2, t = 0 included
-    for t in range(part["rounds"]):
-        power = R @ power
-        theory[t] = np.linalg.norm(np.einsum("bij,bj->bi", power, e), axis=-1)
-        bound = np.maximum(bound, np.linalg.norm(power, ord=2, axis=(1, 2)))
+    theory, bound = errors_by_matrix_powers(R, e, part["rounds"])
     size = np.linalg.norm(e, axis=-1)
     simulated = errors[:, converges]
     growth_simulated = np.maximum(1.0, (simulated / size).max(axis=0))
