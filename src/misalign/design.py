@@ -698,7 +698,8 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
                 _text(row["predicted"]),
                 _text(row["simulated"]),
                 _text(row["difference"], ".1e"),
-                f"{_gain_text(row['gain'])}; random {_text(b['mean'])} ± {_text(b['std'], '.2g')}"
+                f"{_gain_text(row['gain'])}; random {_text(b['mean'], '.4g')} "
+                f"± {_text(b['std'], '.2g')}"
                 + (f" ({b['diverging']} of {b['seeds']} diverge)" if b["diverging"] else ""),
             )
         )
