@@ -43,6 +43,35 @@ Positive = Annotated[float, Field(allow_inf_nan=False, ge=1 / MAGNITUDE, le=MAGN
 pydantic lets the type's bound win, silently."""
 
 
+def _reads_kind(value: Any) -> str:
+    return "mix" if isinstance(value, dict) else "name"
+
+
+Reads = Annotated[
+    Annotated[str, Tag("name")] | Annotated[dict[str, float], Tag("mix")],
+    Discriminator(_reads_kind),
+]
+"""Whom an agent reads: one agent's name, or a weighted mix ``{ B = 0.6, C = 0.4 }``."""
+
+
+def _schedule_kind(value: Any) -> str:
+    return "simultaneous" if isinstance(value, str) else "order"
+
+
+Schedule = Annotated[
+    Annotated[Annotated[list[str], Field(min_length=1)], Tag("order")]
+    | Annotated[Literal["simultaneous"], Tag("simultaneous")],
+    Discriminator(_schedule_kind),
+]
+"""A round: the turn order (names may repeat), or ``"simultaneous"``: every agent answers the
+previous round's outputs at once."""
+TAGS = {"schedule": ("order", "simultaneous"), "reads": ("name", "mix")}
+"""The union tags pydantic puts in an error's location, dropped from the field's name."""
+
+WEIGHT_TOL = 1e-9
+"""How far the weights of a weighted read may sum from 1."""
+
+
 class ConfigError(ValueError):
     """A configuration problem, as one line naming the field."""
 
@@ -71,8 +100,11 @@ class LearnerConfig(_Strict):
     sampling_std: NonNegative = Field(
         default=0.0, description="std of the noise added to every answer (a sampled agent)"
     )
-    reads: str | None = Field(
-        default=None, description="whose output this agent reads; default the previous turn"
+    reads: Reads | None = Field(
+        default=None,
+        description="whose output this agent reads: a name, or weights per name "
+        "({ B = 0.6, C = 0.4 }, non-negative, summing to 1); default the previous turn "
+        "(simultaneous rounds: the uniform mix of every other agent)",
     )
 
 
@@ -237,8 +269,11 @@ class HelperAgentConfig(_Strict):
         default="secant", description="white-box: knows the maps; secant: sees only the play"
     )
     probe_scale: Positive = Field(default=1.0, description="size of the secant probes")
-    reads: str | None = Field(
-        default=None, description="whose output this agent reads; default the previous turn"
+    reads: Reads | None = Field(
+        default=None,
+        description="whose output this agent reads: a name, or weights per name "
+        "({ B = 0.6, C = 0.4 }, non-negative, summing to 1); default the previous turn "
+        "(simultaneous rounds: the uniform mix of every other agent)",
     )
 
 
@@ -300,8 +335,10 @@ class PlayConfig(_Strict):
     seed: int = Field(default=0, ge=0, description="data seed (prompts and sampled targets)")
     d: int = Field(ge=1, description="dimension")
     rounds: int = Field(ge=1, description="rounds to play")
-    schedule: list[str] | None = Field(
-        default=None, min_length=1, description="turn order within a round; default all agents"
+    schedule: Schedule | None = Field(
+        default=None,
+        description="turn order within a round (default all agents in file order), or "
+        "'simultaneous': every agent answers the previous round's outputs at once",
     )
     start: list[Finite] | None = Field(
         default=None, description="every agent's initial output v_0; default zeros"
@@ -315,13 +352,25 @@ class PlayConfig(_Strict):
         for name, agent in self.agents.items():
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", name) or name in RESERVED:
                 raise _FieldError(f"agents.{name}", "is not a valid agent name")
-            if agent.reads is not None and agent.reads not in self.agents:
+            if isinstance(agent.reads, dict):
+                self._check_mix(name, agent.reads)
+            elif agent.reads is not None and agent.reads not in self.agents:
                 raise _FieldError(f"agents.{name}.reads", f"names no agent: {agent.reads!r}")
             if isinstance(agent, LLMAgentConfig) and (agent.probes or self.d + 1) < self.d + 1:
                 raise _FieldError(
                     f"agents.{name}.probes", f"must be at least d + 1 = {self.d + 1} to fit a map"
                 )
             if isinstance(agent, HelperAgentConfig):
+                if self.simultaneous:
+                    raise _FieldError(
+                        f"agents.{name}", "a helper needs turns in order, not simultaneous rounds"
+                    )
+                mixes = [n for n, a in self.agents.items() if isinstance(a.reads, dict)]
+                if mixes:
+                    raise _FieldError(
+                        f"agents.{name}",
+                        f"a helper needs single reads; agents.{mixes[0]}.reads is weighted",
+                    )
                 if any(isinstance(a, LLMAgentConfig) for a in self.agents.values()):
                     raise _FieldError(
                         f"agents.{name}", "helpers need analytic maps; this play has llm agents"
@@ -361,6 +410,10 @@ class PlayConfig(_Strict):
         for key, table in (("attack", self.attack), ("defence", self.defence)):
             if table is not None and table.agent not in self.agents:
                 raise _FieldError(f"{key}.agent", f"names no agent: {table.agent!r}")
+            if table is not None and self.simultaneous:
+                raise _FieldError(
+                    key, "needs strict alternation: turns in order, not simultaneous rounds"
+                )
             if table is not None and len(self.agents) != 2:
                 raise _FieldError(key, f"needs a two-agent play (got {len(self.agents)} agents)")
             if table is not None and (
@@ -397,10 +450,35 @@ class PlayConfig(_Strict):
             raise _FieldError("defence.agent", "the attacker cannot also be the defended agent")
         return self
 
+    def _check_mix(self, name: str, mix: dict[str, float]) -> None:
+        """A weighted read: some agents other than the reader, non-negative weights summing
+        to 1."""
+        field = f"agents.{name}.reads"
+        if not mix:
+            raise _FieldError(field, "names no agent (give a name or weights per name)")
+        for other, weight in mix.items():
+            if other not in self.agents:
+                raise _FieldError(f"{field}.{other}", f"names no agent: {other!r}")
+            if other == name:
+                raise _FieldError(f"{field}.{other}", "an agent's weighted read cannot name itself")
+            if not 0 <= weight <= 1:  # NaN fails too
+                raise _FieldError(
+                    f"{field}.{other}", f"must be a weight in [0, 1] (got {weight!r})"
+                )
+        total = sum(mix.values())
+        if abs(total - 1) > WEIGHT_TOL:
+            raise _FieldError(field, f"weights must sum to 1 (got {total!r})")
+
+    @property
+    def simultaneous(self) -> bool:
+        """Whether every agent answers the previous round's outputs at once."""
+        return self.schedule == "simultaneous"
+
     @property
     def order(self) -> list[str]:
-        """The turn order of a round: ``schedule``, or every agent in file order."""
-        return list(self.schedule) if self.schedule is not None else list(self.agents)
+        """The turn order of a round: ``schedule``, or every agent in file order (always so
+        in simultaneous rounds)."""
+        return list(self.agents) if self.schedule in (None, "simultaneous") else list(self.schedule)
 
 
 class _FieldError(ValueError):
@@ -541,6 +619,10 @@ def _one_line(exc: ValidationError) -> str:
     loc = list(error["loc"])
     if len(loc) > 2 and loc[0] == "agents" and loc[2] in KINDS:
         del loc[2]  # the union's tag: agents.A.gd.n is agents.A.n
+    for k in range(len(loc) - 1):
+        if loc[k] in TAGS and loc[k + 1] in TAGS[loc[k]]:
+            del loc[k + 1]  # schedule.order.1 is schedule.1, agents.A.reads.mix.B is ...reads.B
+            break
     field = ".".join(str(part) for part in loc)
     if isinstance(error.get("ctx", {}).get("error"), _FieldError):
         return f"{field}.{error['ctx']['error']}" if field else str(error["ctx"]["error"])

@@ -142,7 +142,9 @@ def setup(
                 f"agents.{n}: its turn map overflows float64 (reduce eta, spectrum, "
                 "steps_per_turn or the labels' scale)"
             )
-    schedule = Schedule.build(first.order, {name: a.reads for name, a in first.agents.items()})
+    schedule = Schedule.build(
+        first.order, {name: a.reads for name, a in first.agents.items()}, first.simultaneous
+    )
     for name, agent in first.agents.items():
         if isinstance(agent, HelperAgentConfig):
             agents[name] = _helper(name, agent, agents, schedule)
@@ -217,9 +219,10 @@ def _shape(config: PlayConfig) -> tuple:
     """What every play of a batch must share."""
     helpers = [a for a in config.agents.values() if isinstance(a, HelperAgentConfig)]
     sampling = [getattr(a, "sampling_std", 0.0) for a in config.agents.values()]
+    reads = [a.reads for a in config.agents.values()]
     return (
         *(config.d, config.order, list(config.agents), config.attack, config.defence),
-        *(helpers, sampling),
+        *(helpers, sampling, config.simultaneous, reads),
     )
 
 

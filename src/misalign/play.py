@@ -5,6 +5,11 @@ A round runs the schedule's turns in order; turn ``(i, j)`` replaces agent
 (docs/theory.md §2). Every agent's output starts at ``start`` (``v_0``).
 Two agents alternating give ``u_t = f_A(v_{t-1})``, ``v_t = f_B(u_t)``.
 
+Weighted reads: an agent may read a mix ``sum_j a_ij s_j`` of several agents' last outputs
+(non-negative weights summing to 1). Simultaneous rounds: every agent answers the previous
+round's outputs at once (``s_i <- f_i(sum_j a_ij s_j)`` for all ``i`` together, the
+multi-agent debate pattern).
+
 The play runs a whole batch of independent plays as one array program: each
 turn is one call per agent for all plays.
 """
@@ -23,35 +28,92 @@ DIVERGED = 1e100
 """An output with a coordinate beyond this magnitude marks its play as diverged."""
 
 
+Mix = tuple[tuple[str, float], ...]
+"""A weighted read: ``((agent, weight), ...)``, weights non-negative and summing to 1."""
+Reads = str | Mix
+"""Whom a turn reads: one agent's last output, or a weighted mix of several."""
+
+
+def sources(reads: Reads) -> Mix:
+    """The agents a turn reads and their weights (one agent: weight 1)."""
+    return ((reads, 1.0),) if isinstance(reads, str) else reads
+
+
+def mixed(reads: Reads, outputs: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The input a turn reads: ``outputs[reads]`` itself for one agent (no copy), else the
+    weighted sum ``sum_j a_j outputs[j]``."""
+    if isinstance(reads, str):
+        return outputs[reads]
+    (first, a), *rest = reads
+    total = a * outputs[first]
+    for name, a in rest:
+        total += a * outputs[name]
+    return total
+
+
 @dataclass(frozen=True)
 class Schedule:
     """The turns of one round: ``turns[k] = (agent, reads)``.
 
     Attributes:
-        turns: pairs ``(name of the agent taking the turn, name of the agent it reads)``.
+        turns: pairs ``(name of the agent taking the turn, whom it reads)``: the name of
+            one agent, or a weighted mix ``((agent, weight), ...)`` (``Mix``).
+        simultaneous: every agent answers the previous round's outputs at once (one turn
+            each, in any order: no turn sees another of the same round).
     """
 
-    turns: tuple[tuple[str, str], ...]
+    turns: tuple[tuple[str, Reads], ...]
+    simultaneous: bool = False
 
     @classmethod
-    def build(cls, order: Sequence[str], reads: Mapping[str, str | None] | None = None) -> Schedule:
+    def build(
+        cls,
+        order: Sequence[str],
+        reads: Mapping[str, str | Mapping[str, float] | None] | None = None,
+        simultaneous: bool = False,
+    ) -> Schedule:
         """A schedule from the turn order and who reads whom.
 
         Args:
-            order: agent names in turn order within a round (names may repeat).
-            reads: per agent, whose output it takes; an agent that is absent or
-                maps to ``None`` reads the agent of the previous turn, cyclically.
+            order: agent names in turn order within a round (names may repeat; not when
+                ``simultaneous``).
+            reads: per agent, whose output it takes: a name, or weights per name (a mix;
+                one name of weight 1 is that name). An agent that is absent or maps to
+                ``None`` reads the agent of the previous turn, cyclically; in simultaneous
+                rounds, the uniform mix of every other agent (a lone agent reads itself).
+            simultaneous: every agent answers the previous round's outputs at once.
 
         Returns:
             The schedule.
         """
         reads = reads or {}
+        if simultaneous and len(set(order)) != len(order):
+            raise ValueError("simultaneous rounds take one turn per agent")
+
+        def default(k: int, name: str) -> Reads:
+            if not simultaneous:
+                return order[k - 1]  # k - 1 = -1 wraps to the last turn
+            others = [other for other in order if other != name]
+            return given({other: 1 / len(others) for other in others} if others else name)
+
+        def given(value: str | Mapping[str, float]) -> Reads:
+            if isinstance(value, str):
+                return value
+            mix = tuple((name, float(a)) for name, a in value.items())
+            return mix[0][0] if len(mix) == 1 and mix[0][1] == 1.0 else mix
+
         return cls(
             tuple(
-                (name, reads.get(name) or order[k - 1])  # k - 1 = -1 wraps to the last turn
+                (name, default(k, name) if not reads.get(name) else given(reads[name]))
                 for k, name in enumerate(order)
-            )
+            ),
+            simultaneous,
         )
+
+    @property
+    def weighted(self) -> bool:
+        """Whether some turn reads a weighted mix."""
+        return any(not isinstance(reads, str) for _, reads in self.turns)
 
     @property
     def agents(self) -> tuple[str, ...]:
@@ -132,6 +194,11 @@ def play(
         raise MemoryError(f"recording {rounds} rounds needs {size:.3g} GiB") from None
     last = dict.fromkeys(schedule.agents, start)
     order = tuple(name for name, _ in schedule.turns)
+    # simultaneous rounds: every turn reads the previous round's outputs, which stay recorded
+    # (a turn writes a new row); weighted reads are mixed at once, one product per round
+    simultaneous, weights = schedule.simultaneous, None
+    if simultaneous and schedule.weighted:
+        weights = _weights(schedule)
     diverged_at = np.full(batch, -1)
     for name in schedule.agents:
         agents[name].start(batch)
@@ -139,11 +206,22 @@ def play(
     t = 0
     with np.errstate(over="ignore", invalid="ignore"):
         for t in range(rounds):
+            if simultaneous:
+                before = dict(last)  # the previous round's outputs (recorded rows, not copies)
+                if weights is not None and t > 0:
+                    previous = turns[(t - 1) * per_round : t * per_round]
+                    inputs = (weights @ previous.reshape(per_round, -1)).reshape(previous.shape)
             for k, (name, reads) in enumerate(schedule.turns):
                 row = t * per_round + k
                 out = turns[row]
                 turn = Turn(t, k, reads, past=turns[:row], order=order, out=out, start=start)
-                answer = agents[name].respond(last[reads], turn)
+                if not simultaneous:
+                    w = mixed(reads, last)
+                elif weights is None or isinstance(reads, str) or t == 0:
+                    w = mixed(reads, before)  # the first round: a mix of starts is the start
+                else:
+                    w = inputs[k]
+                answer = agents[name].respond(w, turn)
                 if answer is not out:
                     out[...] = answer
                 last[name] = out
@@ -158,3 +236,14 @@ def play(
     if bar is not None:
         bar.stop()
     return Trajectory(schedule, start, turns[: (t + 1) * per_round], diverged_at)
+
+
+def _weights(schedule: Schedule) -> np.ndarray:
+    """The mixing matrix ``a_kj`` of simultaneous rounds: turn ``k`` reads ``sum_j a_kj s_j``,
+    columns in turn order (a simultaneous schedule lists each agent once)."""
+    position = {name: k for k, (name, _) in enumerate(schedule.turns)}
+    a = np.zeros((len(position), len(position)))
+    for k, (_, reads) in enumerate(schedule.turns):
+        for name, weight in sources(reads):
+            a[k, position[name]] += weight
+    return a

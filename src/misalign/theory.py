@@ -4,7 +4,10 @@ Stack every agent's last output into ``s`` (length ``N d``). A turn of agent
 ``i`` reading agent ``j`` replaces block ``i`` by ``A_i s_j + c_i``; a round is
 the composition ``s -> R s + r``. The play converges iff ``rho(R) < 1`` (blocks
 overwritten before they are read add zero eigenvalues only), at rate ``rho``
-per round, to the fixed point ``(I - R) s* = r``.
+per round, to the fixed point ``(I - R) s* = r``. A weighted read ``sum_j a_ij s_j`` makes a
+turn's block row a mix of blocks; in simultaneous rounds every turn reads the previous round,
+so ``R_ij = a_ij A_i`` and ``r_i = c_i`` (docs/theory.md §2, weighted reads and simultaneous
+rounds).
 
 Directions no prompt sees (docs/theory.md §2): when the prompts share a null
 space ``N`` (``X_i v = 0`` for every agent, e.g. ``n_A + n_B < d``), every
@@ -105,21 +108,23 @@ def round_map(
     schedule: Schedule,
     noise: Mapping[str, np.ndarray] | None = None,
 ) -> RoundMap:
-    """The round map on the stacked outputs, blocks in ``schedule.agents`` order.
+    """The round map on the stacked outputs, blocks in ``schedule.agents`` order: the turns
+    composed in order, or, in simultaneous rounds, each turn reading the previous round's outputs
+    (``R_ij = a_ij A_i``, ``r_i = c_i``; each agent's noise then stays in its own block).
 
-    Noise (docs/theory.md §6): an agent in ``noise`` adds ``eps ~ (0, Q_i)`` to each of its
-    answers. Each turn's ``eps`` enters as an extra input column block that the later turns
-    of the round carry along exactly as they carry ``s`` (the same recursion), so the
-    round's noise is ``xi = N eps`` and ``Q = N diag(Q_k) N^T``. Two alternating agents give
-    ``Q_v = (I - H_B) Q_A (I - H_B)^T + Q_B`` on ``B``'s block.
+        Noise (docs/theory.md §6): an agent in ``noise`` adds ``eps ~ (0, Q_i)`` to each of its
+        answers. Each turn's ``eps`` enters as an extra input column block that the later turns
+        of the round carry along exactly as they carry ``s`` (the same recursion), so the
+        round's noise is ``xi = N eps`` and ``Q = N diag(Q_k) N^T``. Two alternating agents give
+        ``Q_v = (I - H_B) Q_A (I - H_B)^T + Q_B`` on ``B``'s block.
 
-    Args:
-        maps: every scheduled agent's turn map.
-        schedule: the round's turns.
-        noise: per sampled agent, its noise covariance ``Q_i``, ``(B, d, d)``.
+        Args:
+            maps: every scheduled agent's turn map.
+            schedule: the round's turns.
+            noise: per sampled agent, its noise covariance ``Q_i``, ``(B, d, d)``.
 
-    Returns:
-        ``R``, ``r`` and ``Q``.
+        Returns:
+            ``R``, ``r`` and ``Q``.
     """
     names, noise = schedule.agents, noise or {}
     batch, d = maps[names[0]].c.shape
@@ -129,16 +134,23 @@ def round_map(
     M = np.zeros((batch, size, size + d * len(noisy)))  # [R | N]
     M[:, :, :size] = np.eye(size)
     r = np.zeros((batch, size))
+    # simultaneous rounds read the previous round's outputs: the identity and no offset
+    before = (np.eye(size, M.shape[-1]), np.zeros((batch, size))) if schedule.simultaneous else None
     for k, (name, reads) in enumerate(schedule.turns):
         f = maps[name]
         # s_i <- A_i s_j + c_i + keep_i s_i (+ eps_k), with s_j = R_j s + N_j eps + r_j block
-        # j's current value (keep: a damped agent's weight on its own last output).
+        # j's current value (keep: a damped agent's weight on its own last output); a weighted
+        # read takes sum_j a_ij s_j, a block row of weights (its weights sum to 1, so the
+        # offsets mix like the outputs).
+        Mk, rk = (M, r) if before is None else before
+        read, offset = _mix(reads, Mk, rk, block)
+        own = Mk[..., block[name], :], rk[:, block[name]]
         if f.keep is None:
-            M[:, block[name]] = f.A @ M[:, block[reads]]
-            r[:, block[name]] = f(r[:, block[reads]])
+            M[:, block[name]] = f.A @ read
+            r[:, block[name]] = f(offset)
         else:
-            M[:, block[name]] = f.A @ M[:, block[reads]] + f.keep[:, None, None] * M[:, block[name]]
-            r[:, block[name]] = f(r[:, block[reads]]) + f.keep[:, None] * r[:, block[name]]
+            M[:, block[name]] = f.A @ read + f.keep[:, None, None] * own[0]
+            r[:, block[name]] = f(offset) + f.keep[:, None] * own[1]
         if k in noisy:
             column = size + d * noisy.index(k)
             M[:, block[name], column : column + d] += np.eye(d)
@@ -152,6 +164,22 @@ def round_map(
         for m, k in enumerate(noisy)
     )
     return RoundMap(R, r, Q)
+
+
+def _mix(
+    reads, M: np.ndarray, r: np.ndarray, block: Mapping[str, slice]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of ``[R | N]`` and of ``r`` that a turn reads: block ``j``'s for one agent,
+    ``sum_j a_j`` of them for a weighted read. ``M`` may be unbatched (the identity of a
+    simultaneous round)."""
+    if isinstance(reads, str):
+        return M[..., block[reads], :], r[:, block[reads]]
+    (first, a), *rest = reads
+    read, offset = a * M[..., block[first], :], a * r[:, block[first]]
+    for name, a in rest:
+        read = read + a * M[..., block[name], :]
+        offset = offset + a * r[:, block[name]]
+    return read, offset
 
 
 def stationary_covariance(R: np.ndarray, Q: np.ndarray) -> np.ndarray:

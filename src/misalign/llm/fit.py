@@ -21,6 +21,7 @@ from misalign.agent import AffineMap
 from misalign.experiment import language_models
 from misalign.llm.agent import Fitted, LLMAgent
 from misalign.llm.store import Slot
+from misalign.play import mixed
 from misalign.theory import Prediction
 
 LOCAL = 0.25
@@ -156,7 +157,7 @@ def fit_game(game, predict) -> Fits:
     prediction = global_prediction
     for k in range(1, max((a.config.refits for a in agents.values()), default=0) + 1):
         # the equilibrium the last prediction names: each agent's input and output there
-        at = {name: prediction.fixed_point[reads[name]] for name in agents}
+        at = {name: mixed(reads[name], prediction.fixed_point) for name in agents}
         expected = {name: prediction.fixed_point[name] for name in agents}
         known = np.logical_and.reduce([np.isfinite(x).all(axis=-1) for x in at.values()])
         checked = [confirmed[n] for n, a in agents.items() if a.config.refits > 0]
