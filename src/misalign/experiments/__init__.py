@@ -196,6 +196,47 @@ def measured_rate(errors: Any, floor: float = 1e-9, window: int = 20) -> Any:
         return (errors[t1, plays] / errors[t0, plays]) ** (1.0 / (t1 - t0))
 
 
+def theory_and_simulation(
+    ax: Any,
+    x: Any,
+    theory: Any,
+    simulated: Any,
+    color: str,
+    labels: tuple[str | None, str | None],
+    **markers: Any,
+) -> None:
+    """Draw the theory as a line (mean over seeds) in a band of one standard deviation and the
+    simulation as markers (mean) with standard-deviation error bars: the figures' one style.
+
+    Args:
+        ax: the matplotlib axes.
+        x: the abscissae, ``(k,)``.
+        theory: the theory's values, ``(k, seeds)`` (statistics over the last axis).
+        simulated: the simulation's values, ``(k, seeds)``, or ``(k, m)`` for any ``m``.
+        color: the colour of both.
+        labels: the legend entries of the line and of the markers (``None``: no entry).
+        **markers: passed to ``ax.errorbar`` (``ms``, ``capsize``, ...; defaults ``fmt="o"``,
+            ``capsize=3``).
+
+    Returns:
+        None.
+    """
+    import numpy as np
+
+    theory, simulated = np.asarray(theory, float), np.asarray(simulated, float)
+    mean, std = theory.mean(axis=-1), theory.std(axis=-1)
+    ax.plot(x, mean, "-", color=color, label=labels[0])
+    ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, lw=0)
+    ax.errorbar(
+        x,
+        simulated.mean(axis=-1),
+        simulated.std(axis=-1),
+        color=color,
+        label=labels[1],
+        **{"fmt": "o", "capsize": 3} | markers,
+    )
+
+
 def errors_from_fixed_point(game: Any, trajectory: Any, prediction: Any) -> tuple[Any, Any]:
     """The simulated error on the stacked outputs (blocks in schedule order).
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from misalign.config import parse_config
 from misalign.experiment import predict, setup, simulate
-from misalign.experiments import Claim, Experiment, Result, write_run
+from misalign.experiments import Claim, Experiment, Result, theory_and_simulation, write_run
 from misalign.theory import two_agent_residuals
 
 NAME = "direction"
@@ -185,21 +185,15 @@ def _figure(cfg, gaps, per_gap, response, simulated, small):
     population = population_response(cfg)
     ax = axes[0]
     for k, name in enumerate(("A", "B")):
-        theory = response[name][:, 0]  # (angles, seeds); the same for every gap
-        mean, std = theory.mean(axis=1), theory.std(axis=1)
-        ax.plot(angles, mean, "-", color=f"C{k}", label=f"theory |K_{name} u| (mean)")
-        ax.fill_between(angles, mean - std, mean + std, color=f"C{k}", alpha=0.2)
-        ax.plot(angles, population[name], ":", color=f"C{k}", label="population H = eta Lambda")
-        sim = per_gap[name].reshape(len(angles), -1)  # every gap and seed
-        ax.errorbar(
+        theory_and_simulation(
+            ax,
             angles,
-            sim.mean(axis=1),
-            sim.std(axis=1),
-            fmt="o",
-            color=f"C{k}",
-            capsize=3,
-            label=f"simulation |e_{name}| / g ± std",
+            response[name][:, 0],  # (angles, seeds); the same for every gap
+            per_gap[name].reshape(len(angles), -1),  # every gap and seed
+            f"C{k}",
+            (f"theory |K_{name} u| (mean ± std)", f"simulation |e_{name}| / g ± std"),
         )
+        ax.plot(angles, population[name], ":", color=f"C{k}", label="population H = eta Lambda")
     ax.set(
         xlabel="angle theta of u from the well-seen e_1 to the barely-seen e_4 (degrees)",
         ylabel="residual per unit gap |e_i| / g",
@@ -207,19 +201,13 @@ def _figure(cfg, gaps, per_gap, response, simulated, small):
     )
     for ax, name in zip(axes[1:], ("B", "A"), strict=True):
         for k, (index, what) in enumerate(((0, "well-seen e_1"), (-1, "barely-seen e_4"))):
-            theory = response[name][index] * gaps[:, None]
-            mean, std = theory.mean(axis=1), theory.std(axis=1)
-            color = f"C{k + 2}"
-            ax.plot(gaps, mean, "-", color=color, label=f"theory, gap along {what}")
-            ax.fill_between(gaps, mean - std, mean + std, color=color, alpha=0.2)
-            ax.errorbar(
+            theory_and_simulation(
+                ax,
                 gaps,
-                simulated[name][index].mean(axis=1),
-                simulated[name][index].std(axis=1),
-                fmt="o",
-                color=color,
-                capsize=3,
-                label=f"simulation ± std, along {what}",
+                response[name][index] * gaps[:, None],
+                simulated[name][index],
+                f"C{k + 2}",
+                (f"theory, gap along {what}", f"simulation ± std, along {what}"),
             )
         # the small gap along the direction where this agent feels the most of it
         index, what = (0, "e_1") if name == "B" else (-1, "e_4")

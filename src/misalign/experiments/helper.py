@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from misalign.experiment import setup
-from misalign.experiments import Claim, Experiment, Result, write_run
+from misalign.experiments import Claim, Experiment, Result, theory_and_simulation, write_run
 from misalign.helper_study import METHODS, run_helper_study, study_config
 
 NAME = "helper"
@@ -153,24 +153,13 @@ def _figure(cfg, taken):
     kappas = np.array(cfg["kappas"])
     for i, (ax, d) in enumerate(zip(np.atleast_1d(axes), dims, strict=True)):
         for k, method in enumerate(METHODS):
-            sim = np.array([taken[method, d, kappa][0] for kappa in cfg["kappas"]])
-            theory = np.array([taken[method, d, kappa][1] for kappa in cfg["kappas"]])
-            ax.plot(
+            theory_and_simulation(
+                ax,
                 kappas,
-                theory.mean(axis=1),
-                "-",
-                color=f"C{k}",
-                alpha=0.7,
-                label=f"theory: {_theory_label(method)}" if i == 0 else None,
-            )
-            ax.errorbar(
-                kappas,
-                sim.mean(axis=1),
-                sim.std(axis=1),
-                fmt="o",
-                color=f"C{k}",
-                capsize=3,
-                label=f"{method} ± std" if i == 0 else None,
+                [taken[method, d, kappa][1] for kappa in cfg["kappas"]],
+                [taken[method, d, kappa][0] for kappa in cfg["kappas"]],
+                f"C{k}",
+                (f"theory: {_theory_label(method)}", f"{method} ± std") if i == 0 else (None, None),
             )
         ax.set(
             xscale="log",

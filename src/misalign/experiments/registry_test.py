@@ -17,6 +17,7 @@ from misalign.experiments import (
     config_hash,
     errors_by_matrix_powers,
     measured_rate,
+    theory_and_simulation,
 )
 
 runner = CliRunner()
@@ -136,6 +137,29 @@ def test_errors_by_matrix_powers_of_a_non_normal_map():
         max(np.linalg.norm(np.linalg.matrix_power(R[0], t), 2) for t in range(31))
     )
     assert bound[1] == 1.0 and (errors[:, 0] <= bound[0] * np.linalg.norm(e0[0])).all()
+
+
+def test_theory_and_simulation_draws_a_line_a_band_and_markers():
+    import numpy as np
+    from matplotlib.container import ErrorbarContainer
+    from matplotlib.figure import Figure
+
+    ax = Figure().add_subplot()
+    x = np.array([1.0, 2.0])
+    theory = np.array([[1.0, 3.0], [2.0, 2.0]])
+    simulated = np.array([[0.0, 4.0, 2.0], [5.0, 5.0, 5.0]])
+    theory_and_simulation(ax, x, theory, simulated, "C2", ("theory", None), ms=2)
+    (line,) = ax.lines[:1]
+    np.testing.assert_array_equal(line.get_ydata(), [2.0, 2.0])
+    assert line.get_linestyle() == "-" and line.get_label() == "theory"
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]
+    assert band.min() == 1.0 and band.max() == 3.0  # mean ± std of the first column
+    (bars,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    markers = bars.lines[0]
+    np.testing.assert_array_equal(markers.get_ydata(), [2.0, 5.0])
+    assert markers.get_marker() == "o" and markers.get_linestyle() == "None"
+    assert markers.get_markersize() == 2 and bars.get_label().startswith("_")  # no entry
+    assert ax.get_legend_handles_labels()[1] == ["theory"]
 
 
 def test_list_has_one_line_per_experiment():

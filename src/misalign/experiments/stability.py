@@ -44,6 +44,7 @@ from misalign.experiments import (
     errors_by_matrix_powers,
     errors_from_fixed_point,
     measured_rate,
+    theory_and_simulation,
     write_run,
 )
 from misalign.theory import round_map
@@ -302,19 +303,15 @@ def _figure(cfg, etas, rho, rate, shape, boundary, plateau, transient):
     from misalign.plot import new_figure
 
     fig, (ax, wait, example, growth) = new_figure(4, (22, 4.6))
-    rho, rate = rho.reshape(shape), rate.reshape(shape)
-    mean, std = rho.mean(axis=1), rho.std(axis=1)
-    ax.plot(etas, mean, "-", color="C0", label="theory rho (mean over seeds)")
-    ax.fill_between(etas, mean - std, mean + std, color="C0", alpha=0.2, label="theory ± std")
-    ax.errorbar(
+    theory_and_simulation(
+        ax,
         etas,
-        rate.mean(axis=1),
-        rate.std(axis=1),
-        fmt="o",
+        rho.reshape(shape),
+        rate.reshape(shape),
+        "C0",
+        ("theory rho (mean ± std over seeds)", "simulation: rate of |s_t - s_(t-1)| ± std"),
         ms=3,
-        color="C1",
         capsize=2,
-        label="simulation: rate of |s_t - s_(t-1)| ± std",
     )
     ax.axhline(1.0, color="k", lw=0.8, ls=":")
     ax.axvline(np.nanmean(boundary), color="C3", ls="--", label="theory boundary eta (mean)")
@@ -332,19 +329,18 @@ def _figure(cfg, etas, rho, rate, shape, boundary, plateau, transient):
 
 def _plateau_panel(ax, cfg, plateau):
     part, (simulated, theory, _) = cfg["plateau"], plateau
-    etas = np.array(part["etas"])
-    mean, std = theory.mean(axis=1), theory.std(axis=1)
-    ax.plot(etas, mean, "-", color="C0", label="theory log(tol) / log(rho) (mean)")
-    ax.fill_between(etas, mean - std, mean + std, color="C0", alpha=0.2)
-    ax.errorbar(
-        etas,
-        simulated.mean(axis=1),
-        simulated.std(axis=1),
-        fmt="o",
+    theory_and_simulation(
+        ax,
+        np.array(part["etas"]),
+        theory,
+        simulated,
+        "C0",
+        (
+            "theory log(tol) / log(rho) (mean ± std)",
+            "simulation: first round with |s_t - s*| <= tol |s_0 - s*| ± std",
+        ),
         ms=4,
-        color="C1",
         capsize=2,
-        label="simulation: first round with |s_t - s*| <= tol |s_0 - s*| ± std",
     )
     from matplotlib.ticker import NullFormatter
 
