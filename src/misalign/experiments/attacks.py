@@ -141,11 +141,6 @@ def _claims(cfg, cells, skipped, gap, rounds) -> list[Claim]:
         claims += [
             Claim(f"{attack}, no defence: max attacker distance", float(attacker.max()), 1e-10),
             Claim(
-                f"{attack}, no defence: share of plays with the attacker not exact (>= {exact:g})",
-                float((attacker >= exact).mean()),
-                0.0,
-            ),
-            Claim(
                 f"{attack}, no defence: plays with victim distance < {margin} gap (victim biased)",
                 int((victim < margin * gap[ok[attack, "none"]]).sum()),
                 0,
