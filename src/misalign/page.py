@@ -4,7 +4,8 @@ A run directory is what ``misalign reproduce`` writes (see ``misalign.experiment
 ``claims.json`` (required), ``config.json``, ``version.json``, ``figure.png`` and
 ``table.csv``. The page reads top to bottom: a title, when and from which version it was
 generated, a summary table of every claim of every run with its verdict, then one section
-per run, in the order given: the claim the experiment checks, its figure (a PNG data URI),
+per run, in the order given (a directory of runs in the registry's order; a run named twice
+appears once): the claim the experiment checks, its figure (a PNG data URI),
 its claims, its resolved configuration and the first rows of its table (the whole CSV
 rides along as a ``data:`` download link). It needs no server and loads nothing from
 outside the file: the CSS is inline and every value is escaped (Jinja2 autoescape).
@@ -65,28 +66,65 @@ class Run:
 
 
 def find_runs(paths: Sequence[Path]) -> list[Path]:
-    """Run directories from ``paths``: a directory with ``claims.json`` is a run; one
-    without but with subdirectories that have it stands for those (sorted by name).
+    """Run directories from ``paths``, each once, in the order given: a directory with
+    ``claims.json`` is a run; one without but with subdirectories that have it stands for
+    those, in the registry's order (``misalign reproduce --list``; runs of no registry
+    entry after them, by name). A run named twice (``runs/gap`` and ``runs/``, or a
+    relative and an absolute path) appears where it is first named.
+
+    Args:
+        paths: run directories, or directories of runs.
+
+    Returns:
+        The run directories, as given or joined onto the directory that holds them.
 
     Raises:
         ConfigError: one line naming a path that does not exist or holds no run.
     """
     found: list[Path] = []
+    seen: set[Path] = set()
     for path in map(Path, paths):
         if not path.exists():
             raise ConfigError(f"{path}: no such run directory")
         if not path.is_dir():
             raise ConfigError(f"{path}: not a directory")
         if (path / "claims.json").is_file():
-            found.append(path)
-            continue
-        inner = sorted(p for p in path.iterdir() if p.is_dir() and (p / "claims.json").is_file())
-        if not inner:
-            raise ConfigError(
-                f"{path}: no claims.json (neither a run directory nor a directory of runs)"
+            inner = [path]
+        else:
+            inner = sorted(
+                (p for p in path.iterdir() if p.is_dir() and (p / "claims.json").is_file()),
+                key=_registry_order,
             )
-        found.extend(inner)
+            if not inner:
+                raise ConfigError(
+                    f"{path}: no claims.json (neither a run directory nor a directory of runs)"
+                )
+        for run in inner:
+            if run.resolve() not in seen:
+                seen.add(run.resolve())
+                found.append(run)
     return found
+
+
+def _registry_order(directory: Path) -> tuple[int, str]:
+    """Sort key of a run directory: its experiment's place in the registry, then its name."""
+    from misalign.experiments import REGISTRY
+
+    order = list(REGISTRY)
+    name = _name(directory, _config(directory))
+    return (order.index(name) if name in order else len(order), directory.name)
+
+
+def _config(directory: Path) -> Any:
+    """``config.json`` of a run directory, ``{}`` when there is none."""
+    path = directory / "config.json"
+    return _read_json(path) if path.is_file() else {}
+
+
+def _name(directory: Path, config: Any) -> str:
+    """A run's name: ``config.json``'s ``experiment``, else the directory's name."""
+    experiment = config.get("experiment") if isinstance(config, dict) else None
+    return str(experiment) if experiment else directory.resolve().name
 
 
 def _read_json(path: Path) -> Any:
@@ -187,11 +225,8 @@ def load_run(directory: Path, anchor: str = "run") -> Run:
     if not (directory / "claims.json").is_file():
         raise ConfigError(f"{directory}: no claims.json (not a run directory)")
     claims = _claims(directory / "claims.json")
-    config: Any = {}
-    if (directory / "config.json").is_file():
-        config = _read_json(directory / "config.json")
-    experiment = config.get("experiment") if isinstance(config, dict) else None
-    name = str(experiment) if experiment else directory.resolve().name
+    config = _config(directory)
+    name = _name(directory, config)
     from misalign.experiments import REGISTRY
 
     entry = REGISTRY.get(name)
@@ -252,13 +287,14 @@ def render(runs: Sequence[Run], now: datetime | None = None) -> str:
 
 
 def build_page(run_dirs: Sequence[Path], now: datetime | None = None) -> str:
-    """The HTML page over ``run_dirs`` (in the order given), as one string.
+    """The HTML page over ``run_dirs`` (runs or directories of runs, see ``find_runs``), as
+    one string.
 
     Raises:
         ConfigError: one line naming a directory that does not exist or lacks
             ``claims.json``.
     """
-    return render(load_runs(run_dirs), now)
+    return render(load_runs(find_runs(run_dirs)), now)
 
 
 def write(runs: Sequence[Run], out: Path) -> Path:
@@ -272,5 +308,6 @@ def write(runs: Sequence[Run], out: Path) -> Path:
 
 
 def write_page(run_dirs: Sequence[Path], out: Path) -> Path:
-    """Write the page over ``run_dirs`` into ``out`` atomically; returns ``out``."""
-    return write(load_runs(run_dirs), out)
+    """Write the page over ``run_dirs`` (see ``find_runs``) into ``out`` atomically; returns
+    ``out``."""
+    return write(load_runs(find_runs(run_dirs)), out)

@@ -200,25 +200,45 @@ def test_bad_run_dir_is_one_line_naming_it(tmp_path, make, expect):
     assert str(bad) in lines[0] and expect in lines[0]
 
 
-def test_find_runs_takes_a_directory_of_runs(runs, tmp_path):
-    assert find_runs([runs]) == [runs / name for name in sorted(NAMES)]
-    assert find_runs([runs / "stability", runs]) == [runs / "stability", *find_runs([runs])]
+def test_find_runs_takes_a_directory_of_runs_in_registry_order(runs, tmp_path):
+    assert find_runs([runs]) == [runs / name for name in NAMES]
+    mixed = tmp_path / "mixed"
+    shutil.copytree(runs / "stability", mixed / "a-stability")
+    shutil.copytree(runs / "single-agent", mixed / "b-single")
+    shutil.copytree(runs / "stability", mixed / "c-mine")
+    (mixed / "c-mine" / "config.json").unlink()  # no experiment: after the registry's
+    shutil.copytree(runs / "single-agent", mixed / "b-mine")
+    (mixed / "b-mine" / "config.json").write_text('{"experiment": "mine"}')
+    (mixed / "notes").mkdir()  # not a run
+    assert [p.name for p in find_runs([mixed])] == ["b-single", "a-stability", "b-mine", "c-mine"]
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="empty: no claims.json"):
         find_runs([tmp_path / "empty"])
 
 
+def test_a_run_named_twice_appears_once_where_first_named(runs, monkeypatch):
+    monkeypatch.chdir(runs)
+    again = [Path("stability"), runs, runs / "stability", Path("./single-agent")]
+    assert find_runs(again) == [Path("stability"), runs / "single-agent"]
+    page = build_page(again)
+    assert [re.search(r"<h2>(.*?)</h2>", s).group(1) for s in page.split("<section")[1:]] == [
+        "stability",
+        "single-agent",
+    ]
+    total = sum(len(_claims(runs / name)) for name in NAMES)
+    assert f"{total} of {total} claims pass" in page
+
+
 def test_cli_writes_the_page_and_prints_the_summary_line(runs, tmp_path, monkeypatch):
-    out = tmp_path / "site" / "page.html"
+    out = tmp_path / "site" / "page.html"  # --out's directory is created
     result = runner.invoke(app, ["report", str(runs / "stability"), str(runs), "--out", str(out)])
-    total = sum(len(_claims(runs / name)) for name in NAMES) + len(_claims(runs / "stability"))
+    total = sum(len(_claims(runs / name)) for name in NAMES)
     assert result.exit_code == 0, result.output
-    assert result.stdout == f"report: {out} (3 runs, {total} of {total} claims pass)\n"
+    assert result.stdout == f"report: {out} (2 runs, {total} of {total} claims pass)\n"
     page = out.read_text()
     assert [re.search(r"<h2>(.*?)</h2>", s).group(1) for s in page.split("<section")[1:]] == [
         "stability",
         "single-agent",
-        "stability",
     ]
     monkeypatch.chdir(tmp_path)  # the default --out: report.html here
     result = runner.invoke(app, ["report", str(runs)])
