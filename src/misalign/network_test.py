@@ -423,3 +423,77 @@ def test_a_language_model_reads_a_weighted_mix(tmp_path, simultaneous):
     for name in ("L", "B", "C"):
         final = trajectory.outputs(name)[-1]
         assert np.abs(final - prediction.fixed_point[name]).max() < 1e-6
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    order=st.sampled_from([["A", "B"], ["A", "B", "C"], ["B", "A", "B"], ["A", "C", "B", "C"]]),
+    simultaneous=st.booleans(),
+    weighted=st.booleans(),
+)
+def test_the_agents_that_feed_back_are_the_round_maps_live_columns(
+    seed, order, simultaneous, weighted
+):
+    rng = np.random.default_rng(seed)
+    names = sorted(set(order))
+    if simultaneous:
+        order = names
+    reads = {}
+    if weighted and len(names) > 2:
+        reads = {n: _mix(rng, [m for m in names if m != n]) for n in names if rng.integers(2)}
+    schedule = Schedule.build(order, reads, simultaneous)
+    d = 2
+    maps = {
+        n: AffineMap(rng.standard_normal((1, d, d)), rng.standard_normal((1, d))) for n in names
+    }
+    R, _, _ = round_map(maps, schedule)
+    live = [n for k, n in enumerate(schedule.agents) if (R[0, :, k * d : (k + 1) * d] != 0).any()]
+    assert list(schedule.feeds_back) == live
+
+
+def test_feeds_back_of_simple_schedules():
+    assert Schedule.build(["A", "B"]).feeds_back == ("B",)
+    assert Schedule.build(["A", "B"], simultaneous=True).feeds_back == ("A", "B")
+    assert Schedule.build(["A", "B", "C"]).feeds_back == ("C",)
+    assert Schedule.build(["A", "B", "C"], {"B": {"C": 0.5, "A": 0.5}}).feeds_back == ("C",)
+    assert Schedule.build(["A", "B", "C"], {"A": {"B": 0.5, "C": 0.5}}).feeds_back == ("B", "C")
+
+
+def test_the_pooled_solution_is_least_squares_over_every_prompt():
+    from misalign.report import network_report
+
+    rng = np.random.default_rng(6)
+    names, _ = complete(4)
+    config = network(rng, 3, names, {}, True)
+    game = setup(config)
+    result = network_report(game, predict(game))
+    prompts = [game.prompts[n][0] for n in names]
+    X = np.vstack([p.X / np.sqrt(p.n) for p in prompts])
+    y = np.concatenate([p.y / np.sqrt(p.n) for p in prompts])
+    np.testing.assert_allclose(result["pooled"], np.linalg.lstsq(X, y, rcond=None)[0], atol=1e-10)
+    assert result["feeds_back"] == names
+    assert set(result["distance"]) == set(names) and result["spread"] >= 0
+
+
+def test_a_debate_of_small_identity_steps_ends_at_the_pooled_least_squares():
+    """With the same preconditioner for every agent (identity) and small steps, the
+    complete-graph debate ends at the pooled least-squares solution, at a distance
+    proportional to eta (docs/theory.md §2, small steps)."""
+    from misalign.report import network_report
+
+    names = [f"a{k}" for k in range(5)]
+    distances = []
+    for eta in (1e-3, 2e-3):
+        agents = {n: {"n": 6, "preconditioner": "identity", "eta": eta} for n in names}
+        config = parse_config(
+            {"seed": 2, "d": 3, "rounds": 1, "schedule": "simultaneous", "agents": agents}
+        )
+        game = setup(config)
+        prediction = predict(game)
+        assert prediction.converges[0]
+        result = network_report(game, prediction)
+        distances.append(max(result["distance"].values()))
+        assert result["spread"] <= max(result["distance"].values()) * 2
+    assert distances[0] < 1e-2
+    assert distances[1] == pytest.approx(2 * distances[0], rel=0.05)

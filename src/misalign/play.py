@@ -111,6 +111,18 @@ class Schedule:
         )
 
     @property
+    def feeds_back(self) -> tuple[str, ...]:
+        """The agents whose output carries into the next round: read (with a positive weight)
+        by some turn before the agent's own turn overwrites it, or by any turn in simultaneous
+        rounds. Their blocks are the columns of the round map that are not zero
+        (``misalign.theory.unit_space``); the others only add zero eigenvalues."""
+        fed, moved = set(), set()
+        for name, reads in self.turns:
+            fed |= {j for j, a in sources(reads) if a > 0 and (self.simultaneous or j not in moved)}
+            moved.add(name)
+        return tuple(name for name in self.agents if name in fed)
+
+    @property
     def weighted(self) -> bool:
         """Whether some turn reads a weighted mix."""
         return any(not isinstance(reads, str) for _, reads in self.turns)

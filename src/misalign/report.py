@@ -136,6 +136,41 @@ def report(
     return out
 
 
+def network_report(game: Game, prediction: Prediction, play: int = 0) -> dict[str, Any]:
+    """Where a network ends (docs/theory.md §2, weighted reads and simultaneous rounds):
+    ``feeds_back`` (the agents whose output carries into the next round,
+    ``Schedule.feeds_back``), ``pooled`` (the pooled least-squares solution of every prompt,
+    ``argmin sum_i |X_i w - y_i|^2 / n_i``, minimum-norm where the prompts together leave
+    directions unseen), ``distance.<name>`` (of the agent's predicted limit to ``pooled``)
+    and ``spread`` (the largest distance of an agent's limit from the agents' mean limit: 0
+    at consensus); the last two ``null`` where the play does not converge."""
+    names = game.schedule.agents
+    prompts = [game.prompts[name][play] for name in names if name in game.prompts]
+    pooled = None
+    if prompts:
+        S = sum(p.second_moment for p in prompts)
+        m = sum(p.moment for p in prompts)
+        pooled = np.linalg.lstsq(S, m, rcond=None)[0]
+    converges = bool(prediction.converges[play])
+    limits = {name: prediction.fixed_point[name][play] for name in names}
+    distance = {
+        name: float(np.linalg.norm(limits[name] - pooled))
+        if converges and pooled is not None
+        else None
+        for name in names
+    }
+    spread = None
+    if converges:
+        mean = np.mean([limits[name] for name in names], axis=0)
+        spread = max(float(np.linalg.norm(limits[name] - mean)) for name in names)
+    return {
+        "feeds_back": list(game.schedule.feeds_back),
+        "pooled": None if pooled is None else pooled.tolist(),
+        "distance": distance,
+        "spread": spread,
+    }
+
+
 def fit_report(
     fits, prediction: Prediction, trajectory: Trajectory | None, play: int
 ) -> dict[str, Any]:
