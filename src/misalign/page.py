@@ -3,11 +3,12 @@
 A run directory is what ``misalign reproduce`` writes (see ``misalign.experiments``):
 ``claims.json`` (required), ``config.json``, ``version.json``, ``figure.png`` and
 ``table.csv``. The page reads top to bottom: a title, when and from which version it was
-generated, a summary table of every claim of every run with its verdict, then one section
-per run, in the order given (a directory of runs in the registry's order; a run named twice
-appears once): the claim the experiment checks, its figure (a PNG data URI),
-its claims, its resolved configuration and the first rows of its table (the whole CSV
-rides along as a ``data:`` download link). It needs no server and loads nothing from
+generated, how many claims pass, every failing claim (when one fails) and a contents table
+(per run: the claim its experiment checks, how many of its claims pass, its verdict), then
+one section per run, in the order given (a directory of runs in the registry's order; a run
+named twice appears once): the claim the experiment checks, its figure (a PNG data URI), its
+claims, and, folded, its resolved configuration and the first rows of its table (the whole
+CSV rides along as a ``data:`` download link). It needs no server and loads nothing from
 outside the file: the CSS is inline and every value is escaped (Jinja2 autoescape).
 """
 
@@ -281,6 +282,7 @@ def render(runs: Sequence[Run], now: datetime | None = None) -> str:
         generated=now.strftime("%Y-%m-%d %H:%M UTC"),
         versions=versions,
         runs=runs,
+        failed=[(run, c) for run in runs for c in run.claims if not c["passed"]],
         passed=sum(run.passed for run in runs),
         total=sum(len(run.claims) for run in runs),
     )

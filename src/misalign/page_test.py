@@ -44,7 +44,7 @@ def _claims(run: Path) -> list[dict]:
 
 
 def _summary(page: str) -> str:
-    """The summary table at the top of the page."""
+    """The contents table at the top of the page (one row per run)."""
     return page.split('<table class="summary">', 1)[1].split("</table>", 1)[0]
 
 
@@ -56,17 +56,21 @@ def _copy(runs: Path, name: str, tmp_path: Path) -> Path:
     return Path(shutil.copytree(runs / name, tmp_path / name))
 
 
-def test_summary_lists_every_claim_of_every_run_with_its_verdict(runs):
+def test_contents_has_one_row_per_run_with_its_count_and_verdict(runs):
     page = build_page([runs / name for name in NAMES])
-    summary = _summary(page)
-    claims = [(name, c) for name in NAMES for c in _claims(runs / name)]
-    rows = _rows(summary)
-    assert len(rows) == len(claims) >= 2
-    for row, (name, claim) in zip(rows, claims, strict=True):  # in the order given
-        assert f">{name}</a>" in row and html.escape(claim["name"]) in row
-        assert (">pass<" if claim["passed"] else ">FAIL<") in row
-    assert f"{len(claims)} of {len(claims)} claims pass" in page
-    assert page.index(f"{len(claims)} of {len(claims)} claims pass") < page.index("<section")
+    rows = _rows(_summary(page))
+    assert len(rows) == len(NAMES)
+    for i, (row, name) in enumerate(zip(rows, NAMES, strict=True)):  # in the order given
+        n = len(_claims(runs / name))
+        assert f'<a href="#run-{i + 1}">{name}</a>' in row
+        assert html.escape(REGISTRY[name].claim) in row
+        assert f">{n} of {n} pass<" in row and ">pass<" in row and "FAIL" not in row
+    total = sum(len(_claims(runs / name)) for name in NAMES)
+    assert f"{total} of {total} claims pass" in page and "Failing claims" not in page
+    assert page.index(f"{total} of {total} claims pass") < page.index("<section")
+    for name in NAMES:  # every claim once, in its run's section
+        for claim in _claims(runs / name):
+            assert page.count(f"<td>{html.escape(claim['name'])}</td>") == 1
 
 
 def test_one_section_per_run_in_the_order_given(runs):
@@ -166,15 +170,21 @@ def test_a_failing_claim_shows_fail_at_the_top(runs, tmp_path):
     page = build_page([runs / "single-agent", run])
     total = len(claims) + len(_claims(runs / "single-agent"))
     assert f"{total - 2} of {total} claims pass" in page
-    summary = _summary(page)
-    failed = [row for row in _rows(summary) if ">FAIL<" in row]
+    top = page.split("<section", 1)[0]
+    failures = top.split('<table class="failures">', 1)[1].split("</table>", 1)[0]
+    failed = _rows(failures)
     assert [html.unescape(re.findall(r"<td>(.*?)</td>", r)[1]) for r in failed] == [
         claims[1]["name"],
         claims[2]["name"],
     ]
-    assert all('class="failed"' in row and 'class="fail"' in row for row in failed)
+    assert all('class="failed"' in row and ">stability</a>" in row for row in failed)
     assert ">3<" in failed[0] and ">not finite<" in failed[1]
-    assert page.index(">FAIL<") < page.index("<section")
+    single, stability = _rows(_summary(page))
+    assert ">pass<" in single and 'class="failed"' not in single
+    n = len(claims)
+    assert f">{n - 2} of {n} pass<" in stability and ">FAIL<" in stability
+    assert 'class="failed"' in stability
+    assert top.index("Failing claims") < top.index('<table class="summary">')
 
 
 @pytest.mark.parametrize(
@@ -451,7 +461,7 @@ def test_the_page_in_headless_chromium(runs, tmp_path):
     assert found["references"] and all(r.startswith(("data:", "#")) for r in found["references"])
     total = sum(len(_claims(runs / name)) for name in NAMES)
     assert found["count"] == f"{total} of {total} claims pass"
-    assert len(found["verdicts"]) == total
+    assert len(found["verdicts"]) == len(NAMES)  # one per run in the contents
     assert {tuple(v) for v in found["verdicts"]} == {("pass", "rgb(218, 251, 225)")}  # coloured
 
     errors = [
