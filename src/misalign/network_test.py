@@ -497,3 +497,34 @@ def test_a_debate_of_small_identity_steps_ends_at_the_pooled_least_squares():
         assert result["spread"] <= max(result["distance"].values()) * 2
     assert distances[0] < 1e-2
     assert distances[1] == pytest.approx(2 * distances[0], rel=0.05)
+
+
+@pytest.mark.parametrize("simultaneous", [False, True])
+def test_sampled_network_spread_matches_monte_carlo(simultaneous):
+    """docs/theory.md §6 on a weighted network: the mean goes to the fixed point, the spread
+    to the Lyapunov solution of the round's noise (in simultaneous rounds each agent's noise
+    stays in its own block); 10,000 plays."""
+    from misalign.theory_test import _sampled
+
+    data = {
+        "seed": 5,
+        "d": 2,
+        "rounds": 60,
+        "agents": {
+            "A": {"n": 6, "sampling_std": 0.3, "noise": 0.1, "eta": 0.8, "reads": "C"},
+            "B": {"n": 6, "sampling_std": 0.1, "eta": 0.8, "reads": {"A": 0.3, "C": 0.7}},
+            "C": {"n": 6, "sampling_std": 0.2, "eta": 0.8, "reads": {"A": 0.5, "B": 0.5}},
+        },
+    } | ({"schedule": "simultaneous"} if simultaneous else {})
+    game = _sampled(data, 10_000)
+    prediction = predict(game)
+    assert prediction.rho[0] < 0.8
+    trajectory = simulate(game)
+    for n in ("A", "B", "C"):
+        mean, sigma = prediction.fixed_point[n][0], prediction.covariance[n][0]
+        empirical = trajectory.outputs(n)[-1]
+        sem = np.sqrt(np.diag(sigma) / len(empirical))
+        assert (np.abs(empirical.mean(axis=0) - mean) < 5 * sem).all()
+        np.testing.assert_allclose(
+            np.cov(empirical.T), sigma, rtol=0.06, atol=0.06 * np.abs(sigma).max()
+        )
