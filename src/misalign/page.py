@@ -8,7 +8,7 @@ generated, how many claims pass, every failing claim (when one fails) and a cont
 one section per run, in the order given (a directory of runs in the registry's order; a run
 named twice appears once): the claim the experiment checks, its figure (a PNG data URI), its
 claims, and, folded, its resolved configuration and the first rows of its table (the whole
-CSV rides along as a ``data:`` download link). It needs no server and loads nothing from
+CSV rides along as a ``data:`` download link, up to ``EMBED_BYTES``). It needs no server and loads nothing from
 outside the file: the CSS is inline and every value is escaped (Jinja2 autoescape).
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import base64
 import csv
-import io
+import itertools
 import json
 import math
 from collections.abc import Sequence
@@ -30,18 +30,24 @@ from misalign.config import ConfigError
 ROWS = 50
 """Rows of ``table.csv`` shown on the page (the full table is a download link)."""
 
+EMBED_BYTES = 8 * 2**20
+"""The largest ``table.csv`` embedded as a download link (base64 makes it a third larger);
+a larger one is named by its path instead."""
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass(frozen=True)
 class Table:
-    """The first rows of ``table.csv`` as display cells, and the whole file base64-encoded."""
+    """The first rows of ``table.csv`` as display cells, and the whole file base64-encoded
+    (``None`` when it is larger than ``EMBED_BYTES``: ``too_large`` says why)."""
 
     header: list[str]
     rows: list[list[dict[str, Any]]]
     total: int
-    csv: str
+    csv: str | None
     filename: str
+    too_large: str = ""
 
 
 @dataclass(frozen=True)
@@ -138,7 +144,11 @@ def _read_json(path: Path) -> Any:
 
 
 def _why(exc: Exception) -> str:
-    return getattr(exc, "strerror", None) or type(exc).__name__
+    """Why a file could not be read, in a few words on one line."""
+    if isinstance(exc, UnicodeDecodeError):
+        return "not UTF-8"
+    lines = str(exc).splitlines()
+    return getattr(exc, "strerror", None) or (lines[0] if lines else type(exc).__name__)
 
 
 def _claims(path: Path) -> list[dict[str, Any]]:
@@ -183,20 +193,27 @@ def _cell(text: str) -> dict[str, Any]:
 
 
 def _table(directory: Path, name: str) -> tuple[Table | None, str]:
+    """The first ``ROWS`` rows of ``table.csv``, its row count (read row by row, never whole
+    into memory as rows) and, up to ``EMBED_BYTES``, the file itself."""
     path = directory / "table.csv"
     if not path.is_file():
         return None, "table.csv is missing"
     try:
-        raw = path.read_bytes()
-        rows = list(csv.reader(io.StringIO(raw.decode("utf-8"))))
+        size = path.stat().st_size
+        with open(path, encoding="utf-8", newline="") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            shown = [[_cell(value) for value in row] for row in itertools.islice(reader, ROWS)]
+            total = len(shown) + sum(1 for _ in reader)
+        encoded = None
+        if size <= EMBED_BYTES:
+            encoded = base64.b64encode(path.read_bytes()).decode("ascii")
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         return None, f"table.csv cannot be read: {_why(exc)}"
-    if not rows:
+    if header is None:
         return None, "table.csv is empty"
-    header, body = rows[0], rows[1:]
-    shown = [[_cell(value) for value in row] for row in body[:ROWS]]
-    encoded = base64.b64encode(raw).decode("ascii")
-    return Table(header, shown, len(body), encoded, f"{name}-table.csv"), ""
+    too_large = "" if encoded else f"{size / 2**20:.1f} MB; it is {path}"
+    return Table(header, shown, total, encoded, f"{name}-table.csv", too_large), ""
 
 
 def _figure(directory: Path) -> tuple[str | None, str]:

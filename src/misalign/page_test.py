@@ -127,6 +127,37 @@ def test_table_shows_the_first_rows_and_embeds_the_whole_csv(runs, tmp_path):
     assert base64.b64decode(link.group(1)) == (run / "table.csv").read_bytes()
 
 
+def test_a_table_too_large_to_embed_is_named_by_its_path(runs, tmp_path, monkeypatch):
+    import misalign.page
+
+    run = _copy(runs, "single-agent", tmp_path)
+    rows = ["i,note"] + [f'{i},"two\nlines"' for i in range(5000)]  # quoted newlines
+    (run / "table.csv").write_text("\n".join(rows) + "\n")
+    size = (run / "table.csv").stat().st_size
+    monkeypatch.setattr(misalign.page, "EMBED_BYTES", size - 1)
+    page = build_page([run])
+    assert "data:text/csv" not in page and f"showing {ROWS} of 5000 rows" in page
+    assert f"too large to embed ({size / 2**20:.1f} MB; it is {run / 'table.csv'})" in page
+    monkeypatch.setattr(misalign.page, "EMBED_BYTES", size)
+    assert "data:text/csv" in build_page([run])
+
+
+@pytest.mark.parametrize(
+    "content,why",
+    [
+        (b"a,b\n1," + b"x" * 200_000 + b"\n", "field larger than field limit (131072)"),
+        (b"a,b\n1,\xff\n", "not UTF-8"),
+        (b"", "table.csv is empty"),
+    ],
+)
+def test_an_unreadable_table_is_one_line_in_its_section(runs, tmp_path, content, why):
+    run = _copy(runs, "single-agent", tmp_path)
+    (run / "table.csv").write_bytes(content)
+    page = build_page([run])
+    note = re.search(r"no table \((.*?)\)</p>", page).group(1)
+    assert why in html.unescape(note) and "\n" not in note
+
+
 def test_everything_is_escaped(runs, tmp_path):
     run = _copy(runs, "single-agent", tmp_path)
     (run / "config.json").write_text(json.dumps({"experiment": "<script>alert(1)</script>"}))
