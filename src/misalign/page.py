@@ -8,8 +8,9 @@ generated, how many claims pass, every failing claim (when one fails) and a cont
 one section per run, in the order given (a directory of runs in the registry's order; a run
 named twice appears once): the claim the experiment checks, its figure (a PNG data URI), its
 claims, and, folded, its resolved configuration and the first rows of its table (the whole
-CSV rides along as a ``data:`` download link, up to ``EMBED_BYTES``). It needs no server and loads nothing from
-outside the file: the CSS is inline and every value is escaped (Jinja2 autoescape).
+CSV rides along as a ``data:`` download link, up to ``EMBED_BYTES``). It needs no server and
+loads nothing from outside the file: the CSS is inline and every value is escaped (Jinja2
+autoescape).
 """
 
 from __future__ import annotations
@@ -159,12 +160,16 @@ def _claims(path: Path) -> list[dict[str, Any]]:
     for i, entry in enumerate(data):
         if not isinstance(entry, dict) or "name" not in entry or "passed" not in entry:
             raise ConfigError(f"{path}: claim {i} lacks a name or a verdict (passed)")
+        if not isinstance(entry["passed"], bool):
+            raise ConfigError(
+                f"{path}: claim {i}: passed must be true or false (got {entry['passed']!r:.40})"
+            )
         claims.append(
             {
                 "name": str(entry["name"]),
                 "measured": entry.get("measured"),
                 "tolerance": entry.get("tolerance"),
-                "passed": entry["passed"] is True,
+                "passed": entry["passed"],
             }
         )
     return claims

@@ -226,6 +226,10 @@ def test_a_failing_claim_shows_fail_at_the_top(runs, tmp_path):
         (lambda d: (d / "claims.json").write_text("[") and d, "claims.json: not valid JSON"),
         (lambda d: (d / "claims.json").write_text("{}") and d, "expected a list of claims"),
         (lambda d: (d / "claims.json").write_text('[{"x": 1}]') and d, "claim 0 lacks a name"),
+        (
+            lambda d: (d / "claims.json").write_text('[{"name": "x", "passed": "yes"}]') and d,
+            "claim 0: passed must be true or false (got 'yes')",
+        ),
     ],
 )
 def test_bad_run_dir_is_one_line_naming_it(tmp_path, make, expect):
