@@ -322,11 +322,23 @@ def build_page(run_dirs: Sequence[Path], now: datetime | None = None) -> str:
 
 
 def write(runs: Sequence[Run], out: Path) -> Path:
-    """Render ``runs`` into ``out`` atomically; returns ``out``."""
+    """Render ``runs`` into ``out`` atomically, creating its directory; returns ``out``.
+
+    Raises:
+        OSError: ``out`` cannot be written; ``NotADirectoryError`` naming the file in the way
+            when a part of its directory is one.
+    """
+    import errno
+
     from misalign.files import atomic_write
 
     text = render(runs)
     out = Path(out)
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, f"{parent} is a file, not a directory")
+            break
     atomic_write(out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return out
 

@@ -297,6 +297,15 @@ def test_cli_unwritable_out_is_one_line(runs, tmp_path):
     result = runner.invoke(app, ["report", str(runs), "--out", str(tmp_path / "taken")])
     assert result.exit_code == 2 and result.stderr.startswith("misalign: error: --out ")
     assert len(result.stderr.strip().splitlines()) == 1
+    (tmp_path / "file").write_text("")
+    for out in (tmp_path / "file" / "report.html", tmp_path / "file" / "a" / "report.html"):
+        result = runner.invoke(app, ["report", str(runs), "--out", str(out)])
+        assert result.exit_code == 2 and result.stdout == ""
+        assert result.stderr == (
+            f"misalign: error: --out {out}: cannot write ({tmp_path / 'file'} is a file, not a"
+            " directory)\n"
+        )
+    assert (tmp_path / "file").read_text() == ""
 
 
 def test_write_page_is_the_built_page(runs, tmp_path):
