@@ -170,6 +170,18 @@ def test_everything_is_escaped(runs, tmp_path):
     assert "a &lt;img src=x onerror=&#34;alert(2)&#34;&gt; &amp; b" in page
 
 
+def test_non_ascii_names_and_extra_keys(runs, tmp_path):
+    run = Path(shutil.copytree(runs / "single-agent", tmp_path / "rün ü"))
+    (run / "config.json").unlink()
+    claims = _claims(run)
+    claims[0] |= {"name": "|e| ≤ 1e-8 — ü", "unit": "rounds", "extra": {"x": [1]}}
+    (run / "claims.json").write_text(json.dumps(claims, ensure_ascii=False), encoding="utf-8")
+    page = build_page([run])
+    assert "<h2>rün ü</h2>" in page and 'download="rün ü-table.csv"' in page
+    assert page.count("<td>|e| ≤ 1e-8 — ü</td>") == 1
+    assert "rounds" not in page.split("<h2>", 1)[1].split("<details>", 1)[0]  # not shown
+
+
 def test_a_run_without_figure_still_renders(runs, tmp_path):
     run = _copy(runs, "stability", tmp_path)
     (run / "figure.png").unlink()
