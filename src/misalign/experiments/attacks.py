@@ -112,6 +112,12 @@ def _claims(cfg, cells, skipped, gap, rounds) -> list[Claim]:
     def error(attack, defence, role):
         return np.abs(kept(attack, defence, role) - kept(attack, defence, f"{role}_predicted"))
 
+    def worst(values) -> float:  # over no play (none settled): nan, so the claim fails
+        return float(np.max(values)) if np.size(values) else np.nan
+
+    def mean(values) -> float:
+        return float(np.mean(values)) if np.size(values) else np.nan
+
     claims = [
         Claim("attacks that could not run", len(skipped), 0),
         Claim(
@@ -122,16 +128,12 @@ def _claims(cfg, cells, skipped, gap, rounds) -> list[Claim]:
         ),
         Claim(
             "every cell: max |final distance simulated - predicted| (victim and attacker)",
-            max(
-                float(error(a, d, r).max(initial=0))
-                for a, d in cells
-                for r in ("victim", "attacker")
-            ),
+            worst([worst(error(a, d, r)) for a, d in cells for r in ("victim", "attacker")]),
             1e-8,
         ),
         Claim(
             "honest play: max |victim distance simulated - predicted|",
-            float(error("honest", "none", "victim").max(initial=0)),
+            worst(error("honest", "none", "victim")),
             1e-10,
         ),
     ]
@@ -139,23 +141,23 @@ def _claims(cfg, cells, skipped, gap, rounds) -> list[Claim]:
         attacker = kept(attack, "none", "attacker")
         victim = kept(attack, "none", "victim")
         claims += [
-            Claim(f"{attack}, no defence: max attacker distance", float(attacker.max()), 1e-10),
+            Claim(f"{attack}, no defence: max attacker distance", worst(attacker), 1e-10),
             Claim(
                 f"{attack}, no defence: plays with victim distance < {margin} gap (victim biased)",
-                int((victim < margin * gap[ok[attack, "none"]]).sum()),
+                int((victim < margin * gap[ok[attack, "none"]]).sum()) if victim.size else np.nan,
                 0,
             ),
         ]
     unmoved = [a for a in ("honest", "decoy", "geometry", "per-turn") if (a, "damping") in cells]
-    moved = 0.0
+    moved = []
     for a in unmoved:
         both = ok[a, "damping"] & ok[a, "none"]
         damped, undamped = cells[a, "damping"].victim[both], cells[a, "none"].victim[both]
-        moved = max(moved, float(np.abs(damped - undamped).max(initial=0)))
+        moved.append(worst(np.abs(damped - undamped)))
     claims.append(
         Claim(
             f"damping: max |victim distance damped - undamped| ({', '.join(unmoved)})",
-            moved,
+            worst(moved),
             1e-8,
         )
     )
@@ -164,7 +166,7 @@ def _claims(cfg, cells, skipped, gap, rounds) -> list[Claim]:
             Claim(
                 "gray-box decoy vs damping: share of plays with the attacker still exact "
                 "(its fit breaks)",
-                float((kept("gray-box decoy", "damping", "attacker") < exact).mean()),
+                mean(kept("gray-box decoy", "damping", "attacker") < exact),
                 0.05,
             )
         )
@@ -199,7 +201,7 @@ def _claims(cfg, cells, skipped, gap, rounds) -> list[Claim]:
             ),
             Claim(
                 f"predict vs {attack}: max victim distance (on its own target)",
-                float(kept(attack, "predict", "victim").max()),
+                worst(kept(attack, "predict", "victim")),
                 1e-10,
             ),
         ]
@@ -207,10 +209,7 @@ def _claims(cfg, cells, skipped, gap, rounds) -> list[Claim]:
         claims.append(
             Claim(
                 "predict vs white-box decoy: mean victim distance / undefended",
-                float(
-                    kept("decoy", "predict", "victim").mean()
-                    / kept("decoy", "none", "victim").mean()
-                ),
+                mean(kept("decoy", "predict", "victim")) / mean(kept("decoy", "none", "victim")),
                 0.2,
             )
         )

@@ -88,6 +88,25 @@ def test_one_seed_runs_and_passes(name, tmp_path):
     assert [c["name"] for c in claims if not c["passed"]] == []
 
 
+def test_attacks_cells_where_no_play_settles_fail_their_claims_without_a_crash(tmp_path):
+    import math
+
+    from misalign.experiments import attacks
+
+    cfg = attacks.config(True, 2)
+    cfg["base"] = cfg["base"] | {"rounds": 20}  # the honest and decoy plays need more
+    result = attacks.run_config(cfg, tmp_path)  # a crash before (max of no play)
+    by_name = {c.name: c for c in result.claims}
+    settle = result.claims[1]  # in the worst cell, no play settles
+    assert settle.name.startswith("share of plays that do not settle") and settle.measured == 1
+    empty = [c for c in result.claims if isinstance(c.measured, float) and math.isnan(c.measured)]
+    assert {"every cell", "honest play", "decoy, no defence", "damping"} <= {
+        c.name.split(":")[0] for c in empty
+    }
+    assert not any(c.passed for c in empty) and not result.passed
+    assert by_name["per-turn, no defence: max attacker distance"].passed  # settled: checked
+
+
 def test_stability_plays_its_default_transient_seeds_at_least():
     config = REGISTRY["stability"].config
     assert config(True, 1)["seeds"] == 1 and config(True, 1)["transient"]["seeds"] == 12
