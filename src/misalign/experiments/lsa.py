@@ -11,7 +11,7 @@ from ``A``'s by a gap along a random unit direction, over gaps and seeds. Checke
 - ``Gamma`` read off the weights equals ``Gamma`` probed with basis queries;
 - the residuals vanish at gap 0 and are linear in the gap;
 - full run only (3000 training steps): the extracted ``Gamma`` is within 2% of ``Gamma*``
-  and the residuals predicted from ``Gamma*`` are within 2% of the extracted ones (median over
+  and the residuals predicted from ``Gamma*`` are within 2% of the simulated ones (median over
   plays; a play's can be a few percent off, its prompt amplifying the difference). The quick
   run trains 200 steps, too few for that (the anisotropic ``Gamma`` is about 50% off);
   its plays still land on their own ``Gamma``'s prediction.
@@ -133,9 +133,7 @@ def _claims(cfg, found, read, error, quick) -> list[Claim]:
                     for r in found
                     if r["gap"] > 0
                     for a in agents
-                    for o, e in zip(
-                        r[a]["predicted_optimal"], r[a]["predicted_extracted"], strict=True
-                    )
+                    for o, e in zip(r[a]["predicted_optimal"], r[a]["simulated"], strict=True)
                 ]
             )
         )
@@ -145,8 +143,8 @@ def _claims(cfg, found, read, error, quick) -> list[Claim]:
         ]
         claims.append(
             Claim(
-                "gap > 0: median over plays of |residual from Gamma* - from the extracted "
-                "Gamma| / the latter",
+                "gap > 0: median over plays of |residual predicted from Gamma* - simulated| /"
+                " simulated",
                 apart,
                 0.02,
             )
