@@ -63,21 +63,7 @@ def test_quick_run_files_exist_and_parse(runs, name):
     assert result.figures == [out / "figure.png", out / "figure.svg"]
 
 
-ONE_SEED_FAILS = {
-    "noise": "its spread claims have tolerance 0 over one seed (|observed / predicted - 1| = 1)",
-}
-"""Entries whose claims cannot hold with ``--seeds 1`` (known defects, strict xfail)."""
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=ONE_SEED_FAILS[n]))
-        if n in ONE_SEED_FAILS
-        else n
-        for n in REGISTRY
-    ],
-)
+@pytest.mark.parametrize("name", list(REGISTRY))
 def test_one_seed_runs_and_passes(name, tmp_path):
     """``reproduce NAME --quick --seeds 1``: no crash (std of one seed, empty filters), every
     claim finite and passing."""
