@@ -87,7 +87,8 @@ class Turn:
     Attributes:
         round: the round index, from 0.
         position: the turn's index within the round's schedule.
-        reads: the name of the agent whose last output is the input.
+        reads: the name of the agent whose last output is the input, or a weighted mix
+            ``((agent, weight), ...)`` of several (``misalign.play.Mix``).
         past: the output of every earlier turn of the play, shape ``(turns_so_far, B, d)``.
         order: the agent taking each turn of a round, in schedule order.
         out: where the play records this turn's output, shape ``(B, d)``; an agent may
@@ -97,7 +98,7 @@ class Turn:
 
     round: int
     position: int
-    reads: str
+    reads: str | tuple[tuple[str, float], ...]
     past: np.ndarray = field(default_factory=lambda: np.empty((0, 0, 0)))
     order: tuple[str, ...] = ()
     out: np.ndarray | None = None
