@@ -82,7 +82,7 @@ def check(config, tol=1e-8):
         np.testing.assert_allclose(prediction.residual[name], residual)
     history = np.concatenate([trajectory.outputs(n)[:, 0] for n in names], axis=1)
     history = np.concatenate([np.tile(game.start[0], len(names))[None], history])
-    rate = measured_rate(history - fixed, np.linalg.norm(fixed))
+    rate = measured_rate(history, max(np.linalg.norm(fixed), np.abs(history).max()))
     if rate is not None:
         assert rate == pytest.approx(rho, rel=RATE_TOL, abs=1e-6)
     return True
@@ -92,21 +92,22 @@ RATE_TOL = 1e-2
 """Relative tolerance of the measured rate."""
 
 
-def measured_rate(errors, scale):
-    """The play's contraction per round, from its errors ``e_t = s_t - s*`` alone (dynamic
-    mode decomposition): ``e_{t+1} = R e_t`` on the rounds still far above rounding, so the
-    largest eigenvalue of the least-squares ``R`` on their span (truncated where the
-    snapshots stop resolving it) is the rate. Robust to the modes of equal modulus a network
-    has (a cycle's ``lambda omega^k``) and to close ones, where a ratio of norms is not.
-    ``None`` with fewer than 20 such rounds."""
-    norms = np.linalg.norm(errors, axis=1)
+def measured_rate(history, scale):
+    """The play's contraction per round, from its outputs alone (dynamic mode decomposition):
+    the differences ``D_t = s_{t+1} - s_t`` follow ``D_{t+1} = R D_t`` exactly (no fixed point
+    and no eigenvalue-1 part enter them), so on the rounds still far above rounding the largest
+    eigenvalue of the least-squares ``R`` on their span (truncated where the snapshots stop
+    resolving it) is the rate. Robust to the modes of equal modulus a network has (a cycle's
+    ``lambda omega^k``) and to close ones, where a ratio of norms is not. ``None`` with fewer
+    than 20 such rounds."""
+    diffs = np.diff(history, axis=0)
+    norms = np.linalg.norm(diffs, axis=1)
     live = np.flatnonzero(norms > 1e5 * 1e-12 * max(1.0, scale))
     if len(live) < 20 or live[0] != 0:
         return None
     last = live[-1] if (np.diff(live) == 1).all() else np.flatnonzero(np.diff(live) != 1)[0]
-    X, Y = errors[:last].T, errors[1 : last + 1].T
     weights = 1 / norms[:last]  # every snapshot weighs 1, the pair scaled alike
-    X, Y = X * weights, Y * weights
+    X, Y = diffs[:last].T * weights, diffs[1 : last + 1].T * weights
     U, sigma, Vh = np.linalg.svd(X, full_matrices=False)
     keep = sigma > 1e-7 * sigma[0]
     U, sigma, Vh = U[:, keep], sigma[keep], Vh[keep]
