@@ -426,7 +426,7 @@ def test_a_language_model_reads_a_weighted_mix(tmp_path, simultaneous):
         assert np.abs(final - prediction.fixed_point[name]).max() < 1e-6
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(
     seed=st.integers(0, 2**32 - 1),
     order=st.sampled_from([["A", "B"], ["A", "B", "C"], ["B", "A", "B"], ["A", "C", "B", "C"]]),
@@ -459,6 +459,10 @@ def test_feeds_back_of_simple_schedules():
     assert Schedule.build(["A", "B", "C"]).feeds_back == ("C",)
     assert Schedule.build(["A", "B", "C"], {"B": {"C": 0.5, "A": 0.5}}).feeds_back == ("C",)
     assert Schedule.build(["A", "B", "C"], {"A": {"B": 0.5, "C": 0.5}}).feeds_back == ("B", "C")
+    # C's first turn reads B's start, but C's second turn overwrites it before anyone reads it
+    lost = {"A": "C", "B": "A", "C": {"B": 0.5, "A": 0.5}}
+    assert Schedule.build(["A", "C", "B", "C"], lost).feeds_back == ("C",)
+    assert Schedule.build(["A", "B"], {"A": {"B": 0.0, "A": 1.0}}).feeds_back == ("A",)
 
 
 def test_the_pooled_solution_is_least_squares_over_every_prompt():

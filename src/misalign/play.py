@@ -112,14 +112,19 @@ class Schedule:
 
     @property
     def feeds_back(self) -> tuple[str, ...]:
-        """The agents whose output carries into the next round: read (with a positive weight)
-        by some turn before the agent's own turn overwrites it, or by any turn in simultaneous
-        rounds. Their blocks are the columns of the round map that are not zero
-        (``misalign.theory.unit_space``); the others only add zero eigenvalues."""
-        fed, moved = set(), set()
+        """The agents whose output carries into the next round: some output at the end of the
+        round depends on the value the agent's block had at its start (read, with a positive
+        weight, through any chain of turns before the agent's own turn overwrites it; in
+        simultaneous rounds, read by any turn). Their blocks are the columns of the round map
+        that are not zero (``misalign.theory.unit_space``); the others only add zero
+        eigenvalues. From the schedule alone: a damped agent's weight on its own last output
+        (``misalign.defence.Damped``) is not a read."""
+        start = {name: {name} for name in self.agents}
+        depends = dict(start)  # per block, the start-of-round blocks its current value uses
         for name, reads in self.turns:
-            fed |= {j for j, a in sources(reads) if a > 0 and (self.simultaneous or j not in moved)}
-            moved.add(name)
+            read = start if self.simultaneous else depends
+            depends[name] = set().union(*(read[j] for j, a in sources(reads) if a > 0))
+        fed = set().union(*depends.values())
         return tuple(name for name in self.agents if name in fed)
 
     @property
