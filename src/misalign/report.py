@@ -41,7 +41,8 @@ def report(
     ``batch`` (``null``; ``run --seeds`` fills it with ``batch``). With language-model
     agents, ``fit`` (``fit_report``: their global and local fitted maps and the equilibrium
     each predicts, against the observed play) and ``llm`` (``llm_report``: requests, retries,
-    tokens, cost, failed plays); ``null`` otherwise.
+    tokens, cost, failed plays); ``null`` otherwise. ``network`` (``network_report``): the
+    agents that feed back, the pooled least-squares solution and each limit's distance to it.
 
     A prediction made after the play (``run``) is of the regime each agent ended in (the
     decoy a gray-box attacker fitted, a predictive victim that stopped reading its
@@ -81,6 +82,7 @@ def report(
         "defence": None,
         "fit": None,
         "llm": llm_report(game),
+        "network": network_report(game, prediction, play),
     }
     for name, agent in game.agents.items():
         prompt = game.prompts[name][play] if name in game.prompts else None  # helpers have none
