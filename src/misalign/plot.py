@@ -1,5 +1,6 @@
 """Figures: each agent's distance to its own target per round, theory drawn beside simulation;
-for a batch, the converging plays' quantiles and the spread of ``rho``."""
+for a network of agents (3 or more, weighted reads or simultaneous rounds), who reads whom
+beside them; for a batch, the converging plays' quantiles and the spread of ``rho``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from misalign.experiment import Game
-from misalign.play import Trajectory
+from misalign.play import Schedule, Trajectory, sources
 from misalign.report import converging
 from misalign.theory import Prediction
 
@@ -28,15 +29,15 @@ def new_figure(columns: int, size: tuple[float, float]):
 
 def save_figure(fig, path: str | Path) -> Path:
     """Add a legend to every axis that has labelled artists and none yet, write the figure
-    (a PNG carries its axes' titles as its ``Description``, so tests can read what it says),
-    close it."""
+    (a PNG carries its axes' titles as its ``Description``, so tests can read what it says;
+    untitled axes, such as a colour bar's, are left out), close it."""
     import matplotlib.pyplot as plt
 
     for axis in fig.axes:
         if axis.get_legend() is None and axis.get_legend_handles_labels()[0]:
             axis.legend(frameon=False, fontsize="small")
     path = Path(path)
-    titles = " | ".join(axis.get_title() for axis in fig.axes)
+    titles = " | ".join(title for axis in fig.axes if (title := axis.get_title()))
     metadata = {"Description": titles} if path.suffix.lower() == ".png" else None
     fig.savefig(path, dpi=120, metadata=metadata)
     plt.close(fig)
@@ -55,7 +56,7 @@ def plot_play(
     ``|e_i|`` as a dashed line of the same colour (docs/theory.md §2), and the distance to
     the predicted equilibrium beside ``rho^t``. ``also``: a second prediction whose plateaus
     are drawn dotted (language-model agents: the prediction of their global fits, beside the
-    local one).
+    local one). A network (``is_network``) adds a third panel, ``plot_network``.
 
     Args:
         game: the game that was played.
@@ -67,7 +68,9 @@ def plot_play(
     Returns:
         The path written.
     """
-    fig, (ax, gap) = new_figure(2, (10, 4.0))
+    network = is_network(game.schedule)
+    fig, axes = new_figure(3, (15, 4.4)) if network else new_figure(2, (10, 4.0))
+    ax, gap = axes[:2]
     rounds = np.arange(1, trajectory.rounds + 1)
     targets = game.targets
     rho, converges = float(prediction.rho[play]), bool(prediction.converges[play])
@@ -99,7 +102,146 @@ def plot_play(
     else:
         title = "no equilibrium (rho >= 1)"
     _log_axes(gap, f"distance to {what}", title)
+    if network:
+        plot_network(axes[2], game.schedule, prediction, play)
     return save_figure(fig, path)
+
+
+def is_network(schedule: Schedule) -> bool:
+    """Whether a play is drawn with its network panel: 3 or more agents, a weighted read, or
+    simultaneous rounds (two agents alternating are drawn as before, without one)."""
+    return len(schedule.agents) >= 3 or schedule.weighted or schedule.simultaneous
+
+
+def read_weights(schedule: Schedule) -> dict[tuple[str, str], list[float]]:
+    """Who reads whom: per pair ``(read, reader)`` with a positive weight, the weight of
+    every turn of the reader that reads it (one per turn; an agent taking several turns a
+    round may read the same agent more than once), in turn order."""
+    edges: dict[tuple[str, str], list[float]] = {}
+    for reader, reads in schedule.turns:
+        for read, weight in sources(reads):
+            if weight > 0:
+                edges.setdefault((read, reader), []).append(float(weight))
+    return edges
+
+
+def plot_network(ax, schedule: Schedule, prediction: Prediction, play: int = 0) -> None:
+    """The network panel: agents as nodes on a circle (labelled by name; the first at the
+    top, then clockwise in order of first turn), an arrow ``j -> i`` for each read of ``j``
+    by ``i`` with a positive weight (width by weight; labelled with it, or the weight said
+    once under the panel when every read has the same), each node coloured by its predicted
+    residual ``|e_i|`` (colour bar; grey for an agent without a target or a play that does
+    not converge) and ringed in the agent's colour of the trajectory panels. Titled with the
+    schedule (simultaneous, or the turn order) and ``rho``. Arrows carry the gid ``"edge"``
+    and the nodes are the axis's one collection (gid ``"nodes"``), so tests can count and
+    read them."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.patches import FancyArrowPatch
+    from matplotlib.path import Path as Curve
+
+    names = schedule.agents
+    angle = np.pi / 2 - 2 * np.pi * np.arange(len(names)) / len(names)
+    position = {name: (np.cos(a), np.sin(a)) for name, a in zip(names, angle, strict=True)}
+    converges = bool(prediction.converges[play])
+    residual = {
+        name: float(np.linalg.norm(prediction.residual[name][play]))
+        for name in names
+        if converges and name in prediction.residual
+    }
+    residual = {name: value for name, value in residual.items() if np.isfinite(value)}
+    cmap = colormaps["viridis"]
+    norm = None
+    if residual:
+        high = max(residual.values())
+        norm = Normalize(0.0, high if high > 0 else 1.0)  # from 0: no residual is dark
+    colors = [cmap(norm(residual[name])) if name in residual else "0.8" for name in names]
+    xy = np.array([position[name] for name in names])
+    # the ring: the agent's colour in the trajectory panels (agents with a target, in order)
+    ring = {name: f"C{k}" for k, name in enumerate(n for n in names if n in prediction.residual)}
+    rings = [ring.get(name, "k") for name in names]
+    ax.scatter(
+        xy[:, 0], xy[:, 1], s=1100, c=colors, edgecolors=rings, linewidths=3, zorder=3, gid="nodes"
+    )
+    for name, (x, y) in position.items():
+        shade = colors[names.index(name)]
+        dark = (
+            not isinstance(shade, str)
+            and 0.299 * shade[0] + 0.587 * shade[1] + 0.114 * shade[2] < 0.5
+        )
+        ax.text(
+            x,
+            y,
+            name,
+            ha="center",
+            va="center",
+            zorder=4,
+            fontweight="bold",
+            color="w" if dark else "k",
+        )
+    edges = read_weights(schedule)
+    every = {w for weights in edges.values() for w in weights}
+    same = len(every) == 1
+    for (read, reader), weights in edges.items():
+        width = 0.6 + 3.0 * max(weights)
+        style = {
+            "arrowstyle": "-|>",
+            "mutation_scale": 8 + 3 * max(weights),
+            "linewidth": width,
+            "color": "0.35",
+            "alpha": 0.8,
+            "zorder": 2,
+            "gid": "edge",
+        }
+        if read == reader:  # an agent reading itself: a loop outside its node
+            along = np.array(position[read])
+            centre, radius = along * 1.34, 0.17
+            facing = np.degrees(np.arctan2(*along[::-1])) + 180  # from the loop to the node
+            loop = Curve.arc(facing + 55, facing + 305)
+            loop = Curve(centre + radius * loop.vertices, loop.codes)
+            ax.add_patch(FancyArrowPatch(path=loop, **style))
+            label_at = along * 1.62
+        else:
+            start, end = np.array(position[read]), np.array(position[reader])
+            ax.add_patch(
+                FancyArrowPatch(
+                    start, end, connectionstyle="arc3,rad=0.12", shrinkA=20, shrinkB=20, **style
+                )
+            )
+            dx, dy = end - start
+            control = (start + end) / 2 + 0.12 * np.array([dy, -dx])  # arc3's control point
+            t = 0.7  # the label near the reader: the weights it gives, around its node
+            label_at = (1 - t) ** 2 * start + 2 * t * (1 - t) * control + t**2 * end
+        if not same:
+            ax.text(
+                *label_at,
+                ", ".join(f"{w:.2g}" for w in weights),
+                fontsize=7,
+                ha="center",
+                va="center",
+                zorder=5,
+                bbox={"boxstyle": "round,pad=0.1", "fc": "w", "ec": "none", "alpha": 0.8},
+            )
+    rho = float(prediction.rho[play])
+    if schedule.simultaneous:
+        how = "simultaneous"
+    else:
+        how = "turns " + " > ".join(name for name, _ in schedule.turns)
+    ax.set_title(f"who reads whom: {how} (rho = {rho:.3g})")
+    note = "arrow j -> i: i reads j; width by weight"
+    if same:
+        note += f" (every read {every.pop():.2g})"
+    if norm is None:
+        note += "\nno equilibrium: nodes not coloured"
+    ax.text(0.5, -0.02, note, ha="center", va="top", fontsize=8, transform=ax.transAxes)
+    ax.set_xlim(-1.6, 1.6)
+    ax.set_ylim(-1.6, 1.6)
+    ax.set_aspect("equal")
+    ax.set_axis_off()
+    if norm is not None:
+        bar = ax.figure.colorbar(ScalarMappable(norm, cmap), ax=ax, shrink=0.8)
+        bar.set_label("predicted residual |e_i| (limit to own target)")
 
 
 def plot_batch(
