@@ -793,8 +793,16 @@ def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> No
         ]
         why = f"{failed[0]} failed" if failed else "outputs overflowed"
         console.print(f"stopped at round {result['diverged_at']}: {why}")
-    table = Table("agent", "|target|", "predicted distance", *(["final distance"] * played))
     names = list(result["agents"])
+    network = result["network"] if _is_network(result) else None
+    pooled = network["distance"] if network and network["distance"] else None
+    table = Table(
+        "agent",
+        "|target|",
+        "predicted distance",
+        *(["final distance"] * played),
+        *(["limit to pooled LS"] * bool(pooled)),
+    )
     for name in names:
         final = (result.get("distance") or {}).get(name)
         table.add_row(
@@ -802,8 +810,17 @@ def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> No
             _norm(result["agents"][name]["target"]),
             "-" if p["distance"][name] is None else _num(p["distance"][name]),
             *(["-" if final is None else _num(final)] * played),
+            *([_num(pooled.get(name))] if pooled else []),
         )
     console.print(table)
+    if network:
+        line = f"network: the outputs that feed back are {', '.join(network['feeds_back'])}"
+        if network["spread"] is not None:
+            line += (
+                f"; the limits lie up to {_num(network['spread'], '.3g')} from their mean "
+                "(0 at consensus); pooled LS = the least-squares solution of all prompts"
+            )
+        console.print(line)
     verdict = any(exact is not None for exact in p["on_target"].values())  # report decides
     if verdict and len(names) > 1:
         if p["one_sided"] is not None:
@@ -832,6 +849,14 @@ def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> No
             line += f"; stopped reading it at round {d['refused_at']}"
         console.print(line)
     console.print(f"artifacts: {directory}" + (f" (figure {figure.name})" if figure else ""))
+
+
+def _is_network(result: dict[str, Any]) -> bool:
+    """Three or more agents, simultaneous rounds or a weighted read: the summary then says
+    who feeds back and how far each limit is from the pooled least-squares solution."""
+    config = result["config"]
+    weighted = any(isinstance(a.get("reads"), dict) for a in config["agents"].values())
+    return len(config["agents"]) > 2 or config.get("schedule") == "simultaneous" or weighted
 
 
 def _unfitted(result: dict[str, Any]) -> list[str]:

@@ -578,3 +578,19 @@ def test_a_model_that_never_answers_with_numbers_is_reported_not_crashed(tmp_pat
     data = json.loads(as_json.stdout, parse_constant=lambda c: pytest.fail(c))
     assert data["prediction"]["rho"] is None and data["fit"]["A"]["global"]["A"][0] == [None] * 2
     assert {f["seed"] for f in data["llm"]["failed"]} == {data["config"]["seed"]}
+
+
+def test_a_network_summary_says_who_feeds_back_and_the_distance_to_pooled_least_squares(
+    tmp_path,
+):
+    """Three or more agents, simultaneous rounds or weighted reads: the table gains each
+    limit's distance to the pooled least-squares solution, from the JSON report's network."""
+    debate = str(EXAMPLES / "debate.toml")
+    text = _invoke(tmp_path, "theory", debate)
+    data = json.loads(_invoke(tmp_path, "theory", debate, "--json").stdout)
+    assert text.exit_code == 0, text.stderr
+    assert "limit to pooled LS" in text.stdout
+    assert "feed back are A, B, C, D, E" in text.stdout
+    assert f"{data['network']['spread']:.3g}" in text.stdout
+    two = _invoke(tmp_path, "theory", str(EXAMPLES / "two_agents.toml"))
+    assert two.exit_code == 0 and "pooled" not in two.stdout and "network:" not in two.stdout
