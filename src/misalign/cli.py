@@ -408,7 +408,10 @@ def design_command(
     json_out: JsonOpt = False,
     out: Annotated[
         Path | None,
-        typer.Option(show_default="runs/design-<config hash>", help="Directory for the artifacts."),
+        typer.Option(
+            show_default="runs/design-<hash of config and options>",
+            help="Directory for the artifacts.",
+        ),
     ] = None,
     set_: SetOpt = None,
 ) -> None:
@@ -438,7 +441,11 @@ def design_command(
     finally:
         if bar is not None:
             bar.stop()
-    out = Path("runs") / f"design-{cfg.digest()}" if out is None else out
+    if out is None:  # named by everything that changes the advice
+        import hashlib
+
+        options = json.dumps([cfg.digest(), agent, examples, norm, seeds])
+        out = Path("runs") / f"design-{hashlib.sha256(options.encode()).hexdigest()[:12]}"
     _save(out, {"config.toml": _config_toml(cfg)})
     figure = _publish(out, "design", result, lambda path: plot_design(result, path), json_out)
     if figure is None:

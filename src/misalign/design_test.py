@@ -252,3 +252,18 @@ def test_a_diverging_play_gets_a_stable_scale_and_no_example_advice(tmp_path):
     assert data["bias"]["difference"] < TOL and data["bias"]["scale"] < 1
     assert "does not converge" in data["prompt"]["skipped"]
     assert (out / "design.png").exists()
+
+
+def test_default_out_is_named_by_the_config_and_the_options(tmp_path, monkeypatch):
+    """Advice for another agent or another K goes to its own directory, the same call to
+    the same one."""
+    monkeypatch.chdir(tmp_path)
+    config = str(EXAMPLES / "design.toml")
+    for args in (["--agent", "A"], ["--agent", "B"], ["--agent", "A", "--examples", "2"]):
+        done = runner.invoke(app, ["design", config, *args, "--seeds", "2"])
+        assert done.exit_code == 0, done.output
+    again = runner.invoke(app, ["design", config, "--agent", "A", "--seeds", "2"])
+    assert again.exit_code == 0, again.output
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 3 and all(r.name.startswith("design-") for r in runs)
+    assert all((r / "design.json").exists() for r in runs)
