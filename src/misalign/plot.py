@@ -275,7 +275,7 @@ def plot_batch(
     title = f"{int(ok.sum())} of {plays} plays converge: median, 10-90% band"
     _log_axes(ax, "distance to own target", title + (f"; {diverging} diverge" if diverging else ""))
     rho = prediction.rho[np.isfinite(prediction.rho)]
-    spread.hist(rho, bins=min(50, max(5, plays // 5)), color="0.5")
+    spread.hist(rho, bins=min(50, max(5, plays // 5)), range=_rho_range(rho), color="0.5")
     spread.axvline(1.0, color="C3", linestyle="--", linewidth=1, label="rho = 1")
     spread.set(
         xlabel="rho (per round)",
@@ -283,6 +283,18 @@ def plot_batch(
         title=f"rho over {plays} plays (median {np.median(rho):.3g})",
     )
     return save_figure(fig, path)
+
+
+def _rho_range(rho: np.ndarray) -> tuple[float, float] | None:
+    """The histogram's range: the values' own, widened to at least 1e-6 (relative) where they
+    agree to the last bits (a Newton partner gives every play the same ``rho`` up to rounding,
+    and numpy cannot split so narrow a range into bins)."""
+    if rho.size == 0:
+        return None
+    low, high = float(rho.min()), float(rho.max())
+    width = max(high - low, 1e-6 * max(1.0, abs(high)))
+    middle = (low + high) / 2
+    return middle - width / 2, middle + width / 2
 
 
 def _plateau(ax, level: float, color: str, label: str, style: str = "--") -> None:

@@ -31,6 +31,17 @@ def test_plot_over_a_batch_draws_bands(tmp_path):
     assert image.imread(path).std() > 0.05
 
 
+def test_a_batch_whose_rho_agree_to_the_last_bits_draws_its_histogram(tmp_path):
+    """A Newton partner and a one-example prompt give every play the same rho up to
+    rounding: numpy could not split that range into bins (found by the CLI fuzz test)."""
+    agents = {"A": {"n": 1}, "B": {"n": 12, "preconditioner": "newton", "eta": 0.5}}
+    game = setup(parse_config({"d": 4, "rounds": 30, "agents": agents}), seeds=range(3, 6))
+    prediction = predict(game)
+    assert np.ptp(prediction.rho) < 1e-12  # rho = 0.5 in every play, to the last bits
+    path = plot_batch(game, simulate(game), prediction, tmp_path / "b.png")
+    assert image.imread(path).std() > 0.05
+
+
 def test_nothing_finite_to_draw_is_said_not_raised(tmp_path):
     """A play whose every distance overflows draws a note, not a log-scale error."""
     game = setup(parse_config({"d": 2, "rounds": 5, "agents": {"A": {"n": 3}, "B": {"n": 4}}}))
