@@ -18,7 +18,7 @@ import numpy as np
 
 from misalign.config import parse_config
 from misalign.experiment import predict, setup, simulate
-from misalign.experiments import Claim, Experiment, Result, write_run
+from misalign.experiments import Claim, Experiment, Result, theory_and_simulation, write_run
 
 NAME = "gap"
 GEOMETRIES = {
@@ -116,18 +116,8 @@ def _figure(cfg, curves):
     for ax, geometry in zip(axes, cfg["geometries"], strict=True):
         for k, name in enumerate(("A", "B")):
             size, predicted = curves[geometry, name]
-            mean, std = predicted.mean(axis=1), predicted.std(axis=1)
-            ax.plot(gaps, mean, "-", color=f"C{k}", label=f"theory |e_{name}| (mean)")
-            ax.fill_between(gaps, mean - std, mean + std, color=f"C{k}", alpha=0.2)
-            ax.errorbar(
-                gaps,
-                size.mean(axis=1),
-                size.std(axis=1),
-                fmt="o",
-                color=f"C{k}",
-                capsize=3,
-                label=f"simulation |e_{name}| ± std",
-            )
+            labels = (f"theory |e_{name}| (mean)", f"simulation |e_{name}| ± std")
+            theory_and_simulation(ax, gaps, predicted, size, f"C{k}", labels)
         ax.set(
             xlabel="objective gap g (w_B* - w_A* = g u)",
             ylabel="final residual |e_i|",
