@@ -30,7 +30,7 @@ from misalign.config import ConfigError, LLMAgentConfig
 from misalign.llm.answer import FORMATS, BadAnswer, correction, parse
 from misalign.llm.client import VARIABLE, Client, Exhausted, Fatal, Refused, Stats
 from misalign.llm.store import Record, Slot, Store, request_key
-from misalign.llm.template import Templates
+from misalign.llm.template import TemplateRefused, Templates
 from misalign.prompt import Prompt
 
 Mode = Literal["live", "replay", "refresh"]
@@ -185,19 +185,16 @@ class LLMAgent:
         """The chat messages of one request.
 
         Raises:
-            Fatal: the template does not render (one line; at setup, or at a later round).
+            Fatal: a template does not render or is refused (one line naming it; at setup,
+                or at a later round).
         """
         prompt = self.prompts[play]
         try:
             return self.templates.messages(
                 self.name, prompt.X, prompt.y, estimate, self.config.eta, round
             )
-        except Exception as exc:  # jinja2 raises many kinds; one line either way
-            problem = " ".join(str(exc).split())[:300]
-            raise Fatal(
-                f"{self.field}: the template does not render (play {self.seeds[play]} "
-                f"(seed), round {round}): {problem}"
-            ) from None
+        except TemplateRefused as exc:
+            raise Fatal(f"{exc} (play {self.seeds[play]} (seed), round {round})") from None
 
     def _settings(self, sample: int) -> dict:
         """The passed-through settings; a ``seed`` is offset by the sample index, so that the

@@ -131,8 +131,119 @@ def prompts() -> list[Prompt]:
 def test_a_template_that_fails_to_render_fails_at_setup(tmp_path, text):
     session = Session(str(tmp_path / "store.sqlite"))
     try:
-        with pytest.raises(ConfigError, match=r"^agents\.A: the template does not render") as e:
+        with pytest.raises(
+            ConfigError, match=r"^agents\.A\.prompt: .*user\.j2 does not render"
+        ) as e:
             LLMAgent("A", config(prompt=write(tmp_path, text)), prompts(), [0], session)
         assert "\n" not in str(e.value)
     finally:
         session.close()
+
+
+# A template from someone else: the sandbox
+
+
+SECRET = "sk-canary-7f3a9c1e55d04b2b"
+"""A key-like value in the environment that no template may reach."""
+REACH_OS = [  # each reaches the os module through a Jinja2 global or a value it is given
+    "self._TemplateReference__context.cycler.__init__.__globals__.os",
+    "cycler.__init__.__globals__.os",
+    "joiner.__init__.__globals__.os",
+    "namespace.__init__.__globals__.os",
+    "self.__init__.__globals__.__builtins__.__import__('os')",
+    "lipsum.__globals__.os",
+    "examples[0].__class__.__init__.__globals__.__builtins__.__import__('os')",
+    "(examples[0]|attr('__class__')).__init__.__globals__.__builtins__.__import__('os')",
+]
+PAYLOADS = [
+    *(f"{{{{ {reach}.environ.MISALIGN_TEST_SECRET }}}}" for reach in REACH_OS),
+    *(f"{{{{ {reach}.system('touch CANARY') }}}}" for reach in REACH_OS),
+    "{{ estimate.__class__.__mro__[1].__subclasses__() }}",
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ '{0.__class__.__mro__}'.format(estimate) }}",
+    "{{ examples[0].__class__.__init__.__globals__ }}",
+    "{% for e in examples %}{{ loop.__class__.__init__.__globals__ }}{% endfor %}",
+    "{% set ns = namespace() %}{{ ns.__init__.__globals__ }}",
+    "{{ estimate.append(1) or estimate }}",
+    "{{ examples.pop() }}",
+    "{{ (estimate|attr('__class__')).__base__.__subclasses__() }}",
+    "{{ 'x' * 10**9 }}",
+    "{{ 9 ** 99999999 }}",
+    "{% for i in range(10) %}{{ 'y' * 200000 }}{% endfor %}",
+    "{% include '/etc/passwd' %}",
+    "{% import '/etc/passwd' as p %}",
+    "{% from '/etc/passwd' import x %}",
+    "{% extends '/etc/passwd' %}",
+]
+
+
+@pytest.mark.parametrize("payload", PAYLOADS[: len(REACH_OS)])
+def test_the_payloads_are_real_outside_the_sandbox(monkeypatch, payload):
+    """Each payload that reads the environment does so through a plain Jinja2 environment:
+    what the sandbox refuses below is a working attack, not a typo."""
+    import jinja2
+
+    from misalign.llm.template import Example
+
+    monkeypatch.setenv("MISALIGN_TEST_SECRET", SECRET)
+    values = {"examples": [Example([0.0], 0.0)], "estimate": [0.0]}
+    assert jinja2.Environment().from_string(payload).render(values) == SECRET
+
+
+@pytest.fixture
+def fake_server():
+    from misalign.llm.fake_server import FakeServer, affine
+
+    with FakeServer(affine(np.eye(2) * 0.5, np.zeros(2))) as server:
+        yield server
+
+
+@pytest.mark.parametrize("where", ["prompt", "system"])
+@pytest.mark.parametrize("payload", PAYLOADS)
+def test_a_hostile_template_is_one_line_and_nothing_runs(
+    tmp_path, monkeypatch, fake_server, payload, where
+):
+    """Through the real command: a template that reaches for Python, the environment, other
+    files or unbounded memory is one line naming it and exit 2, before any request; nothing
+    runs (no CANARY file), the secret is in no output, no request and no stored answer."""
+    import subprocess
+    import sys
+
+    import tomli_w
+
+    monkeypatch.setenv("MISALIGN_TEST_SECRET", SECRET)
+    text = payload if where == "system" else f"{payload} {{{{ estimate }}}}"
+    template = write(tmp_path, text, "evil.j2")
+    agent = {"kind": "llm", "model": "fake", "base_url": fake_server.base_url, "n": 2}
+    agent |= {"api_key_env": "", where: template, "max_retries": 0}
+    config = tmp_path / "play.toml"
+    config.write_text(tomli_w.dumps({"d": 2, "rounds": 2, "agents": {"A": agent, "B": {"n": 3}}}))
+    for flags in ([], ["--replay"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "misalign.cli", "run", str(config), "--store", "s.sqlite"]
+            + ["--out", "out", *flags],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=60,
+        )
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1, done.stderr
+        assert lines[0].startswith(f"misalign: error: agents.A.{where}: {template}"), lines[0]
+        assert SECRET not in done.stdout + done.stderr
+    assert not (tmp_path / "CANARY").exists()
+    assert fake_server.requests == []
+    assert not (tmp_path / "out").exists()
+    assert all(SECRET.encode() not in f.read_bytes() for f in tmp_path.rglob("*") if f.is_file())
+
+
+def test_ordinary_templates_still_render_in_the_sandbox(tmp_path):
+    text = (
+        "{% set ns = namespace(total=0) %}{% for e in examples %}{% set ns.total = ns.total"
+        " + e.y %}{{ loop.index }}: {{ e.x | join(', ') }}{{ joiner(';')() }}{% endfor %}"
+        "{{ ns.total | round(2) }} {{ estimate | tojson }} {{ '%.3f' | format(eta) }}"
+        " {{ name | upper }} {{ dict(a=1).a }} {{ range(3) | list }} {{ 2 ** 10 }} {{ 'ab' * 3 }}"
+    )
+    user = render(Templates.load(config(prompt=write(tmp_path, text)), "agents.A"))[1]["content"]
+    assert user.startswith("1: 0.1, 0.3333333333333333") and "2: -2.5e-07, " in user
+    assert user.endswith(f"{json.dumps(W.tolist())} 0.500 A 1 [0, 1, 2] 1024 ababab")
