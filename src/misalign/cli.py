@@ -54,7 +54,34 @@ ForkOpt = Annotated[
         help="Language-model agents: take rounds before K from the store, ask for the rest.",
     ),
 ]
+AllowHostOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--allow-host",
+        help="Language-model agents: a host (besides OpenAI's) that may receive the key "
+        "api_key_env names (repeatable; also $MISALIGN_ALLOW_HOSTS, comma-separated).",
+    ),
+]
+MaxRequestsOpt = Annotated[
+    int,
+    typer.Option(
+        "--max-requests",
+        min=0,
+        help="Language-model agents: refuse a run that plans more requests; stop at it.",
+    ),
+]
+MaxCostOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--max-cost",
+        min=0.0,
+        help="Language-model agents: refuse a run that may cost more dollars (needs prices "
+        "and max_completion_tokens); stop at it.",
+    ),
+]
 STORE = Path("runs/llm.sqlite")
+DEFAULT_MAX_REQUESTS = 1000
+"""``--max-requests`` when not given (``misalign.llm.budget``)."""
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a key with a TOML value: --set seed=4 (repeatable)."),
@@ -68,10 +95,12 @@ def _load(path: Path, overrides: list[str] | None) -> PlayConfig:
         _fail(str(exc))
 
 
-def _game(path: Path, overrides: list[str] | None, seeds: int = 1, session=None):
+def _game(path: Path, overrides: list[str] | None, seeds: int = 1, session=None, rounds=None):
     """Load the configuration and set the game up (``seeds`` plays from its seed on); any
-    problem is one line and exit 2. ``session``: ``(store, mode, fork_at)`` for
-    language-model agents."""
+    problem is one line and exit 2. ``session``: the keyword arguments of the language-model
+    agents' ``Session`` (store, mode, fork_at, allow_hosts, limits); before any request, the
+    requests planned for ``rounds`` rounds (the configuration's when ``None``) are printed
+    on stderr and checked against the limits (``misalign.llm.budget``)."""
     from misalign.experiment import setup
 
     config = _load(path, overrides)
@@ -80,14 +109,42 @@ def _game(path: Path, overrides: list[str] | None, seeds: int = 1, session=None)
         if any(a.kind == "llm" for a in config.agents.values()):
             from misalign.llm.agent import Session
 
-            llm = Session(*(session or (STORE, "live", None)))
+            llm = Session(**(session or {"store": STORE}))
         with stage("sampling prompts and building agents", _tty()):
             seeds_ = range(config.seed, config.seed + seeds)
-            return config, setup(config, seeds=seeds_, progress=_tty(), session=llm)
-    except ConfigError as exc:  # sizes that cannot fit, failed attack preconditions
+            game = setup(config, seeds=seeds_, progress=_tty(), session=llm)
+        if llm is not None and llm.mode != "replay":
+            _budget(game, llm.limits, config.rounds if rounds is None else rounds)
+        return config, game
+    except ConfigError as exc:  # sizes that cannot fit, failed attack preconditions, limits
         if llm is not None:
             llm.close()
         _fail(str(exc))
+
+
+def _budget(game, limits, rounds: int) -> None:
+    """Refuse a plan of language-model requests over ``--max-requests`` or ``--max-cost``
+    (the message gives the count and the cost bound); on a terminal, print the plan on
+    stderr before the first request."""
+    from misalign.llm import budget
+
+    plan = budget.plan(game, rounds)
+    budget.check(plan, limits.requests, limits.cost)
+    if _tty():
+        print(f"misalign: {budget.describe(plan)}", file=sys.stderr)
+
+
+def _session(store, replay, refresh, fork_at, allow_host, max_requests, max_cost) -> dict:
+    """The language-model agents' ``Session`` keyword arguments from the command's flags."""
+    from misalign.llm.client import Limits
+
+    return {
+        "store": store,
+        "mode": _mode(replay, refresh, fork_at),
+        "fork_at": fork_at,
+        "allow_hosts": allow_host or (),
+        "limits": Limits(max_requests, max_cost),
+    }
 
 
 def _mode(replay: bool, refresh: bool, fork_at: int | None) -> str:
@@ -229,6 +286,9 @@ def run(
     replay: ReplayOpt = False,
     refresh: RefreshOpt = False,
     fork_at: ForkOpt = None,
+    allow_host: AllowHostOpt = None,
+    max_requests: MaxRequestsOpt = DEFAULT_MAX_REQUESTS,
+    max_cost: MaxCostOpt = None,
 ) -> None:
     """Simulate the play and predict its equilibrium; figure, config and report.
 
@@ -238,7 +298,7 @@ def run(
     from misalign.plot import plot_batch, plot_play
     from misalign.report import batch, report, to_json
 
-    session = (store, _mode(replay, refresh, fork_at), fork_at)
+    session = _session(store, replay, refresh, fork_at, allow_host, max_requests, max_cost)
     cfg, game = _game(config, set_, seeds, session)
 
     def played(fits):
@@ -307,6 +367,9 @@ def theory(
     store: StoreOpt = STORE,
     replay: ReplayOpt = False,
     refresh: RefreshOpt = False,
+    allow_host: AllowHostOpt = None,
+    max_requests: MaxRequestsOpt = DEFAULT_MAX_REQUESTS,
+    max_cost: MaxCostOpt = None,
 ) -> None:
     """Predict the equilibrium, the rate and the residuals without playing.
 
@@ -314,7 +377,8 @@ def theory(
     Writes config.toml (resolved) and theory.json into --out."""
     from misalign.report import report, to_json
 
-    cfg, game = _game(config, set_, session=(store, _mode(replay, refresh, None), None))
+    session = _session(store, replay, refresh, None, allow_host, max_requests, max_cost)
+    cfg, game = _game(config, set_, session=session, rounds=0)
     fits, _, prediction = _solve(game)
     result = report(game, prediction, fits=fits)
     directory = _artifacts(cfg, out, result, "theory.json")

@@ -67,7 +67,7 @@ def test_examples_run(tmp_path, example, monkeypatch):
         d = load_config(path).d
         server = FakeServer(affine(0.5 * np.eye(d), np.ones(d))).start()
         monkeypatch.setenv("MISALIGN_FAKE_KEY", "sk-fake")
-        extra = ["--store", str(tmp_path / "s.sqlite")]
+        extra = ["--store", str(tmp_path / "s.sqlite"), "--allow-host", "127.0.0.1"]
         for name in llm:
             extra += ["--set", f"agents.{name}.base_url='{server.base_url}'"]
             extra += ["--set", f"agents.{name}.api_key_env='MISALIGN_FAKE_KEY'"]

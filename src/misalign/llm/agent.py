@@ -28,7 +28,17 @@ import numpy as np
 from misalign.agent import AffineMap, Turn
 from misalign.config import ConfigError, LLMAgentConfig
 from misalign.llm.answer import FORMATS, BadAnswer, correction, parse
-from misalign.llm.client import VARIABLE, Client, Exhausted, Fatal, Refused, Stats
+from misalign.llm.client import (
+    NO_LIMITS,
+    VARIABLE,
+    Client,
+    Exhausted,
+    Fatal,
+    Limits,
+    Refused,
+    Stats,
+)
+from misalign.llm.hosts import allowed_hosts, check_destination
 from misalign.llm.store import Record, Slot, Store, request_key
 from misalign.llm.template import TemplateRefused, Templates
 from misalign.prompt import Prompt
@@ -46,10 +56,22 @@ class Session:
             never asks (a miss is an error); ``refresh`` asks again and records the new answers.
         fork_at: take the play's answers before this round from the store, by position
             (agent, play, round), whatever the configuration now says; ask for the rest.
+        allow_hosts: hosts besides OpenAI's that a key may be sent to (``--allow-host``;
+            ``$MISALIGN_ALLOW_HOSTS`` adds to them): ``misalign.llm.hosts``.
+        limits: the most requests and dollars the run may spend (``--max-requests``,
+            ``--max-cost``); the clients stop there.
     """
 
-    def __init__(self, store: str, mode: Mode = "live", fork_at: int | None = None) -> None:
-        self.mode, self.fork_at = mode, fork_at
+    def __init__(
+        self,
+        store: str,
+        mode: Mode = "live",
+        fork_at: int | None = None,
+        allow_hosts: Sequence[str] = (),
+        limits: Limits = NO_LIMITS,
+    ) -> None:
+        self.mode, self.fork_at, self.limits = mode, fork_at, limits
+        self.allow_hosts = allowed_hosts(allow_hosts)
         self.store = Store(store, readonly=mode == "replay")
         self.stats = Stats()
         self.failed: list[dict] = []
@@ -103,6 +125,7 @@ class LLMAgent:
         ConfigError: before any request, as one line: a template that does not compile or
             render, a credential's name inside ``request``, a value inside ``request`` that
             holds the key (named by its place, never shown), or (except in a replay) the
+            key would go to a host the user did not allow (``misalign.llm.hosts``) or the
             variable ``api_key_env`` names is not set.
     """
 
@@ -120,9 +143,10 @@ class LLMAgent:
         _check_request(config.request, config.api_key_env, self.field)
         self.d = prompts[0].d
         self.templates = Templates.load(config, self.field)
-        self._messages(0, np.zeros(self.d), 0)  # a template that fails, fails before a request
+        self.messages(0, np.zeros(self.d), 0)  # a template that fails, fails before a request
         self._client: Client | None = None
         if session.mode != "replay":
+            check_destination(self.field, config.base_url, config.api_key_env, session.allow_hosts)
             _check_key(config.api_key_env, self.field)
         self._semaphore: asyncio.Semaphore | None = None
         self.fitted: Fitted | None = None
@@ -181,7 +205,7 @@ class LLMAgent:
         """The fitted covariance of the answers around the map (``samples > 1``)."""
         return None if self.fitted is None else self.fitted.noise
 
-    def _messages(self, play: int, estimate: np.ndarray, round: int) -> list[dict]:
+    def messages(self, play: int, estimate: np.ndarray, round: int) -> list[dict]:
         """The chat messages of one request.
 
         Raises:
@@ -215,7 +239,7 @@ class LLMAgent:
         session = self.session
         if session.fork_at is not None and slot.kind == "play" and slot.round < session.fork_at:
             return self._forked(slot)
-        messages = self._messages(play, estimate, slot.round)
+        messages = self.messages(play, estimate, slot.round)
         settings = self._settings(slot.sample)
         tries = self.config.max_retries + 1
         last = "no answer"
@@ -235,7 +259,7 @@ class LLMAgent:
                 session.stats.retries["answer"] += 1
                 messages = [
                     *messages,
-                    {"role": "assistant", "content": record.raw or ""},
+                    {"role": "assistant", "content": (record.raw or "")[:ECHOED]},
                     {"role": "user", "content": correction(str(exc), self.d)},
                 ]
                 continue
@@ -375,6 +399,7 @@ class LLMAgent:
                 self.config.timeout_s,
                 self.config.max_retries,
                 self.session.stats,
+                self.session.limits,
             )
             self.session._clients.append(self._client)
         return self._client
@@ -392,6 +417,8 @@ class LLMAgent:
         if slot.kind == "probe":
             why = f"probe {slot.position}, sample {slot.sample}: {why}"
             failure |= {"probe": slot.position, "sample": slot.sample}
+        if self._client is not None:
+            why = self._client.scrub(why)
         self.session.failed.append({**failure, "why": why[:500]})
         self._answered()
         return None
@@ -413,6 +440,9 @@ class LLMAgent:
 
 
 CUT_OFF = "the answer was cut off at the token limit; answer shorter"
+ECHOED = 300
+"""The most characters of a bad answer sent back with its correction: a long answer (or a
+store's edited one) does not make long paid requests."""
 
 
 def _last(record: Record, problem: str) -> str:

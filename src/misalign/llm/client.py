@@ -29,6 +29,8 @@ from misalign.llm.answer import FORMATS, response_format
 BACKOFF = 0.5
 """Seconds before the first retry; doubled at each retry, up to ``BACKOFF_CAP``."""
 BACKOFF_CAP = 30.0
+FRAGMENT = 4
+"""The shortest fragment of a key that is masked in messages."""
 RETRY_AFTER_CAP = 120.0
 """The longest ``Retry-After`` honoured, in seconds."""
 VARIABLE = re.compile(r"[A-Z_][A-Z0-9_]{0,63}")
@@ -82,6 +84,19 @@ class Stats:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """The most a run may send: ``requests`` in all (retries and corrections included) and
+    ``cost`` in dollars of paid answers; ``None``: no limit. The client checks them before
+    each request it sends (requests already in flight may finish past the cost)."""
+
+    requests: int | None = None
+    cost: float | None = None
+
+
+NO_LIMITS = Limits()
+
+
+@dataclass(frozen=True)
 class Completion:
     """One answer: its text, tokens, latency (seconds, retries included), why the model
     stopped (``finish_reason``: ``"length"`` at the token limit) and, for a response that
@@ -107,7 +122,8 @@ class Client:
         d: the answer's dimension (for the response format's schema).
         timeout_s: seconds per request.
         max_retries: retries of a transient failure before the play fails.
-        stats: the counters to add to.
+        stats: the counters to add to (every client of a run shares them).
+        limits: the run's limits on requests and cost.
     """
 
     def __init__(
@@ -121,10 +137,12 @@ class Client:
         timeout_s: float,
         max_retries: int,
         stats: Stats,
+        limits: Limits = NO_LIMITS,
     ) -> None:
         from openai import AsyncOpenAI
 
         self.field, self.model, self.d, self.stats = field, model, d, stats
+        self.limits = limits
         self.base_url = base_url or "https://api.openai.com/v1"
         self._key, self._key_env, self.max_retries = key, key_env, max_retries
         self._sdk = AsyncOpenAI(
@@ -147,16 +165,23 @@ class Client:
             Exhausted: 429, 5xx or timeouts outlasted ``max_retries`` retries.
             Refused: the server refused this request for good, naming no setting of ours,
                 after a format had worked (the play fails).
-            Fatal: the server is unreachable after every attempt, refuses the key, or
+            Fatal: the messages hold the key; the run reached its limit of requests or
+                cost; the server is unreachable after every attempt, refuses the key, or
                 refuses a passed-through setting (named).
         """
         import openai
 
+        if self._key and any(self._key in str(m.get("content", "")) for m in messages):
+            raise Fatal(
+                f"{self.field}: refused to send a request whose messages hold the key "
+                f"({self._held()}): a template or an example writes it"
+            )
         began, retry, last = time.monotonic(), 0, len(FORMATS) - 1
         while True:
             used = self.format
             fmt = response_format(FORMATS[used], self.d)
             extra = {} if fmt is None else {"response_format": fmt}
+            self._within_limits()
             self.stats.requests += 1
             try:
                 response = await self._sdk.chat.completions.create(
@@ -197,7 +222,7 @@ class Client:
                 retry = await self._wait(retry, "connection", None)
                 continue
             except (openai.APIResponseValidationError, ValueError, TypeError, AttributeError) as e:
-                problem = f"the server's response was malformed ({_malformed(e)})"
+                problem = self.scrub(f"the server's response was malformed ({_malformed(e)})")
                 return Completion(None, 0, 0, time.monotonic() - began, None, problem)
             self._confirmed = True
             return Completion(text, tokens_in, tokens_out, time.monotonic() - began, finish)
@@ -215,6 +240,30 @@ class Client:
         backoff = min(BACKOFF_CAP, BACKOFF * 2**retry) * self._jitter.uniform(0.5, 1.0)
         await asyncio.sleep(max(backoff, min(retry_after or 0.0, RETRY_AFTER_CAP)))
         return retry + 1
+
+    def _within_limits(self) -> None:
+        """Check, before a request is sent, that the run has not reached its limits.
+
+        Raises:
+            Fatal: ``--max-requests`` requests were sent, or ``--max-cost`` dollars paid.
+        """
+        most, spent = self.limits.requests, self.stats.requests
+        if most is not None and spent >= most:
+            raise Fatal(
+                f"--max-requests {most}: reached ({spent:,} requests sent, retries and "
+                "corrections included); every answer is in the store, and a re-run with a "
+                "higher limit goes on from there"
+            )
+        cost = self.limits.cost
+        if cost is not None and self.stats.cost >= cost:
+            raise Fatal(
+                f"--max-cost {cost:g}: reached (${self.stats.cost:,.4f} paid); every answer is "
+                "in the store, and a re-run with a higher limit goes on from there"
+            )
+
+    def _held(self) -> str:
+        """Where the key came from, for messages: ``$NAME`` (never the key itself)."""
+        return f"${self._key_env}" if VARIABLE.fullmatch(self._key_env) else "api_key_env"
 
     def _downgrade(self, exc, spent: bool) -> bool:
         """Whether an error that names none of our settings (a 400, 422 or 5xx) is the server
@@ -247,8 +296,10 @@ class Client:
                 "api_key_env to the name of the environment variable holding it"
             )
         if status in (401, 403):
-            held = f"${self._key_env}" if VARIABLE.fullmatch(self._key_env) else "api_key_env"
-            return f"{self.field}.api_key_env: the server refused the key in {held} (HTTP {status})"
+            return (
+                f"{self.field}.api_key_env: the server refused the key in {self._held()} "
+                f"(HTTP {status})"
+            )
         named = _named(exc, settings)
         where = f"{self.field}.request.{named}" if named else f"{self.field}.model"
         message = " ".join(_message(exc).split())
@@ -257,11 +308,43 @@ class Client:
         ]
 
     def scrub(self, text: str) -> str:
-        """``text`` with the key masked."""
-        return text.replace(self._key, "***") if self._key else text
+        """``text`` with the key, and every fragment of it, masked (``mask_key``)."""
+        return mask_key(text, self._key)
 
     async def close(self) -> None:
         await self._sdk.close()
+
+
+def mask_key(text: str, key: str, shortest: int = FRAGMENT) -> str:
+    """``text`` with every run of characters made of ``shortest``-character pieces of
+    ``key`` replaced by ``***``: the key, and any fragment of ``shortest`` or more characters
+    of it (a server echoes ``sk-TESTK...``), never survive. A run of pieces that are each in
+    the key but not contiguous in it is masked too: a little too much, never too little.
+
+    Args:
+        text: a message to print or store.
+        key: the key ('' : nothing to mask).
+        shortest: the shortest fragment masked.
+    """
+    if not key or not text:
+        return text
+    if len(key) < shortest:
+        return text.replace(key, "***")
+    pieces = {key[i : i + shortest] for i in range(len(key) - shortest + 1)}
+    covered = bytearray(len(text))
+    for i in range(len(text) - shortest + 1):
+        if text[i : i + shortest] in pieces:
+            covered[i : i + shortest] = b"\x01" * shortest
+    out, i = [], 0
+    while i < len(text):
+        if covered[i]:
+            while i < len(text) and covered[i]:
+                i += 1
+            out.append("***")
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
 
 
 def _error(exc) -> dict:

@@ -228,11 +228,17 @@ def _count(agent: LLMAgent, game) -> int:
 def most_answers(game) -> int:
     """The most answers ``fit_game`` asks for: every agent's probes times samples, for every
     play, in the global fit and each of its ``refits`` (fewer when plays confirm early)."""
+    return sum(answers_per_agent(game).values())
+
+
+def answers_per_agent(game) -> dict[str, int]:
+    """The most answers ``fit_game`` asks each language-model agent for:
+    ``probes x samples x (1 + refits) x plays``."""
     plays = game.start.shape[0]
-    return sum(
-        _count(agent, game) * agent.config.samples * plays * (1 + agent.config.refits)
-        for agent in language_models(game).values()
-    )
+    return {
+        name: _count(agent, game) * agent.config.samples * plays * (1 + agent.config.refits)
+        for name, agent in language_models(game).items()
+    }
 
 
 def _answers(agent: LLMAgent, W: np.ndarray, fit: int, plays: np.ndarray) -> np.ndarray:
