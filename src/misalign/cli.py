@@ -823,11 +823,14 @@ def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> No
         )
     elif _unfitted(result):
         console.print(
-            f"[bold red]no prediction[/]: the fit of {', '.join(_unfitted(result))} failed "
-            "(too few of its probes were answered)"
+            _alert(
+                "no prediction",
+                f": the fit of {', '.join(_unfitted(result))} failed "
+                "(too few of its probes were answered)",
+            )
         )
     else:
-        console.print(f"[bold red]diverges[/] (rho = {_num(p['rho'])})")
+        console.print(_alert("diverges", f" (rho = {_num(p['rho'])})"))
     if p["depends_on_start"]:
         console.print(
             "the limit depends on start: some directions no prompt sees keep their start value"
@@ -838,9 +841,11 @@ def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> No
     if agreement.get("holds") is False:
         worst = max(agreement["gap"], key=lambda n: agreement["gap"][n] or math.inf)
         console.print(
-            f"[bold red]the play does not end at the prediction[/] ({worst}: "
-            f"{_num(agreement['gap'][worst], '.3g')} from it after {result['rounds_played']} "
-            "rounds): no verdict on who reaches its target"
+            _alert(
+                "the play does not end at the prediction",
+                f" ({worst}: {_num(agreement['gap'][worst], '.3g')} from it after "
+                f"{result['rounds_played']} rounds): no verdict on who reaches its target",
+            )
         )
     played = "outputs" in result
     if played and p["converges"]:
@@ -984,8 +989,11 @@ def _llm_usage(console, llm: dict[str, Any] | None) -> None:
         )
         for failure in llm["failed"]:
             console.print(
-                f"[bold red]failed[/]: agent {failure['agent']}, seed {failure['seed']}, "
-                f"{failure['kind']} round {failure['round']}: {failure['why']}"
+                _alert(
+                    "failed",
+                    f": agent {failure['agent']}, seed {failure['seed']}, "
+                    f"{failure['kind']} round {failure['round']}: {failure['why']}",
+                )
             )
 
 
@@ -1053,10 +1061,31 @@ def _num(value: float | None, fmt: str = ".4g") -> str:
 
 
 def _console():
-    """A rich console on stdout, wide enough for the tables when stdout is not a terminal."""
+    """A rich console on stdout, wide enough for the tables when stdout is not a terminal.
+
+    It reads no markup and no emoji codes: every string it prints (model answers, agent
+    names, paths, table cells and titles) appears as written, ``[/bold]`` and ``:smile:``
+    included; styles come only from ``_alert``.
+    """
     from rich.console import Console
 
-    return Console() if sys.stdout.isatty() else Console(width=160)
+    width = None if sys.stdout.isatty() else 160
+    return Console(width=width, markup=False, emoji=False)
+
+
+def _alert(label: str, rest: str):
+    """A line that starts with ``label`` in bold red, followed by ``rest`` as plain text.
+
+    Args:
+        label: the warning (``diverges``, ``failed``).
+        rest: the remainder of the line, which may hold text from outside (printed literally).
+
+    Returns:
+        The line as a ``rich.text.Text``.
+    """
+    from rich.text import Text
+
+    return Text.assemble((label, "bold red"), rest)
 
 
 def _norm(vector: list[float | None] | None) -> str:

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from misalign.cli import ATTACK_COLUMNS, app, main
 from misalign.config import load_config
-from misalign.llm.fake_server import FakeServer, affine, constant
+from misalign.llm.fake_server import FakeServer, Reply, affine, constant
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 runner = CliRunner()
@@ -578,6 +578,42 @@ def test_a_model_that_never_answers_with_numbers_is_reported_not_crashed(tmp_pat
     data = json.loads(as_json.stdout, parse_constant=lambda c: pytest.fail(c))
     assert data["prediction"]["rho"] is None and data["fit"]["A"]["global"]["A"][0] == [None] * 2
     assert {f["seed"] for f in data["llm"]["failed"]} == {data["config"]["seed"]}
+
+
+MARKUP = ("[/bold]", "[link=http://x]y[/link]", "[bold red]", "[/]", "[on #000000]", ":smile:")
+"""Answers that Rich would read as markup (a closing tag that matches none raises its
+``MarkupError``) or as an emoji code."""
+
+
+def _markup_answers(body, index):
+    """The k-th request gets the k-th of ``MARKUP``, round and round: never numbers."""
+    return Reply(content=f"no numbers {MARKUP[index % len(MARKUP)]} here")
+
+
+def test_answers_and_paths_that_look_like_markup_print_literally_live_and_on_replay(tmp_path):
+    """A model whose answers are Rich markup fails every probe and the play; the real command
+    prints each answer in its failure lines as written (and the --out path holding tags too),
+    exits 0 as a model answering prose does, and so does --replay of the store it wrote."""
+    config, store = tmp_path / "c.toml", tmp_path / "s.sqlite"
+    config.write_text(GOOD.replace("[agents.A]\n", "[agents.A]\nkind = 'llm'\nmodel = 'fake'\n"))
+    out = tmp_path / "[bold red]out[on #000000]"
+    with FakeServer(_markup_answers) as server:
+        overrides = [f"agents.A.base_url='{server.base_url}'", "agents.A.api_key_env=''"]
+        overrides += ["agents.A.max_retries=0", "agents.A.probes=5"]
+        args = [str(config), "--store", str(store), "--out", str(out)]
+        args += [arg for o in overrides for arg in ("--set", o)]
+        live = _process("run", *args)
+        asked = len(server.requests)
+    replay = _process("run", *args, "--replay")
+    assert asked == 6  # five probes and the play's first turn: each payload once
+    for result in (live, replay):
+        assert result.returncode == 0, result.stderr
+        assert "Traceback" not in result.stderr
+        text = " ".join(result.stdout.split())  # long failure lines wrap at 160 columns
+        assert text.count("failed: agent A, seed 1,") == 6
+        for payload in MARKUP:
+            assert f"last answer: 'no numbers {payload} here'" in text, payload
+        assert f"artifacts: {out} (figure trajectory.png)" in text
 
 
 def test_a_network_summary_says_who_feeds_back_and_the_distance_to_pooled_least_squares(

@@ -71,6 +71,11 @@ TAGS = {"schedule": ("order", "simultaneous"), "reads": ("name", "mix")}
 WEIGHT_TOL = 1e-9
 """How far the weights of a weighted read may sum from 1."""
 
+MAX_DEPTH = 32
+"""The deepest nesting of tables and lists a configuration (or a sweep file) may have; a play's
+deepest, ``agents.A.request.<key>...``, needs a handful of levels. Deeper input is refused in
+one line before validation, whose recursion (and the hash's) it could exhaust."""
+
 
 class ConfigError(ValueError):
     """A configuration problem, as one line naming the field."""
@@ -496,10 +501,45 @@ def parse_config(data: dict[str, Any]) -> PlayConfig:
 
 
 def _validated(model: type[BaseModel], data: dict[str, Any]) -> Any:
+    """``data`` as a ``model``, nested at most ``MAX_DEPTH`` levels.
+
+    Raises:
+        ConfigError: the first problem, as ``field: problem``.
+    """
+    check_depth(data)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_one_line(exc)) from None
+
+
+def check_depth(data: Any, limit: int = MAX_DEPTH) -> None:
+    """Refuse data whose tables and lists nest more than ``limit`` levels deep (walked without
+    recursion, so any depth is safe to check).
+
+    Args:
+        data: plain data, as TOML or JSON gives it.
+        limit: the deepest level a table or list may sit at: the top-level table's values
+            are at level 1, their elements at level 2, and so on.
+
+    Raises:
+        ConfigError: ``field: nested more than <limit> levels deep``, naming the first path
+            that goes deeper (its first levels only).
+    """
+    stack: list[tuple[Any, tuple[str, ...]]] = [(data, ())]
+    while stack:
+        node, path = stack.pop()
+        if len(path) > limit:
+            shown = ".".join(path[:SHOWN]) + ("..." if len(path) > SHOWN else "")
+            raise ConfigError(f"{shown}: nested more than {limit} levels deep")
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        stack.extend(
+            (value, (*path, str(key))) for key, value in items if isinstance(value, dict | list)
+        )
+
+
+SHOWN = 6
+"""Levels of a path that a message on nesting names."""
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PlayConfig:
@@ -528,17 +568,24 @@ def read_toml(path: str | Path, field: str = "") -> dict[str, Any]:
         field: what names it in a message (``base: ``), before the path.
 
     Raises:
-        ConfigError: one line: the file is missing, unreadable or not TOML.
+        ConfigError: one line: the file is missing, unreadable or not TOML (or nested too
+            deeply for the parser).
     """
     path = Path(path)
     try:
         return tomllib.loads(path.read_text())
+    except RecursionError:
+        raise ConfigError(f"{field}{path}: {TOO_DEEP}") from None
     except FileNotFoundError:
         raise ConfigError(f"{field}{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{field}{path}: cannot read ({exc.__class__.__name__})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{field}{path}: invalid TOML: {exc}") from None
+
+
+TOO_DEEP = f"invalid TOML: nested too deeply to read (the limit is {MAX_DEPTH} levels)"
+"""Why TOML whose nesting exhausts the parser's recursion is refused."""
 
 
 def _read(path: str | Path, overrides: Sequence[str]) -> dict[str, Any]:
@@ -556,6 +603,8 @@ def _apply(data: dict[str, Any], assignment: str) -> None:
         raise ConfigError(f"--set {assignment}: expected key=value")
     try:
         value = tomllib.loads(f"value = {raw.strip()}")["value"]
+    except RecursionError:
+        raise ConfigError(f"--set {key}: {TOO_DEEP}") from None
     except tomllib.TOMLDecodeError:
         value = raw.strip()  # a bare word is a string: --set agents.A.preconditioner=newton
     *parents, leaf = key.split(".")

@@ -1,12 +1,15 @@
 """Tests for misalign.config."""
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from misalign.config import ConfigError, load_config, parse_config
+from misalign.config import MAX_DEPTH, ConfigError, check_depth, load_config, parse_config
 
 BASE = {"seed": 1, "d": 2, "rounds": 10, "agents": {"A": {"n": 4}, "B": {"n": 4}}}
 
@@ -155,6 +158,81 @@ def test_unreadable_files(tmp_path, text, message):
         path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_config(path)
+
+
+def refused(*args) -> str:
+    """Run the real command in a child process; it must exit 2 with exactly one line on stderr,
+    ``misalign: error: ...``, and no traceback. Returns that line."""
+    result = subprocess.run(
+        [sys.executable, "-m", "misalign.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1 and lines[0].startswith("misalign: error: "), result.stderr
+    return lines[0]
+
+
+def nested(depth: int, inner: str = "") -> str:
+    """TOML of ``depth`` nested arrays."""
+    return "[" * depth + inner + "]" * depth
+
+
+LLM_AGENT = """d = 2
+rounds = 3
+[agents.A]
+kind = "llm"
+model = "fake"
+base_url = "http://127.0.0.1:9/v1"
+api_key_env = ""
+n = 4
+request = {{a = {request}}}
+[agents.B]
+n = 4
+"""
+"""A play of an llm agent A, its ``request`` table to fill in."""
+
+
+@pytest.mark.parametrize(
+    "text,overrides,says",
+    [
+        (f"d = 2\nx = {nested(3000)}\n", [], "c.toml: invalid TOML: nested too deeply to read"),
+        ("d = 2\n", [f"seed={nested(3000)}"], "--set seed: invalid TOML: nested too deeply"),
+        ("d = 2\n", [f"x={nested(300)}"], "x.0.0.0.0.0...: nested more than 32 levels deep"),
+        (
+            LLM_AGENT.format(request=nested(400)),
+            [],
+            "agents.A.request.a.0.0...: nested more than 32 levels deep",
+        ),
+        ("d = 2\n" + "a." * 2000 + "b = 1\n", [], "a.a.a.a.a.a...: nested more than 32"),
+    ],
+    ids=["file", "set", "set-parsed", "llm-request", "dotted-keys"],
+)
+def test_deep_nesting_is_one_line_naming_the_file_or_field(tmp_path, text, overrides, says):
+    """Nesting that exhausts the TOML parser's recursion (a file or a --set value), or that it
+    parses but goes beyond MAX_DEPTH (which pydantic's validation and the config's hash could
+    not serialize), is one line and exit 2 for the real command."""
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    sets = [arg for o in overrides for arg in ("--set", o)]
+    line = refused("theory", path, *sets, "--out", tmp_path / "out")
+    assert says in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_nesting_is_allowed_up_to_max_depth():
+    """``MAX_DEPTH`` levels pass (an llm agent's request may nest tables and lists); one more
+    is refused, naming where."""
+    check_depth({"a": json.loads(nested(MAX_DEPTH))})
+    with pytest.raises(ConfigError, match=r"^a\.0\.0\.0\.0\.0\.\.\.: nested more than 32"):
+        check_depth({"a": json.loads(nested(MAX_DEPTH + 1))})
+    request = {"extra_body": {"chat_template_kwargs": {"enable_thinking": False}}}
+    agent = {"kind": "llm", "model": "m", "base_url": "http://h/v1", "api_key_env": ""}
+    config = parse_config(_with("agents.A", {**agent, "n": 4, "request": request}))
+    assert config.agents["A"].request == request
 
 
 def test_digest_tracks_the_resolved_config():

@@ -14,15 +14,16 @@ A sweep file::
     seed = {uniform = [0, 1000, 3], seed = 7}    # random draws with their own seed
     # {logspace = [0.01, 1.0, 5]}: geometric, from 0.01 to 1.0 (numpy's geomspace)
 
-Every point's configuration is validated before any point runs. A point is one batched play of
-``seeds`` seeds through the Python API (``setup``, ``simulate``, ``predict``) and gives one row:
-``point`` (its index), the axis values (one column per axis, named by its path), ``rho_median``,
-``rounds_to_prediction_median`` (over the plays that reach their prediction within 1e-8),
-``share_diverged``, per agent with a target ``<name>.residual_mean`` and
-``<name>.residual_std`` (distance of the final output to the agent's own target, over the
-plays that stayed finite) and ``<name>.predicted_residual`` (mean over the converging plays),
-``seconds`` and ``error`` (``null``, or the one-line message of a point that raised: the sweep
-goes on). A statistic without a value is ``null``.
+A sweep has at most ``POINTS`` points (the product of its axes' sizes in a grid), counted
+before any value is built. Every point's configuration is validated before any point runs. A
+point is one batched play of ``seeds`` seeds through the Python API (``setup``, ``simulate``,
+``predict``) and gives one row: ``point`` (its index), the axis values (one column per axis,
+named by its path), ``rho_median``, ``rounds_to_prediction_median`` (over the plays that reach
+their prediction within 1e-8), ``share_diverged``, per agent with a target
+``<name>.residual_mean`` and ``<name>.residual_std`` (distance of the final output to the
+agent's own target, over the plays that stayed finite) and ``<name>.predicted_residual`` (mean
+over the converging plays), ``seconds`` and ``error`` (``null``, or the one-line message of a
+point that raised: the sweep goes on). A statistic without a value is ``null``.
 
 The output directory holds ``sweep.toml`` (the resolved sweep, base inline: running it again
 gives the same hash), ``manifest.json`` (the sweep's hash, points and chunks) and
@@ -64,6 +65,12 @@ MANIFEST = "manifest.json"
 RANGES = ("linspace", "logspace", "uniform")
 STATS = ("rho_median", "rounds_to_prediction_median", "share_diverged")
 PER_AGENT = ("residual_mean", "residual_std", "predicted_residual")
+POINTS = 10**6
+"""The most points a sweep may have: each point's configuration is validated before any runs
+(about half a millisecond a point, minutes at the limit), and every point is held in memory."""
+POINT_BYTES, AXIS_BYTES, VALUE_BYTES = 128, 32, 32
+"""Estimated bytes the grid holds: per point (its tuple and its place in the sweep), per point
+and axis (its slot in the tuple, and the column the schema reads), per axis value."""
 
 
 class SweepConfig(BaseModel):
@@ -155,6 +162,7 @@ def parse_sweep(data: dict[str, Any], folder: Path = Path(".")) -> Sweep:
         ConfigError: as ``load_sweep``.
     """
     config: SweepConfig = _validated(SweepConfig, data)
+    check_grid(config)
     base = (
         config.base if isinstance(config.base, dict) else read_toml(folder / config.base, "base: ")
     )
@@ -164,10 +172,6 @@ def parse_sweep(data: dict[str, Any], folder: Path = Path(".")) -> Sweep:
         raise ConfigError(f"base: {exc}") from None
     values = {axis: axis_values(axis, spec) for axis, spec in config.axes.items()}
     if config.mode == "zip":
-        lengths = {axis: len(v) for axis, v in values.items()}
-        if len(set(lengths.values())) > 1:
-            listed = ", ".join(f"{axis} has {n}" for axis, n in lengths.items())
-            raise ConfigError(f"axes: zip mode needs axes of one length ({listed})")
         points = list(zip(*values.values(), strict=True))
     else:
         points = list(itertools.product(*values.values()))
@@ -199,6 +203,26 @@ def parse_sweep(data: dict[str, Any], folder: Path = Path(".")) -> Sweep:
     )
 
 
+def axis_size(axis: str, spec: list[Any] | dict[str, Any]) -> int:
+    """How many values an axis takes, without building them.
+
+    Args:
+        axis: the axis' dotted path (for messages).
+        spec: as ``axis_values`` reads it.
+
+    Returns:
+        The number of values.
+
+    Raises:
+        ConfigError: one line naming the axis.
+    """
+    if isinstance(spec, list):
+        if not spec:
+            raise ConfigError(f"axis {axis}: needs at least one value")
+        return len(spec)
+    return _range(axis, spec)[3]
+
+
 def axis_values(axis: str, spec: list[Any] | dict[str, Any]) -> list[Any]:
     """The values an axis takes.
 
@@ -215,9 +239,23 @@ def axis_values(axis: str, spec: list[Any] | dict[str, Any]) -> list[Any]:
         ConfigError: one line naming the axis.
     """
     if isinstance(spec, list):
-        if not spec:
-            raise ConfigError(f"axis {axis}: needs at least one value")
+        axis_size(axis, spec)
         return list(spec)
+    kind, a, b, n = _range(axis, spec)
+    if kind == "linspace":
+        return np.linspace(a, b, n).tolist()
+    if kind == "logspace":
+        return np.geomspace(a, b, n).tolist()
+    return np.random.default_rng(spec["seed"]).uniform(a, b, n).tolist()
+
+
+def _range(axis: str, spec: dict[str, Any]) -> tuple[str, float, float, int]:
+    """A range axis checked: ``(kind, start, stop, count)``.
+
+    Raises:
+        ConfigError: one line naming the axis: not exactly one known range, a bad
+            ``[start, stop, count]``, a logspace end not positive, a uniform without its seed.
+    """
     kinds = [k for k in RANGES if k in spec]
     allowed = {kinds[0], "seed"} if kinds == ["uniform"] else set(kinds)
     if len(kinds) != 1 or set(spec) - allowed:
@@ -238,16 +276,48 @@ def axis_values(axis: str, spec: list[Any] | dict[str, Any]) -> list[Any]:
             f"count from 1 to 10^7 (got {triple!r})"
         )
     a, b, n = float(triple[0]), float(triple[1]), triple[2]
-    if kind == "linspace":
-        return np.linspace(a, b, n).tolist()
-    if kind == "logspace":
-        if a <= 0 or b <= 0:
-            raise ConfigError(f"axis {axis}: logspace needs positive ends (got {a:g}, {b:g})")
-        return np.geomspace(a, b, n).tolist()
+    if kind == "logspace" and (a <= 0 or b <= 0):
+        raise ConfigError(f"axis {axis}: logspace needs positive ends (got {a:g}, {b:g})")
     seed = spec.get("seed")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+    if kind == "uniform" and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
         raise ConfigError(f"axis {axis}: uniform needs its own seed = S, S >= 0 (got {seed!r})")
-    return np.random.default_rng(seed).uniform(a, b, n).tolist()
+    return kind, a, b, n
+
+
+def check_grid(config: SweepConfig) -> int:
+    """Count a sweep's points from its axes' sizes, before any value or point is built, and
+    refuse a grid beyond ``POINTS`` points or the memory available.
+
+    Args:
+        config: the validated sweep file.
+
+    Returns:
+        The number of points.
+
+    Raises:
+        ConfigError: one line: an axis is malformed (naming it), zip axes differ in length,
+            or ``axes: the sweep has N points (a x b x ...), more than the limit of POINTS``
+            (or more than memory holds, as ``misalign.sizes.require`` says).
+    """
+    from misalign.sizes import require
+
+    sizes = {axis: axis_size(axis, spec) for axis, spec in config.axes.items()}
+    if config.mode == "zip":
+        if len(set(sizes.values())) > 1:
+            listed = ", ".join(f"{axis} has {n}" for axis, n in sizes.items())
+            raise ConfigError(f"axes: zip mode needs axes of one length ({listed})")
+        points = next(iter(sizes.values()))
+    else:
+        points = math.prod(sizes.values())
+    if points > POINTS:
+        how = " x ".join(map(str, sizes.values())) if config.mode == "grid" else "zipped"
+        raise ConfigError(
+            f"axes: the sweep has {points:,} points ({how}), more than the limit of "
+            f"{POINTS:,} points per sweep; split it into several sweeps"
+        )
+    held = points * (POINT_BYTES + AXIS_BYTES * len(sizes)) + VALUE_BYTES * sum(sizes.values())
+    require({"axes": held}, f"the sweep's {points:,} points")
+    return points
 
 
 def point_config(base: dict[str, Any], axes: Sequence[str], values: Sequence[Any]) -> PlayConfig:
@@ -747,8 +817,10 @@ __all__ = [
     "Sweep",
     "SweepConfig",
     "SweepStopped",
+    "axis_size",
     "axis_values",
     "check_backend",
+    "check_grid",
     "chunk_path",
     "load_sweep",
     "parse_sweep",

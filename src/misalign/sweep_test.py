@@ -17,14 +17,18 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+import misalign.sizes
 import misalign.sweep
 from misalign.cli import main
 from misalign.config import ConfigError, parse_config
+from misalign.config_test import refused
 from misalign.experiment import predict, setup, simulate
 from misalign.report import batch
 from misalign.sweep import (
+    SweepConfig,
     SweepStopped,
     axis_values,
+    check_grid,
     chunk_path,
     load_sweep,
     parse_sweep,
@@ -271,6 +275,73 @@ def test_cli_bad_axis_exits_2_before_any_point_runs(tmp_path, capsys):
     err = capsys.readouterr().err
     assert caught.value.code == 2
     assert err == "misalign: error: axis agents.B.etaa = 0.5: unknown key\n"
+    assert not (tmp_path / "out").exists()
+
+
+def _write_sweep(path: Path, axes: str, base: str | None = None) -> Path:
+    """A sweep file of the two-agent example (or ``base``, TOML) over ``axes`` (TOML lines)."""
+    base = json.dumps(str(ROOT / "examples" / "two_agents.toml")) if base is None else base
+    path.write_text(f"base = {base}\n[axes]\n{axes}\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    "axes,says",
+    [
+        (
+            '"agents.B.eta" = [{}]\n"agents.A.n" = [{}]'.format(
+                ", ".join(f"{0.1 + k * 1e-5:.5f}" for k in range(30_000)),
+                ", ".join(str(4 + k) for k in range(30_000)),
+            ),
+            "900,000,000 points (30000 x 30000), more than the limit of 1,000,000 points",
+        ),
+        (
+            "\n".join(
+                f'"{axis}" = {{linspace = [0.1, 1.0, 1000]}}'
+                for axis in ("agents.A.eta", "agents.B.eta", "agents.B.noise")
+            ),
+            "1,000,000,000 points (1000 x 1000 x 1000), more than the limit of 1,000,000",
+        ),
+    ],
+    ids=["two-lists-of-30000", "three-linspaces-of-1000"],
+)
+def test_a_grid_beyond_the_limit_is_refused_at_once_before_anything_is_built(tmp_path, axes, says):
+    """The grid's size is the product of its axes' sizes, counted before any value or point
+    exists: refused in one line naming the count and the limit, exit 2, in well under a
+    second (the bound below is loose: a loaded machine must not make it flaky)."""
+    path = _write_sweep(tmp_path / "s.toml", axes)
+    started = time.perf_counter()
+    line = refused("sweep", path, "--out", tmp_path / "out")
+    assert time.perf_counter() - started < 5
+    assert line.startswith(f"misalign: error: axes: the sweep has {says}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_grid_that_memory_cannot_hold_is_refused(monkeypatch):
+    """Under the point limit, the grid's estimated memory must fit too (``sizes.require``)."""
+    monkeypatch.setattr(misalign.sizes, "available_memory", lambda: 10**5)
+    with pytest.raises(ConfigError, match=r"^axes: the sweep's 1,000 points needs .* of memory"):
+        check_grid(SweepConfig(base=BASE, axes={"seed": {"linspace": [0, 1, 1000]}}))
+    zipped = SweepConfig(base=BASE, mode="zip", axes={"seed": [1, 2], "agents.A.n": [4, 5]})
+    assert check_grid(zipped) == 2
+
+
+@pytest.mark.parametrize(
+    "axes,base,says",
+    [
+        (f'"seed" = {"[" * 3000}{"]" * 3000}', None, "s.toml: invalid TOML: nested too deeply"),
+        (f'"seed" = {"[" * 100}{"]" * 100}', None, "axes.seed.0.0.0.0...: nested more than 32"),
+        (
+            '"seed" = [1]',
+            f"{{d = 2, rounds = 3, agents = {{A = {{n = 4}}}}, x = {'[' * 100}{']' * 100}}}",
+            "base.x.0.0.0.0...: nested more than 32 levels deep",
+        ),
+    ],
+    ids=["file", "axis", "inline-base"],
+)
+def test_deep_nesting_in_a_sweep_file_is_one_line(tmp_path, axes, base, says):
+    path = _write_sweep(tmp_path / "s.toml", axes, base)
+    assert says in refused("sweep", path, "--out", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
