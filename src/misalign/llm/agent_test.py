@@ -485,7 +485,7 @@ def test_identical_requests_in_flight_are_sent_once(tmp_path):
             slots = [Slot("A", agent.seeds[0], "play", 0, position) for position in (0, 1)]
             w = np.array([0.5, -1.0, 2.0])
             got = agent.ask([(0, w, slot) for slot in slots])
-            recorded = [session.store.at(slot).estimate.tolist() for slot in slots]
+            recorded = [session.store.at(slot, "fake", 3).estimate.tolist() for slot in slots]
         finally:
             session.close()
     assert len(server.requests) == 1
