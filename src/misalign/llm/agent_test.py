@@ -8,6 +8,7 @@ import contextlib
 import json
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -33,7 +34,7 @@ from misalign.llm.fake_server import (
     reject_key,
     status,
 )
-from misalign.llm.store import Slot, Store
+from misalign.llm.store import Slot, Store, request_key
 
 A = np.array([[0.5, 0.1, 0.0], [0.0, 0.4, 0.1], [0.1, 0.0, 0.3]])
 C = np.array([0.1, -0.2, 0.3])
@@ -524,7 +525,6 @@ def test_a_store_that_cannot_be_created(tmp_path, server, capsys):
 
 
 def test_a_replay_of_another_programs_database(tmp_path, server, capsys):
-    import sqlite3
 
     config, store = write_config(tmp_path / "play.toml", server.base_url), tmp_path / "x.db"
     with contextlib.closing(sqlite3.connect(store)) as db, db:
@@ -541,3 +541,131 @@ def test_malformed_answers_fail_plays_not_the_run(tmp_path, server, capsys):
     report = run_json(capsys, config, tmp_path / "s.sqlite", "--out", tmp_path)
     assert report["llm"]["failed"]
     assert all("the server's response was malformed" in f["why"] for f in report["llm"]["failed"])
+
+
+# An untrusted store: edited rows, triggers, views and other programs' databases are refused
+
+
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
+REPLAY, FORK = ("--replay",), ("--fork-at", "20")
+"""Reading the shipped store by key (a replay) and by slot (a fork after its last round)."""
+ROUND_5 = "kind='play' AND round=5"
+"""The row of the shipped store that the edits change: agent A's answer in round 5."""
+
+
+def edited(tmp_path: Path, *statements: str) -> Path:
+    """A copy of the shipped store (``examples/local_llm.sqlite``) with ``statements`` run."""
+    copy = tmp_path / "edited.sqlite"
+    copy.write_bytes((EXAMPLES / "local_llm.sqlite").read_bytes())
+    with contextlib.closing(sqlite3.connect(copy)) as db, db:
+        for statement in statements:
+            db.execute(statement)
+    return copy
+
+
+def rekeyed(path: Path) -> None:
+    """Give every row of ``path`` the key of its (edited) request, in answers and accepted."""
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        for key, request, sample in db.execute("SELECT key, request, sample FROM answers"):
+            new = request_key(json.loads(request), sample)
+            db.execute("UPDATE answers SET key=? WHERE key=?", (new, key))
+            db.execute("UPDATE accepted SET key=? WHERE key=?", (new, key))
+
+
+def replayed(capsys, tmp_path: Path, store: Path, mode: tuple[str, ...]) -> str:
+    """The one-line error of ``misalign run examples/local_llm.toml`` on ``store`` (it must
+    fail, having written nothing)."""
+    out = tmp_path / "out"
+    config = EXAMPLES / "local_llm.toml"
+    error = one_line_error(*cli(capsys, "run", config, "--store", store, *mode, "--out", out))
+    assert not (out / "run.json").exists()
+    return error
+
+
+def test_the_shipped_store_replays_and_forks(tmp_path, capsys):
+    """The checks pass every row of the store shipped with the example, by key and by slot."""
+    config, store = EXAMPLES / "local_llm.toml", edited(tmp_path)
+    replay = run_json(capsys, config, store, *REPLAY, "--out", tmp_path / "replay")
+    fork = run_json(capsys, config, store, *FORK, "--out", tmp_path / "fork")
+    assert replay["llm"]["failed"] == fork["llm"]["failed"] == []
+    assert replay["outputs"] == fork["outputs"] and fork["llm"]["requests"] == 0
+
+
+EDITS = {
+    "other numbers": ("estimate='[2.5, 0.5]'", "is not what its text parses to"),
+    "three numbers": ("estimate='[1, 2, 3]'", "is not what its text parses to"),
+    "one number": ("estimate='[1.0]'", "is not what its text parses to"),
+    "an object": ("""estimate='{"a": 1}'""", "is not what its text parses to"),
+    "a string": ("""estimate='"x"'""", "is not what its text parses to"),
+    "not JSON": ("estimate='x'", "its estimate 'x' is not what its text parses to"),
+    "NaN": ("estimate='[NaN, 1.0]'", "is not what its text parses to"),
+    "1e308": ("estimate='[1e308, 1.0]'", "is not what its text parses to"),
+    "Infinity": ("estimate='[Infinity, 1.0]'", "is not what its text parses to"),
+    "1e999": ("estimate='[1e999, -1e999]'", "is not what its text parses to"),
+    "a number": ("estimate=1.5", "its estimate '1.5' is not what its text parses to"),
+    "a blob": ("estimate=X'5b312c20325d'", "a column holds a value of the wrong type"),
+    "other text": ("""raw='{"estimate": [7.0, 7.0]}'""", "is not what its text parses to [7.0,"),
+    "unreadable text": ("raw='no idea'", "its text does not parse (the answer held 0 numbers"),
+    "no text": ("raw=NULL", "its text does not parse (the answer was empty)"),
+    "a problem": ("problem='cut off'", "it holds an estimate beside a problem"),
+    "another request": (
+        "request=replace(request, 'careful', 'careless')",
+        "its key is not the SHA-256 of its request",
+    ),
+    "a request that is not JSON": ("request='{'", "its request is not JSON"),
+    "another sample": ("sample=1", "its key is not the SHA-256 of its request"),
+    "token counts": ("tokens_in='many'", "a column holds a value of the wrong type"),
+}
+
+
+@pytest.mark.parametrize("mode", [REPLAY, FORK], ids=["replay", "fork"])
+@pytest.mark.parametrize("edit", EDITS, ids=list(EDITS))
+def test_an_edited_row_is_never_used(tmp_path, capsys, edit, mode):
+    """Each kind of edited row of a copy of the shipped store stops the run before its
+    answer is used: one line naming the store, agent, play, round and what is wrong."""
+    change, problem = EDITS[edit]
+    store = edited(tmp_path, f"UPDATE answers SET {change} WHERE {ROUND_5}")
+    error = replayed(capsys, tmp_path, store, mode)
+    assert error.startswith(
+        f"--store {store}: the recorded answer for agent A, play 0 (seed), round 5 was edited, "
+        "not used: "
+    )
+    assert problem in error
+
+
+@pytest.mark.parametrize("mode", [REPLAY, FORK], ids=["replay", "fork"])
+def test_a_row_for_another_model_is_never_used(tmp_path, capsys, mode):
+    """A request edited to another model and re-keyed (so that its key is right): read by
+    slot (a fork), its model is refused; read by key (a replay), it is no answer at all."""
+    other = """replace(request, '"model": "local"', '"model": "other"')"""
+    store = edited(tmp_path, f"UPDATE answers SET request={other} WHERE {ROUND_5}")
+    rekeyed(store)
+    error = replayed(capsys, tmp_path, store, mode)
+    where = "agent A, play 0 (seed), round 5"
+    if mode == FORK:
+        assert error == (
+            f"--store {store}: the recorded answer for {where} was edited, not used: its "
+            "request is for model 'other', not 'local'"
+        )
+    else:
+        assert error == f"--replay: no recorded answer for {where}"
+
+
+@pytest.mark.parametrize("mode", [REPLAY, FORK], ids=["replay", "fork"])
+def test_a_row_under_another_key_is_never_used(tmp_path, capsys, mode):
+    """A row moved to another key (in answers and accepted): by slot, its key is refused; by
+    key, it is no answer at all."""
+    key = "0" * 64
+    store = edited(
+        tmp_path,
+        f"UPDATE accepted SET key='{key}' WHERE {ROUND_5}",
+        f"UPDATE answers SET key='{key}' WHERE {ROUND_5}",
+    )
+    error = replayed(capsys, tmp_path, store, mode)
+    where = "agent A, play 0 (seed), round 5"
+    if mode == FORK:
+        assert error.endswith(
+            f"{where} was edited, not used: its key is not the SHA-256 of its request"
+        )
+    else:
+        assert error == f"--replay: no recorded answer for {where}"

@@ -322,14 +322,16 @@ class Store:
 
     def _write(self, answer: bool, statements: list[tuple[str, tuple]]) -> None:
         """Run ``statements`` in one transaction, after the writes held before it; held in
-        memory while another process holds the lock for over ``WRITE_WAIT_S``.
+        memory while another process holds the lock for over ``WRITE_WAIT_S`` (once writes
+        are held, a write tries without waiting: the lock is known to be held).
 
         Args:
             answer: whether they record an answer (paid for), for the count of those lost.
             statements: ``(sql, values)`` pairs.
         """
+        wait = 0.0 if self._waiting else WRITE_WAIT_S
         self._waiting.append((answer, statements))
-        self._flush(WRITE_WAIT_S)
+        self._flush(wait)
 
     def _flush(self, wait: float) -> None:
         """Write the writes held, oldest first, each in its own transaction, waiting up to
