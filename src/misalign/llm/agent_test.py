@@ -21,6 +21,7 @@ import pytest
 import tomli_w
 
 import misalign.llm.client as client_
+import misalign.llm.store as store_
 from misalign.cli import main
 from misalign.config import parse_config
 from misalign.experiment import fit, setup, simulate
@@ -669,3 +670,94 @@ def test_a_row_under_another_key_is_never_used(tmp_path, capsys, mode):
         )
     else:
         assert error == f"--replay: no recorded answer for {where}"
+
+
+def foreign(path: Path) -> None:
+    """Another program's database."""
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("CREATE TABLE users (name TEXT, email TEXT)")
+        db.execute("INSERT INTO users VALUES ('ada', 'ada@example.org')")
+
+
+def ours_and(*statements: str):
+    """A store of ours, then ``statements`` run in it."""
+
+    def make(path: Path) -> None:
+        Store(path).close()
+        with contextlib.closing(sqlite3.connect(path)) as db, db:
+            for statement in statements:
+                db.execute(statement)
+
+    return make
+
+
+SCHEMAS = {
+    "another program's": (foreign, "its table 'users' is not ours"),
+    "ours and another's": (
+        ours_and("CREATE TABLE users (name TEXT)"),
+        "its table 'users' is not ours",
+    ),
+    "a trigger": (
+        ours_and(
+            "CREATE TRIGGER rewrite AFTER INSERT ON answers BEGIN "
+            "UPDATE answers SET estimate='[0, 0, 0]' WHERE key=new.key; END"
+        ),
+        "its trigger 'rewrite' is not ours",
+    ),
+    "a view named answers": (
+        ours_and(
+            "DROP TABLE answers",
+            "CREATE VIEW answers AS SELECT key, agent, play, kind, round, position, sample, 0 "
+            "AS attempt, '{}' AS request, NULL AS raw, NULL AS estimate, 0 AS tokens_in, 0 AS "
+            "tokens_out, 0.0 AS latency, NULL AS cost, 0.0 AS time, NULL AS problem FROM accepted",
+        ),
+        "its view 'answers' is not ours",
+    ),
+    "another index": (
+        ours_and("CREATE INDEX mine ON answers (raw)"),
+        "its index 'mine' is not ours",
+    ),
+    "another application_id": (
+        ours_and("PRAGMA application_id=1234"),
+        "its application_id is 1234, another program's",
+    ),
+    "a generated estimate": (
+        ours_and(
+            "DROP TABLE answers",
+            "CREATE TABLE answers (key TEXT PRIMARY KEY, agent TEXT, play INTEGER, kind TEXT, "
+            "round INTEGER, position INTEGER, sample INTEGER, attempt INTEGER, request TEXT, "
+            "raw TEXT, estimate TEXT AS ('[0, 0, 0]'), tokens_in INTEGER, tokens_out INTEGER, "
+            "latency REAL, cost REAL, time REAL, problem TEXT)",
+        ),
+        "its table answers has no column estimate",
+    ),
+}
+
+
+@pytest.mark.parametrize("mode", [(), REPLAY], ids=["live", "replay"])
+@pytest.mark.parametrize("schema", SCHEMAS, ids=list(SCHEMAS))
+def test_a_database_not_ours_is_refused_untouched(tmp_path, server, capsys, schema, mode):
+    """Another program's database, or a store holding a trigger, a view or anything else not
+    ours, is refused before anything is read from it or written into it: one line, exit 2,
+    no request, its bytes unchanged and nothing left beside it."""
+    make, problem = SCHEMAS[schema]
+    (tmp_path / "db").mkdir()
+    store = tmp_path / "db" / "store.sqlite"
+    make(store)
+    before, files = store.read_bytes(), sorted((tmp_path / "db").iterdir())
+    config = write_config(tmp_path / "play.toml", server.base_url)
+    error = one_line_error(*cli(capsys, "run", config, "--store", store, *mode))
+    assert error == f"--store {store}: not a misalign store ({problem})"
+    assert store.read_bytes() == before and sorted((tmp_path / "db").iterdir()) == files
+    assert server.requests == []
+
+
+def test_a_new_store_is_stamped_and_an_empty_file_becomes_one(tmp_path, server, capsys):
+    """A store is made in a fresh path or an empty file, and stamped ours."""
+    config = write_config(tmp_path / "play.toml", server.base_url, rounds=2)
+    (tmp_path / "empty.sqlite").touch()
+    for store in (tmp_path / "new.sqlite", tmp_path / "empty.sqlite"):
+        run_json(capsys, config, store, "--out", tmp_path / "out")
+        with contextlib.closing(sqlite3.connect(store)) as db:
+            assert db.execute("PRAGMA application_id").fetchone()[0] == store_.APPLICATION_ID
+        assert stored(store) > 0

@@ -447,7 +447,7 @@ def _foreign(db: sqlite3.Connection) -> str | None:
             kind = "virtual table"
         ours = name in COLUMNS if kind == "table" else kind == "index" and table in COLUMNS
         if not ours or kind == "index" and not _our_index(name):
-            return f"it holds a {kind} {name!r} that is not ours"
+            return f"its {kind} {name!r} is not ours"
     if not any(name == "answers" for _, name, _, _ in schema):
         return "it has no table answers"
     return next(filter(None, (_foreign_columns(db, table) for table in COLUMNS)), None)
