@@ -761,3 +761,72 @@ def test_a_new_store_is_stamped_and_an_empty_file_becomes_one(tmp_path, server, 
         with contextlib.closing(sqlite3.connect(store)) as db:
             assert db.execute("PRAGMA application_id").fetchone()[0] == store_.APPLICATION_ID
         assert stored(store) > 0
+
+
+# A store that another process holds locked: no answer paid for is lost
+
+LOCKER = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+db.execute("COMMIT")
+print(time.time(), flush=True)
+"""
+"""A process that holds a store's write lock for ``argv[2]`` seconds, then says when it
+freed it (unix time)."""
+
+
+@contextlib.contextmanager
+def write_locked(path: Path, seconds: float):
+    """Another process holds ``path``'s write lock for ``seconds`` (killed on leaving, if it
+    still holds it); yields a function that waits for the lock to free and returns when."""
+    locker = subprocess.Popen(
+        [sys.executable, "-c", LOCKER, str(path), str(seconds)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert locker.stdout.readline() == "locked\n"
+        yield lambda: float(locker.stdout.readline())
+    finally:
+        locker.kill()
+        locker.wait()
+        locker.stdout.close()
+
+
+def test_a_store_locked_for_seconds_keeps_every_answer(tmp_path, capsys):
+    """A real run whose store another process holds locked for 3 s: the answers given
+    meanwhile wait in memory and are written when the lock frees; nothing paid for is lost,
+    nothing is asked twice, no play fails."""
+    store, given = tmp_path / "s.sqlite", []
+    Store(store).close()
+
+    def timed(body: dict, index: int) -> Reply:
+        given.append(time.time())
+        return GOOD(body, index)
+
+    with FakeServer(timed) as server, write_locked(store, 3.0) as freed:
+        config = write_config(tmp_path / "play.toml", server.base_url)
+        report = run_json(capsys, config, store, "--out", tmp_path / "out")
+        assert min(given) < freed()  # answers were given while the store was locked
+        assert stored(store) == len(server.requests) == report["llm"]["requests"] > 0
+    assert max(server.count().values()) == 1 and report["llm"]["failed"] == []
+
+
+def test_a_store_locked_to_the_end_says_how_many_answers_were_not_stored(
+    tmp_path, server, capsys, monkeypatch
+):
+    """A lock that outlasts the run (and the wait on closing, shortened here): one line
+    saying how many answers paid for could not be stored, exit 2; no traceback."""
+    monkeypatch.setattr(store_, "BUSY_S", 0.5)
+    store = tmp_path / "s.sqlite"
+    Store(store).close()
+    config = write_config(tmp_path / "play.toml", server.base_url, rounds=3)
+    with write_locked(store, 600.0):
+        error = one_line_error(*cli(capsys, "run", config, "--store", store))
+    answers = len(server.requests)
+    assert error == (
+        f"--store {store}: another process held its lock for over 0.5 s; {answers} answers "
+        "paid for could not be stored; a re-run asks for them again"
+    )
+    assert stored(store) == 0

@@ -382,10 +382,12 @@ class Store:
             self._db = None
         if self._waiting:
             answers = sum(answer for answer, _ in self._waiting)
+            others = len(self._waiting) - answers
             raise ConfigError(
                 f"--store {self.path}: another process held its lock for over {BUSY_S:g} s; "
-                f"{answers} answer{'' if answers == 1 else 's'} paid for could not be stored "
-                f"(and {len(self._waiting) - answers} other records); a re-run asks again"
+                f"{answers} answer{'' if answers == 1 else 's'} paid for could not be stored"
+                + (f" (nor {others} notes of failed or repeated requests)" if others else "")
+                + "; a re-run asks for them again"
             )
 
     def _checkpoint(self) -> None:

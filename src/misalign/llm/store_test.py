@@ -226,3 +226,25 @@ def test_close_twice(tmp_path):
     store = Store(tmp_path / "s.sqlite")
     store.close()
     store.close()
+
+
+def test_writes_wait_in_memory_while_another_connection_holds_the_lock(tmp_path):
+    """While another connection holds the write lock, answers and failures are held in
+    memory, and read from there; the next write after the lock frees writes them all."""
+    path = tmp_path / "s.sqlite"
+    store = Store(path)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    first = put(store, Slot("A", 0, "play", 0, 0), record((1.0, 2.0)))
+    store.exhaust("k", Slot("A", 0, "play", 1, 0), "timeout")
+    assert store.get(first, "m", 2).estimate.tolist() == [1.0, 2.0] and len(store) == 0
+    assert store.exhausted("k") == "timeout"
+    other.execute("COMMIT")
+    other.close()
+    second = put(store, Slot("A", 0, "play", 2, 0), record((3.0, 4.0)), asking("second"))
+    assert len(store) == 2 and store.at(Slot("A", 0, "play", 0, 0), "m", 2) is not None
+    store.close()
+    store = Store(path, readonly=True)
+    assert store.get(second, "m", 2).estimate.tolist() == [3.0, 4.0]
+    assert store.exhausted("k") == "timeout"
+    store.close()
