@@ -331,20 +331,22 @@ def run(
 
 def _solve(game, play=None):
     """Fit the language-model agents, play (``play(fits)``, when given) and predict; a fatal
-    server problem or a replay miss is one line and exit 2. The agents' session is closed
-    either way (everything recorded stays in the store).
+    server problem, a replay miss, an edited store or answers that could not be stored (a
+    store locked to the end) are one line and exit 2. The agents' session is closed either
+    way (everything recorded stays in the store).
 
     Returns:
         ``(fits, trajectory, prediction)``; ``trajectory`` is ``None`` without ``play``.
     """
     try:
-        fits = _fit(game)
-        trajectory = None if play is None else play(fits)
-        return fits, trajectory, _predict(game)
+        try:
+            fits = _fit(game)
+            trajectory = None if play is None else play(fits)
+            return fits, trajectory, _predict(game)
+        finally:
+            _close(game)
     except ConfigError as exc:
         _fail(str(exc))
-    finally:
-        _close(game)
 
 
 def _predict(game):

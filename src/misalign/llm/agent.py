@@ -39,7 +39,7 @@ from misalign.llm.client import (
     Stats,
 )
 from misalign.llm.hosts import allowed_hosts, check_destination
-from misalign.llm.store import Record, Slot, Store, request_key
+from misalign.llm.store import Record, Slot, Store, Tampered, request_key
 from misalign.llm.template import TemplateRefused, Templates
 from misalign.prompt import Prompt
 
@@ -288,9 +288,10 @@ class LLMAgent:
         """``--fork-at``: the answer the slot took before, whatever the request is now.
 
         Raises:
-            Fatal: no run answered the slot.
+            Fatal: no run answered the slot, or its row fails its checks.
         """
-        record = self.session.store.at(slot)
+        with self._trusted(slot):
+            record = self.session.store.at(slot, self.config.model, self.d)
         if record is None:
             raise Fatal(self._missing(slot, "--fork-at"))
         _count_cached(self.session.stats, record)
@@ -308,12 +309,16 @@ class LLMAgent:
             The record, and whether it came from the store.
 
         Raises:
-            Fatal: a replay misses the store, or the server refuses for good.
+            Fatal: a replay misses the store, the store's row fails its checks, or the
+                server refuses for good.
             Exhausted: transient failures outlasted the retries (recorded, so that a replay
                 fails the play where the run failed it; a live re-run asks again).
         """
         session, stats = self.session, self.session.stats
-        record = None if session.mode == "refresh" else session.store.get(key)
+        record = None
+        if session.mode != "refresh":
+            with self._trusted(slot):
+                record = session.store.get(key, self.config.model, self.d)
         cached = record is not None
         if record is None and session.mode == "replay":
             why = session.store.exhausted(key)
@@ -427,15 +432,33 @@ class LLMAgent:
         if self.session.on_answer is not None:
             self.session.on_answer()
 
+    @contextlib.contextmanager
+    def _trusted(self, slot: Slot):
+        """Read the store within: a row that fails its checks stops the run, unused.
+
+        Raises:
+            Fatal: one line naming the store, the slot and what is wrong with the row.
+        """
+        try:
+            yield
+        except Tampered as exc:
+            raise Fatal(
+                f"--store {self.session.store.path}: the recorded answer for "
+                f"{self._where(slot)} was edited, not used: {exc}"
+            ) from None
+
     def _missing(self, slot: Slot, flag: str) -> str:
+        return f"{flag}: no recorded answer for {self._where(slot)}"
+
+    def _where(self, slot: Slot) -> str:
+        """The slot in words: agent, play, round (or fit and probe), sample."""
         what = (
             f"round {slot.round}"
             if slot.kind == "play"
             else f"fit {slot.round} probe {slot.position}"
         )
-        return (
-            f"{flag}: no recorded answer for agent {self.name}, play {slot.play} "
-            f"(seed), {what}" + (f", sample {slot.sample}" if slot.sample else "")
+        return f"agent {self.name}, play {slot.play} (seed), {what}" + (
+            f", sample {slot.sample}" if slot.sample else ""
         )
 
 

@@ -8,6 +8,7 @@ import contextlib
 import json
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ import pytest
 import tomli_w
 
 import misalign.llm.client as client_
+import misalign.llm.store as store_
 from misalign.cli import main
 from misalign.config import parse_config
 from misalign.experiment import fit, setup, simulate
@@ -33,7 +35,7 @@ from misalign.llm.fake_server import (
     reject_key,
     status,
 )
-from misalign.llm.store import Slot, Store
+from misalign.llm.store import Slot, Store, request_key
 
 A = np.array([[0.5, 0.1, 0.0], [0.0, 0.4, 0.1], [0.1, 0.0, 0.3]])
 C = np.array([0.1, -0.2, 0.3])
@@ -491,7 +493,7 @@ def test_identical_requests_in_flight_are_sent_once(tmp_path):
             slots = [Slot("A", agent.seeds[0], "play", 0, position) for position in (0, 1)]
             w = np.array([0.5, -1.0, 2.0])
             got = agent.ask([(0, w, slot) for slot in slots])
-            recorded = [session.store.at(slot).estimate.tolist() for slot in slots]
+            recorded = [session.store.at(slot, "fake", 3).estimate.tolist() for slot in slots]
         finally:
             session.close()
     assert len(server.requests) == 1
@@ -530,7 +532,6 @@ def test_a_store_that_cannot_be_created(tmp_path, server, capsys):
 
 
 def test_a_replay_of_another_programs_database(tmp_path, server, capsys):
-    import sqlite3
 
     config, store = write_config(tmp_path / "play.toml", server.base_url), tmp_path / "x.db"
     with contextlib.closing(sqlite3.connect(store)) as db, db:
@@ -547,3 +548,291 @@ def test_malformed_answers_fail_plays_not_the_run(tmp_path, server, capsys):
     report = run_json(capsys, config, tmp_path / "s.sqlite", "--out", tmp_path)
     assert report["llm"]["failed"]
     assert all("the server's response was malformed" in f["why"] for f in report["llm"]["failed"])
+
+
+# An untrusted store: edited rows, triggers, views and other programs' databases are refused
+
+
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
+REPLAY, FORK = ("--replay",), ("--fork-at", "20")
+"""Reading the shipped store by key (a replay) and by slot (a fork after its last round)."""
+ROUND_5 = "kind='play' AND round=5"
+"""The row of the shipped store that the edits change: agent A's answer in round 5."""
+
+
+def edited(tmp_path: Path, *statements: str) -> Path:
+    """A copy of the shipped store (``examples/local_llm.sqlite``) with ``statements`` run."""
+    copy = tmp_path / "edited.sqlite"
+    copy.write_bytes((EXAMPLES / "local_llm.sqlite").read_bytes())
+    with contextlib.closing(sqlite3.connect(copy)) as db, db:
+        for statement in statements:
+            db.execute(statement)
+    return copy
+
+
+def rekeyed(path: Path) -> None:
+    """Give every row of ``path`` the key of its (edited) request, in answers and accepted."""
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        for key, request, sample in db.execute("SELECT key, request, sample FROM answers"):
+            new = request_key(json.loads(request), sample)
+            db.execute("UPDATE answers SET key=? WHERE key=?", (new, key))
+            db.execute("UPDATE accepted SET key=? WHERE key=?", (new, key))
+
+
+def replayed(capsys, tmp_path: Path, store: Path, mode: tuple[str, ...]) -> str:
+    """The one-line error of ``misalign run examples/local_llm.toml`` on ``store`` (it must
+    fail, having written nothing)."""
+    out = tmp_path / "out"
+    config = EXAMPLES / "local_llm.toml"
+    error = one_line_error(*cli(capsys, "run", config, "--store", store, *mode, "--out", out))
+    assert not (out / "run.json").exists()
+    return error
+
+
+def test_the_shipped_store_replays_and_forks(tmp_path, capsys):
+    """The checks pass every row of the store shipped with the example, by key and by slot."""
+    config, store = EXAMPLES / "local_llm.toml", edited(tmp_path)
+    replay = run_json(capsys, config, store, *REPLAY, "--out", tmp_path / "replay")
+    fork = run_json(capsys, config, store, *FORK, "--out", tmp_path / "fork")
+    assert replay["llm"]["failed"] == fork["llm"]["failed"] == []
+    assert replay["outputs"] == fork["outputs"] and fork["llm"]["requests"] == 0
+
+
+EDITS = {
+    "other numbers": ("estimate='[2.5, 0.5]'", "is not what its text parses to"),
+    "three numbers": ("estimate='[1, 2, 3]'", "is not what its text parses to"),
+    "one number": ("estimate='[1.0]'", "is not what its text parses to"),
+    "an object": ("""estimate='{"a": 1}'""", "is not what its text parses to"),
+    "a string": ("""estimate='"x"'""", "is not what its text parses to"),
+    "not JSON": ("estimate='x'", "its estimate 'x' is not what its text parses to"),
+    "NaN": ("estimate='[NaN, 1.0]'", "is not what its text parses to"),
+    "1e308": ("estimate='[1e308, 1.0]'", "is not what its text parses to"),
+    "Infinity": ("estimate='[Infinity, 1.0]'", "is not what its text parses to"),
+    "1e999": ("estimate='[1e999, -1e999]'", "is not what its text parses to"),
+    "a number": ("estimate=1.5", "its estimate '1.5' is not what its text parses to"),
+    "a blob": ("estimate=X'5b312c20325d'", "a column holds a value of the wrong type"),
+    "other text": ("""raw='{"estimate": [7.0, 7.0]}'""", "is not what its text parses to [7.0,"),
+    "unreadable text": ("raw='no idea'", "its text does not parse (the answer held 0 numbers"),
+    "no text": ("raw=NULL", "its text does not parse (the answer was empty)"),
+    "a problem": ("problem='cut off'", "it holds an estimate beside a problem"),
+    "another request": (
+        "request=replace(request, 'careful', 'careless')",
+        "its key is not the SHA-256 of its request",
+    ),
+    "a request that is not JSON": ("request='{'", "its request is not JSON"),
+    "another sample": ("sample=1", "its key is not the SHA-256 of its request"),
+    "token counts": ("tokens_in='many'", "a column holds a value of the wrong type"),
+}
+
+
+@pytest.mark.parametrize("mode", [REPLAY, FORK], ids=["replay", "fork"])
+@pytest.mark.parametrize("edit", EDITS, ids=list(EDITS))
+def test_an_edited_row_is_never_used(tmp_path, capsys, edit, mode):
+    """Each kind of edited row of a copy of the shipped store stops the run before its
+    answer is used: one line naming the store, agent, play, round and what is wrong."""
+    change, problem = EDITS[edit]
+    store = edited(tmp_path, f"UPDATE answers SET {change} WHERE {ROUND_5}")
+    error = replayed(capsys, tmp_path, store, mode)
+    assert error.startswith(
+        f"--store {store}: the recorded answer for agent A, play 0 (seed), round 5 was edited, "
+        "not used: "
+    )
+    assert problem in error
+
+
+@pytest.mark.parametrize("mode", [REPLAY, FORK], ids=["replay", "fork"])
+def test_a_row_for_another_model_is_never_used(tmp_path, capsys, mode):
+    """A request edited to another model and re-keyed (so that its key is right): read by
+    slot (a fork), its model is refused; read by key (a replay), it is no answer at all."""
+    other = """replace(request, '"model": "local"', '"model": "other"')"""
+    store = edited(tmp_path, f"UPDATE answers SET request={other} WHERE {ROUND_5}")
+    rekeyed(store)
+    error = replayed(capsys, tmp_path, store, mode)
+    where = "agent A, play 0 (seed), round 5"
+    if mode == FORK:
+        assert error == (
+            f"--store {store}: the recorded answer for {where} was edited, not used: its "
+            "request is for model 'other', not 'local'"
+        )
+    else:
+        assert error == f"--replay: no recorded answer for {where}"
+
+
+@pytest.mark.parametrize("mode", [REPLAY, FORK], ids=["replay", "fork"])
+def test_a_row_under_another_key_is_never_used(tmp_path, capsys, mode):
+    """A row moved to another key (in answers and accepted): by slot, its key is refused; by
+    key, it is no answer at all."""
+    key = "0" * 64
+    store = edited(
+        tmp_path,
+        f"UPDATE accepted SET key='{key}' WHERE {ROUND_5}",
+        f"UPDATE answers SET key='{key}' WHERE {ROUND_5}",
+    )
+    error = replayed(capsys, tmp_path, store, mode)
+    where = "agent A, play 0 (seed), round 5"
+    if mode == FORK:
+        assert error.endswith(
+            f"{where} was edited, not used: its key is not the SHA-256 of its request"
+        )
+    else:
+        assert error == f"--replay: no recorded answer for {where}"
+
+
+def foreign(path: Path) -> None:
+    """Another program's database."""
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("CREATE TABLE users (name TEXT, email TEXT)")
+        db.execute("INSERT INTO users VALUES ('ada', 'ada@example.org')")
+
+
+def ours_and(*statements: str):
+    """A store of ours, then ``statements`` run in it."""
+
+    def make(path: Path) -> None:
+        Store(path).close()
+        with contextlib.closing(sqlite3.connect(path)) as db, db:
+            for statement in statements:
+                db.execute(statement)
+
+    return make
+
+
+SCHEMAS = {
+    "another program's": (foreign, "its table 'users' is not ours"),
+    "ours and another's": (
+        ours_and("CREATE TABLE users (name TEXT)"),
+        "its table 'users' is not ours",
+    ),
+    "a trigger": (
+        ours_and(
+            "CREATE TRIGGER rewrite AFTER INSERT ON answers BEGIN "
+            "UPDATE answers SET estimate='[0, 0, 0]' WHERE key=new.key; END"
+        ),
+        "its trigger 'rewrite' is not ours",
+    ),
+    "a view named answers": (
+        ours_and(
+            "DROP TABLE answers",
+            "CREATE VIEW answers AS SELECT key, agent, play, kind, round, position, sample, 0 "
+            "AS attempt, '{}' AS request, NULL AS raw, NULL AS estimate, 0 AS tokens_in, 0 AS "
+            "tokens_out, 0.0 AS latency, NULL AS cost, 0.0 AS time, NULL AS problem FROM accepted",
+        ),
+        "its view 'answers' is not ours",
+    ),
+    "another index": (
+        ours_and("CREATE INDEX mine ON answers (raw)"),
+        "its index 'mine' is not ours",
+    ),
+    "another application_id": (
+        ours_and("PRAGMA application_id=1234"),
+        "its application_id is 1234, another program's",
+    ),
+    "a generated estimate": (
+        ours_and(
+            "DROP TABLE answers",
+            "CREATE TABLE answers (key TEXT PRIMARY KEY, agent TEXT, play INTEGER, kind TEXT, "
+            "round INTEGER, position INTEGER, sample INTEGER, attempt INTEGER, request TEXT, "
+            "raw TEXT, estimate TEXT AS ('[0, 0, 0]'), tokens_in INTEGER, tokens_out INTEGER, "
+            "latency REAL, cost REAL, time REAL, problem TEXT)",
+        ),
+        "its table answers has no column estimate",
+    ),
+}
+
+
+@pytest.mark.parametrize("mode", [(), REPLAY], ids=["live", "replay"])
+@pytest.mark.parametrize("schema", SCHEMAS, ids=list(SCHEMAS))
+def test_a_database_not_ours_is_refused_untouched(tmp_path, server, capsys, schema, mode):
+    """Another program's database, or a store holding a trigger, a view or anything else not
+    ours, is refused before anything is read from it or written into it: one line, exit 2,
+    no request, its bytes unchanged and nothing left beside it."""
+    make, problem = SCHEMAS[schema]
+    (tmp_path / "db").mkdir()
+    store = tmp_path / "db" / "store.sqlite"
+    make(store)
+    before, files = store.read_bytes(), sorted((tmp_path / "db").iterdir())
+    config = write_config(tmp_path / "play.toml", server.base_url)
+    error = one_line_error(*cli(capsys, "run", config, "--store", store, *mode))
+    assert error == f"--store {store}: not a misalign store ({problem})"
+    assert store.read_bytes() == before and sorted((tmp_path / "db").iterdir()) == files
+    assert server.requests == []
+
+
+def test_a_new_store_is_stamped_and_an_empty_file_becomes_one(tmp_path, server, capsys):
+    """A store is made in a fresh path or an empty file, and stamped ours."""
+    config = write_config(tmp_path / "play.toml", server.base_url, rounds=2)
+    (tmp_path / "empty.sqlite").touch()
+    for store in (tmp_path / "new.sqlite", tmp_path / "empty.sqlite"):
+        run_json(capsys, config, store, "--out", tmp_path / "out")
+        with contextlib.closing(sqlite3.connect(store)) as db:
+            assert db.execute("PRAGMA application_id").fetchone()[0] == store_.APPLICATION_ID
+        assert stored(store) > 0
+
+
+# A store that another process holds locked: no answer paid for is lost
+
+LOCKER = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+db.execute("COMMIT")
+print(time.time(), flush=True)
+"""
+"""A process that holds a store's write lock for ``argv[2]`` seconds, then says when it
+freed it (unix time)."""
+
+
+@contextlib.contextmanager
+def write_locked(path: Path, seconds: float):
+    """Another process holds ``path``'s write lock for ``seconds`` (killed on leaving, if it
+    still holds it); yields a function that waits for the lock to free and returns when."""
+    locker = subprocess.Popen(
+        [sys.executable, "-c", LOCKER, str(path), str(seconds)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert locker.stdout.readline() == "locked\n"
+        yield lambda: float(locker.stdout.readline())
+    finally:
+        locker.kill()
+        locker.wait()
+        locker.stdout.close()
+
+
+def test_a_store_locked_for_seconds_keeps_every_answer(tmp_path, capsys):
+    """A real run whose store another process holds locked for 3 s: the answers given
+    meanwhile wait in memory and are written when the lock frees; nothing paid for is lost,
+    nothing is asked twice, no play fails."""
+    store, given = tmp_path / "s.sqlite", []
+    Store(store).close()
+
+    def timed(body: dict, index: int) -> Reply:
+        given.append(time.time())
+        return GOOD(body, index)
+
+    with FakeServer(timed) as server, write_locked(store, 3.0) as freed:
+        config = write_config(tmp_path / "play.toml", server.base_url)
+        report = run_json(capsys, config, store, "--out", tmp_path / "out")
+        assert min(given) < freed()  # answers were given while the store was locked
+        assert stored(store) == len(server.requests) == report["llm"]["requests"] > 0
+    assert max(server.count().values()) == 1 and report["llm"]["failed"] == []
+
+
+def test_a_store_locked_to_the_end_says_how_many_answers_were_not_stored(
+    tmp_path, server, capsys, monkeypatch
+):
+    """A lock that outlasts the run (and the wait on closing, shortened here): one line
+    saying how many answers paid for could not be stored, exit 2; no traceback."""
+    monkeypatch.setattr(store_, "BUSY_S", 0.5)
+    store = tmp_path / "s.sqlite"
+    Store(store).close()
+    config = write_config(tmp_path / "play.toml", server.base_url, rounds=3)
+    with write_locked(store, 600.0):
+        error = one_line_error(*cli(capsys, "run", config, "--store", store))
+    answers = len(server.requests)
+    assert error == (
+        f"--store {store}: another process held its lock for over 0.5 s; {answers} answers "
+        "paid for could not be stored; a re-run asks for them again"
+    )
+    assert stored(store) == 0

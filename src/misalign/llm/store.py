@@ -9,10 +9,23 @@ from the store. The ``accepted`` table notes which request's answer each slot (a
 round or fit, turn or probe, sample) took, for ``--fork-at``; the ``exhausted`` table, which
 requests failed for good (transient errors, a refusal), for ``--replay``. The key to the API
 is never part of a request here, so it never reaches the store.
+
+A store is an untrusted file (stores are passed between researchers). It is opened with
+``trusted_schema=OFF``, and refused, before anything is written into it, when it is another
+program's database (tables, indexes, columns or ``application_id`` not ours), or holds a
+trigger or a view. Every row read is checked (``Tampered``): its key is the SHA-256 of its
+request, the request is for the agent's model, and its estimate is what its text parses to.
+
+Another process's write lock never loses an answer that was paid for: a write that meets it
+waits ``WRITE_WAIT_S`` (the requests in flight must not stall), and then the answer is held
+in memory (and read from there) and written with the next write that gets through; closing
+waits up to ``BUSY_S`` for the lock, and a store still locked then is one line saying how
+many answers could not be stored.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sqlite3
@@ -23,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from misalign.config import ConfigError
+from misalign.llm.answer import BadAnswer, parse
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS answers (
@@ -82,12 +96,27 @@ COLUMNS = {
         "latency",
         "cost",
         "time",
+        "problem",
     ],
     "accepted": ["agent", "play", "kind", "round", "position", "sample", "key"],
     "exhausted": ["key", "agent", "play", "round", "why", "time"],
 }
-"""The columns each table must have (a store may lack ``answers.problem``: it was added
-later, and is added on opening for writing)."""
+"""The columns of each table, in order (a store may lack ``answers.problem``, the last: it
+was added later, and is added on opening for writing)."""
+INDEXES = {"slots"}
+"""Our indexes (beside those SQLite makes for primary keys, ``sqlite_autoindex_...``)."""
+APPLICATION_ID = 0x6D69736C
+"""The stamp of a store (``PRAGMA application_id``, "misl"): stores made before it have 0."""
+BUSY_S = 30.0
+"""How long opening a store, and closing it (writing the answers held in memory), waits for
+another process's write lock."""
+WRITE_WAIT_S = 0.1
+"""How long a write during a run waits for another process's write lock before its answer is
+held in memory (a longer wait would stall the event loop, and the requests in flight)."""
+
+
+class Tampered(ValueError):
+    """A row of the store that fails its checks (edited); the message says what is wrong."""
 
 
 @dataclass(frozen=True)
@@ -130,26 +159,33 @@ class Store:
     Args:
         path: the file (created with its folder when absent, unless ``readonly``).
         readonly: open without writing (a replay: the file may sit in a read-only checkout).
+
+    Raises:
+        ConfigError: one line: the store cannot be created or opened, or is not a store of
+            ours (another program's database, a trigger or a view in it); nothing is written.
     """
 
     def __init__(self, path: str | Path, readonly: bool = False) -> None:
         self.path = Path(path)
         self._db: sqlite3.Connection | None = None
+        self._waiting: list[tuple[bool, list[tuple[str, tuple]]]] = []
+        """The writes that met another process's lock, oldest first: (an answer?, statements)."""
+        self._held: dict[str, Record] = {}
+        """The answers among them, by key (read from here until written)."""
+        self._held_why: dict[str, str] = {}
+        """The requests among them that failed for good, by key."""
         try:
             if readonly:
                 self._db = _read_only(self.path)
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._db = sqlite3.connect(self.path, check_same_thread=False)
+                self._db = sqlite3.connect(self.path, timeout=BUSY_S, check_same_thread=False)
+            self._db.execute("PRAGMA trusted_schema=OFF")
             problem = _foreign(self._db)  # before anything is written into another's file
             if problem:
                 raise ConfigError(f"--store {self.path}: not a misalign store ({problem})")
             if not readonly:
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=NORMAL")  # a kill loses nothing committed
-                self._db.executescript(SCHEMA)
-                if "problem" not in _columns(self._db, "answers"):  # a store from before it
-                    self._db.execute("ALTER TABLE answers ADD COLUMN problem TEXT")
+                self._create()
             self._db.execute("SELECT count(*) FROM answers").fetchone()
             self._problem = "problem" in _columns(self._db, "answers")
         except ConfigError:
@@ -172,20 +208,48 @@ class Store:
             self._abandon()
             raise ConfigError(f"--store {self.path}: not a misalign store ({exc})") from None
 
+    def _create(self) -> None:
+        """Make the tables that are missing (all of them in a new store, which is stamped
+        ours), in WAL journal mode."""
+        new = self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # a kill loses nothing committed
+        self._db.executescript(SCHEMA)
+        if "problem" not in _columns(self._db, "answers"):  # a store from before it
+            self._db.execute("ALTER TABLE answers ADD COLUMN problem TEXT")
+        if new:
+            self._db.execute(f"PRAGMA application_id={APPLICATION_ID}")
+
     def _abandon(self) -> None:
         """Close the connection of a store that failed to open."""
         if self._db is not None:
             self._db.close()
             self._db = None
 
-    def get(self, key: str) -> Record | None:
-        """The recorded answer to a request, or ``None``."""
-        row = self._db.execute(f"SELECT {self._fields} FROM answers WHERE key=?", (key,)).fetchone()
-        return None if row is None else _record(row)
+    def get(self, key: str, model: str, d: int) -> Record | None:
+        """The recorded answer to a request, or ``None``.
 
-    def at(self, slot: Slot) -> Record | None:
+        Args:
+            key: the request's key (``request_key``).
+            model: the agent's model, which the recorded request must name.
+            d: the number of values an estimate holds.
+
+        Raises:
+            Tampered: the row fails its checks (``_checked``).
+        """
+        if key in self._held:
+            return self._held[key]
+        row = self._db.execute(f"SELECT {self._fields} FROM answers WHERE key=?", (key,)).fetchone()
+        return None if row is None else _checked(row, model, d)
+
+    def at(self, slot: Slot, model: str, d: int) -> Record | None:
         """The answer ``slot`` last took (``--fork-at``), whether its request was sent or
-        answered from the store; ``None`` when no run answered it."""
+        answered from the store; ``None`` when no run answered it.
+
+        Raises:
+            Tampered: the row fails its checks (``_checked``; ``model`` and ``d`` as in
+                ``get``).
+        """
         where = "agent=? AND play=? AND kind=? AND round=? AND position=? AND sample=?"
         values = (slot.agent, slot.play, slot.kind, slot.round, slot.position, slot.sample)
         try:
@@ -202,86 +266,145 @@ class Store:
                 f"WHERE {where} AND estimate IS NOT NULL ORDER BY time DESC LIMIT 1",
                 values,
             ).fetchone()
-        return None if row is None else _record(row)
+        return None if row is None else _checked(row, model, d)
 
     def accept(self, slot: Slot, key: str) -> None:
         """Note that ``slot`` took the recorded answer to request ``key`` (an answer read from
         the store: a repeated request), in its own transaction."""
-        with self._db:
-            self._accept(slot, key)
+        self._write(False, [_accepting(slot, key)])
 
     def put(self, key: str, slot: Slot, attempt: int, request: dict, record: Record) -> None:
         """Record one answer, in its own transaction (replacing an older answer to the same
-        request: ``--refresh``); an answer that parsed is also the one ``slot`` took."""
+        request: ``--refresh``); an answer that parsed is also the one ``slot`` took. Where
+        another process holds the store's lock, the answer is held in memory until it frees."""
         estimate = None if record.estimate is None else json.dumps(record.estimate.tolist())
-        with self._db:
-            if record.estimate is not None:
-                self._accept(slot, key)
-            self._db.execute(
-                f"INSERT OR REPLACE INTO answers ({', '.join(INSERTED)}) "
-                f"VALUES ({', '.join('?' * len(INSERTED))})",
-                (
-                    key,
-                    *(slot.agent, slot.play, slot.kind, slot.round, slot.position, slot.sample),
-                    attempt,
-                    json.dumps(request, sort_keys=True),
-                    record.raw,
-                    estimate,
-                    record.tokens_in,
-                    record.tokens_out,
-                    record.latency,
-                    record.cost,
-                    time.time(),
-                    record.problem,
-                ),
-            )
+        answer = (
+            f"INSERT OR REPLACE INTO answers ({', '.join(COLUMNS['answers'])}) "
+            f"VALUES ({', '.join('?' * len(COLUMNS['answers']))})",
+            (
+                key,
+                *(slot.agent, slot.play, slot.kind, slot.round, slot.position, slot.sample),
+                attempt,
+                json.dumps(request, sort_keys=True),
+                record.raw,
+                estimate,
+                record.tokens_in,
+                record.tokens_out,
+                record.latency,
+                record.cost,
+                time.time(),
+                record.problem,
+            ),
+        )
+        self._held[key] = record
+        accepted = [] if record.estimate is None else [_accepting(slot, key)]
+        self._write(True, [*accepted, answer])
 
     def exhaust(self, key: str, slot: Slot, why: str) -> None:
         """Record that request ``key`` failed for good (transient errors outlasted the
         retries, or the server refused it), so that a replay fails its play there too."""
-        with self._db:
-            self._db.execute(
-                "INSERT OR REPLACE INTO exhausted VALUES (?,?,?,?,?,?)",
-                (key, slot.agent, slot.play, slot.round, why, time.time()),
-            )
+        self._held_why[key] = why
+        statement = "INSERT OR REPLACE INTO exhausted VALUES (?,?,?,?,?,?)"
+        self._write(
+            False, [(statement, (key, slot.agent, slot.play, slot.round, why, time.time()))]
+        )
 
     def exhausted(self, key: str) -> str | None:
         """Why request ``key`` failed for good when it was last asked; ``None`` when it did
         not (or the store predates the record of such failures)."""
+        if key in self._held_why:
+            return self._held_why[key]
         try:
             row = self._db.execute("SELECT why FROM exhausted WHERE key=?", (key,)).fetchone()
         except sqlite3.OperationalError:  # no such table: an older store, read-only
             return None
-        return None if row is None else row[0]
+        return None if row is None else str(row[0])
 
-    def _accept(self, slot: Slot, key: str) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO accepted VALUES (?,?,?,?,?,?,?)",
-            (slot.agent, slot.play, slot.kind, slot.round, slot.position, slot.sample, key),
-        )
+    def _write(self, answer: bool, statements: list[tuple[str, tuple]]) -> None:
+        """Run ``statements`` in one transaction, after the writes held before it; held in
+        memory while another process holds the lock for over ``WRITE_WAIT_S`` (once writes
+        are held, a write tries without waiting: the lock is known to be held).
+
+        Args:
+            answer: whether they record an answer (paid for), for the count of those lost.
+            statements: ``(sql, values)`` pairs.
+        """
+        wait = 0.0 if self._waiting else WRITE_WAIT_S
+        self._waiting.append((answer, statements))
+        self._flush(wait)
+
+    def _flush(self, wait: float) -> None:
+        """Write the writes held, oldest first, each in its own transaction, waiting up to
+        ``wait`` seconds for another process's lock; those still locked out stay held.
+
+        Raises:
+            sqlite3.OperationalError: a failure other than a lock (a full disk).
+        """
+        self._db.execute(f"PRAGMA busy_timeout={round(wait * 1000)}")
+        while self._waiting:
+            try:
+                with self._db:
+                    for sql, values in self._waiting[0][1]:
+                        self._db.execute(sql, values)
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode & 0xFF not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                    raise
+                return
+            self._waiting.pop(0)
+        self._held.clear()
+        self._held_why.clear()
 
     def __len__(self) -> int:
         return self._db.execute("SELECT count(*) FROM answers").fetchone()[0]
 
     @property
     def _fields(self) -> str:
-        return "raw, estimate, tokens_in, tokens_out, latency, cost, " + (
+        return "key, sample, request, raw, estimate, tokens_in, tokens_out, latency, cost, " + (
             "problem" if self._problem else "NULL"
         )
 
     def close(self) -> None:
-        """Fold the journal back into the file and close it (again: nothing)."""
+        """Write the writes held in memory (waiting up to ``BUSY_S`` for another process's
+        lock), fold the journal back into the file and close it (again: nothing).
+
+        Raises:
+            ConfigError: the store stayed locked: one line saying how many answers paid for
+                could not be stored (the connection is closed all the same).
+        """
         if self._db is None:
             return
         try:
-            if not self.path.exists() or self._db.in_transaction:
-                return
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.DatabaseError:
-            pass  # read-only
+            if self._waiting:
+                self._flush(BUSY_S)
+            self._checkpoint()
         finally:
             self._db.close()
             self._db = None
+        if self._waiting:
+            answers = sum(answer for answer, _ in self._waiting)
+            others = len(self._waiting) - answers
+            raise ConfigError(
+                f"--store {self.path}: another process held its lock for over {BUSY_S:g} s; "
+                f"{answers} answer{'' if answers == 1 else 's'} paid for could not be stored"
+                + (f" (nor {others} notes of failed or repeated requests)" if others else "")
+                + "; a re-run asks for them again"
+            )
+
+    def _checkpoint(self) -> None:
+        """Fold the journal back into the file, where no one else holds it (else: nothing)."""
+        if self._waiting or not self.path.exists() or self._db.in_transaction:
+            return
+        self._db.execute("PRAGMA busy_timeout=0")
+        with contextlib.suppress(sqlite3.DatabaseError):  # read-only
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def _accepting(slot: Slot, key: str) -> tuple[str, tuple]:
+    """The statement noting that ``slot`` took the answer to request ``key``."""
+    return (
+        "INSERT OR REPLACE INTO accepted VALUES (?,?,?,?,?,?,?)",
+        (slot.agent, slot.play, slot.kind, slot.round, slot.position, slot.sample, key),
+    )
 
 
 def _read_only(path: Path) -> sqlite3.Connection:
@@ -293,7 +416,7 @@ def _read_only(path: Path) -> sqlite3.Connection:
     uri = f"file:{path.resolve()}?mode=ro"
     if not Path(f"{path}-wal").exists():
         return sqlite3.connect(uri + "&immutable=1", uri=True, check_same_thread=False)
-    db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+    db = sqlite3.connect(uri, uri=True, timeout=BUSY_S, check_same_thread=False)
     try:
         db.execute("SELECT count(*) FROM sqlite_master").fetchone()
     except sqlite3.OperationalError as exc:
@@ -308,20 +431,103 @@ def _columns(db: sqlite3.Connection, table: str) -> set[str]:
 
 
 def _foreign(db: sqlite3.Connection) -> str | None:
-    """What makes a database another program's (a table of ours that lacks our columns),
-    or ``None``. Raises ``sqlite3.DatabaseError`` for a file that is no database."""
-    for table, needed in COLUMNS.items():
-        have = _columns(db, table)
-        missing = [column for column in needed if column not in have]
-        if have and missing:
-            return f"its table {table} has no column {', '.join(missing)}"
-    return None
+    """What makes a database not a store of ours, or ``None`` (an empty database is a new
+    store): another ``application_id``, a trigger, a view, a virtual table, a table or index
+    that is not ours, no table ``answers``, or a table of ours whose columns are not ours.
+
+    Raises:
+        sqlite3.DatabaseError: the file is no database.
+    """
+    schema = db.execute("SELECT type, name, tbl_name, sql FROM sqlite_master").fetchall()
+    if not schema:
+        return None
+    stamp = db.execute("PRAGMA application_id").fetchone()[0]
+    if stamp not in (0, APPLICATION_ID):
+        return f"its application_id is {stamp}, another program's"
+    for kind, name, table, sql in schema:
+        if kind == "table" and not (sql or "").upper().startswith("CREATE TABLE"):
+            kind = "virtual table"
+        ours = name in COLUMNS if kind == "table" else kind == "index" and table in COLUMNS
+        if not ours or kind == "index" and not _our_index(name):
+            return f"its {kind} {name!r} is not ours"
+    if not any(name == "answers" for _, name, _, _ in schema):
+        return "it has no table answers"
+    return next(filter(None, (_foreign_columns(db, table) for table in COLUMNS)), None)
 
 
-INSERTED = (*COLUMNS["answers"], "problem")
+def _our_index(name: str) -> bool:
+    """Whether an index is ours (or SQLite's, for a primary key)."""
+    return name in INDEXES or name.startswith("sqlite_autoindex_")
 
 
-def _record(row: tuple) -> Record:
-    raw, estimate, tokens_in, tokens_out, latency, cost, problem = row
-    parsed = None if estimate is None else np.array(json.loads(estimate), dtype=float)
+def _foreign_columns(db: sqlite3.Connection, table: str) -> str | None:
+    """What makes the columns of one of our tables not ours (missing, others, in another
+    order, generated), or ``None`` (also when there is no such table)."""
+    info = db.execute(f"PRAGMA table_xinfo({table})").fetchall()
+    have = [name if hidden == 0 else f"{name} (generated)" for _, name, *_, hidden in info]
+    ours = COLUMNS[table]
+    if not have or have in (ours, ours[:-1] if table == "answers" else ours):
+        return None
+    missing = [column for column in ours[:-1] if column not in have]
+    if missing:
+        return f"its table {table} has no column {', '.join(missing)}"
+    return f"its table {table} has the columns {', '.join(have)}, not ours"
+
+
+def _checked(row: tuple, model: str, d: int) -> Record:
+    """The record of a row read from the store, after the checks an edited row fails.
+
+    Args:
+        row: the ``Store._fields`` of the row.
+        model: the agent's model.
+        d: the number of values of an estimate.
+
+    Raises:
+        Tampered: a value of the wrong type, a request that is not JSON, a key that is not
+            the SHA-256 of the request, a request for another model, or an estimate that is
+            not what the answer's text parses to (``_estimate``).
+    """
+    key, sample, request, raw, estimate, tokens_in, tokens_out, latency, cost, problem = row
+    number = (int, float)
+    kinds = [(sample, int), (request, str), (tokens_in, int), (tokens_out, int)]
+    kinds += [(latency, number), (cost, (*number, type(None)))]
+    kinds += [(value, (str, type(None))) for value in (raw, estimate, problem)]
+    if not all(isinstance(value, kind) for value, kind in kinds):
+        raise Tampered("a column holds a value of the wrong type")
+    try:
+        asked = json.loads(request)
+    except (ValueError, RecursionError):
+        raise Tampered("its request is not JSON") from None
+    if request_key(asked, sample) != key:
+        raise Tampered("its key is not the SHA-256 of its request")
+    named = asked.get("model") if isinstance(asked, dict) else None
+    if named != model:
+        raise Tampered(f"its request is for model {str(named)[:60]!r}, not {model!r}")
+    parsed = None if estimate is None else _estimate(raw, estimate, problem, d)
     return Record(raw, parsed, tokens_in, tokens_out, latency, cost, problem)
+
+
+def _estimate(raw: str | None, estimate: str, problem: str | None, d: int) -> np.ndarray:
+    """The estimate of a row that holds one: what its text parses to (``parse(raw, d)``, as
+    the agent parsed it; an answer cut off at the token limit kept one only when its JSON
+    parsed whole, which parses the same), which must be the estimate stored.
+
+    Raises:
+        Tampered: the row also holds a problem, its text does not parse, or the estimate
+            stored is another (other numbers, another length, not a list, not finite).
+    """
+    if problem is not None:
+        raise Tampered("it holds an estimate beside a problem")
+    try:
+        parsed = parse(raw, d)
+    except BadAnswer as exc:
+        raise Tampered(f"it holds an estimate, but its text does not parse ({exc})") from None
+    try:
+        stored = json.loads(estimate)
+    except (ValueError, RecursionError):
+        stored = None
+    if stored != parsed.tolist():
+        raise Tampered(
+            f"its estimate {estimate[:60]!r} is not what its text parses to {parsed.tolist()}"
+        )
+    return parsed

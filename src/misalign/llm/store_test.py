@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import sys
@@ -15,9 +16,24 @@ from misalign.llm.store import Record, Slot, Store, request_key
 REQUEST = {"model": "m", "messages": [{"role": "user", "content": "w = [1.5, -2.0]"}]}
 
 
-def record(estimate=(1.0, 2.0), raw: str = "[1, 2]") -> Record:
-    parsed = None if estimate is None else np.array(estimate)
-    return Record(raw, parsed, 10, 3, 0.25, None)
+def record(estimate=(1.0, 2.0), raw: str | None = None, problem: str | None = None) -> Record:
+    """An answer whose text is its estimate (unless ``raw`` says otherwise)."""
+    parsed = None if estimate is None else np.array(estimate, dtype=float)
+    if raw is None:
+        raw = json.dumps(parsed.tolist())
+    return Record(raw, parsed, 10, 3, 0.25, None, problem)
+
+
+def asking(content: str) -> dict:
+    """A request to model ``m``."""
+    return {"model": "m", "messages": [{"role": "user", "content": content}]}
+
+
+def put(store: Store, slot: Slot, answer: Record, request: dict = REQUEST) -> str:
+    """Record ``answer`` to ``request`` at ``slot``; the request's key."""
+    key = request_key(request, slot.sample)
+    store.put(key, slot, 0, request, answer)
+    return key
 
 
 def test_request_key_is_canonical():
@@ -30,32 +46,32 @@ def test_request_key_is_canonical():
 
 def test_put_then_get_in_a_new_folder(tmp_path):
     store = Store(tmp_path / "new" / "store.sqlite")
-    key = request_key(REQUEST, 0)
-    assert store.get(key) is None and len(store) == 0
-    store.put(key, Slot("A", 3, "play", 7, 1), 0, REQUEST, record((0.1, 1 / 3)))
-    got = store.get(key)
-    assert got.raw == "[1, 2]" and got.estimate.tolist() == [0.1, 1 / 3]  # bit for bit
+    key = request_key(REQUEST, 1)
+    assert store.get(key, "m", 2) is None and len(store) == 0
+    put(store, Slot("A", 3, "play", 7, 1, sample=1), record((0.1, 1 / 3)))
+    got = store.get(key, "m", 2)
+    assert got.raw == "[0.1, 0.3333333333333333]" and got.estimate.tolist() == [0.1, 1 / 3]
     assert (got.tokens_in, got.tokens_out, got.latency, got.cost) == (10, 3, 0.25, None)
     store.close()
     again = Store(tmp_path / "new" / "store.sqlite")
-    assert len(again) == 1 and again.get(key).estimate.tolist() == [0.1, 1 / 3]
+    assert len(again) == 1 and again.get(key, "m", 2).estimate.tolist() == [0.1, 1 / 3]
     again.close()
 
 
 def test_a_bad_answer_is_kept_without_an_estimate(tmp_path):
     store = Store(tmp_path / "s.sqlite")
-    store.put("k", Slot("A", 0, "play", 0, 0), 0, REQUEST, record(None, "no idea"))
-    assert store.get("k").estimate is None and store.get("k").raw == "no idea"
-    assert store.at(Slot("A", 0, "play", 0, 0)) is None  # nothing accepted there
+    key = put(store, Slot("A", 0, "play", 0, 0), record(None, "no idea"))
+    assert store.get(key, "m", 2).estimate is None and store.get(key, "m", 2).raw == "no idea"
+    assert store.at(Slot("A", 0, "play", 0, 0), "m", 2) is None  # nothing accepted there
     store.close()
 
 
 def test_put_replaces_an_older_answer_to_the_same_request(tmp_path):
     store = Store(tmp_path / "s.sqlite")
     slot = Slot("A", 0, "play", 0, 0)
-    store.put("k", slot, 0, REQUEST, record((1.0, 1.0)))
-    store.put("k", slot, 0, REQUEST, record((2.0, 2.0)))  # --refresh
-    assert len(store) == 1 and store.get("k").estimate.tolist() == [2.0, 2.0]
+    put(store, slot, record((1.0, 1.0)))
+    key = put(store, slot, record((2.0, 2.0)))  # --refresh
+    assert len(store) == 1 and store.get(key, "m", 2).estimate.tolist() == [2.0, 2.0]
     store.close()
 
 
@@ -63,26 +79,26 @@ def test_at_finds_the_answer_a_slot_took_even_from_the_store(tmp_path):
     """A repeated request is answered from the store; its slot still knows the answer."""
     store = Store(tmp_path / "s.sqlite")
     first, repeat = Slot("A", 0, "play", 3, 0), Slot("A", 0, "play", 4, 0)
-    store.put("k", first, 0, REQUEST, record((5.0, 6.0)))
-    assert store.at(repeat) is None
-    store.accept(repeat, "k")
-    assert store.at(repeat).estimate.tolist() == [5.0, 6.0]
-    store.put("k2", first, 0, REQUEST, record((7.0, 8.0)))  # a later run, another request
-    assert store.at(first).estimate.tolist() == [7.0, 8.0]
-    assert store.at(Slot("A", 1, "play", 3, 0)) is None
-    assert store.at(Slot("A", 0, "play", 3, 0, sample=1)) is None
+    key = put(store, first, record((5.0, 6.0)))
+    assert store.at(repeat, "m", 2) is None
+    store.accept(repeat, key)
+    assert store.at(repeat, "m", 2).estimate.tolist() == [5.0, 6.0]
+    put(store, first, record((7.0, 8.0)), asking("later"))  # a later run, another request
+    assert store.at(first, "m", 2).estimate.tolist() == [7.0, 8.0]
+    assert store.at(Slot("A", 1, "play", 3, 0), "m", 2) is None
+    assert store.at(Slot("A", 0, "play", 3, 0, sample=1), "m", 2) is None
     store.close()
 
 
 def test_at_reads_a_store_without_the_accepted_table(tmp_path):
     path = tmp_path / "s.sqlite"
     store = Store(path)
-    store.put("k", Slot("A", 0, "play", 2, 0), 0, REQUEST, record((9.0, 9.0)))
+    put(store, Slot("A", 0, "play", 2, 0), record((9.0, 9.0)))
     store.close()
     with sqlite3.connect(path) as db:
         db.execute("DROP TABLE accepted")
     store = Store(path)
-    assert store.at(Slot("A", 0, "play", 2, 0)).estimate.tolist() == [9.0, 9.0]
+    assert store.at(Slot("A", 0, "play", 2, 0), "m", 2).estimate.tolist() == [9.0, 9.0]
     store.close()
 
 
@@ -100,17 +116,19 @@ def test_read_only_reads_the_journal_of_a_killed_run(tmp_path):
     path = tmp_path / "s.sqlite"
     code = (
         "import os, numpy as np\n"
-        "from misalign.llm.store import Record, Slot, Store\n"
+        "from misalign.llm.store import Record, Slot, Store, request_key\n"
         f"store = Store({str(path)!r})\n"
         "for i in range(5):\n"
-        "    record = Record('x', np.ones(2), 1, 1, 0.1, None)\n"
-        "    store.put(str(i), Slot('A', 0, 'play', i, 0), 0, {'i': i}, record)\n"
+        "    record = Record('[1, 1]', np.ones(2), 1, 1, 0.1, None)\n"
+        "    request = {'model': 'm', 'i': i}\n"
+        "    store.put(request_key(request, 0), Slot('A', 0, 'play', i, 0), 0, request, record)\n"
         "os._exit(0)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
     assert (tmp_path / "s.sqlite-wal").exists()
     store = Store(path, readonly=True)
-    assert len(store) == 5 and store.get("4").estimate.tolist() == [1.0, 1.0]
+    got = store.get(request_key({"model": "m", "i": 4}, 0), "m", 2)
+    assert len(store) == 5 and got.estimate.tolist() == [1.0, 1.0]
     store.close()
 
 
@@ -135,7 +153,7 @@ def test_exhausted_requests_are_remembered(tmp_path):
     store.exhaust("k", Slot("A", 0, "play", 4, 0), "timeout after 3 attempts")
     store.close()
     store = Store(path, readonly=True)
-    assert store.exhausted("k") == "timeout after 3 attempts" and store.get("k") is None
+    assert store.exhausted("k") == "timeout after 3 attempts" and store.get("k", "m", 2) is None
     store.close()
     with sqlite3.connect(path) as db:
         db.execute("DROP TABLE exhausted")  # a store written before this table
@@ -185,25 +203,48 @@ def test_a_store_from_before_the_problem_column_is_read_and_extended(tmp_path):
     and the column is added when it is opened for writing."""
     path = tmp_path / "old.sqlite"
     Store(path).close()
+    key = request_key(REQUEST, 0)
     with sqlite3.connect(path) as db:
         db.execute("ALTER TABLE answers DROP COLUMN problem")
         db.execute(
-            "INSERT INTO answers VALUES ('k','A',0,'play',0,0,0,0,'{}','[1, 2]','[1.0, 2.0]',"
-            "10,3,0.5,NULL,0.0)"
+            "INSERT INTO answers VALUES (?,'A',0,'play',0,0,0,0,?,'[1, 2]','[1.0, 2.0]',"
+            "10,3,0.5,NULL,0.0)",
+            (key, json.dumps(REQUEST, sort_keys=True)),
         )
     db.close()
     store = Store(path, readonly=True)
-    assert store.get("k").estimate.tolist() == [1.0, 2.0] and store.get("k").problem is None
+    got = store.get(key, "m", 2)
+    assert got.estimate.tolist() == [1.0, 2.0] and got.problem is None
     store.close()
     store = Store(path)
-    store.put(
-        "c", Slot("A", 0, "play", 1, 0), 0, REQUEST, Record("[3, 4", None, 1, 1, 0.1, None, "cut")
-    )
-    assert store.get("c").problem == "cut" and store.get("k").raw == "[1, 2]"
+    cut = put(store, Slot("A", 0, "play", 1, 0), record(None, "[3, 4", "cut"), asking("cut"))
+    assert store.get(cut, "m", 2).problem == "cut" and store.get(key, "m", 2).raw == "[1, 2]"
     store.close()
 
 
 def test_close_twice(tmp_path):
     store = Store(tmp_path / "s.sqlite")
     store.close()
+    store.close()
+
+
+def test_writes_wait_in_memory_while_another_connection_holds_the_lock(tmp_path):
+    """While another connection holds the write lock, answers and failures are held in
+    memory, and read from there; the next write after the lock frees writes them all."""
+    path = tmp_path / "s.sqlite"
+    store = Store(path)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    first = put(store, Slot("A", 0, "play", 0, 0), record((1.0, 2.0)))
+    store.exhaust("k", Slot("A", 0, "play", 1, 0), "timeout")
+    assert store.get(first, "m", 2).estimate.tolist() == [1.0, 2.0] and len(store) == 0
+    assert store.exhausted("k") == "timeout"
+    other.execute("COMMIT")
+    other.close()
+    second = put(store, Slot("A", 0, "play", 2, 0), record((3.0, 4.0)), asking("second"))
+    assert len(store) == 2 and store.at(Slot("A", 0, "play", 0, 0), "m", 2) is not None
+    store.close()
+    store = Store(path, readonly=True)
+    assert store.get(second, "m", 2).estimate.tolist() == [3.0, 4.0]
+    assert store.exhausted("k") == "timeout"
     store.close()
