@@ -96,7 +96,8 @@ def find_runs(paths: Sequence[Path]) -> list[Path]:
     ``claims.json`` is a run; one without but with subdirectories that have it stands for
     those, in the registry's order (``misalign reproduce --list``; runs of no registry
     entry after them, by name). A run named twice (``runs/gap`` and ``runs/``, or a
-    relative and an absolute path) appears where it is first named.
+    relative and an absolute path) appears where it is first named. A run directory that is a
+    symbolic link is still listed: ``load_runs`` names it and leaves it out.
 
     Args:
         paths: run directories, or directories of runs.
@@ -194,6 +195,12 @@ def _why(exc: Exception) -> str:
 
 
 def _claims(directory: Path) -> list[dict[str, Any]]:
+    """The claims of a run directory (``claims.json``), each with its name and verdict.
+
+    Raises:
+        UnsafeFile: ``claims.json`` is not a regular file really inside the directory.
+        ConfigError: one line naming it when it is not a list of valid claims.
+    """
     path = directory / "claims.json"
     data = _read_json(directory, "claims.json")
     if not isinstance(data, list):
@@ -218,6 +225,12 @@ def _claims(directory: Path) -> list[dict[str, Any]]:
 
 
 def _version(directory: Path) -> str:
+    """Which ``misalign`` wrote a run (``version.json``), for the page's header.
+
+    Raises:
+        UnsafeFile: ``version.json`` is not a regular file really inside the directory.
+        ConfigError: it cannot be read or is not valid JSON.
+    """
     if not os.path.lexists(directory / "version.json"):
         return "misalign (version unknown)"
     data = _read_json(directory, "version.json")
