@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from misalign.config import ConfigError, PlayConfig, load_config
-from misalign.files import atomic_write
+from misalign.files import atomic_write, refuse_symlinks
 from misalign.progress import stage
 
 app = typer.Typer(
@@ -233,8 +233,19 @@ def _write(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def _refuse_symlinks(out: Path) -> None:
+    """Refuse a run directory ``out`` that is, or holds, a symbolic link (``refuse_symlinks``):
+    one line, exit 2."""
+    try:
+        refuse_symlinks(out)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
 def _save(out: Path, files: dict[str, str]) -> None:
-    """Write each ``name: text`` into ``out`` atomically; a write failure is one line, exit 2."""
+    """Write each ``name: text`` into ``out`` atomically; a symbolic link at or in ``out``
+    (``_refuse_symlinks``) or a write failure is one line, exit 2."""
+    _refuse_symlinks(out)
     try:
         for name, text in files.items():
             _write(out / name, text)
@@ -721,6 +732,7 @@ def _reproduce(name: str, quick: bool, seeds: int | None, out: Path | None, json
 
     entry = REGISTRY[name]
     out = default_out(entry, quick, seeds) if out is None else out
+    _refuse_symlinks(out)
     try:
         result = entry.run(quick, seeds, out)
     except OSError as exc:
@@ -766,6 +778,8 @@ def report_command(
         _fail(str(exc))
     try:
         write(runs, out)
+    except ConfigError as exc:
+        _fail(str(exc))
     except OSError as exc:
         _fail(f"--out {out}: cannot write ({exc.strerror or type(exc).__name__})")
     passed, total = sum(r.passed for r in runs), sum(len(r.claims) for r in runs)

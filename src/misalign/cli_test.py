@@ -3,6 +3,7 @@
 import contextlib
 import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -630,3 +631,94 @@ def test_a_network_summary_says_who_feeds_back_and_the_distance_to_pooled_least_
     assert f"{data['network']['spread']:.3g}" in text.stdout
     two = _invoke(tmp_path, "theory", str(EXAMPLES / "two_agents.toml"))
     assert two.exit_code == 0 and "pooled" not in two.stdout and "network:" not in two.stdout
+
+
+# --- outputs: never written through a symbolic link -----------------------------------------
+
+WRITERS = {
+    "run": (["run", "{config}"], "trajectory.png"),
+    "theory": (["theory", "{config}"], "theory.json"),
+    "attacks": (
+        ["attacks", str(EXAMPLES / "attack.toml"), "--seeds", "2", "--set", "rounds=20"],
+        "attacks.png",
+    ),
+    "design": (["design", "{config}", "--agent", "A", "--seeds", "2"], "design.json"),
+    "train": (["train", str(EXAMPLES / "training" / "lsa_d5.toml")], "checkpoint.pt"),
+    "sweep": (["sweep", str(EXAMPLES / "sweeps" / "eta_by_n.toml"), "--workers", "1"], "rows"),
+    "reproduce": (["reproduce", "single-agent", "--quick"], "figure.png"),
+    "helper-study": (["helper-study", "--quick", "--seeds", "2"], "claims.json"),
+}
+"""Every command that writes a run directory: its arguments and one thing it writes there."""
+
+LINKS = {
+    "the run directory": lambda out, theirs, written: out.symlink_to(theirs, True) or out,
+    "a file in it": lambda out, theirs, written: _link_in(out, "config.toml", theirs / "keep"),
+    "what it writes there": lambda out, theirs, written: _link_in(out, written, theirs),
+    "a subdirectory of it": lambda out, theirs, written: _link_in(out, "sub/rows", theirs),
+}
+"""Where a run directory from someone else hides a link out; each returns the link."""
+
+
+def _link_in(out: Path, name: str, target: Path) -> Path:
+    """A link ``out/name`` to ``target``, in a real ``out`` (and subfolder); returns it."""
+    link = out / name
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target)
+    return link
+
+
+def _main(argv: list[str]) -> tuple[int, str, str]:
+    """The real CLI in this process: exit code, stdout, stderr."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with (
+        contextlib.redirect_stdout(stdout),
+        contextlib.redirect_stderr(stderr),
+        pytest.raises(SystemExit) as exit_,
+    ):
+        main(argv)
+    return exit_.value.code, stdout.getvalue(), stderr.getvalue()
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("where", LINKS)
+@pytest.mark.parametrize("command", WRITERS)
+def test_no_command_writes_through_a_symlinked_run_directory(tmp_path, command, where):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "keep").write_text("theirs")
+    before = _snapshot(theirs)
+    config = tmp_path / "c.toml"
+    config.write_text(GOOD)
+    args, written = WRITERS[command]
+    out = tmp_path / "out"
+    link = LINKS[where](out, theirs, written)
+    argv = [arg.format(config=config) for arg in args]
+    code, stdout, stderr = _main([*argv, "--out", str(out)])
+    assert (code, stdout) == (2, "")
+    assert stderr == (
+        f"misalign: error: --out {out}: {link} is a symbolic link; refusing to write through it\n"
+    )
+    assert _snapshot(theirs) == before and link.is_symlink()
+    if not out.is_symlink():  # nothing written beside the link either
+        files = [Path(root, f) for root, _, names in os.walk(out) for f in names]
+        assert all(f.is_symlink() for f in files)
+
+
+def test_symlinks_above_the_run_directory_are_the_users_own(tmp_path, monkeypatch):
+    """``runs/`` itself, or a folder above ``--out`` (``/tmp`` on macOS), may be a link."""
+    config = tmp_path / "c.toml"
+    config.write_text(GOOD)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(tmp_path)
+    Path("runs").symlink_to(elsewhere)
+    code, _, stderr = _main(["theory", str(config), "--json"])
+    assert code == 0, stderr
+    digest = load_config(config).digest()
+    assert (elsewhere / digest / "theory.json").exists()
+    code, _, stderr = _main(["run", str(config), "--json", "--out", "runs/mine/play"])
+    assert code == 0, stderr
+    assert (elsewhere / "mine" / "play" / "trajectory.png").exists()

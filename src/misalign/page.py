@@ -11,22 +11,32 @@ claims, and, folded, its resolved configuration and the first rows of its table 
 CSV rides along as a ``data:`` download link, up to ``EMBED_BYTES``). It needs no server and
 loads nothing from outside the file: the CSS is inline and every value is escaped (Jinja2
 autoescape).
+
+A run directory may come from someone else (a shared tarball): only regular files really inside
+it are read (``misalign.files.open_inside``). A file that is a symbolic link, a directory, a
+FIFO or a device is named in one line on stderr and left out of the page (a note in its place);
+a run directory that is itself a symbolic link, or whose ``claims.json`` is such a file, is left
+out whole. The rest of the page is still built.
 """
 
 from __future__ import annotations
 
 import base64
 import csv
+import io
 import itertools
 import json
 import math
-from collections.abc import Sequence
+import os
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from misalign.config import ConfigError
+from misalign.files import UnsafeFile, open_inside
 
 ROWS = 50
 """Rows of ``table.csv`` shown on the page (the full table is a download link)."""
@@ -36,6 +46,14 @@ EMBED_BYTES = 8 * 2**20
 a larger one is named by its path instead."""
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+Warn = Callable[[str], None]
+"""Where the page names what it leaves out: one line each."""
+
+
+def warn_stderr(message: str) -> None:
+    """Name something left out of the page: one line on stderr, ``misalign: warning: ...``."""
+    print(f"misalign: warning: {message}", file=sys.stderr)
 
 
 @dataclass(frozen=True)
@@ -78,7 +96,8 @@ def find_runs(paths: Sequence[Path]) -> list[Path]:
     ``claims.json`` is a run; one without but with subdirectories that have it stands for
     those, in the registry's order (``misalign reproduce --list``; runs of no registry
     entry after them, by name). A run named twice (``runs/gap`` and ``runs/``, or a
-    relative and an absolute path) appears where it is first named.
+    relative and an absolute path) appears where it is first named. A run directory that is a
+    symbolic link is still listed: ``load_runs`` names it and leaves it out.
 
     Args:
         paths: run directories, or directories of runs.
@@ -96,11 +115,11 @@ def find_runs(paths: Sequence[Path]) -> list[Path]:
             raise ConfigError(f"{path}: no such run directory")
         if not path.is_dir():
             raise ConfigError(f"{path}: not a directory")
-        if (path / "claims.json").is_file():
+        if _holds_claims(path):
             inner = [path]
         else:
             inner = sorted(
-                (p for p in path.iterdir() if p.is_dir() and (p / "claims.json").is_file()),
+                (p for p in path.iterdir() if p.is_dir() and _holds_claims(p)),
                 key=_registry_order,
             )
             if not inner:
@@ -114,19 +133,34 @@ def find_runs(paths: Sequence[Path]) -> list[Path]:
     return found
 
 
+def _holds_claims(directory: Path) -> bool:
+    """Whether ``directory`` holds a ``claims.json`` (of whatever kind: one that is not a regular
+    file is named when the run is read, ``load_run``)."""
+    return os.path.lexists(directory / "claims.json")
+
+
 def _registry_order(directory: Path) -> tuple[int, str]:
     """Sort key of a run directory: its experiment's place in the registry, then its name."""
     from misalign.experiments import REGISTRY
 
     order = list(REGISTRY)
-    name = _name(directory, _config(directory))
+    try:
+        config = _config(directory)
+    except UnsafeFile:  # named once, when the run is read (load_run)
+        config = {}
+    name = _name(directory, config)
     return (order.index(name) if name in order else len(order), directory.name)
 
 
 def _config(directory: Path) -> Any:
-    """``config.json`` of a run directory, ``{}`` when there is none."""
-    path = directory / "config.json"
-    return _read_json(path) if path.is_file() else {}
+    """``config.json`` of a run directory, ``{}`` when there is none.
+
+    Raises:
+        UnsafeFile: it is not a regular file really inside the directory.
+        ConfigError: it cannot be read or is not valid JSON.
+    """
+    has = os.path.lexists(directory / "config.json")
+    return _read_json(directory, "config.json") if has else {}
 
 
 def _name(directory: Path, config: Any) -> str:
@@ -135,9 +169,17 @@ def _name(directory: Path, config: Any) -> str:
     return str(experiment) if experiment else directory.resolve().name
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(directory: Path, name: str) -> Any:
+    """The JSON file ``name`` of a run directory, read with ``open_inside``.
+
+    Raises:
+        UnsafeFile: it is not a regular file really inside the directory.
+        ConfigError: one line naming it when it cannot be read or is not valid JSON.
+    """
+    path = directory / name
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        with open_inside(directory, name) as handle:
+            return json.loads(handle.read().decode("utf-8"))
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: not valid JSON (line {exc.lineno})") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -152,8 +194,15 @@ def _why(exc: Exception) -> str:
     return getattr(exc, "strerror", None) or (lines[0] if lines else type(exc).__name__)
 
 
-def _claims(path: Path) -> list[dict[str, Any]]:
-    data = _read_json(path)
+def _claims(directory: Path) -> list[dict[str, Any]]:
+    """The claims of a run directory (``claims.json``), each with its name and verdict.
+
+    Raises:
+        UnsafeFile: ``claims.json`` is not a regular file really inside the directory.
+        ConfigError: one line naming it when it is not a list of valid claims.
+    """
+    path = directory / "claims.json"
+    data = _read_json(directory, "claims.json")
     if not isinstance(data, list):
         raise ConfigError(f"{path}: expected a list of claims")
     claims = []
@@ -175,10 +224,16 @@ def _claims(path: Path) -> list[dict[str, Any]]:
     return claims
 
 
-def _version(path: Path) -> str:
-    if not path.is_file():
+def _version(directory: Path) -> str:
+    """Which ``misalign`` wrote a run (``version.json``), for the page's header.
+
+    Raises:
+        UnsafeFile: ``version.json`` is not a regular file really inside the directory.
+        ConfigError: it cannot be read or is not valid JSON.
+    """
+    if not os.path.lexists(directory / "version.json"):
         return "misalign (version unknown)"
-    data = _read_json(path)
+    data = _read_json(directory, "version.json")
     if not isinstance(data, dict):
         return "misalign (version unknown)"
     text = f"misalign {data.get('version') or '(version unknown)'}"
@@ -197,22 +252,30 @@ def _cell(text: str) -> dict[str, Any]:
     return {"text": text, "number": True}
 
 
-def _table(directory: Path, name: str) -> tuple[Table | None, str]:
+def _table(directory: Path, name: str, warn: Warn) -> tuple[Table | None, str]:
     """The first ``ROWS`` rows of ``table.csv``, its row count (read row by row, never whole
-    into memory as rows) and, up to ``EMBED_BYTES``, the file itself."""
+    into memory as rows) and, up to ``EMBED_BYTES``, the file itself.
+
+    Returns:
+        The table, or ``None`` and why there is none (a file left out is named by ``warn``).
+    """
     path = directory / "table.csv"
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None, "table.csv is missing"
     try:
-        size = path.stat().st_size
-        with open(path, encoding="utf-8", newline="") as handle:
+        raw = open_inside(directory, "table.csv")
+        with io.TextIOWrapper(raw, encoding="utf-8", newline="") as handle:
+            size = os.fstat(handle.fileno()).st_size
             reader = csv.reader(handle)
             header = next(reader, None)
             shown = [[_cell(value) for value in row] for row in itertools.islice(reader, ROWS)]
             total = len(shown) + sum(1 for _ in reader)
-        encoded = None
-        if size <= EMBED_BYTES:
-            encoded = base64.b64encode(path.read_bytes()).decode("ascii")
+            encoded = None
+            if size <= EMBED_BYTES:
+                raw.seek(0)
+                encoded = base64.b64encode(raw.read()).decode("ascii")
+    except UnsafeFile as exc:
+        return None, _left_out(exc, warn)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         return None, f"table.csv cannot be read: {_why(exc)}"
     if header is None:
@@ -221,12 +284,20 @@ def _table(directory: Path, name: str) -> tuple[Table | None, str]:
     return Table(header, shown, total, encoded, f"{name}-table.csv", too_large), ""
 
 
-def _figure(directory: Path) -> tuple[str | None, str]:
-    path = directory / "figure.png"
-    if not path.is_file():
+def _figure(directory: Path, warn: Warn) -> tuple[str | None, str]:
+    """``figure.png`` base64-encoded.
+
+    Returns:
+        The encoded figure, or ``None`` and why there is none (a file left out is named by
+        ``warn``).
+    """
+    if not os.path.lexists(directory / "figure.png"):
         return None, "figure.png is missing"
     try:
-        data = path.read_bytes()
+        with open_inside(directory, "figure.png") as handle:
+            data = handle.read()
+    except UnsafeFile as exc:
+        return None, _left_out(exc, warn)
     except OSError as exc:
         return None, f"figure.png cannot be read: {_why(exc)}"
     if not data.startswith(PNG_MAGIC):
@@ -234,34 +305,59 @@ def _figure(directory: Path) -> tuple[str | None, str]:
     return base64.b64encode(data).decode("ascii"), ""
 
 
-def load_run(directory: Path, anchor: str = "run") -> Run:
-    """Read one run directory.
+def _left_out(exc: UnsafeFile, warn: Warn) -> str:
+    """Name a file the page leaves out (``warn``: one line).
+
+    Args:
+        exc: the file and why it is not read.
+        warn: where the line goes.
+
+    Returns:
+        The note the page shows in its place.
+    """
+    warn(f"{exc}; left out of the page")
+    return f"{exc.path.name} left out: {exc.why}"
+
+
+def load_run(directory: Path, anchor: str = "run", warn: Warn = warn_stderr) -> Run:
+    """Read one run directory; a file of it that is not a regular file really inside it is
+    named by ``warn`` and left out (a note in its place).
 
     Raises:
         ConfigError: one line naming the directory when it does not exist or lacks
             ``claims.json``, or naming a file that is not valid JSON.
+        UnsafeFile: the directory is a symbolic link, or its ``claims.json`` is not a regular
+            file inside it: the whole run is left out (``load_runs``).
     """
     directory = Path(directory)
     if not directory.is_dir():
         missing = "no such run directory" if not directory.exists() else "not a directory"
         raise ConfigError(f"{directory}: {missing}")
-    if not (directory / "claims.json").is_file():
+    if not _holds_claims(directory):
         raise ConfigError(f"{directory}: no claims.json (not a run directory)")
-    claims = _claims(directory / "claims.json")
-    config = _config(directory)
+    claims = _claims(directory)
+    try:
+        config = _config(directory)
+        shown = json.dumps(config, indent=2, default=str)
+    except UnsafeFile as exc:
+        config, shown = {}, _left_out(exc, warn)
+    try:
+        version = _version(directory)
+    except UnsafeFile as exc:
+        version = f"misalign (version unknown: {_left_out(exc, warn)})"
     name = _name(directory, config)
     from misalign.experiments import REGISTRY
 
     entry = REGISTRY.get(name)
-    figure, figure_missing = _figure(directory)
-    table, table_missing = _table(directory, name)
+    figure, figure_missing = _figure(directory, warn)
+    table, table_missing = _table(directory, name, warn)
     return Run(
         directory=directory,
         name=name,
         claims=claims,
         claim=entry.claim if entry is not None else None,
-        config=json.dumps(config, indent=2, default=str),
-        version=_version(directory / "version.json"),
+        config=shown,
+        version=version,
         figure=figure,
         figure_missing=figure_missing,
         table=table,
@@ -270,11 +366,24 @@ def load_run(directory: Path, anchor: str = "run") -> Run:
     )
 
 
-def load_runs(run_dirs: Sequence[Path]) -> list[Run]:
-    """Every run directory, in the order given (see ``load_run``)."""
+def load_runs(run_dirs: Sequence[Path], warn: Warn = warn_stderr) -> list[Run]:
+    """Every run directory, in the order given (see ``load_run``); a run left out whole is
+    named by ``warn``.
+
+    Raises:
+        ConfigError: no run directories given, or none left once those left out are.
+    """
     if not run_dirs:
         raise ConfigError("no run directories given")
-    return [load_run(Path(d), f"run-{i + 1}") for i, d in enumerate(run_dirs)]
+    runs = []
+    for directory in map(Path, run_dirs):
+        try:
+            runs.append(load_run(directory, f"run-{len(runs) + 1}", warn))
+        except UnsafeFile as exc:
+            warn(f"{exc}; the run is left out of the page")
+    if not runs:
+        raise ConfigError("no run left to report (every one was left out)")
+    return runs
 
 
 def _num(value: Any) -> str:
@@ -325,15 +434,17 @@ def write(runs: Sequence[Run], out: Path) -> Path:
     """Render ``runs`` into ``out`` atomically, creating its directory; returns ``out``.
 
     Raises:
+        ConfigError: ``out`` is a symbolic link (``refuse_symlinks``).
         OSError: ``out`` cannot be written; ``NotADirectoryError`` naming the file in the way
             when a part of its directory is one.
     """
     import errno
 
-    from misalign.files import atomic_write
+    from misalign.files import atomic_write, refuse_symlinks
 
     text = render(runs)
     out = Path(out)
+    refuse_symlinks(out, inside=False)
     for parent in out.parents:
         if parent.exists():
             if not parent.is_dir():

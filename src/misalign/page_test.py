@@ -21,10 +21,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from misalign.cli import app
+from misalign.cli import app, main
 from misalign.config import ConfigError
 from misalign.experiments import REGISTRY
-from misalign.page import ROWS, build_page, find_runs, write_page
+from misalign.page import PNG_MAGIC, ROWS, build_page, find_runs, write_page
 
 runner = CliRunner()
 NAMES = ["single-agent", "stability"]
@@ -326,6 +326,182 @@ def test_write_page_is_the_built_page(runs, tmp_path):
     strip = re.compile(r"Generated [^f]*from")
     assert strip.sub("", out.read_text()) == strip.sub("", build_page([runs / "single-agent"]))
     assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # no temporary left
+
+
+# --- run directories from someone else: only regular files really inside them are read ---
+
+SECRET = "misalign-secret-5f3a9c"
+READ = ("claims.json", "config.json", "version.json", "figure.png", "table.csv")
+"""Every file of a run directory that the page reads."""
+
+
+def _secrets(tmp_path: Path) -> Path:
+    """A folder outside every run holding, under each name the page reads, a valid file of its
+    kind that carries ``SECRET``: a page that followed a link there would show it."""
+    folder = tmp_path / "secret"
+    folder.mkdir()
+    (folder / "claims.json").write_text(json.dumps([{"name": SECRET, "passed": True}]))
+    (folder / "config.json").write_text(json.dumps({"experiment": SECRET}))
+    (folder / "version.json").write_text(json.dumps({"version": SECRET}))
+    (folder / "figure.png").write_bytes(PNG_MAGIC + SECRET.encode())
+    (folder / "table.csv").write_text(f"a,b\n{SECRET},1\n")
+    return folder
+
+
+def _shared(runs: Path, tmp_path: Path) -> Path:
+    """A directory of runs as a shared tarball unpacks it: ``good`` (stability) and ``victim``
+    (single-agent), the one a test spoils."""
+    shared = tmp_path / "shared"
+    shutil.copytree(runs / "stability", shared / "good")
+    shutil.copytree(runs / "single-agent", shared / "victim")
+    return shared
+
+
+def _swap(path: Path, make) -> Path:
+    """Remove what is at ``path`` (a file or a directory), put ``make(path)`` there instead."""
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    make(path)
+    return path
+
+
+def _link_in_subfolder(victim: Path, secret: Path) -> Path:
+    """``table.csv -> sub/t.csv``, itself a link out: the second hop is the one out."""
+    (victim / "sub").mkdir()
+    (victim / "sub" / "t.csv").symlink_to(secret / "table.csv")
+    return _swap(victim / "table.csv", lambda p: p.symlink_to("sub/t.csv"))
+
+
+PAYLOADS = {
+    **{
+        f"{name} links out": lambda victim, secret, name=name: _swap(
+            victim / name, lambda p: p.symlink_to(secret / name)
+        )
+        for name in READ
+    },
+    "table.csv links to a directory": lambda victim, secret: _swap(
+        victim / "table.csv", lambda p: p.symlink_to(secret)
+    ),
+    "figure.png links up and out, relative": lambda victim, secret: _swap(
+        victim / "figure.png", lambda p: p.symlink_to(Path("..", "..", "secret", "figure.png"))
+    ),
+    "table.csv links into a subfolder that links out": _link_in_subfolder,
+    "config.json is a directory": lambda victim, secret: _swap(
+        victim / "config.json", lambda p: p.mkdir()
+    ),
+    "the run directory links out": lambda victim, secret: _swap(
+        victim, lambda p: p.symlink_to(secret)
+    ),
+}
+"""Ways a run directory from someone else points the page at a file outside it; each returns
+the path the page must name and leave out."""
+
+
+def _report_main(*args) -> tuple[int, str, str]:
+    """``misalign report ARGS``, the real CLI in this process: exit code, stdout, stderr."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with (
+        contextlib.redirect_stdout(stdout),
+        contextlib.redirect_stderr(stderr),
+        pytest.raises(SystemExit) as exit_,
+    ):
+        main(["report", *map(str, args)])
+    return exit_.value.code, stdout.getvalue(), stderr.getvalue()
+
+
+def _assert_secret_nowhere(page: str) -> None:
+    """Neither the page's text nor any of its base64 data links holds ``SECRET``."""
+    assert SECRET not in page and SECRET not in html.unescape(page)
+    links = re.findall(r"base64,([A-Za-z0-9+/=]+)", page)
+    assert links  # the good run's figure and table at least
+    assert not any(SECRET.encode() in base64.b64decode(data) for data in links)
+
+
+def _sections(page: str) -> list[str]:
+    return [re.search(r"<h2>(.*?)</h2>", s).group(1) for s in page.split("<section")[1:]]
+
+
+@pytest.mark.parametrize("named", ["each run", "the directory of runs"])
+@pytest.mark.parametrize("payload", PAYLOADS)
+def test_report_leaves_out_what_is_not_a_regular_file_inside_the_run(
+    runs, tmp_path, payload, named
+):
+    shared, secret = _shared(runs, tmp_path), _secrets(tmp_path)
+    left_out = PAYLOADS[payload](shared / "victim", secret)
+    whole = left_out.name in ("victim", "claims.json")  # no claims to show: the run goes
+    args = [shared] if named == "the directory of runs" else [shared / "good", shared / "victim"]
+    out = tmp_path / "report.html"
+    code, stdout, stderr = _report_main(*args, "--out", out)
+    assert code == 0, stderr
+    assert stdout.startswith(f"report: {out} ({2 - whole} runs, ")
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"misalign: warning: {left_out}: ")
+    assert lines[0].endswith("left out of the page") and SECRET not in stderr
+    page = out.read_text()
+    _assert_secret_nowhere(page)
+    sections = _sections(page)  # without its config.json, a run is named by its directory
+    assert "stability" in sections and len(sections) == 2 - whole
+    if not whole:
+        assert f"{left_out.name} left out: " in page
+
+
+def _report_process(*args, env=None) -> subprocess.CompletedProcess:
+    """``misalign report ARGS`` in its own process (a test that would hang gets killed)."""
+    return subprocess.run(
+        [sys.executable, "-m", "misalign.cli", "report", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+
+
+@pytest.mark.parametrize(
+    "names", [("figure.png", "table.csv", "config.json", "version.json"), ("claims.json",)]
+)
+def test_report_of_fifos_does_not_hang(runs, tmp_path, names):
+    shared = _shared(runs, tmp_path)
+    for name in names:
+        _swap(shared / "victim" / name, os.mkfifo)
+    out = tmp_path / "report.html"
+    done = _report_process(shared, "--out", out)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == len(names)
+    for line, name in zip(sorted(lines), sorted(names), strict=True):
+        assert line.startswith(f"misalign: warning: {shared / 'victim' / name}: a FIFO; ")
+    assert len(_sections(out.read_text())) == (1 if names == ("claims.json",) else 2)
+
+
+def test_report_does_not_embed_proc_self_environ(runs, tmp_path):
+    shared = _shared(runs, tmp_path)
+    for name in ("table.csv", "config.json"):
+        _swap(shared / "victim" / name, lambda p: p.symlink_to("/proc/self/environ"))
+    out = tmp_path / "report.html"
+    done = _report_process(shared, "--out", out, env=os.environ | {"MISALIGN_SECRET": SECRET})
+    assert done.returncode == 0, done.stderr
+    lines = sorted(done.stderr.splitlines())
+    assert [line.split(": a symbolic link")[0] for line in lines] == [
+        f"misalign: warning: {shared / 'victim' / name}" for name in ("config.json", "table.csv")
+    ]
+    _assert_secret_nowhere(out.read_text())
+
+
+def test_report_refuses_to_write_through_a_symlinked_out(runs, tmp_path):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "page.html").write_text("theirs")
+    out = tmp_path / "report.html"
+    out.symlink_to(theirs / "page.html")
+    code, stdout, stderr = _report_main(runs, "--out", out)
+    assert code == 2 and stdout == ""
+    assert stderr == (
+        f"misalign: error: --out {out}: {out} is a symbolic link; refusing to write through it\n"
+    )
+    assert [p.name for p in theirs.iterdir()] == ["page.html"]
+    assert (theirs / "page.html").read_text() == "theirs" and out.is_symlink()
+    (tmp_path / "mine").symlink_to(theirs)  # a link higher up is the user's own path
+    code, _, stderr = _report_main(runs, "--out", tmp_path / "mine" / "report.html")
+    assert code == 0 and stderr == "" and (theirs / "report.html").exists()
 
 
 def test_help_does_not_import_jinja2():

@@ -534,8 +534,8 @@ def run_sweep(
         call did nothing).
 
     Raises:
-        ConfigError: ``out`` holds another sweep, or a partial one without ``resume``; the
-            backend is missing or its cluster unreachable.
+        ConfigError: ``out`` is or holds a symbolic link, holds another sweep, or a partial
+            one without ``resume``; the backend is missing or its cluster unreachable.
         SweepStopped: the backend failed part way; what finished is kept.
     """
     started = time.perf_counter()
@@ -609,9 +609,14 @@ def _prepare(sweep: Sweep, out: Path, resume: bool) -> set[int]:
 
     Returns:
         The chunks already finished.
-    """
-    from misalign.files import atomic_write
 
+    Raises:
+        ConfigError: ``out`` is, or holds, a symbolic link (``refuse_symlinks``), holds
+            another sweep or a partial one without ``resume``, or cannot be written.
+    """
+    from misalign.files import atomic_write, refuse_symlinks
+
+    refuse_symlinks(out)
     manifest = out / MANIFEST
     try:
         if manifest.exists():

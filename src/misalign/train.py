@@ -24,7 +24,7 @@ import torch
 from misalign import sizes
 from misalign.agent import icl_loss, lsa_optimal_gamma
 from misalign.config import ConfigError, TrainConfig
-from misalign.files import atomic_write
+from misalign.files import atomic_write, refuse_symlinks
 from misalign.lsa import LSA, gamma_from_weights, use_threads
 from misalign.progress import progress_bar
 from misalign.prompt import haar_rotation
@@ -270,10 +270,12 @@ def train(
 
     Raises:
         ConfigError: no GPU where one is asked for, a run too large for the memory
-            (``check_memory``), or a checkpoint to resume of another configuration.
+            (``check_memory``), ``out`` is or holds a symbolic link (``refuse_symlinks``), or a
+            checkpoint to resume of another configuration.
     """
     device = pick_device(config.device)
     check_memory(config, device)
+    refuse_symlinks(out)
     if device.type == "cpu":
         use_threads(config.threads)
     out.mkdir(parents=True, exist_ok=True)

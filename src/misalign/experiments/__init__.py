@@ -141,16 +141,20 @@ def write_run(
         claims: the numeric claims (``claims.json``).
         figure: a matplotlib figure (from ``misalign.plot.new_figure``): saved as
             ``figure.svg`` and ``figure.png`` (``save_figure``, which closes it).
+
+    Raises:
+        ConfigError: ``out`` is, or holds, a symbolic link (``refuse_symlinks``).
     """
     import csv
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from misalign.files import atomic_write
+    from misalign.files import atomic_write, refuse_symlinks
     from misalign.plot import save_figure
 
     out = Path(out)
+    refuse_symlinks(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = [{k: _plain(v) for k, v in row.items()} for row in rows]
     columns = list(rows[0]) if rows else []
