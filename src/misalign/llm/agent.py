@@ -35,6 +35,7 @@ from misalign.llm.client import (
     Exhausted,
     Fatal,
     Limits,
+    OverLimit,
     Refused,
     Stats,
 )
@@ -189,11 +190,15 @@ class LLMAgent:
                 self._semaphore = asyncio.Semaphore(self.config.concurrency)
             try:  # a fatal problem cancels the requests in flight
                 async with asyncio.TaskGroup() as group:
-                    tasks = [group.create_task(self._answer(*r)) for r in requests]
+                    tasks = [group.create_task(_unless_over(self._answer(*r))) for r in requests]
             except ExceptionGroup as problems:  # the first Fatal, else the first problem
                 fatal = [e for e in problems.exceptions if isinstance(e, Fatal)]
                 raise (fatal or problems.exceptions)[0] from None
-            return [task.result() for task in tasks]
+            answers = [task.result() for task in tasks]
+            over = next((a for a in answers if isinstance(a, OverLimit)), None)
+            if over is not None:  # raised once the requests in flight are recorded
+                raise over
+            return answers
 
         return self.session.run(everything())
 
@@ -482,6 +487,15 @@ def _count_cached(stats: Stats, record: Record) -> None:
     stats.cached_tokens_in += record.tokens_in
     stats.cached_tokens_out += record.tokens_out
     stats.cached_cost += record.cost or 0.0
+
+
+async def _unless_over(answer):
+    """A request's answer, or the ``OverLimit`` that kept it from being sent: returned, not
+    raised, so that the requests already in flight (paid for) finish and are recorded."""
+    try:
+        return await answer
+    except OverLimit as exc:
+        return exc
 
 
 def _seen(future: asyncio.Future) -> None:

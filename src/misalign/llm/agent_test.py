@@ -33,6 +33,7 @@ from misalign.llm.fake_server import (
     error_body,
     fingerprint,
     reject_key,
+    script,
     status,
 )
 from misalign.llm.store import Slot, Store, request_key
@@ -836,3 +837,84 @@ def test_a_store_locked_to_the_end_says_how_many_answers_were_not_stored(
         "paid for could not be stored; a re-run asks for them again"
     )
     assert stored(store) == 0
+
+
+# What someone else's server or files can make a run send or print
+
+
+KEY = "sk-QzXwKqZxWvJhQyPzKmGxLrVwQjfz"
+"""A fixed key (rare letters, no hex run) whose 4-character fragments occur nowhere else."""
+
+
+def fragments(text: str, key: str = KEY, shortest: int = 4) -> list[str]:
+    """The fragments of ``shortest`` or more characters of the key that ``text`` holds."""
+    return [key[i : i + shortest] for i in range(len(key) - 3) if key[i : i + shortest] in text]
+
+
+@pytest.mark.parametrize(
+    ("status_", "echo"),
+    [
+        (400, f"Incorrect API key provided: {KEY[:8]}**************{KEY[-4:]}."),
+        (404, f"The model does not exist or key {KEY[3:12]}... has no access to it"),
+        (422, f"Unprocessable: {KEY[10:20]} / {KEY}"),
+        (400, f"bad request from {KEY[-6:]}{KEY[:5]}"),
+    ],
+)
+def test_key_fragments_a_server_echoes_are_never_printed_or_stored(
+    tmp_path, monkeypatch, capsys, status_, echo
+):
+    """A server that echoes a prefix, a middle or a suffix of the key in its error: neither
+    the message printed nor anything written holds four characters of the key in a row;
+    first at a request that stops the run (before any answer), then at one that fails a
+    play (after answers), whose reason is printed and stored."""
+    monkeypatch.setenv("MISALIGN_TEST_KEY", KEY)
+    refusal = Reply(status_, body=error_body(status_, echo))
+    for first in (0, 6):
+        behaviour = script(*[GOOD] * first, refusal) if first else lambda b, i: refusal
+        with FakeServer(behaviour) as server:
+            config = write_config(
+                tmp_path / "play.toml", server.base_url, 4, api_key_env="MISALIGN_TEST_KEY"
+            )
+            out = tmp_path / f"out-{first}"
+            code, stdout, stderr = cli(
+                capsys, "run", config, "--store", tmp_path / f"s{first}.sqlite", "--out", out
+            )
+            assert server.headers and server.headers[0]["authorization"] == f"Bearer {KEY}"
+        assert code in (0, 2) and fragments(stdout + stderr) == [], stdout + stderr
+    for path in every_file(tmp_path):
+        assert fragments(path.read_text(errors="replace")) == [], path
+
+
+def test_a_long_bad_answer_is_echoed_short_in_its_correction(tmp_path, capsys):
+    """A 1.1 MB answer that does not parse is sent back with its correction cut to a few
+    hundred characters: it cannot make the paid requests that follow long."""
+    huge = "x" * 1_100_000
+    with FakeServer(script(Reply(content=huge), GOOD)) as server:
+        config = write_config(tmp_path / "play.toml", server.base_url, rounds=3)
+        code, _, err = cli(capsys, "run", config, "--store", tmp_path / "s.sqlite")
+        corrections = [r for r in server.requests if len(r["messages"]) > 2]
+    assert code == 0, err
+    assert len(corrections) == 1
+    echoed = corrections[0]["messages"][-2]
+    assert echoed["role"] == "assistant" and echoed["content"] == huge[:300]
+    assert max(len(json.dumps(r)) for r in server.requests) < 10_000
+
+
+def test_a_template_that_writes_the_key_is_never_sent(tmp_path, monkeypatch, capsys, server):
+    """The second wall: messages that hold the key (a template that writes it as text) are
+    refused before the request, one line, exit 2; the server hears nothing."""
+    monkeypatch.setenv("MISALIGN_TEST_KEY", KEY)
+    template = tmp_path / "leak.j2"
+    template.write_text(f"note {KEY}: {{{{ estimate }}}}")
+    config = write_config(
+        tmp_path / "play.toml",
+        server.base_url,
+        prompt=str(template),
+        api_key_env="MISALIGN_TEST_KEY",
+    )
+    error = one_line_error(*cli(capsys, "run", config, "--store", tmp_path / "s.sqlite"))
+    assert error == (
+        "agents.A: refused to send a request whose messages hold the key ($MISALIGN_TEST_KEY): "
+        "a template or an example writes it"
+    )
+    assert server.requests == []

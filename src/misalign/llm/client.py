@@ -42,6 +42,11 @@ class Fatal(ConfigError):
     """A problem that stops the run, as one line (exit 2): everything recorded is kept."""
 
 
+class OverLimit(Fatal):
+    """The run reached ``--max-requests`` or ``--max-cost``: nothing more is sent, and the
+    requests already in flight are answered and recorded before the run stops."""
+
+
 class Exhausted(Exception):
     """Retries ran out on a transient failure (429, 5xx, timeout): the play fails."""
 
@@ -245,18 +250,18 @@ class Client:
         """Check, before a request is sent, that the run has not reached its limits.
 
         Raises:
-            Fatal: ``--max-requests`` requests were sent, or ``--max-cost`` dollars paid.
+            OverLimit: ``--max-requests`` requests were sent, or ``--max-cost`` dollars paid.
         """
         most, spent = self.limits.requests, self.stats.requests
         if most is not None and spent >= most:
-            raise Fatal(
+            raise OverLimit(
                 f"--max-requests {most}: reached ({spent:,} requests sent, retries and "
                 "corrections included); every answer is in the store, and a re-run with a "
                 "higher limit goes on from there"
             )
         cost = self.limits.cost
         if cost is not None and self.stats.cost >= cost:
-            raise Fatal(
+            raise OverLimit(
                 f"--max-cost {cost:g}: reached (${self.stats.cost:,.4f} paid); every answer is "
                 "in the store, and a re-run with a higher limit goes on from there"
             )
