@@ -563,6 +563,12 @@ def train_command(
         cfg = load_train_config(config, set_ or ())
     except ConfigError as exc:
         _fail(str(exc))
+    from misalign.optional import require_torch
+
+    try:
+        require_torch("misalign train")
+    except ConfigError as exc:
+        _fail(str(exc))
     from misalign.train import check_memory, pick_device, train  # torch: a valid config only
 
     try:  # before anything is written: a refused run leaves no directory behind
@@ -737,6 +743,8 @@ def _reproduce(name: str, quick: bool, seeds: int | None, out: Path | None, json
         result = entry.run(quick, seeds, out)
     except OSError as exc:
         _fail(f"--out {out}: cannot write ({exc.strerror})")
+    except ConfigError as exc:  # an optional dependency missing
+        _fail(str(exc))
     claims = [c.as_dict() for c in result.claims]
     if json_out:
         from misalign.report import to_json

@@ -313,6 +313,9 @@ def _agent(
             raise ValueError(f"agent {name}: a batch needs one set of language-model settings")
         return LLMAgent(name, first, prompts, seeds, session)
     if isinstance(first, LSAAgentConfig):
+        from misalign.optional import require_torch
+
+        require_torch(f'agents.{name} (kind = "lsa")')
         from misalign.lsa import LSAAgent
 
         return LSAAgent(name, _trained(name, first.checkpoint, prompts[0].d), prompts)

@@ -26,6 +26,7 @@ import numpy as np
 
 from misalign.experiments import Claim, Experiment, Result, write_run
 from misalign.lsa_study import GAPS, GEOMETRIES, N, lsa_study_figure, run_lsa_study, train_models
+from misalign.optional import require_torch
 
 NAME = "lsa"
 
@@ -62,7 +63,12 @@ def gammas(checkpoint: Path, probes: int, seed: int = 0) -> dict[str, np.ndarray
 
 
 def run(quick: bool, seeds: int | None, out: Path) -> Result:
-    """Train (or reuse) the models in ``out``, play them and compare with the theory."""
+    """Train (or reuse) the models in ``out``, play them and compare with the theory.
+
+    Raises:
+        ConfigError: torch is not installed (one line saying what to install).
+    """
+    require_torch("reproduce lsa")
     cfg = config(quick, seeds)
     out = Path(out)
     checkpoints = train_models(out, cfg["steps"])
