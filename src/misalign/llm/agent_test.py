@@ -887,17 +887,28 @@ def test_key_fragments_a_server_echoes_are_never_printed_or_stored(
 
 def test_a_long_bad_answer_is_echoed_short_in_its_correction(tmp_path, capsys):
     """A 1.1 MB answer that does not parse is sent back with its correction cut to a few
-    hundred characters: it cannot make the paid requests that follow long."""
+    hundred characters: neither a server's nor a store's long answer can make the paid
+    requests that follow long. First a run whose server answers only that (no corrections
+    allowed: the store keeps the long answers), then a run that reads them from the store
+    and corrects them at another server."""
     huge = "x" * 1_100_000
-    with FakeServer(script(Reply(content=huge), GOOD)) as server:
-        config = write_config(tmp_path / "play.toml", server.base_url, rounds=3)
-        code, _, err = cli(capsys, "run", config, "--store", tmp_path / "s.sqlite")
-        corrections = [r for r in server.requests if len(r["messages"]) > 2]
-    assert code == 0, err
-    assert len(corrections) == 1
-    echoed = corrections[0]["messages"][-2]
-    assert echoed["role"] == "assistant" and echoed["content"] == huge[:300]
-    assert max(len(json.dumps(r)) for r in server.requests) < 10_000
+    store = tmp_path / "s.sqlite"
+    with FakeServer(lambda body, index: Reply(content=huge)) as server:
+        config = write_config(tmp_path / "play.toml", server.base_url, rounds=3, max_retries=0)
+        cli(capsys, "run", config, "--store", store)
+    for phase, answers in (("store", GOOD), ("server", script(Reply(content=huge), GOOD))):
+        with FakeServer(answers) as server:
+            config = write_config(tmp_path / "play.toml", server.base_url, rounds=3)
+            code, _, err = cli(capsys, "run", config, "--store", store)
+            corrections = [r for r in server.requests if len(r["messages"]) > 2]
+        assert code == 0, err
+        assert corrections, phase
+        for request in corrections:
+            echoed = request["messages"][2]
+            assert echoed["role"] == "assistant" and echoed["content"] == huge[:300], phase
+        assert max(len(json.dumps(r)) for r in server.requests) < 10_000, phase
+        store.unlink()
+        Path(f"{store}-wal").unlink(missing_ok=True)
 
 
 def test_a_template_that_writes_the_key_is_never_sent(tmp_path, monkeypatch, capsys, server):
