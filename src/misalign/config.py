@@ -361,6 +361,11 @@ class PlayConfig(_Strict):
                 self._check_mix(name, agent.reads)
             elif agent.reads is not None and agent.reads not in self.agents:
                 raise _FieldError(f"agents.{name}.reads", f"names no agent: {agent.reads!r}")
+            elif agent.reads == name:
+                raise _FieldError(
+                    f"agents.{name}.reads",
+                    "an agent cannot read itself (a lone agent does so without reads)",
+                )
             if isinstance(agent, LLMAgentConfig) and (agent.probes or self.d + 1) < self.d + 1:
                 raise _FieldError(
                     f"agents.{name}.probes", f"must be at least d + 1 = {self.d + 1} to fit a map"

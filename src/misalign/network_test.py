@@ -297,6 +297,40 @@ def test_bad_weighted_reads_are_one_line_naming_the_field(reads, message):
     assert str(info.value).startswith(message) and "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "play",
+    [
+        {},
+        {"schedule": "simultaneous"},
+        {"schedule": ["A", "B", "C", "A"]},
+        {"agents": {"A": {"n": 2}}},
+        {"agents": {"A": {"n": 2}, "B": {"n": 2}}},
+    ],
+)
+def test_a_self_read_is_refused_by_the_command(tmp_path, play):
+    """``reads = "A"`` on agent A, in alternating, simultaneous, repeated-turn, lone and
+    two-agent plays: one line naming the field, exit 2, as the README says."""
+    import subprocess
+    import sys
+
+    import tomli_w
+
+    data = {**BASE, **play}
+    data["agents"] = {**data["agents"], "A": {"n": 2, "reads": "A"}}
+    config = tmp_path / "self.toml"
+    config.write_text(tomli_w.dumps(data))
+    done = subprocess.run(
+        [sys.executable, "-m", "misalign.cli", "run", str(config), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and done.stderr.strip() == (
+        "misalign: error: agents.A.reads: an agent cannot read itself (a lone agent does so "
+        "without reads)"
+    ), done.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_weights_within_1e_9_of_one_are_accepted():
     data = {
         **BASE,
