@@ -39,6 +39,7 @@ import itertools
 import json
 import math
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -757,11 +758,33 @@ def _local(
     sweep: Sweep, chunks: Sequence[int], workers: int
 ) -> Iterator[tuple[int, list[dict[str, Any]]]]:
     """Chunks run by joblib worker processes (in this process with one worker), in the order
-    they finish."""
-    from joblib import Parallel, delayed
+    they finish. The workers outlive no sweep: each watches its parent (``_watch_parent``)
+    and exits within a second of its death (a sweep killed with SIGKILL), and an idle worker
+    exits after ``IDLE_S`` (loky's default keeps it 300 s)."""
+    from joblib import Parallel, delayed, parallel_config
 
-    parallel = Parallel(n_jobs=workers, return_as="generator_unordered")
+    with parallel_config(backend="loky", initializer=_watch_parent, idle_worker_timeout=IDLE_S):
+        parallel = Parallel(n_jobs=workers, return_as="generator_unordered")
     return parallel(delayed(run_chunk)(Chunk.of(sweep, k)) for k in chunks)
+
+
+IDLE_S = 10
+"""Seconds an idle joblib worker waits for work before it exits."""
+WATCH_S = 0.5
+"""How often a worker checks that the sweep that started it is alive."""
+
+
+def _watch_parent() -> None:
+    """In a worker process: exit at once when the process that started it is gone (it is
+    then re-parented), so that a killed sweep leaves no process behind."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(WATCH_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="misalign-parent-watch", daemon=True).start()
 
 
 def _ray(

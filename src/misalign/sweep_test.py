@@ -480,3 +480,59 @@ def test_ray_unreachable_address_is_one_line(tmp_path, capsys):
     assert caught.value.code == 2 and err.count("\n") == 1
     assert err.startswith("misalign: error: --address 127.0.0.1:1: no Ray cluster reachable")
     assert not (tmp_path / "out").exists()
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every living process below ``pid`` (from /proc: Linux)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+@pytest.mark.parametrize("moment", ["busy", "idle"])
+def test_a_killed_sweep_leaves_no_worker_behind(tmp_path, moment):
+    """SIGKILL of a sweep on two joblib workers, while they compute or once the last chunk
+    is handed out: every process it started (workers, loky's resource tracker) is gone within
+    seconds, and the resumed sweep finishes without them."""
+    import tomli_w
+
+    path = tmp_path / "slow.toml"
+    path.write_text(tomli_w.dumps(SLOW))
+    out, rows = tmp_path / "out", tmp_path / "out" / "rows"
+    args = [sys.executable, "-m", "misalign.cli", "sweep", str(path), "--out", str(out)]
+    process = subprocess.Popen([*args, "--workers", "2"], stdout=subprocess.DEVNULL)
+    needed = 1 if moment == "busy" else 5
+    deadline = time.monotonic() + 120
+    while len(list(rows.glob("chunk-*.parquet")) if rows.exists() else []) < needed:
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    started = _descendants(process.pid)
+    assert len(started) >= 2  # the workers, at least
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in started):
+        assert time.monotonic() < deadline, [p for p in started if _alive(p)]
+        time.sleep(0.1)
+    done = subprocess.run([*args, "--resume", "--json"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert read_rows(out).column("point").to_pylist() == list(range(12))
