@@ -798,23 +798,28 @@ def _ray(
     """
     import ray
 
-    started = False
+    from misalign.reaper import Reaper
+
+    started, reaper = False, None
     if not ray.is_initialized():
+        reaper = Reaper()  # a SIGKILL of this process must not leave Ray's agents behind
         try:
             if address is not None:
                 ray.init(address=address, log_to_driver=False)
             else:
                 ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
         except Exception as exc:  # ConnectionError, RuntimeError, ValueError: one line
+            reaper.done()
             where = f"--address {address}" if address else "--backend ray"
             text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ConfigError(f"{where}: cannot start or join Ray ({text})") from None
         started = True
-    return _ray_results(ray, sweep, chunks, started)
+    return _ray_results(ray, sweep, chunks, started, reaper)
 
 
-def _ray_results(ray, sweep: Sweep, chunks: Sequence[int], started: bool):
-    """Submit every chunk, yield results as they finish, and stop a Ray instance started here."""
+def _ray_results(ray, sweep: Sweep, chunks: Sequence[int], started: bool, reaper):
+    """Submit every chunk, yield results as they finish, and stop a Ray instance started here
+    (and its watchdog, ``misalign.reaper``, which ends it if this process is killed)."""
     try:
         task = ray.remote(run_chunk)
         pending = [task.remote(Chunk.of(sweep, k)) for k in chunks]
@@ -824,6 +829,8 @@ def _ray_results(ray, sweep: Sweep, chunks: Sequence[int], started: bool):
     finally:
         if started:
             ray.shutdown()
+        if reaper is not None:
+            reaper.done()
 
 
 def summary_line(summary: dict[str, Any]) -> str:
