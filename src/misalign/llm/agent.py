@@ -410,6 +410,7 @@ class LLMAgent:
                 self.config.max_retries,
                 self.session.stats,
                 self.session.limits,
+                (self.config.price_in, self.config.price_out),
             )
             self.session._clients.append(self._client)
         return self._client

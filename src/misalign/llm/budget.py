@@ -9,24 +9,28 @@ user's ``--max-requests`` or ``--max-cost`` (``check``). The count leaves out co
 bad answers and retries, which the client counts as it sends and stops at the same limits.
 
 The cost bound is a bound, not an estimate: each request's input is at most one token per
-UTF-8 byte of its messages (rendered with the longest numbers a prompt can hold) plus
-``OVERHEAD`` per message, and its output at most ``max_completion_tokens`` (or
-``max_tokens``) of the agent's ``request``; an agent with prices and neither limit has no
-bound.
+UTF-8 byte of its body (messages rendered with the longest numbers a prompt can hold, the
+settings passed through and the response format) plus ``OVERHEAD`` per message, and its
+output at most ``max_completion_tokens`` (or ``max_tokens``) of the agent's ``request``; an
+agent with a price on output and neither limit has no bound. The plan's bound is for the
+prompt as rendered before the run; the client reserves each request's own bound before it
+sends it (``misalign.llm.client.Limits``), so ``--max-cost`` holds whatever the template
+renders later. Prices come from the configuration: a shared one's are its author's word.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
 
 from misalign.config import ConfigError
 from misalign.experiment import language_models
+from misalign.llm.answer import FORMATS, response_format
+from misalign.llm.client import OVERHEAD, cost_bound
 from misalign.llm.fit import answers_per_agent
 
-OVERHEAD = 8
-"""Tokens a chat format adds per message, at most (role and separators)."""
 LONGEST = -1.2345678901234567e-300
 """The longest number a prompt writes (``repr``: 24 characters)."""
 
@@ -82,15 +86,15 @@ def plan(game, rounds: int) -> Plan:
 
 def _cost_bound(agent, requests: int) -> float | None:
     """The most ``requests`` requests of ``agent`` can cost, in dollars (``None``: its
-    answers' tokens are not limited)."""
+    answers' tokens are not limited), each rendered with the longest numbers a prompt holds
+    and sent with its settings and the largest response format (``cost_bound``). A template
+    can render other rounds longer: the client checks each request again before it is sent."""
     settings = agent.config.request
-    most_out = settings.get("max_completion_tokens", settings.get("max_tokens"))
-    if not isinstance(most_out, int) or isinstance(most_out, bool) or most_out < 0:
-        return None
     messages = agent.messages(0, np.full(agent.d, LONGEST), round=10**9)
-    most_in = sum(len(m["content"].encode()) + OVERHEAD for m in messages)
-    price_in, price_out = agent.config.price_in or 0.0, agent.config.price_out or 0.0
-    return requests * (most_in * price_in + most_out * price_out) / 1e6
+    fmt = {"response_format": response_format(FORMATS[0], agent.d)}
+    body = len(json.dumps([messages, settings, fmt]).encode()) + OVERHEAD * len(messages)
+    bound = cost_bound(body, settings, agent.config.price_in, agent.config.price_out)
+    return None if bound is None else requests * bound
 
 
 def describe(plan: Plan) -> str:

@@ -5,6 +5,7 @@ cost it pays, and the real command refusing, before one request, what is over th
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sqlite3
 import subprocess
@@ -121,7 +122,7 @@ FITS = 2 * 2 * (1 + 4)
         ({}, ("--seeds", "40"), f"--max-requests 1000: the run plans {40 * (FITS + 20):,} "),
         ({}, ("--max-requests", "0"), "--max-requests 0: the run plans"),
         ({}, ("--max-cost", "5"), "--max-cost 5: the cost cannot be bounded (no agent has"),
-        ({"price_in": 1.0}, ("--max-cost", "5"), "--max-cost 5: the cost cannot be bounded (an"),
+        ({"price_out": 1.0}, ("--max-cost", "5"), "--max-cost 5: the cost cannot be bounded (an"),
         (
             {"price_out": 2.0, "request": {"max_completion_tokens": 10**6}},
             ("--max-cost", "5"),
@@ -183,3 +184,32 @@ def test_describe_names_each_agent_and_the_bound():
     assert "cost not bounded" in budget.describe(budget.Plan({"A": 1}, {"A": None}))
     assert "$" not in budget.describe(budget.Plan({"A": 1}, {}))
     assert os.linesep not in line
+
+
+@pytest.mark.parametrize("trick", ["template", "settings"])
+def test_max_cost_holds_whatever_the_requests_grow_to(tmp_path, server, trick):
+    """A template that renders short for the plan and long in the play, or a passed-through
+    setting that makes every request long (2 MB of tool descriptions): the client reserves
+    each request's most before it sends it, so the run stops at --max-cost, and what the
+    server could have charged for the requests it got stays under it."""
+    prices = {"price_in": 10.0, "price_out": 10.0}
+    settings = {"max_completion_tokens": 50}
+    if trick == "template":
+        template = tmp_path / "long.j2"
+        template.write_text(
+            "{% if round == 1000000000 %}{{ estimate }}{% else %}"
+            '{{ "padding " * 100000 }} {{ estimate }}{% endif %}'
+        )
+        extra = {"prompt": str(template)}
+    else:
+        settings["metadata"] = {"note": "x" * 2_000_000}
+        extra = {}
+    config = play_config(server.base_url, 20, **prices, **extra, request=settings, concurrency=8)
+    line = one_line(run(tmp_path, config, "--max-cost", "0.5"))
+    assert line.startswith("misalign: error: --max-cost 0.5: ")
+    assert "reached" in line or "may cost up to" in line
+    charged = sum(
+        (len(json.dumps(body["messages"])) // 4 + 1) * 10.0 / 1e6 + 50 * 10.0 / 1e6
+        for body in server.requests
+    )
+    assert charged <= 0.5

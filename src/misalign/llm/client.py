@@ -67,6 +67,8 @@ class Stats:
 
     Attributes:
         requests: requests sent to the server (retries included).
+        reserved: dollars held back for the requests in flight: the most each can cost
+            (``cost_bound``), released when its answer comes.
         cached: answers read from the store instead (or shared with an identical request
             in flight at the same time).
         retries: retries by cause (``429``, ``5xx``, ``timeout``, ``connection``, ``answer``,
@@ -78,6 +80,7 @@ class Stats:
     """
 
     requests: int = 0
+    reserved: float = 0.0
     cached: int = 0
     retries: Counter = field(default_factory=Counter)
     tokens_in: int = 0
@@ -129,6 +132,8 @@ class Client:
         max_retries: retries of a transient failure before the play fails.
         stats: the counters to add to (every client of a run shares them).
         limits: the run's limits on requests and cost.
+        prices: dollars per 1e6 input and output tokens (``None``: unpriced), for the cost a
+            request may reach before it is sent (``--max-cost``).
     """
 
     def __init__(
@@ -143,11 +148,12 @@ class Client:
         max_retries: int,
         stats: Stats,
         limits: Limits = NO_LIMITS,
+        prices: tuple[float | None, float | None] = (None, None),
     ) -> None:
         from openai import AsyncOpenAI
 
         self.field, self.model, self.d, self.stats = field, model, d, stats
-        self.limits = limits
+        self.limits, self.prices = limits, prices
         self.base_url = base_url or "https://api.openai.com/v1"
         self._key, self._key_env, self.max_retries = key, key_env, max_retries
         self._sdk = AsyncOpenAI(
@@ -186,8 +192,10 @@ class Client:
             used = self.format
             fmt = response_format(FORMATS[used], self.d)
             extra = {} if fmt is None else {"response_format": fmt}
-            self._within_limits()
+            reserve = self._reservation(messages, settings, extra)
+            self._within_limits(reserve)
             self.stats.requests += 1
+            self.stats.reserved += reserve
             try:
                 response = await self._sdk.chat.completions.create(
                     model=self.model, messages=messages, extra_body=settings or None, **extra
@@ -229,6 +237,8 @@ class Client:
             except (openai.APIResponseValidationError, ValueError, TypeError, AttributeError) as e:
                 problem = self.scrub(f"the server's response was malformed ({_malformed(e)})")
                 return Completion(None, 0, 0, time.monotonic() - began, None, problem)
+            finally:  # the answer's cost is counted by whoever records it, at once
+                self.stats.reserved -= reserve
             self._confirmed = True
             return Completion(text, tokens_in, tokens_out, time.monotonic() - began, finish)
 
@@ -246,11 +256,24 @@ class Client:
         await asyncio.sleep(max(backoff, min(retry_after or 0.0, RETRY_AFTER_CAP)))
         return retry + 1
 
-    def _within_limits(self) -> None:
-        """Check, before a request is sent, that the run has not reached its limits.
+    def _reservation(self, messages: list[dict], settings: dict, extra: dict) -> float:
+        """The most a request can cost, held back while it is in flight (0 without a cost
+        limit or prices; the limit is refused before the run when it cannot be bounded)."""
+        if self.limits.cost is None:
+            return 0.0
+        body = len(json.dumps([messages, settings, extra]).encode()) + OVERHEAD * len(messages)
+        bound = cost_bound(body, settings, *self.prices)
+        return 0.0 if bound is None else bound
+
+    def _within_limits(self, reserve: float = 0.0) -> None:
+        """Check, before a request is sent, that the run stays within its limits.
+
+        Args:
+            reserve: the most this request can cost (``_reservation``).
 
         Raises:
-            OverLimit: ``--max-requests`` requests were sent, or ``--max-cost`` dollars paid.
+            OverLimit: ``--max-requests`` requests were sent, or the dollars paid, held for
+                the requests in flight and this one's most could pass ``--max-cost``.
         """
         most, spent = self.limits.requests, self.stats.requests
         if most is not None and spent >= most:
@@ -259,11 +282,13 @@ class Client:
                 "corrections included); every answer is in the store, and a re-run with a "
                 "higher limit goes on from there"
             )
-        cost = self.limits.cost
-        if cost is not None and self.stats.cost >= cost:
+        cost, paid = self.limits.cost, self.stats.cost
+        if cost is not None and paid + self.stats.reserved + reserve > cost:
             raise OverLimit(
-                f"--max-cost {cost:g}: reached (${self.stats.cost:,.4f} paid); every answer is "
-                "in the store, and a re-run with a higher limit goes on from there"
+                f"--max-cost {cost:g}: reached (${paid:,.4f} paid, "
+                f"${self.stats.reserved:,.4f} held for requests in flight, and the next may "
+                f"cost up to ${reserve:,.4f}); every answer is in the store, and a re-run with "
+                "a higher limit goes on from there"
             )
 
     def _held(self) -> str:
@@ -318,6 +343,30 @@ class Client:
 
     async def close(self) -> None:
         await self._sdk.close()
+
+
+def cost_bound(
+    body: int, settings: dict, price_in: float | None, price_out: float | None
+) -> float | None:
+    """The most one request can cost, in dollars: its input is at most one token per byte of
+    its body (``body``: the UTF-8 bytes of its messages, settings and format, plus
+    ``OVERHEAD`` per message), its output at most ``max_completion_tokens`` (or
+    ``max_tokens``) of ``settings``.
+
+    Returns:
+        The bound; 0 without prices; ``None`` with a price on output and no limit on it.
+    """
+    if price_in is None and price_out is None:
+        return 0.0
+    most_out = settings.get("max_completion_tokens", settings.get("max_tokens"))
+    limited = isinstance(most_out, int) and not isinstance(most_out, bool) and most_out >= 0
+    if not limited and price_out:
+        return None
+    return (body * (price_in or 0.0) + (most_out if limited else 0) * (price_out or 0.0)) / 1e6
+
+
+OVERHEAD = 8
+"""Tokens a chat format adds per message, at most (role and separators)."""
 
 
 def mask_key(text: str, key: str, shortest: int = FRAGMENT) -> str:
