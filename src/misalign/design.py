@@ -3,13 +3,15 @@ agent, ``A``, ends closer to its own target, each change verified by re-simulati
 
 Four items, all computed from the round map (docs/theory.md §2-3) on play 0 of the game:
 
-- ``stability``: per agent ``i``, the largest multiplier ``s`` of its ``eta`` (of ``Gamma_i``)
-  that keeps ``rho < 1`` with the others fixed (the first crossing of ``rho = 1`` above the
-  present scale, found on a log grid of scales and refined by batched bisection), and the
-  margin ``1 - rho`` now. Verified by playing ``0.99 s`` and ``1.01 s``: the measured rate
+- ``stability``: per agent ``i``, every interval of multipliers ``s`` of its ``eta`` (of
+  ``Gamma_i``) with ``rho < 1``, the others fixed, over the whole range ``scale_range`` (every
+  ``s`` keeping ``s eta`` a valid ``eta``, both directions from 1): ``rho`` on a log grid,
+  dips between grid points (``Design.dips``), each edge refined by batched bisection to a
+  relative ``EDGE_TOL``; and the margin ``1 - rho`` now. Every edge is verified by playing
+  ``0.99 e`` and ``1.01 e``: the measured rate
   (``|s_T - s_{T-1}| / |s_{T/2} - s_{T/2-1}|`` to the power ``2 / T``, from a seeded random
-  start so that every eigenvector is excited) is below 1 and above 1.
-- ``bias``: the multiplier of ``A``'s ``eta`` within the stable range (``rho <= RHO_CAP``, so
+  start so that every eigenvector is excited) is below 1 inside and at least 1 outside.
+- ``bias``: the multiplier of ``A``'s ``eta`` over every interval of ``rho < RHO_CAP`` (so
   that the check converges in a bounded number of rounds) that minimises ``|e_A|``, A's
   distance to its target at the equilibrium; verified by playing the changed configuration
   (``agents.A.eta`` set, prompts re-sampled by ``setup`` from the same seed: the same prompts)
@@ -69,6 +71,9 @@ PER_DECADE = 40
 """Points per decade of scale of the first search (log-spaced over ``scale_range``)."""
 EDGE_TOL = 1e-12
 """Every edge of an interval of convergence is refined to this relative width."""
+DIP = 0.05
+"""A local minimum of ``rho`` on the grid this close above a level is searched for a dip below
+it (``Design.dips``)."""
 ZOOM = 17
 """Points per refinement step (one batched prediction each)."""
 TOL = 1e-8
@@ -245,6 +250,38 @@ class Design:
         inside_a = self.rho(name, a) < level
         return np.stack([np.where(inside_a, a, b), np.where(inside_a, b, a)], axis=1)
 
+    def dips(self, name: str, grid: np.ndarray, rho: np.ndarray, level: float) -> np.ndarray:
+        """Scales of ``rho < level`` between grid points: an interval narrower than the grid's
+        step shows as a local minimum of ``rho`` on the grid just above ``level`` (two
+        eigenvalues crossing, one falling and one rising through it); each such minimum
+        (``level <= rho < level + DIP``) is zoomed into (batched, ``ZOOM`` points per step)
+        until a point below ``level`` turns up or its bracket is narrower than ``1e-9``.
+
+        Args:
+            name: the agent whose ``Gamma`` is scaled.
+            grid: the scales, increasing.
+            rho: ``rho`` on ``grid``.
+            level: the level.
+
+        Returns:
+            One scale of ``rho < level`` per dip found (none at a grid point).
+        """
+        middle = rho[1:-1]
+        k = 1 + np.flatnonzero(
+            (middle < rho[:-2]) & (middle <= rho[2:]) & (middle >= level) & (middle < level + DIP)
+        )
+        a, b = grid[k - 1], grid[k + 1]
+        found = []
+        while len(a) and (b / a - 1 > 1e-9).any():
+            points = np.geomspace(a, b, ZOOM, axis=1)
+            r = self.rho(name, points.ravel()).reshape(points.shape)
+            below = (r < level).any(axis=1)
+            found += [p[np.argmax(q < level)] for p, q in zip(points[below], r[below], strict=True)]
+            j = np.argmin(r, axis=1)[~below]
+            points, rows = points[~below], np.arange(len(j))
+            a, b = points[rows, np.maximum(j - 1, 0)], points[rows, np.minimum(j + 1, ZOOM - 1)]
+        return np.array(found, dtype=float)
+
     def intervals(self, name: str, level: float = 1.0) -> list[tuple[float | None, float | None]]:
         """Every interval of scales ``s`` of agent ``name``'s ``Gamma`` (the others fixed) with
         ``rho(s) < level``: ``rho`` on the grid ``scales(name)``, each change of side refined by
@@ -260,7 +297,10 @@ class Design:
             when no scale searched gives ``rho < level``.
         """
         grid = self.scales(name)
-        inside = self.rho(name, grid) < level
+        rho = self.rho(name, grid)
+        dips = self.dips(name, grid, rho, level)
+        grid, order = np.unique(np.concatenate([grid, dips]), return_index=True)
+        inside = np.concatenate([rho < level, np.ones(len(dips), bool)])[order]
         flips = np.flatnonzero(inside[1:] != inside[:-1])
         edges = self.refine(name, np.stack([grid[flips], grid[flips + 1]], axis=1), level)
         out, lower = [], None
@@ -279,7 +319,7 @@ class Design:
         """The multiplier of A's ``eta`` that minimises ``|e_A|`` over every interval of
         ``rho < RHO_CAP`` (``intervals(A, RHO_CAP)``, edges refined): the least value over
         ``scales(A)`` and the refined edges, then batched zooms around it to a relative
-        ``1e-10``.
+        ``EDGE_TOL``.
 
         Returns:
             The scale and whether it is an edge of those intervals (within ``1e-9``); 1 (no
@@ -299,7 +339,7 @@ class Design:
         v = self._capped_residual(grid)
         k = int(np.argmin(v))
         a, b, best = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)], grid[k]
-        while b / a - 1 >= 1e-10:
+        while b / a - 1 > EDGE_TOL:
             points = np.geomspace(a, b, ZOOM)
             j = int(np.argmin(self._capped_residual(points)))
             best, a, b = points[j], points[max(j - 1, 0)], points[min(j + 1, ZOOM - 1)]
