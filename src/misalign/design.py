@@ -3,13 +3,15 @@ agent, ``A``, ends closer to its own target, each change verified by re-simulati
 
 Four items, all computed from the round map (docs/theory.md §2-3) on play 0 of the game:
 
-- ``stability``: per agent ``i``, the largest multiplier ``s`` of its ``eta`` (of ``Gamma_i``)
-  that keeps ``rho < 1`` with the others fixed (the first crossing of ``rho = 1`` above the
-  present scale, found on a log grid of scales and refined by batched bisection), and the
-  margin ``1 - rho`` now. Verified by playing ``0.99 s`` and ``1.01 s``: the measured rate
+- ``stability``: per agent ``i``, every interval of multipliers ``s`` of its ``eta`` (of
+  ``Gamma_i``) with ``rho < 1``, the others fixed, over the whole range ``scale_range`` (every
+  ``s`` keeping ``s eta`` a valid ``eta``, both directions from 1): ``rho`` on a log grid,
+  dips between grid points (``Design.dips``), each edge refined by batched bisection to a
+  relative ``EDGE_TOL``; and the margin ``1 - rho`` now. Every edge is verified by playing
+  ``0.99 e`` and ``1.01 e``: the measured rate
   (``|s_T - s_{T-1}| / |s_{T/2} - s_{T/2-1}|`` to the power ``2 / T``, from a seeded random
-  start so that every eigenvector is excited) is below 1 and above 1.
-- ``bias``: the multiplier of ``A``'s ``eta`` within the stable range (``rho <= RHO_CAP``, so
+  start so that every eigenvector is excited) is below 1 inside and at least 1 outside.
+- ``bias``: the multiplier of ``A``'s ``eta`` over every interval of ``rho < RHO_CAP`` (so
   that the check converges in a bounded number of rounds) that minimises ``|e_A|``, A's
   distance to its target at the equilibrium; verified by playing the changed configuration
   (``agents.A.eta`` set, prompts re-sampled by ``setup`` from the same seed: the same prompts)
@@ -49,7 +51,13 @@ import numpy as np
 
 from misalign import attack as attack_
 from misalign.agent import AffineMap, GradientAgent, preconditioner
-from misalign.config import ConfigError, GradientAgentConfig, PlayConfig, parse_config
+from misalign.config import (
+    MAGNITUDE,
+    ConfigError,
+    GradientAgentConfig,
+    PlayConfig,
+    parse_config,
+)
 from misalign.experiment import Game, predict, setup, simulate
 from misalign.prompt import Prompt
 from misalign.theory import predict as predict_maps
@@ -59,16 +67,35 @@ RHO_CAP = 0.999
 ``1e-14`` within ``MAX_ROUNDS`` rounds."""
 MAX_ROUNDS = 50_000
 """The most rounds a check plays."""
-GRID = 161
-"""Scales of the first, coarse search (log-spaced over ``SCALES``)."""
-SCALES = (1e-4, 1e4)
-"""The multipliers of ``eta`` searched."""
+PER_DECADE = 40
+"""Points per decade of scale of the first search (log-spaced over ``scale_range``)."""
+EDGE_TOL = 1e-12
+"""Every edge of an interval of convergence is refined to this relative width."""
+DIP = 0.05
+"""A local minimum of ``rho`` on the grid this close above a level is searched for a dip below
+it (``Design.dips``)."""
 ZOOM = 17
 """Points per refinement step (one batched prediction each)."""
 TOL = 1e-8
 """Predicted and simulated values agree to this."""
 BELOW, ABOVE = 0.99, 1.01
 """The stability boundary is checked at these multiples of it."""
+
+
+def scale_range(eta: float) -> tuple[float, float]:
+    """The multipliers ``s`` of a step scale ``eta`` searched: every ``s`` that keeps
+    ``s eta`` a valid ``eta`` (``1 / MAGNITUDE <= s eta <= MAGNITUDE``, ``misalign.config``),
+    less 2% at each end so that the checks at ``BELOW`` and ``ABOVE`` times an edge stay valid.
+    ``Gamma`` is linear in ``eta`` for every preconditioner (``misalign.agent.preconditioner``),
+    so this is the whole range of valid ``Gamma = s eta G``.
+
+    Args:
+        eta: the configured step scale.
+
+    Returns:
+        ``(lowest, highest)`` scale.
+    """
+    return 1.02 / (MAGNITUDE * eta), MAGNITUDE / (1.02 * eta)
 
 
 def check(config: PlayConfig, agent: str) -> None:
@@ -193,73 +220,140 @@ class Design:
 
     # -- stability ---------------------------------------------------------------------------
 
-    def boundary(self, name: str) -> tuple[float | None, float | None]:
-        """``(s, lower)``: the first scale above the stable interval holding 1 (or, when scale 1
-        diverges, the stable interval nearest below it) where ``rho`` reaches 1, to a relative
-        ``1e-12``; ``None`` when ``rho < 1`` up to ``SCALES[1]``. ``lower``: the interval's
-        lower end (``None``: stable down to ``SCALES[0]``). ``(None, None)`` with no stable
-        scale at all is reported as ``s = 0``."""
-        grid = np.unique(np.append(np.geomspace(*SCALES, GRID), 1.0))
+    def scales(self, name: str) -> np.ndarray:
+        """The scales ``s`` searched for agent ``name``: ``PER_DECADE`` log-spaced points per
+        decade over ``scale_range(eta_name)``, and ``s = 1`` (the present play)."""
+        lo, hi = scale_range(self.config.agents[name].eta)
+        count = math.ceil(PER_DECADE * math.log10(hi / lo)) + 1
+        return np.unique(np.append(np.geomspace(lo, hi, count), 1.0))
+
+    def refine(self, name: str, brackets: np.ndarray, level: float) -> np.ndarray:
+        """Each bracket ``(a, b)`` of scales with ``rho(a) < level`` on one side only, narrowed
+        by batched zooms (``ZOOM`` points per bracket and step, every bracket in one
+        prediction) until ``b / a - 1 <= EDGE_TOL``.
+
+        Args:
+            name: the agent whose ``Gamma`` is scaled.
+            brackets: ``(E, 2)`` scales ``a < b`` with ``rho < level`` at exactly one of them.
+            level: the level crossed: 1 (stability) or ``RHO_CAP`` (the bias item's range).
+
+        Returns:
+            ``(E, 2)``: per edge, the scale just inside (``rho < level``) and just outside.
+        """
+        a, b = brackets[:, 0].copy(), brackets[:, 1].copy()
+        while len(a) and (b / a - 1 > EDGE_TOL).any():
+            points = np.geomspace(a, b, ZOOM, axis=1)  # (E, ZOOM)
+            inside = (self.rho(name, points.ravel()) < level).reshape(points.shape)
+            flip = np.argmax(inside[:, 1:] != inside[:, :1], axis=1) + 1  # first change of side
+            rows = np.arange(len(a))
+            a, b = points[rows, flip - 1], points[rows, flip]
+        inside_a = self.rho(name, a) < level
+        return np.stack([np.where(inside_a, a, b), np.where(inside_a, b, a)], axis=1)
+
+    def dips(self, name: str, grid: np.ndarray, rho: np.ndarray, level: float) -> np.ndarray:
+        """Scales of ``rho < level`` between grid points: an interval narrower than the grid's
+        step shows as a local minimum of ``rho`` on the grid just above ``level`` (two
+        eigenvalues crossing, one falling and one rising through it); each such minimum
+        (``level <= rho < level + DIP``) is zoomed into (batched, ``ZOOM`` points per step)
+        until a point below ``level`` turns up or its bracket is narrower than ``1e-9``.
+
+        Args:
+            name: the agent whose ``Gamma`` is scaled.
+            grid: the scales, increasing.
+            rho: ``rho`` on ``grid``.
+            level: the level.
+
+        Returns:
+            One scale of ``rho < level`` per dip found (none at a grid point).
+        """
+        middle = rho[1:-1]
+        k = 1 + np.flatnonzero(
+            (middle < rho[:-2]) & (middle <= rho[2:]) & (middle >= level) & (middle < level + DIP)
+        )
+        a, b = grid[k - 1], grid[k + 1]
+        found = []
+        while len(a) and (b / a - 1 > 1e-9).any():
+            points = np.geomspace(a, b, ZOOM, axis=1)
+            r = self.rho(name, points.ravel()).reshape(points.shape)
+            below = (r < level).any(axis=1)
+            found += [p[np.argmax(q < level)] for p, q in zip(points[below], r[below], strict=True)]
+            j = np.argmin(r, axis=1)[~below]
+            points, rows = points[~below], np.arange(len(j))
+            a, b = points[rows, np.maximum(j - 1, 0)], points[rows, np.minimum(j + 1, ZOOM - 1)]
+        return np.array(found, dtype=float)
+
+    def intervals(self, name: str, level: float = 1.0) -> list[tuple[float | None, float | None]]:
+        """Every interval of scales ``s`` of agent ``name``'s ``Gamma`` (the others fixed) with
+        ``rho(s) < level``: ``rho`` on the grid ``scales(name)``, each change of side refined by
+        ``refine`` to a relative ``EDGE_TOL``.
+
+        Args:
+            name: the agent whose ``Gamma`` is scaled.
+            level: 1 (the play converges) or ``RHO_CAP``.
+
+        Returns:
+            ``(lower, upper)`` per interval, in increasing order; each edge the scale just
+            inside it; ``None`` where the interval reaches the end of ``scale_range``. Empty
+            when no scale searched gives ``rho < level``.
+        """
+        grid = self.scales(name)
         rho = self.rho(name, grid)
-        stable = rho < 1
-        one = int(np.flatnonzero(grid == 1.0)[0])
-        if stable[one]:
-            k = one
-        else:
-            below = np.flatnonzero(stable[:one])
-            if len(below) == 0:
-                return 0.0, None
-            k = int(below[-1])
-        up = np.flatnonzero(~stable[k:])
-        down = np.flatnonzero(~stable[: k + 1])
-        lower = None if len(down) == 0 else float(grid[down[-1] + 1])
-        if len(up) == 0:
-            return None, lower
-        lo, hi = grid[k + up[0] - 1], grid[k + up[0]]
-        while hi / lo - 1 > 1e-12:
-            points = np.geomspace(lo, hi, ZOOM)
-            r = self.rho(name, points)
-            first = int(np.flatnonzero(r >= 1)[0]) if (r >= 1).any() else ZOOM - 1
-            lo, hi = points[max(first - 1, 0)], points[first]
-        return float(lo), lower
+        dips = self.dips(name, grid, rho, level)
+        grid, order = np.unique(np.concatenate([grid, dips]), return_index=True)
+        inside = np.concatenate([rho < level, np.ones(len(dips), bool)])[order]
+        flips = np.flatnonzero(inside[1:] != inside[:-1])
+        edges = self.refine(name, np.stack([grid[flips], grid[flips + 1]], axis=1), level)
+        out, lower = [], None
+        for k, (edge, _) in zip(flips, edges, strict=True):
+            if inside[k]:  # inside -> outside: an upper edge
+                out.append((lower, float(edge)))
+            else:
+                lower = float(edge)
+        if inside[-1]:
+            out.append((lower, None))
+        return out
 
     # -- bias ----------------------------------------------------------------------------------
 
-    def best_scale(self, top: float | None, lower: float | None) -> tuple[float, bool]:
-        """The multiplier of A's ``eta`` in the stable range with ``rho <= RHO_CAP`` that
-        minimises ``|e_A|`` (coarse grid, then batched zooms to a relative ``1e-10``), and
-        whether it sits on the edge of the range searched; 1 (no change) when no scale beats
-        the present one by a relative ``1e-9`` (a residual that does not depend on the scale,
-        as against a Newton partner with ``n >= d``)."""
-        lo = SCALES[0] if lower is None else lower
-        hi = SCALES[1] if top is None else top
-        grid = np.geomspace(lo, hi, 257)
+    def best_scale(self) -> tuple[float, bool] | None:
+        """The multiplier of A's ``eta`` that minimises ``|e_A|`` over every interval of
+        ``rho < RHO_CAP`` (``intervals(A, RHO_CAP)``, edges refined): the least value over
+        ``scales(A)`` and the refined edges, then batched zooms around it to a relative
+        ``EDGE_TOL``.
 
-        def value(scales):
-            maps = self._maps(len(scales), {self.name: scales})
-            p = self._predict(maps)
-            v = np.linalg.norm(p.residual[self.name], axis=-1)
-            return np.where(p.rho <= RHO_CAP, v, np.inf)
-
-        v = value(grid)
-        if not np.isfinite(v).any():
-            raise ValueError("no stable scale")
+        Returns:
+            The scale and whether it is an edge of those intervals (within ``1e-9``); 1 (no
+            change) when no scale beats the present one by a relative ``1e-9`` (a residual that
+            does not depend on the scale, as against a Newton partner with ``n >= d``);
+            ``None`` when no scale searched has ``rho < RHO_CAP``.
+        """
+        bounds = self.intervals(self.name, RHO_CAP)
+        if not bounds:
+            return None
+        lo, hi = scale_range(self.config.agents[self.name].eta)
+        edges = np.array(
+            [lo if a is None else a for a, _ in bounds]
+            + [hi if b is None else b for _, b in bounds]
+        )
+        grid = np.union1d(self.scales(self.name), edges)
+        v = self._capped_residual(grid)
         k = int(np.argmin(v))
-        edge = k == 0 or k == len(grid) - 1 or not (np.isfinite(v[k - 1]) and np.isfinite(v[k + 1]))
-        a, b = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]
-        best = grid[k]
-        for _ in range(40):
-            if b / a - 1 < 1e-10:
-                break
+        a, b, best = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)], grid[k]
+        while b / a - 1 > EDGE_TOL:
             points = np.geomspace(a, b, ZOOM)
-            w = value(points)
-            j = int(np.argmin(w))
-            best = points[j]
-            a, b = points[max(j - 1, 0)], points[min(j + 1, ZOOM - 1)]
-        now = value(np.array([1.0]))[0]
-        if np.isfinite(now) and value(np.array([best]))[0] >= now * (1 - 1e-9):
+            j = int(np.argmin(self._capped_residual(points)))
+            best, a, b = points[j], points[max(j - 1, 0)], points[min(j + 1, ZOOM - 1)]
+        now, value = self._capped_residual(np.array([1.0, best]))
+        if np.isfinite(now) and value >= now * (1 - 1e-9):
             return 1.0, False  # no scale does measurably better than the present one
-        return float(best), bool(edge)
+        return float(best), bool((np.abs(edges / best - 1) < 1e-9).any())
+
+    def _capped_residual(self, scales: np.ndarray) -> np.ndarray:
+        """``|e_A|`` with A's ``Gamma`` times each of ``scales``; ``inf`` where
+        ``rho >= RHO_CAP``."""
+        p = self._predict(self._maps(len(scales), {self.name: scales}))
+        value = np.linalg.norm(p.residual[self.name], axis=-1)
+        return np.where(p.rho < RHO_CAP, value, np.inf)
 
     # -- examples ------------------------------------------------------------------------------
 
@@ -476,48 +570,21 @@ def advise(
     }
 
     say("stability: rho against each agent's step scale")
-    stability, tops = {}, {}
-    for name in design.names:
-        top, lower = design.boundary(name)
-        tops[name] = (top, lower)
-        row: dict[str, Any] = {
-            "eta": config.agents[name].eta,
-            "scale": top,
-            "eta_max": None if top is None else config.agents[name].eta * top,
-            "lower": lower,
-            "rho": rho0,
-            "margin": 1 - rho0,
-        }
-        if top:
-            scales = [BELOW * top, ABOVE * top]
-            checked = design.scaled_game(name, scales)
-            rho = predict(checked).rho
-            measured, rounds = design.rate(checked, rho)
-            row["checks"] = [
-                {
-                    "scale": s,
-                    "rho": float(r),
-                    "rate": _f(m),
-                    "difference": _diff(r, m),
-                    "converges": bool(m < 1),
-                }
-                for s, r, m in zip(scales, rho, measured, strict=True)
-            ]
-            row["rounds"] = rounds
-            row["verified"] = bool(measured[0] < 1 <= measured[1])
-        stability[name] = row
-    out["stability"] = stability
+    bounds = {name: design.intervals(name) for name in design.names}
 
     say("bias: the step scale of least residual")
-    top, lower = tops[a]
-    if top == 0.0:
-        out["bias"] = {"skipped": f"no scale of agents.{a}.eta makes the play converge"}
+    found = design.best_scale() if bounds[a] else None
+    best = None if found is None else found[0]
+    if not bounds[a]:
+        bias: dict[str, Any] = {"skipped": f"no scale of agents.{a}.eta makes the play converge"}
+    elif found is None:
+        bias = {"skipped": f"rho >= {RHO_CAP} for every scale of agents.{a}.eta"}
     else:
-        best, edge = design.best_scale(top, lower)
+        best, edge = found
         scales = [1.0, best, BELOW * best, ABOVE * best]
         predicted, simulated, rounds = design.verify(design.scaled_game(a, scales))
         before = _f(predicted[0])
-        out["bias"] = {
+        bias = {
             "scale": best,
             "eta": config.agents[a].eta * best,
             "on_edge": edge,
@@ -532,6 +599,11 @@ def advise(
             ],
             "rounds": rounds,
         }
+    out["stability"] = {
+        name: _stability(design, name, bounds[name], rho0, best if name == a else None)
+        for name in design.names
+    }
+    out["bias"] = bias
 
     if rho0 >= 1:
         why = f"the play does not converge (rho = {rho0:.6g}): see stability and bias"
@@ -551,6 +623,98 @@ def advise(
         out["exposure"] = _examples(design, examples, design.exposure, decoy=True)
     except ConfigError as exc:
         out["exposure"] = {"skipped": str(exc)}
+    return out
+
+
+def _stability(
+    design: Design,
+    name: str,
+    bounds: list[tuple[float | None, float | None]],
+    rho: float,
+    advised: float | None,
+) -> dict[str, Any]:
+    """The stability row of agent ``name``: every interval of convergence, each edge checked
+    by playing ``BELOW`` and ``ABOVE`` times it; ``scale``, ``upper``, ``lower`` (and
+    ``checks``) of the interval holding the present scale 1, else the ``advised`` one, else
+    the first; ``scale = 0`` when there is none.
+
+    Args:
+        design: the advice.
+        name: the agent whose ``eta`` is scaled.
+        bounds: ``design.intervals(name)``.
+        rho: ``rho`` of the present play.
+        advised: the bias item's scale (agent A), or ``None``.
+
+    Returns:
+        The JSON-ready row.
+    """
+    eta = design.config.agents[name].eta
+    intervals = [_checked(design, name, lower, upper) for lower, upper in bounds]
+    held = [i for i, (lo, hi) in enumerate(bounds) if _holds(lo, hi, 1.0)]
+    held = held or [i for i, (lo, hi) in enumerate(bounds) if _holds(lo, hi, advised)]
+    chosen = intervals[(held or [0])[0]] if intervals else {"lower": None, "upper": 0.0}
+    upper = chosen["upper"]
+    row = {
+        "eta": eta,
+        "scale": upper,
+        "upper": upper,
+        "eta_max": None if upper is None else eta * upper,
+        "lower": chosen["lower"],
+        "rho": rho,
+        "margin": 1 - rho,
+        "range": list(scale_range(eta)),
+        "intervals": intervals,
+    }
+    if intervals:
+        row["checks"] = chosen["checks"]
+        row["rounds"] = max(i["rounds"] for i in intervals)
+        row["verified"] = all(i["verified"] for i in intervals)
+    return row
+
+
+def _holds(lower: float | None, upper: float | None, scale: float | None) -> bool:
+    """Whether the interval ``(lower, upper)`` (``None``: open to the end of the range)
+    holds ``scale``."""
+    if scale is None:
+        return False
+    return (lower is None or lower <= scale) and (upper is None or scale <= upper)
+
+
+def _checked(design: Design, name: str, lower: float | None, upper: float | None) -> dict[str, Any]:
+    """One interval of convergence of agent ``name``'s scale and the checks of its edges, one
+    play of each edge's two checks (so that both run the rounds their ``rho`` needs): the
+    measured rate per round (``Design.rate``) below 1 just inside the edge (``ABOVE`` times a
+    lower edge, ``BELOW`` times an upper one) and at least 1 just outside."""
+    eta = design.config.agents[name].eta
+    out: dict[str, Any] = {
+        "lower": lower,
+        "upper": upper,
+        "eta_lower": None if lower is None else eta * lower,
+        "eta_upper": None if upper is None else eta * upper,
+        "checks": [],
+        "rounds": 0,
+    }
+    for edge, at in (("lower", lower), ("upper", upper)):
+        if at is None:
+            continue
+        scales = [ABOVE * at, BELOW * at] if edge == "lower" else [BELOW * at, ABOVE * at]
+        checked = design.scaled_game(name, scales)
+        rho = predict(checked).rho
+        measured, rounds = design.rate(checked, rho)
+        out["rounds"] = max(out["rounds"], rounds)
+        out["checks"] += [
+            {
+                "edge": edge,
+                "scale": s,
+                "inside": inside,
+                "rho": float(r),
+                "rate": _f(m),
+                "difference": _diff(r, m),
+                "converges": bool(m < 1),
+            }
+            for s, inside, r, m in zip(scales, (True, False), rho, measured, strict=True)
+        ]
+    out["verified"] = all(c["converges"] == c["inside"] for c in out["checks"])
     return out
 
 
@@ -647,27 +811,7 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
         )
     ]
     for name, row in result["stability"].items():
-        if row["scale"] is None:
-            change = f"{name}: rho < 1 for every eta up to x{SCALES[1]:g}"
-            rows.append((f"stability {name}", change, "-", "-", "-", f"margin {row['margin']:.3g}"))
-            continue
-        if not row["scale"]:
-            change = f"no eta_{name} makes the play converge (the others fixed)"
-            rows.append((f"stability {name}", change, "-", "-", "-", "-"))
-            continue
-        low, high = row["checks"]
-        rows.append(
-            (
-                f"stability {name}",
-                f"eta_{name} < {row['eta_max']:.4g} (x{row['scale']:.4g}); "
-                f"checked at x{BELOW:g}, x{ABOVE:g}",
-                f"rho {low['rho']:.4f}, {high['rho']:.4f}",
-                f"rate {_text(low['rate'], '.4f')}, {_text(high['rate'], '.4f')}"
-                + ("" if row["verified"] else " (NOT VERIFIED)"),
-                _text(max(low["difference"] or math.inf, high["difference"] or math.inf), ".1e"),
-                f"margin 1 - rho = {row['margin']:.3g}",
-            )
-        )
+        rows.append(_stability_row(name, row))
     bias = result["bias"]
     if "skipped" in bias:
         rows.append(("bias", bias["skipped"], "-", "-", "-", "-"))
@@ -704,6 +848,47 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
             )
         )
     return rows
+
+
+def _stability_row(name: str, row: dict[str, Any]) -> tuple[str, ...]:
+    """The table row of one agent's stability: its intervals of convergence, and the checks
+    of the upper edge of the interval reported (of its lower edge when it has none)."""
+    item = f"stability {name}"
+    if not row["intervals"]:
+        change = f"no eta_{name} makes the play converge (the others fixed)"
+        return (item, change, "-", "-", "-", "-")
+    eta = row["eta"]
+    spans = [_span(name, eta, i["lower"], i["upper"]) for i in row["intervals"]]
+    change = (
+        spans[0] if len(spans) == 1 else f"rho < 1 on {len(spans)} intervals: " + ", ".join(spans)
+    )
+    if not row["checks"]:
+        return (item, change, "-", "-", "-", f"margin {row['margin']:.3g}")
+    edge = "upper" if row["upper"] is not None else "lower"
+    inside, outside = (c for c in row["checks"] if c["edge"] == edge)
+    low, high = sorted((inside, outside), key=lambda c: c["scale"])
+    return (
+        item,
+        f"{change}; checked at x{BELOW:g}, x{ABOVE:g}"
+        + ("" if edge == "upper" else " of the lower edge"),
+        f"rho {low['rho']:.4f}, {high['rho']:.4f}",
+        f"rate {_text(low['rate'], '.4f')}, {_text(high['rate'], '.4f')}"
+        + ("" if row["verified"] else " (NOT VERIFIED)"),
+        _text(max(low["difference"] or math.inf, high["difference"] or math.inf), ".1e"),
+        f"margin 1 - rho = {row['margin']:.3g}",
+    )
+
+
+def _span(name: str, eta: float, lower: float | None, upper: float | None) -> str:
+    """An interval of convergence as text: ``eta_A < 2.73 (x2.73)``, ``eta_A > ...`` or
+    ``0.51 < eta_A < 1.0 (x1.32 to x2.6)``."""
+    if lower is None and upper is None:
+        return f"eta_{name}: rho < 1 at every valid eta"
+    if lower is None:
+        return f"eta_{name} < {eta * upper:.4g} (x{upper:.4g})"
+    if upper is None:
+        return f"eta_{name} > {eta * lower:.4g} (x{lower:.4g})"
+    return f"{eta * lower:.4g} < eta_{name} < {eta * upper:.4g} (x{lower:.4g} to x{upper:.4g})"
 
 
 def _text(x, fmt: str = ".6g", missing: str = "-") -> str:

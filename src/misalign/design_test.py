@@ -15,6 +15,7 @@ from misalign.agent import lsa_optimal_gamma
 from misalign.cli import app
 from misalign.config import load_config, parse_config
 from misalign.design import COLUMNS, TOL, Design, advise
+from misalign.design import table_rows as design_table
 from misalign.experiment import predict, setup, simulate
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -248,7 +249,8 @@ def test_a_diverging_play_gets_a_stable_scale_and_no_example_advice(tmp_path):
     data = json.loads(result.stdout, parse_constant=refuse)
     assert not data["baseline"]["converges"] and data["baseline"]["simulated"] is None
     assert data["stability"]["A"]["verified"] and data["stability"]["A"]["scale"] < 1
-    assert data["stability"]["B"]["scale"] == 0.0  # B alone cannot save the play
+    b = data["stability"]["B"]  # a larger eta_B alone saves the play: the search goes up too
+    assert b["verified"] and len(b["intervals"]) == 1 and 1 < b["lower"] < b["scale"]
     assert data["bias"]["difference"] < TOL and data["bias"]["scale"] < 1
     assert "does not converge" in data["prompt"]["skipped"]
     assert (out / "design.png").exists()
@@ -267,3 +269,168 @@ def test_default_out_is_named_by_the_config_and_the_options(tmp_path, monkeypatc
     runs = sorted((tmp_path / "runs").iterdir())
     assert len(runs) == 3 and all(r.name.startswith("design-") for r in runs)
     assert all((r / "design.json").exists() for r in runs)
+
+
+def _sweep_config(seed: int) -> dict:
+    """A random play (d 2 to 5, 2 or 3 agents, every preconditioner, eta from 0.2 to 3 on a
+    log scale): many diverge at scale 1 and converge at a larger one."""
+    rng = np.random.default_rng([seed, 2024])
+    d = int(rng.integers(2, 6))
+    agents = {}
+    for k in range(int(rng.integers(2, 4))):
+        agents["ABC"[k]] = {
+            "n": int(rng.integers(1, 3 * d + 1)),
+            "spectrum": rng.uniform(0.2, 3.0, d).round(3).tolist(),
+            "rotate": bool(rng.integers(2)),
+            "preconditioner": ["identity", "lsa-optimal", "newton"][int(rng.integers(3))],
+            "eta": float(np.exp(rng.uniform(np.log(0.2), np.log(3)))),
+            "target": rng.standard_normal(d).round(3).tolist(),
+        }
+    return {"seed": seed, "d": d, "rounds": 100, "agents": agents}
+
+
+# the plays of issue 19: A diverges at scale 1 and converges from x1.32 to x2.60; A's
+# lower edge lies between log-grid points and its least residual on it
+ABOVE_ONE = {
+    "seed": 749,
+    "d": 4,
+    "rounds": 400,
+    "agents": {
+        "A": {
+            "n": 8,
+            "preconditioner": "identity",
+            "eta": 0.3893243097445214,
+            "target": [1, 0, 0, 0],
+        },
+        "B": {
+            "n": 4,
+            "preconditioner": "identity",
+            "eta": 1.5145485393004519,
+            "target": [0, 1, 0, 0],
+        },
+    },
+}
+LOWER_EDGE = {
+    "seed": 430,
+    "d": 3,
+    "rounds": 400,
+    "agents": {
+        "A": {
+            "n": 3,
+            "rotate": True,
+            "preconditioner": "lsa-optimal",
+            "eta": 0.715,
+            "target": [1, 0, 0],
+        },
+        "B": {"n": 3, "preconditioner": "identity", "eta": 0.770, "target": [0, 1, 0]},
+    },
+}
+SWEEP = [ABOVE_ONE, LOWER_EDGE, *(_sweep_config(seed) for seed in range(16))]
+
+
+def _scan(config, name: str, scales: np.ndarray):
+    """The theory's prediction (``misalign.theory.predict``) with agent ``name``'s ``Gamma``
+    times each of ``scales``, built from the prompts of play 0 independently of ``Design``."""
+    from misalign.agent import GradientAgent
+    from misalign.theory import predict as theory_predict
+
+    game, size, d = setup(config), len(scales), config.d
+    maps = {}
+    for n, agent in game.agents.items():
+        prompt = game.prompts[n][0]
+        gamma = np.broadcast_to(agent.gamma[0], (size, d, d))
+        gamma = gamma * scales[:, None, None] if n == name else gamma
+        S = np.broadcast_to(prompt.second_moment, (size, d, d))
+        m = np.broadcast_to(prompt.moment, (size, d))
+        steps = config.agents[n].steps_per_turn
+        maps[n] = GradientAgent(n, np.array(gamma), np.array(S), np.array(m), steps).affine()
+    targets = {n: np.broadcast_to(t[0], (size, d)) for n, t in game.targets.items()}
+    return theory_predict(
+        maps, game.schedule, targets, start=np.broadcast_to(game.start[0], (size, d))
+    )
+
+
+def _dense(config, name: str, per_decade: int = 100):
+    """``rho`` (and the prediction) on a log grid over the whole valid range of scales."""
+    eta = config.agents[name].eta
+    scales = np.geomspace(1e-30 / eta, 1e30 / eta, 60 * per_decade + 1)
+    return scales, _scan(config, name, scales)
+
+
+def test_every_interval_of_convergence_matches_a_dense_scan():
+    """Over the issue's plays and a seeded sweep, for every agent: the intervals of ``rho < 1``
+    reported are the dense scan's (every edge between the two scan points where ``rho``
+    crosses 1, an interval narrower than the scan's step checked directly), and every edge is
+    refined: ``rho < 1`` at it, ``rho >= 1`` a relative ``2 EDGE_TOL`` outside. Among them,
+    plays that diverge at scale 1 and converge at a larger one."""
+    from misalign.design import EDGE_TOL
+
+    above_one = 0
+    for data in SWEEP:
+        config = parse_config(data)
+        design = Design(config, "A")
+        for name in design.names:
+            scales, p = _dense(config, name)
+            inside = p.rho < 1
+            reported = design.intervals(name)
+            edges = [(e, side) for lo, hi in reported for e, side in ((lo, -1), (hi, 1))]
+            edges = [(e, side) for e, side in edges if e is not None]
+            found = [e for e, _ in edges]
+            step = scales[1] / scales[0]
+            flips = np.flatnonzero(inside[1:] != inside[:-1])
+            narrow = [(lo, hi) for lo, hi in reported if lo and hi and hi / lo < step**2]
+            assert len(flips) == len(found) - 2 * len(narrow), (data, name, reported)
+            wide = sorted(e for lo, hi in reported if (lo, hi) not in narrow for e in (lo, hi) if e)
+            for k, e in zip(flips, wide, strict=True):
+                assert scales[k] < e <= scales[k + 1], (data, name, e)
+            assert inside[0] == bool(reported and reported[0][0] is None), (data, name)
+            assert inside[-1] == bool(reported and reported[-1][1] is None), (data, name)
+            if found:
+                at = np.array(found)
+                out = np.array([e * (1 + 2 * EDGE_TOL * side) for e, side in edges])
+                assert (_scan(config, name, at).rho < 1).all(), (data, name, found)
+                assert (_scan(config, name, out).rho >= 1).all(), (data, name, found)
+            diverges = _scan(config, name, np.array([1.0])).rho[0] >= 1
+            above_one += bool(diverges and any(lo and lo > 1 for lo, _ in reported))
+    assert above_one >= 3
+
+
+def test_the_bias_scale_is_the_least_residual_of_a_dense_scan():
+    """The scale ``best_scale`` advises gives ``|e_A|`` no larger than the least of a dense
+    scan over every scale with ``rho < RHO_CAP`` (the issue's lower-edge play: the least is
+    on the refined edge, below the log-grid point the search used to stop at)."""
+    from misalign.design import RHO_CAP
+
+    for data in SWEEP:
+        config = parse_config(data)
+        design = Design(config, "A")
+        scales, p = _dense(config, "A", per_decade=400)
+        value = np.where(p.rho < RHO_CAP, np.linalg.norm(p.residual["A"], axis=-1), np.inf)
+        found = design.best_scale()
+        assert (found is None) == (not np.isfinite(value).any()), data
+        if found is None:
+            continue
+        mine = _scan(config, "A", np.array([found[0]]))
+        assert mine.rho[0] < RHO_CAP
+        best = np.linalg.norm(mine.residual["A"][0])
+        assert best <= value.min() * (1 + 1e-9) + 1e-11, (data, found, scales[np.argmin(value)])
+
+
+def test_the_issue_plays_converge_above_scale_one_and_refine_the_lower_edge():
+    """Issue 19: A diverges at scale 1 and converges at x1.77: the advice reports that
+    interval, checked by playing, and the bias inside it; the lower edge of the second play
+    is refined, and its bias (on that edge) beats the log-grid point x0.63096."""
+    result = advise(parse_config(ABOVE_ONE), "A", examples=1, seeds=2)
+    row = result["stability"]["A"]
+    assert row["verified"] and len(row["intervals"]) == 1
+    assert row["lower"] < 1.77 < row["upper"] == row["scale"] and row["lower"] > 1
+    assert result["bias"]["difference"] < TOL and row["lower"] < result["bias"]["scale"]
+    assert result["bias"]["simulated"] < 0.68  # x1.77 and x1.62 converge on target's side
+    table = " ".join(" ".join(r) for r in design_table(result))
+    assert "x1.324 to x2.596" in table
+
+    result = advise(parse_config(LOWER_EDGE), "A", examples=1, seeds=2)
+    row, bias = result["stability"]["A"], result["bias"]
+    assert row["verified"] and abs(row["lower"] - 0.6028854) < 1e-6
+    assert bias["on_edge"] and abs(bias["scale"] - 0.6034961) < 1e-6
+    assert bias["simulated"] < 1.5535 < 1.5695  # at x0.63096 (the grid point): 1.5695
