@@ -25,6 +25,7 @@ from email.utils import parsedate_to_datetime
 
 from misalign.config import ConfigError
 from misalign.llm.answer import FORMATS, response_format
+from misalign.llm.hosts import OPENAI_URL, ambient_headers
 
 BACKOFF = 0.5
 """Seconds before the first retry; doubled at each retry, up to ``BACKOFF_CAP``."""
@@ -154,10 +155,14 @@ class Client:
 
         self.field, self.model, self.d, self.stats = field, model, d, stats
         self.limits, self.prices = limits, prices
-        self.base_url = base_url or "https://api.openai.com/v1"
+        self.base_url = base_url or OPENAI_URL  # never the SDK's $OPENAI_BASE_URL
         self._key, self._key_env, self.max_retries = key, key_env, max_retries
         self._sdk = AsyncOpenAI(
-            api_key=key or "none", base_url=base_url, max_retries=0, timeout=timeout_s
+            api_key=key or "none",
+            base_url=self.base_url,
+            max_retries=0,
+            timeout=timeout_s,
+            default_headers=ambient_headers(self.base_url),
         )
         self.format = 0  # index into FORMATS
         self._confirmed = False

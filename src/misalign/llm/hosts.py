@@ -5,13 +5,16 @@ the environment variable whose value is sent to it as the key (``api_key_env``).
 leaves this machine only where the user said it may:
 
 - over plain ``http://`` only to a loopback address (``localhost``, ``127.0.0.0/8``, ``::1``);
-- to OpenAI's API (``https://api.openai.com``, the default server) as it is;
-- to any other host, loopback included, only when the user allows it on the command line
-  (``--allow-host HOST``, repeatable) or in the environment (``MISALIGN_ALLOW_HOSTS``,
-  comma-separated): never because a configuration says so.
+- ``$OPENAI_API_KEY`` to OpenAI's API (``https://api.openai.com``, the default server) as it
+  is;
+- any other variable, or to any other host (loopback included), only when the user allows
+  that host on the command line (``--allow-host HOST``, repeatable) or in the environment
+  (``MISALIGN_ALLOW_HOSTS``, comma-separated): never because a configuration says so.
 
 A request without a key (``api_key_env = ""``, as the local model's server takes) needs no
-permission: it carries nothing of the user's.
+permission: it carries nothing of the user's. What the ``openai`` SDK would add from the
+environment on its own (``OPENAI_ORG_ID``, ``OPENAI_PROJECT_ID``, the headers of
+``OPENAI_CUSTOM_HEADERS``) goes to OpenAI's host only (``ambient_headers``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from urllib.parse import urlsplit
 from misalign.config import ConfigError
 
 OPENAI = "api.openai.com"
-"""The host of OpenAI's API, the default server: a key goes there over https as it is."""
+"""The host of OpenAI's API, the default server: ``$OPENAI_KEY_ENV`` goes there over https."""
+OPENAI_URL = f"https://{OPENAI}/v1"
+OPENAI_KEY_ENV = "OPENAI_API_KEY"
 ENV = "MISALIGN_ALLOW_HOSTS"
 """The environment variable of hosts a key may go to, comma-separated."""
 
@@ -60,7 +65,7 @@ def check_destination(field: str, base_url: str | None, key_env: str, allowed: f
             http(s) URL with a host, or a key would go over plain http to another machine,
             or to a host other than OpenAI's that the user did not allow.
     """
-    url = base_url or f"https://{OPENAI}/v1"
+    url = base_url or OPENAI_URL
     try:
         parts = urlsplit(url)
         host, port = parts.hostname, parts.port
@@ -76,11 +81,28 @@ def check_destination(field: str, base_url: str | None, key_env: str, allowed: f
             f"{field}.base_url: {held} would go to {host} over plain http://; a key is sent "
             "unencrypted only to a loopback address (use https://)"
         )
-    if host == OPENAI and parts.scheme == "https":
+    if host == OPENAI and parts.scheme == "https" and key_env == OPENAI_KEY_ENV:
         return
     if host in allowed or (port is not None and f"{host}:{port}" in allowed):
         return
+    why = f"only ${OPENAI_KEY_ENV} goes there unasked" if host == OPENAI else "not allowed"
     raise ConfigError(
-        f"{field}.base_url: {held} would go to {host}, which you have not allowed; if you "
-        f"trust it, run with --allow-host {host} (or set {ENV}={host})"
+        f"{field}.base_url: {held} would go to {host} ({why}); if you trust it with that "
+        f"variable, run with --allow-host {host} (or set {ENV}={host})"
     )
+
+
+def ambient_headers(base_url: str | None) -> dict:
+    """Headers to send in place of those the ``openai`` SDK reads from the environment on its
+    own: none for OpenAI's host (``{}``: the SDK's own), and for any other host ``Omit`` for
+    ``OpenAI-Organization``, ``OpenAI-Project`` and each header named in
+    ``OPENAI_CUSTOM_HEADERS``, so that nothing of the user's environment goes there unasked."""
+    if urlsplit(base_url or OPENAI_URL).hostname == OPENAI:
+        return {}
+    from openai import Omit
+
+    names = {"OpenAI-Organization", "OpenAI-Project"}
+    for line in os.environ.get("OPENAI_CUSTOM_HEADERS", "").split("\n"):
+        if ":" in line:
+            names.add(line.split(":", 1)[0].strip())
+    return dict.fromkeys(names, Omit())

@@ -30,31 +30,33 @@ def refused(base_url, key_env="TOKEN", allowed=frozenset()) -> str | None:
 
 
 @pytest.mark.parametrize(
-    ("base_url", "allowed", "verdict"),
+    ("base_url", "key_env", "allowed", "verdict"),
     [
-        (None, (), None),  # OpenAI's API, the default
-        ("https://api.openai.com/v1", (), None),
-        ("http://api.openai.com/v1", ("api.openai.com",), "over plain http://"),
-        ("https://api.openai.com.evil.test/v1", (), "api.openai.com.evil.test, which you"),
-        ("https://evil.test/v1", (), "--allow-host evil.test"),
-        ("https://evil.test/v1", ("evil.test",), None),
-        ("https://EVIL.test:8443/v1", ("evil.test:8443",), None),
-        ("https://evil.test:8443/v1", ("evil.test:9999",), "which you have not allowed"),
-        ("http://evil.test/v1", ("evil.test",), "over plain http://"),
-        ("http://10.0.0.1:8080/v1", ("10.0.0.1",), "over plain http://"),
-        ("http://127.0.0.1:8080/v1", (), "--allow-host 127.0.0.1"),
-        ("http://127.0.0.1:8080/v1", ("127.0.0.1",), None),
-        ("http://127.8.9.10/v1", ("127.8.9.10",), None),
-        ("http://localhost:8080/v1", ("localhost",), None),
-        ("http://[::1]:8080/v1", ("::1",), None),
-        ("http://127.0.0.1.evil.test/v1", ("127.0.0.1",), "over plain http://"),
-        ("ftp://127.0.0.1/v1", ("127.0.0.1",), "not an http:// or https:// URL"),
-        ("not a url", (), "not an http:// or https:// URL"),
-        ("http://127.0.0.1:port/v1", (), "not a URL"),
+        (None, "OPENAI_API_KEY", (), None),  # OpenAI's API, the default
+        ("https://api.openai.com/v1", "OPENAI_API_KEY", (), None),
+        (None, "AWS_SECRET_ACCESS_KEY", (), "(only $OPENAI_API_KEY goes there unasked)"),
+        ("https://api.openai.com/v1", "GITHUB_TOKEN", ("api.openai.com",), None),
+        ("http://api.openai.com/v1", "OPENAI_API_KEY", ("api.openai.com",), "plain http://"),
+        ("https://api.openai.com.evil.test/v1", "OPENAI_API_KEY", (), "go to api.openai.com.e"),
+        ("https://evil.test/v1", "OPENAI_API_KEY", (), "--allow-host evil.test"),
+        ("https://evil.test/v1", "TOKEN", ("evil.test",), None),
+        ("https://EVIL.test:8443/v1", "TOKEN", ("evil.test:8443",), None),
+        ("https://evil.test:8443/v1", "TOKEN", ("evil.test:9999",), "(not allowed)"),
+        ("http://evil.test/v1", "TOKEN", ("evil.test",), "over plain http://"),
+        ("http://10.0.0.1:8080/v1", "TOKEN", ("10.0.0.1",), "over plain http://"),
+        ("http://127.0.0.1:8080/v1", "TOKEN", (), "--allow-host 127.0.0.1"),
+        ("http://127.0.0.1:8080/v1", "TOKEN", ("127.0.0.1",), None),
+        ("http://127.8.9.10/v1", "TOKEN", ("127.8.9.10",), None),
+        ("http://localhost:8080/v1", "TOKEN", ("localhost",), None),
+        ("http://[::1]:8080/v1", "TOKEN", ("::1",), None),
+        ("http://127.0.0.1.evil.test/v1", "TOKEN", ("127.0.0.1",), "over plain http://"),
+        ("ftp://127.0.0.1/v1", "TOKEN", ("127.0.0.1",), "not an http:// or https:// URL"),
+        ("not a url", "TOKEN", (), "not an http:// or https:// URL"),
+        ("http://127.0.0.1:port/v1", "TOKEN", (), "not a URL"),
     ],
 )
-def test_where_a_key_may_go(base_url, allowed, verdict):
-    message = refused(base_url, allowed=allowed)
+def test_where_a_key_may_go(base_url, key_env, allowed, verdict):
+    message = refused(base_url, key_env, allowed)
     if verdict is None:
         assert message is None
     else:
@@ -64,18 +66,18 @@ def test_where_a_key_may_go(base_url, allowed, verdict):
 @given(
     host=st.sampled_from(["127.0.0.1", "localhost", "evil.test", "api.openai.com", "10.1.2.3"]),
     scheme=st.sampled_from(["http", "https"]),
+    key_env=st.sampled_from(["OPENAI_API_KEY", "GITHUB_TOKEN"]),
     allow=st.booleans(),
 )
 def test_without_a_key_nothing_is_refused_and_with_one_only_what_the_rules_allow(
-    host, scheme, allow
+    host, scheme, key_env, allow
 ):
     url = f"{scheme}://{host}/v1"
     allowed = {host} if allow else set()
     assert refused(url, key_env="", allowed=allowed) is None
-    may = (scheme == "https" or is_loopback(host)) and (
-        allow or (host == "api.openai.com" and scheme == "https")
-    )
-    assert (refused(url, allowed=allowed) is None) == may
+    openai = host == "api.openai.com" and scheme == "https" and key_env == "OPENAI_API_KEY"
+    may = (scheme == "https" or is_loopback(host)) and (allow or openai)
+    assert (refused(url, key_env, allowed) is None) == may
 
 
 def test_allowed_hosts_come_from_flags_and_the_environment(monkeypatch):
@@ -213,3 +215,15 @@ def test_a_replay_sends_nothing_and_needs_no_permission(tmp_path, secret_env, se
     done = run(tmp_path, server.base_url, "MISALIGN_TEST_TOKEN", "--replay")
     assert done.returncode == 0, done.stderr
     assert len(server.requests) == asked
+
+
+def test_the_sdks_ambient_headers_go_to_openai_only(tmp_path, secret_env, server, monkeypatch):
+    """OPENAI_ORG_ID, OPENAI_PROJECT_ID and OPENAI_CUSTOM_HEADERS, which the SDK sends on its
+    own, never reach another host (here a keyless loopback server)."""
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-secret-organisation")
+    monkeypatch.setenv("OPENAI_PROJECT_ID", "proj-secret-project")
+    monkeypatch.setenv("OPENAI_CUSTOM_HEADERS", f"X-Secret: {secret_env}\nX-Other: 1")
+    done = run(tmp_path, server.base_url, "")
+    assert done.returncode == 0, done.stderr
+    sent = " ".join(f"{k}: {v}" for h in server.headers for k, v in h.items())
+    assert server.headers and "secret" not in sent.lower() and "x-other" not in sent.lower()
