@@ -929,3 +929,26 @@ def test_a_template_that_writes_the_key_is_never_sent(tmp_path, monkeypatch, cap
         "a template or an example writes it"
     )
     assert server.requests == []
+
+
+def test_an_answer_that_echoes_the_key_is_stored_without_it(tmp_path, monkeypatch, capsys):
+    """A server (trusted with the key) whose answers repeat it: the store, the run directory
+    and the output never hold it; the answers still parse."""
+    monkeypatch.setenv("MISALIGN_TEST_KEY", KEY)
+
+    def echo(body, index):
+        reply = GOOD(body, index)
+        return Reply(content=f"your key is {KEY}. {reply.content}")
+
+    with FakeServer(echo) as server:
+        config = write_config(
+            tmp_path / "play.toml", server.base_url, 4, api_key_env="MISALIGN_TEST_KEY"
+        )
+        code, out, err = cli(capsys, "run", config, "--store", tmp_path / "s.sqlite")
+    assert code == 0, err
+    with contextlib.closing(sqlite3.connect(tmp_path / "s.sqlite")) as db:
+        raws = [row[0] for row in db.execute("SELECT raw FROM answers")]
+    assert raws and all("your key is ***." in raw for raw in raws)
+    assert KEY not in out + err
+    for path in every_file(tmp_path):
+        assert KEY.encode() not in path.read_bytes(), path

@@ -245,6 +245,8 @@ class Client:
             finally:  # the answer's cost is counted by whoever records it, at once
                 self.stats.reserved -= reserve
             self._confirmed = True
+            if self._key and text and self._key in text:  # an answer that echoes the key
+                text = text.replace(self._key, "***")  # is never stored or shown with it
             return Completion(text, tokens_in, tokens_out, time.monotonic() - began, finish)
 
     async def _wait(self, retry: int, cause: str, retry_after: float | None) -> int:
