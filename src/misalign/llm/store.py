@@ -161,8 +161,9 @@ class Store:
         readonly: open without writing (a replay: the file may sit in a read-only checkout).
 
     Raises:
-        ConfigError: one line: the store cannot be created or opened, or is not a store of
-            ours (another program's database, a trigger or a view in it); nothing is written.
+        ConfigError: one line: the store is a symbolic link, cannot be created or opened, or
+            is not a store of ours (another program's database, a trigger or a view in it);
+            nothing is written.
     """
 
     def __init__(self, path: str | Path, readonly: bool = False) -> None:
@@ -174,6 +175,10 @@ class Store:
         """The answers among them, by key (read from here until written)."""
         self._held_why: dict[str, str] = {}
         """The requests among them that failed for good, by key."""
+        if self.path.is_symlink():  # a runs/llm.sqlite link from a shared tarball
+            raise ConfigError(
+                f"--store {self.path}: is a symbolic link; refusing to read or write through it"
+            )
         try:
             if readonly:
                 self._db = _read_only(self.path)
