@@ -47,7 +47,9 @@ class Prediction:
     Attributes:
         rho: spectral radius of the moving part of the round map, per play, shape ``(B,)``:
             of ``R`` itself, or of ``R - P_1`` where ``R`` acts as the identity on an
-            eigenvalue-1 space (directions no prompt sees, docs/theory.md §2). At least 1
+            eigenvalue-1 space (directions no prompt sees, docs/theory.md §2), on the part the
+            play reaches (``reachable_radius``; unexcited modes out of the unit circle
+            count). At least 1
             where the play does not converge; ``inf`` where a map is not finite (a
             language model's play that failed while its map was fitted).
         fixed_point: per agent, the predicted limit of its output, ``(B, d)``;
@@ -422,7 +424,10 @@ def predict(
     eigenvalue-1 space, so it is as well conditioned as the moving part allows) solves
     ``(I - R) s* = r`` with ``L^T s* = L^T s_0``: it depends on the start. Elsewhere it is
     the unique fixed point ``(I - R)^{-1} r`` (``P_1 = 0``, the same computation as without
-    such directions). With sampled agents, noise with a component along the eigenvalue-1
+    such directions). ``rho`` is the radius of ``R - P_1`` on the Krylov space the play's
+    differences reach (``_rate``): modes on the unit circle it never excites (``-1`` for two
+    agents reading each other, the cube roots of unity for a ring of three) do not decide it.
+    With sampled agents, noise with a component along the eigenvalue-1
     space (``L^T Q L != 0``) makes the outputs random-walk there: their covariance is
     ``inf``. Noise that vanishes there (``Q L = 0``) leaves the stationary covariance
     ``Sigma = (R - P_1) Sigma (R - P_1)^T + Q`` on the complement.
@@ -474,8 +479,8 @@ def predict(
 CHUNK = 2048
 """Plays predicted together: a large batch goes a chunk at a time, so that its temporaries
 (several ``N d x N d`` matrices per play) are reused rather than faulted in afresh. A play's
-numbers do not depend on the plays beside it, except through the blocks that feed back
-(``unit_space``, found over the chunk as over any batch)."""
+numbers do not depend on the plays beside it (the blocks that feed back come from the
+schedule, ``fed_columns``), so chunks change no bit."""
 
 
 def _predict(
