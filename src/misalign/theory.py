@@ -336,8 +336,9 @@ def reachable_radius(M: np.ndarray, v: np.ndarray, scale: np.ndarray) -> tuple[n
         scale: ``c``, the size of the terms ``v`` was computed from, ``(B,)``.
 
     Returns:
-        ``rho(H_k)`` (``0`` where ``k = 0``: the play does not move), ``(B,)``, and ``k``,
-        the dimension of the Krylov space, ``(B,)``.
+        ``rho(H_k)`` (``0`` where ``k = 0``: the play does not move; NaN where ``k = m``, the
+        whole space, whose radius is ``rho(M)``), ``(B,)``, and ``k``, the dimension of the
+        Krylov space, ``(B,)``.
     """
     batch, m = v.shape
     Q, H = np.zeros((batch, m, m)), np.zeros((batch, m, m))
@@ -361,9 +362,10 @@ def reachable_radius(M: np.ndarray, v: np.ndarray, scale: np.ndarray) -> tuple[n
             H[:, j + 1, j] = beta
             with np.errstate(divide="ignore", invalid="ignore"):
                 Q[:, :, j + 1] = np.where(alive[:, None], w / beta[:, None], 0.0)
-    inside = np.arange(m) < k[:, None]
-    H = H * (inside[:, :, None] & inside[:, None, :])
-    return spectral_radius(H), k
+    rho, part = np.full(batch, np.nan), np.flatnonzero(k < m)
+    inside = np.arange(m) < k[part, None]
+    rho[part] = spectral_radius(H[part] * (inside[:, :, None] & inside[:, None, :]))
+    return rho, k
 
 
 def fed_columns(maps: Mapping[str, AffineMap], schedule: Schedule) -> np.ndarray:
