@@ -567,3 +567,53 @@ def test_sampled_network_spread_matches_monte_carlo(simultaneous):
         np.testing.assert_allclose(
             np.cov(empirical.T), sigma, rtol=0.06, atol=0.06 * np.abs(sigma).max()
         )
+
+
+def _unseen_network(rng, N, d):
+    """Two agents reading each other, or a ring of three (each reads the next), simultaneous,
+    ``n = 1 .. d - 1`` examples each: with ``sum n < d`` the round map has the eigenvalue -1 or
+    the cube roots of unity on the directions no prompt sees, which the play never excites."""
+    names = [f"a{k}" for k in range(N)]
+    agents = {}
+    for k, name in enumerate(names):
+        kind = str(rng.choice(["identity", "newton", "lsa-optimal"]))
+        agents[name] = {
+            "n": int(rng.integers(1, d)) if rng.integers(2) else 1,  # often sum n < d
+            "preconditioner": kind,
+            "eta": float(rng.uniform(0.2, 0.9)),
+        } | ({"reads": names[(k + 1) % N]} if N > 2 else {})
+    data = {"seed": int(rng.integers(10**6)), "d": d, "rounds": 10, "schedule": "simultaneous"}
+    start = rng.standard_normal(d).tolist()
+    return parse_config(data | {"agents": agents, "start": start})
+
+
+@pytest.mark.parametrize("N", [2, 3])
+def test_modes_the_play_never_excites_leave_the_verdict_and_rate_to_the_play(N):
+    """Seeded sweep over ``d = 2 .. 5``: the verdict and ``rho`` match the rate measured from the
+    simulated play's differences (``measured_rate``), including where the whole round map has
+    unexcited modes on the unit circle (``rho(R - P_1) = 1`` up to rounding, counted)."""
+    rng = np.random.default_rng(N)
+    on_circle = checked = 0
+    for _ in range(80):
+        config = _unseen_network(rng, N, int(rng.integers(2, 6)))
+        game = setup(config)
+        prediction = predict(game)
+        rho = float(prediction.rho[0])
+        R, _, _ = round_map(
+            {n: game.agents[n].affine() for n in game.schedule.agents}, game.schedule
+        )
+        on_circle += abs(np.abs(np.linalg.eigvals(R[0])).max() - 1) < 1e-12
+        names = game.schedule.agents
+        with np.errstate(all="ignore"):
+            trajectory = simulate(game, rounds=400)
+        history = np.concatenate([trajectory.outputs(n)[:, 0] for n in names], axis=1)
+        history = np.concatenate([np.tile(game.start[0], len(names))[None], history])
+        rate = measured_rate(history, np.abs(history[np.isfinite(history)]).max())
+        if rate is None or 0.98 <= rate <= 1.02:
+            continue  # too slow to measure in 400 rounds, or blown up within 20
+        assert bool(prediction.converges[0]) == (rate < 1)
+        assert rate == pytest.approx(rho, rel=RATE_TOL, abs=1e-6)
+        if prediction.converges[0]:
+            check(config)
+        checked += 1
+    assert checked >= 30 and on_circle >= 8

@@ -47,7 +47,9 @@ class Prediction:
     Attributes:
         rho: spectral radius of the moving part of the round map, per play, shape ``(B,)``:
             of ``R`` itself, or of ``R - P_1`` where ``R`` acts as the identity on an
-            eigenvalue-1 space (directions no prompt sees, docs/theory.md §2). At least 1
+            eigenvalue-1 space (directions no prompt sees, docs/theory.md §2), on the part the
+            play reaches (``reachable_radius``; unexcited modes out of the unit circle
+            count). At least 1
             where the play does not converge; ``inf`` where a map is not finite (a
             language model's play that failed while its map was fitted).
         fixed_point: per agent, the predicted limit of its output, ``(B, d)``;
@@ -245,24 +247,29 @@ class UnitSpace(NamedTuple):
     projection: np.ndarray
 
 
-def unit_space(R: np.ndarray, r: np.ndarray) -> UnitSpace:
+def unit_space(R: np.ndarray, r: np.ndarray, fed: np.ndarray | None = None) -> UnitSpace:
     """Where a batch of round maps has the eigenvalue 1 exactly, from an SVD of ``I - R``.
 
     Only the blocks read before they are overwritten feed back: the other columns of ``R``
     are zero, ``R = [[R_FF, 0], [R_OF, 0]]`` (fed-back blocks ``F`` first), so the null
     spaces come from ``I - R_FF`` alone (``N`` times smaller for a cycle of ``N`` agents):
     right null vectors ``[x_F; R_OF x_F]``, left ones ``[y_F; 0]``. Plays with non-finite
-    entries get ``k = 0`` (an SVD of inf may never return).
+    entries get ``k = 0`` (an SVD of inf may never return). Every play's numbers depend on
+    it alone and on ``F`` (the bases are padded to ``|F|`` columns, not to the batch's
+    largest ``k``), so with ``fed`` from the schedule a play predicts the same bits in any
+    batch.
 
     Args:
         R: ``(B, N d, N d)``.
         r: ``(B, N d)``.
+        fed: the columns ``F`` that may be non-zero, ``(N d,)`` (``fed_columns``); default:
+            those non-zero in some play of the batch.
 
     Returns:
         The null spaces, whether ``R`` acts there as the identity, and the spectral projections.
     """
     batch, size, _ = R.shape
-    fed = (R != 0).any(axis=(0, 1))
+    fed = (R != 0).any(axis=(0, 1)) if fed is None else fed
     F, rest = np.flatnonzero(fed), np.flatnonzero(~fed)
     finite = np.isfinite(R).all(axis=(1, 2)) & np.isfinite(r).all(axis=1)
     # gathered blocks made C-ordered: numpy lays a gather out by the batch's size, and a
@@ -282,9 +289,7 @@ def unit_space(R: np.ndarray, r: np.ndarray) -> UnitSpace:
     # singular vectors only where needed: a batched SVD with vectors costs far more
     U, sigma, Vh = np.linalg.svd(M[some])
     dim[some] = _null_dim(sigma)
-    k = int(dim.max())
-    if k == 0:  # the values alone and with the vectors disagreed at the tolerance
-        return UnitSpace(dim, L, dim == 0, P)
+    k = len(F)
     live = np.arange(k) >= (k - dim[some])[:, None]  # the last dim of the last k vectors
     Ls = np.zeros((len(some), size, k))
     Ls[:, F] = U[:, :, len(F) - k :] * live[:, None, :]
@@ -302,6 +307,74 @@ def unit_space(R: np.ndarray, r: np.ndarray) -> UnitSpace:
     L = np.zeros((batch, size, k))
     L[some], P[some], identity[some] = Ls, Ps, ok
     return UnitSpace(dim, L, identity | (dim == 0), P)
+
+
+REACH_TOL = 1e-10
+"""Relative tolerance of the reachable space (docs/theory.md §2, modes the play never excites).
+
+The first difference ``v = s_1 - s_0 = (R - I) s_0 + r`` is computed from terms of size
+``c = (|R|_F + 1) |s_0| + |r|``, so a mode it does not excite still carries about ``1e-16 c``
+from rounding. ``v`` moves the play when ``|v| > REACH_TOL c``; the Arnoldi process on the
+moving part then stops where its next residual is at most ``REACH_TOL |M|_F c / |v|`` (a
+direction of ``v``'s relative weight ``REACH_TOL c / |v|`` carried through one step of ``M``):
+six orders above rounding. A mode excited with less relative weight than ``REACH_TOL`` is left
+out of the rate; one on the unit circle stays at that level for ever, and one outside it counts
+anyway (``predict``)."""
+
+
+def reachable_radius(M: np.ndarray, v: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The spectral radius of ``M`` on the Krylov space ``K(M, v) = span(v, M v, M^2 v, ...)``
+    (docs/theory.md §2): Arnoldi with a second Gram-Schmidt pass builds an orthonormal basis
+    ``Q_k`` and ``H_k = Q_k^T M Q_k``, stopping at ``REACH_TOL``; ``rho(H_k)`` is the radius.
+
+    Every play's numbers depend on its own ``M``, ``v`` and ``scale`` alone (the same
+    operations in any batch).
+
+    Args:
+        M: the moving part on the fed-back blocks, ``(B, m, m)``.
+        v: the first difference of the play on those blocks, ``(B, m)``.
+        scale: ``c``, the size of the terms ``v`` was computed from, ``(B,)``.
+
+    Returns:
+        ``rho(H_k)`` (``0`` where ``k = 0``: the play does not move; NaN where ``k = m``, the
+        whole space, whose radius is ``rho(M)``), ``(B,)``, and ``k``, the dimension of the
+        Krylov space, ``(B,)``.
+    """
+    batch, m = v.shape
+    Q, H = np.zeros((batch, m, m)), np.zeros((batch, m, m))
+    norm = np.linalg.norm(v, axis=1)
+    alive = norm > REACH_TOL * scale
+    with np.errstate(divide="ignore", invalid="ignore"):
+        Q[:, :, 0] = np.where(alive[:, None], v / norm[:, None], 0.0)
+        stop = REACH_TOL * np.linalg.norm(M, axis=(1, 2)) * scale / norm
+    k = np.zeros(batch, dtype=int)
+    for j in range(m):
+        w = (M @ Q[:, :, j, None])[..., 0]
+        basis = Q[:, :, : j + 1]
+        for _ in range(2):  # classical Gram-Schmidt, twice: orthogonal to rounding
+            h = (basis.transpose(0, 2, 1) @ w[..., None])[..., 0]
+            w = w - (basis @ h[..., None])[..., 0]
+            H[:, : j + 1, j] += h
+        k += alive
+        if j + 1 < m:
+            beta = np.linalg.norm(w, axis=1)
+            alive = alive & (beta > stop)
+            H[:, j + 1, j] = beta
+            with np.errstate(divide="ignore", invalid="ignore"):
+                Q[:, :, j + 1] = np.where(alive[:, None], w / beta[:, None], 0.0)
+    rho, part = np.full(batch, np.nan), np.flatnonzero(k < m)
+    inside = np.arange(m) < k[part, None]
+    rho[part] = spectral_radius(H[part] * (inside[:, :, None] & inside[:, None, :]))
+    return rho, k
+
+
+def fed_columns(maps: Mapping[str, AffineMap], schedule: Schedule) -> np.ndarray:
+    """The columns of the round map that may be non-zero, from the schedule alone: the blocks
+    of the agents that feed back (``misalign.play.Schedule.feeds_back``) and of the damped
+    agents (their weight on their own last output reads the block), ``(N d,)``."""
+    d = maps[schedule.agents[0]].c.shape[1]
+    fed = set(schedule.feeds_back) | {n for n in schedule.agents if maps[n].keep is not None}
+    return np.repeat([name in fed for name in schedule.agents], d)
 
 
 SCREEN = 1e3
@@ -353,7 +426,10 @@ def predict(
     eigenvalue-1 space, so it is as well conditioned as the moving part allows) solves
     ``(I - R) s* = r`` with ``L^T s* = L^T s_0``: it depends on the start. Elsewhere it is
     the unique fixed point ``(I - R)^{-1} r`` (``P_1 = 0``, the same computation as without
-    such directions). With sampled agents, noise with a component along the eigenvalue-1
+    such directions). ``rho`` is the radius of ``R - P_1`` on the Krylov space the play's
+    differences reach (``_rate``): modes on the unit circle it never excites (``-1`` for two
+    agents reading each other, the cube roots of unity for a ring of three) do not decide it.
+    With sampled agents, noise with a component along the eigenvalue-1
     space (``L^T Q L != 0``) makes the outputs random-walk there: their covariance is
     ``inf``. Noise that vanishes there (``Q L = 0``) leaves the stationary covariance
     ``Sigma = (R - P_1) Sigma (R - P_1)^T + Q`` on the complement.
@@ -405,8 +481,8 @@ def predict(
 CHUNK = 2048
 """Plays predicted together: a large batch goes a chunk at a time, so that its temporaries
 (several ``N d x N d`` matrices per play) are reused rather than faulted in afresh. A play's
-numbers do not depend on the plays beside it, except through the blocks that feed back
-(``unit_space``, found over the chunk as over any batch)."""
+numbers do not depend on the plays beside it (the blocks that feed back come from the
+schedule, ``fed_columns``), so chunks change no bit."""
 
 
 def _predict(
@@ -431,21 +507,21 @@ def _predict(
     d = size // len(names)
     start = np.zeros((batch, d)) if start is None else np.broadcast_to(start, (batch, d))
     s0 = np.concatenate([start] * len(names), axis=1)  # every agent's block starts at start
-    unit = unit_space(R, r)
+    fed = fed_columns(maps, schedule)
+    unit = unit_space(R, r, fed)
     P = unit.projection
-    projected = bool((unit.dim > 0).any())  # elsewhere P = 0: the same numbers without it
-    moving = R - P if projected else R
-    rho = spectral_radius(moving)
+    moving = R - P  # P = 0 without an eigenvalue-1 space: exactly R
+    full = spectral_radius(moving)
+    rho = _rate(moving, R, r, s0, fed, full)
     rho = np.where(unit.identity, rho, np.maximum(rho, 1.0))  # a Jordan block or a drift at 1
     rho[unknown] = np.inf
     ok = rho < 1
     s = np.full_like(r, np.nan)
-    if ok.all() and not projected:
-        s[...] = np.linalg.solve(np.eye(size) - R, r[..., None])[..., 0]
-    elif ok.any():
-        eye = np.eye(size)
+    if ok.any():  # one computation for every play (P = 0: adds and subtracts exact zeros)
         Pk, rk = P[ok], r[ok][..., None]
-        s[ok] = (Pk @ s0[ok][..., None] + np.linalg.solve(eye - R[ok] + Pk, rk - Pk @ rk))[..., 0]
+        s[ok] = (Pk @ s0[ok][..., None] + np.linalg.solve(np.eye(size) - R[ok] + Pk, rk - Pk @ rk))[
+            ..., 0
+        ]
     blocks = {name: slice(k * d, (k + 1) * d) for k, name in enumerate(names)}
     fixed = {name: s[:, blocks[name]] for name in names}
     covariance = {}
@@ -457,7 +533,7 @@ def _predict(
         )
         walk = ok & (unit.dim > 0) & (reach > UNIT_TOL * np.linalg.norm(Q, ord=2, axis=(1, 2)))
         sigma[walk] = np.inf
-        calm = ok & ~walk
+        calm = ok & ~walk & (full < 1)  # else NaN: unexcited modes on the unit circle
         if calm.any():
             Pk, Qk = P[calm], Q[calm]
             unseen = (unit.dim[calm] > 0)[:, None, None]
@@ -475,6 +551,54 @@ def _predict(
         covariance=covariance,
         depends_on_start=ok & (unit.dim > 0),
     )
+
+
+def _rate(
+    moving: np.ndarray,
+    R: np.ndarray,
+    r: np.ndarray,
+    s0: np.ndarray,
+    fed: np.ndarray,
+    full: np.ndarray,
+) -> np.ndarray:
+    """The rate of the moving part that the play reaches (docs/theory.md §2): the differences
+    ``s_{t+1} - s_t = R^t v``, ``v = (R - I) s_0 + r``, live in ``K(R - P_1, v)`` (``P_1 v``
+    stays put and ``(R - P_1) P_1 = 0``), on the fed-back blocks ``F``. Where that space is all
+    of ``F``, or its radius is ``full = rho(R - P_1)`` up to ``SAME_RATE``, the rate is ``full``
+    (the same bits as without this rule); elsewhere ``reachable_radius``, except that modes
+    outside the unit circle (``full > 1 + UNIT_TOL``) count though unexcited: rounding seeds
+    them and they grow.
+
+    Args:
+        moving: ``R - P_1``, ``(B, N d, N d)``.
+        R, r: the round map.
+        s0: the start of every block, ``(B, N d)``.
+        fed: the fed-back columns ``F``, ``(N d,)``.
+        full: ``rho(R - P_1)``, ``(B,)``.
+
+    Returns:
+        ``rho``, ``(B,)``.
+    """
+    F = np.flatnonzero(fed)
+    v = (R @ s0[..., None])[..., 0] - s0 + r
+    scale = (np.linalg.norm(R, axis=(1, 2)) + 1) * np.linalg.norm(s0, axis=1)
+    scale = scale + np.linalg.norm(r, axis=1)
+    part = np.flatnonzero(np.isfinite(full) & (full <= 1 + UNIT_TOL))
+    reached, k = reachable_radius(
+        np.ascontiguousarray(moving[part][:, F[:, None], F]),
+        np.ascontiguousarray(v[part][:, F]),
+        scale[part],
+    )
+    rho = full.copy()
+    rho[part] = np.where((k < len(F)) & (reached < full[part] - SAME_RATE), reached, full[part])
+    return rho
+
+
+SAME_RATE = 1e-12
+"""``_rate``: a reachable radius within this of ``rho(R - P_1)`` is the same rate, up to the
+rounding of the two eigenvalue computations (``1e-15`` for a well-conditioned eigenvalue);
+``rho(R - P_1)`` is reported. Only a reachable mode within ``1e-12`` of an unexcited one on the
+unit circle (a play that takes ``10^13`` rounds) would be reported at ``1 +- ulp``."""
 
 
 def two_agent(A: AffineMap, B: AffineMap) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

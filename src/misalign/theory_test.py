@@ -836,3 +836,70 @@ def test_the_inverse_screen_leaves_every_null_dimension_to_the_svd():
     np.testing.assert_array_equal(
         unit_space(np.eye(4) - singular, np.zeros((len(singular), 4))).dim, [*expected, 4]
     )
+
+
+def _blind_maps(rng, d, names, nulls):
+    """A batch of affine maps, play ``b`` blind to a random ``nulls[b]``-dimensional space
+    shared by every agent (each agent sees a random part of the rest): the plays of one
+    batch have eigenvalue-1 spaces of different dimensions."""
+    A, c = {n: [] for n in names}, {n: [] for n in names}
+    for null in nulls:
+        seen = np.linalg.qr(rng.standard_normal((d, d)))[0][:, : d - null]
+        for n in names:
+            X = (rng.standard_normal((d, d - null)) @ seen.T)[: rng.integers(1, d - null + 1)]
+            H = rng.uniform(0.1, 0.9) * X.T @ X / np.linalg.norm(X.T @ X, 2)
+            A[n].append(np.eye(d) - H)
+            c[n].append(H @ rng.standard_normal(d))
+    return {n: AffineMap(np.array(A[n]), np.array(c[n])) for n in names}
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_a_play_predicts_the_same_bits_in_any_batch(seed):
+    """Plays with and without directions no prompt sees, and of several such dimensions, in
+    one batch (alternating, simultaneous, a repeated turn): every play's prediction is, bit
+    for bit, the prediction of that play alone."""
+    rng = np.random.default_rng(seed)
+    d = int(rng.integers(3, 7))
+    names = ["A", "B", "C"][: int(rng.integers(2, 4))]
+    schedule = [
+        Schedule.build(names),
+        Schedule.build(names, {}, simultaneous=True),
+        Schedule.build([*names, names[0]]),
+    ][seed % 3]
+    nulls = rng.integers(0, d - 1, 8)
+    maps = _blind_maps(rng, d, names, nulls)
+    targets = {names[0]: rng.standard_normal((len(nulls), d))}
+    start = rng.standard_normal((len(nulls), d))
+    together = predict_maps(maps, schedule, targets, start=start)
+    for b in range(len(nulls)):
+        alone = predict_maps(
+            {n: AffineMap(f.A[b : b + 1], f.c[b : b + 1]) for n, f in maps.items()},
+            schedule,
+            {n: t[b : b + 1] for n, t in targets.items()},
+            start=start[b : b + 1],
+        )
+        assert together.rho[b] == alone.rho[0]
+        assert together.depends_on_start[b] == alone.depends_on_start[0]
+        for key in ("fixed_point", "residual"):
+            for name, value in getattr(alone, key).items():
+                np.testing.assert_array_equal(getattr(together, key)[name][b], value[0])
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"d": 3, "agents": {"A": {"n": 6, "eta": 1 - 2**-53}, "B": {"n": 5}, "C": {"n": 4}}},
+        {"d": 3, "schedule": "simultaneous", "agents": {"A": {"n": 1}, "B": {"n": 1}}},
+        {"d": 5, "agents": {"A": {"n": 2, "noise": 0.3}, "B": {"n": 1}, "C": {"n": 3}}},
+    ],
+)
+def test_a_batch_of_seeds_predicts_each_seeds_single_run_bit_for_bit(data):
+    """``misalign run --seeds N``: play ``i``'s prediction is the single run of seed ``i``."""
+    config = parse_config({"seed": 0, "rounds": 5, **data})
+    together = predict(setup(config, seeds=range(12)))
+    for seed in range(12):
+        alone = predict(setup(config.model_copy(update={"seed": seed})))
+        assert together.rho[seed] == alone.rho[0]
+        for key in ("fixed_point", "residual", "covariance"):
+            for name, value in getattr(alone, key).items():
+                np.testing.assert_array_equal(getattr(together, key)[name][seed], value[0])
