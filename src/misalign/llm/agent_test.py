@@ -738,6 +738,32 @@ SCHEMAS = {
         ),
         "its table answers has no column estimate",
     ),
+    "a unique index": (  # INSERT OR REPLACE would delete every other answer of the agent
+        ours_and("DROP INDEX slots", "CREATE UNIQUE INDEX slots ON answers (agent)"),
+        "its index slots is not defined as ours",
+    ),
+    "a check": (  # an answer paid for could not be written
+        ours_and(
+            "ALTER TABLE answers RENAME TO old",
+            "CREATE TABLE answers (key TEXT PRIMARY KEY, agent TEXT NOT NULL, play INTEGER "
+            "NOT NULL, kind TEXT NOT NULL, round INTEGER NOT NULL, position INTEGER NOT NULL, "
+            "sample INTEGER NOT NULL, attempt INTEGER NOT NULL, request TEXT NOT NULL, raw "
+            "TEXT CHECK (raw IS NULL), estimate TEXT, tokens_in INTEGER NOT NULL, tokens_out "
+            "INTEGER NOT NULL, latency REAL NOT NULL, cost REAL, time REAL NOT NULL, problem "
+            "TEXT)",
+            "DROP TABLE old",
+            "CREATE INDEX slots ON answers (agent, play, kind, round, position, sample)",
+        ),
+        "its table answers is not defined as ours",
+    ),
+    "a strict table": (
+        ours_and(
+            "DROP TABLE exhausted",
+            "CREATE TABLE exhausted (key TEXT PRIMARY KEY, agent TEXT NOT NULL, play INTEGER "
+            "NOT NULL, round INTEGER NOT NULL, why TEXT NOT NULL, time INTEGER NOT NULL) STRICT",
+        ),
+        "its table exhausted is not defined as ours",
+    ),
 }
 
 

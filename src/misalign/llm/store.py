@@ -26,8 +26,10 @@ many answers could not be stored.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
+import re
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -438,7 +440,8 @@ def _columns(db: sqlite3.Connection, table: str) -> set[str]:
 def _foreign(db: sqlite3.Connection) -> str | None:
     """What makes a database not a store of ours, or ``None`` (an empty database is a new
     store): another ``application_id``, a trigger, a view, a virtual table, a table or index
-    that is not ours, no table ``answers``, or a table of ours whose columns are not ours.
+    that is not ours, no table ``answers``, a table of ours whose columns are not ours, or a
+    definition that is not ours (``_definitions``: a UNIQUE index, a CHECK, STRICT...).
 
     Raises:
         sqlite3.DatabaseError: the file is no database.
@@ -457,7 +460,37 @@ def _foreign(db: sqlite3.Connection) -> str | None:
             return f"its {kind} {name!r} is not ours"
     if not any(name == "answers" for _, name, _, _ in schema):
         return "it has no table answers"
-    return next(filter(None, (_foreign_columns(db, table) for table in COLUMNS)), None)
+    columns = next(filter(None, (_foreign_columns(db, table) for table in COLUMNS)), None)
+    if columns is not None:
+        return columns
+    for kind, name, _, sql in schema:
+        if sql is not None and _tokens(sql) not in _definitions():
+            return f"its {kind} {name} is not defined as ours"
+    return None
+
+
+def _tokens(sql: str) -> tuple[str, ...]:
+    """A definition's words and symbols, upper-cased, without comments or spacing: two
+    definitions that read alike compare equal, whatever their layout."""
+    sql = re.sub(r"--[^\n]*|/\*.*?\*/", " ", sql, flags=re.DOTALL)
+    return tuple(re.findall(r"\w+|[^\s\w]", sql.upper()))
+
+
+@functools.cache
+def _definitions() -> frozenset[tuple[str, ...]]:
+    """Every definition a store of ours has had (``_tokens``): today's tables and index, and
+    ``answers`` without the ``problem`` column that later stores add (with ALTER TABLE, which
+    reads alike). A UNIQUE index, a CHECK, a STRICT table, another type or default is none
+    of them."""
+    db = sqlite3.connect(":memory:")
+    try:
+        db.executescript(SCHEMA)
+        found = {_tokens(sql) for (sql,) in db.execute("SELECT sql FROM sqlite_master") if sql}
+        db.execute("ALTER TABLE answers DROP COLUMN problem")
+        (old,) = db.execute("SELECT sql FROM sqlite_master WHERE name = 'answers'").fetchone()
+        return frozenset({*found, _tokens(old)})
+    finally:
+        db.close()
 
 
 def _our_index(name: str) -> bool:
