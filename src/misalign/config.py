@@ -197,6 +197,8 @@ class LLMAgentConfig(LearnerConfig):
                     "the environment variable holding it",
                 )
             url = data.get("base_url")
+            if isinstance(url, str) and (problem := _url_problem(url)):
+                raise _FieldError("base_url", problem)
             if isinstance(url, str) and _url_credentials(url):
                 raise _FieldError(
                     "base_url",
@@ -243,6 +245,24 @@ def _credential_name(table: dict, where: str) -> str | None:
         for inner in value if isinstance(value, list) else [value]:
             if isinstance(inner, dict) and (found := _credential_name(inner, f"{path}.")):
                 return found
+    return None
+
+
+def _url_problem(url: str) -> str | None:
+    """What makes ``base_url`` no server's address (never echoing it: it may hold a key), or
+    ``None``: spacing or control characters (which URL parsers drop or split on), not http
+    or https, no host, an unreadable port or IPv6 literal."""
+    from urllib.parse import urlsplit
+
+    if any(ch.isspace() or not ch.isprintable() for ch in url):
+        return "must not hold spaces or control characters"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises for a port that is not a number
+    except ValueError:
+        return "is not a URL (its host or port cannot be read)"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http:// or https:// URL with a host"
     return None
 
 

@@ -296,3 +296,34 @@ def test_every_example_configuration_is_valid(path):
     """Every shipped play configuration validates (the language-model ones included: their
     keys are read from the environment only when a run starts)."""
     assert load_config(path).agents
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("http://[::1/v1", "is not a URL (its host or port cannot be read)"),
+        ("http://127.0.0.1:port/v1", "is not a URL (its host or port cannot be read)"),
+        ("http://127.0.0.1:18001\t/v1", "must not hold spaces or control characters"),
+        ("http://127.0.0.1:18001/v1\r\n", "must not hold spaces or control characters"),
+        ("http://127.0.0.1:1/v1\x1b[31m", "must not hold spaces or control characters"),
+        ("ftp://127.0.0.1/v1", "must be an http:// or https:// URL with a host"),
+        ("http:///v1", "must be an http:// or https:// URL with a host"),
+    ],
+)
+def test_a_base_url_that_is_no_address_is_one_line_that_echoes_nothing(tmp_path, url, says):
+    """Through the real command: one line naming the field, never echoing the URL or the
+    agent's table (whose api_key_env may be a key written by mistake)."""
+    import subprocess
+    import sys
+
+    import tomli_w
+
+    key = "gsk_LiveKeyABCDEF0123456789"
+    agent = {"kind": "llm", "model": "m", "base_url": url, "api_key_env": key, "n": 2}
+    config = tmp_path / "c.toml"
+    config.write_text(tomli_w.dumps({"d": 2, "rounds": 3, "agents": {"A": agent, "B": {"n": 2}}}))
+    done = subprocess.run(
+        [sys.executable, "-m", "misalign.cli", "run", str(config)], capture_output=True, text=True
+    )
+    assert done.returncode == 2 and done.stderr == f"misalign: error: agents.A.base_url: {says}\n"
+    assert key not in done.stderr
