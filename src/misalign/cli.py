@@ -225,7 +225,10 @@ def _tty() -> bool:
 
 
 def _fail(message: str) -> None:
-    print(f"misalign: error: {message}", file=sys.stderr)
+    """One line on stderr (control characters from outside written as escapes), exit 2."""
+    from misalign.text import printable
+
+    print(f"misalign: error: {printable(message)}", file=sys.stderr)
     raise typer.Exit(2)
 
 

@@ -37,6 +37,7 @@ from typing import Any
 
 from misalign.config import ConfigError
 from misalign.files import UnsafeFile, open_inside
+from misalign.text import printable
 
 ROWS = 50
 """Rows of ``table.csv`` shown on the page (the full table is a download link)."""
@@ -53,7 +54,7 @@ Warn = Callable[[str], None]
 
 def warn_stderr(message: str) -> None:
     """Name something left out of the page: one line on stderr, ``misalign: warning: ...``."""
-    print(f"misalign: warning: {message}", file=sys.stderr)
+    print(f"misalign: warning: {printable(message)}", file=sys.stderr)
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from misalign.llm.hosts import allowed_hosts, check_destination
 from misalign.llm.store import Record, Slot, Store, Tampered, request_key
 from misalign.llm.template import TemplateRefused, Templates
 from misalign.prompt import Prompt
+from misalign.text import printable
 
 Mode = Literal["live", "replay", "refresh"]
 
@@ -428,8 +429,7 @@ class LLMAgent:
         if slot.kind == "probe":
             why = f"probe {slot.position}, sample {slot.sample}: {why}"
             failure |= {"probe": slot.position, "sample": slot.sample}
-        if self._client is not None:
-            why = self._client.scrub(why)
+        why = printable(why) if self._client is None else self._client.scrub(why)
         self.session.failed.append({**failure, "why": why[:500]})
         self._answered()
         return None

@@ -978,3 +978,31 @@ def test_an_answer_that_echoes_the_key_is_stored_without_it(tmp_path, monkeypatc
     assert KEY not in out + err
     for path in every_file(tmp_path):
         assert KEY.encode() not in path.read_bytes(), path
+
+
+ESCAPES = "bad \x1b[31mRED\x1b]8;;http://evil.example\x07LINK\x1b]8;;\x07 \x1b[2K\rall good"
+
+
+@pytest.mark.parametrize("first", [0, 6])
+def test_terminal_escapes_from_a_server_are_printed_as_text(tmp_path, capsys, first):
+    """A server whose error message holds ESC sequences and a carriage return (to recolour,
+    hide a link, erase the line): what is printed holds no control character, both when the
+    error stops the run and when it fails a play after answers."""
+    refusal = Reply(400, body=error_body(400, ESCAPES))
+    behaviour = script(*[GOOD] * first, refusal) if first else (lambda body, index: refusal)
+    with FakeServer(behaviour) as server:
+        config = write_config(tmp_path / "play.toml", server.base_url, 4)
+        code, out, err = cli(capsys, "run", config, "--store", tmp_path / "s.sqlite")
+    assert code in (0, 2) and "\\x1b[31mRED" in out + err
+    assert all(ch.isprintable() or ch == "\n" for ch in out + err), repr(out + err)
+
+
+def test_an_agent_name_with_escapes_is_printed_as_text(tmp_path):
+    config = tmp_path / "play.toml"
+    agents = {f"A{ESCAPES}": {"n": 2}, "B": {"n": 2}}
+    config.write_text(tomli_w.dumps({"d": 2, "rounds": 3, "agents": agents}))
+    done = subprocess.run(
+        [sys.executable, "-m", "misalign.cli", "run", str(config)], capture_output=True, text=True
+    )
+    assert done.returncode == 2 and "is not a valid agent name" in done.stderr
+    assert all(ch.isprintable() or ch == "\n" for ch in done.stderr), repr(done.stderr)

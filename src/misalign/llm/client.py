@@ -26,6 +26,7 @@ from email.utils import parsedate_to_datetime
 from misalign.config import ConfigError
 from misalign.llm.answer import FORMATS, response_format
 from misalign.llm.hosts import OPENAI_URL, ambient_headers
+from misalign.text import printable
 
 BACKOFF = 0.5
 """Seconds before the first retry; doubled at each retry, up to ``BACKOFF_CAP``."""
@@ -345,8 +346,9 @@ class Client:
         ]
 
     def scrub(self, text: str) -> str:
-        """``text`` with the key, and every fragment of it, masked (``mask_key``)."""
-        return mask_key(text, self._key)
+        """``text`` (a message with a server's words in it) with the key, and every fragment
+        of it, masked (``mask_key``), and control characters written as escapes."""
+        return printable(mask_key(text, self._key))
 
     async def close(self) -> None:
         await self._sdk.close()
