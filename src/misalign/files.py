@@ -96,7 +96,7 @@ def _symlinks(path: Path) -> Iterator[Path]:
                 yield Path(root, name)
 
 
-def open_inside(directory: Path, name: str) -> BinaryIO:
+def open_inside(directory: Path, name: str, most: int | None = None) -> BinaryIO:
     """Open ``directory / name`` for reading, only when it is a regular file really inside
     ``directory``: neither ``directory`` nor the file a symbolic link (``lstat``), the file's
     resolved path under the directory's resolved path, and the file regular before it is
@@ -107,6 +107,7 @@ def open_inside(directory: Path, name: str) -> BinaryIO:
     Args:
         directory: the directory the file must lie in.
         name: the file's name (or a relative path) inside ``directory``.
+        most: the most bytes it may hold (``None``: any size).
 
     Returns:
         The file, open in binary mode.
@@ -124,7 +125,10 @@ def open_inside(directory: Path, name: str) -> BinaryIO:
         raise UnsafeFile(path, f"outside {directory}")
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
-        _require_regular(path, os.fstat(fd).st_mode)
+        stat = os.fstat(fd)
+        _require_regular(path, stat.st_mode)
+        if most is not None and stat.st_size > most:
+            raise UnsafeFile(path, f"{stat.st_size:,} bytes, more than {most:,}")
     except UnsafeFile:
         os.close(fd)
         raise

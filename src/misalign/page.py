@@ -45,6 +45,10 @@ ROWS = 50
 EMBED_BYTES = 8 * 2**20
 """The largest ``table.csv`` embedded as a download link (base64 makes it a third larger);
 a larger one is named by its path instead."""
+JSON_BYTES = 16 * 2**20
+"""The largest ``claims.json``, ``config.json`` or ``version.json`` read (ours are kB)."""
+FIGURE_BYTES = 32 * 2**20
+"""The largest ``figure.png`` embedded (ours are well under 1 MB)."""
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -179,12 +183,14 @@ def _read_json(directory: Path, name: str) -> Any:
     """
     path = directory / name
     try:
-        with open_inside(directory, name) as handle:
+        with open_inside(directory, name, most=JSON_BYTES) as handle:
             return json.loads(handle.read().decode("utf-8"))
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: not valid JSON (line {exc.lineno})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read ({_why(exc)})") from None
+    except (ValueError, RecursionError):  # an integer past 4300 digits; nesting too deep
+        raise ConfigError(f"{path}: not JSON a run writes (too deep, or a huge number)") from None
 
 
 def _why(exc: Exception) -> str:
@@ -295,7 +301,7 @@ def _figure(directory: Path, warn: Warn) -> tuple[str | None, str]:
     if not os.path.lexists(directory / "figure.png"):
         return None, "figure.png is missing"
     try:
-        with open_inside(directory, "figure.png") as handle:
+        with open_inside(directory, "figure.png", most=FIGURE_BYTES) as handle:
             data = handle.read()
     except UnsafeFile as exc:
         return None, _left_out(exc, warn)

@@ -364,6 +364,13 @@ def _swap(path: Path, make) -> Path:
     return path
 
 
+def _sparse(path: Path, size: int) -> None:
+    """A file of ``size`` bytes that takes no room on disk (nothing is read before its size
+    is checked, or the test would take minutes)."""
+    path.write_bytes(b"")
+    os.truncate(path, size)
+
+
 def _link_in_subfolder(victim: Path, secret: Path) -> Path:
     """``table.csv -> sub/t.csv``, itself a link out: the second hop is the one out."""
     (victim / "sub").mkdir()
@@ -390,6 +397,12 @@ PAYLOADS = {
     ),
     "the run directory links out": lambda victim, secret: _swap(
         victim, lambda p: p.symlink_to(secret)
+    ),
+    "figure.png is 6 GB (sparse)": lambda victim, secret: _swap(
+        victim / "figure.png", lambda p: _sparse(p, 6 * 2**30)
+    ),
+    "claims.json is 17 MB (sparse)": lambda victim, secret: _swap(
+        victim / "claims.json", lambda p: _sparse(p, 17 * 2**20)
     ),
 }
 """Ways a run directory from someone else points the page at a file outside it; each returns
@@ -719,3 +732,17 @@ def test_the_page_in_headless_chromium(runs, tmp_path):
     if os.environ.get("MISALIGN_SCREENSHOT"):
         shutil.copyfile(shot, os.environ["MISALIGN_SCREENSHOT"])
     print(f"chromium: {binary}, page checked and captured in {seconds:.1f} s")
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[" * 100_000 + "]" * 100_000, '{"experiment": ' + "9" * 5000 + "}"],
+    ids=["nested 100,000 deep", "a 5,000-digit integer"],
+)
+@pytest.mark.parametrize("name", ["config.json", "claims.json"])
+def test_report_of_json_no_run_writes_is_one_line(runs, tmp_path, text, name):
+    shared = _shared(runs, tmp_path)
+    (shared / "victim" / name).write_text(text)
+    done = _report_process(shared, "--out", tmp_path / "report.html")
+    assert "Traceback" not in done.stderr and done.returncode in (0, 2), done.stderr
+    assert f"{name}: not JSON a run writes (too deep, or a huge number)" in done.stderr
