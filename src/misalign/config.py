@@ -7,9 +7,12 @@ problem is reported as one line naming the field (``ConfigError``).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import re
+import stat
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
@@ -598,17 +601,39 @@ def read_toml(path: str | Path, field: str = "") -> dict[str, Any]:
     """
     path = Path(path)
     try:
-        return tomllib.loads(path.read_text())
+        with open(path, "rb", opener=_regular) as handle:
+            text = handle.read(TOML_BYTES + 1)
+        if len(text) > TOML_BYTES:
+            raise ConfigError(f"{field}{path}: larger than {TOML_BYTES:,} bytes")
+        return tomllib.loads(text.decode())
     except RecursionError:
         raise ConfigError(f"{field}{path}: {TOO_DEEP}") from None
     except FileNotFoundError:
         raise ConfigError(f"{field}{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{field}{path}: cannot read ({exc.__class__.__name__})") from None
+        regular = getattr(exc, "errno", None) != errno.EINVAL
+        why = exc.__class__.__name__ if regular else "not a regular file"
+        raise ConfigError(f"{field}{path}: cannot read ({why})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{field}{path}: invalid TOML: {exc}") from None
 
 
+def _regular(path: str, flags: int) -> int:
+    """Open only a regular file (``O_NONBLOCK``: a FIFO named as a configuration is refused,
+    not waited on; ``/dev/zero`` is refused, not read forever).
+
+    Raises:
+        IsADirectoryError, OSError: not a regular file.
+    """
+    fd = os.open(path, flags | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file")
+    return fd
+
+
+TOML_BYTES = 16 * 2**20
+"""The largest configuration or sweep file read."""
 TOO_DEEP = f"invalid TOML: nested too deeply to read (the limit is {MAX_DEPTH} levels)"
 """Why TOML whose nesting exhausts the parser's recursion is refused."""
 

@@ -327,3 +327,35 @@ def test_a_base_url_that_is_no_address_is_one_line_that_echoes_nothing(tmp_path,
     )
     assert done.returncode == 2 and done.stderr == f"misalign: error: agents.A.base_url: {says}\n"
     assert key not in done.stderr
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev/zero", "directory", "17 MB"])
+@pytest.mark.parametrize("named", ["configuration", "sweep base"])
+def test_a_file_that_is_no_configuration_is_one_line_at_once(tmp_path, kind, named):
+    """A FIFO (never waited on), /dev/zero (never read forever), a directory or an oversized
+    file, named on the command line or as a sweep's base: one line, exit 2, in seconds."""
+    import os
+    import subprocess
+    import sys
+
+    target = tmp_path / "c.toml"
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "dev/zero":
+        target = Path("/dev/zero")
+    elif kind == "directory":
+        target.mkdir()
+    else:
+        target.write_text("# " + "x" * (17 * 2**20) + "\n")
+    command = ["run", str(target)]
+    if named == "sweep base":
+        sweep = tmp_path / "sweep.toml"
+        sweep.write_text(f'base = "{target}"\n[axes]\n"agents.A.n" = [2, 3]\n')
+        command = ["sweep", str(sweep), "--out", str(tmp_path / "out")]
+    done = subprocess.run(
+        [sys.executable, "-m", "misalign.cli", *command], capture_output=True, text=True, timeout=60
+    )
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert str(target) in lines[0]
+    assert "not a regular file" in lines[0] or "larger than 16,777,216 bytes" in lines[0]
