@@ -158,7 +158,7 @@ def _figure(cfg, points):
 EXPERIMENT = Experiment(
     name=NAME,
     claim="sampled agents' stationary spread matches the Lyapunov prediction",
-    typical="8.5 s",
+    typical="4.9 s",
     config=config,
     run=run,
     compares=tuple(

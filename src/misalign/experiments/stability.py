@@ -246,9 +246,7 @@ def _transient(cfg):
             f"plays with rho < 1 where the simulation and |R^t e_0| disagree on transient growth"
             f" (max_t |e_t| / |e_0| > {part['grows']:g}; {int(grows.sum())} predicted to grow,"
             " nan when none is)",
-            int(((growth_simulated > part["grows"]) != grows).sum())
-            if grows.any()
-            else np.nan,
+            int(((growth_simulated > part["grows"]) != grows).sum()) if grows.any() else np.nan,
             0,
         ),
     ]
@@ -411,7 +409,7 @@ EXPERIMENT = Experiment(
     name=NAME,
     claim="the play converges exactly when rho < 1; the boundary eta; plateaus as rho -> 1;"
     " transient growth before decay",
-    typical="5.7 s",
+    typical="4.3 s",
     config=config,
     run=run,
     compares=(
