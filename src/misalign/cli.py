@@ -713,7 +713,12 @@ def reproduce(
     name: Annotated[
         str | None, typer.Argument(metavar="NAME", help="An experiment (see --list).")
     ] = None,
-    list_: Annotated[bool, typer.Option("--list", help="One line per experiment.")] = False,
+    list_: Annotated[
+        bool,
+        typer.Option(
+            "--list", help="Each experiment, its claims and what each compares (measured/theory)."
+        ),
+    ] = False,
     quick: QuickOpt = False,
     seeds: SeedsOpt = None,
     out: RunOutOpt = None,
@@ -724,15 +729,31 @@ def reproduce(
     from misalign.experiments import REGISTRY
 
     if list_:
-        width = max(len(n) for n in REGISTRY)
-        for entry in REGISTRY.values():
-            print(f"{entry.name:<{width}}  {entry.typical:>6}  {entry.claim}")
+        _list(REGISTRY.values(), json_out)
         return
     if name is None:
         _fail(f"name an experiment or give --list; known: {', '.join(REGISTRY)}")
     if name not in REGISTRY:
         _fail(f"unknown experiment {name!r}; known: {', '.join(REGISTRY)}")
     _reproduce(name, quick, seeds, out, json_out)
+
+
+def _list(entries, json_out: bool) -> None:
+    """Per entry: its name, full-run time, claim count and what each claim compares (one JSON
+    object with ``--json``)."""
+    entries = list(entries)
+    if json_out:
+        from misalign.report import to_json
+
+        print(to_json({"experiments": [e.describe() for e in entries]}))
+        return
+    width = max(len(e.name) for e in entries)
+    for entry in entries:
+        count = f"{len(entry.compares)} claims"
+        print(f"{entry.name:<{width}}  {entry.typical:>6}  {count:>9}  {entry.claim}")
+        for k, what in enumerate(entry.compares, 1):
+            only = "  (full run only)" if k > len(entry.compares) - entry.full_only else ""
+            print(f"    {k:>2}. {what}{only}")
 
 
 def _reproduce(name: str, quick: bool, seeds: int | None, out: Path | None, json_out: bool) -> None:

@@ -67,6 +67,9 @@ class Experiment:
         typical: wall time of the full run, measured (for example ``"4 s"``).
         config: ``config(quick, seeds) -> dict``, the resolved parameters.
         run: ``run(quick, seeds, out) -> Result``.
+        compares: what each claim of the full run compares, measured against predicted, one
+            line per claim in the order of ``claims.json``.
+        full_only: how many claims at the end of ``compares`` only the full run checks.
     """
 
     name: str
@@ -74,6 +77,19 @@ class Experiment:
     typical: str
     config: Callable[[bool, int | None], dict[str, Any]]
     run: Callable[[bool, int | None, Path], Result]
+    compares: tuple[str, ...] = ()
+    full_only: int = 0
+
+    def describe(self) -> dict[str, Any]:
+        """The entry as ``reproduce --list --json`` prints it."""
+        return {
+            "name": self.name,
+            "claim": self.claim,
+            "typical": self.typical,
+            "claims": len(self.compares),
+            "full_only": self.full_only,
+            "compares": list(self.compares),
+        }
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -182,6 +198,15 @@ def write_run(
     figure.savefig(out / "figure.svg")
     save_figure(figure, out / "figure.png")
     return Result(rows, [out / "figure.png", out / "figure.svg"], claims, out, config)
+
+
+def worst(values: Any) -> float:
+    """The largest of ``values``, ``nan`` when there are none (or one is ``nan``): a claim over
+    an empty set, or over a play that produced no number, fails."""
+    import numpy as np
+
+    values = np.asarray(values, float)
+    return float(np.max(values)) if values.size else float("nan")
 
 
 def measured_rate(errors: Any, floor: float = 1e-9, window: int = 20) -> Any:

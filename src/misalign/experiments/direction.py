@@ -224,7 +224,14 @@ def _figure(cfg, gaps, per_gap, response, simulated, small):
 EXPERIMENT = Experiment(
     name=NAME,
     claim="the prompt geometry decides how much of the gap each agent feels, per direction",
-    typical="3.3 s",
+    typical="2.5 s",
     config=config,
     run=run,
+    compares=(
+        "simulated final residuals |e_i| vs the predicted ones",
+        "simulated residual per unit gap |e_i| / g vs the theory's |K_i u(theta)|",
+        "simulated |e_B|, big gap along the barely-seen direction vs small gap along the"
+        " well-seen one (theory: smaller)",
+        "simulated share of the gap felt by A and B per direction vs the theory's order",
+    ),
 )

@@ -4,10 +4,13 @@ size the Lyapunov equation predicts (docs/theory.md §6).
 The two agents of ``examples/two_agents.toml`` (``d = 4``, ``n = 12``) answer with
 ``N(0, sigma^2 I)`` added to every answer (``sampling_std = sigma``). After the play has
 mixed, the final output ``s_T`` of each agent is a draw from the stationary law, mean the
-predicted limit ``s*`` and covariance ``Sigma`` solving ``Sigma = R Sigma R^T + Q``. Over
-seeds (each its own prompts), the observed RMS distance ``sqrt(mean |s_T - s*|^2)`` is
-compared with the predicted ``sqrt(mean tr Sigma)``; the tolerance is four standard errors
-of that mean, measured from the seeds.
+predicted limit ``s*`` and covariance ``Sigma`` solving ``Sigma = R Sigma R^T + Q``. Each
+``sigma`` plays its own seeds (its own prompts and noise: one independent measurement per
+``sigma``). Over them, the observed RMS distance ``sqrt(mean |s_T - s*|^2)`` is compared with
+the predicted ``sqrt(mean tr Sigma)``, within four standard errors of that mean (from the
+predicted law); and across sigmas, the log-log slope of the observed spread against ``sigma``
+with that of the predicted one (1: the spread scales with ``sigma``), within four standard
+errors of the fitted slope.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 
 from misalign.config import parse_config
 from misalign.experiment import predict, setup, simulate
-from misalign.experiments import Claim, Experiment, Result, write_run
+from misalign.experiments import Claim, Experiment, Result, worst, write_run
 
 NAME = "noise"
 
@@ -42,53 +45,85 @@ def config(quick: bool, seeds: int | None) -> dict[str, Any]:
 
 
 def run(quick: bool, seeds: int | None, out: Path) -> Result:
-    """One batch per ``sigma`` over the seeds."""
+    """One batch per ``sigma``, each over its own seeds (its own prompts and noise)."""
     cfg = config(quick, seeds)
     rows: list[dict[str, Any]] = []
-    claims: list[Claim] = []
     points: dict[str, list[tuple[float, float, float, float]]] = {"A": [], "B": []}
-    for sigma in cfg["sigmas"]:
-        agents = {n: a | {"sampling_std": sigma} for n, a in cfg["agents"].items()}
-        config_ = parse_config(
-            {"seed": 0, "d": cfg["d"], "rounds": cfg["rounds"], "agents": agents}
-        )
-        game = setup(config_, seeds=range(cfg["seeds"]))
-        trajectory = simulate(game)
-        prediction = predict(game)
-        ok = prediction.converges & (trajectory.diverged_at < 0)
-        for name in ("A", "B"):
-            squared = ((trajectory.outputs(name)[-1] - prediction.fixed_point[name]) ** 2).sum(-1)
-            squared = squared[ok]
-            sigma_ = prediction.covariance[name][ok]
-            trace = np.trace(sigma_, axis1=-2, axis2=-1)
-            observed, predicted = np.sqrt(squared.mean()), np.sqrt(trace.mean())
-            # standard error of the ratio observed / predicted, from the predicted law of
-            # mean |s_T - s*|^2: for Gaussian x ~ N(0, Sigma), Var |x|^2 = 2 tr(Sigma^2)
-            # (defined for any number of seeds, one included)
-            spread = np.sqrt(2 * np.einsum("bij,bji->", sigma_, sigma_)) / len(trace)
-            error = spread / trace.mean() / 2
-            relative = abs(observed / predicted - 1)
-            claims.append(
-                Claim(
-                    f"sigma = {sigma}, agent {name}: |observed / predicted spread - 1|",
-                    float(relative),
-                    float(cfg["standard_errors"] * error),
-                )
-            )
-            points[name].append((sigma, observed, predicted, observed * error))
+    for k, sigma in enumerate(cfg["sigmas"]):
+        for name, (observed, predicted, error, plays, rho) in _spread(cfg, k, sigma).items():
+            points[name].append((sigma, observed, predicted, error))
             rows.append(
                 {
                     "sigma": sigma,
                     "agent": name,
-                    "plays": int(ok.sum()),
-                    "rho_median": float(np.median(prediction.rho)),
+                    "plays": plays,
+                    "rho_median": rho,
                     "spread_observed": observed,
                     "spread_predicted": predicted,
                     "standard_error": observed * error,
-                    "relative_error": relative,
+                    "relative_error": abs(observed / predicted - 1),
                 }
             )
-    return write_run(out, cfg, rows, claims, _figure(cfg, points))
+    claims = [c for name, values in points.items() for c in _claims(cfg, name, values)]
+    figure = _figure(cfg, {n: [(s, o, p, o * e) for s, o, p, e in v] for n, v in points.items()})
+    return write_run(out, cfg, rows, claims, figure)
+
+
+def _spread(cfg: dict[str, Any], k: int, sigma: float) -> dict[str, tuple]:
+    """Per agent, at ``sigma`` (the ``k``-th, played on seeds ``k S .. (k + 1) S - 1``): the
+    observed and predicted RMS spread, the relative standard error of their ratio, the plays
+    kept and the median ``rho``."""
+    agents = {n: a | {"sampling_std": sigma} for n, a in cfg["agents"].items()}
+    play = parse_config({"seed": 0, "d": cfg["d"], "rounds": cfg["rounds"], "agents": agents})
+    count = cfg["seeds"]
+    game = setup(play, seeds=range(k * count, (k + 1) * count))
+    trajectory = simulate(game)
+    prediction = predict(game)
+    ok = prediction.converges & (trajectory.diverged_at < 0)
+    found = {}
+    for name in ("A", "B"):
+        squared = ((trajectory.outputs(name)[-1] - prediction.fixed_point[name]) ** 2).sum(-1)
+        sigma_ = prediction.covariance[name][ok]
+        trace = np.trace(sigma_, axis1=-2, axis2=-1)
+        # standard error of the ratio observed / predicted, from the predicted law of
+        # mean |s_T - s*|^2: for Gaussian x ~ N(0, Sigma), Var |x|^2 = 2 tr(Sigma^2)
+        # (defined for any number of seeds, one included)
+        spread = np.sqrt(2 * np.einsum("bij,bji->", sigma_, sigma_)) / len(trace)
+        found[name] = (
+            float(np.sqrt(squared[ok].mean())),
+            float(np.sqrt(trace.mean())),
+            float(spread / trace.mean() / 2),
+            int(ok.sum()),
+            float(np.median(prediction.rho)),
+        )
+    return found
+
+
+def _claims(cfg: dict[str, Any], name: str, values: list[tuple]) -> list[Claim]:
+    """Agent ``name``'s two claims over the independent runs at every sigma: the worst
+    observed/predicted spread in standard errors, and the log-log slope of the observed spread
+    against sigma against the predicted spread's, within ``standard_errors`` of its own."""
+    sigma, observed, predicted, error = (np.array(v) for v in zip(*values, strict=True))
+    x = np.log(sigma) - np.log(sigma).mean()
+    slope = {
+        "observed": x @ np.log(observed) / (x @ x),
+        "predicted": x @ np.log(predicted) / (x @ x),
+    }
+    slope_error = np.sqrt((x**2) @ error**2) / (x @ x)  # error: that of log(observed)
+    return [
+        Claim(
+            f"agent {name}: |observed / predicted spread - 1| in standard errors, max over"
+            f" sigma = {cfg['sigmas']} (independent seeds per sigma)",
+            worst(np.abs(observed / predicted - 1) / error),
+            cfg["standard_errors"],
+        ),
+        Claim(
+            f"agent {name}: |log-log slope of the observed spread against sigma - that of the"
+            f" predicted| (tolerance {cfg['standard_errors']:g} standard errors)",
+            float(abs(slope["observed"] - slope["predicted"])),
+            float(cfg["standard_errors"] * slope_error),
+        ),
+    ]
 
 
 def _figure(cfg, points):
@@ -123,7 +158,15 @@ def _figure(cfg, points):
 EXPERIMENT = Experiment(
     name=NAME,
     claim="sampled agents' stationary spread matches the Lyapunov prediction",
-    typical="8.5 s",
+    typical="4.9 s",
     config=config,
     run=run,
+    compares=tuple(
+        f"agent {n}: {what}"
+        for n in ("A", "B")
+        for what in (
+            "observed RMS |s_T - s*| vs Lyapunov sqrt(mean tr Sigma), per sigma (own seeds)",
+            "log-log slope of the observed spread against sigma vs the predicted spread's",
+        )
+    ),
 )

@@ -6,15 +6,19 @@ target is ``w_A* = e_1`` and ``B``'s is ``w_A* + g delta`` with ``|delta| = 1``.
 exactly on target iff ``(I - H_B) H_A delta = 0``; the three cases:
 
 - ``newton``: ``B`` takes a full Newton step (``n_B = 10 >= d``, ``H_B = I``), any ``delta``;
-- ``invisible``: ``A``'s prompt is short (``n_A = 2 < d``) and ``delta`` lies in the null
-  space of ``H_A``, so ``H_A delta = 0``;
+- ``invisible``: ``A``'s prompt is short (``n_A = 2 < d``); a ``delta`` in the null space of
+  ``H_A`` has ``H_A delta = 0``;
 - ``seen-full-step``: ``B`` is a Newton agent with a short prompt (``n_B = 2``, so ``H_B`` is
-  the projection on its prompt's row space, not ``I``) and ``delta`` is ``H_A^{-1} x`` for
-  ``x`` in that row space, so ``(I - H_B) H_A delta = 0``.
+  the projection on its prompt's row space, not ``I``); ``delta = H_A^{-1} x`` for ``x`` in
+  that row space has ``(I - H_B) H_A delta = 0``.
 
+The gaps are random: in every case, odd seeds draw a Gaussian direction (which meets the last
+two conditions with probability 0), even seeds a Gaussian direction in the case's subspace.
 The prompts of a seed do not depend on the targets, so each case is set up once to read the
-step matrices, ``delta`` is chosen per play from them, and the play is set up again with the
-targets. ``misalign.theory.exactness`` must name the case for every play.
+step matrices, ``delta`` is drawn per play, and the play is set up again with the targets.
+Per play and agent, the verdict of ``misalign.theory.exactness`` (on target or biased) is
+compared with the simulated play's final residual, the simulated residuals with the
+predicted ones, and where ``exactness`` calls a play one-sided the partner must stay biased.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import numpy as np
 
 from misalign.config import parse_config
 from misalign.experiment import predict, setup, simulate
-from misalign.experiments import Claim, Experiment, Result, write_run
+from misalign.experiments import Claim, Experiment, Result, worst, write_run
 from misalign.theory import exactness
 
 NAME = "one-sided"
@@ -61,15 +65,21 @@ def config(quick: bool, seeds: int | None) -> dict[str, Any]:
         "seeds": seeds or (6 if quick else 100),
         "rounds": 2000,
         "bias_margin": 0.01,
+        "exact": 1e-8,
     }
 
 
-def _delta(case: str, H_A: np.ndarray, H_B: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A unit gap direction meeting the case's condition for one play."""
+def _delta(
+    case: str, H_A: np.ndarray, H_B: np.ndarray, rng: np.random.Generator, anywhere: bool
+) -> np.ndarray:
+    """A random unit gap direction for one play: ``anywhere``, a Gaussian direction, else a
+    Gaussian one in the subspace the case is about (the null space of ``H_A``, or ``H_A^{-1}``
+    of the row space of ``H_B``; any direction for ``newton``)."""
     d = len(H_A)
-    if case == "newton":
-        delta = rng.standard_normal(d)
-    elif case == "invisible":
+    delta = rng.standard_normal(d)
+    if anywhere or case == "newton":
+        return delta / np.linalg.norm(delta)
+    if case == "invisible":
         _, sv, vt = np.linalg.svd(H_A)
         null = vt[sv <= 1e-10 * sv.max()]
         delta = null.T @ rng.standard_normal(len(null))
@@ -108,10 +118,12 @@ def run(quick: bool, seeds: int | None, out: Path) -> Result:
         probe = setup(_configs(cfg, spec, [cfg["target_A"]] * cfg["seeds"]))
         H_A, H_B = (probe.agents[n].affine().H for n in ("A", "B"))
         rng = np.random.default_rng(0)
-        deltas = np.array([_delta(case, H_A[s], H_B[s], rng) for s in range(cfg["seeds"])])
+        deltas = np.array(
+            [_delta(case, H_A[s], H_B[s], rng, s % 2 == 1) for s in range(cfg["seeds"])]
+        )
         targets_b = (target_a + cfg["gap"] * deltas).tolist()
         game = setup(_configs(cfg, spec, targets_b))
-        H_A2, H_B2 = (game.agents[n].affine().H for n in ("A", "B"))
+        H_A2, H_B2 = (game.agents[n].affine().H for n in ("A", "B"))  # read again
         trajectory = simulate(game)
         prediction = predict(game)
         residual = {
@@ -119,30 +131,12 @@ def run(quick: bool, seeds: int | None, out: Path) -> Result:
             for n in ("A", "B")
         }
         predicted = {n: np.linalg.norm(prediction.residual[n], axis=-1) for n in ("A", "B")}
-        reasons = [exactness(H_B2[s], H_A2[s], deltas[s]) for s in range(cfg["seeds"])]
-        misnamed = sum(not (r or "").startswith(spec["reason"]) for r in reasons)
+        reasons = {
+            "A": [exactness(H_A2[s], H_B2[s], deltas[s]) for s in range(cfg["seeds"])],
+            "B": [exactness(H_B2[s], H_A2[s], deltas[s]) for s in range(cfg["seeds"])],
+        }
         results[case] = (residual, predicted)
-        claims += [
-            Claim(
-                f"{case}: max |e_B| / g (B exact)", float(residual["B"].max()) / cfg["gap"], 1e-8
-            ),
-            Claim(
-                f"{case}: plays where |e_A| / g < {cfg['bias_margin']} (A biased)",
-                int((residual["A"] / cfg["gap"] < cfg["bias_margin"]).sum()),
-                0,
-            ),
-            Claim(
-                f"{case}: max ||e_A| simulated - |e_A| predicted|",
-                float(np.abs(residual["A"] - predicted["A"]).max()),
-                1e-8,
-            ),
-            Claim(f"{case}: plays where exactness() does not name the case", misnamed, 0),
-            Claim(
-                f"{case}: plays that do not converge (rho >= 1)",
-                int((prediction.rho >= 1).sum()),
-                0,
-            ),
-        ]
+        claims += _claims(cfg, case, residual, predicted, reasons)
         for s in range(cfg["seeds"]):
             rows.append(
                 {
@@ -153,10 +147,43 @@ def run(quick: bool, seeds: int | None, out: Path) -> Result:
                     "residual_A_predicted": predicted["A"][s],
                     "residual_B_simulated": residual["B"][s],
                     "residual_B_predicted": predicted["B"][s],
-                    "reason": reasons[s] or "",
+                    "reason_A": reasons["A"][s] or "",
+                    "reason_B": reasons["B"][s] or "",
                 }
             )
     return write_run(out, cfg, rows, claims, _figure(cfg, results))
+
+
+def _claims(cfg, case, residual, predicted, reasons) -> list[Claim]:
+    """A case's claims: per play and agent, ``exactness()``'s verdict (exact or biased)
+    against the simulated play (``|e_i| < exact g``), the simulated residuals against the
+    predicted ones, and the plays exactness() calls one-sided where the partner does not stay
+    biased in simulation; ``nan`` over no exact play."""
+    gap = cfg["gap"]
+    on_target = {n: residual[n] / gap < cfg["exact"] for n in ("A", "B")}
+    verdict = {n: np.array([r is not None for r in reasons[n]]) for n in ("A", "B")}
+    one_sided = verdict["A"] ^ verdict["B"]
+    partner = np.where(verdict["B"], residual["A"], residual["B"]) / gap
+    return [
+        Claim(
+            f"{case}: plays x agents where exactness() and the simulation (|e_i| <"
+            f" {cfg['exact']:g} g) disagree on who ends on target ({int(verdict['B'].sum())}"
+            " of B's plays called exact)",
+            sum(int((verdict[n] != on_target[n]).sum()) for n in ("A", "B")),
+            0,
+        ),
+        Claim(
+            f"{case}: max ||e_i| simulated - |e_i| predicted| over agents and plays",
+            worst([np.abs(residual[n] - predicted[n]) for n in ("A", "B")]),
+            1e-8,
+        ),
+        Claim(
+            f"{case}: plays called one-sided by exactness() whose partner ends within"
+            f" {cfg['bias_margin']} g of its target in simulation (nan: none called exact)",
+            int((partner[one_sided] < cfg["bias_margin"]).sum()) if one_sided.any() else np.nan,
+            0,
+        ),
+    ]
 
 
 def _figure(cfg, results):
@@ -200,7 +227,17 @@ def _figure(cfg, results):
 EXPERIMENT = Experiment(
     name=NAME,
     claim="each condition of one-sided success puts one agent on target, the other biased",
-    typical="1.5 s",
+    typical="1.7 s",
     config=config,
     run=run,
+    compares=tuple(
+        f"{case}: {what}"
+        for case in CASES
+        for what in (
+            "exactness() verdict (on target or biased) vs the simulated final residual, per"
+            " play and agent, on random gaps",
+            "simulated final residuals |e_A|, |e_B| vs the predicted ones",
+            "simulated partner residual vs 'biased' where exactness() calls a play one-sided",
+        )
+    ),
 )

@@ -167,13 +167,34 @@ def test_theory_and_simulation_draws_a_line_a_band_and_markers():
     assert ax.get_legend_handles_labels()[1] == ["theory"]
 
 
-def test_list_has_one_line_per_experiment():
+def test_list_has_each_experiment_its_claim_count_and_what_each_compares():
     done = runner.invoke(app, ["reproduce", "--list"])
     assert done.exit_code == 0
     lines = done.stdout.strip().splitlines()
-    assert len(lines) == len(REGISTRY)
-    for line, entry in zip(lines, REGISTRY.values(), strict=True):
+    heads = [line for line in lines if not line.startswith(" ")]
+    assert len(heads) == len(REGISTRY) and len(lines) == len(REGISTRY) + sum(
+        len(e.compares) for e in REGISTRY.values()
+    )
+    for line, entry in zip(heads, REGISTRY.values(), strict=True):
         assert line.startswith(entry.name) and entry.claim in line and entry.typical in line
+        assert f"{len(entry.compares)} claims" in line
+    assert all(" vs " in what for e in REGISTRY.values() for what in e.compares)
+
+
+def test_list_json_is_one_object():
+    done = runner.invoke(app, ["reproduce", "--list", "--json"])
+    assert done.exit_code == 0
+    data = json.loads(done.stdout)
+    assert [e["name"] for e in data["experiments"]] == list(REGISTRY)
+    for found, entry in zip(data["experiments"], REGISTRY.values(), strict=True):
+        assert found["claims"] == len(entry.compares) > 0
+        assert found["compares"] == list(entry.compares)
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_quick_run_checks_the_listed_claims(runs, name):
+    entry = REGISTRY[name]
+    assert len(runs[name][0].claims) == len(entry.compares) - entry.full_only
 
 
 def test_unknown_name_is_one_line_exit_2():

@@ -6,9 +6,11 @@ steps, so that some plays are slow) play each of a few schedules: the orders ``A
 ``A, C, B`` and ``A, B, A, C`` (each agent reading the previous turn) and ``A, B, A, C`` with
 ``C`` reading ``B``. Per play, the final outputs are compared with the predicted fixed
 points, and the rate at which the round-to-round moves ``|s_t - s_(t-1)|`` shrink
-(``measured_rate``, as in ``stability``) with ``rho``. Plays whose two leading eigenvalues
-are nearly equal reach that rate late: ``A, B, C`` with ``C`` reading ``A`` (``rho`` up to
-0.98) has 3 plays in 100 that miss the 1e-3 tolerance (up to 5e-3), so it is not here.
+(``measured_rate``, as in ``stability``) with ``rho``, over the plays with ``rho >= 0.8`` and
+the slowest play (the largest ``rho``: the claim is never over no play). Plays whose two
+leading eigenvalues are nearly equal reach that rate late: ``A, B, C`` with ``C`` reading
+``A`` (``rho`` up to 0.98) has 3 plays in 100 that miss the 1e-3 tolerance (up to 5e-3), so
+it is not here.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 
 from misalign.config import parse_config
 from misalign.experiment import predict, setup, simulate
-from misalign.experiments import Claim, Experiment, Result, measured_rate, write_run
+from misalign.experiments import Claim, Experiment, Result, measured_rate, worst, write_run
 
 NAME = "schedules"
 AGENTS = {
@@ -92,24 +94,20 @@ def run(quick: bool, seeds: int | None, out: Path) -> Result:
         scaled = distance / distance[0]
         moves = np.linalg.norm(np.diff(outputs, axis=0), axis=-1)
         rate = measured_rate(moves / moves[0], floor=cfg["floor"], window=cfg["window"])
-        slow = converging & (rho >= cfg["rate_from"])
+        slow = converging & ((rho >= cfg["rate_from"]) | (rho == rho.max()))
         claims += [
             Claim(
-                f"{label}: max |s_T - s*| / |s*| over converging plays",
-                float(relative[converging].max()) if converging.any() else np.inf,
+                f"{label}: max |s_T - s*| / |s*| over plays (nan: one with rho >= 1)",
+                worst(np.where(converging, relative, np.nan)),
                 1e-8,
             ),
-            Claim(f"{label}: plays that do not converge (rho >= 1)", int((~converging).sum()), 0),
+            Claim(
+                f"{label}: |measured rate - rho| / rho, max over plays with rho >="
+                f" {cfg['rate_from']} and the slowest",
+                worst(np.abs(rate / rho - 1)[slow]),
+                1e-3,
+            ),
         ]
-        if slow.any():
-            claims.append(
-                Claim(
-                    f"{label}: |measured rate - rho| / rho, max over plays with "
-                    f"rho >= {cfg['rate_from']}",
-                    float(np.abs(rate / rho - 1)[slow].max()),
-                    1e-3,
-                )
-            )
         curves[label] = (scaled[: cfg["plotted_rounds"]], rho)
         for s in range(cfg["seeds"]):
             rows.append(
@@ -164,4 +162,12 @@ EXPERIMENT = Experiment(
     typical="2.5 s",
     config=config,
     run=run,
+    compares=tuple(
+        f"{label}: {what}"
+        for label in SCHEDULES
+        for what in (
+            "simulated final outputs vs the predicted fixed points",
+            "simulated rate of |s_t - s_(t-1)| vs the round map's rho (rho >= 0.8 and the slowest)",
+        )
+    ),
 )

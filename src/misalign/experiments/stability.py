@@ -21,10 +21,10 @@ stiff along one direction (``Lambda = diag(10, 1)``, rotated at random: distinct
 with a step that overshoots along it (``eta`` from 0.18 to 0.23: ``h = 10 eta ~ 2``, each
 agent alone would oscillate or diverge there) still converge for most seeds, their misaligned
 stiff directions damping each other. The simulated error is compared with
-``|R^t (s_0 - s*)|`` from matrix powers, and the growth ``max_t |s_t - s*| / |s_0 - s*|`` of
-the plays with ``rho < 1`` with its bound ``max_t |R^t|_2``. That growth is a claim that some
-play shows it, and few seeds draw a rotation that does (a third of them over the full run's
-step sizes, one in twelve over the quick run's): this part plays at
+``|R^t (s_0 - s*)|`` from matrix powers, and, per play with ``rho < 1``, whether the error
+grows past ``1.1 |s_0 - s*|`` before it decays in the simulation and by matrix powers (the
+claim fails when no play is predicted to grow). Few seeds draw a rotation that grows (a third
+of them over the full run's step sizes, one in twelve over the quick run's): this part plays at
 least its default seeds (12 quick, 100 full) whatever ``--seeds`` asks, more when it asks more.
 """
 
@@ -45,6 +45,7 @@ from misalign.experiments import (
     errors_from_fixed_point,
     measured_rate,
     theory_and_simulation,
+    worst,
     write_run,
 )
 from misalign.theory import round_map
@@ -79,6 +80,7 @@ def config(quick: bool, seeds: int | None) -> dict[str, Any]:
             # which few seeds draw (at the quick run's three etas, only seed 6 of 0 .. 11)
             "seeds": max(seeds or 0, 12 if quick else 100),
             "rounds": 300,
+            "grows": 1.1,
         },
     }
 
@@ -112,22 +114,19 @@ def run(quick: bool, seeds: int | None, out: Path) -> Result:
         )
         for i, (eta, s) in enumerate(grid)
     ]
-    both = np.isfinite(boundary_theory) & np.isfinite(boundary_simulated)
     claims = [
         Claim(
             f"|measured rate - rho| / rho, max over plays with rho >= {cfg['rate_from']}",
-            float(np.abs(rate / rho - 1)[rho >= cfg["rate_from"]].max()),
+            worst(np.abs(rate / rho - 1)[rho >= cfg["rate_from"]]),
             1e-3,
         ),
         Claim("plays where the simulation and rho < 1 disagree on convergence", wrong_side, 0),
         Claim(
-            "boundary eta: |simulated - theory| / theory, max over seeds",
-            float(np.abs(boundary_simulated / boundary_theory - 1)[both].max())
-            if both.any()
-            else np.inf,
+            "boundary eta: |simulated - theory| / theory, max over seeds (nan: a boundary off"
+            " the grid)",
+            worst(np.abs(boundary_simulated / boundary_theory - 1)),
             1e-4,
         ),
-        Claim("seeds whose boundary lies outside the grid", int((~both).sum()), 0),
     ]
     plateau_rows, plateau_claims, plateau = _plateaus(cfg)
     transient_rows, transient_claims, transient = _transient(cfg)
@@ -184,10 +183,9 @@ def _plateaus(cfg):
     median = np.median(ratio, axis=1)
     claims = [
         Claim(
-            f"plays that never came within {part['tol']:g} |s_0 - s*| of s* in"
-            f" {part['rounds']} rounds (eta >= {part['etas'][0]:g}, rho <= "
-            f"{prediction.rho.max():.4f})",
-            int(np.isinf(simulated).sum()),
+            f"plays where the simulation and log(tol)/log(rho) disagree on coming within"
+            f" {part['tol']:g} |s_0 - s*| of s* in {part['rounds']} rounds",
+            int((np.isfinite(simulated) != (theory <= part["rounds"])).sum()),
             0,
         ),
         Claim(
@@ -236,6 +234,7 @@ def _transient(cfg):
     growth_simulated = np.maximum(1.0, (simulated / size).max(axis=0))
     growth_theory = np.maximum(1.0, (theory / size).max(axis=0))
     largest = int(np.argmax(growth_simulated))
+    grows = growth_theory > part["grows"]
     claims = [
         Claim(
             "max_t ||s_t - s*| - |R^t (s_0 - s*)|| / |s_0 - s*| over plays with rho < 1"
@@ -244,15 +243,10 @@ def _transient(cfg):
             1e-8,
         ),
         Claim(
-            "1 / largest growth max_t |s_t - s*| / |s_0 - s*| among plays with rho < 1"
-            f" (< 1: the error grows before it decays; growth {growth_simulated[largest]:.3f}"
-            f" at rho = {prediction.rho[converges][largest]:.3f})",
-            float(1.0 / growth_simulated[largest]),
-            0.9,
-        ),
-        Claim(
-            "plays with rho < 1 whose growth exceeds the bound max_t |R^t|_2",
-            int((growth_simulated > bound * (1 + 1e-9)).sum()),
+            f"plays with rho < 1 where the simulation and |R^t e_0| disagree on transient growth"
+            f" (max_t |e_t| / |e_0| > {part['grows']:g}; {int(grows.sum())} predicted to grow,"
+            " nan when none is)",
+            int(((growth_simulated > part["grows"]) != grows).sum()) if grows.any() else np.nan,
             0,
         ),
     ]
@@ -415,7 +409,16 @@ EXPERIMENT = Experiment(
     name=NAME,
     claim="the play converges exactly when rho < 1; the boundary eta; plateaus as rho -> 1;"
     " transient growth before decay",
-    typical="5.7 s",
+    typical="4.3 s",
     config=config,
     run=run,
+    compares=(
+        "simulated rate of |s_t - s_(t-1)| vs the round map's rho (plays with rho >= 0.8)",
+        "simulated convergence (rate < 1) vs rho < 1, per play",
+        "eta where the simulated rate crosses 1 vs where rho does, per seed",
+        "simulated play coming within tol of s* in the rounds vs log(tol)/log(rho) <= rounds",
+        "simulated rounds to tol vs log(tol)/log(rho) as rho -> 1 (median ratio per eta)",
+        "simulated |s_t - s*| vs |R^t (s_0 - s*)| by matrix powers, every round",
+        "simulated transient growth > 1.1 vs growth of |R^t e_0|, per play (nan if none grows)",
+    ),
 )
