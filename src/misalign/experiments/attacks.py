@@ -67,7 +67,7 @@ def run_config(cfg: dict[str, Any], out: Path) -> Result:
     base = parse_config(cfg["base"])
     n = cfg["seeds"]
     attacker, victim = roles(base)
-    cells, skipped = run_study(base, seeds=n)
+    cells, _ = run_study(base, seeds=n)  # an attack that cannot run has no cell: its claims fail
     honest = base.model_dump(exclude_none=True) | {"attack": None, "defence": None}
     targets = setup(parse_config(honest), seeds=range(n)).targets
     gap = np.linalg.norm(targets[attacker] - targets[victim], axis=-1)
@@ -91,22 +91,25 @@ def run_config(cfg: dict[str, Any], out: Path) -> Result:
                     "rho": cell.rho[s],
                 }
             )
-    claims = _claims(cfg, cells, skipped, gap, base.rounds)
+    claims = _claims(cfg, cells, gap, base.rounds)
     return write_run(out, cfg, rows, claims, _figure(cfg, cells, base))
 
 
-def _claims(cfg, cells, skipped, gap, rounds) -> list[Claim]:
+def _claims(cfg, cells, gap, rounds) -> list[Claim]:
     """Claims on the plays that the theory says settle within the rounds
-    (``rho^rounds < settle``); a few seeds in a thousand do not (the undefended play
-    diverges, or the damped one is still moving), and their share is a claim too."""
+    (``rho^rounds < settle``; a few seeds in a thousand do not: the undefended play diverges,
+    or the damped one is still moving; ``registry_test`` checks how few). Every attack of the
+    study has its claims: one that could not run (no cell) makes them fail, never vanish."""
     exact, margin = cfg["exact"], cfg["bias_margin"]
-    attacks = [a for a in ATTACKS if a != "honest" and (a, "none") in cells]
-    stealthy = [a for a in ("gray-box decoy", "geometry", "per-turn") if a in attacks]
+    attacks = [a for a in ATTACKS if a != "honest"]
+    stealthy = ("gray-box decoy", "geometry", "per-turn")
     ok = {
         key: np.nan_to_num(c.rho, nan=np.inf) ** rounds < cfg["settle"] for key, c in cells.items()
     }
 
     def kept(attack, defence, field):
+        if (attack, defence) not in cells:
+            return np.array([])
         return getattr(cells[attack, defence], field)[ok[attack, defence]]
 
     def error(attack, defence, role):
@@ -115,14 +118,18 @@ def _claims(cfg, cells, skipped, gap, rounds) -> list[Claim]:
     def mean(values) -> float:
         return float(np.mean(values)) if np.size(values) else np.nan
 
+    def share(attack, defence, field, test) -> float:
+        """The share of the cell's plays where ``test(field)`` holds (nan without the cell)."""
+        if (attack, defence) not in cells:
+            return np.nan
+        return float(test(getattr(cells[attack, defence], field)).mean())
+
+    def auc(attack) -> float:
+        if (attack, "monitor") not in cells:
+            return np.nan
+        return roc(cells["honest", "monitor"].score, cells[attack, "monitor"].score)[2]
+
     claims = [
-        Claim("attacks that could not run", len(skipped), 0),
-        Claim(
-            f"share of plays that do not settle within {rounds} rounds "
-            f"(rho^rounds >= {cfg['settle']:g}), worst cell",
-            max(float(1 - m.mean()) for m in ok.values()),
-            0.01,
-        ),
         Claim(
             "every cell: max |final distance simulated - predicted| (victim and attacker)",
             worst([worst(error(a, d, r)) for a, d in cells for r in ("victim", "attacker")]),
@@ -137,63 +144,54 @@ def _claims(cfg, cells, skipped, gap, rounds) -> list[Claim]:
     for attack in attacks:
         attacker = kept(attack, "none", "attacker")
         victim = kept(attack, "none", "victim")
+        biased = int((victim < margin * gap[ok[attack, "none"]]).sum()) if victim.size else np.nan
         claims += [
             Claim(f"{attack}, no defence: max attacker distance", worst(attacker), 1e-10),
             Claim(
                 f"{attack}, no defence: plays with victim distance < {margin} gap (victim biased)",
-                int((victim < margin * gap[ok[attack, "none"]]).sum()) if victim.size else np.nan,
+                biased,
                 0,
             ),
         ]
-    unmoved = [a for a in ("honest", "decoy", "geometry", "per-turn") if (a, "damping") in cells]
+    unmoved = ("honest", "decoy", "geometry", "per-turn")
     moved = []
     for a in unmoved:
+        if (a, "damping") not in cells or (a, "none") not in cells:
+            moved.append(np.nan)
+            continue
         both = ok[a, "damping"] & ok[a, "none"]
         damped, undamped = cells[a, "damping"].victim[both], cells[a, "none"].victim[both]
         moved.append(worst(np.abs(damped - undamped)))
-    claims.append(
+    claims += [
         Claim(
             f"damping: max |victim distance damped - undamped| ({', '.join(unmoved)})",
             worst(moved),
             1e-8,
-        )
-    )
-    if ("gray-box decoy", "damping") in cells:
-        claims.append(
-            Claim(
-                "gray-box decoy vs damping: share of plays with the attacker still exact "
-                "(its fit breaks)",
-                mean(kept("gray-box decoy", "damping", "attacker") < exact),
-                0.05,
-            )
-        )
-    honest = cells["honest", "monitor"]
-    claims.append(
+        ),
+        Claim(
+            "gray-box decoy vs damping: share of plays with the attacker still exact "
+            "(its fit breaks)",
+            mean(kept("gray-box decoy", "damping", "attacker") < exact),
+            0.05,
+        ),
         Claim(
             "monitor: false-alarm rate on honest partners",
-            float((honest.flagged_at >= 0).mean()),
+            share("honest", "monitor", "flagged_at", lambda f: f >= 0),
             0.02,
-        )
-    )
-    if "decoy" in attacks:
-        auc = roc(honest.score, cells["decoy", "monitor"].score)[2]
-        claims.append(Claim("monitor: 1 - ROC AUC, white-box decoy vs honest", 1 - auc, 0.15))
+        ),
+        Claim("monitor: 1 - ROC AUC, white-box decoy vs honest", 1 - auc("decoy"), 0.15),
+    ]
     for attack in stealthy:
-        monitor = cells[attack, "monitor"]
         claims += [
-            Claim(
-                f"monitor: 1 - ROC AUC, {attack} vs honest",
-                1 - roc(honest.score, monitor.score)[2],
-                0.0,
-            ),
+            Claim(f"monitor: 1 - ROC AUC, {attack} vs honest", 1 - auc(attack), 0.0),
             Claim(
                 f"monitor: share of {attack} plays not flagged",
-                float((monitor.flagged_at < 0).mean()),
+                share(attack, "monitor", "flagged_at", lambda f: f < 0),
                 0.0,
             ),
             Claim(
                 f"predict vs {attack}: share of plays where the victim kept reading",
-                float((~cells[attack, "predict"].refused).mean()),
+                share(attack, "predict", "refused", np.logical_not),
                 0.0,
             ),
             Claim(
@@ -202,14 +200,13 @@ def _claims(cfg, cells, skipped, gap, rounds) -> list[Claim]:
                 1e-10,
             ),
         ]
-    if "decoy" in attacks:
-        claims.append(
-            Claim(
-                "predict vs white-box decoy: mean victim distance / undefended",
-                mean(kept("decoy", "predict", "victim")) / mean(kept("decoy", "none", "victim")),
-                0.2,
-            )
+    claims.append(
+        Claim(
+            "predict vs white-box decoy: mean victim distance / undefended",
+            mean(kept("decoy", "predict", "victim")) / mean(kept("decoy", "none", "victim")),
+            0.2,
         )
+    )
     return claims
 
 
@@ -269,8 +266,6 @@ EXPERIMENT = Experiment(
     config=config,
     run=run,
     compares=(
-        "attacks run vs every attack of the study (0 skipped)",
-        "share of plays settled within the rounds (rho^rounds < 1e-10) vs all, worst cell",
         "simulated final distances vs the predicted ones, every cell (victim and attacker)",
         "simulated victim distance vs the predicted one, honest play",
         *(

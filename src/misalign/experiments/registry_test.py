@@ -83,14 +83,45 @@ def test_attacks_cells_where_no_play_settles_fail_their_claims_without_a_crash(t
     cfg["base"] = cfg["base"] | {"rounds": 20}  # the honest and decoy plays need more
     result = attacks.run_config(cfg, tmp_path)  # a crash before (max of no play)
     by_name = {c.name: c for c in result.claims}
-    settle = result.claims[1]  # in the worst cell, no play settles
-    assert settle.name.startswith("share of plays that do not settle") and settle.measured == 1
     empty = [c for c in result.claims if isinstance(c.measured, float) and math.isnan(c.measured)]
     assert {"every cell", "honest play", "decoy, no defence", "damping"} <= {
         c.name.split(":")[0] for c in empty
     }
     assert not any(c.passed for c in empty) and not result.passed
     assert by_name["per-turn, no defence: max attacker distance"].passed  # settled: checked
+
+
+def test_attacks_claims_leave_out_few_plays_and_a_missing_attack_fails_its_own(monkeypatch):
+    """The attacks entry judges the plays its theory says settle within the rounds: on the
+    quick study that leaves out at most 1% of any cell's plays (a guard on the claims'
+    coverage, not a claim); and an attack that cannot run fails its own claims."""
+    import numpy as np
+
+    from misalign.config import parse_config
+    from misalign.experiments import attacks
+
+    cfg = attacks.config(True, None)
+    base = parse_config(cfg["base"])
+    cells, skipped = attacks.run_study(base, seeds=cfg["seeds"])
+    assert not skipped
+    for cell in cells.values():
+        settled = np.nan_to_num(cell.rho, nan=np.inf) ** base.rounds < cfg["settle"]
+        assert settled.mean() >= 0.99
+    real = attacks.run_study
+
+    def without_geometry(base, seeds):
+        cells, skipped = real(base, seeds=seeds)
+        cells = {key: cell for key, cell in cells.items() if key[0] != "geometry"}
+        return cells, [*skipped, ("geometry", "could not run")]
+
+    monkeypatch.setattr(attacks, "run_study", without_geometry)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as out:
+        result = attacks.run_config(cfg, out)
+    failed = {c.name for c in result.claims if not c.passed}
+    assert "geometry, no defence: max attacker distance" in failed
+    assert "monitor: share of geometry plays not flagged" in failed and not result.passed
 
 
 def test_stability_plays_its_default_transient_seeds_at_least():
