@@ -519,13 +519,47 @@ class _FieldError(ValueError):
         super().__init__(f"{field}: {problem}")
 
 
-def parse_config(data: dict[str, Any]) -> PlayConfig:
+def parse_config(data: dict[str, Any], folder: str | Path | None = None) -> PlayConfig:
     """Validate a configuration given as plain data.
+
+    Args:
+        data: the configuration.
+        folder: the configuration's folder (default: the current working directory): the
+            language-model agents' template paths are read from it and must stay in it.
 
     Raises:
         ConfigError: the first problem, as ``field: problem``.
     """
-    return _validated(PlayConfig, data)
+    config = _validated(PlayConfig, data)
+    return _with_templates(config, Path.cwd() if folder is None else Path(folder))
+
+
+def _with_templates(config: PlayConfig, folder: Path) -> PlayConfig:
+    """``config`` with its language-model agents' ``prompt`` and ``system`` paths resolved
+    against ``folder`` (symbolic links followed), each refused unless it lies inside it: a
+    shared configuration reads its own templates, never ``/proc/self/environ`` or ``~/.env``.
+
+    Raises:
+        ConfigError: one line naming the field: the path leads outside ``folder``.
+    """
+    root, agents = folder.resolve(), dict(config.agents)
+    for name, agent in config.agents.items():
+        if not isinstance(agent, LLMAgentConfig):
+            continue
+        update = {}
+        for key in ("prompt", "system"):
+            value = getattr(agent, key)
+            if value is None:
+                continue
+            target = (root / value).resolve()
+            if not target.is_relative_to(root):
+                raise ConfigError(
+                    f"agents.{name}.{key}: {value} lies outside the configuration's folder "
+                    f"{root}; a template is read only from there"
+                )
+            update[key] = str(target)
+        agents[name] = agent.model_copy(update=update) if update else agent
+    return config.model_copy(update={"agents": agents})
 
 
 def _validated(model: type[BaseModel], data: dict[str, Any]) -> Any:
@@ -585,7 +619,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PlayConfig:
     Raises:
         ConfigError: the file is missing or unreadable, or a field is invalid.
     """
-    return parse_config(_read(path, overrides))
+    return parse_config(_read(path, overrides), folder=Path(path).parent)
 
 
 def read_toml(path: str | Path, field: str = "") -> dict[str, Any]:
@@ -601,7 +635,7 @@ def read_toml(path: str | Path, field: str = "") -> dict[str, Any]:
     """
     path = Path(path)
     try:
-        with open(path, "rb", opener=_regular) as handle:
+        with open(path, "rb", opener=regular_file) as handle:
             text = handle.read(TOML_BYTES + 1)
         if len(text) > TOML_BYTES:
             raise ConfigError(f"{field}{path}: larger than {TOML_BYTES:,} bytes")
@@ -618,7 +652,7 @@ def read_toml(path: str | Path, field: str = "") -> dict[str, Any]:
         raise ConfigError(f"{field}{path}: invalid TOML: {exc}") from None
 
 
-def _regular(path: str, flags: int) -> int:
+def regular_file(path: str, flags: int) -> int:
     """Open only a regular file (``O_NONBLOCK``: a FIFO named as a configuration is refused,
     not waited on; ``/dev/zero`` is refused, not read forever).
 

@@ -27,7 +27,7 @@ import jinja2.nodes
 import jinja2.sandbox
 import numpy as np
 
-from misalign.config import ConfigError, LLMAgentConfig
+from misalign.config import ConfigError, LLMAgentConfig, regular_file
 
 DEFAULTS = Path(__file__).parent / "templates"
 
@@ -213,7 +213,11 @@ def _compile(path: str | Path, field: str, needs_estimate: bool) -> Template:
             ``estimate``.
     """
     try:
-        source = Path(path).read_text()
+        with open(path, "rb", opener=regular_file) as handle:
+            data = handle.read(TEMPLATE_BYTES + 1)
+        if len(data) > TEMPLATE_BYTES:
+            raise ConfigError(f"{field}: {path} is larger than {TEMPLATE_BYTES:,} bytes")
+        source = data.decode()
     except OSError as exc:
         raise ConfigError(f"{field}: cannot read {path} ({exc.strerror})") from None
     except UnicodeDecodeError:
@@ -254,6 +258,8 @@ OTHER_FILES = (
     jinja2.nodes.Extends,
 )
 """Tags that read another template: refused (a template may not read other files)."""
+TEMPLATE_BYTES = 1_000_000
+"""The largest template file read."""
 MAX_SIZE = 1_000_000
 """The most characters a rendered message, and items a ``*`` or ``**`` in a template, may
 reach."""

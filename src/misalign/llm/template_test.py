@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,7 +110,7 @@ def test_the_system_template_is_checked_but_needs_no_estimate(tmp_path):
 def test_unreadable_templates(tmp_path):
     with pytest.raises(ConfigError, match=r"agents\.A\.prompt: cannot read .*missing\.j2"):
         Templates.load(config(prompt=str(tmp_path / "missing.j2")), "agents.A")
-    with pytest.raises(ConfigError, match=r"agents\.A\.prompt: cannot read .*\(Is a directory"):
+    with pytest.raises(ConfigError, match=r"agents\.A\.prompt: cannot read .*\(not a regular f"):
         Templates.load(config(prompt=str(tmp_path)), "agents.A")
     binary = tmp_path / "binary.j2"
     binary.write_bytes(b"\xff\xfe{{ estimate }}\x80")
@@ -247,3 +249,106 @@ def test_ordinary_templates_still_render_in_the_sandbox(tmp_path):
     user = render(Templates.load(config(prompt=write(tmp_path, text)), "agents.A"))[1]["content"]
     assert user.startswith("1: 0.1, 0.3333333333333333") and "2: -2.5e-07, " in user
     assert user.endswith(f"{json.dumps(W.tolist())} 0.500 A 1 [0, 1, 2] 1024 ababab")
+
+
+def _outside(tmp_path: Path, shared: Path, how: str) -> tuple[str, str]:
+    """A template path a shared configuration in ``shared`` might name to read a file that is
+    not its own; and what the refusal says."""
+    secret = tmp_path / "home" / ".env"
+    secret.parent.mkdir(exist_ok=True)
+    secret.write_text(f"TOKEN={SECRET} {{{{ estimate }}}}")
+    if how == "environment":
+        return "/proc/self/environ", "lies outside the configuration's folder"
+    if how == "system file":
+        return "/etc/hostname", "lies outside the configuration's folder"
+    if how == "absolute":
+        return str(secret), "lies outside the configuration's folder"
+    if how == "up and out":
+        return "../home/.env", "lies outside the configuration's folder"
+    if how == "a link out":
+        (shared / "link.j2").symlink_to(secret)
+        return "link.j2", "lies outside the configuration's folder"
+    if how == "fifo":
+        os.mkfifo(shared / "pipe.j2")
+        return "pipe.j2", "not a regular file"
+    if how == "a directory":
+        (shared / "dir.j2").mkdir()
+        return "dir.j2", "not a regular file"
+    if how == "2 MB":
+        (shared / "big.j2").write_text("{{ estimate }}" + " " * 2_000_000)
+        return "big.j2", "is larger than 1,000,000 bytes"
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "environment",
+        "system file",
+        "absolute",
+        "up and out",
+        "a link out",
+        "fifo",
+        "a directory",
+        "2 MB",
+    ],
+)
+@pytest.mark.parametrize("where", ["prompt", "system"])
+def test_a_configuration_reads_no_template_but_its_own(
+    tmp_path, monkeypatch, fake_server, how, where
+):
+    """Through the real command, live and --replay: a template path that leads out of the
+    configuration's folder (or is no regular file of at most 1 MB) is one line naming the
+    field, exit 2, at once; nothing is sent, and the secret is nowhere."""
+    import subprocess
+    import sys
+
+    import tomli_w
+
+    monkeypatch.setenv("MISALIGN_TEST_SECRET", SECRET)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    path, says = _outside(tmp_path, shared, how)
+    agent = {"kind": "llm", "model": "fake", "base_url": fake_server.base_url, "n": 2}
+    agent |= {"api_key_env": "", where: path, "max_retries": 0}
+    config = shared / "play.toml"
+    config.write_text(tomli_w.dumps({"d": 2, "rounds": 2, "agents": {"A": agent, "B": {"n": 3}}}))
+    for flags in ([], ["--replay"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "misalign.cli", "run", str(config), "--store", "s.sqlite"]
+            + ["--out", "out", *flags],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=60,
+        )
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1, done.stderr
+        assert lines[0].startswith(f"misalign: error: agents.A.{where}: ") and says in lines[0]
+        assert SECRET not in done.stdout + done.stderr
+    assert fake_server.requests == []
+
+
+def test_a_template_beside_the_configuration_is_read_from_its_folder(tmp_path, fake_server):
+    """A relative template path is the configuration's folder's, wherever the command runs."""
+    import subprocess
+    import sys
+
+    import tomli_w
+
+    shared = tmp_path / "shared"
+    (shared / "templates").mkdir(parents=True)
+    (shared / "templates" / "mine.j2").write_text("mine: {{ estimate }}")
+    agent = {"kind": "llm", "model": "fake", "base_url": fake_server.base_url, "n": 2}
+    agent |= {"api_key_env": "", "prompt": "templates/mine.j2", "refits": 0}
+    config = shared / "play.toml"
+    config.write_text(tomli_w.dumps({"d": 2, "rounds": 2, "agents": {"A": agent, "B": {"n": 3}}}))
+    done = subprocess.run(
+        [sys.executable, "-m", "misalign.cli", "run", str(config), "--store", "s.sqlite"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert fake_server.requests[0]["messages"][-1]["content"].startswith("mine: [")
