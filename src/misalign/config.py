@@ -22,6 +22,7 @@ from pydantic import (
     Field,
     Tag,
     ValidationError,
+    ValidationInfo,
     model_validator,
 )
 
@@ -148,10 +149,14 @@ class LLMAgentConfig(LearnerConfig):
         "that needs none",
     )
     prompt: str | None = Field(
-        default=None, description="path of a Jinja2 template of the user message"
+        default=None,
+        description="path of a Jinja2 template of the user message, relative to the "
+        "configuration's folder and inside it",
     )
     system: str | None = Field(
-        default=None, description="path of a Jinja2 template of the system message"
+        default=None,
+        description="path of a Jinja2 template of the system message, relative to the "
+        "configuration's folder and inside it",
     )
     protocol: Literal["gd-step", "improve"] = Field(
         default="gd-step",
@@ -212,6 +217,21 @@ class LLMAgentConfig(LearnerConfig):
                 )
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _anchor_templates(cls, data: Any, info: ValidationInfo) -> Any:
+        """``prompt`` and ``system`` become absolute paths, resolved from the configuration's
+        folder (``folder`` in the validation context; the working directory without one) and
+        refused unless they lie inside it."""
+        if not isinstance(data, dict):
+            return data
+        folder = Path((info.context or {}).get("folder") or Path.cwd())
+        data = dict(data)
+        for key in ("prompt", "system"):
+            if isinstance(data.get(key), str) and data[key]:
+                data[key] = str(anchor_template(data[key], folder, key))
+        return data
+
     @model_validator(mode="after")
     def _check_request(self) -> LLMAgentConfig:
         taken = sorted(set(self.request) & OURS)
@@ -231,6 +251,38 @@ class LLMAgentConfig(LearnerConfig):
                 "the default, OPENAI_API_KEY, is sent only to OpenAI",
             )
         return self
+
+
+def anchor_template(value: str, folder: Path, key: str) -> Path:
+    """Where a template path points, checked to lie inside the configuration's folder.
+
+    A relative path is taken from ``folder``; either kind is resolved (symbolic links
+    followed, ``..`` removed) and must then lie inside ``folder`` (itself resolved), so a
+    configuration cannot name ``/proc/self/environ``, ``../secret`` or a link pointing out.
+
+    Args:
+        value: the path as the configuration writes it.
+        folder: the configuration's folder.
+        key: the field (``prompt``, ``system``), for the message.
+
+    Returns:
+        The resolved, absolute path.
+
+    Raises:
+        _FieldError: ``<key>: <value> lies outside <folder>, ...`` (or cannot be resolved).
+    """
+    try:
+        inside = folder.resolve()
+        path = (inside / value).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # a loop of links, a NUL byte
+        raise _FieldError(key, f"{value!r} cannot be resolved ({type(exc).__name__})") from None
+    if not path.is_relative_to(inside):
+        raise _FieldError(
+            key,
+            f"{value!r} lies outside {inside}, the configuration's folder: a template must "
+            "be a file inside it",
+        )
+    return path
 
 
 def _credential_name(table: dict, where: str) -> str | None:
@@ -496,24 +548,36 @@ class _FieldError(ValueError):
         super().__init__(f"{field}: {problem}")
 
 
-def parse_config(data: dict[str, Any]) -> PlayConfig:
+def parse_config(data: dict[str, Any], folder: str | Path | None = None) -> PlayConfig:
     """Validate a configuration given as plain data.
+
+    Args:
+        data: the configuration's keys.
+        folder: the folder its template paths (``prompt``, ``system``) are read from and must
+            lie in; default the working directory. They come back absolute.
 
     Raises:
         ConfigError: the first problem, as ``field: problem``.
     """
-    return _validated(PlayConfig, data)
+    return _validated(PlayConfig, data, {"folder": Path(folder or Path.cwd())})
 
 
-def _validated(model: type[BaseModel], data: dict[str, Any]) -> Any:
+def _validated(
+    model: type[BaseModel], data: dict[str, Any], context: dict[str, Any] | None = None
+) -> Any:
     """``data`` as a ``model``, nested at most ``MAX_DEPTH`` levels.
+
+    Args:
+        model: the pydantic model.
+        data: plain data.
+        context: pydantic's validation context (``folder``: where template paths lie).
 
     Raises:
         ConfigError: the first problem, as ``field: problem``.
     """
     check_depth(data)
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context=context)
     except ValidationError as exc:
         raise ConfigError(_one_line(exc)) from None
 
@@ -550,6 +614,12 @@ SHOWN = 6
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PlayConfig:
     """Read and validate a TOML configuration.
 
+    Template paths (``prompt``, ``system``) are taken from the file's folder and must lie
+    inside it (``anchor_template``); the configuration holds them absolute. So the
+    ``config.toml`` a run writes into ``runs/<hash>/`` names templates outside that folder
+    and is refused as a configuration of its own: re-run a play with templates from its
+    original file (the same hash, the same run directory).
+
     Args:
         path: the TOML file.
         overrides: ``dotted.key=value`` assignments applied before validation,
@@ -562,7 +632,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PlayConfig:
     Raises:
         ConfigError: the file is missing or unreadable, or a field is invalid.
     """
-    return parse_config(_read(path, overrides))
+    return parse_config(_read(path, overrides), Path(path).absolute().parent)
 
 
 def read_toml(path: str | Path, field: str = "") -> dict[str, Any]:
