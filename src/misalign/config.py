@@ -25,6 +25,7 @@ from pydantic import (
     Field,
     Tag,
     ValidationError,
+    ValidationInfo,
     model_validator,
 )
 
@@ -151,10 +152,14 @@ class LLMAgentConfig(LearnerConfig):
         "that needs none",
     )
     prompt: str | None = Field(
-        default=None, description="path of a Jinja2 template of the user message"
+        default=None,
+        description="path of a Jinja2 template of the user message, relative to the "
+        "configuration's folder and inside it",
     )
     system: str | None = Field(
-        default=None, description="path of a Jinja2 template of the system message"
+        default=None,
+        description="path of a Jinja2 template of the system message, relative to the "
+        "configuration's folder and inside it",
     )
     protocol: Literal["gd-step", "improve"] = Field(
         default="gd-step",
@@ -217,6 +222,21 @@ class LLMAgentConfig(LearnerConfig):
                 )
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _anchor_templates(cls, data: Any, info: ValidationInfo) -> Any:
+        """``prompt`` and ``system`` become absolute paths, resolved from the configuration's
+        folder (``folder`` in the validation context; the working directory without one) and
+        refused unless they lie inside it."""
+        if not isinstance(data, dict):
+            return data
+        folder = Path((info.context or {}).get("folder") or Path.cwd())
+        data = dict(data)
+        for key in ("prompt", "system"):
+            if isinstance(data.get(key), str) and data[key]:
+                data[key] = str(anchor_template(data[key], folder, key))
+        return data
+
     @model_validator(mode="after")
     def _check_request(self) -> LLMAgentConfig:
         taken = sorted(set(self.request) & OURS)
@@ -236,6 +256,38 @@ class LLMAgentConfig(LearnerConfig):
                 "the default, OPENAI_API_KEY, is sent only to OpenAI",
             )
         return self
+
+
+def anchor_template(value: str, folder: Path, key: str) -> Path:
+    """Where a template path points, checked to lie inside the configuration's folder.
+
+    A relative path is taken from ``folder``; either kind is resolved (symbolic links
+    followed, ``..`` removed) and must then lie inside ``folder`` (itself resolved), so a
+    configuration cannot name ``/proc/self/environ``, ``../secret`` or a link pointing out.
+
+    Args:
+        value: the path as the configuration writes it.
+        folder: the configuration's folder.
+        key: the field (``prompt``, ``system``), for the message.
+
+    Returns:
+        The resolved, absolute path.
+
+    Raises:
+        _FieldError: ``<key>: <value> lies outside <folder>, ...`` (or cannot be resolved).
+    """
+    try:
+        inside = folder.resolve()
+        path = (inside / value).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # a loop of links, a NUL byte
+        raise _FieldError(key, f"{value!r} cannot be resolved ({type(exc).__name__})") from None
+    if not path.is_relative_to(inside):
+        raise _FieldError(
+            key,
+            f"{value!r} lies outside {inside}, the configuration's folder: a template must "
+            "be a file inside it",
+        )
+    return path
 
 
 def _credential_name(table: dict, where: str) -> str | None:
@@ -523,54 +575,32 @@ def parse_config(data: dict[str, Any], folder: str | Path | None = None) -> Play
     """Validate a configuration given as plain data.
 
     Args:
-        data: the configuration.
-        folder: the configuration's folder (default: the current working directory): the
-            language-model agents' template paths are read from it and must stay in it.
+        data: the configuration's keys.
+        folder: the folder its template paths (``prompt``, ``system``) are read from and must
+            lie in; default the working directory. They come back absolute.
 
     Raises:
         ConfigError: the first problem, as ``field: problem``.
     """
-    config = _validated(PlayConfig, data)
-    return _with_templates(config, Path.cwd() if folder is None else Path(folder))
+    return _validated(PlayConfig, data, {"folder": Path(folder or Path.cwd())})
 
 
-def _with_templates(config: PlayConfig, folder: Path) -> PlayConfig:
-    """``config`` with its language-model agents' ``prompt`` and ``system`` paths resolved
-    against ``folder`` (symbolic links followed), each refused unless it lies inside it: a
-    shared configuration reads its own templates, never ``/proc/self/environ`` or ``~/.env``.
-
-    Raises:
-        ConfigError: one line naming the field: the path leads outside ``folder``.
-    """
-    root, agents = folder.resolve(), dict(config.agents)
-    for name, agent in config.agents.items():
-        if not isinstance(agent, LLMAgentConfig):
-            continue
-        update = {}
-        for key in ("prompt", "system"):
-            value = getattr(agent, key)
-            if value is None:
-                continue
-            target = (root / value).resolve()
-            if not target.is_relative_to(root):
-                raise ConfigError(
-                    f"agents.{name}.{key}: {value} lies outside the configuration's folder "
-                    f"{root}; a template is read only from there"
-                )
-            update[key] = str(target)
-        agents[name] = agent.model_copy(update=update) if update else agent
-    return config.model_copy(update={"agents": agents})
-
-
-def _validated(model: type[BaseModel], data: dict[str, Any]) -> Any:
+def _validated(
+    model: type[BaseModel], data: dict[str, Any], context: dict[str, Any] | None = None
+) -> Any:
     """``data`` as a ``model``, nested at most ``MAX_DEPTH`` levels.
+
+    Args:
+        model: the pydantic model.
+        data: plain data.
+        context: pydantic's validation context (``folder``: where template paths lie).
 
     Raises:
         ConfigError: the first problem, as ``field: problem``.
     """
     check_depth(data)
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context=context)
     except ValidationError as exc:
         raise ConfigError(_one_line(exc)) from None
 
@@ -607,6 +637,12 @@ SHOWN = 6
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PlayConfig:
     """Read and validate a TOML configuration.
 
+    Template paths (``prompt``, ``system``) are taken from the file's folder and must lie
+    inside it (``anchor_template``); the configuration holds them absolute. So the
+    ``config.toml`` a run writes into ``runs/<hash>/`` names templates outside that folder
+    and is refused as a configuration of its own: re-run a play with templates from its
+    original file (the same hash, the same run directory).
+
     Args:
         path: the TOML file.
         overrides: ``dotted.key=value`` assignments applied before validation,
@@ -619,7 +655,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PlayConfig:
     Raises:
         ConfigError: the file is missing or unreadable, or a field is invalid.
     """
-    return parse_config(_read(path, overrides), folder=Path(path).parent)
+    return parse_config(_read(path, overrides), Path(path).absolute().parent)
 
 
 def read_toml(path: str | Path, field: str = "") -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Files: atomic writes (a run killed at any moment leaves the old file or the new one, never
 half), and the two guards for files from someone else (run directories, shared tarballs):
-nothing is read that is not a regular file really inside its directory (``open_inside``), and
-nothing is written through a symbolic link (``refuse_symlinks``)."""
+nothing is read that is not a regular file (``open_regular``) really inside its directory
+(``open_inside``), and nothing is written through a symbolic link (``refuse_symlinks``)."""
 
 from __future__ import annotations
 
@@ -123,6 +123,29 @@ def open_inside(directory: Path, name: str, most: int | None = None) -> BinaryIO
     _require_regular(path, os.lstat(path).st_mode)
     if not path.resolve().is_relative_to(directory.resolve()):
         raise UnsafeFile(path, f"outside {directory}")
+    return open_regular(path, most)
+
+
+def open_regular(path: Path, most: int | None = None) -> BinaryIO:
+    """Open ``path`` for reading, only when it is a regular file: checked before it is opened
+    (``lstat``: no link, FIFO or device is waited on or read), then opened with
+    ``O_NOFOLLOW | O_NONBLOCK`` and checked again (``fstat``), so a file swapped in between is
+    refused too.
+
+    Args:
+        path: the file (links in the folders above it are followed; the file itself may not
+            be one).
+        most: the most bytes it may hold (``None``: any size).
+
+    Returns:
+        The file, open in binary mode.
+
+    Raises:
+        UnsafeFile: ``<path>: a FIFO`` (a directory, a symbolic link, ...).
+        OSError: it does not exist (``FileNotFoundError``) or cannot be opened.
+    """
+    path = Path(path)
+    _require_regular(path, os.lstat(path).st_mode)
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
         stat = os.fstat(fd)

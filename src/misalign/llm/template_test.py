@@ -21,6 +21,12 @@ Y = np.array([1 / 7, -0.0, 6.02214076e23])
 W = np.array([np.sqrt(2), -1e-300])
 
 
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    """Templates given as data are read from the working directory: the test's folder."""
+    monkeypatch.chdir(tmp_path)
+
+
 def config(**settings) -> LLMAgentConfig:
     return LLMAgentConfig(kind="llm", model="fake", n=3, api_key_env="", **settings)
 
@@ -110,7 +116,7 @@ def test_the_system_template_is_checked_but_needs_no_estimate(tmp_path):
 def test_unreadable_templates(tmp_path):
     with pytest.raises(ConfigError, match=r"agents\.A\.prompt: cannot read .*missing\.j2"):
         Templates.load(config(prompt=str(tmp_path / "missing.j2")), "agents.A")
-    with pytest.raises(ConfigError, match=r"agents\.A\.prompt: cannot read .*\(not a regular f"):
+    with pytest.raises(ConfigError, match=r"agents\.A\.prompt: .* is a directory, not a regular"):
         Templates.load(config(prompt=str(tmp_path)), "agents.A")
     binary = tmp_path / "binary.j2"
     binary.write_bytes(b"\xff\xfe{{ estimate }}\x80")
@@ -251,104 +257,234 @@ def test_ordinary_templates_still_render_in_the_sandbox(tmp_path):
     assert user.endswith(f"{json.dumps(W.tolist())} 0.500 A 1 [0, 1, 2] 1024 ababab")
 
 
-def _outside(tmp_path: Path, shared: Path, how: str) -> tuple[str, str]:
-    """A template path a shared configuration in ``shared`` might name to read a file that is
-    not its own; and what the refusal says."""
-    secret = tmp_path / "home" / ".env"
-    secret.parent.mkdir(exist_ok=True)
-    secret.write_text(f"TOKEN={SECRET} {{{{ estimate }}}}")
-    if how == "environment":
-        return "/proc/self/environ", "lies outside the configuration's folder"
-    if how == "system file":
-        return "/etc/hostname", "lies outside the configuration's folder"
-    if how == "absolute":
-        return str(secret), "lies outside the configuration's folder"
-    if how == "up and out":
-        return "../home/.env", "lies outside the configuration's folder"
-    if how == "a link out":
-        (shared / "link.j2").symlink_to(secret)
-        return "link.j2", "lies outside the configuration's folder"
-    if how == "fifo":
-        os.mkfifo(shared / "pipe.j2")
-        return "pipe.j2", "not a regular file"
-    if how == "a directory":
-        (shared / "dir.j2").mkdir()
-        return "dir.j2", "not a regular file"
-    if how == "2 MB":
-        (shared / "big.j2").write_text("{{ estimate }}" + " " * 2_000_000)
-        return "big.j2", "is larger than 1,000,000 bytes"
-    raise AssertionError(how)
+def test_the_default_templates_render_as_before():
+    """The shipped templates write, bit for bit, what they wrote before the render was
+    guarded (a SHA-256 of the messages of 12 requests, taken before the change)."""
+    import hashlib
+
+    rng = np.random.default_rng(0)
+    out = []
+    for protocol in ["gd-step", "improve"]:
+        for digits in [None, 4]:
+            for n, d in [(3, 2), (20, 5), (200, 10)]:
+                agent = LLMAgentConfig(
+                    kind="llm", model="m", n=n, api_key_env="", protocol=protocol, digits=digits
+                )
+                templates = Templates.load(agent, "agents.A")
+                X, y, w = (
+                    rng.standard_normal((n, d)),
+                    rng.standard_normal(n),
+                    rng.standard_normal(d),
+                )
+                out.append(templates.messages("A", X, y, w, 0.5, 3))
+    digest = hashlib.sha256(json.dumps(out).encode()).hexdigest()
+    assert digest == "e1f80fbbef21eba4c8deb2d94ac612ea89e72c7cb24f9d47d7f2a551ae1be836"
 
 
-@pytest.mark.parametrize(
-    "how",
-    [
-        "environment",
-        "system file",
-        "absolute",
-        "up and out",
-        "a link out",
-        "fifo",
-        "a directory",
-        "2 MB",
-    ],
-)
-@pytest.mark.parametrize("where", ["prompt", "system"])
-def test_a_configuration_reads_no_template_but_its_own(
-    tmp_path, monkeypatch, fake_server, how, where
-):
-    """Through the real command, live and --replay: a template path that leads out of the
-    configuration's folder (or is no regular file of at most 1 MB) is one line naming the
-    field, exit 2, at once; nothing is sent, and the secret is nowhere."""
+# A configuration from someone else: where its templates may lie
+
+
+def run_cli(config, cwd, *flags, timeout: float = 60):
+    """``misalign run CONFIG --store s.sqlite --out out FLAGS`` in a child process: its exit
+    code, stdout, stderr, wall seconds and peak memory (bytes, its own: ``wait4``)."""
     import subprocess
     import sys
+    import threading
+    import time
 
+    args = [sys.executable, "-m", "misalign.cli", "run", str(config), "--store", "s.sqlite"]
+    with open(cwd / ".stdout", "w+") as out, open(cwd / ".stderr", "w+") as err:
+        start = time.monotonic()
+        child = subprocess.Popen([*args, "--out", "out", *flags], cwd=cwd, stdout=out, stderr=err)
+        timer = threading.Timer(timeout, child.kill)
+        timer.start()
+        _, status, usage = os.wait4(child.pid, 0)
+        timer.cancel()
+        child.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        texts = out.read(), err.read()
+    (cwd / ".stdout").unlink()
+    (cwd / ".stderr").unlink()
+    return child.returncode, *texts, time.monotonic() - start, usage.ru_maxrss * 1024
+
+
+def play_toml(folder, server, **agent) -> Path:
+    """A two-agent play whose llm agent A has ``agent``'s settings, written to ``folder``."""
     import tomli_w
 
+    settings = {"kind": "llm", "model": "fake", "base_url": server.base_url, "n": 2}
+    settings |= {"api_key_env": "", "max_retries": 0, **agent}
+    path = folder / "play.toml"
+    path.write_text(tomli_w.dumps({"d": 2, "rounds": 2, "agents": {"A": settings, "B": {"n": 3}}}))
+    return path
+
+
+def secret_file(folder) -> Path:
+    path = folder / "secret.j2"
+    path.write_text(f"{SECRET} {{{{ estimate }}}}")
+    return path
+
+
+def fifo(folder) -> str:
+
+    os.mkfifo(folder / "pipe.j2")
+    return "pipe.j2"
+
+
+def link_out(folder, elsewhere) -> str:
+    (folder / "link.j2").symlink_to(secret_file(elsewhere))
+    return "link.j2"
+
+
+def big(folder) -> str:
+    (folder / "big.j2").write_text("{{ estimate }}" + " " * 2_000_000)
+    return "big.j2"
+
+
+def latin1(folder) -> str:
+    (folder / "latin1.j2").write_bytes("{{ estimate }} caf\xe9".encode("latin-1"))
+    return "latin1.j2"
+
+
+OUTSIDE = {  # each writes what it needs and gives the template path the configuration names
+    "environ": lambda folder, elsewhere: "/proc/self/environ",
+    "hostname": lambda folder, elsewhere: "/etc/hostname",
+    "a secret elsewhere": lambda folder, elsewhere: str(secret_file(elsewhere)),
+    "../ escape": lambda folder, elsewhere: f"../{elsewhere.name}/{secret_file(elsewhere).name}",
+    "a link pointing out": link_out,
+    "/dev/zero": lambda folder, elsewhere: "/dev/zero",
+    "a FIFO": lambda folder, elsewhere: fifo(folder),
+    "a directory": lambda folder, elsewhere: (folder / "dir.j2").mkdir() or "dir.j2",
+    "2 MB": lambda folder, elsewhere: big(folder),
+    "not UTF-8": lambda folder, elsewhere: latin1(folder),
+}
+WHY = {
+    "a FIFO": "is a FIFO, not a regular file",
+    "a directory": "is a directory, not a regular file",
+    "2 MB": "is larger than 1,000,000 bytes",
+    "not UTF-8": "(not UTF-8 text)",
+}
+
+
+@pytest.mark.parametrize("where", ["prompt", "system"])
+@pytest.mark.parametrize("case", list(OUTSIDE))
+def test_a_template_outside_the_configuration_or_not_a_text_file_is_refused(
+    tmp_path, tmp_path_factory, monkeypatch, fake_server, case, where
+):
+    """Through the real command, live and ``--replay``: a template path that leaves the
+    configuration's folder (absolute, ``../``, a link), or names no regular UTF-8 file of at
+    most 1 MB, is one line naming the field, exit 2, within seconds (a FIFO is not waited
+    on); nothing reaches the server and the secret is nowhere."""
     monkeypatch.setenv("MISALIGN_TEST_SECRET", SECRET)
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    path, says = _outside(tmp_path, shared, how)
-    agent = {"kind": "llm", "model": "fake", "base_url": fake_server.base_url, "n": 2}
-    agent |= {"api_key_env": "", where: path, "max_retries": 0}
-    config = shared / "play.toml"
-    config.write_text(tomli_w.dumps({"d": 2, "rounds": 2, "agents": {"A": agent, "B": {"n": 3}}}))
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    template = OUTSIDE[case](tmp_path, elsewhere)
+    config = play_toml(tmp_path, fake_server, **{where: template})
     for flags in ([], ["--replay"]):
-        done = subprocess.run(
-            [sys.executable, "-m", "misalign.cli", "run", str(config), "--store", "s.sqlite"]
-            + ["--out", "out", *flags],
-            capture_output=True,
-            text=True,
-            cwd=tmp_path,
-            timeout=60,
-        )
-        lines = done.stderr.strip().splitlines()
-        assert done.returncode == 2 and len(lines) == 1, done.stderr
-        assert lines[0].startswith(f"misalign: error: agents.A.{where}: ") and says in lines[0]
-        assert SECRET not in done.stdout + done.stderr
+        code, out, err, wall, _ = run_cli(config, tmp_path, *flags, timeout=30)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and wall < 20, (wall, err)
+        assert lines[0].startswith(f"misalign: error: agents.A.{where}: "), lines[0]
+        assert WHY.get(case, "the configuration's folder: a template must be") in lines[0]
+        assert SECRET not in out + err
+    assert fake_server.requests == []
+    assert not (tmp_path / "out").exists()
+    written = [f for f in tmp_path.rglob("*") if f.is_file() and not f.is_symlink()]
+    assert all(SECRET.encode() not in f.read_bytes() for f in written)
+
+
+def test_templates_are_read_from_the_configurations_folder(tmp_path, fake_server):
+    """A relative template path is the configuration's folder's, wherever the command runs;
+    the run directory's ``config.toml`` names it absolute, and is refused as a configuration
+    of its own (the template lies outside ``runs/<hash>``): re-run the original."""
+    folder = tmp_path / "shared"
+    (folder / "templates").mkdir(parents=True)
+    (folder / "templates" / "mine.j2").write_text("MINE {{ estimate }}")
+    config = play_toml(folder, fake_server, prompt="templates/mine.j2")
+    code, _, err, _, _ = run_cli(config, tmp_path)
+    assert code == 0, err
+    assert fake_server.requests and all(
+        r["messages"][-1]["content"].startswith("MINE [") for r in fake_server.requests
+    )
+    written = (tmp_path / "out" / "config.toml").read_text()
+    assert f'prompt = "{folder / "templates" / "mine.j2"}"' in written
+    code, _, err, _, _ = run_cli(tmp_path / "out" / "config.toml", tmp_path, "--replay")
+    assert code == 2 and err.strip().startswith("misalign: error: agents.A.prompt: "), err
+    assert "the configuration's folder" in err and len(err.strip().splitlines()) == 1
+    code, _, err, _, _ = run_cli(config, tmp_path, "--replay")  # the original re-runs
+    assert code == 0, err
+
+
+def test_a_template_given_as_data_is_read_from_the_working_directory(tmp_path):
+    from misalign.config import parse_config
+
+    (tmp_path / "mine.j2").write_text("{{ estimate }}")
+    play = {"d": 2, "rounds": 1, "agents": {"A": {"kind": "llm", "model": "m", "n": 2}}}
+    play["agents"]["A"] |= {"api_key_env": "", "prompt": "mine.j2"}
+    assert parse_config(play).agents["A"].prompt == str(tmp_path / "mine.j2")
+    play["agents"]["A"]["prompt"] = "../mine.j2"
+    with pytest.raises(ConfigError, match=r"^agents\.A\.prompt: '\.\./mine\.j2' lies outside"):
+        parse_config(play)
+
+
+# A template from someone else: time and memory
+
+GROWTH = {
+    "nested loops": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
+    "{% endfor %}",
+    "squared powers": "{% set a = 9 ** 99999 %}" + "{% set a = a * a %}" * 12,
+    "squares": "{% set a = 9 ** 9999 %}" + "{% set a = a * a %}" * 12,
+    "~ doubling": '{% set a = "x" * 999999 %}' + "{% set a = a ~ a %}" * 11,
+    "+ doubling": '{% set a = "x" * 999999 %}' + "{% set a = a + a %}" * 11,
+    "list + doubling": "{% set a = [0] * 999999 %}" + "{% set a = a + a %}" * 11,
+    "nested literals": "{% set a = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9] %}"
+    + "{% set a = [a, a, a, a, a, a, a, a, a, a] %}" * 9
+    + "{{ a }}",
+    "center": '{{ "x"|center(999999999) }}',
+    "% width filter": '{{ "%1000000000s"|format(1) }}',
+    "% precision filter": '{{ "%.1000000000f"|format(1.0) }}',
+    "% width": '{{ "%1000000000s" % 1 }}',
+    "format width": '{{ "{:>1000000000}".format(1) }}',
+    "format precision": '{{ "{:.1000000000f}".format(1.0) }}',
+    "ljust": '{{ "x".ljust(1000000000) }}',
+    "replace": '{% set a = "x" * 999999 %}{{ a.replace("x", a) }}',
+    "join": '{% set a = "x" * 999999 %}{{ ([a] * 1000)|join }}',
+    "indent": '{{ ("x\n" * 400000)|indent(1000) }}',
+    "wordwrap": '{{ "a b c"|wordwrap(1, wrapstring="x" * 999999) }}',
+    "batch": "{{ [1]|batch(1000000000, 0)|list }}",
+    "slice": "{{ range(10)|slice(1000000000)|list }}",
+    "sum": '{% set a = "x" * 99999 %}{{ ([[a] * 1000] * 1000)|sum(start=[])|length }}',
+}
+
+
+@pytest.mark.parametrize("payload", list(GROWTH))
+def test_a_template_that_would_hang_or_exhaust_memory_is_one_line(tmp_path, fake_server, payload):
+    """Through the real command: each payload (which runs for minutes or allocates
+    gigabytes unchecked) is one line naming the template, exit 2, in seconds and with the
+    command's memory bounded; nothing reaches the server."""
+    (tmp_path / "evil.j2").write_text(f"{GROWTH[payload]} {{{{ estimate }}}}")
+    config = play_toml(tmp_path, fake_server, prompt="evil.j2")
+    code, _, err, wall, peak = run_cli(config, tmp_path)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err[-2000:]
+    assert lines[0].startswith(f"misalign: error: agents.A.prompt: {tmp_path / 'evil.j2'} is"), err
+    assert wall < 10 and peak < 600e6, (wall, peak)
     assert fake_server.requests == []
 
 
-def test_a_template_beside_the_configuration_is_read_from_its_folder(tmp_path, fake_server):
-    """A relative template path is the configuration's folder's, wherever the command runs."""
-    import subprocess
+def test_the_render_budget_restores_the_trace_function(tmp_path):
     import sys
 
-    import tomli_w
+    seen = []
 
-    shared = tmp_path / "shared"
-    (shared / "templates").mkdir(parents=True)
-    (shared / "templates" / "mine.j2").write_text("mine: {{ estimate }}")
-    agent = {"kind": "llm", "model": "fake", "base_url": fake_server.base_url, "n": 2}
-    agent |= {"api_key_env": "", "prompt": "templates/mine.j2", "refits": 0}
-    config = shared / "play.toml"
-    config.write_text(tomli_w.dumps({"d": 2, "rounds": 2, "agents": {"A": agent, "B": {"n": 3}}}))
-    done = subprocess.run(
-        [sys.executable, "-m", "misalign.cli", "run", str(config), "--store", "s.sqlite"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    assert fake_server.requests[0]["messages"][-1]["content"].startswith("mine: [")
+    def tracer(frame, event, arg):
+        seen.append(event)
+
+    (tmp_path / "loop.j2").write_text("{% for i in range(1000) %}{{ i }}{% endfor %}{{ estimate }}")
+    templates = Templates.load(config(prompt="loop.j2"), "agents.A")
+    sys.settrace(tracer)
+    try:
+        render(templates)
+        assert sys.gettrace() is tracer
+    finally:
+        sys.settrace(None)
