@@ -671,7 +671,7 @@ def read_toml(path: str | Path, field: str = "") -> dict[str, Any]:
     """
     path = Path(path)
     try:
-        with open(path, "rb", opener=regular_file) as handle:
+        with open(path, "rb", opener=_regular_file) as handle:
             text = handle.read(TOML_BYTES + 1)
         if len(text) > TOML_BYTES:
             raise ConfigError(f"{field}{path}: larger than {TOML_BYTES:,} bytes")
@@ -688,7 +688,7 @@ def read_toml(path: str | Path, field: str = "") -> dict[str, Any]:
         raise ConfigError(f"{field}{path}: invalid TOML: {exc}") from None
 
 
-def regular_file(path: str, flags: int) -> int:
+def _regular_file(path: str, flags: int) -> int:
     """Open only a regular file (``O_NONBLOCK``: a FIFO named as a configuration is refused,
     not waited on; ``/dev/zero`` is refused, not read forever).
 

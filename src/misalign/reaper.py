@@ -72,7 +72,7 @@ def descendants(pid: int) -> dict[int, str]:
     return found
 
 
-def _same(pid: int, start: str) -> bool:
+def same_process(pid: int, start: str) -> bool:
     """Whether ``pid`` is still the process that started at ``start`` (and has not exited)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -84,12 +84,14 @@ def _same(pid: int, start: str) -> bool:
 def _end(noted: dict[int, str]) -> None:
     """SIGTERM every noted process still alive, then SIGKILL those that outlive ``GRACE_S``."""
     for sig, wait in ((signal.SIGTERM, GRACE_S), (signal.SIGKILL, 0.0)):
-        alive = [pid for pid, start in noted.items() if _same(pid, start)]
+        alive = [pid for pid, start in noted.items() if same_process(pid, start)]
         for pid in alive:
             with contextlib.suppress(OSError):  # gone meanwhile
                 os.kill(pid, sig)
         deadline = time.monotonic() + wait
-        while wait and time.monotonic() < deadline and any(_same(p, noted[p]) for p in alive):
+        while (
+            wait and time.monotonic() < deadline and any(same_process(p, noted[p]) for p in alive)
+        ):
             time.sleep(0.05)
 
 

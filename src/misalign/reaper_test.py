@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from misalign.reaper import _same, descendants
+from misalign.reaper import descendants, same_process
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="/proc (Linux)")
 
@@ -48,7 +48,7 @@ def test_a_killed_parents_orphan_is_ended():
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     deadline = time.monotonic() + 10
-    while _same(child, start):
+    while same_process(child, start):
         assert time.monotonic() < deadline, "the orphan lived on"
         time.sleep(0.1)
 
@@ -58,7 +58,7 @@ def test_a_clean_end_leaves_the_children_alone():
     start = descendants(process.pid)[child]
     time.sleep(1.0)
     try:
-        assert _same(child, start)
+        assert same_process(child, start)
     finally:
         os.kill(child, signal.SIGKILL)
         process.kill()

@@ -23,6 +23,7 @@ from misalign.cli import main
 from misalign.config import ConfigError, parse_config
 from misalign.config_test import refused
 from misalign.experiment import predict, setup, simulate
+from misalign.reaper import descendants, same_process
 from misalign.report import batch
 from misalign.sweep import (
     SweepConfig,
@@ -482,31 +483,6 @@ def test_ray_unreachable_address_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def _descendants(pid: int) -> set[int]:
-    """Every living process below ``pid`` (from /proc: Linux)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # gone meanwhile
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
-
-
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
 @pytest.mark.parametrize(
     ("backend", "moment"),
@@ -533,13 +509,13 @@ def test_a_killed_sweep_leaves_no_worker_behind(tmp_path, backend, moment):
     while len(list(rows.glob("chunk-*.parquet")) if rows.exists() else []) < needed:
         assert process.poll() is None and time.monotonic() < deadline
         time.sleep(0.01)
-    started = _descendants(process.pid)
+    started = descendants(process.pid)  # pid: start time
     assert len(started) >= 2  # the workers, at least
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     deadline = time.monotonic() + 15
-    while any(_alive(pid) for pid in started):
-        assert time.monotonic() < deadline, [p for p in started if _alive(p)]
+    while alive := [pid for pid, start in started.items() if same_process(pid, start)]:
+        assert time.monotonic() < deadline, alive
         time.sleep(0.1)
     done = subprocess.run([*args, "--resume", "--json"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

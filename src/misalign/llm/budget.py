@@ -10,7 +10,7 @@ bad answers and retries, which the client counts as it sends and stops at the sa
 
 The cost bound is a bound, not an estimate: each request's input is at most one token per
 UTF-8 byte of its body (messages rendered with the longest numbers a prompt can hold, the
-settings passed through and the response format) plus ``OVERHEAD`` per message, and its
+settings passed through and the response format) plus a few tokens per message, and its
 output at most ``max_completion_tokens`` (or ``max_tokens``) of the agent's ``request``; an
 agent with a price on output and neither limit has no bound. The plan's bound is for the
 prompt as rendered before the run; the client reserves each request's own bound before it
@@ -20,7 +20,6 @@ renders later. Prices come from the configuration: a shared one's are its author
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +27,7 @@ import numpy as np
 from misalign.config import ConfigError
 from misalign.experiment import language_models
 from misalign.llm.answer import FORMATS, response_format
-from misalign.llm.client import OVERHEAD, cost_bound
+from misalign.llm.client import cost_bound
 from misalign.llm.fit import answers_per_agent
 
 LONGEST = -1.2345678901234567e-300
@@ -92,8 +91,7 @@ def _cost_bound(agent, requests: int) -> float | None:
     settings = agent.config.request
     messages = agent.messages(0, np.full(agent.d, LONGEST), round=10**9)
     fmt = {"response_format": response_format(FORMATS[0], agent.d)}
-    body = len(json.dumps([messages, settings, fmt]).encode()) + OVERHEAD * len(messages)
-    bound = cost_bound(body, settings, agent.config.price_in, agent.config.price_out)
+    bound = cost_bound(messages, settings, fmt, agent.config.price_in, agent.config.price_out)
     return None if bound is None else requests * bound
 
 

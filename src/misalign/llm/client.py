@@ -269,8 +269,7 @@ class Client:
         limit or prices; the limit is refused before the run when it cannot be bounded)."""
         if self.limits.cost is None:
             return 0.0
-        body = len(json.dumps([messages, settings, extra]).encode()) + OVERHEAD * len(messages)
-        bound = cost_bound(body, settings, *self.prices)
+        bound = cost_bound(messages, settings, extra, *self.prices)
         return 0.0 if bound is None else bound
 
     def _within_limits(self, reserve: float = 0.0) -> None:
@@ -355,11 +354,15 @@ class Client:
 
 
 def cost_bound(
-    body: int, settings: dict, price_in: float | None, price_out: float | None
+    messages: list[dict],
+    settings: dict,
+    extra: dict,
+    price_in: float | None,
+    price_out: float | None,
 ) -> float | None:
     """The most one request can cost, in dollars: its input is at most one token per byte of
-    its body (``body``: the UTF-8 bytes of its messages, settings and format, plus
-    ``OVERHEAD`` per message), its output at most ``max_completion_tokens`` (or
+    its body (the UTF-8 bytes of its ``messages``, ``settings`` and ``extra`` (the response
+    format), plus ``OVERHEAD`` per message), its output at most ``max_completion_tokens`` (or
     ``max_tokens``) of ``settings``.
 
     Returns:
@@ -371,6 +374,7 @@ def cost_bound(
     limited = isinstance(most_out, int) and not isinstance(most_out, bool) and most_out >= 0
     if not limited and price_out:
         return None
+    body = len(json.dumps([messages, settings, extra]).encode()) + OVERHEAD * len(messages)
     return (body * (price_in or 0.0) + (most_out if limited else 0) * (price_out or 0.0)) / 1e6
 
 

@@ -723,8 +723,6 @@ OTHER_FILES = (
     jinja2.nodes.Extends,
 )
 """Tags that read another template: refused (a template may not read other files)."""
-TEMPLATE_BYTES = 1_000_000
-"""The largest template file read."""
 MAX_SIZE = 1_000_000
 """The most characters (items, digits) a rendered message, and any value a template builds,
 may hold."""
