@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from misalign.agent import AffineMap
 from misalign.config import AttackConfig
 from misalign.experiment import Game
 from misalign.play import Trajectory
@@ -103,7 +104,7 @@ def report(
         if probes is not None:
             out["attack"]["probe_turns"] = probes
     if fits is not None:
-        out["fit"] = fit_report(fits, prediction, trajectory, play)
+        out["fit"] = fit_report(fits, prediction, trajectory, play, game)
     if trajectory is None:
         return out
     if config.defence is not None:
@@ -174,20 +175,42 @@ def network_report(game: Game, prediction: Prediction, play: int = 0) -> dict[st
 
 
 def fit_report(
-    fits, prediction: Prediction, trajectory: Trajectory | None, play: int
+    fits, prediction: Prediction, trajectory: Trajectory | None, play: int, game: Game
 ) -> dict[str, Any]:
-    """Per language-model agent, its global and local fits (``misalign.llm.fit``): ``A``,
-    ``c``, ``r2``, ``rms``, ``probes``, and ``equilibrium`` (the agent's output at the
-    equilibrium those fits predict; ``null`` where they predict none); the local one also
-    ``iterations`` and ``confirmed``. After a play, ``observed`` (its final output) and each
-    fit's ``gap`` to it, ``|observed - equilibrium|``.
+    """Per language-model agent, its global and local fits (``misalign.llm.fit``) and the
+    check of the prediction that is reported.
+
+    Per fit: ``A``, ``c``, ``r2`` (in-sample), ``r2_loo`` (each probe held out), ``rms``,
+    ``probes``, ``equilibrium`` (the agent's output at the equilibrium those fits predict;
+    ``null`` where they predict none), after a play ``r2_play`` and ``rms_play`` (the fit
+    scored on the play's own inputs and answers: where the play went) and ``gap``,
+    ``|observed - equilibrium|``; the local one also ``iterations``. Per agent: ``observed``
+    (its final output, after a play), ``confirmed`` (the model's answer at the input the
+    reported prediction names is the output it names, within ``tolerance``; ``null`` when
+    the agent was not checked: ``refits = 0``), ``tolerance`` and ``noise_allowed``
+    (``false``: one sample at a temperature that is not 0, so the check did not allow for
+    the answers' noise).
     """
+    from misalign.experiment import language_models
+    from misalign.llm.fit import score
+
+    agents = language_models(game)
     out = {}
     for name, agent_fit in fits.agents.items():
         observed = None
         if trajectory is not None and trajectory.rounds:
             observed = trajectory.outputs(name)[-1, play]
-        row: dict[str, Any] = {"observed": None if observed is None else observed.tolist()}
+        pairs = None
+        if trajectory is not None and agents[name].history:
+            inputs, answers = (np.stack(x)[:, play : play + 1] for x in zip(*agents[name].history))
+            pairs = inputs, answers
+        checked = agents[name].config.refits > 0
+        row: dict[str, Any] = {
+            "observed": None if observed is None else observed.tolist(),
+            "confirmed": bool(agent_fit.confirmed[play]) if checked else None,
+            "tolerance": float(agent_fit.tolerance[play]) if checked else None,
+            "noise_allowed": agent_fit.noise_allowed,
+        }
         for key, fit, predicted in (
             ("global", agent_fit.global_, fits.global_prediction),
             ("local", agent_fit.local, prediction if agent_fit.local is not None else None),
@@ -198,11 +221,16 @@ def fit_report(
             equilibrium = predicted.fixed_point[name][play]
             if not predicted.converges[play]:
                 equilibrium = None
+            mine = AffineMap(fit.map.A[play : play + 1], fit.map.c[play : play + 1])
+            r2_play, rms_play, _ = (None, None, None) if pairs is None else score(mine, *pairs)
             row[key] = {
                 "A": fit.map.A[play].tolist(),
                 "c": fit.map.c[play].tolist(),
                 "r2": float(fit.r2[play]),
+                "r2_loo": float(fit.r2_loo[play]),
+                "r2_play": None if r2_play is None else float(r2_play[0]),
                 "rms": float(fit.rms[play]),
+                "rms_play": None if rms_play is None else float(rms_play[0]),
                 "probes": fit.probes,
                 "equilibrium": None if equilibrium is None else equilibrium.tolist(),
                 "gap": None
@@ -212,7 +240,6 @@ def fit_report(
         if row["local"] is not None:
             row["local"]["iterations"] = agent_fit.iterations
             row["local"]["probes"] = agent_fit.probes
-            row["local"]["confirmed"] = bool(agent_fit.confirmed[play])
         out[name] = row
     return out
 

@@ -153,6 +153,8 @@ class LLMAgent:
         self._semaphore: asyncio.Semaphore | None = None
         self.fitted: Fitted | None = None
         self.failed = np.zeros(len(prompts), dtype=bool)
+        self.history: list[tuple[np.ndarray, np.ndarray]] = []
+        """The play's turns since ``start``: (inputs read, answers), ``(B, d)`` each."""
 
     @property
     def gamma(self) -> None:
@@ -167,6 +169,7 @@ class LLMAgent:
         if batch != len(self.prompts):
             raise ValueError(f"agent {self.name} holds {len(self.prompts)} plays, not {batch}")
         self.failed[:] = False
+        self.history = []
 
     def respond(self, w: np.ndarray, turn: Turn) -> np.ndarray:
         """Every live play's answer to its incoming estimate; NaN for failed plays."""
@@ -180,6 +183,7 @@ class LLMAgent:
                 self.failed[b] = True
             else:
                 out[b] = answer
+        self.history.append((w.copy(), out.copy()))
         return out
 
     def ask(self, requests: Sequence[tuple[int, np.ndarray, Slot]]) -> list[np.ndarray | None]:

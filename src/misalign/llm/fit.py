@@ -3,11 +3,19 @@ where the play goes (docs/theory.md §7).
 
 A language model's map is affine only locally. So the fit is made twice: **globally**, from
 ``probes`` estimates spread over the play's scale (around the agents' targets and the start),
-and **locally**, from probes around the input the agent reads at the predicted equilibrium,
-refitted and re-predicted until the prediction is self-consistent: the model's answer at
-that input is the predicted equilibrium output (``confirmed``). With ``samples = k > 1``
-each probe is answered ``k`` times and the answers' covariance ``Q`` around the fitted map
-feeds the stationary spread of docs/theory.md §6.
+and **locally**, from probes around the input the agent reads at the predicted equilibrium
+(or, where the prediction has no equilibrium, around the inputs a short warm-up play visits),
+refitted and re-predicted until the prediction is self-consistent. The prediction that is
+reported is the one that was checked: the model's answer at the input it names for the
+agent is the output it names (``confirmed``), one more probe after the last refit. With
+``samples = k > 1`` each probe is answered ``k`` times and the answers' covariance ``Q``
+around the fitted map feeds the stationary spread of docs/theory.md §6 and the check's
+tolerance.
+
+How well a fit fits is said three ways: ``r2`` on the answers it was fitted to (in-sample:
+pure noise scores ``d / (m - 1)`` on average over ``m`` answers), ``r2_loo`` leaving each
+probe out in turn (held out, closed form through the hat matrix), and after a play
+``r2_play`` on the (input, answer) pairs of the play itself (``score``).
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from misalign.agent import AffineMap
 from misalign.experiment import language_models
 from misalign.llm.agent import Fitted, LLMAgent
 from misalign.llm.store import Slot
-from misalign.play import mixed
+from misalign.play import mixed, play
 from misalign.theory import Prediction
 
 LOCAL = 0.25
@@ -31,6 +39,13 @@ CONFIRM = 0.02
 within ``CONFIRM`` times the play's scale (the global probes' radius; or 1e-6 relative, if
 larger) of the output it predicts, plus three standard errors of the mean answer when the
 answers are sampled."""
+WARMUP = 5
+"""Rounds of the warm-up play whose inputs centre the local probes of a play whose
+prediction has no equilibrium (its answers are stored: a play from the same start reads them
+back)."""
+SINGULAR = 1e-9
+"""Leaving out a probe whose leverage leaves ``I - H`` with a singular value below this (the
+rest cannot determine the map: ``d + 1`` probes) gives no held-out score."""
 
 
 @dataclass(frozen=True)
@@ -39,7 +54,9 @@ class Fit:
 
     Attributes:
         map: the least-squares ``A w + c``, ``A`` of shape ``(B, d, d)``.
-        r2: the fraction of the answers' variance the map explains, ``(B,)``.
+        r2: the fraction of the answers' variance the map explains, in-sample, ``(B,)``.
+        r2_loo: the same, each probe's answers predicted by the fit to the other probes
+            (``1 - PRESS / total``; NaN where a probe cannot be left out), ``(B,)``.
         rms: the residuals' root mean square per coordinate, ``(B,)``.
         probes: answers used (probes times samples).
         noise: the answers' covariance around the map, ``(B, d, d)`` (``samples > 1``).
@@ -47,6 +64,7 @@ class Fit:
 
     map: AffineMap
     r2: np.ndarray
+    r2_loo: np.ndarray
     rms: np.ndarray
     probes: int
     noise: np.ndarray | None
@@ -58,14 +76,17 @@ class AgentFit:
 
     Attributes:
         global_: the fit over the play's scale.
-        local: the last fit around the predicted equilibrium (``None`` when the global
-            prediction does not converge or ``refits`` is 0).
+        local: the last fit around the predicted equilibrium, or around where the play goes
+            (``None`` when ``refits`` is 0).
         iterations: local refits made (at most the agent's ``refits``).
-        probes: answers used by every local refit together.
-        confirmed: per play, whether the model's answer at the input a prediction names for
-            the agent was the output that prediction names (within ``CONFIRM``), for every
-            language-model agent of the play: the last refit probed an equilibrium that
-            holds, ``(B,)``.
+        probes: answers used by every local refit and check together.
+        confirmed: per play, whether the model's answer at the input the reported
+            prediction names for the agent was the output it names (within ``tolerance``),
+            for every refitted language-model agent of the play, ``(B,)``.
+        tolerance: per play, the distance the check allowed (NaN where none was made).
+        noise_allowed: whether the check allowed for the answers' noise: ``True`` with
+            ``samples > 1``, ``False`` with one sample at a temperature that is not 0 (or
+            not set), ``None`` at temperature 0 (answers are not sampled).
     """
 
     global_: Fit
@@ -73,6 +94,8 @@ class AgentFit:
     iterations: int
     probes: int
     confirmed: np.ndarray
+    tolerance: np.ndarray
+    noise_allowed: bool | None
 
 
 @dataclass(frozen=True)
@@ -84,12 +107,19 @@ class Fits:
 
 
 def fit_answers(inputs: np.ndarray, answers: np.ndarray) -> Fit:
-    """Least squares ``answers ~ A inputs + c`` per play, with its ``r2``, residual RMS and,
-    with several samples per input, the answers' covariance around the map.
+    """Least squares ``answers ~ A inputs + c`` per play, with its in-sample and
+    leave-one-probe-out ``r2``, residual RMS and, with several samples per input, the
+    answers' covariance around the map.
 
     Answers that are missing (NaN: a request that failed) are left out of their play's fit;
     a play left without ``d + 1`` affinely independent probes answered has no fit (NaN map,
     ``r2`` and RMS).
+
+    Leave-one-out in closed form: with the design ``X`` (rows ``[w, 1]``) and the hat matrix
+    ``H = X X^+``, the residuals of probe ``p``'s answers under the fit to the others are
+    ``(I - H_pp)^{-1} e_p`` (``H_pp`` the block of its samples, ``e_p`` their in-sample
+    residuals); ``r2_loo = 1 - sum |e_loo|^2 / sum |y - mean y|^2`` (the predicted residual
+    sum of squares, PRESS; Allen 1974).
 
     Args:
         inputs: probe estimates, ``(P, B, d)``.
@@ -102,10 +132,10 @@ def fit_answers(inputs: np.ndarray, answers: np.ndarray) -> Fit:
     X = np.broadcast_to(inputs, answers.shape).reshape(samples * probes, batch, d)
     Y = answers.reshape(samples * probes, batch, d)
     kept = np.isfinite(X).all(axis=-1) & np.isfinite(Y).all(axis=-1)  # (m, B)
-    count = kept.sum(axis=0)
     X, Y = np.where(kept[..., None], X, 0.0), np.where(kept[..., None], Y, 0.0)
     design = np.concatenate([X, kept[..., None].astype(float)], axis=-1).transpose(1, 0, 2)
-    coef = np.linalg.pinv(design) @ Y.transpose(1, 0, 2)  # a zero row weighs nothing
+    inverse = np.linalg.pinv(design)  # a zero row weighs nothing
+    coef = inverse @ Y.transpose(1, 0, 2)
     known = np.linalg.matrix_rank(design) == d + 1  # d + 1 affinely independent answers
     coef[~known] = np.nan
     fitted = AffineMap(A=coef[:, :d, :].transpose(0, 2, 1), c=coef[:, d, :])
@@ -113,22 +143,96 @@ def fit_answers(inputs: np.ndarray, answers: np.ndarray) -> Fit:
         residual = np.where(
             kept[..., None], Y - np.einsum("bij,pbj->pbi", fitted.A, X) - fitted.c, 0.0
         )
+    r2, rms = _explained(residual, Y, kept)
+    r2_loo = _held_out(design @ inverse, residual, Y, kept, samples, probes)
+    r2[~known], rms[~known], r2_loo[~known] = np.nan, np.nan, np.nan
+    noise = None
+    if samples > 1:
+        dof = np.maximum(1, kept.sum(axis=0) - d - 1)[:, None, None]
+        noise = np.einsum("pbi,pbj->bij", residual, residual) / dof
+        noise[~known] = np.nan
+    return Fit(fitted, r2, r2_loo, rms, len(Y), noise)
+
+
+def score(fitted: AffineMap, inputs: np.ndarray, answers: np.ndarray) -> tuple[np.ndarray, ...]:
+    """How well a fitted map predicts answers it was not fitted to (the play's own pairs).
+
+    Args:
+        fitted: the map, ``A`` of shape ``(B, d, d)``.
+        inputs: the estimates the agent read, ``(m, B, d)``.
+        answers: its answers, ``(m, B, d)`` (pairs with a NaN are left out).
+
+    Returns:
+        ``(r2, rms, count)`` per play: ``1 - sum |f - A w - c|^2 / sum |f - mean f|^2``,
+        the residuals' RMS per coordinate, and the pairs scored (NaN scores without one).
+    """
+    kept = np.isfinite(inputs).all(axis=-1) & np.isfinite(answers).all(axis=-1)
+    X, Y = np.where(kept[..., None], inputs, 0.0), np.where(kept[..., None], answers, 0.0)
+    with np.errstate(invalid="ignore", over="ignore"):
+        residual = np.where(
+            kept[..., None], Y - np.einsum("bij,pbj->pbi", fitted.A, X) - fitted.c, 0.0
+        )
+    r2, rms = _explained(residual, Y, kept)
+    return r2, rms, kept.sum(axis=0)
+
+
+def _explained(residual: np.ndarray, Y: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``r2`` (1 where the answers do not vary and are fitted exactly, 0 where they do not
+    vary and are not) and the residuals' RMS per coordinate, per play."""
+    count = kept.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         mean = Y.sum(axis=0) / count[:, None]
         total = (np.where(kept[..., None], Y - mean, 0.0) ** 2).sum(axis=(0, 2))
         squared = (residual**2).sum(axis=(0, 2))
         r2 = np.where(total > 0, 1 - squared / total, np.where(squared > 0, 0.0, 1.0))
-        rms = np.sqrt(squared / (count * d))
-    r2[~known], rms[~known] = np.nan, np.nan
-    noise = None
-    if samples > 1:
-        dof = np.maximum(1, count - d - 1)[:, None, None]
-        noise = np.einsum("pbi,pbj->bij", residual, residual) / dof
-        noise[~known] = np.nan
-    return Fit(fitted, r2, rms, len(Y), noise)
+        rms = np.sqrt(squared / (count * Y.shape[-1]))
+    r2[count == 0], rms[count == 0] = np.nan, np.nan
+    return r2, rms
+
+
+def _held_out(
+    hat: np.ndarray,
+    residual: np.ndarray,
+    Y: np.ndarray,
+    kept: np.ndarray,
+    samples: int,
+    probes: int,
+) -> np.ndarray:
+    """``r2_loo`` per play: each probe's answers (all its samples) left out in turn.
+
+    Args:
+        hat: ``H = X X^+`` per play, ``(B, m, m)``, rows ordered sample-major.
+        residual: in-sample residuals, ``(m, B, d)`` (0 where an answer is missing).
+        Y: answers, ``(m, B, d)`` (0 where missing); kept: ``(m, B)``.
+        samples, probes: ``m = samples x probes``.
+    """
+    rows = np.arange(samples)[None, :] * probes + np.arange(probes)[:, None]  # (P, S)
+    block = hat[:, rows[:, :, None], rows[:, None, :]]  # (B, P, S, S)
+    eye = np.eye(samples) - block
+    singular = np.linalg.svd(eye, compute_uv=False).min(axis=-1) < SINGULAR  # (B, P)
+    eye[singular] = np.eye(samples)
+    e = residual.transpose(1, 0, 2)[:, rows]  # (B, P, S, d)
+    loo = np.linalg.solve(eye, e)
+    press = (loo**2).sum(axis=(1, 2, 3))
+    count = kept.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        mean = Y.sum(axis=0) / count[:, None]
+        total = (np.where(kept[..., None], Y - mean, 0.0) ** 2).sum(axis=(0, 2))
+        r2 = np.where(total > 0, 1 - press / total, np.where(press > 0, 0.0, 1.0))
+    r2[singular.any(axis=1) | (count == 0)] = np.nan
+    return r2
 
 
 def fit_game(game, predict) -> Fits:
-    """Fit every language-model agent of a game, globally then locally.
+    """Fit every language-model agent of a game, globally then locally, and check the
+    prediction that is reported.
+
+    The loop, per play: (1) check the current prediction: ask every refitted agent at the
+    input the prediction names for it (the first probe of the next refit); a play whose
+    agents all answer the outputs it names is done, its prediction confirmed; (2) refit the
+    others around that input (or, without an equilibrium, around the mean input of a
+    ``WARMUP``-round warm-up play), re-predict, and go on; after the last refit one more
+    check of the last prediction.
 
     Args:
         game: the game (``misalign.experiment.Game``).
@@ -139,60 +243,141 @@ def fit_game(game, predict) -> Fits:
         fit could be made).
     """
     agents = language_models(game)
+    refitted = {name: a for name, a in agents.items() if a.config.refits > 0}
     reads = dict(game.schedule.turns)
     centre, radius = _scale(game)
     batch = game.start.shape[0]
-    every = np.ones(batch, bool)
     asked: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # per agent, the last probes and answers
     fits: dict[str, Fit] = {}
     for name, agent in agents.items():
         W = centre + radius[:, None] * _directions(game, name, 0, _count(agent, game))
-        asked[name] = W, _answers(agent, W, 0, every)
+        asked[name] = W, _answers(agent, W, 0, np.ones(batch, bool))
         fits[name] = _fit(agent, *asked[name])
-    global_prediction = predict(game)
+    global_prediction = prediction = predict(game)
     locals_: dict[str, Fit | None] = dict.fromkeys(agents)
     used = dict.fromkeys(agents, 0)
     done = dict.fromkeys(agents, 0)
     confirmed = {name: np.zeros(batch, bool) for name in agents}
-    prediction = global_prediction
-    for k in range(1, max((a.config.refits for a in agents.values()), default=0) + 1):
-        # the equilibrium the last prediction names: each agent's input and output there
+    tolerance = {name: np.full(batch, np.nan) for name in agents}
+    pending = np.ones(batch, bool)  # plays whose prediction is not yet confirmed
+    visited: dict[str, np.ndarray] | None = None  # the warm-up's mean and farthest inputs
+    warmed = np.zeros(batch, bool)
+    around = np.zeros(batch, bool)  # plays refitted around where their warm-up went
+    last = max((a.config.refits for a in refitted.values()), default=0)
+    for k in range(1, last + 2):
         at = {name: mixed(reads[name], prediction.fixed_point) for name in agents}
-        expected = {name: prediction.fixed_point[name] for name in agents}
-        known = np.logical_and.reduce([np.isfinite(x).all(axis=-1) for x in at.values()])
-        checked = [confirmed[n] for n, a in agents.items() if a.config.refits > 0]
-        known &= ~np.logical_and.reduce(checked)  # every refitted agent of a play agrees
-        refitted = False
-        for name, agent in agents.items():
-            live = known if k <= agent.config.refits else ~every
-            if not live.any():
-                continue
-            refitted, done[name] = True, k
-            W, F = (x.copy() for x in asked[name])
-            local = at[name] + LOCAL * radius[:, None] * _directions(game, name, k, len(W))
-            local[0] = at[name]  # the first probe is the predicted input itself
-            W[:, live] = local[:, live]
-            F[:, :, live] = _answers(agent, W, k, live)[:, :, live]
-            asked[name] = W, F
-            locals_[name] = fit = _fit(agent, W, F)
-            used[name] += int(live.sum()) * F.shape[0] * F.shape[1]
-            # confirmed: the model's answer at the predicted input is the predicted output
-            answer = F[:, 0].mean(axis=0)
-            spread = 0.0 if fit.noise is None else np.sqrt(np.trace(fit.noise, axis1=1, axis2=2))
-            tol = np.maximum(CONFIRM * radius, 1e-6 * (1 + np.linalg.norm(expected[name], axis=-1)))
-            tol = tol + 3 * spread / np.sqrt(F.shape[0])
-            near = np.linalg.norm(answer - expected[name], axis=-1) <= tol
-            confirmed[name] = np.where(live, near, confirmed[name])
-        if not refitted:
+        finite = np.logical_and.reduce([np.isfinite(x).all(axis=-1) for x in at.values()])
+        checking = pending & finite
+        first: dict[str, np.ndarray] = {}  # each agent's answers at the predicted input
+        for name, agent in refitted.items():
+            first[name] = _answers(agent, at[name][None], k, checking)
+            used[name] += int(checking.sum()) * agent.config.samples
+            near, tol = _check(agent, first[name][:, 0], prediction.fixed_point[name], radius)
+            confirmed[name] = np.where(checking, near, confirmed[name])
+            tolerance[name] = np.where(checking, tol, tolerance[name])
+        agree = np.logical_and.reduce([confirmed[n] for n in refitted]) if refitted else pending
+        pending &= ~(checking & agree) & ~(~finite & around)  # probed where it went: done
+        live = {n: pending if k <= a.config.refits else None for n, a in refitted.items()}
+        if k > last or not any(p is not None and p.any() for p in live.values()):
             break
+        need = pending & ~finite & ~warmed
+        if need.any():
+            fresh = _warm_up(game, need)
+            visited = (
+                fresh
+                if visited is None
+                else {n: np.where(need[:, None], fresh[n], visited[n]) for n in visited}
+            )
+            warmed |= need
+        for name, agent in refitted.items():
+            plays = live[name]
+            if plays is None or not plays.any():
+                continue
+            done[name] = k
+            W, F = (x.copy() for x in asked[name])
+            here, scale = at[name], LOCAL * radius
+            if visited is not None:  # without an equilibrium: where the warm-up went
+                spread = np.linalg.norm(visited[name][1] - visited[name][0], axis=-1)
+                here = np.where(finite[:, None], here, visited[name][0])
+                scale = np.where(finite, scale, np.maximum(scale, spread))
+            local = here + scale[:, None] * _directions(game, name, k, len(W))
+            local[0] = here  # the first probe is the predicted input itself
+            W[:, plays] = local[:, plays]
+            around |= plays & ~finite
+            new = _answers(agent, W[1:], k, plays, first=1)
+            F[:, 1:, plays] = new[:, :, plays]
+            F[:, 0, plays & finite] = first[name][:, 0, plays & finite]
+            unseen = plays & ~finite  # the warm-up centre has not been asked yet
+            if unseen.any():
+                F[:, 0, unseen] = _answers(agent, here[None], k, unseen)[:, 0, unseen]
+            asked[name] = W, F
+            used[name] += (int(plays.sum()) * (len(W) - 1) + int(unseen.sum())) * F.shape[0]
+            locals_[name] = _fit(agent, W, F)
         prediction = predict(game)
     return Fits(
         {
-            name: AgentFit(fits[name], locals_[name], done[name], used[name], confirmed[name])
-            for name in agents
+            name: AgentFit(
+                fits[name],
+                locals_[name],
+                done[name],
+                used[name],
+                confirmed[name],
+                tolerance[name],
+                _noise_allowed(agent),
+            )
+            for name, agent in agents.items()
         },
         global_prediction,
     )
+
+
+def _check(agent: LLMAgent, answers: np.ndarray, expected: np.ndarray, radius: np.ndarray):
+    """Whether the mean of an agent's answers at the predicted input is the predicted output,
+    per play: within ``CONFIRM`` of the play's scale (1e-6 relative at least), plus three
+    standard errors of the mean where the answers are sampled (their covariance ``Q`` as the
+    last fit estimated it).
+
+    Args:
+        answers: ``(S, B, d)``; expected: ``(B, d)``; radius: the play's scale, ``(B,)``.
+
+    Returns:
+        ``(near, tolerance)``, each ``(B,)``.
+    """
+    samples = answers.shape[0]
+    tol = np.maximum(CONFIRM * radius, 1e-6 * (1 + np.linalg.norm(expected, axis=-1)))
+    noise = agent.noise_covariance()
+    if samples > 1 and noise is not None:
+        tol = tol + 3 * np.sqrt(np.trace(noise, axis1=1, axis2=2)) / np.sqrt(samples)
+    with np.errstate(invalid="ignore"):
+        near = np.linalg.norm(answers.mean(axis=0) - expected, axis=-1) <= tol
+    return near, tol
+
+
+def _noise_allowed(agent: LLMAgent) -> bool | None:
+    """``True`` with several samples per probe; ``None`` at temperature 0; else ``False``."""
+    if agent.config.samples > 1:
+        return True
+    temperature = agent.config.request.get("temperature")
+    return None if temperature == 0 else False
+
+
+def _warm_up(game, plays: np.ndarray) -> dict[str, np.ndarray]:
+    """Play ``WARMUP`` rounds of the plays in the mask ``plays`` (the others start from NaN
+    and ask nothing) and return, per language-model agent, the mean input it read over them
+    and the input farthest from it: ``(2, B, d)`` each (NaN for the other plays)."""
+    start = np.where(plays[:, None], game.start, np.nan)
+    play(game.agents, game.schedule, WARMUP, start)
+    out = {}
+    for name, agent in language_models(game).items():
+        inputs = np.stack([w for w, _ in agent.history])  # (turns, B, d)
+        seen = np.isfinite(inputs).all(axis=-1, keepdims=True)
+        count = seen.sum(axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(seen, inputs, 0.0).sum(axis=0) / count
+        away = np.where(seen[..., 0], np.linalg.norm(np.where(seen, inputs - mean, 0), axis=-1), -1)
+        far = np.take_along_axis(inputs, away.argmax(axis=0)[None, :, None], axis=0)[0]
+        out[name] = np.stack([mean, np.where(count > 0, far, np.nan)])
+    return out
 
 
 def _scale(game) -> tuple[np.ndarray, np.ndarray]:
@@ -226,32 +411,47 @@ def _count(agent: LLMAgent, game) -> int:
 
 
 def most_answers(game) -> int:
-    """The most answers ``fit_game`` asks for: every agent's probes times samples, for every
-    play, in the global fit and each of its ``refits`` (fewer when plays confirm early)."""
+    """The most answers ``fit_game`` asks for (``answers_per_agent``, every agent)."""
     return sum(answers_per_agent(game).values())
 
 
 def answers_per_agent(game) -> dict[str, int]:
-    """The most answers ``fit_game`` asks each language-model agent for:
-    ``probes x samples x (1 + refits) x plays``."""
+    """The most answers ``fit_game`` asks each language-model agent for, over every play:
+    ``probes x samples`` for the global fit and for each of its ``refits``, ``samples`` for
+    each check that is not the first probe of a refit (``R + 1 - refits``, ``R`` the most
+    refits of any agent), and, when any agent refits, one per turn of a ``WARMUP``-round
+    warm-up (fewer when plays confirm early or have an equilibrium)."""
     plays = game.start.shape[0]
-    return {
-        name: _count(agent, game) * agent.config.samples * plays * (1 + agent.config.refits)
-        for name, agent in language_models(game).items()
-    }
+    agents = language_models(game)
+    last = max((a.config.refits for a in agents.values()), default=0)
+    per_round = {name: sum(taker == name for taker, _ in game.schedule.turns) for name in agents}
+    out = {}
+    for name, agent in agents.items():
+        samples, refits = agent.config.samples, agent.config.refits
+        fits = _count(agent, game) * samples * (1 + refits)
+        checks = samples * (last + 1 - refits) if refits else 0
+        warm_up = WARMUP * per_round[name] if last else 0
+        out[name] = (fits + checks + warm_up) * plays
+    return out
 
 
-def _answers(agent: LLMAgent, W: np.ndarray, fit: int, plays: np.ndarray) -> np.ndarray:
-    """The agent's answers to every probe of ``W`` (``(P, B, d)``), ``samples`` times, for the
-    plays in the mask ``plays`` (NaN elsewhere, and where a play failed): ``(S, P, B, d)``."""
+def _answers(
+    agent: LLMAgent, W: np.ndarray, fit: int, plays: np.ndarray, first: int = 0
+) -> np.ndarray:
+    """The agent's answers to every probe of ``W`` (``(P, B, d)``; probe ``p`` is the fit's
+    probe ``first + p``), ``samples`` times, for the plays in the mask ``plays`` (NaN
+    elsewhere, where a probe is not finite, and where a play failed): ``(S, P, B, d)``."""
     samples = agent.config.samples
     probes, batch, d = W.shape
     F = np.full((samples, probes, batch, d), np.nan)
-    index = [
-        (s, p, b) for s in range(samples) for p in range(probes) for b in np.flatnonzero(plays)
-    ]
+    finite = np.isfinite(W).all(axis=-1) & plays
+    index = [(s, p, b) for s in range(samples) for p in range(probes) for b in range(batch)]
+    index = [(s, p, b) for s, p, b in index if finite[p, b]]
     answers = agent.ask(
-        [(b, W[p, b], Slot(agent.name, agent.seeds[b], "probe", fit, p, s)) for s, p, b in index]
+        [
+            (b, W[p, b], Slot(agent.name, agent.seeds[b], "probe", fit, first + p, s))
+            for s, p, b in index
+        ]
     )
     for (s, p, b), answer in zip(index, answers, strict=True):
         if answer is not None:
