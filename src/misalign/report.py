@@ -11,6 +11,7 @@ import numpy as np
 from misalign.agent import AffineMap
 from misalign.config import AttackConfig
 from misalign.experiment import Game
+from misalign.observe import classify
 from misalign.play import Trajectory
 from misalign.theory import Prediction, exactness
 
@@ -44,6 +45,9 @@ def report(
     each predicts, against the observed play) and ``llm`` (``llm_report``: requests, retries,
     tokens, cost, failed plays); ``null`` otherwise. ``network`` (``network_report``): the
     agents that feed back, the pooled least-squares solution and each limit's distance to it.
+    ``observed`` (``misalign.observe.classify``): what the play did, judged from its outputs
+    alone (``class``, ``period``, ``tail``, per agent ``mean`` and ``spread`` over the tail);
+    ``null`` without a trajectory.
 
     A prediction made after the play (``run``) is of the regime each agent ended in (the
     decoy a gray-box attacker fitted, a predictive victim that stopped reading its
@@ -84,6 +88,7 @@ def report(
         "fit": None,
         "llm": llm_report(game),
         "network": network_report(game, prediction, play),
+        "observed": None,
     }
     for name, agent in game.agents.items():
         prompt = game.prompts[name][play] if name in game.prompts else None  # helpers have none
@@ -132,6 +137,7 @@ def report(
         "rounds_to_prediction": _play_value(rounds_to_prediction(fixed, mine), 0),
         "agreement": _agreement(game, prediction, trajectory, play),
         "batch": None,
+        "observed": classify(mine).as_json(0),
     }
     if out["agreement"]["holds"] is not True:  # never a verdict the simulation contradicts
         p = out["prediction"]
@@ -435,7 +441,9 @@ def batch(game: Game, prediction: Prediction, trajectory: Trajectory) -> dict[st
     ± std, with the largest gap between simulation and theory.
 
     A play counts as converging when the theory says so (``rho < 1``) and its outputs
-    stayed finite; every other play is listed in ``diverging_seeds``.
+    stayed finite; every other play is listed in ``diverging_seeds``. ``observed`` is what the
+    plays did, judged from their outputs alone (``misalign.observe``, the whole batch at once):
+    ``counts`` of plays per class and ``periods`` (cycles per period).
     """
     seeds = [c.seed for c in game.configs]
     ok = converging(prediction, trajectory)
@@ -467,6 +475,7 @@ def batch(game: Game, prediction: Prediction, trajectory: Trajectory) -> dict[st
             "never": int(len(measured) - len(reached)),
         },
         "spread": _spread(game, prediction, trajectory, ok),
+        "observed": classify(trajectory).counts(),
     }
 
 

@@ -12,7 +12,8 @@ import pytest
 from misalign.config import load_config, parse_config
 from misalign.experiment import predict, setup, simulate
 from misalign.experiment_test import CONFIG
-from misalign.report import batch, report
+from misalign.observe import CLASSES, classify
+from misalign.report import batch, report, to_json
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -234,3 +235,23 @@ def test_batch_spread_is_the_observed_and_the_predicted_stationary_spread():
         assert abs(spread[name]["observed"] / spread[name]["predicted"] - 1) < 0.1
     quiet = setup(load_config(EXAMPLES / "two_agents.toml"), seeds=range(3))
     assert batch(quiet, predict(quiet), simulate(quiet))["spread"] is None
+
+
+def test_observed_is_the_play_classified_alone_and_the_batch_counts():
+    """``observed`` is ``null`` before the play and, after it, the play's classification
+    (``misalign.observe``) through strict JSON; ``batch.observed`` counts the classes over the
+    batch and the periods of its cycles."""
+    config = load_config(EXAMPLES / "two_agents.toml", ["rounds=60"])
+    game = setup(config, seeds=range(3))
+    prediction, trajectory = predict(game), simulate(game)
+    assert report(game, prediction)["observed"] is None
+    whole = classify(trajectory)
+    for play in range(3):
+        data = json.loads(to_json(report(game, prediction, trajectory, play)))["observed"]
+        assert data["class"] == CLASSES[whole.code[play]] == "fixed point"
+        assert data["tail"] == [int(whole.first[play]), 59] and data["period"] == 1
+        for name in ("A", "B"):
+            fixed = prediction.fixed_point[name][play]
+            assert np.allclose(data["agents"][name]["mean"], fixed, rtol=0, atol=1e-6)
+    counts = batch(game, prediction, trajectory)["observed"]
+    assert counts == {"counts": dict.fromkeys(CLASSES, 0) | {"fixed point": 3}, "periods": {}}
