@@ -863,10 +863,17 @@ def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> No
 
     console = _console()
     p = result["prediction"]
+    observed = result.get("observed")
+    if observed is not None:
+        console.print(_observed_line(result))
+    black_box = bool(result["fit"])
+    said = "predicted: " if observed is not None or black_box else ""
+    if black_box:
+        said = f"predicted from the {_which_fit(result)} fitted maps ({_confidence(result)}): "
     if p["converges"]:
         rounds = p["rounds_to_tol"]
         console.print(
-            f"converges (rho = {_num(p['rho'])} per round; about {rounds} "
+            f"{said}converges (rho = {_num(p['rho'])} per round; about {rounds} "
             f"round{'s' if rounds != 1 else ''} to shrink the error by 1e-8)"
         )
     elif _unfitted(result):
@@ -877,8 +884,11 @@ def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> No
                 "(too few of its probes were answered)",
             )
         )
+    elif black_box or (observed is not None and observed["class"] != "growing"):
+        # a fitted map's rho, or a play that did not grow: the outputs are the verdict
+        console.print(f"{said}no equilibrium it converges to (rho = {_num(p['rho'])} >= 1)")
     else:
-        console.print(_alert("diverges", f" (rho = {_num(p['rho'])})"))
+        console.print(_alert(f"{said}diverges", f" (rho = {_num(p['rho'])})"))
     if p["depends_on_start"]:
         console.print(
             "the limit depends on start: some directions no prompt sees keep their start value"
@@ -908,15 +918,6 @@ def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> No
             for name, sigma in p["covariance"].items()
         )
         console.print(f"sampled agents: stationary RMS spread of each output around it: {spread}")
-    if result.get("diverged_at") is not None:
-        seed = result["config"]["seed"]
-        failed = [
-            f["agent"]
-            for f in (result["llm"] or {}).get("failed", [])
-            if f["seed"] == seed and f["kind"] == "play"
-        ]
-        why = f"{failed[0]} failed" if failed else "outputs overflowed"
-        console.print(f"stopped at round {result['diverged_at']}: {why}")
     names = list(result["agents"])
     network = result["network"] if _is_network(result) else None
     pooled = network["distance"] if network and network["distance"] else None
@@ -975,6 +976,57 @@ def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> No
     console.print(f"artifacts: {directory}" + (f" (figure {figure.name})" if figure else ""))
 
 
+def _observed_line(result: dict[str, Any]):
+    """The headline of a play: what its outputs did (``observed``, ``misalign.observe``),
+    rounds counted from 0 as in the JSON."""
+    observed = result["observed"]
+    kind, tail = observed["class"], observed["tail"]
+    span = "" if tail is None else f"rounds {tail[0]}..{tail[1]}"
+    spread = ", ".join(
+        f"{name} {_num(row['spread'], '.3g')}"
+        for name, row in observed["agents"].items()
+        if row["spread"] is not None
+    )
+    if kind == "fixed point":
+        return f"observed: a fixed point (every output unchanged to 1e-6 over {span})"
+    if kind == "cycle":
+        return (
+            f"observed: a cycle of period {observed['period']} ({span}; RMS spread of each "
+            f"output around its mean: {spread})"
+        )
+    if kind == "bounded":
+        return f"observed: bounded, not settled ({span}; RMS spread around the mean: {spread})"
+    stop = result.get("diverged_at")
+    if kind == "failed":
+        seed = result["config"]["seed"]
+        failed = [
+            f["agent"]
+            for f in (result["llm"] or {}).get("failed", [])
+            if f["seed"] == seed and f["kind"] == "play"
+        ]
+        who = f": {failed[0]} gave no answer" if failed else ""
+        return _alert("observed: failed", f" at round {stop}{who}")
+    where = f" (outputs overflowed at round {stop})" if stop is not None else ""
+    return _alert("observed: growing", where or " (|outputs| grew more than tenfold)")
+
+
+def _which_fit(result: dict[str, Any]) -> str:
+    """``local`` when some agent's prediction comes from its local fit, else ``global``."""
+    return "local" if any(row["local"] for row in result["fit"].values()) else "global"
+
+
+def _confidence(result: dict[str, Any]) -> str:
+    """How far the fitted prediction can be trusted, per agent: was the model's answer at
+    the predicted equilibrium checked, and the fit's held-out ``r2``."""
+    parts = []
+    for name, row in result["fit"].items():
+        fit = row["local"] or row["global"]
+        checked = {None: "not checked", True: "confirmed", False: "not confirmed"}
+        held = "-" if not _finite(fit["r2_loo"]) else _num(fit["r2_loo"], ".2f")
+        parts.append(f"{name} {checked[row['confirmed']]}, held-out r2 {held}")
+    return "; ".join(parts)
+
+
 def _is_network(result: dict[str, Any]) -> bool:
     """Three or more agents, simultaneous rounds or a weighted read: the summary then says
     who feeds back and how far each limit is from the pooled least-squares solution."""
@@ -1002,7 +1054,17 @@ def _llm_summary(console, result: dict[str, Any]) -> None:
     from rich.table import Table
 
     if result["fit"]:
-        table = Table("agent", "fit", "r2", "residual rms", "answers", "|equilibrium|", "gap")
+        table = Table(
+            "agent",
+            "fit",
+            "r2 in-sample",
+            "r2 held out",
+            "r2 on the play",
+            "residual rms",
+            "answers",
+            "|equilibrium|",
+            "gap",
+        )
         for name, row in result["fit"].items():
             for key in ("global", "local"):
                 fit = row[key]
@@ -1010,20 +1072,45 @@ def _llm_summary(console, result: dict[str, Any]) -> None:
                     continue
                 label = key
                 if key == "local":
-                    verdict = "confirmed" if fit["confirmed"] else "not confirmed"
-                    label += f" ({fit['iterations']} refits, {verdict})"
+                    label += f" ({_plural(fit['iterations'], 'refit')})"
                 table.add_row(
                     name,
                     label,
-                    "-" if not _finite(fit["r2"]) else _num(fit["r2"], ".3f"),
+                    *(_num(fit[k], ".3f") if _finite(fit[k]) else "-" for k in R2),
                     "-" if not _finite(fit["rms"]) else _num(fit["rms"], ".3g"),
                     str(fit["probes"]),
                     _norm(fit["equilibrium"]),
                     "-" if fit["gap"] is None else _num(fit["gap"], ".3g"),
                 )
         console.print(table)
-        console.print("gap: |observed final output - the equilibrium that fit predicts|")
+        console.print(
+            "r2 held out: each probe predicted by the fit to the others; on the play: the "
+            "fit scored on the play's own inputs and answers; gap: |the play's mean output "
+            "over its judged tail - the equilibrium that fit predicts|"
+        )
+        for name, row in result["fit"].items():
+            if row["confirmed"] is None:
+                continue
+            verdict = "confirmed" if row["confirmed"] else "not confirmed"
+            line = (
+                f"{name}: the reported prediction is {verdict} (the model's answer at the input "
+                f"it names, within {_num(row['tolerance'], '.3g')} of the output it names)"
+            )
+            if row["noise_allowed"] is False:
+                line += (
+                    "; one sample per probe at a temperature that is not 0: noise not allowed for"
+                )
+            console.print(line)
     _llm_usage(console, result["llm"])
+
+
+R2 = ("r2", "r2_loo", "r2_play")
+"""A fit's scores in the summary's table: in-sample, held out, on the play."""
+
+
+def _plural(count: int, noun: str) -> str:
+    """``1 refit``, ``2 refits``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _llm_usage(console, llm: dict[str, Any] | None) -> None:
@@ -1054,15 +1141,24 @@ def _batch_summary(batch: dict[str, Any], directory: Path, figure: Path) -> None
     plays, good, seeds = batch["plays"], batch["converging"], batch["seeds"]
     rho = batch["rho"]
     console.print(
-        f"{plays} plays (seeds {seeds[0]}..{seeds[-1]}): {good} converge; rho over the plays: "
+        f"{plays} plays (seeds {seeds[0]}..{seeds[-1]}): {good} predicted to converge; rho: "
         f"median {_num(rho['median'])}, range {_num(rho['min'])} .. {_num(rho['max'])}"
     )
+    counts, periods = batch["observed"]["counts"], batch["observed"]["periods"]
+    seen = [f"{n} {BATCH_CLASSES[kind]}" for kind, n in counts.items() if n]
+    if periods:
+        each = ", ".join(f"period {p}: {n}" for p, n in periods.items())
+        seen = [f"{x} ({each})" if x.endswith(" cycling") else x for x in seen]
+    console.print(f"observed: {', '.join(seen)} (each play judged from its outputs)")
     bad = batch["diverging_seeds"]
     if bad:
         shown = ", ".join(map(str, bad[:10])) + (
             f" and {len(bad) - 10} more" if len(bad) > 10 else ""
         )
-        console.print(f"{len(bad)} diverge (rho >= 1 or outputs overflowed): seeds {shown}")
+        console.print(
+            f"{len(bad)} without a predicted limit (rho >= 1, or outputs that overflowed): "
+            f"seeds {shown}"
+        )
     if good:
         table = Table(
             "agent",
@@ -1097,6 +1193,16 @@ def _batch_summary(batch: dict[str, Any], directory: Path, figure: Path) -> None
             "(stationary spread)"
         )
     console.print(f"artifacts: {directory} (figure {figure.name})")
+
+
+BATCH_CLASSES = {
+    "fixed point": "at a fixed point",
+    "cycle": "cycling",
+    "bounded": "bounded, not settled",
+    "growing": "growing",
+    "failed": "failed",
+}
+"""How the batch summary counts the plays of each observed class."""
 
 
 def _band(row: dict[str, Any], key: str) -> str:

@@ -69,8 +69,8 @@ class Observed:
     spread: dict[str, np.ndarray]
 
     def as_json(self, play: int) -> dict[str, Any]:
-        """The JSON of one play: ``class``, ``period`` (``null`` unless a fixed point, 1, or a
-        cycle), ``tail`` (``[first, last]``, or ``null``) and ``agents.<name>`` (``mean``,
+        """The JSON of one play: ``class``, ``period`` (a cycle's; ``null`` otherwise),
+        ``tail`` (``[first, last]``, or ``null``) and ``agents.<name>`` (``mean``,
         ``spread``; ``null`` without a tail).
 
         Args:
@@ -82,7 +82,7 @@ class Observed:
         tail = None if self.first[play] < 0 else [int(self.first[play]), int(self.last[play])]
         return {
             "class": CLASSES[self.code[play]],
-            "period": int(self.period[play]) if self.period[play] > 0 else None,
+            "period": int(self.period[play]) if self.code[play] == CYCLE else None,
             "tail": tail,
             "agents": {
                 name: {

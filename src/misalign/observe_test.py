@@ -211,7 +211,7 @@ def test_a_constant_play_is_a_fixed_point_covering_every_round():
     observed = classify(_hand(x))
     assert observed.as_json(1) == {
         "class": "fixed point",
-        "period": 1,
+        "period": None,
         "tail": [0, 11],
         "agents": {"A0": {"mean": [1e3, -2.0, 0.0], "spread": 0.0}},
     }
@@ -308,7 +308,7 @@ def _reference(outputs: list[np.ndarray], turns: np.ndarray, rounds: int):
     while settled < rounds and close(states[rounds - 1 - settled], states[-1]):
         settled += 1
     if settled >= SETTLED:
-        return _judged(outputs, "fixed point", 1, (rounds - settled, rounds - 1))
+        return _judged(outputs, "fixed point", None, (rounds - settled, rounds - 1))
     for p in range(2, min(PERIODS, rounds // 2) + 1):
         if all(close(states[t], states[t - p]) for t in range(rounds - p, rounds)):
             matched = 0

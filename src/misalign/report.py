@@ -108,8 +108,11 @@ def report(
         probes = getattr(game.agents[config.attack.agent], "probe_turns", None)
         if probes is not None:
             out["attack"]["probe_turns"] = probes
+    one = slice(play, play + 1)
+    mine = None if trajectory is None else trajectory.select(one)  # this play alone
+    observed = None if mine is None else classify(mine).as_json(0)
     if fits is not None:
-        out["fit"] = fit_report(fits, prediction, trajectory, play, game)
+        out["fit"] = fit_report(fits, prediction, observed, mine, game, play)
     if trajectory is None:
         return out
     if config.defence is not None:
@@ -118,8 +121,6 @@ def report(
             key: _play_value(getattr(guard, key, None), play)
             for key in ("flagged_at", "score", "refused_at")
         }
-    one = slice(play, play + 1)
-    mine = trajectory.select(one)  # this play alone: no work on the rest of the batch
     stop = mine.diverged_at[0]
     rounds = mine.rounds if stop < 0 else int(stop)  # keep only finite rounds
     targets = game.targets
@@ -137,7 +138,7 @@ def report(
         "rounds_to_prediction": _play_value(rounds_to_prediction(fixed, mine), 0),
         "agreement": _agreement(game, prediction, trajectory, play),
         "batch": None,
-        "observed": classify(mine).as_json(0),
+        "observed": observed,
     }
     if out["agreement"]["holds"] is not True:  # never a verdict the simulation contradicts
         p = out["prediction"]
@@ -181,7 +182,12 @@ def network_report(game: Game, prediction: Prediction, play: int = 0) -> dict[st
 
 
 def fit_report(
-    fits, prediction: Prediction, trajectory: Trajectory | None, play: int, game: Game
+    fits,
+    prediction: Prediction,
+    observed: dict[str, Any] | None,
+    trajectory: Trajectory | None,
+    game: Game,
+    play: int,
 ) -> dict[str, Any]:
     """Per language-model agent, its global and local fits (``misalign.llm.fit``) and the
     check of the prediction that is reported.
@@ -191,28 +197,39 @@ def fit_report(
     ``null`` where they predict none), after a play ``r2_play`` and ``rms_play`` (the fit
     scored on the play's own inputs and answers: where the play went) and ``gap``,
     ``|observed - equilibrium|``; the local one also ``iterations``. Per agent: ``observed``
-    (its final output, after a play), ``confirmed`` (the model's answer at the input the
-    reported prediction names is the output it names, within ``tolerance``; ``null`` when
-    the agent was not checked: ``refits = 0``), ``tolerance`` and ``noise_allowed``
-    (``false``: one sample at a temperature that is not 0, so the check did not allow for
-    the answers' noise).
+    (after a play that settled, cycled or stayed bounded: its mean output over the tail the
+    play was judged on, ``observed.agents.<name>.mean``; ``null`` for a play that grew or
+    failed), ``confirmed`` (the model's answer at the input the reported prediction names is
+    the output it names, within ``tolerance``; ``null`` when the agent was not checked:
+    ``refits = 0``), ``tolerance`` and ``noise_allowed`` (``false``: one sample at a
+    temperature that is not 0, so the check did not allow for the answers' noise).
+
+    Args:
+        fits: the ``misalign.llm.fit.Fits``.
+        prediction: the prediction reported (from the last fits).
+        observed: the play's ``observed`` JSON (``misalign.observe``), ``None`` before a play.
+        trajectory: this play alone (batch of one), ``None`` before a play.
+        game: the game (its agents hold the play's inputs and answers).
+        play: the play's index in the batch.
     """
     from misalign.experiment import language_models
     from misalign.llm.fit import score
 
     agents = language_models(game)
+    settled = observed is not None and observed["class"] not in ("growing", "failed")
     out = {}
     for name, agent_fit in fits.agents.items():
-        observed = None
-        if trajectory is not None and trajectory.rounds:
-            observed = trajectory.outputs(name)[-1, play]
+        tail = observed["agents"][name]["mean"] if settled else None
+        seen = None if tail is None else np.asarray(tail)
+        history = agents[name].history
         pairs = None
-        if trajectory is not None and agents[name].history:
-            inputs, answers = (np.stack(x)[:, play : play + 1] for x in zip(*agents[name].history))
-            pairs = inputs, answers
+        if trajectory is not None and history:
+            pairs = tuple(
+                np.stack([turn[i] for turn in history])[:, play : play + 1] for i in (0, 1)
+            )
         checked = agents[name].config.refits > 0
         row: dict[str, Any] = {
-            "observed": None if observed is None else observed.tolist(),
+            "observed": None if seen is None else seen.tolist(),
             "confirmed": bool(agent_fit.confirmed[play]) if checked else None,
             "tolerance": float(agent_fit.tolerance[play]) if checked else None,
             "noise_allowed": agent_fit.noise_allowed,
@@ -240,8 +257,8 @@ def fit_report(
                 "probes": fit.probes,
                 "equilibrium": None if equilibrium is None else equilibrium.tolist(),
                 "gap": None
-                if observed is None or equilibrium is None
-                else float(np.linalg.norm(observed - equilibrium)),
+                if seen is None or equilibrium is None
+                else float(np.linalg.norm(seen - equilibrium)),
             }
         if row["local"] is not None:
             row["local"]["iterations"] = agent_fit.iterations

@@ -249,7 +249,7 @@ def test_observed_is_the_play_classified_alone_and_the_batch_counts():
     for play in range(3):
         data = json.loads(to_json(report(game, prediction, trajectory, play)))["observed"]
         assert data["class"] == CLASSES[whole.code[play]] == "fixed point"
-        assert data["tail"] == [int(whole.first[play]), 59] and data["period"] == 1
+        assert data["tail"] == [int(whole.first[play]), 59] and data["period"] is None
         for name in ("A", "B"):
             fixed = prediction.fixed_point[name][play]
             assert np.allclose(data["agents"][name]["mean"], fixed, rtol=0, atol=1e-6)
