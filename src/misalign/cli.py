@@ -1093,8 +1093,9 @@ def _llm_summary(console, result: dict[str, Any]) -> None:
                 continue
             verdict = "confirmed" if row["confirmed"] else "not confirmed"
             line = (
-                f"{name}: the reported prediction is {verdict} (the model's answer at the input "
-                f"it names, within {_num(row['tolerance'], '.3g')} of the output it names)"
+                f"{name}: the reported prediction is {verdict}: the model's answer at the input "
+                f"it names is {_num(row['miss'], '.3g')} from the output it names "
+                f"(tolerance {_num(row['tolerance'], '.3g')})"
             )
             if row["noise_allowed"] is False:
                 line += (

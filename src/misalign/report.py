@@ -201,7 +201,8 @@ def fit_report(
     play was judged on, ``observed.agents.<name>.mean``; ``null`` for a play that grew or
     failed), ``confirmed`` (the model's answer at the input the reported prediction names is
     the output it names, within ``tolerance``; ``null`` when the agent was not checked:
-    ``refits = 0``), ``tolerance`` and ``noise_allowed`` (``false``: one sample at a
+    ``refits = 0``), ``miss`` (the distance of that answer from the output named: ``null``
+    unchecked, NaN when not answered), ``tolerance`` and ``noise_allowed`` (``false``: one sample at a
     temperature that is not 0, so the check did not allow for the answers' noise).
 
     Args:
@@ -232,6 +233,7 @@ def fit_report(
             "observed": None if seen is None else seen.tolist(),
             "confirmed": bool(agent_fit.confirmed[play]) if checked else None,
             "tolerance": float(agent_fit.tolerance[play]) if checked else None,
+            "miss": float(agent_fit.miss[play]) if checked else None,
             "noise_allowed": agent_fit.noise_allowed,
         }
         for key, fit, predicted in (

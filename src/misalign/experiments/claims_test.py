@@ -201,11 +201,19 @@ def test_llm_recorded_run_matches_the_readme_fit_table():
     measured = llm._recorded(llm.config(True, None))[2]["measured"]
     readme = {
         "global_r2": 0.70,
+        "global_r2_loo": -1.08,
+        "global_r2_play": -0.50,
         "global_rms": 0.39,
-        "global_gap": 0.53,
-        "global_gap_relative": 0.21,
+        "global_rms_play": 0.49,
+        "global_gap": 0.93,
+        "global_gap_relative": 0.34,
         "local_r2": 0.04,
-        "local_gap": 0.11,
+        "local_r2_loo": -4.95,
+        "local_r2_play": -3.27,
+        "local_gap": 0.45,
+        "local_gap_relative": 0.16,
         "confirmed": 0,
+        "miss": 0.86,
     }
+    assert measured["observed"] == "bounded"
     assert {k: measured[k] for k in readme} == pytest.approx(readme, abs=0.005)

@@ -43,6 +43,7 @@ from misalign.experiments import (
     errors_from_fixed_point,
     write_run,
 )
+from misalign.observe import classify
 from misalign.theory import round_map
 
 NAME = "llm"
@@ -136,30 +137,40 @@ def _recorded(cfg: dict[str, Any]):
         g, f, t, p, _ = run
         agent = f.agents["A"]
         parts = [t.outputs(n).ravel() for n in names]
-        parts += [agent.global_.map.A.ravel(), agent.global_.map.c.ravel()]
-        parts += [agent.local.map.A.ravel(), agent.local.map.c.ravel()]
+        for one in (agent.global_, agent.local or agent.global_):
+            parts += [one.map.A.ravel(), one.map.c.ravel(), one.r2_loo]
         parts += [p.fixed_point[n].ravel() for n in names]
         parts += [f.global_prediction.fixed_point[n].ravel() for n in names]
         return np.concatenate(parts)
 
     again = max(float(np.abs(everything(run) - everything(runs[0])).max()) for run in runs[1:])
+    from misalign.llm.fit import score
+
     agent = fits.agents["A"]
-    final = replayed[-1]
+    observed = classify(trajectory)
+    tail = observed.mean["A"][0]  # A's mean output over the rounds the play was judged on
     equilibrium = {
         "global": fits.global_prediction.fixed_point["A"][0],
         "local": prediction.fixed_point["A"][0],
     }
+    inputs, answers = (np.stack([turn[i] for turn in game.agents["A"].history]) for i in (0, 1))
     measured = {
-        "global_r2": float(agent.global_.r2[0]),
-        "global_rms": float(agent.global_.rms[0]),
-        "global_gap": float(np.linalg.norm(final - equilibrium["global"])),
-        "global_gap_relative": float(
-            np.linalg.norm(final - equilibrium["global"]) / np.linalg.norm(final)
-        ),
-        "local_r2": float(agent.local.r2[0]),
-        "local_gap": float(np.linalg.norm(final - equilibrium["local"])),
+        "observed": observed.as_json(0)["class"],
+        "confirmed": int(agent.confirmed[0]),
+        "miss": float(agent.miss[0]),
     }
-    held_out = _held_out(game, trajectory, agent.global_)
+    for key, one in (("global", agent.global_), ("local", agent.local)):
+        r2_play, rms_play, _ = score(one.map, inputs, answers)
+        gap = float(np.linalg.norm(tail - equilibrium[key]))
+        measured |= {
+            f"{key}_r2": float(one.r2[0]),
+            f"{key}_r2_loo": float(one.r2_loo[0]),
+            f"{key}_r2_play": float(r2_play[0]),
+            f"{key}_rms": float(one.rms[0]),
+            f"{key}_rms_play": float(rms_play[0]),
+            f"{key}_gap": gap,
+            f"{key}_gap_relative": gap / float(np.linalg.norm(tail)),
+        }
     stats = [run[4].stats for run in runs]
     failed = sum(len(run[4].failed) for run in runs)
     claims = [
@@ -186,7 +197,7 @@ def _recorded(cfg: dict[str, Any]):
             "recorded run: RMS of the global fit's prediction - the model's recorded answer over"
             " the 20 play rounds (inputs not used in the fit) / the fit's own residual RMS"
             f" ({measured['global_rms']:.2f})",
-            held_out / measured["global_rms"],
+            measured["global_rms_play"] / measured["global_rms"],
             part["held_out"],
         ),
     ]
@@ -207,18 +218,8 @@ def _recorded(cfg: dict[str, Any]):
                         fits.global_prediction.fixed_point[name][0, i],
                     )
                 )
-    measured["confirmed"] = int(agent.confirmed.sum())
     curves = {"outputs": replayed, "equilibrium": equilibrium, "measured": measured}
     return rows, claims, curves
-
-
-def _held_out(game, trajectory, fitted) -> float:
-    """The RMS per coordinate of ``fitted``'s prediction of ``A``'s answers in play 0 minus the
-    answers (``A``'s outputs), at the inputs ``A`` read in the play: not the fit's probes."""
-    reads = dict(game.schedule.turns)["A"]
-    inputs = np.concatenate([game.start[None, 0], trajectory.outputs(reads)[:-1, 0]])
-    predicted = inputs @ fitted.map.A[0].T + fitted.map.c[0]
-    return float(np.sqrt(((trajectory.outputs("A")[:, 0] - predicted) ** 2).mean()))
 
 
 def _row(part, play, round_, agent, coordinate, output, local, global_) -> dict[str, Any]:
@@ -249,7 +250,7 @@ def _fake(cfg: dict[str, Any]):
 
     part = cfg["fake"]
     rows, curves = [], {}
-    fit_error = equilibrium_error = 0.0
+    fit_error = equilibrium_error = held_out = 0.0
     unconfirmed = 0
     with tempfile.TemporaryDirectory(prefix="misalign-llm-") as tmp:
         for d in part["dims"]:
@@ -267,12 +268,13 @@ def _fake(cfg: dict[str, Any]):
                 finally:
                     session.close()
             agent = fits.agents["A"]
-            for one in (agent.global_, agent.local):
+            for one in (agent.global_, agent.local or agent.global_):
                 fit_error = max(
                     fit_error,
                     float(np.abs(one.map.A - A).max()),
                     float(np.abs(one.map.c - c).max()),
                 )
+                held_out = max(held_out, float(np.max(1 - one.r2_loo)))
             for name in game.schedule.agents:
                 final = trajectory.outputs(name)[-1]
                 gap = np.abs(final - prediction.fixed_point[name]).max()
@@ -314,7 +316,17 @@ def _fake(cfg: dict[str, Any]):
             equilibrium_error,
             1e-6,
         ),
-        Claim("fake server: plays whose local prediction is not confirmed", unconfirmed, 0),
+        Claim(
+            "fake server: max 1 - r2_loo (each probe predicted by the fit to the others)",
+            held_out,
+            1e-9,
+        ),
+        Claim(
+            "fake server: plays whose reported prediction is not confirmed (the model's answer"
+            " at the input it names is not the output it names)",
+            unconfirmed,
+            0,
+        ),
     ]
     return rows, claims, curves
 
@@ -351,8 +363,8 @@ def _figure(recorded, fake):
         xlabel="round",
         ylabel="language model's output (coordinate)",
         title=(
-            f"recorded SmolLM2 run, replayed: global r2 {measured['global_r2']:.2f},"
-            f" local r2 {measured['local_r2']:.2f}"
+            f"recorded SmolLM2 run, replayed ({measured['observed']}): held-out r2"
+            f" {measured['global_r2_loo']:.2f} global, {measured['local_r2_loo']:.2f} local"
         ),
     )
     for k, (d, (simulated, theory, rho)) in enumerate(fake.items()):
@@ -405,6 +417,7 @@ EXPERIMENT = Experiment(
         " answers, against the fit's own residual RMS",
         "fitted A and c vs the fake server's true map",
         "simulated final outputs vs the equilibrium predicted from the fits",
-        "the model's answer at the predicted input (local fit) vs the predicted output",
+        "each probe's answers vs the fit to the other probes (held-out r2)",
+        "the model's answer at the input the reported prediction names vs the output it names",
     ),
 )

@@ -84,6 +84,8 @@ class AgentFit:
             prediction names for the agent was the output it names (within ``tolerance``),
             for every refitted language-model agent of the play, ``(B,)``.
         tolerance: per play, the distance the check allowed (NaN where none was made).
+        miss: per play, the distance of the model's mean answer at the checked input from
+            the output the prediction names (NaN where no check was made).
         noise_allowed: whether the check allowed for the answers' noise: ``True`` with
             ``samples > 1``, ``False`` with one sample at a temperature that is not 0 (or
             not set), ``None`` at temperature 0 (answers are not sampled).
@@ -95,6 +97,7 @@ class AgentFit:
     probes: int
     confirmed: np.ndarray
     tolerance: np.ndarray
+    miss: np.ndarray
     noise_allowed: bool | None
 
 
@@ -259,6 +262,7 @@ def fit_game(game, predict) -> Fits:
     done = dict.fromkeys(agents, 0)
     confirmed = {name: np.zeros(batch, bool) for name in agents}
     tolerance = {name: np.full(batch, np.nan) for name in agents}
+    miss = {name: np.full(batch, np.nan) for name in agents}
     pending = np.ones(batch, bool)  # plays whose prediction is not yet confirmed
     visited: dict[str, np.ndarray] | None = None  # the warm-up's mean and farthest inputs
     warmed = np.zeros(batch, bool)
@@ -272,9 +276,10 @@ def fit_game(game, predict) -> Fits:
         for name, agent in refitted.items():
             first[name] = _answers(agent, at[name][None], k, checking)
             used[name] += int(checking.sum()) * agent.config.samples
-            near, tol = _check(agent, first[name][:, 0], prediction.fixed_point[name], radius)
-            confirmed[name] = np.where(checking, near, confirmed[name])
+            gap, tol = _check(agent, first[name][:, 0], prediction.fixed_point[name], radius)
+            confirmed[name] = np.where(checking, gap <= tol, confirmed[name])
             tolerance[name] = np.where(checking, tol, tolerance[name])
+            miss[name] = np.where(checking, gap, miss[name])
         agree = np.logical_and.reduce([confirmed[n] for n in refitted]) if refitted else pending
         pending &= ~(checking & agree) & ~(~finite & around)  # probed where it went: done
         live = {n: pending if k <= a.config.refits else None for n, a in refitted.items()}
@@ -323,6 +328,7 @@ def fit_game(game, predict) -> Fits:
                 used[name],
                 confirmed[name],
                 tolerance[name],
+                miss[name],
                 _noise_allowed(agent),
             )
             for name, agent in agents.items()
@@ -341,16 +347,15 @@ def _check(agent: LLMAgent, answers: np.ndarray, expected: np.ndarray, radius: n
         answers: ``(S, B, d)``; expected: ``(B, d)``; radius: the play's scale, ``(B,)``.
 
     Returns:
-        ``(near, tolerance)``, each ``(B,)``.
+        ``(miss, tolerance)``, each ``(B,)``: the distance of the mean answer from the
+        expected output (NaN where not answered), and the distance allowed.
     """
     samples = answers.shape[0]
     tol = np.maximum(CONFIRM * radius, 1e-6 * (1 + np.linalg.norm(expected, axis=-1)))
     noise = agent.noise_covariance()
     if samples > 1 and noise is not None:
         tol = tol + 3 * np.sqrt(np.trace(noise, axis1=1, axis2=2)) / np.sqrt(samples)
-    with np.errstate(invalid="ignore"):
-        near = np.linalg.norm(answers.mean(axis=0) - expected, axis=-1) <= tol
-    return near, tol
+    return np.linalg.norm(answers.mean(axis=0) - expected, axis=-1), tol
 
 
 def _noise_allowed(agent: LLMAgent) -> bool | None:
