@@ -202,8 +202,8 @@ def fit_report(
     failed), ``confirmed`` (the model's answer at the input the reported prediction names is
     the output it names, within ``tolerance``; ``null`` when the agent was not checked:
     ``refits = 0``), ``miss`` (the distance of that answer from the output named: ``null``
-    unchecked, NaN when not answered), ``tolerance`` and ``noise_allowed`` (``false``: one sample at a
-    temperature that is not 0, so the check did not allow for the answers' noise).
+    unchecked, NaN when not answered), ``tolerance`` and ``noise_allowed`` (``false``: one
+    sample at a temperature that is not 0, so the check did not allow for the answers' noise).
 
     Args:
         fits: the ``misalign.llm.fit.Fits``.
