@@ -360,8 +360,13 @@ def test_run_over_seeds_tells_one_story_in_text_json_and_figure(tmp_path):
     assert f"{good} of 20 plays converge" in title and f"{len(diverging)} diverge" in title
     assert "diverges (rho" not in title and "rho over 20 plays" in title
     text = _process("run", str(config), "--seeds", "20", "--out", str(out)).stdout
-    assert f"20 plays (seeds 0..19): {good} converge" in text
-    assert f"{len(diverging)} diverge" in text and ", ".join(map(str, diverging[:3])) in text
+    assert f"20 plays (seeds 0..19): {good} predicted to converge" in text
+    assert f"{len(diverging)} without a predicted limit" in text
+    assert ", ".join(map(str, diverging[:3])) in text
+    counts = batch["observed"]["counts"]
+    assert (
+        sum(counts.values()) == 20 and f"observed: {counts['fixed point']} at a fixed point" in text
+    )
     assert "converges (rho" not in text  # no single-seed headline in a batch's story
 
 
@@ -574,7 +579,7 @@ def test_a_model_that_never_answers_with_numbers_is_reported_not_crashed(tmp_pat
         as_json = _invoke(tmp_path, "run", str(config), *args, *store, "--json")
     assert text.exit_code == 0, text.stderr
     assert "no prediction: the fit of A failed" in text.stdout
-    assert "stopped at round 0: A failed" in text.stdout
+    assert "observed: failed at round 0: A gave no answer" in text.stdout
     assert "diverges" not in text.stdout and "overflowed" not in text.stdout
     data = json.loads(as_json.stdout, parse_constant=lambda c: pytest.fail(c))
     assert data["prediction"]["rho"] is None and data["fit"]["A"]["global"]["A"][0] == [None] * 2

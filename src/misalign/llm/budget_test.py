@@ -19,6 +19,7 @@ import tomli_w
 from misalign.config import load_config, parse_config
 from misalign.experiment import fit, setup, simulate
 from misalign.llm import budget
+from misalign.llm.fit import WARMUP
 from misalign.llm.agent import Session
 from misalign.llm.fake_server import FakeServer, Reply, affine
 
@@ -105,8 +106,9 @@ def one_line(done) -> str:
     return lines[0]
 
 
-FITS = 2 * 2 * (1 + 4)
-"""Agent A's requests per play in the fits: 2 d probes x 1 sample x (1 + 4 refits)."""
+FITS = 2 * 2 * (1 + 4) + 1 + WARMUP
+"""Agent A's most requests per play in the fits: 2 d probes x 1 sample x (1 + 4 refits), the
+check after the last refit, and a warm-up of WARMUP rounds (one turn each)."""
 
 
 @pytest.mark.parametrize(
@@ -115,9 +117,13 @@ FITS = 2 * 2 * (1 + 4)
         (
             {"probes": 3000, "concurrency": 4096},
             (),
-            f"--max-requests 1000: the run plans {3000 * 5 + 20:,}",
+            f"--max-requests 1000: the run plans {3000 * 5 + 1 + WARMUP + 20:,}",
         ),
-        ({"samples": 200}, (), f"--max-requests 1000: the run plans {4 * 200 * 5 + 20:,} "),
+        (
+            {"samples": 200},
+            (),
+            f"--max-requests 1000: the run plans {4 * 200 * 5 + 200 + WARMUP + 20:,} ",
+        ),
         ({}, ("--max-requests", "10"), f"--max-requests 10: the run plans {FITS + 20} "),
         ({}, ("--seeds", "40"), f"--max-requests 1000: the run plans {40 * (FITS + 20):,} "),
         ({}, ("--max-requests", "0"), "--max-requests 0: the run plans"),
@@ -142,7 +148,9 @@ def test_a_run_over_its_limits_is_refused_before_any_request(
 
 def test_a_run_within_its_limits_runs(tmp_path, server):
     priced = {"price_out": 2.0, "request": {"max_completion_tokens": 100}}
-    done = run(tmp_path, play_config(server.base_url, 20, **priced), "--max-requests", "40")
+    done = run(
+        tmp_path, play_config(server.base_url, 20, **priced), "--max-requests", str(FITS + 20)
+    )
     assert done.returncode == 0, done.stderr
     done = run(tmp_path, play_config(server.base_url, 20, **priced), "--max-cost", "1")
     assert done.returncode == 0, done.stderr
@@ -153,11 +161,14 @@ def test_corrections_stop_at_the_limit(tmp_path):
     sending at --max-requests exactly, one line, and what was answered stays in the store."""
     with FakeServer(lambda body, index: Reply(content="no numbers here")) as server:
         config = play_config(server.base_url, 20, max_retries=50, concurrency=4)
-        line = one_line(run(tmp_path, config, "--max-requests", "40"))
-        assert len(server.requests) == 40
-    assert line.startswith("misalign: error: --max-requests 40: reached (40 requests sent")
+        limit = FITS + 20  # the plan, exactly
+        line = one_line(run(tmp_path, config, "--max-requests", str(limit)))
+        assert len(server.requests) == limit
+    assert line.startswith(
+        f"misalign: error: --max-requests {limit}: reached ({limit} requests sent"
+    )
     with contextlib.closing(sqlite3.connect(tmp_path / "s.sqlite")) as db:
-        assert db.execute("SELECT count(*) FROM answers").fetchone()[0] == 40
+        assert db.execute("SELECT count(*) FROM answers").fetchone()[0] == limit
 
 
 @pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.toml")))
@@ -174,7 +185,7 @@ def test_the_shipped_examples_fit_under_the_default_limit(tmp_path, monkeypatch,
     assert 0 < plan.total <= 1000
     budget.check(plan, 1000, None)
     if example == "gpt5-mini.toml":  # as its comment says
-        assert plan.total == 66 and plan.total_cost is not None
+        assert plan.total == 78 and plan.total_cost is not None
 
 
 def test_describe_names_each_agent_and_the_bound():

@@ -230,7 +230,7 @@ def fit_game(game, predict) -> Fits:
     """Fit every language-model agent of a game, globally then locally, and check the
     prediction that is reported.
 
-    The loop, per play: (1) check the current prediction: ask every refitted agent at the
+    The loop, per play with a global map (too few answered probes: no more requests): (1) check the current prediction: ask every refitted agent at the
     input the prediction names for it (the first probe of the next refit); a play whose
     agents all answer the outputs it names is done, its prediction confirmed; (2) refit the
     others around that input (or, without an equilibrium, around the mean input of a
@@ -263,7 +263,9 @@ def fit_game(game, predict) -> Fits:
     confirmed = {name: np.zeros(batch, bool) for name in agents}
     tolerance = {name: np.full(batch, np.nan) for name in agents}
     miss = {name: np.full(batch, np.nan) for name in agents}
-    pending = np.ones(batch, bool)  # plays whose prediction is not yet confirmed
+    # plays whose prediction is not yet confirmed; a play without a global map (too few of its
+    # probes answered) is not asked again
+    pending = np.logical_and.reduce([np.isfinite(f.map.c).all(axis=-1) for f in fits.values()])
     visited: dict[str, np.ndarray] | None = None  # the warm-up's mean and farthest inputs
     warmed = np.zeros(batch, bool)
     around = np.zeros(batch, bool)  # plays refitted around where their warm-up went
