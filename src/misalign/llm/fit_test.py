@@ -333,3 +333,81 @@ def test_confirmed_means_the_reported_equilibrium_holds(tmp_path):
         miss = np.linalg.norm(model(at[b]) - prediction.fixed_point["A"][b])
         assert fitted.confirmed[b] == (miss <= fitted.tolerance[b]), (b, miss)
     assert fitted.confirmed.any()
+
+
+def _two_models(tmp_path, f_a, f_b, *extra: str, **top) -> tuple[dict, str]:
+    """``misalign run --json`` and the text summary of two language-model agents on loopback
+    servers answering ``f_a(w)`` and ``f_b(w)`` (d = 2), A reading B and B reading A."""
+    import subprocess
+    import sys
+
+    import tomli_w
+
+    def behaviour(f):
+        return lambda body, index: Reply(
+            content=json.dumps({"estimate": [float(x) for x in f(estimate_of(body, 2))]})
+        )
+
+    with FakeServer(behaviour(f_a)) as a, FakeServer(behaviour(f_b)) as b:
+        agent = {"kind": "llm", "model": "fake", "api_key_env": "", "n": 4, "probes": 6}
+        config = {
+            "seed": 0,
+            "d": 2,
+            "rounds": 40,
+            "start": [0.3, -0.2],
+            **top,
+            "agents": {
+                "A": agent | {"base_url": a.base_url},
+                "B": agent | {"base_url": b.base_url},
+            },
+        }
+        path = tmp_path / "c.toml"
+        path.write_text(tomli_w.dumps(config))
+        base = [sys.executable, "-m", "misalign.cli", "run", str(path)]
+        base += ["--store", str(tmp_path / "s.sqlite"), "--out", str(tmp_path / "out"), *extra]
+        as_json = subprocess.run([*base, "--json"], capture_output=True, text=True, timeout=120)
+        text = subprocess.run(base, capture_output=True, text=True, timeout=120)
+    assert as_json.returncode == 0 and text.returncode == 0, as_json.stderr + text.stderr
+    return json.loads(as_json.stdout), text.stdout
+
+
+def test_a_bounded_cycle_is_reported_as_a_cycle_not_a_divergence(tmp_path):
+    """A answers ``clip(-1.5 w + 0.1, -1, 1)``, B echoes its input: the play is a bounded
+    cycle of period 2 (outputs +-1), while the fitted maps have ``rho >= 1``. The headline is
+    the observed cycle, the fit's verdict is a prediction beside it, and "diverges" is printed
+    nowhere; the cycle's mean over its tail is what the fits are compared with."""
+    result, text = _two_models(tmp_path, lambda w: np.clip(-1.5 * w + 0.1, -1, 1), lambda w: w)
+    observed = result["observed"]
+    assert observed["class"] == "cycle" and observed["period"] == 2
+    first, last = observed["tail"]
+    outputs = np.array(result["outputs"]["A"])[first : last + 1]
+    assert np.abs(np.abs(outputs) - 1).max() == 0  # the play really sits on +-1
+    assert np.allclose(observed["agents"]["A"]["mean"], outputs.mean(axis=0))
+    assert result["fit"]["A"]["observed"] == observed["agents"]["A"]["mean"]
+    assert text.splitlines()[0].startswith("observed: a cycle of period 2")
+    assert "diverges" not in text
+    if not result["prediction"]["converges"]:
+        assert "no equilibrium it converges to (rho = " in text
+    for row in result["fit"].values():
+        for key in ("global", "local"):
+            if row[key] is not None:
+                assert {"r2", "r2_loo", "r2_play", "rms_play"} <= set(row[key])
+
+
+def test_heavy_tailed_answers_score_well_only_in_sample(tmp_path):
+    """A answers ``0.5 w + 1``, but now and then (where the sixth decimal of ``w_0`` is 0 or
+    1: one of the global fit's 6 probes here) 1e15 in its first coordinate: the in-sample
+    ``r2`` of that fit is high, the held-out ``r2_loo`` below 0, and the summary prints both."""
+    outliers = []
+
+    def heavy(w):
+        out = 0.5 * w + 1
+        if int(abs(w[0]) * 1e6) % 10 < 2:
+            out[0] = 1e15
+            outliers.append(w)
+        return out
+
+    result, text = _two_models(tmp_path, heavy, lambda w: 0.5 * w, "--set", "agents.A.refits=0")
+    fit_ = result["fit"]["A"]["global"]
+    assert outliers and fit_["r2"] > 0.3 and fit_["r2_loo"] < 0, (fit_, outliers)
+    assert "r2 held out" in text and f"{fit_['r2_loo']:.3f}" in text
