@@ -19,9 +19,9 @@ import tomli_w
 from misalign.config import load_config, parse_config
 from misalign.experiment import fit, setup, simulate
 from misalign.llm import budget
-from misalign.llm.fit import WARMUP
 from misalign.llm.agent import Session
 from misalign.llm.fake_server import FakeServer, Reply, affine
+from misalign.llm.fit import WARMUP
 
 EXAMPLES = Path(__file__).parents[3] / "examples"
 GOOD = affine(0.5 * np.eye(2), np.ones(2))

@@ -230,10 +230,11 @@ def fit_game(game, predict) -> Fits:
     """Fit every language-model agent of a game, globally then locally, and check the
     prediction that is reported.
 
-    The loop, per play with a global map (too few answered probes: no more requests): (1) check the current prediction: ask every refitted agent at the
-    input the prediction names for it (the first probe of the next refit); a play whose
-    agents all answer the outputs it names is done, its prediction confirmed; (2) refit the
-    others around that input (or, without an equilibrium, around the mean input of a
+    The loop, per play with a global map (a play with too few answered probes is not asked
+    again): (1) check the current prediction: ask every refitted agent at the input the
+    prediction names for it (the first probe of the next refit); a play whose agents all
+    answer the outputs it names is done, its prediction confirmed; (2) refit the others
+    around that input (or, without an equilibrium, around the mean input of a
     ``WARMUP``-round warm-up play), re-predict, and go on; after the last refit one more
     check of the last prediction.
 
