@@ -341,6 +341,12 @@ def run(
         _llm_usage(_console(), result["llm"])
     else:
         _summary(result, directory, figure)
+    if seeds > 1:
+        failed = result["batch"]["observed"]["counts"]["failed"]
+    else:
+        failed = int(result["observed"]["class"] == "failed")
+    if failed == seeds:  # a batch with some plays left is a result: its failures are listed
+        _nothing_succeeded(f"every play failed ({_plural(seeds, 'play')}; files in {directory})")
 
 
 def _solve(game, play=None):
@@ -402,6 +408,15 @@ def theory(
         print(to_json(result))
     else:
         _summary(result, directory, None)
+    if _unfitted(result):
+        _nothing_succeeded(f"no prediction: the fit of {', '.join(_unfitted(result))} failed")
+
+
+def _nothing_succeeded(why: str) -> None:
+    """Exit 1 with one line on stderr: the command ran, but nothing it was asked for succeeded
+    (the files it wrote stay)."""
+    print(f"misalign: {why}", file=sys.stderr)
+    raise typer.Exit(1)
 
 
 @app.command()

@@ -561,8 +561,8 @@ def test_attack_summary_names_probe_turns_only_for_the_gray_box(tmp_path):
 
 def test_a_model_that_never_answers_with_numbers_is_reported_not_crashed(tmp_path):
     """Every answer is prose: the fit fails, the play fails at round 0, and the run says so
-    (no prediction, which agent failed) with exit 0 and strict JSON, never 'diverges' or
-    'overflowed'."""
+    (no prediction, which agent failed) and strict JSON, never 'diverges' or 'overflowed';
+    nothing succeeded, so it exits 1 with one line saying so (its files are written)."""
     with FakeServer(constant("I cannot say.")) as server:
         config = tmp_path / "c.toml"
         config.write_text(
@@ -577,7 +577,10 @@ def test_a_model_that_never_answers_with_numbers_is_reported_not_crashed(tmp_pat
         store = ["--store", str(tmp_path / "s.sqlite")]
         text = _invoke(tmp_path, "run", str(config), *args, *store)
         as_json = _invoke(tmp_path, "run", str(config), *args, *store, "--json")
-    assert text.exit_code == 0, text.stderr
+    for done in (text, as_json):
+        assert done.exit_code == 1 and done.stderr.startswith("misalign: every play failed")
+        assert len(done.stderr.splitlines()) == 1 and "Traceback" not in done.stderr
+    assert (tmp_path / "out" / "run.json").exists()
     assert "no prediction: the fit of A failed" in text.stdout
     assert "observed: failed at round 0: A gave no answer" in text.stdout
     assert "diverges" not in text.stdout and "overflowed" not in text.stdout
@@ -599,7 +602,8 @@ def _markup_answers(body, index):
 def test_answers_and_paths_that_look_like_markup_print_literally_live_and_on_replay(tmp_path):
     """A model whose answers are Rich markup fails every probe and the play; the real command
     prints each answer in its failure lines as written (and the --out path holding tags too),
-    exits 0 as a model answering prose does, and so does --replay of the store it wrote."""
+    exits 1 as a model answering prose does (nothing succeeded), and so does --replay of the
+    store it wrote."""
     config, store = tmp_path / "c.toml", tmp_path / "s.sqlite"
     config.write_text(GOOD.replace("[agents.A]\n", "[agents.A]\nkind = 'llm'\nmodel = 'fake'\n"))
     out = tmp_path / "[bold red]out[on #000000]"
@@ -613,7 +617,7 @@ def test_answers_and_paths_that_look_like_markup_print_literally_live_and_on_rep
     replay = _process("run", *args, "--replay")
     assert asked == 6  # five probes and the play's first turn: each payload once
     for result in (live, replay):
-        assert result.returncode == 0, result.stderr
+        assert result.returncode == 1, result.stderr
         assert "Traceback" not in result.stderr
         text = " ".join(result.stdout.split())  # long failure lines wrap at 160 columns
         assert text.count("failed: agent A, seed 1,") == 6
@@ -727,3 +731,41 @@ def test_symlinks_above_the_run_directory_are_the_users_own(tmp_path, monkeypatc
     code, _, stderr = _main(["run", str(config), "--json", "--out", "runs/mine/play"])
     assert code == 0, stderr
     assert (elsewhere / "mine" / "play" / "trajectory.png").exists()
+
+
+def test_a_batch_exits_1_only_when_every_play_failed(tmp_path):
+    """A model that answers numbers for one seed's prompt and prose for the others: the batch
+    has a play left, so it exits 0 with the failures listed; with every play failing it exits
+    1 (one line); `theory` without any fitted map exits 1 too."""
+    answer = affine(0.5 * np.eye(2), np.ones(2))
+    config = tmp_path / "c.toml"
+    config.write_text(GOOD.replace("[agents.A]\n", "[agents.A]\nkind = 'llm'\nmodel = 'fake'\n"))
+    marker: list[str] = []
+
+    def one_seed(body, index):
+        if marker and marker[0] in str(body["messages"]):
+            return answer(body, index)
+        return Reply(content="I cannot say.")
+
+    with FakeServer(one_seed) as server:
+        args = ["--set", f"agents.A.base_url='{server.base_url}'"]
+        args += ["--set", "agents.A.api_key_env=''"]
+        args += ["--set", "agents.A.max_retries=0"]
+        fails = _invoke(tmp_path, "run", str(config), "--seeds", "3", *args, "--store", "a.sqlite")
+        theory = _invoke(tmp_path, "theory", str(config), *args, "--store", "b.sqlite")
+        from misalign.config import load_config
+        from misalign.experiment import setup
+        from misalign.llm.agent import Session
+
+        overrides = [a for a in args if a != "--set"]
+        probe = Session(str(tmp_path / "probe.sqlite"))
+        try:
+            game = setup(load_config(config, overrides), seeds=[2], session=probe)
+        finally:
+            probe.close()
+        marker.append(f"x = {game.prompts['A'][0].X[0].tolist()}")
+        some = _invoke(tmp_path, "run", str(config), "--seeds", "3", *args, "--store", "c.sqlite")
+    assert fails.exit_code == 1 and fails.stderr.startswith("misalign: every play failed (3 plays")
+    assert theory.exit_code == 1 and "no prediction: the fit of A failed" in theory.stderr
+    assert some.exit_code == 0, some.stderr
+    assert "observed: 1 at a fixed point, 2 failed" in some.stdout

@@ -280,7 +280,9 @@ def plot_batch(
     spread.set(
         xlabel="rho (per round)",
         ylabel="plays",
-        title=f"rho over {plays} plays (median {np.median(rho):.3g})",
+        title=f"rho over {plays} plays (median {np.median(rho):.3g})"
+        if rho.size
+        else f"rho over {plays} plays: none finite (no fitted map)",
     )
     return save_figure(fig, path)
 

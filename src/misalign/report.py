@@ -529,6 +529,7 @@ def _quantiles(values: np.ndarray, prefix: str) -> dict[str, float | None]:
     keys = [f"{prefix}_{k}" if prefix else k for k in stats]
     if not len(values):
         return dict.fromkeys(keys)
-    q10, median, q90 = np.quantile(values, [0.1, 0.5, 0.9])
-    numbers = (median, q10, q90, values.mean(), values.std(), values.min(), values.max())
+    with np.errstate(invalid="ignore"):  # plays without a map have rho = inf: inf - inf
+        q10, median, q90 = np.quantile(values, [0.1, 0.5, 0.9])
+        numbers = (median, q10, q90, values.mean(), values.std(), values.min(), values.max())
     return {key: float(x) for key, x in zip(keys, numbers, strict=True)}
