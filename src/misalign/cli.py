@@ -887,7 +887,7 @@ def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> No
         console.print(f"the prediction {p['scope']}")
     agreement = result.get("agreement") or {}
     if agreement.get("holds") is False:
-        worst = max(agreement["gap"], key=lambda n: agreement["gap"][n] or math.inf)
+        worst = _farthest(agreement["gap"])
         console.print(
             _alert(
                 "the play does not end at the prediction",
@@ -973,6 +973,18 @@ def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> No
             line += f"; stopped reading it at round {d['refused_at']}"
         console.print(line)
     console.print(f"artifacts: {directory}" + (f" (figure {figure.name})" if figure else ""))
+
+
+def _farthest(gap: dict[str, float | None]) -> str:
+    """The agent whose final output lies farthest from its predicted limit.
+
+    Args:
+        gap: per agent, the distance (``None``, ``nan`` or ``inf``: not finite, the farthest).
+
+    Returns:
+        Its name (a gap of exactly 0 is the nearest, not the farthest).
+    """
+    return max(gap, key=lambda name: gap[name] if _finite(gap[name]) else math.inf)
 
 
 def _is_network(result: dict[str, Any]) -> bool:

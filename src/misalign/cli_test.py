@@ -93,6 +93,41 @@ def test_divergent_play_is_reported_not_an_error(tmp_path):
     assert data["diverged_at"] == len(data["outputs"]["A"])
 
 
+EXACT_AND_SLOW = """seed = 0
+d = 1
+rounds = 5
+schedule = ["A", "B", "C"]
+[agents.A]
+n = 4
+preconditioner = "newton"
+reads = "C"
+[agents.B]
+n = 4
+preconditioner = "identity"
+eta = 0.1
+reads = "C"
+[agents.C]
+n = 4
+preconditioner = "identity"
+eta = 0.1
+reads = "B"
+"""
+
+
+def test_the_agent_named_farthest_from_the_prediction_is_not_one_at_gap_zero(tmp_path):
+    """A (a Newton step, d = 1) ends exactly on its limit (gap 0.0); B and C, slow, do not
+    within 5 rounds: the summary names the farthest of them, never A."""
+    config = tmp_path / "c.toml"
+    config.write_text(EXACT_AND_SLOW)
+    data = json.loads(_invoke(tmp_path, "run", str(config), "--json").stdout)
+    gap = data["agreement"]["gap"]
+    assert data["agreement"]["holds"] is False and gap["A"] == 0.0
+    farthest = max(("B", "C"), key=gap.get)
+    result = _invoke(tmp_path, "run", str(config))
+    assert result.exit_code == 0, result.stderr
+    assert f"prediction ({farthest}: {gap[farthest]:.3g} from it after 5 rounds)" in result.stdout
+
+
 @pytest.mark.parametrize(
     "text,field",
     [

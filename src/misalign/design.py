@@ -874,7 +874,7 @@ def _stability_row(name: str, row: dict[str, Any]) -> tuple[str, ...]:
         f"rho {low['rho']:.4f}, {high['rho']:.4f}",
         f"rate {_text(low['rate'], '.4f')}, {_text(high['rate'], '.4f')}"
         + ("" if row["verified"] else " (NOT VERIFIED)"),
-        _text(max(low["difference"] or math.inf, high["difference"] or math.inf), ".1e"),
+        _text(max(_or_inf(low["difference"]), _or_inf(high["difference"])), ".1e"),
         f"margin 1 - rho = {row['margin']:.3g}",
     )
 
@@ -889,6 +889,18 @@ def _span(name: str, eta: float, lower: float | None, upper: float | None) -> st
     if upper is None:
         return f"eta_{name} > {eta * lower:.4g} (x{lower:.4g})"
     return f"{eta * lower:.4g} < eta_{name} < {eta * upper:.4g} (x{lower:.4g} to x{upper:.4g})"
+
+
+def _or_inf(x: float | None) -> float:
+    """A difference ready for ``max``.
+
+    Args:
+        x: a difference, ``None`` where it is not finite.
+
+    Returns:
+        ``x`` (an exact 0 stays 0), ``inf`` for ``None``.
+    """
+    return math.inf if x is None else x
 
 
 def _text(x, fmt: str = ".6g", missing: str = "-") -> str:
