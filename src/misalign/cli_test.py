@@ -616,6 +616,34 @@ def test_a_model_that_never_answers_with_numbers_is_reported_not_crashed(tmp_pat
     assert {f["seed"] for f in data["llm"]["failed"]} == {data["config"]["seed"]}
 
 
+def test_counts_of_one_are_singular_and_the_help_names_the_extra(tmp_path):
+    """One refit, one agent: "1 refit", "got 1 agent" (never "1 refits", "1 agents"); and
+    `serve --help` names the extra it needs, '.[local]' (the help's markup dropped "[local]")."""
+    config = tmp_path / "c.toml"
+    config.write_text(
+        GOOD.replace("[agents.A]\n", "[agents.A]\nkind = 'llm'\nmodel = 'fake'\nrefits = 1\n")
+    )
+    with FakeServer(affine(0.5 * np.eye(2), np.ones(2))) as server:
+        overrides = [f"agents.A.base_url='{server.base_url}'", "agents.A.api_key_env=''"]
+        args = [arg for o in overrides for arg in ("--set", o)]
+        result = _invoke(tmp_path, "run", str(config), *args, "--store", str(tmp_path / "s"))
+    assert result.exit_code == 0, result.stderr
+    assert "local (1 refit, confirmed)" in result.stdout
+    lone = tmp_path / "lone.toml"
+    lone.write_text("d = 2\nrounds = 5\n[agents.A]\nn = 4\n")
+    refused = _process("attacks", str(lone), "--out", str(tmp_path / "a"))
+    assert refused.returncode == 2
+    assert refused.stderr.endswith("needs a two-agent play (got 1 agent)\n")
+    assert refused.stderr.count("\n") == 1
+    help_text = subprocess.run(
+        [sys.executable, "-m", "misalign.cli", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        env=os.environ | {"COLUMNS": "200"},
+    ).stdout
+    assert "needs pip install '.[local]'." in help_text
+
+
 MARKUP = ("[/bold]", "[link=http://x]y[/link]", "[bold red]", "[/]", "[on #000000]", ":smile:")
 """Answers that Rich would read as markup (a closing tag that matches none raises its
 ``MarkupError``) or as an emoji code."""

@@ -60,6 +60,7 @@ from misalign.config import (
 )
 from misalign.experiment import Game, predict, setup, simulate
 from misalign.prompt import Prompt
+from misalign.text import plural
 from misalign.theory import predict as predict_maps
 
 RHO_CAP = 0.999
@@ -610,7 +611,7 @@ def advise(
         out["prompt"] = out["exposure"] = {"skipped": why}
         return out
 
-    say(f"prompt: {examples} examples, greedy against {seeds} random seeds")
+    say(f"prompt: {plural(examples, 'example')}, greedy against {seeds} random seeds")
     out["prompt"] = _examples(design, examples, design.residual, decoy=False)
 
     say("exposure: the decoy's bias and the examples that reduce it")
@@ -836,7 +837,7 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
         rows.append(
             (
                 item,
-                f"+{len(row['examples'])} greedy examples in {a}'s prompt"
+                f"+{plural(len(row['examples']), 'greedy example')} in {a}'s prompt"
                 + ("" if row["stopped"] is None else f" (stopped {row['stopped']})")
                 + (f" (against {result['partner']}'s decoy)" if item == "exposure" else ""),
                 _text(row["predicted"]),

@@ -59,6 +59,7 @@ from misalign.config import (
     parse_config,
     read_toml,
 )
+from misalign.text import plural
 
 ROWS = "rows"
 """The dataset's folder inside the output directory."""
@@ -653,7 +654,7 @@ def _prepare(sweep: Sweep, out: Path, resume: bool) -> set[int]:
     done = {k for k in range(sweep.chunks) if chunk_path(out, k).exists()}
     if done and len(done) < sweep.chunks and not resume:
         raise ConfigError(
-            f"--out {out}: {len(done)} of {sweep.chunks} chunks of this sweep are done; "
+            f"--out {out}: this sweep has {len(done)} of {sweep.chunks} chunks done; "
             "pass --resume to finish it"
         )
     return done
@@ -837,13 +838,14 @@ def summary_line(summary: dict[str, Any]) -> str:
     """The summary as one line for a terminal."""
     if summary["finished_before"]:
         return (
-            f"sweep {summary['sweep']} already finished: {summary['points']} points in "
+            f"sweep {summary['sweep']} already finished: {plural(summary['points'], 'point')} in "
             f"{summary['out']}; nothing to do"
         )
     return (
-        f"sweep {summary['sweep']}: {summary['points']} points in {summary['chunks']} chunks "
-        f"({summary['computed']} computed now, {summary['seconds']:.3g} s), "
-        f"{summary['errors']} errors; rows in {Path(summary['out']) / ROWS}"
+        f"sweep {summary['sweep']}: {plural(summary['points'], 'point')} in "
+        f"{plural(summary['chunks'], 'chunk')} ({summary['computed']} computed now, "
+        f"{summary['seconds']:.3g} s), {plural(summary['errors'], 'error')}; "
+        f"rows in {Path(summary['out']) / ROWS}"
     )
 
 

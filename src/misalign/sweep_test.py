@@ -213,7 +213,7 @@ def test_a_changed_sweep_or_a_partial_one_without_resume_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=rf"holds sweep {sweep.digest}, not this sweep file"):
         run_sweep(changed, tmp_path, workers=1)
     chunk_path(tmp_path, 1).unlink()
-    with pytest.raises(ConfigError, match=r"2 of 3 chunks of this sweep are done; pass --resume"):
+    with pytest.raises(ConfigError, match=r"this sweep has 2 of 3 chunks done; pass --resume"):
         run_sweep(sweep, tmp_path, workers=1)
     kept = chunk_path(tmp_path, 0).stat().st_mtime_ns
     resumed = run_sweep(sweep, tmp_path, workers=1, resume=True)
@@ -365,6 +365,21 @@ def test_cli_json_summary(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["sweep", str(path), "--out", str(tmp_path / "out")])
     assert "already finished: 6 points" in capsys.readouterr().out
+
+
+def test_a_sweep_of_one_point_says_one_point_in_one_chunk(tmp_path, capsys):
+    import tomli_w
+
+    path = tmp_path / "s.toml"
+    path.write_text(tomli_w.dumps(small(axes={"agents.A.n": [3]})))
+    with pytest.raises(SystemExit) as caught:
+        main(["sweep", str(path), "--out", str(tmp_path / "out"), "--workers", "1"])
+    line = capsys.readouterr().out
+    assert caught.value.code == 0
+    assert ": 1 point in 1 chunk (1 computed now, " in line and "s), 0 errors; rows" in line
+    with pytest.raises(SystemExit):
+        main(["sweep", str(path), "--out", str(tmp_path / "out")])
+    assert "already finished: 1 point in " in capsys.readouterr().out
 
 
 SLOW = {

@@ -43,6 +43,7 @@ from misalign.experiments import (
     errors_from_fixed_point,
     write_run,
 )
+from misalign.text import plural
 from misalign.theory import round_map
 
 NAME = "llm"
@@ -304,8 +305,8 @@ def _fake(cfg: dict[str, Any]):
     plays = part["plays"] * len(part["dims"])
     claims = [
         Claim(
-            f"fake server (A w + c, d = {part['dims']}, {plays} plays): max |fitted - true|"
-            " of A and c, global and local fits",
+            f"fake server (A w + c, d = {part['dims']}, {plural(plays, 'play')}): max"
+            " |fitted - true| of A and c, global and local fits",
             fit_error,
             1e-6,
         ),
@@ -378,7 +379,8 @@ def _figure(recorded, fake):
             ms=3,
             color=color,
             capsize=2,
-            label=f"simulation, d = {d} ± std ({simulated.shape[1]} plays, rho ~ {rho:.2f})",
+            label=f"simulation, d = {d} ± std ({plural(simulated.shape[1], 'play')}, "
+            f"rho ~ {rho:.2f})",
         )
     right.set(
         yscale="log",
