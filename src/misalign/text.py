@@ -6,6 +6,8 @@ cursor, retitle the window or hide links; CR that overwrites a line) are shown a
 
 from __future__ import annotations
 
+import sys
+
 
 def printable(text: str) -> str:
     """``text`` with every character that is not printable (control and format characters,
@@ -34,3 +36,15 @@ def plural(count: int, noun: str, many: str | None = None, spec: str = "") -> st
     """
     word = noun if count == 1 else many or noun + "s"
     return f"{count:{spec}} {word}"
+
+
+def warn(message: str) -> None:
+    """One line on stderr, ``misalign: warning: <message>`` (``printable``).
+
+    Args:
+        message: what happened, and what is done about it.
+
+    Returns:
+        None.
+    """
+    print(f"misalign: warning: {printable(message)}", file=sys.stderr)
