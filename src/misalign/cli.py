@@ -741,6 +741,24 @@ def reproduce(
     _reproduce(name, quick, seeds, out, json_out)
 
 
+def _os_problem(exc: OSError, out: Path) -> str:
+    """One line for an ``OSError`` of a run: the file it names and why; a file in ``out``, or
+    none named (a write on a full disk names none), is one the run could not write.
+
+    Args:
+        exc: the error.
+        out: the run's directory (``--out``).
+
+    Returns:
+        ``--out OUT: cannot write FILE (why)``, or ``FILE: why`` for a file outside ``out``.
+    """
+    why = exc.strerror or str(exc) or type(exc).__name__
+    name = exc.filename if isinstance(exc.filename, str) else None
+    if name is None or Path(name).resolve().is_relative_to(Path(out).resolve()):
+        return f"--out {out}: cannot write{'' if name is None else f' {name}'} ({why})"
+    return f"{name}: {why}"
+
+
 def _list(entries, json_out: bool) -> None:
     """Per entry: its name, full-run time, claim count and what each claim compares (one JSON
     object with ``--json``)."""
@@ -769,7 +787,7 @@ def _reproduce(name: str, quick: bool, seeds: int | None, out: Path | None, json
     try:
         result = entry.run(quick, seeds, out)
     except OSError as exc:
-        _fail(f"--out {out}: cannot write ({exc.strerror})")
+        _fail(_os_problem(exc, out))
     except ConfigError as exc:  # an optional dependency missing
         _fail(str(exc))
     claims = [c.as_dict() for c in result.claims]
