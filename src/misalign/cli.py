@@ -1089,9 +1089,9 @@ def _batch_summary(batch: dict[str, Any], directory: Path, figure: Path) -> None
 
     console = _console()
     plays, good, seeds = batch["plays"], batch["converging"], batch["seeds"]
-    rho = batch["rho"]
+    rho, verb = batch["rho"], "converges" if good == 1 else "converge"
     console.print(
-        f"{plays} plays (seeds {seeds[0]}..{seeds[-1]}): {good} converge; rho over the plays: "
+        f"{plays} plays (seeds {seeds[0]}..{seeds[-1]}): {good} {verb}; rho over the plays: "
         f"median {_num(rho['median'])}, range {_num(rho['min'])} .. {_num(rho['max'])}"
     )
     bad = batch["diverging_seeds"]
@@ -1099,7 +1099,8 @@ def _batch_summary(batch: dict[str, Any], directory: Path, figure: Path) -> None
         shown = ", ".join(map(str, bad[:10])) + (
             f" and {len(bad) - 10} more" if len(bad) > 10 else ""
         )
-        console.print(f"{len(bad)} diverge (rho >= 1 or outputs overflowed): seeds {shown}")
+        verb = "diverges" if len(bad) == 1 else "diverge"
+        console.print(f"{len(bad)} {verb} (rho >= 1 or outputs overflowed): seeds {shown}")
     if good:
         table = Table(
             "agent",

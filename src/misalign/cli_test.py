@@ -617,7 +617,8 @@ def test_a_model_that_never_answers_with_numbers_is_reported_not_crashed(tmp_pat
 
 
 def test_counts_of_one_are_singular_and_the_help_names_the_extra(tmp_path):
-    """One refit, one agent: "1 refit", "got 1 agent" (never "1 refits", "1 agents"); and
+    """One refit, one agent, one play of two converging and one diverging: "1 refit", "got 1
+    agent", "1 converges", "1 diverges" (never "1 refits", "1 agents", "1 converge"); and
     `serve --help` names the extra it needs, '.[local]' (the help's markup dropped "[local]")."""
     config = tmp_path / "c.toml"
     config.write_text(
@@ -642,6 +643,11 @@ def test_counts_of_one_are_singular_and_the_help_names_the_extra(tmp_path):
         env=os.environ | {"COLUMNS": "200"},
     ).stdout
     assert "needs pip install '.[local]'." in help_text
+    mixed = tmp_path / "mixed.toml"
+    mixed.write_text(MIXED)  # seed 0 converges, seed 1 diverges
+    batch = _invoke(tmp_path, "run", str(mixed), "--seeds", "2").stdout
+    assert "2 plays (seeds 0..1): 1 converges; " in batch
+    assert "1 diverges (rho >= 1 or outputs overflowed): seeds 1" in batch
 
 
 MARKUP = ("[/bold]", "[link=http://x]y[/link]", "[bold red]", "[/]", "[on #000000]", ":smile:")

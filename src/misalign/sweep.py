@@ -790,7 +790,7 @@ def _collect(
     except Exception as exc:  # a worker died, the cluster went away, the disk filled up
         text = str(exc).splitlines()[0] if str(exc) else ""
         raise SweepStopped(
-            f"the sweep stopped after {written} new chunks ({type(exc).__name__}"
+            f"the sweep stopped after {plural(written, 'new chunk')} ({type(exc).__name__}"
             f"{': ' + text if text else ''}); the finished chunks are kept: run it again "
             "with --resume"
         ) from exc

@@ -234,7 +234,7 @@ def test_a_backend_failure_keeps_the_finished_chunks_and_says_to_resume(monkeypa
     with pytest.raises(SweepStopped) as caught:
         run_sweep(sweep, tmp_path, workers=1)
     assert str(caught.value) == (
-        "the sweep stopped after 1 new chunks (RuntimeError: worker died); the finished "
+        "the sweep stopped after 1 new chunk (RuntimeError: worker died); the finished "
         "chunks are kept: run it again with --resume"
     )
     assert [p.name for p in (tmp_path / "rows").iterdir()] == ["chunk-00000.parquet"]
