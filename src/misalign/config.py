@@ -29,6 +29,8 @@ from pydantic import (
     model_validator,
 )
 
+from misalign.text import plural
+
 RESERVED = {
     *("rho", "converges", "distance", "rounds_to_tol", "on_target", "one_sided", "why"),
     *("covariance", "depends_on_start"),
@@ -500,7 +502,8 @@ class PlayConfig(_Strict):
                     key, "needs strict alternation: turns in order, not simultaneous rounds"
                 )
             if table is not None and len(self.agents) != 2:
-                raise _FieldError(key, f"needs a two-agent play (got {len(self.agents)} agents)")
+                got = plural(len(self.agents), "agent")
+                raise _FieldError(key, f"needs a two-agent play (got {got})")
             if table is not None and (
                 sorted(self.order) != sorted(self.agents)
                 or any(

@@ -60,6 +60,7 @@ from misalign.config import (
 )
 from misalign.experiment import Game, predict, setup, simulate
 from misalign.prompt import Prompt
+from misalign.text import plural
 from misalign.theory import predict as predict_maps
 
 RHO_CAP = 0.999
@@ -610,7 +611,7 @@ def advise(
         out["prompt"] = out["exposure"] = {"skipped": why}
         return out
 
-    say(f"prompt: {examples} examples, greedy against {seeds} random seeds")
+    say(f"prompt: {plural(examples, 'example')}, greedy against {seeds} random seeds")
     out["prompt"] = _examples(design, examples, design.residual, decoy=False)
 
     say("exposure: the decoy's bias and the examples that reduce it")
@@ -836,7 +837,7 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
         rows.append(
             (
                 item,
-                f"+{len(row['examples'])} greedy examples in {a}'s prompt"
+                f"+{plural(len(row['examples']), 'greedy example')} in {a}'s prompt"
                 + ("" if row["stopped"] is None else f" (stopped {row['stopped']})")
                 + (f" (against {result['partner']}'s decoy)" if item == "exposure" else ""),
                 _text(row["predicted"]),
@@ -874,7 +875,7 @@ def _stability_row(name: str, row: dict[str, Any]) -> tuple[str, ...]:
         f"rho {low['rho']:.4f}, {high['rho']:.4f}",
         f"rate {_text(low['rate'], '.4f')}, {_text(high['rate'], '.4f')}"
         + ("" if row["verified"] else " (NOT VERIFIED)"),
-        _text(max(low["difference"] or math.inf, high["difference"] or math.inf), ".1e"),
+        _text(max(_or_inf(low["difference"]), _or_inf(high["difference"])), ".1e"),
         f"margin 1 - rho = {row['margin']:.3g}",
     )
 
@@ -889,6 +890,18 @@ def _span(name: str, eta: float, lower: float | None, upper: float | None) -> st
     if upper is None:
         return f"eta_{name} > {eta * lower:.4g} (x{lower:.4g})"
     return f"{eta * lower:.4g} < eta_{name} < {eta * upper:.4g} (x{lower:.4g} to x{upper:.4g})"
+
+
+def _or_inf(x: float | None) -> float:
+    """A difference ready for ``max``.
+
+    Args:
+        x: a difference, ``None`` where it is not finite.
+
+    Returns:
+        ``x`` (an exact 0 stays 0), ``inf`` for ``None``.
+    """
+    return math.inf if x is None else x
 
 
 def _text(x, fmt: str = ".6g", missing: str = "-") -> str:

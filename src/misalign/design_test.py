@@ -184,6 +184,35 @@ def test_cli_json(tmp_path):
     assert {"mean", "std", "seeds", "curve_mean"} <= set(data["prompt"]["baseline"])
 
 
+ONE_DIMENSION = """seed = 5
+d = 1
+rounds = 100
+[agents.A]
+n = 8
+target = [1.0]
+[agents.B]
+n = 12
+target = [0.5]
+eta = 0.5
+"""
+
+
+def test_an_exact_zero_difference_is_printed_as_zero_not_inf(tmp_path):
+    """With d = 1 the diverging check of an edge measures its rate exactly (difference 0.0):
+    the "stability A" row shows the larger of its two differences, never ``inf``."""
+    config = tmp_path / "d1.toml"
+    config.write_text(ONE_DIMENSION)
+    out = tmp_path / "out"
+    args = ["design", str(config), "--agent", "A", "--examples", "1", "--seeds", "2"]
+    result = runner.invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.stderr
+    checks = json.loads((out / "design.json").read_text())["stability"]["A"]["checks"]
+    differences = [check["difference"] for check in checks]
+    assert 0.0 in differences  # the case of the issue
+    row = next(line for line in result.stdout.splitlines() if "stability A" in line)
+    assert "inf" not in row and f"{max(differences):.1e}" in row
+
+
 LSA = """d = 2
 rounds = 10
 [agents.A]

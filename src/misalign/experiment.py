@@ -51,6 +51,7 @@ from misalign.play import Schedule, Trajectory, play
 from misalign.progress import progress_bar
 from misalign.prompt import Prompt, agent_streams, sample_prompts
 from misalign.sizes import require
+from misalign.text import plural
 from misalign.theory import Prediction
 from misalign.theory import predict as predict_maps
 
@@ -212,7 +213,8 @@ def check_size(config: PlayConfig, plays: int = 1) -> None:
     """
     require(footprint(config), "the play")
     if plays > 1:
-        require({"seeds": sum(footprint(config, plays).values())}, f"a batch of {plays} plays")
+        batch = f"a batch of {plural(plays, 'play')}"
+        require({"seeds": sum(footprint(config, plays).values())}, batch)
 
 
 def _shape(config: PlayConfig) -> tuple:

@@ -1,6 +1,9 @@
 """Figures: each agent's distance to its own target per round, theory drawn beside simulation;
 for a network of agents (3 or more, weighted reads or simultaneous rounds), who reads whom
-beside them; for a batch, the converging plays' quantiles and the spread of ``rho``."""
+beside them; for a batch, the converging plays' quantiles and the spread of ``rho``. A play of
+more than ``MANY`` agents is drawn by ``misalign.plot_many`` (quantiles across agents, the
+farthest named, a heat map of agent x round), where a line and a legend entry per agent
+would not fit."""
 
 from __future__ import annotations
 
@@ -15,16 +18,28 @@ from misalign.theory import Prediction
 
 FLOOR = 1e-16
 """Distances below this are drawn at this value (a log axis has no zero)."""
+MANY = 8
+"""Up to this many agents a figure draws a line (and a legend entry) per agent, and the
+network panel names each node inside it and labels each read with its weight."""
 
 
-def new_figure(columns: int, size: tuple[float, float]):
-    """A figure with ``columns`` axes side by side, drawn off-screen (Agg)."""
+def new_figure(columns: int, size: tuple[float, float], rows: int = 1):
+    """A figure with ``rows`` x ``columns`` axes, drawn off-screen (Agg).
+
+    Args:
+        columns: axes per row.
+        size: the figure's width and height in inches.
+        rows: rows of axes (more than one: the axes come as a 2-D array).
+
+    Returns:
+        ``(figure, axes)``, as ``matplotlib.pyplot.subplots`` gives them.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(1, columns, figsize=size, layout="constrained")
+    return plt.subplots(rows, columns, figsize=size, layout="constrained")
 
 
 def save_figure(fig, path: str | Path) -> Path:
@@ -52,22 +67,42 @@ def plot_play(
     play: int = 0,
     also: Prediction | None = None,
 ) -> Path:
-    """Plot one play: ``|s_t^i - w_i*|`` per round for every agent, with the predicted plateau
+    """Write ``draw_play``'s figure of one play to ``path`` (format from the suffix).
+
+    Returns:
+        The path written.
+    """
+    return save_figure(draw_play(game, trajectory, prediction, play, also), path)
+
+
+def draw_play(
+    game: Game,
+    trajectory: Trajectory,
+    prediction: Prediction,
+    play: int = 0,
+    also: Prediction | None = None,
+):
+    """Draw one play: ``|s_t^i - w_i*|`` per round for every agent, with the predicted plateau
     ``|e_i|`` as a dashed line of the same colour (docs/theory.md §2), and the distance to
     the predicted equilibrium beside ``rho^t``. ``also``: a second prediction whose plateaus
     are drawn dotted (language-model agents: the prediction of their global fits, beside the
-    local one). A network (``is_network``) adds a third panel, ``plot_network``.
+    local one). A network (``is_network``) adds a third panel, ``plot_network``. More than
+    ``MANY`` agents: ``misalign.plot_many.draw_many``.
 
     Args:
         game: the game that was played.
         trajectory: its trajectory.
         prediction: its prediction.
-        path: where to write the figure (format from the suffix).
         play: which play of the batch to draw.
+        also: the second prediction drawn dotted, or ``None``.
 
     Returns:
-        The path written.
+        The figure, not yet saved.
     """
+    if len(game.schedule.agents) > MANY:
+        from misalign.plot_many import draw_many
+
+        return draw_many(game, trajectory, prediction, play, also)
     network = is_network(game.schedule)
     fig, axes = new_figure(3, (15, 4.4)) if network else new_figure(2, (10, 4.0))
     ax, gap = axes[:2]
@@ -104,7 +139,7 @@ def plot_play(
     _log_axes(gap, f"distance to {what}", title)
     if network:
         plot_network(axes[2], game.schedule, prediction, play)
-    return save_figure(fig, path)
+    return fig
 
 
 def is_network(schedule: Schedule) -> bool:
@@ -125,7 +160,13 @@ def read_weights(schedule: Schedule) -> dict[tuple[str, str], list[float]]:
     return edges
 
 
-def plot_network(ax, schedule: Schedule, prediction: Prediction, play: int = 0) -> None:
+def plot_network(
+    ax,
+    schedule: Schedule,
+    prediction: Prediction,
+    play: int = 0,
+    rings: dict[str, str] | None = None,
+) -> None:
     """The network panel: agents as nodes on a circle (labelled by name; the first at the
     top, then clockwise in order of first turn), an arrow ``j -> i`` for each read of ``j``
     by ``i`` with a positive weight (width by weight; labelled with it, or the weight said
@@ -134,7 +175,12 @@ def plot_network(ax, schedule: Schedule, prediction: Prediction, play: int = 0) 
     not converge) and ringed in the agent's colour of the trajectory panels. Titled with the
     schedule (simultaneous, or the turn order) and ``rho``. Arrows carry the gid ``"edge"``
     and the nodes are the axis's one collection (gid ``"nodes"``), so tests can count and
-    read them."""
+    read them.
+
+    Past ``MANY`` agents the nodes shrink with their number, each name is written beside its
+    node, and no read is labelled (the note says the weights' range); ``rings`` then gives
+    the agents ringed in a colour (the others thinly in grey).
+    """
     from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
@@ -142,6 +188,8 @@ def plot_network(ax, schedule: Schedule, prediction: Prediction, play: int = 0) 
     from matplotlib.path import Path as Curve
 
     names = schedule.agents
+    many = len(names) > MANY
+    size = 1100.0 * min(1.0, MANY / len(names)) ** 2  # a node's area, in points^2
     angle = np.pi / 2 - 2 * np.pi * np.arange(len(names)) / len(names)
     position = {name: (np.cos(a), np.sin(a)) for name, a in zip(names, angle, strict=True)}
     converges = bool(prediction.converges[play])
@@ -159,12 +207,19 @@ def plot_network(ax, schedule: Schedule, prediction: Prediction, play: int = 0) 
     colors = [cmap(norm(residual[name])) if name in residual else "0.8" for name in names]
     xy = np.array([position[name] for name in names])
     # the ring: the agent's colour in the trajectory panels (agents with a target, in order)
-    ring = {name: f"C{k}" for k, name in enumerate(n for n in names if n in prediction.residual)}
-    rings = [ring.get(name, "k") for name in names]
+    if rings is None:
+        rings = {
+            name: f"C{k}" for k, name in enumerate(n for n in names if n in prediction.residual)
+        }
+    edge_colors = [rings.get(name, "0.5" if many else "k") for name in names]
+    widths = [(2.0 if name in rings else 0.5) if many else 3.0 for name in names]
     ax.scatter(
-        xy[:, 0], xy[:, 1], s=1100, c=colors, edgecolors=rings, linewidths=3, zorder=3, gid="nodes"
+        *xy.T, s=size, c=colors, edgecolors=edge_colors, linewidths=widths, zorder=3, gid="nodes"
     )
     for name, (x, y) in position.items():
+        if many:  # beside the node, on the far side from the centre
+            ax.text(1.17 * x, 1.17 * y, name, ha="center", va="center", fontsize=6, zorder=4)
+            continue
         shade = colors[names.index(name)]
         dark = (
             not isinstance(shade, str)
@@ -183,14 +238,15 @@ def plot_network(ax, schedule: Schedule, prediction: Prediction, play: int = 0) 
     edges = read_weights(schedule)
     every = {w for weights in edges.values() for w in weights}
     same = len(every) == 1
+    shrink = np.sqrt(size) / 2 + 3.5  # from a node's centre to just outside it, in points
     for (read, reader), weights in edges.items():
         width = 0.6 + 3.0 * max(weights)
         style = {
             "arrowstyle": "-|>",
-            "mutation_scale": 8 + 3 * max(weights),
+            "mutation_scale": (8 + 3 * max(weights)) * (0.6 if many else 1.0),
             "linewidth": width,
             "color": "0.35",
-            "alpha": 0.8,
+            "alpha": 0.8 if len(edges) <= 60 else max(0.1, 48 / len(edges)),
             "zorder": 2,
             "gid": "edge",
         }
@@ -206,14 +262,19 @@ def plot_network(ax, schedule: Schedule, prediction: Prediction, play: int = 0) 
             start, end = np.array(position[read]), np.array(position[reader])
             ax.add_patch(
                 FancyArrowPatch(
-                    start, end, connectionstyle="arc3,rad=0.12", shrinkA=20, shrinkB=20, **style
+                    start,
+                    end,
+                    connectionstyle="arc3,rad=0.12",
+                    shrinkA=shrink,
+                    shrinkB=shrink,
+                    **style,
                 )
             )
             dx, dy = end - start
             control = (start + end) / 2 + 0.12 * np.array([dy, -dx])  # arc3's control point
             t = 0.7  # the label near the reader: the weights it gives, around its node
             label_at = (1 - t) ** 2 * start + 2 * t * (1 - t) * control + t**2 * end
-        if not same:
+        if not same and not many:
             ax.text(
                 *label_at,
                 ", ".join(f"{w:.2g}" for w in weights),
@@ -224,14 +285,19 @@ def plot_network(ax, schedule: Schedule, prediction: Prediction, play: int = 0) 
                 bbox={"boxstyle": "round,pad=0.1", "fc": "w", "ec": "none", "alpha": 0.8},
             )
     rho = float(prediction.rho[play])
+    order = [name for name, _ in schedule.turns]
     if schedule.simultaneous:
         how = "simultaneous"
+    elif len(order) > MANY:  # the first turns, the last, and how many
+        how = f"{len(order)} turns {' > '.join(order[:3])} > ... > {order[-1]}"
     else:
-        how = "turns " + " > ".join(name for name, _ in schedule.turns)
+        how = "turns " + " > ".join(order)
     ax.set_title(f"who reads whom: {how} (rho = {rho:.3g})")
     note = "arrow j -> i: i reads j; width by weight"
     if same:
         note += f" (every read {every.pop():.2g})"
+    elif many and every:
+        note += f" ({min(every):.2g} to {max(every):.2g}; not labelled past {MANY} agents)"
     if norm is None:
         note += "\nno equilibrium: nodes not coloured"
     ax.text(0.5, -0.02, note, ha="center", va="top", fontsize=8, transform=ax.transAxes)
@@ -247,18 +313,64 @@ def plot_network(ax, schedule: Schedule, prediction: Prediction, play: int = 0) 
 def plot_batch(
     game: Game, trajectory: Trajectory, prediction: Prediction, path: str | Path
 ) -> Path:
-    """Plot a batch of plays (``run --seeds``) as the summary tells it: over the plays that
-    converge, the median distance to own target per round with a 10-90% quantile band and
-    the median predicted plateau dashed; beside it, the spread of ``rho`` over the plays.
-    Plays that diverge are counted in the title, not drawn.
+    """Write ``draw_batch``'s figure of a batch of plays to ``path``.
 
     Returns:
         The path written.
     """
+    return save_figure(draw_batch(game, trajectory, prediction), path)
+
+
+def draw_batch(game: Game, trajectory: Trajectory, prediction: Prediction):
+    """Draw a batch of plays (``run --seeds``) as the summary tells it: over the plays that
+    converge, the median distance to own target per round with a 10-90% quantile band and
+    the median predicted plateau dashed; beside it, the spread of ``rho`` over the plays.
+    Plays that diverge are counted in the title, not drawn. More than ``MANY`` agents: each
+    agent's median over the plays, drawn across agents (``plot_many.batch_across_agents``).
+
+    Args:
+        game: the game that was played.
+        trajectory: its trajectory.
+        prediction: its prediction.
+
+    Returns:
+        The figure, not yet saved.
+    """
     fig, (ax, spread) = new_figure(2, (10, 4.0))
+    ok = converging(prediction, trajectory)
+    if len(game.schedule.agents) > MANY:
+        from misalign.plot_many import batch_across_agents
+
+        what = batch_across_agents(ax, game, trajectory, prediction, ok)
+    else:
+        what = _batch_per_agent(ax, game, trajectory, prediction, ok)
+    plays, diverging = len(ok), int((~ok).sum())
+    title = f"{int(ok.sum())} of {plays} plays converge: {what}"
+    _log_axes(ax, "distance to own target", title + (f"; {diverging} diverge" if diverging else ""))
+    rho = prediction.rho[np.isfinite(prediction.rho)]
+    spread.hist(rho, bins=min(50, max(5, plays // 5)), range=_rho_range(rho), color="0.5")
+    spread.axvline(1.0, color="C3", linestyle="--", linewidth=1, label="rho = 1")
+    spread.set(
+        xlabel="rho (per round)",
+        ylabel="plays",
+        title=f"rho over {plays} plays (median {np.median(rho):.3g})"
+        if rho.size
+        else f"rho over {plays} plays: none finite (no fitted map)",
+    )
+    return fig
+
+
+def _batch_per_agent(
+    ax, game: Game, trajectory: Trajectory, prediction: Prediction, ok: np.ndarray
+) -> str:
+    """Per agent, over the converging plays ``ok``: the median distance to own target per
+    round, its 10-90% band and the median predicted plateau.
+
+    Returns:
+        What is drawn, for the title.
+    """
     rounds = np.arange(1, trajectory.rounds + 1)
     targets = game.targets
-    ok = converging(prediction, trajectory)
     for k, name in enumerate(n for n in game.schedule.agents if n in targets):
         color = f"C{k}"
         distance = trajectory.distance(name, targets[name])[:, ok]
@@ -271,20 +383,7 @@ def plot_batch(
         )
         plateau = float(np.median(np.linalg.norm(prediction.residual[name][ok], axis=-1)))
         _plateau(ax, plateau, color, f"{name} predicted median ({plateau:.3g})")
-    plays, diverging = len(ok), int((~ok).sum())
-    title = f"{int(ok.sum())} of {plays} plays converge: median, 10-90% band"
-    _log_axes(ax, "distance to own target", title + (f"; {diverging} diverge" if diverging else ""))
-    rho = prediction.rho[np.isfinite(prediction.rho)]
-    spread.hist(rho, bins=min(50, max(5, plays // 5)), range=_rho_range(rho), color="0.5")
-    spread.axvline(1.0, color="C3", linestyle="--", linewidth=1, label="rho = 1")
-    spread.set(
-        xlabel="rho (per round)",
-        ylabel="plays",
-        title=f"rho over {plays} plays (median {np.median(rho):.3g})"
-        if rho.size
-        else f"rho over {plays} plays: none finite (no fitted map)",
-    )
-    return save_figure(fig, path)
+    return "median, 10-90% band"
 
 
 def _rho_range(rho: np.ndarray) -> tuple[float, float] | None:

@@ -29,7 +29,10 @@ The output directory holds ``sweep.toml`` (the resolved sweep, base inline: runn
 gives the same hash), ``manifest.json`` (the sweep's hash, points and chunks) and
 ``rows/chunk-NNNNN.parquet``, one file per finished chunk, each written to a temporary file
 and renamed into place: a kill leaves whole chunk files only, and ``resume`` computes the
-missing ones. ``read_rows`` reads the dataset back.
+missing ones. Each chunk file records whose rows it holds (``IDENTITY`` in its metadata: the
+sweep's hash, its axes, the chunk's number and points) and carries page checksums; a chunk
+that is damaged, from another sweep or in another chunk's place is not taken as finished:
+``resume`` says so in one line and computes it again. ``read_rows`` reads the dataset back.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -59,10 +62,15 @@ from misalign.config import (
     parse_config,
     read_toml,
 )
+from misalign.text import plural
+from misalign.text import warn as warn_stderr
 
 ROWS = "rows"
 """The dataset's folder inside the output directory."""
 MANIFEST = "manifest.json"
+IDENTITY = b"misalign.sweep"
+"""The key of a chunk file's metadata that records its sweep: JSON ``{"sweep": hash, "axes":
+[...], "chunk": k, "points": [first, last]}``."""
 RANGES = ("linspace", "logspace", "uniform")
 STATS = ("rho_median", "rounds_to_prediction_median", "share_diverged")
 PER_AGENT = ("residual_mean", "residual_std", "predicted_residual")
@@ -513,6 +521,7 @@ def run_sweep(
     address: str | None = None,
     resume: bool = False,
     progress: bool = False,
+    warn: Callable[[str], None] = warn_stderr,
 ) -> dict[str, Any]:
     """Run a sweep into ``out``, writing each chunk's rows as it finishes.
 
@@ -527,6 +536,8 @@ def run_sweep(
         resume: finish a sweep of which some chunks are done; without it such a directory
             is refused.
         progress: show a progress bar (points done, points per second) on stderr.
+        warn: told, one line each, of every chunk file ``resume`` computes again or removes
+            (damaged, from another sweep, in another chunk's place, not a chunk of this one).
 
     Returns:
         A summary: ``sweep`` (hash), ``points``, ``chunks``, ``computed`` (chunks computed by
@@ -536,13 +547,14 @@ def run_sweep(
 
     Raises:
         ConfigError: ``out`` is or holds a symbolic link, holds another sweep, or a partial
-            one without ``resume``; the backend is missing or its cluster unreachable.
+            one (or a chunk file that is not a finished chunk of this sweep) without
+            ``resume``; the backend is missing or its cluster unreachable.
         SweepStopped: the backend failed part way; what finished is kept.
     """
     started = time.perf_counter()
     out = Path(out)
     check_backend(backend, address)
-    done = _prepare(sweep, out, resume)
+    done = _prepare(sweep, out, resume, warn)
     pending = [k for k in range(sweep.chunks) if k not in done]
     if pending:
         workers = workers or len(os.sched_getaffinity(0))
@@ -604,16 +616,18 @@ def chunk_path(out: Path, k: int) -> Path:
     return out / ROWS / f"chunk-{k:05d}.parquet"
 
 
-def _prepare(sweep: Sweep, out: Path, resume: bool) -> set[int]:
+def _prepare(sweep: Sweep, out: Path, resume: bool, warn: Callable[[str], None]) -> set[int]:
     """Check ``out`` against the sweep, record the sweep there when new, and remove the
-    temporary files a kill left behind.
+    temporary files a kill left behind; with ``resume``, also every chunk file that is not a
+    finished chunk of this sweep (``_unfinished``), each named by ``warn``.
 
     Returns:
         The chunks already finished.
 
     Raises:
         ConfigError: ``out`` is, or holds, a symbolic link (``refuse_symlinks``), holds
-            another sweep or a partial one without ``resume``, or cannot be written.
+            another sweep, a partial one or a chunk file that is not a finished chunk of it
+            without ``resume``, or cannot be written.
     """
     from misalign.files import atomic_write, refuse_symlinks
 
@@ -650,13 +664,99 @@ def _prepare(sweep: Sweep, out: Path, resume: bool) -> set[int]:
         raise ConfigError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
     except json.JSONDecodeError:
         raise ConfigError(f"--out {out}: {MANIFEST} is not JSON; choose another --out") from None
-    done = {k for k in range(sweep.chunks) if chunk_path(out, k).exists()}
-    if done and len(done) < sweep.chunks and not resume:
+    done, bad = _unfinished(sweep, out)
+    if (done or bad) and (len(done) < sweep.chunks or bad) and not resume:
+        first = f" ({bad[0][0].name} {bad[0][1]})" if bad else ""
         raise ConfigError(
-            f"--out {out}: {len(done)} of {sweep.chunks} chunks of this sweep are done; "
+            f"--out {out}: this sweep has {len(done)} of {sweep.chunks} chunks done{first}; "
             "pass --resume to finish it"
         )
+    names = _names(sweep)
+    try:
+        for path, why in bad:
+            path.unlink()
+            again = "computing it again" if path.name in names else "removed"
+            warn(f"--out {out}: {ROWS}/{path.name} {why}; {again}")
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot remove {exc.filename} ({exc.strerror})") from None
     return done
+
+
+def _names(sweep: Sweep) -> set[str]:
+    """The file names of the sweep's chunks.
+
+    Args:
+        sweep: the sweep.
+
+    Returns:
+        ``chunk-00000.parquet`` ... for each of its chunks.
+    """
+    return {chunk_path(Path(), k).name for k in range(sweep.chunks)}
+
+
+def _unfinished(sweep: Sweep, out: Path) -> tuple[set[int], list[tuple[Path, str]]]:
+    """Which chunk files in ``out`` hold finished chunks of ``sweep``, and which do not.
+
+    Args:
+        sweep: the sweep.
+        out: its output directory.
+
+    Returns:
+        The finished chunks' numbers, and ``(path, why)`` for every other file named like a
+        chunk (``chunk-*.parquet``): damaged, recording another sweep (or none), in another
+        chunk's place, or beyond the sweep's chunks.
+    """
+    schema, names = _schema(sweep), _names(sweep)
+    done, bad = set(), []
+    for path in sorted((out / ROWS).glob("chunk-*.parquet")):
+        if path.name not in names:
+            bad.append((path, f"is not a chunk of this sweep ({sweep.chunks} chunks)"))
+            continue
+        k = int(path.stem.removeprefix("chunk-"))
+        why = _foreign(sweep, schema, k, path)
+        if why is None:
+            done.add(k)
+        else:
+            bad.append((path, why))
+    return done, bad
+
+
+def _foreign(sweep: Sweep, schema, k: int, path: Path) -> str | None:
+    """Why the file at ``path`` is not chunk ``k`` of ``sweep`` as this sweep wrote it
+    (``None``: it is). Every page is read and its checksum checked.
+
+    Args:
+        sweep: the sweep.
+        schema: its rows' schema (``_schema``).
+        k: the chunk the file's name says it holds.
+        path: the file.
+
+    Returns:
+        ``None``, or a few words: ``is damaged (...)``, ``holds rows of sweep ...``, ...
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path, page_checksum_verification=True)
+        identity = json.loads((table.schema.metadata or {}).get(IDENTITY, b"null"))
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        text = text.removeprefix(f"Could not open Parquet input source '{path}': ")
+        return f"is damaged ({text.split('. ')[0][:120]})"
+    if not isinstance(identity, dict):
+        return "records no sweep (not written by misalign sweep, or by an older version)"
+    recorded = str(identity.get("sweep"))[:40]
+    if recorded != sweep.digest:
+        return f"holds rows of sweep {recorded}, not of this one ({sweep.digest})"
+    if identity.get("axes") != list(sweep.axes):  # the hash does not see the axes' order
+        return "holds rows of this sweep with its axes in another order"
+    if not table.schema.remove_metadata().equals(schema):
+        return "has other columns than this sweep's rows"
+    points = [index for index, _ in sweep.chunk_points(k)]
+    if identity.get("chunk") != k or table.column("point").to_pylist() != points:
+        return f"holds the rows of chunk {str(identity.get('chunk'))[:20]}, not of chunk {k}"
+    return None
 
 
 def _collect(
@@ -673,6 +773,7 @@ def _collect(
     from misalign.progress import progress_bar
 
     schema = _schema(sweep)
+    write = {"write_page_checksum": True}
     bar = None
     if progress:
         columns = ["{task.fields[rate]} points/s"]
@@ -680,8 +781,8 @@ def _collect(
     started, computed, written = time.perf_counter(), 0, 0
     try:
         for k, rows in results:
-            table = _table(rows, schema)
-            atomic_write(chunk_path(out, k), lambda tmp, t=table: pq.write_table(t, tmp))
+            table = _table(rows, schema).replace_schema_metadata({IDENTITY: _identity(sweep, k)})
+            atomic_write(chunk_path(out, k), lambda tmp, t=table: pq.write_table(t, tmp, **write))
             computed, written = computed + len(rows), written + 1
             if bar is not None:
                 rate = f"{computed / (time.perf_counter() - started):.3g}"
@@ -689,7 +790,7 @@ def _collect(
     except Exception as exc:  # a worker died, the cluster went away, the disk filled up
         text = str(exc).splitlines()[0] if str(exc) else ""
         raise SweepStopped(
-            f"the sweep stopped after {written} new chunks ({type(exc).__name__}"
+            f"the sweep stopped after {plural(written, 'new chunk')} ({type(exc).__name__}"
             f"{': ' + text if text else ''}); the finished chunks are kept: run it again "
             "with --resume"
         ) from exc
@@ -699,6 +800,26 @@ def _collect(
         close = getattr(results, "close", None)
         if close is not None:
             close()
+
+
+def _identity(sweep: Sweep, k: int) -> bytes:
+    """What chunk ``k``'s file records of its sweep (``IDENTITY``).
+
+    Args:
+        sweep: the sweep.
+        k: the chunk.
+
+    Returns:
+        JSON: the sweep's hash and axes, the chunk's number and its first and last point.
+    """
+    points = sweep.chunk_points(k)
+    record = {
+        "sweep": sweep.digest,
+        "axes": list(sweep.axes),
+        "chunk": k,
+        "points": [points[0][0], points[-1][0]],
+    }
+    return json.dumps(record).encode()
 
 
 def _schema(sweep: Sweep):
@@ -837,13 +958,14 @@ def summary_line(summary: dict[str, Any]) -> str:
     """The summary as one line for a terminal."""
     if summary["finished_before"]:
         return (
-            f"sweep {summary['sweep']} already finished: {summary['points']} points in "
+            f"sweep {summary['sweep']} already finished: {plural(summary['points'], 'point')} in "
             f"{summary['out']}; nothing to do"
         )
     return (
-        f"sweep {summary['sweep']}: {summary['points']} points in {summary['chunks']} chunks "
-        f"({summary['computed']} computed now, {summary['seconds']:.3g} s), "
-        f"{summary['errors']} errors; rows in {Path(summary['out']) / ROWS}"
+        f"sweep {summary['sweep']}: {plural(summary['points'], 'point')} in "
+        f"{plural(summary['chunks'], 'chunk')} ({summary['computed']} computed now, "
+        f"{summary['seconds']:.3g} s), {plural(summary['errors'], 'error')}; "
+        f"rows in {Path(summary['out']) / ROWS}"
     )
 
 

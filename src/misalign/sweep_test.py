@@ -213,7 +213,7 @@ def test_a_changed_sweep_or_a_partial_one_without_resume_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=rf"holds sweep {sweep.digest}, not this sweep file"):
         run_sweep(changed, tmp_path, workers=1)
     chunk_path(tmp_path, 1).unlink()
-    with pytest.raises(ConfigError, match=r"2 of 3 chunks of this sweep are done; pass --resume"):
+    with pytest.raises(ConfigError, match=r"this sweep has 2 of 3 chunks done; pass --resume"):
         run_sweep(sweep, tmp_path, workers=1)
     kept = chunk_path(tmp_path, 0).stat().st_mtime_ns
     resumed = run_sweep(sweep, tmp_path, workers=1, resume=True)
@@ -234,7 +234,7 @@ def test_a_backend_failure_keeps_the_finished_chunks_and_says_to_resume(monkeypa
     with pytest.raises(SweepStopped) as caught:
         run_sweep(sweep, tmp_path, workers=1)
     assert str(caught.value) == (
-        "the sweep stopped after 1 new chunks (RuntimeError: worker died); the finished "
+        "the sweep stopped after 1 new chunk (RuntimeError: worker died); the finished "
         "chunks are kept: run it again with --resume"
     )
     assert [p.name for p in (tmp_path / "rows").iterdir()] == ["chunk-00000.parquet"]
@@ -365,6 +365,161 @@ def test_cli_json_summary(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["sweep", str(path), "--out", str(tmp_path / "out")])
     assert "already finished: 6 points" in capsys.readouterr().out
+
+
+def test_a_sweep_of_one_point_says_one_point_in_one_chunk(tmp_path, capsys):
+    import tomli_w
+
+    path = tmp_path / "s.toml"
+    path.write_text(tomli_w.dumps(small(axes={"agents.A.n": [3]})))
+    with pytest.raises(SystemExit) as caught:
+        main(["sweep", str(path), "--out", str(tmp_path / "out"), "--workers", "1"])
+    line = capsys.readouterr().out
+    assert caught.value.code == 0
+    assert ": 1 point in 1 chunk (1 computed now, " in line and "s), 0 errors; rows" in line
+    with pytest.raises(SystemExit):
+        main(["sweep", str(path), "--out", str(tmp_path / "out")])
+    assert "already finished: 1 point in " in capsys.readouterr().out
+
+
+def _cli(capsys, *args) -> tuple[int, str, str]:
+    """``misalign ARGS`` (the real CLI, in this process): exit code, stdout, stderr."""
+    with pytest.raises(SystemExit) as caught:
+        main([str(arg) for arg in args])
+    captured = capsys.readouterr()
+    return caught.value.code, captured.out, captured.err
+
+
+def _finished(tmp_path: Path, capsys, name: str = "s", **changes) -> tuple[Path, Path]:
+    """A small sweep file (``small(**changes)``) and its finished output, by the CLI."""
+    import tomli_w
+
+    path, out = tmp_path / f"{name}.toml", tmp_path / name
+    path.write_text(tomli_w.dumps(small(**changes)))
+    code, _, err = _cli(capsys, "sweep", path, "--out", out, "--workers", "1")
+    assert code == 0, err
+    return path, out
+
+
+def _resumed(capsys, path: Path, out: Path, spoiled: str, why: str, again: str) -> None:
+    """A sweep with one spoiled chunk file: refused in one line without --resume (naming it),
+    finished with it and one warning line; its rows are those of the untouched sweep and
+    the other chunk files are not rewritten."""
+    kept = {p.name: p.stat().st_mtime_ns for p in (out / "rows").iterdir() if p.name != spoiled}
+    code, _, err = _cli(capsys, "sweep", path, "--out", out, "--workers", "1")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"misalign: error: --out {out}: this sweep has ") and spoiled in err
+    assert err.endswith("; pass --resume to finish it\n")
+    code, stdout, err = _cli(capsys, "sweep", path, "--out", out, "--workers", "1", "--resume")
+    assert code == 0 and err.count("\n") == 1, err
+    assert err.startswith(f"misalign: warning: --out {out}: rows/{spoiled} {why}")
+    assert err.endswith(f"; {again}\n")
+    if again == "computing it again":
+        assert "6 points in 3 chunks (1 computed now, " in stdout
+    else:
+        assert "already finished: 6 points" in stdout
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "rows").iterdir()}
+    assert {name: after[name] for name in kept} == kept
+    assert sorted(after) == [f"chunk-{k:05d}.parquet" for k in range(3)]
+
+
+@pytest.mark.parametrize(
+    ("damage", "why"),
+    [
+        (lambda data: data[: len(data) // 2], "is damaged (Parquet magic bytes not found"),
+        (lambda data: b"", "is damaged (Parquet file size is 0 bytes"),
+        (lambda data: b"PAR1" + bytes(100) + data[-200:], "is damaged ("),
+        (lambda data: data[:250] + bytes([data[250] ^ 0xFF]) + data[251:], "is damaged ("),
+    ],
+    ids=["truncated", "empty", "garbage inside", "a flipped byte"],
+)
+def test_resume_computes_a_damaged_chunk_again_in_one_line(tmp_path, capsys, damage, why):
+    """Issue 21: a damaged chunk file was a 94-line ArrowInvalid traceback on --resume."""
+    path, out = _finished(tmp_path, capsys)
+    before = without_seconds(read_rows(out))
+    chunk = chunk_path(out, 1)
+    chunk.write_bytes(damage(chunk.read_bytes()))
+    _resumed(capsys, path, out, chunk.name, why, "computing it again")
+    assert without_seconds(read_rows(out)) == before
+
+
+def _unlabelled(source: Path, target: Path) -> None:
+    """``source``'s rows written to ``target`` without the sweep they belong to (as an older
+    misalign, or another program, writes them)."""
+    pq.write_table(pq.read_table(source).replace_schema_metadata(None), target)
+
+
+@pytest.mark.parametrize(
+    ("spoil", "name", "why", "again"),
+    [
+        (
+            lambda mine, other: other / "rows" / "chunk-00001.parquet",
+            "chunk-00001.parquet",
+            "holds rows of sweep {other}, not of this one ({mine})",
+            "computing it again",
+        ),
+        (
+            lambda mine, other: mine / "rows" / "chunk-00000.parquet",
+            "chunk-00001.parquet",
+            "holds the rows of chunk 0, not of chunk 1",
+            "computing it again",
+        ),
+        (
+            lambda mine, other: mine / "rows" / "chunk-00002.parquet",
+            "chunk-00007.parquet",
+            "is not a chunk of this sweep (3 chunks)",
+            "removed",
+        ),
+        (
+            None,
+            "chunk-00001.parquet",
+            "records no sweep (not written by misalign sweep, or by an older version)",
+            "computing it again",
+        ),
+    ],
+    ids=["from another sweep", "another chunk of this sweep", "beyond its chunks", "unlabelled"],
+)
+def test_resume_computes_a_chunk_of_another_sweep_again_in_one_line(
+    tmp_path, capsys, spoil, name, why, again
+):
+    """Issue 21: a chunk copied in from another sweep with the same columns was taken as
+    finished, mixing two sweeps; so would a chunk in another chunk's place or an extra one."""
+    path, out = _finished(tmp_path, capsys)
+    _, other = _finished(tmp_path, capsys, "other", seeds=4)
+    before = without_seconds(read_rows(out))
+    target = out / "rows" / name
+    if spoil is None:
+        _unlabelled(target, target)
+    else:
+        target.write_bytes(spoil(out, other).read_bytes())
+    digests = {
+        "mine": json.loads((out / "manifest.json").read_text())["sweep"],
+        "other": json.loads((other / "manifest.json").read_text())["sweep"],
+    }
+    _resumed(capsys, path, out, name, why.format(**digests), again)
+    assert without_seconds(read_rows(out)) == before
+
+
+def test_resume_with_the_axes_in_another_order_computes_every_chunk_again(tmp_path, capsys):
+    """The sweep's hash does not see the order of its axes, which orders its points: after
+    the axes are swapped, every chunk holds other points and is computed again."""
+    import tomli_w
+
+    axes = {"agents.B.eta": [0.25, 0.625, 1.0], "agents.A.n": [3, 8]}
+    path, out = _finished(tmp_path, capsys, axes=axes)
+    before = {row["point"]: row for row in without_seconds(read_rows(out))}
+    path.write_text(tomli_w.dumps(small(axes=dict(reversed(axes.items())))))
+    code, stdout, err = _cli(capsys, "sweep", path, "--out", out, "--workers", "1", "--resume")
+    assert code == 0 and err.count("\n") == 3
+    lines = err.splitlines()
+    assert all(line.endswith("axes in another order; computing it again") for line in lines)
+    assert "(3 computed now, " in stdout
+    rows = without_seconds(read_rows(out))
+    assert [row["agents.A.n"] for row in rows] == [3, 3, 3, 8, 8, 8]
+    assert [row["point"] for row in rows] == list(range(6))
+    same = {(row["agents.A.n"], row["agents.B.eta"]): row for row in before.values()}
+    for row in rows:  # the same points, each with its own statistics
+        assert {**row, "point": 0} == {**same[row["agents.A.n"], row["agents.B.eta"]], "point": 0}
 
 
 SLOW = {

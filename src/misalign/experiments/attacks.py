@@ -25,6 +25,7 @@ from misalign.config import parse_config
 from misalign.experiment import setup
 from misalign.experiments import Claim, Experiment, Result, worst, write_run
 from misalign.study import ATTACKS, DEFENCES, draw_roc, roc, roles, run_study
+from misalign.text import plural
 
 NAME = "attacks"
 BASE = {  # examples/attack.toml
@@ -252,7 +253,7 @@ def _figure(cfg, cells, base):
             yscale="log",
             xlabel=f"attack by {attacker}",
             ylabel=f"final distance of {name} to its target (floored at {floor:g})",
-            title=f"{role} {name}, by {victim}'s defence ({cfg['seeds']} seeds)",
+            title=f"{role} {name}, by {victim}'s defence ({plural(cfg['seeds'], 'seed')})",
         )
         ax.legend(frameon=False, fontsize="small", loc="center")
     draw_roc(axes[2], cells)

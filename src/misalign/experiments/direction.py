@@ -33,6 +33,7 @@ import numpy as np
 from misalign.config import parse_config
 from misalign.experiment import predict, setup, simulate
 from misalign.experiments import Claim, Experiment, Result, theory_and_simulation, write_run
+from misalign.text import plural
 from misalign.theory import two_agent_residuals
 
 NAME = "direction"
@@ -197,7 +198,7 @@ def _figure(cfg, gaps, per_gap, response, simulated, small):
     ax.set(
         xlabel="angle theta of u from the well-seen e_1 to the barely-seen e_4 (degrees)",
         ylabel="residual per unit gap |e_i| / g",
-        title=f"response per unit gap against direction ({cfg['seeds']} seeds)",
+        title=f"response per unit gap against direction ({plural(cfg['seeds'], 'seed')})",
     )
     for ax, name in zip(axes[1:], ("B", "A"), strict=True):
         for k, (index, what) in enumerate(((0, "well-seen e_1"), (-1, "barely-seen e_4"))):

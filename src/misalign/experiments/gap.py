@@ -19,6 +19,7 @@ import numpy as np
 from misalign.config import parse_config
 from misalign.experiment import predict, setup, simulate
 from misalign.experiments import Claim, Experiment, Result, theory_and_simulation, write_run
+from misalign.text import plural
 
 NAME = "gap"
 GEOMETRIES = {
@@ -121,7 +122,7 @@ def _figure(cfg, curves):
         ax.set(
             xlabel="objective gap g (w_B* - w_A* = g u)",
             ylabel="final residual |e_i|",
-            title=f"{geometry} ({cfg['seeds']} seeds)",
+            title=f"{geometry} ({plural(cfg['seeds'], 'seed')})",
         )
     return fig
 

@@ -27,6 +27,7 @@ import numpy as np
 from misalign.experiment import setup
 from misalign.experiments import Claim, Experiment, Result, theory_and_simulation, write_run
 from misalign.helper_study import METHODS, run_helper_study, study_config
+from misalign.text import plural
 
 NAME = "helper"
 SLOW = ("A alone", "plain alternation")
@@ -166,7 +167,7 @@ def _figure(cfg, taken):
             yscale="log",
             xlabel="condition number kappa of A's covariance",
             ylabel=f"rounds until |u_t - w_A*| < {cfg['tol']:g}",
-            title=f"d = {d} ({cfg['seeds']} seeds)",
+            title=f"d = {d} ({plural(cfg['seeds'], 'seed')})",
         )
     np.atleast_1d(axes)[0].legend(frameon=False, fontsize="x-small", loc="upper left", ncol=2)
     return fig

@@ -2,7 +2,8 @@
 its store without a server or a key; a loopback server whose answers follow a known affine map
 is fitted exactly and the play ends on the predicted equilibrium (docs/theory.md §7).
 
-Part 1, the recorded run (``examples/local_llm.toml`` with ``examples/local_llm.sqlite``:
+Part 1, the recorded run (``local_llm.toml`` with its store ``local_llm.sqlite``, shipped in
+the package, ``misalign.shipped``; ``examples/`` holds the same files:
 SmolLM2-135M-Instruct against an analytic agent, ``d = 2``, 20 rounds). The store is copied
 into a temporary directory and the copy is replayed (``Session(copy, "replay")``: no request
 may reach a server, a miss is an error; the shipped file is hashed before and after). The
@@ -44,11 +45,11 @@ from misalign.experiments import (
     write_run,
 )
 from misalign.observe import classify
+from misalign.shipped import RECORDED, shipped
+from misalign.text import plural
 from misalign.theory import round_map
 
 NAME = "llm"
-ROOT = Path(__file__).resolve().parents[3]
-"""The repository root (``examples/`` lives there)."""
 
 
 def config(quick: bool, seeds: int | None) -> dict[str, Any]:
@@ -56,8 +57,8 @@ def config(quick: bool, seeds: int | None) -> dict[str, Any]:
     return {
         "experiment": NAME,
         "recorded": {
-            "config": "examples/local_llm.toml",
-            "store": "examples/local_llm.sqlite",
+            "config": "misalign/data/local_llm.toml",
+            "store": "misalign/data/local_llm.sqlite",
             "replays": 2,
             "held_out": 1.3,
         },
@@ -113,19 +114,19 @@ def _replay(toml: Path, store: Path):
 def _recorded(cfg: dict[str, Any]):
     """Part 1: replay the shipped run from copies of its store."""
     part = cfg["recorded"]
-    toml, shipped = ROOT / part["config"], ROOT / part["store"]
-    if not (toml.exists() and shipped.exists()):
-        raise FileNotFoundError(f"{part['config']} and {part['store']} ship with the repository")
-    before = _sha256(shipped)
     runs = []
-    with tempfile.TemporaryDirectory(prefix="misalign-llm-") as tmp:
+    with (
+        shipped(*RECORDED) as (toml, store),
+        tempfile.TemporaryDirectory(prefix="misalign-llm-") as tmp,
+    ):
+        before = _sha256(store)
         for k in range(part["replays"]):
             copy = Path(tmp) / f"replay-{k}.sqlite"
-            shutil.copyfile(shipped, copy)
+            shutil.copyfile(store, copy)
             runs.append(_replay(toml, copy))
         recorded = _recorded_estimates(copy, "A", int(runs[0][0].configs[0].seed))
         accepted = _accepted(copy)
-    changed = int(_sha256(shipped) != before)
+        changed = int(_sha256(store) != before)
     game, fits, trajectory, prediction, session = runs[0]
     names = game.schedule.agents
     replayed = trajectory.outputs("A")[:, 0]
@@ -306,8 +307,8 @@ def _fake(cfg: dict[str, Any]):
     plays = part["plays"] * len(part["dims"])
     claims = [
         Claim(
-            f"fake server (A w + c, d = {part['dims']}, {plays} plays): max |fitted - true|"
-            " of A and c, global and local fits",
+            f"fake server (A w + c, d = {part['dims']}, {plural(plays, 'play')}): max"
+            " |fitted - true| of A and c, global and local fits",
             fit_error,
             1e-6,
         ),
@@ -390,7 +391,8 @@ def _figure(recorded, fake):
             ms=3,
             color=color,
             capsize=2,
-            label=f"simulation, d = {d} ± std ({simulated.shape[1]} plays, rho ~ {rho:.2f})",
+            label=f"simulation, d = {d} ± std ({plural(simulated.shape[1], 'play')}, "
+            f"rho ~ {rho:.2f})",
         )
     right.set(
         yscale="log",

@@ -23,6 +23,7 @@ import numpy as np
 from misalign.config import parse_config
 from misalign.experiment import predict, setup, simulate
 from misalign.experiments import Claim, Experiment, Result, worst, write_run
+from misalign.text import plural
 
 NAME = "noise"
 
@@ -148,7 +149,7 @@ def _figure(cfg, points):
         yscale="log",
         xlabel="sampling standard deviation sigma",
         ylabel="stationary spread around the predicted limit",
-        title=f"stationary spread vs Lyapunov ({cfg['seeds']} seeds)",
+        title=f"stationary spread vs Lyapunov ({plural(cfg['seeds'], 'seed')})",
     )
     ax.set_xticks(cfg["sigmas"], [f"{s:g}" for s in cfg["sigmas"]])
     ax.tick_params(axis="x", which="minor", bottom=False, labelbottom=False)

@@ -31,6 +31,7 @@ import numpy as np
 from misalign.config import parse_config
 from misalign.experiment import predict, setup, simulate
 from misalign.experiments import Claim, Experiment, Result, worst, write_run
+from misalign.text import plural
 from misalign.theory import exactness
 
 NAME = "one-sided"
@@ -219,7 +220,7 @@ def _figure(cfg, results):
         yscale="log",
         ylabel=f"final residual |e_i| (floored at {floor:g})",
         xlabel="condition of one-sided success (docs/theory.md §3)",
-        title=f"one-sided success: B exact, A biased ({cfg['seeds']} seeds)",
+        title=f"one-sided success: B exact, A biased ({plural(cfg['seeds'], 'seed')})",
     )
     return fig
 

@@ -23,6 +23,7 @@ import numpy as np
 from misalign.config import parse_config
 from misalign.experiment import predict, setup, simulate
 from misalign.experiments import Claim, Experiment, Result, measured_rate, worst, write_run
+from misalign.text import plural
 
 NAME = "schedules"
 AGENTS = {
@@ -151,7 +152,7 @@ def _figure(cfg, curves):
             xlabel="round t",
             yscale="log",
             ylabel="distance to the predicted equilibrium",
-            title=f"{label} ({cfg['seeds']} seeds)",
+            title=f"{label} ({plural(cfg['seeds'], 'seed')})",
         )
     return fig
 

@@ -18,6 +18,7 @@ import numpy as np
 from misalign.config import parse_config
 from misalign.experiment import predict, setup, simulate
 from misalign.experiments import Claim, Experiment, Result, measured_rate, write_run
+from misalign.text import plural
 
 NAME = "single-agent"
 
@@ -106,7 +107,7 @@ def _figure(cfg, grid, rho, rate):
     ax.set(
         xlabel="step size eta",
         ylabel="rate of |u_t - w_LS| per round",
-        title=f"one agent alone reaches w_LS at rate rho ({cfg['seeds']} seeds)",
+        title=f"one agent alone reaches w_LS at rate rho ({plural(cfg['seeds'], 'seed')})",
     )
     return fig
 

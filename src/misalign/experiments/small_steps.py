@@ -24,6 +24,7 @@ import numpy as np
 from misalign.config import parse_config
 from misalign.experiment import predict, setup, simulate
 from misalign.experiments import Claim, Experiment, Result, worst, write_run
+from misalign.text import plural
 
 NAME = "small-steps"
 VARIANTS = {
@@ -205,7 +206,7 @@ def _figure(cfg, etas, curves):
         yscale="log",
         xlabel="step scale eta (Gamma_i = eta G_i)",
         ylabel="distance of the limit (relative, geometric mean ± std)",
-        title=f"small steps: limit against eta ({cfg['seeds']} seeds)",
+        title=f"small steps: limit against eta ({plural(cfg['seeds'], 'seed')})",
     )
     return fig
 

@@ -48,6 +48,7 @@ from misalign.experiments import (
     worst,
     write_run,
 )
+from misalign.text import plural
 from misalign.theory import round_map
 
 NAME = "stability"
@@ -313,7 +314,7 @@ def _figure(cfg, etas, rho, rate, shape, boundary, plateau, transient):
         xlabel="step size eta (both agents)",
         yscale="log",
         ylabel="rate per round",
-        title=f"stability: rho against eta ({cfg['seeds']} seeds)",
+        title=f"stability: rho against eta ({plural(cfg['seeds'], 'seed')})",
     )
     _plateau_panel(wait, cfg, plateau)
     _example_panel(example, transient["example"])
@@ -343,7 +344,7 @@ def _plateau_panel(ax, cfg, plateau):
         yscale="log",
         xlabel="step size eta (both agents)",
         ylabel=f"rounds to shrink the error by {part['tol']:g}",
-        title=f"plateaus: rounds to tolerance as rho -> 1 ({cfg['seeds']} seeds)",
+        title=f"plateaus: rounds to tolerance as rho -> 1 ({plural(cfg['seeds'], 'seed')})",
     )
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.yaxis.set_minor_formatter(NullFormatter())
@@ -400,7 +401,8 @@ def _growth_panel(ax, cfg, transient):
         yscale="log",
         xlabel="rho (plays with rho < 1)",
         ylabel="growth before decay",
-        title=f"growth, rotated diag{tuple(part['spectrum'])} ({len(transient['rho'])} plays)",
+        title=f"growth, rotated diag{tuple(part['spectrum'])} "
+        f"({plural(len(transient['rho']), 'play')})",
     )
     ax.yaxis.set_minor_formatter(NullFormatter())
 

@@ -228,7 +228,7 @@ class LLMAgent:
                 self.name, prompt.X, prompt.y, estimate, self.config.eta, round
             )
         except TemplateRefused as exc:
-            raise Fatal(f"{exc} (play {self.seeds[play]} (seed), round {round})") from None
+            raise Fatal(f"{exc} (seed {self.seeds[play]}, round {round})") from None
 
     def _settings(self, sample: int) -> dict:
         """The passed-through settings; a ``seed`` is offset by the sample index, so that the
@@ -467,7 +467,7 @@ class LLMAgent:
             if slot.kind == "play"
             else f"fit {slot.round} probe {slot.position}"
         )
-        return f"agent {self.name}, play {slot.play} (seed), {what}" + (
+        return f"agent {self.name}, seed {slot.play}, {what}" + (
             f", sample {slot.sample}" if slot.sample else ""
         )
 

@@ -15,6 +15,8 @@ import re
 
 import numpy as np
 
+from misalign.text import plural
+
 NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 """A number as a model writes it: ``-1``, ``0.5``, ``.5``, ``3e-2``."""
 BRACKETED = re.compile(r"\[([^\[\]]*)\]")
@@ -80,7 +82,7 @@ def parse(text: str | None, d: int, strict: bool = False) -> np.ndarray:
         data = data["estimate"]
     if isinstance(data, list):
         if len(data) != d:
-            raise BadAnswer(f"the estimate had {len(data)} numbers, not {d}")
+            raise BadAnswer(f"the estimate had {plural(len(data), 'number')}, not {d}")
         if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in data):
             raise BadAnswer("the estimate held something other than numbers")
         try:
@@ -92,7 +94,7 @@ def parse(text: str | None, d: int, strict: bool = False) -> np.ndarray:
     else:
         found = _last_list(text, d) or NUMBER.findall(text)
         if len(found) < d:
-            raise BadAnswer(f"the answer held {len(found)} numbers, not {d}")
+            raise BadAnswer(f"the answer held {plural(len(found), 'number')}, not {d}")
         values = [float(v) for v in found[-d:]]
     if not all(math.isfinite(v) for v in values):
         raise BadAnswer("the estimate held a number that is not finite")

@@ -41,6 +41,7 @@ def test_a_json_object_without_estimate_falls_back_to_its_numbers():
         ('{"estimate": [1, 2]}', "had 2 numbers, not 3"),
         ("[1, 2, 3, 4]", "had 4 numbers, not 3"),
         ("I think it is 1 or 2", "held 2 numbers, not 3"),
+        ("I think it is 7", "held 1 number, not 3"),
         ('{"estimate": [1, NaN, 3]}', "not finite"),
         ('{"estimate": [1, Infinity, 3]}', "not finite"),
         ("[-Infinity, 0, 0]", "not finite"),

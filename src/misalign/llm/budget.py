@@ -29,6 +29,7 @@ from misalign.experiment import language_models
 from misalign.llm.answer import FORMATS, response_format
 from misalign.llm.client import cost_bound
 from misalign.llm.fit import answers_per_agent
+from misalign.text import plural
 
 LONGEST = -1.2345678901234567e-300
 """The longest number a prompt writes (``repr``: 24 characters)."""
@@ -99,8 +100,9 @@ def describe(plan: Plan) -> str:
     """One line: the requests planned per agent and the cost bound, for stderr."""
     each = ", ".join(f"{name} {n:,}" for name, n in plan.requests.items())
     line = (
-        f"language models: {plan.total:,} requests planned ({each}; fits and turns over every "
-        "play, before corrections and retries; answers already in the store are not sent again)"
+        f"language models: {plural(plan.total, 'request', spec=',')} planned ({each}; fits and "
+        "turns over every play, before corrections and retries; answers already in the store "
+        "are not sent again)"
     )
     if plan.cost:
         bound = plan.total_cost
@@ -126,9 +128,9 @@ def check(plan: Plan, max_requests: int | None, max_cost: float | None) -> None:
     """
     if max_requests is not None and plan.total > max_requests:
         raise ConfigError(
-            f"--max-requests {max_requests}: the run plans {plan.total:,} requests to language "
-            "models (probes x samples x (1 + refits) + turns, for every play); raise the limit "
-            "if you mean to send them"
+            f"--max-requests {max_requests}: the run plans "
+            f"{plural(plan.total, 'request', spec=',')} to language models (probes x samples "
+            "x (1 + refits) + turns, for every play); raise the limit if you mean to send them"
         )
     if max_cost is None:
         return

@@ -26,7 +26,7 @@ from email.utils import parsedate_to_datetime
 from misalign.config import ConfigError
 from misalign.llm.answer import FORMATS, response_format
 from misalign.llm.hosts import OPENAI_URL, ambient_headers
-from misalign.text import printable
+from misalign.text import plural, printable
 
 BACKOFF = 0.5
 """Seconds before the first retry; doubled at each retry, up to ``BACKOFF_CAP``."""
@@ -235,7 +235,7 @@ class Client:
                     raise Fatal(
                         self.scrub(
                             f"{self.field}.base_url: {self.base_url} unreachable after "
-                            f"{_attempts(retry + 1)}"
+                            f"{plural(retry + 1, 'attempt')}"
                         )
                     ) from None
                 retry = await self._wait(retry, "connection", None)
@@ -258,7 +258,7 @@ class Client:
             Exhausted: ``max_retries`` retries were spent.
         """
         if retry >= self.max_retries:
-            raise Exhausted(f"{cause} after {_attempts(retry + 1)}")
+            raise Exhausted(f"{cause} after {plural(retry + 1, 'attempt')}")
         self.stats.retries[cause] += 1
         backoff = min(BACKOFF_CAP, BACKOFF * 2**retry) * self._jitter.uniform(0.5, 1.0)
         await asyncio.sleep(max(backoff, min(retry_after or 0.0, RETRY_AFTER_CAP)))
@@ -285,9 +285,9 @@ class Client:
         most, spent = self.limits.requests, self.stats.requests
         if most is not None and spent >= most:
             raise OverLimit(
-                f"--max-requests {most}: reached ({spent:,} requests sent, retries and "
-                "corrections included); every answer is in the store, and a re-run with a "
-                "higher limit goes on from there"
+                f"--max-requests {most}: reached ({plural(spent, 'request', spec=',')} sent, "
+                "retries and corrections included); every answer is in the store, and a re-run "
+                "with a higher limit goes on from there"
             )
         cost, paid = self.limits.cost, self.stats.cost
         if cost is not None and paid + self.stats.reserved + reserve > cost:
@@ -456,10 +456,6 @@ def _param(exc) -> str | None:
 
 ABOUT_FORMAT = re.compile(r"response_format|schema", re.IGNORECASE)
 """A server error about the ``response_format`` sent (``json_schema``, a schema)."""
-
-
-def _attempts(n: int) -> str:
-    return f"{n} attempt" + ("" if n == 1 else "s")
 
 
 def _count(value) -> int:

@@ -83,7 +83,7 @@ def ask(game, play: int = 0, round: int = 0):
 @pytest.mark.parametrize(
     ("bad", "problem"),
     [
-        ('{"estimate": [1.0, ', "the answer held 1 numbers, not 3"),
+        ('{"estimate": [1.0, ', "the answer held 1 number, not 3"),
         ("w = [1.0, 2.0]", "the answer held 2 numbers, not 3"),
         ('{"estimate": [1, 2]}', "the estimate had 2 numbers, not 3"),
         ('{"estimate": [1, NaN, 2]}', "the estimate held a number that is not finite"),

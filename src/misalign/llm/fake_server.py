@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
+from misalign.text import plural
+
 HOST = "127.0.0.1"
 CHAT_PATH = "/v1/chat/completions"
 _ARRAY = re.compile(r"\[[^\[\]]*\]")
@@ -156,7 +158,7 @@ def estimate_of(body: dict[str, Any], d: int) -> np.ndarray:
         if len(values) == d and all(_is_number(v) for v in values):
             found = values
     if found is None:
-        raise ValueError(f"no array of {d} numbers in the first user message")
+        raise ValueError(f"no array of {plural(d, 'number')} in the first user message")
     return np.asarray(found, dtype=float)
 
 

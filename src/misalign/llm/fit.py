@@ -318,8 +318,12 @@ def fit_game(game, predict) -> Fits:
             unseen = plays & ~finite  # the warm-up centre has not been asked yet
             if unseen.any():
                 F[:, 0, unseen] = _answers(agent, here[None], k, unseen)[:, 0, unseen]
-            asked[name] = W, F
             used[name] += (int(plays.sum()) * (len(W) - 1) + int(unseen.sum())) * F.shape[0]
+            lost = plays & ~np.isfinite(fit_answers(W, F).map.c).all(axis=-1)
+            if lost.any():  # too few local answers: keep the last map, ask no more
+                W[:, lost], F[:, :, lost] = asked[name][0][:, lost], asked[name][1][:, :, lost]
+                pending &= ~lost
+            asked[name] = W, F
             locals_[name] = _fit(agent, W, F)
         prediction = predict(game)
     return Fits(
