@@ -696,13 +696,17 @@ def sweep_command(
     json_out: JsonOpt = False,
     out: Annotated[
         Path | None,
-        typer.Option(show_default="runs/sweep-<hash>", help="Directory of the parquet rows."),
+        typer.Option(
+            show_default="runs/sweep-<hash>",
+            help="Directory of the parquet rows, sweep.csv and sweep.png.",
+        ),
     ] = None,
 ) -> None:
     """One batched play and its prediction per point of a grid of configuration overrides.
 
     Rows stream to a parquet dataset, one file per finished chunk of points; --resume
-    finishes a killed sweep without recomputing finished chunks."""
+    finishes a killed sweep without recomputing finished chunks. At the end: a summary
+    table, sweep.csv (every row) and sweep.png (rho, divergence, rounds over the axes)."""
     from misalign.sweep import SweepStopped, check_backend, load_sweep, run_sweep, summary_line
 
     try:
@@ -715,7 +719,19 @@ def sweep_command(
     except SweepStopped as exc:  # not bad input: exit 1
         print(f"misalign: error: {exc}", file=sys.stderr)
         raise typer.Exit(1) from None
-    print(json.dumps(summary) if json_out else summary_line(summary))
+    if json_out:
+        print(json.dumps(summary))
+        return
+    from rich.table import Table
+
+    from misalign.sweep_view import cell
+
+    shown = summary["table"]
+    table = Table(*shown["columns"], title=shown["title"])
+    for row in shown["rows"]:
+        table.add_row(*map(cell, row))
+    _console().print(table)
+    print(summary_line(summary))
 
 
 QuickOpt = Annotated[bool, typer.Option("--quick", help="The small variant (seconds).")]
