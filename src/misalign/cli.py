@@ -696,13 +696,17 @@ def sweep_command(
     json_out: JsonOpt = False,
     out: Annotated[
         Path | None,
-        typer.Option(show_default="runs/sweep-<hash>", help="Directory of the parquet rows."),
+        typer.Option(
+            show_default="runs/sweep-<hash>",
+            help="Directory of the parquet rows, sweep.csv and sweep.png.",
+        ),
     ] = None,
 ) -> None:
     """One batched play and its prediction per point of a grid of configuration overrides.
 
     Rows stream to a parquet dataset, one file per finished chunk of points; --resume
-    finishes a killed sweep without recomputing finished chunks."""
+    finishes a killed sweep without recomputing finished chunks. At the end: a summary
+    table, sweep.csv (every row) and sweep.png (rho, divergence, rounds over the axes)."""
     from misalign.sweep import SweepStopped, check_backend, load_sweep, run_sweep, summary_line
 
     try:
@@ -715,7 +719,19 @@ def sweep_command(
     except SweepStopped as exc:  # not bad input: exit 1
         print(f"misalign: error: {exc}", file=sys.stderr)
         raise typer.Exit(1) from None
-    print(json.dumps(summary) if json_out else summary_line(summary))
+    if json_out:
+        print(json.dumps(summary))
+        return
+    from rich.table import Table
+
+    from misalign.sweep_view import cell
+
+    shown = summary["table"]
+    table = Table(*shown["columns"], title=shown["title"])
+    for row in shown["rows"]:
+        table.add_row(*map(cell, row))
+    _console().print(table)
+    print(summary_line(summary))
 
 
 QuickOpt = Annotated[bool, typer.Option("--quick", help="The small variant (seconds).")]
@@ -829,15 +845,17 @@ def report_command(
         list[Path],
         typer.Argument(
             metavar="RUN_DIR...",
-            help="Run directories of misalign reproduce, or directories of them (e.g. runs/).",
+            help="Run directories (of reproduce, run, theory, design, attacks, sweep), or "
+            "directories of them (e.g. runs/).",
         ),
     ],
     out: Annotated[Path, typer.Option("--out", help="The HTML page to write.")] = Path(
         "report.html"
     ),
 ) -> None:
-    """One static HTML page over experiment runs: every claim's verdict at the top, then per
-    run its figure, claims, configuration and table. No server, nothing loaded from outside."""
+    """One static HTML page over runs: every claim's verdict (recomputed from its numbers) at
+    the top, quick or full, the registry entries with no run; then per run its figure, claims
+    or facts, configuration and table. No server, nothing loaded from outside."""
     from misalign.page import find_runs, load_runs, write
 
     try:
@@ -852,7 +870,12 @@ def report_command(
         _fail(f"--out {out}: cannot write ({exc.strerror or type(exc).__name__})")
     passed, total = sum(r.passed for r in runs), sum(len(r.claims) for r in runs)
     passing = "claim passes" if total == 1 else "claims pass"
-    print(f"report: {out} ({plural(len(runs), 'run')}, {passed} of {total} {passing})")
+    claims = f", {passed} of {total} {passing}" if any(r.reproduced for r in runs) else ""
+    wrong = sum(c["disagrees"] for r in runs for c in r.claims)
+    if wrong:
+        says = "says" if wrong == 1 else "say"
+        claims += f"; {plural(wrong, 'verdict')} of claims.json {says} otherwise"
+    print(f"report: {out} ({plural(len(runs), 'run')}{claims})")
 
 
 @app.command("helper-study")

@@ -34,15 +34,17 @@ class UnsafeFile(Exception):
         self.why = why
 
 
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+def atomic_write(path: Path, write: Callable[[str], None], suffix: str = "") -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it onto ``path``.
 
     The file gets the usual mode (``0666`` less the umask), not ``mkstemp``'s ``0600``. A
     symbolic link at ``path`` is replaced by the file, never written through (a rename does not
     follow the link it replaces); ``refuse_symlinks`` refuses such an ``--out`` beforehand.
+    ``suffix`` ends the temporary file's name (``".png"`` for a writer that reads the format
+    from it, such as matplotlib's ``savefig``).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     try:
         write(tmp)

@@ -22,6 +22,14 @@ def test_atomic_write_replaces_a_symlink_instead_of_writing_through_it(tmp_path)
     assert target.read_text() == "theirs"
 
 
+def test_atomic_write_gives_the_temporary_file_its_suffix(tmp_path):
+    names = []
+    write = lambda tmp: names.append(tmp) or Path(tmp).write_text("x")  # noqa: E731
+    atomic_write(tmp_path / "a.png", write, suffix=".png")
+    assert Path(names[0]).name.startswith(".a.png.") and names[0].endswith(".png")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
+
+
 @pytest.mark.parametrize(
     "make,link",
     [

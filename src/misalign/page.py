@@ -1,108 +1,115 @@
-"""One static HTML page over experiment runs (``misalign report RUN_DIR...``).
+"""One static HTML page over run directories (``misalign report RUN_DIR...``).
 
-A run directory is what ``misalign reproduce`` writes (see ``misalign.experiments``):
-``claims.json`` (required), ``config.json``, ``version.json``, ``figure.png`` and
-``table.csv``. The page reads top to bottom: a title, when and from which version it was
-generated, how many claims pass, every failing claim (when one fails) and a contents table
-(per run: the claim its experiment checks, how many of its claims pass, its verdict), then
-one section per run, in the order given (a directory of runs in the registry's order; a run
-named twice appears once): the claim the experiment checks, its figure (a PNG data URI), its
-claims, and, folded, its resolved configuration and the first rows of its table (the whole
-CSV rides along as a ``data:`` download link, up to ``EMBED_BYTES``). It needs no server and
-loads nothing from outside the file: the CSS is inline and every value is escaped (Jinja2
-autoescape).
+A run directory is one the CLI writes: what ``misalign reproduce`` writes (see
+``misalign.experiments``: ``claims.json``, ``config.json``, ``version.json``, ``figure.png``
+and ``table.csv``), a play or a batch of plays (``misalign run``), a prediction (``theory``), a
+design, an attack study or a sweep (``misalign.page_kinds``). The page reads top to bottom: a
+title, when and from which version it was generated, how many claims pass, the registry
+entries with no run on the page, every failing claim and every verdict of ``claims.json`` that
+its numbers contradict, and a contents table (per run: its kind, quick or full for
+``reproduce``, the claim its experiment checks or what the run shows, how many of its claims
+pass, its verdict), then one section per run, in the order given (a directory of runs in the
+registry's order, other runs after them by name; a run named twice appears once): the claim or
+the run's facts, its figure (a PNG data URI), its claims or small tables, and, folded, its
+configuration and the first rows of its CSV table (the whole CSV rides along as a ``data:``
+download link, up to ``EMBED_BYTES``). It needs no server and loads nothing from outside the
+file: the CSS is inline and every value is escaped (Jinja2 autoescape).
+
+Every verdict is recomputed from the claim's ``measured`` and ``tolerance`` by the rule of
+``misalign.experiments.Claim`` (a value that is missing, not finite or not a number fails);
+``passed`` in ``claims.json`` is only compared with it, and a disagreement is shown as such.
 
 A run directory may come from someone else (a shared tarball): only regular files really inside
 it are read (``misalign.files.open_inside``). A file that is a symbolic link, a directory, a
 FIFO or a device is named in one line on stderr and left out of the page (a note in its place);
-a run directory that is itself a symbolic link, or whose ``claims.json`` is such a file, is left
-out whole. The rest of the page is still built.
+a run directory that is itself a symbolic link, or whose main file (``claims.json``,
+``run.json``, ...) is such a file, is left out whole. The rest of the page is still built.
 """
 
 from __future__ import annotations
 
-import base64
-import csv
-import io
-import itertools
 import json
 import math
 import os
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from misalign.config import ConfigError
-from misalign.files import UnsafeFile, open_inside
-from misalign.text import printable
+from misalign.files import UnsafeFile
+from misalign.page_kinds import MARKERS, Grid, marker, read_view
+from misalign.page_read import (
+    Table,
+    Warn,
+    left_out,
+    num,
+    read_figure,
+    read_json,
+    read_table,
+    warn_stderr,
+)
 
-ROWS = 50
-"""Rows of ``table.csv`` shown on the page (the full table is a download link)."""
-
-EMBED_BYTES = 8 * 2**20
-"""The largest ``table.csv`` embedded as a download link (base64 makes it a third larger);
-a larger one is named by its path instead."""
-JSON_BYTES = 16 * 2**20
-"""The largest ``claims.json``, ``config.json`` or ``version.json`` read (ours are kB)."""
-FIGURE_BYTES = 32 * 2**20
-"""The largest ``figure.png`` embedded (ours are well under 1 MB)."""
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-Warn = Callable[[str], None]
-"""Where the page names what it leaves out: one line each."""
-
-
-def warn_stderr(message: str) -> None:
-    """Name something left out of the page: one line on stderr, ``misalign: warning: ...``."""
-    print(f"misalign: warning: {printable(message)}", file=sys.stderr)
-
-
-@dataclass(frozen=True)
-class Table:
-    """The first rows of ``table.csv`` as display cells, and the whole file base64-encoded
-    (``None`` when it is larger than ``EMBED_BYTES``: ``too_large`` says why)."""
-
-    header: list[str]
-    rows: list[list[dict[str, Any]]]
-    total: int
-    csv: str | None
-    filename: str
-    too_large: str = ""
+_NO_RUN = f"no run here (none of {', '.join(MARKERS)})"
+"""What the page says of a directory that holds no run (one line, exit 2)."""
 
 
 @dataclass(frozen=True)
 class Run:
-    """One run directory, read and ready to render."""
+    """One run directory, read and ready to render.
+
+    Attributes:
+        kind: ``reproduce``, or what ``misalign.page_kinds`` calls the run.
+        claims: ``reproduce``: each claim with its recomputed verdict (``passed``), the one in
+            ``claims.json`` (``stored``) and whether they differ (``disagrees``).
+        claim: ``reproduce``: the claim its registry entry checks; else the run's headline.
+        mode: ``reproduce``: quick or full (``run_mode``).
+        facts, grids: what the section tells of a run that is not ``reproduce``'s.
+        version: which misalign wrote it (``None``: the run does not say).
+        figure_name: its figure's file (``None``: it draws none).
+        table_name: its CSV's file (``None``: it writes none).
+    """
 
     directory: Path
     name: str
     claims: list[dict[str, Any]]
+    kind: str = "reproduce"
     claim: str | None = None
+    mode: str = ""
+    facts: list[str] = field(default_factory=list)
+    grids: list[Grid] = field(default_factory=list)
     config: str = "{}"
-    version: str = "misalign (version unknown)"
+    config_name: str = "config.json"
+    version: str | None = "misalign (version unknown)"
     figure: str | None = None
+    figure_name: str | None = "figure.png"
     figure_missing: str = ""
     table: Table | None = None
+    table_name: str | None = "table.csv"
     table_missing: str = ""
     anchor: str = field(default="run", compare=False)
 
     @property
     def passed(self) -> int:
-        """How many of its claims pass."""
+        """How many of its claims pass (by their recomputed verdicts)."""
         return sum(1 for c in self.claims if c["passed"])
+
+    @property
+    def reproduced(self) -> bool:
+        """Whether it is a run of ``misalign reproduce`` (it has claims to check)."""
+        return self.kind == "reproduce"
 
 
 def find_runs(paths: Sequence[Path]) -> list[Path]:
-    """Run directories from ``paths``, each once, in the order given: a directory with
-    ``claims.json`` is a run; one without but with subdirectories that have it stands for
-    those, in the registry's order (``misalign reproduce --list``; runs of no registry
-    entry after them, by name). A run named twice (``runs/gap`` and ``runs/``, or a
-    relative and an absolute path) appears where it is first named. A run directory that is a
-    symbolic link is still listed: ``load_runs`` names it and leaves it out.
+    """Run directories from ``paths``, each once, in the order given: a directory holding one
+    of ``misalign.page_kinds.MARKERS`` (``claims.json``, ``run.json``, ``theory.json``,
+    ``design.json``, ``attacks.json``, a sweep's ``manifest.json``) is a run; one without but
+    with subdirectories that hold one stands for those, in the registry's order (``misalign
+    reproduce --list``; other runs after them, by name). A run named twice (``runs/gap`` and
+    ``runs/``, or a relative and an absolute path) appears where it is first named. A run
+    directory that is a symbolic link is still listed: ``load_runs`` names it and leaves it
+    out.
 
     Args:
         paths: run directories, or directories of runs.
@@ -120,16 +127,15 @@ def find_runs(paths: Sequence[Path]) -> list[Path]:
             raise ConfigError(f"{path}: no such run directory")
         if not path.is_dir():
             raise ConfigError(f"{path}: not a directory")
-        if _holds_claims(path):
+        if marker(path):
             inner = [path]
         else:
             inner = sorted(
-                (p for p in path.iterdir() if p.is_dir() and _holds_claims(p)),
-                key=_registry_order,
+                (p for p in path.iterdir() if p.is_dir() and marker(p)), key=_registry_order
             )
             if not inner:
                 raise ConfigError(
-                    f"{path}: no claims.json (neither a run directory nor a directory of runs)"
+                    f"{path}: {_NO_RUN} (neither a run directory nor a directory of runs)"
                 )
         for run in inner:
             if run.resolve() not in seen:
@@ -138,20 +144,14 @@ def find_runs(paths: Sequence[Path]) -> list[Path]:
     return found
 
 
-def _holds_claims(directory: Path) -> bool:
-    """Whether ``directory`` holds a ``claims.json`` (of whatever kind: one that is not a regular
-    file is named when the run is read, ``load_run``)."""
-    return os.path.lexists(directory / "claims.json")
-
-
 def _registry_order(directory: Path) -> tuple[int, str]:
     """Sort key of a run directory: its experiment's place in the registry, then its name."""
     from misalign.experiments import REGISTRY
 
     order = list(REGISTRY)
     try:
-        config = _config(directory)
-    except UnsafeFile:  # named once, when the run is read (load_run)
+        config = _config(directory) if marker(directory) == "claims.json" else {}
+    except (UnsafeFile, ConfigError):  # named once, when the run is read (load_run)
         config = {}
     name = _name(directory, config)
     return (order.index(name) if name in order else len(order), directory.name)
@@ -165,7 +165,7 @@ def _config(directory: Path) -> Any:
         ConfigError: it cannot be read or is not valid JSON.
     """
     has = os.path.lexists(directory / "config.json")
-    return _read_json(directory, "config.json") if has else {}
+    return read_json(directory, "config.json") if has else {}
 
 
 def _name(directory: Path, config: Any) -> str:
@@ -174,42 +174,16 @@ def _name(directory: Path, config: Any) -> str:
     return str(experiment) if experiment else directory.resolve().name
 
 
-def _read_json(directory: Path, name: str) -> Any:
-    """The JSON file ``name`` of a run directory, read with ``open_inside``.
-
-    Raises:
-        UnsafeFile: it is not a regular file really inside the directory.
-        ConfigError: one line naming it when it cannot be read or is not valid JSON.
-    """
-    path = directory / name
-    try:
-        with open_inside(directory, name, most=JSON_BYTES) as handle:
-            return json.loads(handle.read().decode("utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON (line {exc.lineno})") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read ({_why(exc)})") from None
-    except (ValueError, RecursionError):  # an integer past 4300 digits; nesting too deep
-        raise ConfigError(f"{path}: not JSON a run writes (too deep, or a huge number)") from None
-
-
-def _why(exc: Exception) -> str:
-    """Why a file could not be read, in a few words on one line."""
-    if isinstance(exc, UnicodeDecodeError):
-        return "not UTF-8"
-    lines = str(exc).splitlines()
-    return getattr(exc, "strerror", None) or (lines[0] if lines else type(exc).__name__)
-
-
 def _claims(directory: Path) -> list[dict[str, Any]]:
-    """The claims of a run directory (``claims.json``), each with its name and verdict.
+    """The claims of a run directory (``claims.json``), each with its name, its numbers, its
+    verdict recomputed from them (``verdict``) and the one ``claims.json`` records.
 
     Raises:
         UnsafeFile: ``claims.json`` is not a regular file really inside the directory.
         ConfigError: one line naming it when it is not a list of valid claims.
     """
     path = directory / "claims.json"
-    data = _read_json(directory, "claims.json")
+    data = read_json(directory, "claims.json")
     if not isinstance(data, list):
         raise ConfigError(f"{path}: expected a list of claims")
     claims = []
@@ -220,15 +194,76 @@ def _claims(directory: Path) -> list[dict[str, Any]]:
             raise ConfigError(
                 f"{path}: claim {i}: passed must be true or false (got {entry['passed']!r:.40})"
             )
+        name, measured, tolerance = (
+            str(entry["name"]),
+            entry.get("measured"),
+            entry.get("tolerance"),
+        )
+        passed = verdict(name, measured, tolerance)
         claims.append(
             {
-                "name": str(entry["name"]),
-                "measured": entry.get("measured"),
-                "tolerance": entry.get("tolerance"),
-                "passed": entry["passed"],
+                "name": name,
+                "measured": measured,
+                "tolerance": tolerance,
+                "passed": passed,
+                "stored": entry["passed"],
+                "disagrees": passed != entry["passed"],
             }
         )
     return claims
+
+
+def verdict(name: str, measured: Any, tolerance: Any) -> bool:
+    """Whether a claim passes, by the rule of ``misalign.experiments.Claim``
+    (``measured <= tolerance``), from the numbers a ``claims.json`` records: a value that is
+    missing (``null``: not finite when written), not finite or not a number fails.
+
+    Args:
+        name: the claim's name.
+        measured: its measured value, as read.
+        tolerance: its tolerance, as read.
+
+    Returns:
+        The verdict.
+    """
+    from misalign.experiments import Claim
+
+    def number(value: Any) -> float:
+        plain = isinstance(value, int | float) and not isinstance(value, bool)
+        return float(value) if plain else math.nan
+
+    try:
+        return Claim(name, number(measured), number(tolerance)).passed
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def run_mode(name: str, config: Any) -> str:
+    """Whether a ``reproduce`` run was the quick or the full variant: its ``config.json``
+    against its registry entry's configurations (``--seeds N`` as recorded).
+
+    Args:
+        name: the run's experiment.
+        config: its ``config.json``.
+
+    Returns:
+        ``full``, ``quick (--quick)`` (each with ``, --seeds N`` when the seeds were given),
+        ``neither quick nor full ...`` when it matches neither, or ``""`` for a run of no
+        registry entry.
+    """
+    from misalign.experiments import REGISTRY
+
+    entry = REGISTRY.get(name)
+    if entry is None or not isinstance(config, dict):
+        return ""
+    seeds = config.get("seeds")
+    given = isinstance(seeds, int) and not isinstance(seeds, bool) and 0 < seeds <= 10**9
+    for quick, option in ((False, "full"), (True, "quick (--quick)")):
+        for tried in (None, seeds) if given else (None,):
+            resolved = json.loads(json.dumps(entry.config(quick, tried), default=str))
+            if resolved == config:
+                return option + ("" if tried is None else f", --seeds {seeds}")
+    return "neither quick nor full (a configuration this version's registry does not write)"
 
 
 def _version(directory: Path) -> str:
@@ -240,7 +275,7 @@ def _version(directory: Path) -> str:
     """
     if not os.path.lexists(directory / "version.json"):
         return "misalign (version unknown)"
-    data = _read_json(directory, "version.json")
+    data = read_json(directory, "version.json")
     if not isinstance(data, dict):
         return "misalign (version unknown)"
     text = f"misalign {data.get('version') or '(version unknown)'}"
@@ -248,121 +283,67 @@ def _version(directory: Path) -> str:
     return f"{text} (commit {str(commit)[:12]})" if commit else text
 
 
-def _cell(text: str) -> dict[str, Any]:
-    """A CSV value for display: numbers right-aligned, long floats to 6 significant digits."""
-    try:
-        value = float(text)
-    except ValueError:
-        return {"text": text, "number": False}
-    if math.isfinite(value) and any(c in text for c in ".eE"):
-        text = format(value, ".6g")
-    return {"text": text, "number": True}
-
-
-def _table(directory: Path, name: str, warn: Warn) -> tuple[Table | None, str]:
-    """The first ``ROWS`` rows of ``table.csv``, its row count (read row by row, never whole
-    into memory as rows) and, up to ``EMBED_BYTES``, the file itself.
-
-    Returns:
-        The table, or ``None`` and why there is none (a file left out is named by ``warn``).
-    """
-    path = directory / "table.csv"
-    if not os.path.lexists(path):
-        return None, "table.csv is missing"
-    try:
-        raw = open_inside(directory, "table.csv")
-        with io.TextIOWrapper(raw, encoding="utf-8", newline="") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            reader = csv.reader(handle)
-            header = next(reader, None)
-            shown = [[_cell(value) for value in row] for row in itertools.islice(reader, ROWS)]
-            total = len(shown) + sum(1 for _ in reader)
-            encoded = None
-            if size <= EMBED_BYTES:
-                raw.seek(0)
-                encoded = base64.b64encode(raw.read()).decode("ascii")
-    except UnsafeFile as exc:
-        return None, _left_out(exc, warn)
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        return None, f"table.csv cannot be read: {_why(exc)}"
-    if header is None:
-        return None, "table.csv is empty"
-    too_large = "" if encoded else f"{size / 2**20:.1f} MB; it is {path}"
-    return Table(header, shown, total, encoded, f"{name}-table.csv", too_large), ""
-
-
-def _figure(directory: Path, warn: Warn) -> tuple[str | None, str]:
-    """``figure.png`` base64-encoded.
-
-    Returns:
-        The encoded figure, or ``None`` and why there is none (a file left out is named by
-        ``warn``).
-    """
-    if not os.path.lexists(directory / "figure.png"):
-        return None, "figure.png is missing"
-    try:
-        with open_inside(directory, "figure.png", most=FIGURE_BYTES) as handle:
-            data = handle.read()
-    except UnsafeFile as exc:
-        return None, _left_out(exc, warn)
-    except OSError as exc:
-        return None, f"figure.png cannot be read: {_why(exc)}"
-    if not data.startswith(PNG_MAGIC):
-        return None, "figure.png is not a PNG"
-    return base64.b64encode(data).decode("ascii"), ""
-
-
-def _left_out(exc: UnsafeFile, warn: Warn) -> str:
-    """Name a file the page leaves out (``warn``: one line).
-
-    Args:
-        exc: the file and why it is not read.
-        warn: where the line goes.
-
-    Returns:
-        The note the page shows in its place.
-    """
-    warn(f"{exc}; left out of the page")
-    return f"{exc.path.name} left out: {exc.why}"
-
-
 def load_run(directory: Path, anchor: str = "run", warn: Warn = warn_stderr) -> Run:
     """Read one run directory; a file of it that is not a regular file really inside it is
     named by ``warn`` and left out (a note in its place).
 
     Raises:
-        ConfigError: one line naming the directory when it does not exist or lacks
-            ``claims.json``, or naming a file that is not valid JSON.
-        UnsafeFile: the directory is a symbolic link, or its ``claims.json`` is not a regular
-            file inside it: the whole run is left out (``load_runs``).
+        ConfigError: one line naming the directory when it does not exist or holds no run, or
+            naming a file that is not valid JSON or not what misalign writes there.
+        UnsafeFile: the directory is a symbolic link, or its main file (``claims.json``, ...)
+            is not a regular file inside it: the whole run is left out (``load_runs``).
     """
     directory = Path(directory)
     if not directory.is_dir():
         missing = "no such run directory" if not directory.exists() else "not a directory"
         raise ConfigError(f"{directory}: {missing}")
-    if not _holds_claims(directory):
-        raise ConfigError(f"{directory}: no claims.json (not a run directory)")
+    main = marker(directory)
+    if main is None:
+        raise ConfigError(f"{directory}: {_NO_RUN} (not a run directory)")
+    if main != "claims.json":
+        name = directory.resolve().name
+        view = read_view(directory, name, warn)
+        return Run(
+            directory=directory,
+            name=name,
+            claims=[],
+            kind=view.kind,
+            claim=view.headline,
+            facts=view.facts,
+            grids=view.grids,
+            config=view.config,
+            config_name=view.config_name,
+            version=None,
+            figure=view.figure,
+            figure_name=view.figure_name,
+            figure_missing=view.figure_missing,
+            table=view.table,
+            table_name="sweep.csv" if view.kind == "sweep" else None,
+            table_missing=view.table_missing,
+            anchor=anchor,
+        )
     claims = _claims(directory)
     try:
         config = _config(directory)
         shown = json.dumps(config, indent=2, default=str)
     except UnsafeFile as exc:
-        config, shown = {}, _left_out(exc, warn)
+        config, shown = {}, left_out(exc, warn)
     try:
         version = _version(directory)
     except UnsafeFile as exc:
-        version = f"misalign (version unknown: {_left_out(exc, warn)})"
+        version = f"misalign (version unknown: {left_out(exc, warn)})"
     name = _name(directory, config)
     from misalign.experiments import REGISTRY
 
     entry = REGISTRY.get(name)
-    figure, figure_missing = _figure(directory, warn)
-    table, table_missing = _table(directory, name, warn)
+    figure, figure_missing = read_figure(directory, "figure.png", warn)
+    table, table_missing = read_table(directory, "table.csv", name, warn)
     return Run(
         directory=directory,
         name=name,
         claims=claims,
         claim=entry.claim if entry is not None else None,
+        mode=run_mode(name, config),
         config=shown,
         version=version,
         figure=figure,
@@ -393,14 +374,20 @@ def load_runs(run_dirs: Sequence[Path], warn: Warn = warn_stderr) -> list[Run]:
     return runs
 
 
-def _num(value: Any) -> str:
-    if value is None:
-        return "not finite"
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return "not finite"
-    return format(value, ".3g") if isinstance(value, float) else str(value)
+def missing_entries(runs: Sequence[Run]) -> list[str]:
+    """The registry entries no ``reproduce`` run on the page is of (none when the page has no
+    ``reproduce`` run: it is then not about the registry).
+
+    Args:
+        runs: the page's runs.
+
+    Returns:
+        Their names, in the registry's order.
+    """
+    from misalign.experiments import REGISTRY
+
+    names = {run.name for run in runs if run.reproduced}
+    return [name for name in REGISTRY if name not in names] if names else []
 
 
 def render(runs: Sequence[Run], now: datetime | None = None) -> str:
@@ -412,15 +399,23 @@ def render(runs: Sequence[Run], now: datetime | None = None) -> str:
         autoescape=True,
         undefined=jinja2.StrictUndefined,
     )
-    env.filters["num"] = _num
+    env.filters["num"] = num
+    from misalign.experiments import REGISTRY
+
     now = datetime.now(UTC) if now is None else now
-    versions = list(dict.fromkeys(run.version for run in runs))
+    versions = list(dict.fromkeys(run.version for run in runs if run.version is not None))
+    checked = [run for run in runs if run.reproduced]
     return env.get_template("report.html.j2").render(
         title="misalign report",
         generated=now.strftime("%Y-%m-%d %H:%M UTC"),
         versions=versions,
         runs=runs,
+        checked=checked,
+        quick=[run for run in checked if run.mode.startswith("quick")],
+        missing=missing_entries(runs),
+        registry=len(REGISTRY),
         failed=[(run, c) for run in runs for c in run.claims if not c["passed"]],
+        disagreeing=[(run, c) for run in runs for c in run.claims if c["disagrees"]],
         passed=sum(run.passed for run in runs),
         total=sum(len(run.claims) for run in runs),
     )
@@ -431,8 +426,7 @@ def build_page(run_dirs: Sequence[Path], now: datetime | None = None) -> str:
     one string.
 
     Raises:
-        ConfigError: one line naming a directory that does not exist or lacks
-            ``claims.json``.
+        ConfigError: one line naming a directory that does not exist or holds no run.
     """
     return render(load_runs(find_runs(run_dirs)), now)
 

@@ -24,7 +24,8 @@ from typer.testing import CliRunner
 from misalign.cli import app, main
 from misalign.config import ConfigError
 from misalign.experiments import REGISTRY
-from misalign.page import PNG_MAGIC, ROWS, build_page, find_runs, write_page
+from misalign.page import build_page, find_runs, write_page
+from misalign.page_read import PNG_MAGIC, ROWS
 
 runner = CliRunner()
 NAMES = ["single-agent", "stability"]
@@ -128,17 +129,17 @@ def test_table_shows_the_first_rows_and_embeds_the_whole_csv(runs, tmp_path):
 
 
 def test_a_table_too_large_to_embed_is_named_by_its_path(runs, tmp_path, monkeypatch):
-    import misalign.page
+    import misalign.page_read
 
     run = _copy(runs, "single-agent", tmp_path)
     rows = ["i,note"] + [f'{i},"two\nlines"' for i in range(5000)]  # quoted newlines
     (run / "table.csv").write_text("\n".join(rows) + "\n")
     size = (run / "table.csv").stat().st_size
-    monkeypatch.setattr(misalign.page, "EMBED_BYTES", size - 1)
+    monkeypatch.setattr(misalign.page_read, "EMBED_BYTES", size - 1)
     page = build_page([run])
     assert "data:text/csv" not in page and f"showing {ROWS} of 5000 rows" in page
     assert f"too large to embed ({size / 2**20:.1f} MB; it is {run / 'table.csv'})" in page
-    monkeypatch.setattr(misalign.page, "EMBED_BYTES", size)
+    monkeypatch.setattr(misalign.page_read, "EMBED_BYTES", size)
     assert "data:text/csv" in build_page([run])
 
 
@@ -234,7 +235,7 @@ def test_a_failing_claim_shows_fail_at_the_top(runs, tmp_path):
     "make,expect",
     [
         (lambda d: d / "nope", "nope: no such run directory"),
-        (lambda d: d, "no claims.json"),
+        (lambda d: d, "no run here (none of claims.json, run.json, "),
         (lambda d: (d / "claims.json").write_text("[") and d, "claims.json: not valid JSON"),
         (lambda d: (d / "claims.json").write_text("{}") and d, "expected a list of claims"),
         (lambda d: (d / "claims.json").write_text('[{"x": 1}]') and d, "claim 0 lacks a name"),
@@ -269,7 +270,7 @@ def test_find_runs_takes_a_directory_of_runs_in_registry_order(runs, tmp_path):
     (mixed / "notes").mkdir()  # not a run
     assert [p.name for p in find_runs([mixed])] == ["b-single", "a-stability", "b-mine", "c-mine"]
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ConfigError, match="empty: no claims.json"):
+    with pytest.raises(ConfigError, match="empty: no run here"):
         find_runs([tmp_path / "empty"])
 
 
@@ -318,6 +319,111 @@ def test_cli_unwritable_out_is_one_line(runs, tmp_path):
             " directory)\n"
         )
     assert (tmp_path / "file").read_text() == ""
+
+
+# --- verdicts recomputed from the numbers, quick or full, the registry entries not run ------
+
+
+def _report(*args) -> tuple[str, str]:
+    """``misalign report ARGS --out <first arg's parent>/report.html`` through the real CLI:
+    its stdout line and the page."""
+    out = Path(args[0]).parent / "report.html"
+    result = runner.invoke(app, ["report", *map(str, args), "--out", str(out)])
+    assert result.exit_code == 0 and result.stderr == "", result.output
+    return result.stdout, out.read_text()
+
+
+def _section(page: str, name: str) -> str:
+    return next(s for s in page.split("<section")[1:] if f"<h2>{html.escape(name)}</h2>" in s)
+
+
+@pytest.mark.parametrize(
+    "measured,tolerance,text",
+    [
+        (5.0, 1e-8, ">5<"),  # the issue's tampered claim: 5 is not below 1e-8
+        ("NaN", 1e-3, ">not finite<"),  # Python's json writes and reads NaN
+        (None, 1e-3, ">not finite<"),  # how write_run records a value that is not finite
+        ("a lot", 1e-3, ">a lot<"),
+        (1e-9, None, ">not finite<"),
+    ],
+    ids=["5 against 1e-8", "NaN", "null", "text", "no tolerance"],
+)
+def test_a_stored_pass_the_numbers_contradict_fails_and_is_shown_as_such(
+    runs, tmp_path, measured, tolerance, text
+):
+    """Issue 21: the page trusted ``passed`` (a tampered 5.0 against 1e-8 showed "pass", a NaN
+    showed "not finite ... pass")."""
+    run = _copy(runs, "stability", tmp_path)
+    claims = _claims(run)
+    claims[0] |= {"measured": measured, "tolerance": tolerance, "passed": True}
+    raw = json.dumps(claims).replace('"NaN"', "NaN")
+    (run / "claims.json").write_text(raw)
+    stdout, page = _report(run)
+    n = len(claims)
+    assert stdout.endswith(
+        f"(1 run, {n - 1} of {n} claims pass; 1 verdict of claims.json says otherwise)\n"
+    )
+    assert f">{n - 1} of {n} claims pass<" in page
+    top = page.split("<section", 1)[0]
+    wrong = _rows(top.split('<table class="disagreements">', 1)[1].split("</table>", 1)[0])
+    assert len(wrong) == 1 and html.escape(claims[0]["name"]) in wrong[0] and text in wrong[0]
+    assert '<td class="disagree">pass</td>' in wrong[0] and '<td class="fail">FAIL</td>' in wrong[0]
+    assert html.escape(claims[0]["name"]) in top.split('<table class="failures">', 1)[1]
+    assert ">FAIL<" in _rows(_summary(page))[0]
+    row = _rows(_section(page, "stability").split('<table class="claims">', 1)[1])[0]
+    assert ">FAIL<" in row and '<td class="disagree">claims.json says pass</td>' in row
+    assert ">pass<" not in row
+
+
+def test_a_stored_fail_the_numbers_pass_passes_and_is_shown_as_such(runs, tmp_path):
+    run = _copy(runs, "stability", tmp_path)
+    claims = _claims(run)
+    claims[0]["passed"] = False  # its numbers pass
+    (run / "claims.json").write_text(json.dumps(claims))
+    stdout, page = _report(run)
+    n = len(claims)
+    assert f"{n} of {n} claims pass; 1 verdict of claims.json says otherwise" in stdout
+    assert "Failing claims" not in page and '<table class="disagreements">' in page
+    row = _rows(_section(page, "stability").split('<table class="claims">', 1)[1])[0]
+    assert ">pass<" in row and '<td class="disagree">claims.json says FAIL</td>' in row
+
+
+def test_quick_and_full_runs_are_told_apart(runs, tmp_path):
+    root = tmp_path / "runs"
+    for name, args in {"a-full": ["--seeds", "2"], "b-quick": ["--quick", "--seeds", "3"]}.items():
+        result = runner.invoke(app, ["reproduce", "single-agent", *args, "--out", str(root / name)])
+        assert result.exit_code == 0, result.output
+    shutil.copytree(runs / "stability", root / "stability")
+    config = root / "stability" / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"etas": [0.5]}))
+    _, page = _report(root)
+    mode = 'reproduce, <span class="mode">{}</span>'
+    neither = "neither quick nor full (a configuration this version&#39;s registry does not write)"
+    assert [re.findall(r"<td>(.*?)</td>", row)[1] for row in _rows(_summary(page))] == [
+        mode.format("full, --seeds 2"),
+        mode.format("quick (--quick), --seeds 3"),
+        mode.format(neither),
+    ]
+    _, page = _report(runs / "stability")
+    assert mode.format("quick (--quick)") in page and "Quick runs (--quick" in page
+    assert '<a href="#run-1">stability</a>.' in page.split("Quick runs", 1)[1]
+
+
+def test_the_registry_entries_with_no_run_are_listed(runs, tmp_path):
+    _, page = _report(runs)
+    others = [name for name in REGISTRY if name not in NAMES]
+    line = re.search(r'<p class="missing">(.*?)</p>', page).group(1)
+    assert line == (
+        f"Registry entries with no run here ({len(others)} of {len(REGISTRY)}): "
+        f"{', '.join(others)}."
+    )
+    assert page.index('class="missing"') < page.index('<table class="summary">')
+    full = tmp_path / "all"
+    for name in REGISTRY:  # one run per entry (copies of a real one, renamed)
+        run = shutil.copytree(runs / "stability", full / name)
+        (run / "config.json").write_text(json.dumps({"experiment": name}))
+    _, page = _report(full)
+    assert '<p class="missing">Every registry entry has a run here.</p>' in page
 
 
 def test_write_page_is_the_built_page(runs, tmp_path):
@@ -649,12 +755,13 @@ CHECK_PAGE = """JSON.stringify({
     .map(e => e.getAttribute('src') || e.getAttribute('href')),
   verdicts: Array.from(document.querySelectorAll('table.summary td.pass, table.summary td.fail'))
     .map(td => [td.textContent, getComputedStyle(td).backgroundColor]),
-  count: document.querySelector('.count').textContent,
+  count: (document.querySelector('.count') || {}).textContent || null,
 })"""
 
 
-@pytest.mark.browser
-def test_the_page_in_headless_chromium(runs, tmp_path):
+def in_chromium(page: Path, shot: Path) -> tuple[dict, list[dict]]:
+    """Load ``page`` in headless Chromium (skipped without one, failed in CI): what
+    ``CHECK_PAGE`` finds, and every DevTools event; a full-page screenshot into ``shot``."""
     binary = _browser()
     if binary is None:
         why = f"no headless Chromium: none of {', '.join(BROWSERS)} is on PATH"
@@ -663,12 +770,10 @@ def test_the_page_in_headless_chromium(runs, tmp_path):
         pytest.skip(why)
     from websockets.sync.client import connect
 
-    page = write_page([runs / name for name in NAMES], tmp_path / "report.html")
-    shot = tmp_path / "report.png"
-    started = time.monotonic()
-    (tmp_path / "profile").mkdir()
+    profile = shot.parent / "profile"
+    profile.mkdir()
     with (
-        _chromium(binary, tmp_path / "profile") as url,
+        _chromium(binary, profile) as url,
         connect(url, max_size=None, open_timeout=30) as socket,
     ):
         tools = DevTools(socket)
@@ -697,6 +802,33 @@ def test_the_page_in_headless_chromium(runs, tmp_path):
             timeout=60,
         )
         shot.write_bytes(base64.b64decode(picture["data"]))
+    return found, tools.events
+
+
+def browser_errors(events: list[dict]) -> list[dict]:
+    """The console errors, exceptions and error log entries among DevTools ``events``."""
+    return [
+        e["params"]
+        for e in events
+        if (e["method"] == "Runtime.consoleAPICalled" and e["params"]["type"] == "error")
+        or e["method"] == "Runtime.exceptionThrown"
+        or (e["method"] == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")
+    ]
+
+
+def requested(events: list[dict]) -> list[str]:
+    """The URLs the page asked for (``Network.requestWillBeSent``)."""
+    return [
+        e["params"]["request"]["url"] for e in events if e["method"] == "Network.requestWillBeSent"
+    ]
+
+
+@pytest.mark.browser
+def test_the_page_in_headless_chromium(runs, tmp_path):
+    page = write_page([runs / name for name in NAMES], tmp_path / "report.html")
+    shot = tmp_path / "report.png"
+    started = time.monotonic()
+    found, events = in_chromium(page, shot)
     seconds = time.monotonic() - started
 
     assert found["ready"] == "complete"
@@ -709,20 +841,9 @@ def test_the_page_in_headless_chromium(runs, tmp_path):
     assert len(found["verdicts"]) == len(NAMES)  # one per run in the contents
     assert {tuple(v) for v in found["verdicts"]} == {("pass", "rgb(218, 251, 225)")}  # coloured
 
-    errors = [
-        e["params"]
-        for e in tools.events
-        if (e["method"] == "Runtime.consoleAPICalled" and e["params"]["type"] == "error")
-        or e["method"] == "Runtime.exceptionThrown"
-        or (e["method"] == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")
-    ]
-    assert errors == []
-    requested = [
-        e["params"]["request"]["url"]
-        for e in tools.events
-        if e["method"] == "Network.requestWillBeSent"
-    ]
-    assert requested and all(u.startswith(("file:", "data:")) for u in requested), requested
+    assert browser_errors(events) == []
+    urls = requested(events)
+    assert urls and all(u.startswith(("file:", "data:")) for u in urls), urls
 
     image = Image.open(shot)
     image.load()
@@ -731,7 +852,7 @@ def test_the_page_in_headless_chromium(runs, tmp_path):
     assert len(colours) > 50  # text, tables, verdict colours and the figures: not blank
     if os.environ.get("MISALIGN_SCREENSHOT"):
         shutil.copyfile(shot, os.environ["MISALIGN_SCREENSHOT"])
-    print(f"chromium: {binary}, page checked and captured in {seconds:.1f} s")
+    print(f"chromium: page checked and captured in {seconds:.1f} s")
 
 
 @pytest.mark.parametrize(

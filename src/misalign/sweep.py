@@ -28,7 +28,8 @@ point that raised: the sweep goes on). A statistic without a value is ``null``.
 The output directory holds ``sweep.toml`` (the resolved sweep, base inline: running it again
 gives the same hash), ``manifest.json`` (the sweep's hash, points and chunks) and
 ``rows/chunk-NNNNN.parquet``, one file per finished chunk, each written to a temporary file
-and renamed into place: a kill leaves whole chunk files only, and ``resume`` computes the
+and renamed into place (and, once every chunk is done, ``sweep.csv`` and ``sweep.png``:
+``misalign.sweep_view``): a kill leaves whole chunk files only, and ``resume`` computes the
 missing ones. Each chunk file records whose rows it holds (``IDENTITY`` in its metadata: the
 sweep's hash, its axes, the chunk's number and points) and carries page checksums; a chunk
 that is damaged, from another sweep or in another chunk's place is not taken as finished:
@@ -542,13 +543,16 @@ def run_sweep(
     Returns:
         A summary: ``sweep`` (hash), ``points``, ``chunks``, ``computed`` (chunks computed by
         this call), ``errors`` (points that raised, in the whole dataset), ``seconds`` (of
-        this call), ``out`` and ``finished_before`` (the sweep was already complete: this
-        call did nothing).
+        this call), ``out``, ``finished_before`` (the sweep was already complete: this
+        call did nothing, or only wrote the figure or CSV where one was missing), and ``csv``,
+        ``figure`` and ``table`` (``misalign.sweep_view``: ``sweep.csv``, ``sweep.png`` and
+        the summary table).
 
     Raises:
         ConfigError: ``out`` is or holds a symbolic link, holds another sweep, or a partial
             one (or a chunk file that is not a finished chunk of this sweep) without
-            ``resume``; the backend is missing or its cluster unreachable.
+            ``resume``; the backend is missing or its cluster unreachable; ``sweep.csv`` or
+            ``sweep.png`` cannot be written.
         SweepStopped: the backend failed part way; what finished is kept.
     """
     started = time.perf_counter()
@@ -563,6 +567,9 @@ def run_sweep(
         else:
             tasks = _local(sweep, pending, workers)
         _collect(sweep, out, tasks, len(sweep.points) - _points(sweep, pending), progress)
+    from misalign.sweep_view import write_views
+
+    views = write_views(sweep, out, again=bool(pending))
     return {
         "sweep": sweep.digest,
         "points": len(sweep.points),
@@ -572,6 +579,7 @@ def run_sweep(
         "seconds": time.perf_counter() - started,
         "out": str(out),
         "finished_before": not pending,
+        **views,
     }
 
 
@@ -956,16 +964,17 @@ def _ray_results(ray, sweep: Sweep, chunks: Sequence[int], started: bool, reaper
 
 def summary_line(summary: dict[str, Any]) -> str:
     """The summary as one line for a terminal."""
+    views = f"; table {summary['csv']}, figure {summary['figure']}"
     if summary["finished_before"]:
         return (
             f"sweep {summary['sweep']} already finished: {plural(summary['points'], 'point')} in "
-            f"{summary['out']}; nothing to do"
+            f"{summary['out']}; nothing to do{views}"
         )
     return (
         f"sweep {summary['sweep']}: {plural(summary['points'], 'point')} in "
         f"{plural(summary['chunks'], 'chunk')} ({summary['computed']} computed now, "
         f"{summary['seconds']:.3g} s), {plural(summary['errors'], 'error')}; "
-        f"rows in {Path(summary['out']) / ROWS}"
+        f"rows in {Path(summary['out']) / ROWS}{views}"
     )
 
 
