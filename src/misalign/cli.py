@@ -485,7 +485,7 @@ ATTACK_COLUMNS = (
     *("attack", "defence", "victim distance (mean ± std)", "attacker distance"),
     *("attacker exact", "flagged", "median round flagged", "victim stopped reading"),
 )
-"""The columns of the ``attacks`` table (the README shows the same)."""
+"""The columns of the ``attacks`` table (docs/attacks.md shows the same)."""
 
 
 @app.command("design")

@@ -532,9 +532,9 @@ def test_fuzz_values_that_overflow_and_sizes_that_cannot_fit(
         assert exit_.value.code == 2 and len(lines) == 1 and lines[0].startswith("misalign: error:")
 
 
-def test_readme_attack_table_has_the_columns_the_cli_prints():
-    readme = (EXAMPLES.parent / "README.md").read_text()
-    header = next(line for line in readme.splitlines() if line.startswith("| attack | defence"))
+def test_documented_attack_table_has_the_columns_the_cli_prints():
+    page = (EXAMPLES.parent / "docs" / "attacks.md").read_text()
+    header = next(line for line in page.splitlines() if line.startswith("| attack | defence"))
     assert tuple(cell.strip() for cell in header.strip("|").split("|")) == ATTACK_COLUMNS
 
 
@@ -543,8 +543,8 @@ def test_train_help_and_theory_artifacts_are_as_documented(tmp_path):
     config.write_text(GOOD)
     assert _process("theory", str(config), "--out", str(tmp_path / "t")).returncode == 0
     assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["config.toml", "theory.json"]
-    readme = (EXAMPLES.parent / "README.md").read_text()
-    assert "`theory` predicts only and writes\n`config.toml` and `theory.json`" in readme
+    page = (EXAMPLES.parent / "docs" / "cli.md").read_text()
+    assert "`theory` predicts only and writes\n`config.toml` and `theory.json`" in page
 
 
 def test_long_steps_show_progress_on_a_terminal(tmp_path):

@@ -309,7 +309,7 @@ def test_bad_weighted_reads_are_one_line_naming_the_field(reads, message):
 )
 def test_a_self_read_is_refused_by_the_command(tmp_path, play):
     """``reads = "A"`` on agent A, in alternating, simultaneous, repeated-turn, lone and
-    two-agent plays: one line naming the field, exit 2, as the README says."""
+    two-agent plays: one line naming the field, exit 2, as docs/networks.md says."""
     import subprocess
     import sys
 

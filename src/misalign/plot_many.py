@@ -1,5 +1,5 @@
 """Figures of plays with more than ``MANY`` agents, where a line and a legend entry per agent
-would not fit (the README's networks reach 50 agents): the distance to own target as
+would not fit (the networks of docs/networks.md reach 50 agents): the distance to own target as
 quantiles across the agents (median, 10-90% band) with the ``FARTHEST`` agents farthest
 from their targets drawn and named; the same distances as a heat map of agent x round; the
 distance to the predicted equilibrium of all agents together against ``rho^t``; and the

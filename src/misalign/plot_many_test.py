@@ -1,8 +1,8 @@
-"""Tests for misalign.plot_many: plays of 15, 20 and 50 agents (the README's networks reach
-50) drawn through the real command (the figure written, nothing on stderr) and here (no
-warning while drawing; every legend inside its axes and the figure, every title inside the
-figure, axes of a readable size, a handful of legend entries, a heat map of agent x round,
-the network panel without per-read labels)."""
+"""Tests for misalign.plot_many: plays of 15, 20 and 50 agents (the networks of
+docs/networks.md reach 50) drawn through the real command (the figure written, nothing on
+stderr) and here (no warning while drawing; every legend inside its axes and the figure,
+every title inside the figure, axes of a readable size, a handful of legend entries, a heat
+map of agent x round, the network panel without per-read labels)."""
 
 import matplotlib
 

@@ -24,8 +24,8 @@ def report(
     fits=None,
 ) -> dict[str, Any]:
     """The JSON report of one play of the batch (the ``--json`` contract: every key below is
-    present in every case, ``null`` where it has no value; the README's key table states it
-    and ``report_test`` holds the two together).
+    present in every case, ``null`` where it has no value; the key table of docs/json.md
+    states it and ``report_test`` holds the two together).
 
     Keys: ``config`` (resolved), ``config_hash``, ``agents.<name>`` (``X``, ``y``,
     ``gamma``, ``target``), ``prediction`` (``<name>`` fixed point, ``rho``,

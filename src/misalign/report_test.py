@@ -42,10 +42,10 @@ def test_report_round_trips_through_json_and_matches_the_arrays():
 
 
 def _contract():
-    """The key table of the README's ``--json`` section: top-level keys, the ``run``-only ones,
-    and the keys of ``prediction``."""
-    readme = (ROOT / "README.md").read_text()
-    table = readme[readme.index("| key | content |") :].split("\n\n")[0].splitlines()[2:]
+    """The key table of docs/json.md (the ``--json`` contract): top-level keys, the ``run``-only
+    ones, and the keys of ``prediction``."""
+    page = (ROOT / "docs" / "json.md").read_text()
+    table = page[page.index("| key | content |") :].split("\n\n")[0].splitlines()[2:]
     keys, run_only, prediction = set(), set(), set()
     for row in table:
         first, content = row.strip("| ").split(" | ", 1)
@@ -71,7 +71,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_contract_key_in_every_case(tmp_path, case):
-    """The README's key table is the contract: ``run`` and ``theory`` print exactly its keys
+    """The key table of docs/json.md is the contract: ``run`` and ``theory`` print exactly its keys
     (``null`` where there is no value), as strict JSON, whatever the play does."""
     keys, run_only, prediction_keys = _contract()
     assert {"config", "prediction", "batch", "distance", "defence"} <= keys
@@ -128,7 +128,7 @@ ATTACKS = {
 def test_no_verdict_is_contradicted_by_the_play(attack, noise):
     """Over attack x defence x noise, 4 seeds each: wherever the report says an agent ends on
     target, the simulated play ends there (noise-aware); the prediction of the regime each
-    agent ended in agrees with the play in every case the README says it covers."""
+    agent ended in agrees with the play in every case docs/attacks.md says it covers."""
     held = 0
     for defence in (None, "damping", "monitor", "predict"):
         data = json.loads(json.dumps(GRID_CONFIG))

@@ -12,7 +12,7 @@ This part tests the path (store, replay, parsing, fit, report), not the theory: 
 model does not compute a gradient step and its answers are only roughly affine. Its one claim
 on the fit is held out: the global fit (made from its probes) predicts the model's 20 recorded
 play answers, at inputs it was not fitted on, within 1.3 times its own residual RMS. (The
-README's fit table is a regression test, ``claims_test.py``.)
+fit table of docs/llm.md is a regression test, ``claims_test.py``.)
 
 Part 2, the theory: ``misalign.llm.fake_server.FakeServer`` on ``127.0.0.1`` answers
 ``A w + c`` (a non-symmetric ``A`` with spectral radius 0.6) in the JSON an OpenAI-compatible

@@ -3,7 +3,7 @@
 The defaults ship in ``misalign/llm/templates``: ``gd-step.j2`` states the step
 ``w - eta/n sum_j x_j (x_j^T w - y_j)`` and asks for its result; ``improve.j2`` gives the
 examples and the other agent's estimate and asks for an improved estimate, with no formula.
-Variables (the README lists them): ``examples`` (objects with ``x``, a list of ``d`` floats,
+Variables (docs/llm.md lists them): ``examples`` (objects with ``x``, a list of ``d`` floats,
 and ``y``), ``estimate`` (the incoming estimate, rendered as a JSON list of floats), ``d``,
 ``n``, ``eta``, ``name``, ``round``.
 
