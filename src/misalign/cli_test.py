@@ -826,8 +826,19 @@ def test_a_batch_exits_1_only_when_every_play_failed(tmp_path):
         args = ["--set", f"agents.A.base_url='{server.base_url}'"]
         args += ["--set", "agents.A.api_key_env=''"]
         args += ["--set", "agents.A.max_retries=0"]
-        fails = _invoke(tmp_path, "run", str(config), "--seeds", "3", *args, "--store", "a.sqlite")
-        theory = _invoke(tmp_path, "theory", str(config), *args, "--store", "b.sqlite")
+        fails = _invoke(
+            tmp_path,
+            "run",
+            str(config),
+            "--seeds",
+            "3",
+            *args,
+            "--store",
+            str(tmp_path / "a.sqlite"),
+        )
+        theory = _invoke(
+            tmp_path, "theory", str(config), *args, "--store", str(tmp_path / "b.sqlite")
+        )
         from misalign.config import load_config
         from misalign.experiment import setup
         from misalign.llm.agent import Session
@@ -839,7 +850,16 @@ def test_a_batch_exits_1_only_when_every_play_failed(tmp_path):
         finally:
             probe.close()
         marker.append(f"x = {game.prompts['A'][0].X[0].tolist()}")
-        some = _invoke(tmp_path, "run", str(config), "--seeds", "3", *args, "--store", "c.sqlite")
+        some = _invoke(
+            tmp_path,
+            "run",
+            str(config),
+            "--seeds",
+            "3",
+            *args,
+            "--store",
+            str(tmp_path / "c.sqlite"),
+        )
     assert fails.exit_code == 1 and fails.stderr.startswith("misalign: every play failed (3 plays")
     assert theory.exit_code == 1 and "no prediction: the fit of A failed" in theory.stderr
     assert some.exit_code == 0, some.stderr
