@@ -224,13 +224,15 @@ def machine() -> str:
 def main_local(plays: int, rounds: int, workers: int) -> dict:
     """``--local``: 1 and ``workers`` workers, each at concurrency 1 and ``workers``."""
     pairs = [(w, c) for w in (1, workers) for c in (1, workers)]
+    load = [os.getloadavg()[1]]
     with LocalServer() as server:  # warm-up, not timed: imports, the model's pages
         run_batch(local_config(server.base_url, 1, 1), 1)
     runs = [measure_local(plays, rounds, w, c) for w, c in pairs]
+    load.append(os.getloadavg()[1])
     base = runs[0]
     print(
         f"local model, {plays} plays x {rounds} rounds, d = 2, one llm agent (4 probes, 1 refit), "
-        f"on {machine()}"
+        f"on {machine()}; 5-minute load average {load[0]:.2f} before, {load[1]:.2f} after"
     )
     print(
         f"{'workers':>7} {'concurrency':>11} {'requests':>8} {'failed':>6} {'wall s':>8} "
@@ -247,6 +249,7 @@ def main_local(plays: int, rounds: int, workers: int) -> dict:
     result = {
         "local": True,
         "machine": machine(),
+        "load": load,
         "plays": plays,
         "rounds": rounds,
         "runs": runs,

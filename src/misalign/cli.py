@@ -847,8 +847,8 @@ def serve(
         int,
         typer.Option(
             min=1,
-            help="Requests answered at once: one llama.cpp server (about 240 MB) each, behind "
-            "the port. More than the CPU cores gains nothing.",
+            help="Requests answered at once: one llama.cpp server each (one CPU thread, about "
+            "240 MB), behind the port. Give the agents as much concurrency.",
         ),
     ] = 1,
 ) -> None:

@@ -81,6 +81,17 @@ def _shared(a: bytes, b: bytes) -> int:
     return len(os.path.commonprefix([a, b]))
 
 
+def _dechunked(stream) -> bytes:
+    """A chunked request body read whole (its trailers read and dropped)."""
+    parts = []
+    while size := int(stream.readline().split(b";")[0].strip() or b"0", 16):
+        parts.append(stream.read(size))
+        stream.readline()
+    while stream.readline().strip():
+        pass
+    return b"".join(parts)
+
+
 def error_body(status: int, message: str) -> bytes:
     """An OpenAI-style error body."""
     error = {"message": message, "type": "server_error", "param": None, "code": status}
@@ -237,12 +248,16 @@ class _Handler(BaseHTTPRequestHandler):
     def forward(self) -> None:
         """Read the request, wait for an idle worker, send it there, relay the answer."""
         self._started = False
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+        try:
+            if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                body = _dechunked(self.rfile)
+            else:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+        except ValueError:
             self.close_connection = True
-            self.reply(411, error_body(411, "the request needs a Content-Length"))
+            self.reply(400, error_body(400, "the request's length or chunks are unreadable"))
             return
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else None
         headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
         dispatcher = self.server.dispatcher
         port = dispatcher.take(body or b"")

@@ -132,13 +132,21 @@ def test_errors_and_other_routes_pass_through_as_they_are():
         connection.close()
 
 
-def test_a_chunked_request_is_refused():
+def test_a_chunked_request_is_sent_on_whole():
     with FakeServer(GOOD) as worker, Dispatcher([worker.port], BUILD) as front:
         connection = http.client.HTTPConnection("127.0.0.1", front.port, timeout=10)
-        connection.request("POST", "/v1/chat/completions", iter([json.dumps(ASK).encode()]))
+        halves = [json.dumps(ASK)[:20].encode(), json.dumps(ASK)[20:].encode()]
+        connection.request("POST", "/v1/chat/completions", iter(halves))
         response = connection.getresponse()
-        assert response.status == 411 and b"Content-Length" in response.read()
+        assert response.status == 200 and json.loads(response.read())["system_fingerprint"]
         connection.close()
+    assert worker.requests == [ASK]
+
+
+def test_an_unreadable_length_is_a_400():
+    with FakeServer(GOOD) as worker, Dispatcher([worker.port], BUILD) as front:
+        code, _, body = post(front.port, b"{}", **{"Content-Length": "many"})
+        assert code == 400 and b"unreadable" in body
     assert worker.requests == []
 
 

@@ -192,7 +192,8 @@ def _serving(workers: int) -> Iterator[tuple[subprocess.Popen, str]]:
             assert ready, "serve() printed nothing within 90 s"
             assert process.stdout is not None
             line = process.stdout.readline().strip()
-            assert line.startswith("base_url: http://127.0.0.1:"), line
+            why = process.stderr.read() if not line and process.wait(30) is not None else ""
+            assert line.startswith("base_url: http://127.0.0.1:"), f"{line!r} {why}"
             yield process, line.removeprefix("base_url: ")
         finally:
             if process.poll() is None:
