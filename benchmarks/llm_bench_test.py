@@ -1,6 +1,10 @@
 """The language-model benchmark runs and reports every measurement (no timing is asserted)."""
 
+import pytest
 from llm_bench import PHASES, main
+
+from misalign.config import ConfigError
+from misalign.llm.serve import check_installed
 
 
 def test_llm_benchmark_runs_at_small_size():
@@ -14,3 +18,26 @@ def test_llm_benchmark_runs_at_small_size():
         assert run["wall_s"] > 0 and run["plays_per_s"] > 0 and run["floor_s"] == 0
         assert all(run[f"{name}_s"] >= 0 for name in PHASES)
     assert result["speedup"] > 0
+
+
+def _missing() -> str | None:
+    try:
+        check_installed()
+    except ConfigError as error:
+        return str(error)
+    return None
+
+
+MISSING = _missing()
+
+
+@pytest.mark.local_llm
+@pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
+def test_the_local_benchmark_runs_one_play_with_one_and_two_workers():
+    result = main(["--local", "--plays", "1", "--rounds", "1", "--workers", "2"])
+    pairs = [(r["workers"], r["concurrency"]) for r in result["runs"]]
+    assert pairs == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert result["identical"] and set(result["speedups"]) == {"1x1", "1x2", "2x1", "2x2"}
+    for run in result["runs"]:
+        assert run["requests"] >= 9 and run["stored"] >= 9 and run["failed"] == 0
+        assert run["build"].startswith("llama-cpp-python ") and run["answer_s"] > 0

@@ -399,6 +399,7 @@ class LLMAgent:
             completion.latency,
             self._cost(completion.tokens_in, completion.tokens_out),
             problem,
+            completion.fingerprint,
         )
 
     def _connect(self) -> Client:

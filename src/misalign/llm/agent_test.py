@@ -753,6 +753,17 @@ SCHEMAS = {
         ),
         "its table answers is not defined as ours",
     ),
+    "a newer schema version": (
+        ours_and("PRAGMA user_version=3"),
+        "its schema version is 3; this misalign reads up to 2",
+    ),
+    "a fingerprint of another type": (
+        ours_and(
+            "ALTER TABLE answers DROP COLUMN fingerprint",
+            "ALTER TABLE answers ADD COLUMN fingerprint INTEGER",
+        ),
+        "its table answers is not defined as ours",
+    ),
     "a strict table": (
         ours_and(
             "DROP TABLE exhausted",

@@ -109,8 +109,9 @@ NO_LIMITS = Limits()
 @dataclass(frozen=True)
 class Completion:
     """One answer: its text, tokens, latency (seconds, retries included), why the model
-    stopped (``finish_reason``: ``"length"`` at the token limit) and, for a response that
-    was no completion, the ``problem`` (its text is then ``None``)."""
+    stopped (``finish_reason``: ``"length"`` at the token limit), the server's build
+    (``fingerprint``: its ``system_fingerprint``, ``None`` when it names none) and, for a
+    response that was no completion, the ``problem`` (its text is then ``None``)."""
 
     text: str | None
     tokens_in: int
@@ -118,6 +119,7 @@ class Completion:
     latency: float
     finish_reason: str | None = None
     problem: str | None = None
+    fingerprint: str | None = None
 
 
 class Client:
@@ -207,6 +209,7 @@ class Client:
                     model=self.model, messages=messages, extra_body=settings or None, **extra
                 )
                 text, tokens_in, tokens_out, finish = _read(response)
+                fingerprint = _fingerprint(response)
             except openai.APIStatusError as exc:
                 status, named = exc.status_code, _named(exc, settings)
                 formatted = status in (400, 422) or status >= 500
@@ -248,7 +251,9 @@ class Client:
             self._confirmed = True
             if self._key and text and self._key in text:  # an answer that echoes the key
                 text = text.replace(self._key, "***")  # is never stored or shown with it
-            return Completion(text, tokens_in, tokens_out, time.monotonic() - began, finish)
+            latency = time.monotonic() - began
+            fingerprint = None if fingerprint is None else self.scrub(fingerprint)
+            return Completion(text, tokens_in, tokens_out, latency, finish, None, fingerprint)
 
     async def _wait(self, retry: int, cause: str, retry_after: float | None) -> int:
         """Sleep before retry ``retry + 1``: ``2^retry`` times ``BACKOFF`` with jitter, at
@@ -495,6 +500,17 @@ def _read(response) -> tuple[str | None, int, int, str | None]:
         _count(getattr(usage, "completion_tokens", 0)),
         finish if isinstance(finish, str) else None,
     )
+
+
+FINGERPRINT_CHARS = 300
+"""The longest ``system_fingerprint`` kept (a server's text, stored with every answer)."""
+
+
+def _fingerprint(response) -> str | None:
+    """The server's build, as its response names it (``system_fingerprint``), at most
+    ``FINGERPRINT_CHARS`` characters; ``None`` when it names none or it is not text."""
+    fingerprint = getattr(response, "system_fingerprint", None)
+    return fingerprint[:FINGERPRINT_CHARS] if isinstance(fingerprint, str) else None
 
 
 def _malformed(exc: Exception) -> str:

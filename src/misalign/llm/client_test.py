@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import sqlite3
 import threading
 import time
 import uuid
@@ -794,3 +795,23 @@ def test_a_session_closes_twice(tmp_path, server):
     ask(game)
     session.close()
     session.close()
+
+
+# The server's build, kept with each answer
+
+
+def test_the_servers_build_is_kept_with_each_answer(tmp_path, server):
+    """``system_fingerprint`` goes into the store with the answer: text as it is, at most
+    ``FINGERPRINT_CHARS`` characters, with control characters escaped; ``None`` when the
+    server names none or names it with something that is not text."""
+    builds = ["llama-cpp-python 0.3.36; m.gguf sha256:0123", 5, "x" * 400, "a\x1b[2Jb", None]
+    server.behaviour = script(*(Reply(body=completion_body(system_fingerprint=b)) for b in builds))
+    game, session = game_of(tmp_path, server.base_url)
+    try:
+        for round_ in range(len(builds)):
+            assert ask(game, round=round_).tolist() == [1.0, 2.0, 3.0]
+    finally:
+        session.close()
+    with contextlib.closing(sqlite3.connect(session.store.path)) as db:
+        stored = [row[0] for row in db.execute("SELECT fingerprint FROM answers ORDER BY round")]
+    assert stored == [builds[0], None, "x" * client_.FINGERPRINT_CHARS, "a\\x1b[2Jb", None]

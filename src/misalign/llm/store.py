@@ -10,6 +10,14 @@ round or fit, turn or probe, sample) took, for ``--fork-at``; the ``exhausted`` 
 requests failed for good (transient errors, a refusal), for ``--replay``. The key to the API
 is never part of a request here, so it never reaches the store.
 
+Each answer keeps the server's build that gave it (its ``system_fingerprint``, column
+``fingerprint``; NULL where the server names none, as llama.cpp's own server, or OpenAI's
+for some models): the same request at temperature 0 can get another answer from another
+build, so the store, not a re-run, is what reproduces a run. A store made before a column
+was added (``LATER``) opens as it is: read-only, it is read without a byte of it changed
+(the missing columns read as NULL); for writing, the columns are added and the schema's
+``VERSION`` stamped.
+
 A store is an untrusted file (stores are passed between researchers). It is opened with
 ``trusted_schema=OFF``, and refused, before anything is written into it, when it is another
 program's database (tables, indexes, columns or ``application_id`` not ours), or holds a
@@ -58,7 +66,8 @@ CREATE TABLE IF NOT EXISTS answers (
     latency REAL NOT NULL,       -- seconds
     cost REAL,                   -- dollars, NULL without prices
     time REAL NOT NULL,          -- unix time of the answer
-    problem TEXT                 -- why an answer was refused whatever its text (cut off)
+    problem TEXT,                -- why an answer was refused whatever its text (cut off)
+    fingerprint TEXT             -- the server's build that answered (system_fingerprint)
 );
 CREATE INDEX IF NOT EXISTS slots ON answers (agent, play, kind, round, position, sample);
 CREATE TABLE IF NOT EXISTS accepted (  -- which request's answer each slot took, last run wins
@@ -99,12 +108,19 @@ COLUMNS = {
         "cost",
         "time",
         "problem",
+        "fingerprint",
     ],
     "accepted": ["agent", "play", "kind", "round", "position", "sample", "key"],
     "exhausted": ["key", "agent", "play", "round", "why", "time"],
 }
-"""The columns of each table, in order (a store may lack ``answers.problem``, the last: it
-was added later, and is added on opening for writing)."""
+"""The columns of each table, in order."""
+LATER = ("problem", "fingerprint")
+"""The last columns of ``answers``, added later, in order: a store may lack the last one or
+both (read as NULL); they are added on opening for writing."""
+VERSION = 2
+"""The schema's version (``PRAGMA user_version``): 2 since ``answers.fingerprint``; stores
+made before it have 0 (with or without ``answers.problem``). A store of a later version (a
+newer misalign's) is refused."""
 INDEXES = {"slots"}
 """Our indexes (beside those SQLite makes for primary keys, ``sqlite_autoindex_...``)."""
 APPLICATION_ID = 0x6D69736C
@@ -136,7 +152,9 @@ class Slot:
 @dataclass(frozen=True)
 class Record:
     """One recorded answer; ``problem``: why it was refused whatever its text says (the
-    answer was cut off at the token limit, the server's response was malformed)."""
+    answer was cut off at the token limit, the server's response was malformed);
+    ``fingerprint``: the server's build that answered (its ``system_fingerprint``; ``None``
+    when it named none, or the store predates the column)."""
 
     raw: str | None
     estimate: np.ndarray | None
@@ -145,6 +163,7 @@ class Record:
     latency: float
     cost: float | None
     problem: str | None = None
+    fingerprint: str | None = None
 
 
 def request_key(request: dict, sample: int) -> str:
@@ -194,7 +213,7 @@ class Store:
             if not readonly:
                 self._create()
             self._db.execute("SELECT count(*) FROM answers").fetchone()
-            self._problem = "problem" in _columns(self._db, "answers")
+            self._have = _columns(self._db, "answers")
         except ConfigError:
             self._abandon()
             raise
@@ -217,13 +236,17 @@ class Store:
 
     def _create(self) -> None:
         """Make the tables that are missing (all of them in a new store, which is stamped
-        ours), in WAL journal mode."""
+        ours), add the ``LATER`` columns an older store lacks, and stamp the ``VERSION``; in
+        WAL journal mode."""
         new = self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # a kill loses nothing committed
         self._db.executescript(SCHEMA)
-        if "problem" not in _columns(self._db, "answers"):  # a store from before it
-            self._db.execute("ALTER TABLE answers ADD COLUMN problem TEXT")
+        for column in LATER:  # a store from before it
+            if column not in _columns(self._db, "answers"):
+                self._db.execute(f"ALTER TABLE answers ADD COLUMN {column} TEXT")
+        if self._db.execute("PRAGMA user_version").fetchone()[0] != VERSION:
+            self._db.execute(f"PRAGMA user_version={VERSION}")
         if new:
             self._db.execute(f"PRAGMA application_id={APPLICATION_ID}")
 
@@ -301,6 +324,7 @@ class Store:
                 record.cost,
                 time.time(),
                 record.problem,
+                record.fingerprint,
             ),
         )
         self._held[key] = record
@@ -366,9 +390,9 @@ class Store:
 
     @property
     def _fields(self) -> str:
-        return "key, sample, request, raw, estimate, tokens_in, tokens_out, latency, cost, " + (
-            "problem" if self._problem else "NULL"
-        )
+        """The columns ``_checked`` reads, NULL for those an older store lacks."""
+        later = ", ".join(column if column in self._have else "NULL" for column in LATER)
+        return f"key, sample, request, raw, estimate, tokens_in, tokens_out, latency, cost, {later}"
 
     def close(self) -> None:
         """Write the writes held in memory (waiting up to ``BUSY_S`` for another process's
@@ -452,6 +476,9 @@ def _foreign(db: sqlite3.Connection) -> str | None:
     stamp = db.execute("PRAGMA application_id").fetchone()[0]
     if stamp not in (0, APPLICATION_ID):
         return f"its application_id is {stamp}, another program's"
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version not in range(VERSION + 1):
+        return f"its schema version is {version}; this misalign reads up to {VERSION}"
     for kind, name, table, sql in schema:
         if kind == "table" and not (sql or "").upper().startswith("CREATE TABLE"):
             kind = "virtual table"
@@ -479,16 +506,18 @@ def _tokens(sql: str) -> tuple[str, ...]:
 @functools.cache
 def _definitions() -> frozenset[tuple[str, ...]]:
     """Every definition a store of ours has had (``_tokens``): today's tables and index, and
-    ``answers`` without the ``problem`` column that later stores add (with ALTER TABLE, which
+    ``answers`` without the ``LATER`` columns that later stores add (with ALTER TABLE, which
     reads alike). A UNIQUE index, a CHECK, a STRICT table, another type or default is none
     of them."""
     db = sqlite3.connect(":memory:")
     try:
         db.executescript(SCHEMA)
         found = {_tokens(sql) for (sql,) in db.execute("SELECT sql FROM sqlite_master") if sql}
-        db.execute("ALTER TABLE answers DROP COLUMN problem")
-        (old,) = db.execute("SELECT sql FROM sqlite_master WHERE name = 'answers'").fetchone()
-        return frozenset({*found, _tokens(old)})
+        for column in reversed(LATER):
+            db.execute(f"ALTER TABLE answers DROP COLUMN {column}")
+            (old,) = db.execute("SELECT sql FROM sqlite_master WHERE name = 'answers'").fetchone()
+            found.add(_tokens(old))
+        return frozenset(found)
     finally:
         db.close()
 
@@ -504,9 +533,10 @@ def _foreign_columns(db: sqlite3.Connection, table: str) -> str | None:
     info = db.execute(f"PRAGMA table_xinfo({table})").fetchall()
     have = [name if hidden == 0 else f"{name} (generated)" for _, name, *_, hidden in info]
     ours = COLUMNS[table]
-    if not have or have in (ours, ours[:-1] if table == "answers" else ours):
+    later = len(LATER) if table == "answers" else 0
+    if not have or any(have == ours[: len(ours) - k] for k in range(later + 1)):
         return None
-    missing = [column for column in ours[:-1] if column not in have]
+    missing = [column for column in ours[: len(ours) - later] if column not in have]
     if missing:
         return f"its table {table} has no column {', '.join(missing)}"
     return f"its table {table} has the columns {', '.join(have)}, not ours"
@@ -525,11 +555,12 @@ def _checked(row: tuple, model: str, d: int) -> Record:
             the SHA-256 of the request, a request for another model, or an estimate that is
             not what the answer's text parses to (``_estimate``).
     """
-    key, sample, request, raw, estimate, tokens_in, tokens_out, latency, cost, problem = row
+    key, sample, request, raw, estimate, tokens_in, tokens_out, latency, cost, *later = row
+    problem, fingerprint = later
     number = (int, float)
     kinds = [(sample, int), (request, str), (tokens_in, int), (tokens_out, int)]
     kinds += [(latency, number), (cost, (*number, type(None)))]
-    kinds += [(value, (str, type(None))) for value in (raw, estimate, problem)]
+    kinds += [(value, (str, type(None))) for value in (raw, estimate, problem, fingerprint)]
     if not all(isinstance(value, kind) for value, kind in kinds):
         raise Tampered("a column holds a value of the wrong type")
     try:
@@ -542,7 +573,7 @@ def _checked(row: tuple, model: str, d: int) -> Record:
     if named != model:
         raise Tampered(f"its request is for model {str(named)[:60]!r}, not {model!r}")
     parsed = None if estimate is None else _estimate(raw, estimate, problem, d)
-    return Record(raw, parsed, tokens_in, tokens_out, latency, cost, problem)
+    return Record(raw, parsed, tokens_in, tokens_out, latency, cost, problem, fingerprint)
 
 
 def _estimate(raw: str | None, estimate: str, problem: str | None, d: int) -> np.ndarray:

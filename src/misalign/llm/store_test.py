@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from misalign.config import ConfigError
-from misalign.llm.store import Record, Slot, Store, request_key
+from misalign.llm.store import VERSION, Record, Slot, Store, Tampered, request_key
 
 REQUEST = {"model": "m", "messages": [{"role": "user", "content": "w = [1.5, -2.0]"}]}
 
@@ -116,7 +119,7 @@ def test_read_only_reads_the_journal_of_a_killed_run(tmp_path):
     path = tmp_path / "s.sqlite"
     code = (
         "import os, numpy as np\n"
-        "from misalign.llm.store import Record, Slot, Store, request_key\n"
+        "from misalign.llm.store import VERSION, Record, Slot, Store, Tampered, request_key\n"
         f"store = Store({str(path)!r})\n"
         "for i in range(5):\n"
         "    record = Record('[1, 1]', np.ones(2), 1, 1, 0.1, None)\n"
@@ -198,28 +201,125 @@ def test_another_programs_database_is_refused_untouched(tmp_path, readonly):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other.sqlite"]
 
 
-def test_a_store_from_before_the_problem_column_is_read_and_extended(tmp_path):
-    """A store written before answers had a ``problem`` column: read as it is (read-only),
-    and the column is added when it is opened for writing."""
-    path = tmp_path / "old.sqlite"
+OLD_LAYOUTS = {
+    "before problem": ("fingerprint", "problem"),
+    "before fingerprint": ("fingerprint",),
+}
+"""Stores an older misalign wrote: the ``LATER`` columns they lack (unstamped: version 0)."""
+
+
+def old_store(path, dropped: tuple[str, ...]) -> str:
+    """A store of an older layout holding one answer (to ``REQUEST``); its key."""
     Store(path).close()
     key = request_key(REQUEST, 0)
     with sqlite3.connect(path) as db:
-        db.execute("ALTER TABLE answers DROP COLUMN problem")
-        db.execute(
-            "INSERT INTO answers VALUES (?,'A',0,'play',0,0,0,0,?,'[1, 2]','[1.0, 2.0]',"
-            "10,3,0.5,NULL,0.0)",
-            (key, json.dumps(REQUEST, sort_keys=True)),
-        )
+        for column in dropped:
+            db.execute(f"ALTER TABLE answers DROP COLUMN {column}")
+        db.execute("PRAGMA user_version=0")
+        row = [key, "A", 0, "play", 0, 0, 0, 0, json.dumps(REQUEST, sort_keys=True), "[1, 2]"]
+        row += ["[1.0, 2.0]", 10, 3, 0.5, None, 0.0, None, None][: 8 - len(dropped)]
+        db.execute(f"INSERT INTO answers VALUES ({','.join('?' * len(row))})", row)
     db.close()
+    return key
+
+
+@pytest.mark.parametrize("dropped", OLD_LAYOUTS.values(), ids=OLD_LAYOUTS.keys())
+def test_an_older_store_is_read_untouched_and_extended_for_writing(tmp_path, dropped):
+    """A store written before answers had the ``problem`` or ``fingerprint`` column: read as
+    it is (read-only: the missing columns read as None, not a byte of the file changed), and
+    the columns are added, and the version stamped, when it is opened for writing."""
+    path = tmp_path / "old.sqlite"
+    key = old_store(path, dropped)
+    before = path.read_bytes()
     store = Store(path, readonly=True)
     got = store.get(key, "m", 2)
-    assert got.estimate.tolist() == [1.0, 2.0] and got.problem is None
+    assert got.estimate.tolist() == [1.0, 2.0] and got.problem is None and got.fingerprint is None
     store.close()
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
     store = Store(path)
-    cut = put(store, Slot("A", 0, "play", 1, 0), record(None, "[3, 4", "cut"), asking("cut"))
-    assert store.get(cut, "m", 2).problem == "cut" and store.get(key, "m", 2).raw == "[1, 2]"
+    answer = Record("[3, 4", None, 1, 1, 0.1, None, "cut", "llama-cpp-python 9; m.gguf")
+    cut = put(store, Slot("A", 0, "play", 1, 0), answer, asking("cut"))
+    assert store.get(cut, "m", 2) == answer and store.get(key, "m", 2).raw == "[1, 2]"
     store.close()
+    with sqlite3.connect(path) as db:
+        columns = [row[1] for row in db.execute("PRAGMA table_info(answers)")]
+        assert columns[-2:] == ["problem", "fingerprint"]
+        assert db.execute("PRAGMA user_version").fetchone()[0] == VERSION
+    db.close()
+
+
+def test_each_answer_keeps_the_servers_build(tmp_path):
+    path = tmp_path / "s.sqlite"
+    store = Store(path)
+    built = Record("[1, 2]", np.array([1.0, 2.0]), 5, 2, 0.5, None, None, "build 1")
+    first = put(store, Slot("A", 0, "play", 0, 0), built)
+    second = put(store, Slot("A", 0, "play", 1, 0), record((3.0, 4.0)), asking("no build"))
+    store.close()
+    store = Store(path, readonly=True)
+    assert store.get(first, "m", 2).fingerprint == "build 1"
+    assert store.get(second, "m", 2).fingerprint is None
+    assert store.at(Slot("A", 0, "play", 0, 0), "m", 2).fingerprint == "build 1"
+    store.close()
+
+
+def test_a_build_that_is_not_text_is_tampering(tmp_path):
+    path = tmp_path / "s.sqlite"
+    store = Store(path)
+    key = put(store, Slot("A", 0, "play", 0, 0), record((1.0, 2.0)))
+    store.close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE answers SET fingerprint = X'00ff'")  # a blob, not text
+    db.close()
+    store = Store(path, readonly=True)
+    with pytest.raises(Tampered, match="a column holds a value of the wrong type"):
+        store.get(key, "m", 2)
+    store.close()
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+def test_a_store_of_a_newer_version_is_refused_untouched(tmp_path, readonly):
+    path = tmp_path / "new.sqlite"
+    Store(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version={VERSION + 1}")
+    db.close()
+    before = path.read_bytes()
+    with pytest.raises(ConfigError, match=rf"schema version is {VERSION + 1}; .* up to {VERSION}"):
+        Store(path, readonly=readonly)
+    assert path.read_bytes() == before
+
+
+def _plain(answer: Record) -> tuple:
+    """A record's fields, its estimate as a list (comparable)."""
+    estimate = None if answer.estimate is None else answer.estimate.tolist()
+    return (answer.raw, estimate, answer.tokens_in, answer.problem, answer.fingerprint)
+
+
+SHIPPED = Path(__file__).resolve().parents[3] / "examples" / "local_llm.sqlite"
+
+
+def test_the_shipped_store_replays_untouched_and_is_extended_in_a_copy(tmp_path):
+    """``examples/local_llm.sqlite`` (written before the fingerprint column): every row reads
+    and passes its checks read-only, with the file unchanged; a copy opened for writing
+    gains the column and keeps every answer."""
+    with contextlib.closing(sqlite3.connect(f"file:{SHIPPED}?mode=ro&immutable=1", uri=True)) as db:
+        rows = db.execute("SELECT key, request, raw FROM answers").fetchall()
+    before = SHIPPED.read_bytes()
+    store = Store(SHIPPED, readonly=True)
+    read = [store.get(key, json.loads(request)["model"], 2) for key, request, _ in rows]
+    store.close()
+    assert SHIPPED.read_bytes() == before
+    assert not Path(f"{SHIPPED}-wal").exists() and not Path(f"{SHIPPED}-shm").exists()
+    assert len(rows) > 20 and [r.raw for r in read] == [raw for _, _, raw in rows]
+    assert {r.fingerprint for r in read} == {None}
+    copy = tmp_path / "copy.sqlite"
+    shutil.copyfile(SHIPPED, copy)
+    store = Store(copy)
+    again = [store.get(key, json.loads(request)["model"], 2) for key, request, _ in rows]
+    assert [_plain(r) for r in again] == [_plain(r) for r in read]
+    store.close()
+    with contextlib.closing(sqlite3.connect(copy)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == VERSION
 
 
 def test_close_twice(tmp_path):
