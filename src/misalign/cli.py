@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from misalign.config import ConfigError, PlayConfig, load_config
-from misalign.files import atomic_write, refuse_symlinks
+from misalign.files import atomic_write, reason, refuse_symlinks
 from misalign.progress import stage
 from misalign.text import plural
 
@@ -254,7 +254,7 @@ def _save(out: Path, files: dict[str, str]) -> None:
         for name, text in files.items():
             _write(out / name, text)
     except OSError as exc:
-        _fail(f"--out {out}: cannot write ({exc.strerror})")
+        _fail(f"--out {out}: cannot write {exc.filename} ({reason(exc)})")
 
 
 def _config_toml(config: Any) -> str:
@@ -263,26 +263,63 @@ def _config_toml(config: Any) -> str:
     return tomli_w.dumps(config.model_dump(mode="json", exclude_none=True))
 
 
-def _publish(out: Path, stem: str, result: dict[str, Any], plot, json_out: bool) -> Path | None:
-    """Write ``stem.json`` and the figure ``stem.png`` (drawn by ``plot(path)``) into ``out``;
-    print the JSON when asked. Returns the figure's path, or ``None`` once the JSON is printed."""
+def _publish(
+    out: Path, config: Any, stem: str, result: dict[str, Any], plot, json_out: bool
+) -> Path | None:
+    """Write the run directory ``out`` whole (``_written``): ``config.toml``, ``stem.json`` and
+    the figure ``stem.png`` (drawn by ``plot(path)``); print the JSON when asked. Returns the
+    figure's path, or ``None`` once the JSON is printed."""
     from misalign.report import to_json
 
-    _save(out, {f"{stem}.json": to_json(result, indent=1)})
-    figure = plot(out / f"{stem}.png")
+    texts = {"config.toml": _config_toml(config), f"{stem}.json": to_json(result, indent=1)}
+    figure = _written(out, texts, f"{stem}.png", plot)
     if json_out:
         print(to_json(result))
         return None
     return figure
 
 
-def _artifacts(config: PlayConfig, out: Path | None, report: dict[str, Any], name: str) -> Path:
-    """The resolved config and the JSON report, in ``out`` or ``runs/<config hash>``."""
+def _artifacts(
+    config: PlayConfig,
+    out: Path | None,
+    report: dict[str, Any],
+    name: str,
+    figure: str | None = None,
+    draw=None,
+) -> tuple[Path, Path | None]:
+    """Write the resolved config, the JSON report ``name`` and the figure ``figure`` (drawn by
+    ``draw(path)``, when given) into ``out`` or ``runs/<config hash>``, whole (``_written``).
+
+    Returns:
+        The run directory, and the figure's path in it (``None`` without one).
+    """
     from misalign.report import to_json
 
     out = Path("runs") / config.digest() if out is None else out
-    _save(out, {"config.toml": _config_toml(config), name: to_json(report, indent=1)})
-    return out
+    texts = {"config.toml": _config_toml(config), name: to_json(report, indent=1)}
+    return out, _written(out, texts, figure, draw)
+
+
+def _written(out: Path, texts: dict[str, str], figure: str | None = None, draw=None) -> Path | None:
+    """Write the run directory ``out`` whole or not at all (``misalign.files.write_directory``:
+    in a temporary directory, then renamed into place): each ``name: text`` of ``texts``, and
+    the figure ``figure`` drawn by ``draw(path)``. A symbolic link at or in ``out``, or a disk
+    error (a full disk, a read-only file system, no permission), is one line naming the path,
+    exit 2, and leaves ``out`` as it was.
+
+    Returns:
+        The figure's path in ``out`` (``None`` without one).
+    """
+    from misalign.files import write_directory
+
+    files = {name: lambda path, text=text: path.write_text(text) for name, text in texts.items()}
+    if figure is not None:
+        files[figure] = draw
+    try:
+        write_directory(out, files)
+    except ConfigError as exc:
+        _fail(str(exc))
+    return None if figure is None else out / figure
 
 
 @app.command()
@@ -328,13 +365,14 @@ def run(
         result = report(game, prediction, trajectory, fits=fits)
         if seeds > 1:
             result["batch"] = batch(game, prediction, trajectory)
-        directory = _artifacts(cfg, out, result, "run.json")
-        path = directory / "trajectory.png"
-        if seeds > 1:
-            figure = plot_batch(game, trajectory, prediction, path)
-        else:
-            also = None if fits is None else fits.global_prediction
-            figure = plot_play(game, trajectory, prediction, path, also=also)
+        also = None if fits is None else fits.global_prediction
+
+        def draw(path: Path) -> Path:
+            if seeds > 1:
+                return plot_batch(game, trajectory, prediction, path)
+            return plot_play(game, trajectory, prediction, path, also=also)
+
+        directory, figure = _artifacts(cfg, out, result, "run.json", "trajectory.png", draw)
     if json_out:
         print(to_json(result))
     elif seeds > 1:
@@ -404,7 +442,7 @@ def theory(
     cfg, game = _game(config, set_, session=session, rounds=0)
     fits, _, prediction = _solve(game)
     result = report(game, prediction, fits=fits)
-    directory = _artifacts(cfg, out, result, "theory.json")
+    directory, _ = _artifacts(cfg, out, result, "theory.json")
     if json_out:
         print(to_json(result))
     else:
@@ -444,8 +482,9 @@ def attacks(
         _fail(str(exc))
     result = summary(cells, skipped) | {"seeds": seeds, "config_hash": cfg.digest()}
     out = Path("runs") / cfg.digest() if out is None else out
-    _save(out, {"config.toml": _config_toml(cfg)})
-    figure = _publish(out, "attacks", result, lambda path: plot_study(cells, cfg, path), json_out)
+    figure = _publish(
+        out, cfg, "attacks", result, lambda path: plot_study(cells, cfg, path), json_out
+    )
     if figure is None:
         return
     from rich.table import Table
@@ -543,8 +582,7 @@ def design_command(
 
         options = json.dumps([cfg.digest(), agent, examples, norm, seeds])
         out = Path("runs") / f"design-{hashlib.sha256(options.encode()).hexdigest()[:12]}"
-    _save(out, {"config.toml": _config_toml(cfg)})
-    figure = _publish(out, "design", result, lambda path: plot_design(result, path), json_out)
+    figure = _publish(out, cfg, "design", result, lambda path: plot_design(result, path), json_out)
     if figure is None:
         return
     from rich.table import Table

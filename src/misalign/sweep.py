@@ -548,7 +548,8 @@ def run_sweep(
     Raises:
         ConfigError: ``out`` is or holds a symbolic link, holds another sweep, or a partial
             one (or a chunk file that is not a finished chunk of this sweep) without
-            ``resume``; the backend is missing or its cluster unreachable.
+            ``resume``; the backend is missing or its cluster unreachable; a file cannot be
+            written (a full disk, a read-only folder: what finished is kept).
         SweepStopped: the backend failed part way; what finished is kept.
     """
     started = time.perf_counter()
@@ -661,7 +662,7 @@ def _prepare(sweep: Sweep, out: Path, resume: bool, warn: Callable[[str], None])
         for stale in (out / ROWS).glob(".chunk-*"):
             stale.unlink()
     except OSError as exc:
-        raise ConfigError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
+        raise ConfigError(_cannot_write(out, exc)) from None
     except json.JSONDecodeError:
         raise ConfigError(f"--out {out}: {MANIFEST} is not JSON; choose another --out") from None
     done, bad = _unfinished(sweep, out)
@@ -782,12 +783,21 @@ def _collect(
     try:
         for k, rows in results:
             table = _table(rows, schema).replace_schema_metadata({IDENTITY: _identity(sweep, k)})
-            atomic_write(chunk_path(out, k), lambda tmp, t=table: pq.write_table(t, tmp, **write))
+            path = chunk_path(out, k)
+            try:
+                atomic_write(path, lambda tmp, t=table: pq.write_table(t, tmp, **write))
+            except OSError as exc:  # the disk filled up, the folder became read-only
+                raise ConfigError(
+                    f"{_cannot_write(out, exc)}; the finished chunks are kept: run it again "
+                    "with --resume once the folder can be written"
+                ) from None
             computed, written = computed + len(rows), written + 1
             if bar is not None:
                 rate = f"{computed / (time.perf_counter() - started):.3g}"
                 bar.update(bar.task_ids[0], advance=len(rows), rate=rate)
-    except Exception as exc:  # a worker died, the cluster went away, the disk filled up
+    except ConfigError:
+        raise
+    except Exception as exc:  # a worker died, the cluster went away
         text = str(exc).splitlines()[0] if str(exc) else ""
         raise SweepStopped(
             f"the sweep stopped after {plural(written, 'new chunk')} ({type(exc).__name__}"
@@ -797,9 +807,35 @@ def _collect(
     finally:
         if bar is not None:
             bar.stop()
-        close = getattr(results, "close", None)
-        if close is not None:
+        _close(results)
+
+
+def _close(results: Iterator[tuple[int, list[dict[str, Any]]]]) -> None:
+    """Stop the backend's chunks in flight (a generator's ``close``), quietly: joblib warns
+    that the tasks still running are cancelled, which is the point of stopping them."""
+    import warnings
+
+    close = getattr(results, "close", None)
+    if close is not None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "[0-9]+ tasks which were still", UserWarning)
             close()
+
+
+def _cannot_write(out: Path, exc: OSError) -> str:
+    """One line for a disk error in a sweep's directory.
+
+    Args:
+        out: the sweep's directory.
+        exc: the error (its ``filename``, where it names one, is the file not written).
+
+    Returns:
+        ``--out OUT: cannot write FILE (why)``.
+    """
+    from misalign.files import reason
+
+    name = f" {exc.filename}" if isinstance(exc.filename, str) else ""
+    return f"--out {out}: cannot write{name} ({reason(exc)})"
 
 
 def _identity(sweep: Sweep, k: int) -> bytes:
