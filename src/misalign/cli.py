@@ -105,6 +105,7 @@ def _game(path: Path, overrides: list[str] | None, seeds: int = 1, session=None,
     from misalign.experiment import setup
 
     config = _load(path, overrides)
+    _check_flags(config, session or {})
     try:
         llm = None
         if any(a.kind == "llm" for a in config.agents.values()):
@@ -121,6 +122,27 @@ def _game(path: Path, overrides: list[str] | None, seeds: int = 1, session=None,
         if llm is not None:
             llm.close()
         _fail(str(exc))
+
+
+def _check_flags(config: PlayConfig, session: dict[str, Any]) -> None:
+    """Refuse, before the store is opened, the language-model flags that cannot apply:
+    ``--replay``, ``--refresh`` or ``--fork-at`` on a configuration without a language-model
+    agent, and ``--fork-at K`` past the play's rounds (K from 1 to ``rounds``: the rounds
+    before K, counted from 0, come from the store, the rest are asked). One line, exit 2.
+
+    Args:
+        config: the play's configuration.
+        session: the ``Session`` keyword arguments from the flags (``_session``).
+    """
+    mode, fork_at = session.get("mode", "live"), session.get("fork_at")
+    flag = "--fork-at" if fork_at is not None else f"--{mode}" if mode != "live" else None
+    if flag and not any(a.kind == "llm" for a in config.agents.values()):
+        _fail(f"{flag}: applies to language-model agents (kind = 'llm'); this play has none")
+    if fork_at is not None and fork_at > config.rounds:
+        _fail(
+            f"--fork-at {fork_at}: must be from 1 to rounds = {config.rounds} (the play's rounds "
+            f"before K come from the store; K = {config.rounds} takes all of them)"
+        )
 
 
 def _budget(game, limits, rounds: int) -> None:

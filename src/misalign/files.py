@@ -100,7 +100,7 @@ def write_directory(out: Path, files: Mapping[str, Callable[[Path], object]]) ->
     out = Path(out)
     refuse_symlinks(out)
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: {_kind(out)}, not a directory")
+        raise ConfigError(f"--out {out}: {kind_of(out)}, not a directory")
     try:
         home = out if out.is_dir() else out.parent
         home.mkdir(parents=True, exist_ok=True)
@@ -162,8 +162,15 @@ def reason(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
 
 
-def _kind(path: Path) -> str:
-    """What ``path`` is, in words: ``a regular file``, ``a FIFO``, ..."""
+def kind_of(path: Path) -> str:
+    """What ``path`` is, in words: ``a regular file``, ``a directory``, ``a FIFO``, ...
+
+    Args:
+        path: an existing path (a symbolic link is one, not what it points to).
+
+    Returns:
+        A few words, with their article.
+    """
     mode = os.lstat(path).st_mode
     return "a regular file" if stat.S_ISREG(mode) else KINDS.get(stat.S_IFMT(mode), "a file")
 
