@@ -1360,11 +1360,15 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: usage errors, like config errors, are one line and exit 2.
 
     Floating-point warnings are not shown: a number that overflows is reported as not
-    finite (``null`` in the JSON), not as a numpy warning on stderr.
+    finite (``null`` in the JSON), not as a numpy warning on stderr. SIGTERM stops a command
+    as Ctrl-C does (``misalign.terminate``): the same cleanup, exit 143 (Ctrl-C: 130).
     """
+    from misalign.terminate import exit_code, sigterm_as_interrupt
+
     warnings.filterwarnings("ignore", category=RuntimeWarning)
     try:
-        code = app(args=argv, standalone_mode=False)
+        with sigterm_as_interrupt():
+            code = app(args=argv, standalone_mode=False)
     except MemoryError as exc:
         detail = f" ({exc})" if str(exc) else ""
         print(
@@ -1381,7 +1385,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(0) from None
         print(f"misalign: error: {usage()} (see misalign --help)", file=sys.stderr)
         raise SystemExit(2) from None
-    raise SystemExit(code or 0)
+    raise SystemExit(exit_code(code or 0))
 
 
 if __name__ == "__main__":
