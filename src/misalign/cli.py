@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from misalign.config import ConfigError, PlayConfig, load_config
-from misalign.files import atomic_write, refuse_symlinks
+from misalign.files import atomic_write, reason, refuse_symlinks
 from misalign.progress import stage
 from misalign.text import plural
 
@@ -105,6 +105,7 @@ def _game(path: Path, overrides: list[str] | None, seeds: int = 1, session=None,
     from misalign.experiment import setup
 
     config = _load(path, overrides)
+    _check_flags(config, session or {})
     try:
         llm = None
         if any(a.kind == "llm" for a in config.agents.values()):
@@ -121,6 +122,27 @@ def _game(path: Path, overrides: list[str] | None, seeds: int = 1, session=None,
         if llm is not None:
             llm.close()
         _fail(str(exc))
+
+
+def _check_flags(config: PlayConfig, session: dict[str, Any]) -> None:
+    """Refuse, before the store is opened, the language-model flags that cannot apply:
+    ``--replay``, ``--refresh`` or ``--fork-at`` on a configuration without a language-model
+    agent, and ``--fork-at K`` past the play's rounds (K from 1 to ``rounds``: the rounds
+    before K, counted from 0, come from the store, the rest are asked). One line, exit 2.
+
+    Args:
+        config: the play's configuration.
+        session: the ``Session`` keyword arguments from the flags (``_session``).
+    """
+    mode, fork_at = session.get("mode", "live"), session.get("fork_at")
+    flag = "--fork-at" if fork_at is not None else f"--{mode}" if mode != "live" else None
+    if flag and not any(a.kind == "llm" for a in config.agents.values()):
+        _fail(f"{flag}: applies to language-model agents (kind = 'llm'); this play has none")
+    if fork_at is not None and fork_at > config.rounds:
+        _fail(
+            f"--fork-at {fork_at}: must be from 1 to rounds = {config.rounds} (the play's rounds "
+            f"before K come from the store; K = {config.rounds} takes all of them)"
+        )
 
 
 def _budget(game, limits, rounds: int) -> None:
@@ -254,7 +276,7 @@ def _save(out: Path, files: dict[str, str]) -> None:
         for name, text in files.items():
             _write(out / name, text)
     except OSError as exc:
-        _fail(f"--out {out}: cannot write ({exc.strerror})")
+        _fail(f"--out {out}: cannot write {exc.filename} ({reason(exc)})")
 
 
 def _config_toml(config: Any) -> str:
@@ -263,26 +285,63 @@ def _config_toml(config: Any) -> str:
     return tomli_w.dumps(config.model_dump(mode="json", exclude_none=True))
 
 
-def _publish(out: Path, stem: str, result: dict[str, Any], plot, json_out: bool) -> Path | None:
-    """Write ``stem.json`` and the figure ``stem.png`` (drawn by ``plot(path)``) into ``out``;
-    print the JSON when asked. Returns the figure's path, or ``None`` once the JSON is printed."""
+def _publish(
+    out: Path, config: Any, stem: str, result: dict[str, Any], plot, json_out: bool
+) -> Path | None:
+    """Write the run directory ``out`` whole (``_written``): ``config.toml``, ``stem.json`` and
+    the figure ``stem.png`` (drawn by ``plot(path)``); print the JSON when asked. Returns the
+    figure's path, or ``None`` once the JSON is printed."""
     from misalign.report import to_json
 
-    _save(out, {f"{stem}.json": to_json(result, indent=1)})
-    figure = plot(out / f"{stem}.png")
+    texts = {"config.toml": _config_toml(config), f"{stem}.json": to_json(result, indent=1)}
+    figure = _written(out, texts, f"{stem}.png", plot)
     if json_out:
         print(to_json(result))
         return None
     return figure
 
 
-def _artifacts(config: PlayConfig, out: Path | None, report: dict[str, Any], name: str) -> Path:
-    """The resolved config and the JSON report, in ``out`` or ``runs/<config hash>``."""
+def _artifacts(
+    config: PlayConfig,
+    out: Path | None,
+    report: dict[str, Any],
+    name: str,
+    figure: str | None = None,
+    draw=None,
+) -> tuple[Path, Path | None]:
+    """Write the resolved config, the JSON report ``name`` and the figure ``figure`` (drawn by
+    ``draw(path)``, when given) into ``out`` or ``runs/<config hash>``, whole (``_written``).
+
+    Returns:
+        The run directory, and the figure's path in it (``None`` without one).
+    """
     from misalign.report import to_json
 
     out = Path("runs") / config.digest() if out is None else out
-    _save(out, {"config.toml": _config_toml(config), name: to_json(report, indent=1)})
-    return out
+    texts = {"config.toml": _config_toml(config), name: to_json(report, indent=1)}
+    return out, _written(out, texts, figure, draw)
+
+
+def _written(out: Path, texts: dict[str, str], figure: str | None = None, draw=None) -> Path | None:
+    """Write the run directory ``out`` whole or not at all (``misalign.files.write_directory``:
+    in a temporary directory, then renamed into place): each ``name: text`` of ``texts``, and
+    the figure ``figure`` drawn by ``draw(path)``. A symbolic link at or in ``out``, or a disk
+    error (a full disk, a read-only file system, no permission), is one line naming the path,
+    exit 2, and leaves ``out`` as it was.
+
+    Returns:
+        The figure's path in ``out`` (``None`` without one).
+    """
+    from misalign.files import write_directory
+
+    files = {name: lambda path, text=text: path.write_text(text) for name, text in texts.items()}
+    if figure is not None:
+        files[figure] = draw
+    try:
+        write_directory(out, files)
+    except ConfigError as exc:
+        _fail(str(exc))
+    return None if figure is None else out / figure
 
 
 @app.command()
@@ -328,13 +387,14 @@ def run(
         result = report(game, prediction, trajectory, fits=fits)
         if seeds > 1:
             result["batch"] = batch(game, prediction, trajectory)
-        directory = _artifacts(cfg, out, result, "run.json")
-        path = directory / "trajectory.png"
-        if seeds > 1:
-            figure = plot_batch(game, trajectory, prediction, path)
-        else:
-            also = None if fits is None else fits.global_prediction
-            figure = plot_play(game, trajectory, prediction, path, also=also)
+        also = None if fits is None else fits.global_prediction
+
+        def draw(path: Path) -> Path:
+            if seeds > 1:
+                return plot_batch(game, trajectory, prediction, path)
+            return plot_play(game, trajectory, prediction, path, also=also)
+
+        directory, figure = _artifacts(cfg, out, result, "run.json", "trajectory.png", draw)
     if json_out:
         print(to_json(result))
     elif seeds > 1:
@@ -404,7 +464,7 @@ def theory(
     cfg, game = _game(config, set_, session=session, rounds=0)
     fits, _, prediction = _solve(game)
     result = report(game, prediction, fits=fits)
-    directory = _artifacts(cfg, out, result, "theory.json")
+    directory, _ = _artifacts(cfg, out, result, "theory.json")
     if json_out:
         print(to_json(result))
     else:
@@ -444,8 +504,9 @@ def attacks(
         _fail(str(exc))
     result = summary(cells, skipped) | {"seeds": seeds, "config_hash": cfg.digest()}
     out = Path("runs") / cfg.digest() if out is None else out
-    _save(out, {"config.toml": _config_toml(cfg)})
-    figure = _publish(out, "attacks", result, lambda path: plot_study(cells, cfg, path), json_out)
+    figure = _publish(
+        out, cfg, "attacks", result, lambda path: plot_study(cells, cfg, path), json_out
+    )
     if figure is None:
         return
     from rich.table import Table
@@ -543,8 +604,7 @@ def design_command(
 
         options = json.dumps([cfg.digest(), agent, examples, norm, seeds])
         out = Path("runs") / f"design-{hashlib.sha256(options.encode()).hexdigest()[:12]}"
-    _save(out, {"config.toml": _config_toml(cfg)})
-    figure = _publish(out, "design", result, lambda path: plot_design(result, path), json_out)
+    figure = _publish(out, cfg, "design", result, lambda path: plot_design(result, path), json_out)
     if figure is None:
         return
     from rich.table import Table
@@ -1331,11 +1391,15 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: usage errors, like config errors, are one line and exit 2.
 
     Floating-point warnings are not shown: a number that overflows is reported as not
-    finite (``null`` in the JSON), not as a numpy warning on stderr.
+    finite (``null`` in the JSON), not as a numpy warning on stderr. SIGTERM stops a command
+    as Ctrl-C does (``misalign.terminate``): the same cleanup, exit 143 (Ctrl-C: 130).
     """
+    from misalign.terminate import exit_code, sigterm_as_interrupt
+
     warnings.filterwarnings("ignore", category=RuntimeWarning)
     try:
-        code = app(args=argv, standalone_mode=False)
+        with sigterm_as_interrupt():
+            code = app(args=argv, standalone_mode=False)
     except MemoryError as exc:
         detail = f" ({exc})" if str(exc) else ""
         print(
@@ -1352,7 +1416,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(0) from None
         print(f"misalign: error: {usage()} (see misalign --help)", file=sys.stderr)
         raise SystemExit(2) from None
-    raise SystemExit(code or 0)
+    raise SystemExit(exit_code(code or 0))
 
 
 if __name__ == "__main__":

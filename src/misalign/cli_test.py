@@ -717,6 +717,114 @@ def test_a_network_summary_says_who_feeds_back_and_the_distance_to_pooled_least_
     assert two.exit_code == 0 and "pooled" not in two.stdout and "network:" not in two.stdout
 
 
+# --- language-model options checked before anything is written (issue 21 item 10) ----------
+
+LLM = EXAMPLES / "local_llm.toml"
+"""A play with a language-model agent (20 rounds, its server on 127.0.0.1:8765, no key)."""
+
+
+def _refused(done, starts: str) -> None:
+    """Exit 2, nothing on stdout, one line on stderr that starts by naming the option."""
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    assert done.stderr.startswith(f"misalign: error: {starts}") and done.stderr.count("\n") == 1
+
+
+def _nothing_written(tmp_path: Path) -> None:
+    """No run directory and no store in ``tmp_path``."""
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".toml") == []
+
+
+@pytest.mark.parametrize(
+    ("args", "starts"),
+    [
+        (["run", LLM, "--fork-at", "50"], "--fork-at 50: must be from 1 to rounds = 20 (the "),
+        (["run", EXAMPLES / "two_agents.toml", "--fork-at", "3"], "--fork-at: applies to "),
+        (["run", EXAMPLES / "two_agents.toml", "--replay"], "--replay: applies to "),
+        (["theory", EXAMPLES / "two_agents.toml", "--replay"], "--replay: applies to "),
+        (["run", EXAMPLES / "two_agents.toml", "--refresh"], "--refresh: applies to "),
+    ],
+    ids=["fork past the last round", "fork", "replay", "theory replay", "refresh"],
+)
+def test_language_model_flags_that_cannot_apply_are_refused(tmp_path, args, starts):
+    """Issue 21: `--fork-at 50` with 20 rounds, and `--fork-at` or `--replay` on a play with
+    no language-model agent, were accepted silently."""
+    done = _process(*args, "--store", tmp_path / "s.sqlite", "--out", tmp_path / "out")
+    _refused(done, starts)
+    if "applies to" in starts:
+        assert done.stderr.endswith(
+            "applies to language-model agents (kind = 'llm'); this play has none\n"
+        )
+    _nothing_written(tmp_path)
+
+
+def test_simultaneous_rounds_of_one_agent_are_refused_as_a_self_read(tmp_path):
+    """Issue 21: a lone agent in simultaneous rounds read its own output, while a weighted
+    read that names the reader is refused."""
+    config = tmp_path / "c.toml"
+    config.write_text('schedule = "simultaneous"\n' + GOOD.split("[agents.B]")[0])
+    done = _process("run", config, "--out", tmp_path / "out")
+    _refused(done, "schedule: simultaneous rounds need at least two agents: each reads the ")
+    assert "an agent cannot read itself" in done.stderr
+    _nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("not a url", "must not hold spaces or control characters"),
+        ("ftp://127.0.0.1/v1", "must be an http:// or https:// URL with a host"),
+    ],
+)
+def test_a_base_url_that_is_no_server_is_refused_before_any_request(tmp_path, url, says):
+    """Issue 21: these said "unreachable after 3 attempts"; they are refused as they are
+    read, before any request, and no store is made."""
+    started = time.monotonic()
+    done = _process(
+        "run",
+        LLM,
+        "--set",
+        f"agents.A.base_url='{url}'",
+        *("--store", tmp_path / "s.sqlite"),
+        *("--out", tmp_path / "out"),
+    )
+    _refused(done, f"agents.A.base_url: {says}")
+    assert "unreachable" not in done.stderr and time.monotonic() - started < 30
+    _nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("mode", [[], ["--replay"]], ids=["live", "replay"])
+def test_a_store_that_is_a_directory_is_one_line(tmp_path, mode):
+    """Issue 21: `--store <a directory>` said "disk I/O error"."""
+    (tmp_path / "store").mkdir()
+    done = _process("run", LLM, "--store", tmp_path / "store", *mode, "--out", tmp_path / "out")
+    _refused(done, f"--store {tmp_path / 'store'}: a directory, not a store file")
+    assert list((tmp_path / "store").iterdir()) == [] and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "why",
+    [
+        ["--max-requests", "1"],
+        [
+            *(
+                "--set",
+                "agents.A.base_url='http://127.0.0.1:9/v1'",
+                "--set",
+                "agents.A.max_retries=0",
+            )
+        ],
+    ],
+    ids=["a refused budget", "an unreachable server"],
+)
+def test_a_run_that_fails_before_any_answer_makes_no_store(tmp_path, why):
+    """Issue 21: the store file was made even when the run failed before any request; it is
+    made by the first answer written (the other tests here make one)."""
+    store = tmp_path / "new" / "s.sqlite"
+    done = _process("run", LLM, "--store", store, *why, "--out", tmp_path / "out")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    _nothing_written(tmp_path)
+
+
 # --- outputs: never written through a symbolic link -----------------------------------------
 
 WRITERS = {
@@ -826,19 +934,9 @@ def test_a_batch_exits_1_only_when_every_play_failed(tmp_path):
         args = ["--set", f"agents.A.base_url='{server.base_url}'"]
         args += ["--set", "agents.A.api_key_env=''"]
         args += ["--set", "agents.A.max_retries=0"]
-        fails = _invoke(
-            tmp_path,
-            "run",
-            str(config),
-            "--seeds",
-            "3",
-            *args,
-            "--store",
-            str(tmp_path / "a.sqlite"),
-        )
-        theory = _invoke(
-            tmp_path, "theory", str(config), *args, "--store", str(tmp_path / "b.sqlite")
-        )
+        store = [f"--store={tmp_path / name}" for name in ("a.sqlite", "b.sqlite", "c.sqlite")]
+        fails = _invoke(tmp_path, "run", str(config), "--seeds", "3", *args, store[0])
+        theory = _invoke(tmp_path, "theory", str(config), *args, store[1])
         from misalign.config import load_config
         from misalign.experiment import setup
         from misalign.llm.agent import Session
@@ -850,16 +948,7 @@ def test_a_batch_exits_1_only_when_every_play_failed(tmp_path):
         finally:
             probe.close()
         marker.append(f"x = {game.prompts['A'][0].X[0].tolist()}")
-        some = _invoke(
-            tmp_path,
-            "run",
-            str(config),
-            "--seeds",
-            "3",
-            *args,
-            "--store",
-            str(tmp_path / "c.sqlite"),
-        )
+        some = _invoke(tmp_path, "run", str(config), "--seeds", "3", *args, store[2])
     assert fails.exit_code == 1 and fails.stderr.startswith("misalign: every play failed (3 plays")
     assert theory.exit_code == 1 and "no prediction: the fit of A failed" in theory.stderr
     assert some.exit_code == 0, some.stderr

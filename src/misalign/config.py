@@ -431,6 +431,12 @@ class PlayConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> PlayConfig:
+        if self.simultaneous and len(self.agents) < 2:  # it would read only itself
+            raise _FieldError(
+                "schedule",
+                "simultaneous rounds need at least two agents: each reads the others, and an "
+                "agent cannot read itself (a lone agent does so with turns in order)",
+            )
         for name, agent in self.agents.items():
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", name) or name in RESERVED:
                 raise _FieldError(f"agents.{name}", "is not a valid agent name")

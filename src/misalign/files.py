@@ -1,14 +1,17 @@
 """Files: atomic writes (a run killed at any moment leaves the old file or the new one, never
-half), and the two guards for files from someone else (run directories, shared tarballs):
-nothing is read that is not a regular file (``open_regular``) really inside its directory
-(``open_inside``), and nothing is written through a symbolic link (``refuse_symlinks``)."""
+half), run directories written whole or not at all (``write_directory``), and the two guards
+for files from someone else (run directories, shared tarballs): nothing is read that is not a
+regular file (``open_regular``) really inside its directory (``open_inside``), and nothing is
+written through a symbolic link (``refuse_symlinks``)."""
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -42,19 +45,136 @@ def atomic_write(path: Path, write: Callable[[str], None], suffix: str = "") -> 
     follow the link it replaces); ``refuse_symlinks`` refuses such an ``--out`` beforehand.
     ``suffix`` ends the temporary file's name (``".png"`` for a writer that reads the format
     from it, such as matplotlib's ``savefig``).
+
+    Raises:
+        OSError: the file cannot be written (a full disk, a read-only file system, no
+            permission); its ``filename`` is ``path`` where it named none or the temporary
+            file (a write on a full disk names none).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+        os.close(fd)
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename is None or Path(exc.filename).name.startswith(f".{path.name}."):
+            exc.filename = str(path)
+        raise
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it, and set back at once)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+STAGING = ".misalign-staged-"
+"""The prefix of the temporary directory's name that ``write_directory`` writes a run into."""
+
+
+def write_directory(out: Path, files: Mapping[str, Callable[[Path], object]]) -> None:
+    """Write the run directory ``out`` whole or not at all.
+
+    Each ``write(path)`` of ``files`` writes its file into a new temporary directory
+    (``STAGING...``, beside ``out``, or inside it when it exists: on the same file system
+    either way). Once every file is written, the directory is renamed to ``out``; where ``out``
+    exists already (a re-run of the same configuration), each new file replaces its old copy
+    by a rename, and what else ``out`` holds (the user's own files, in an ``--out`` they named)
+    is left alone. A failure or an interruption (Ctrl-C, SIGTERM) before then removes the
+    temporary directory: ``out`` is as it was, never half written.
+
+    Args:
+        out: the run directory (``--out``); its parents are created.
+        files: per file name, the function that writes it at the path it is given.
+
+    Raises:
+        ConfigError: one line: ``out`` is, or holds, a symbolic link (``refuse_symlinks``) or
+            is not a directory, or a file cannot be written (a full disk, a read-only file
+            system, no permission): ``--out OUT: cannot write OUT/NAME (why)``.
+    """
+    out = Path(out)
+    refuse_symlinks(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: {kind_of(out)}, not a directory")
+    try:
+        home = out if out.is_dir() else out.parent
+        home.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=home, prefix=STAGING))
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot write ({reason(exc)})") from None
+    try:
+        for name, write in files.items():
+            try:
+                write(staging / name)
+            except OSError as exc:
+                raise ConfigError(
+                    f"--out {out}: cannot write {out / name} ({reason(exc)})"
+                ) from None
+        try:
+            _move_in(staging, out, list(files))
+        except OSError as exc:
+            raise ConfigError(f"--out {out}: cannot write ({reason(exc)})") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_in(staging: Path, out: Path, names: list[str]) -> None:
+    """Put the files written in ``staging`` in place: rename ``staging`` to ``out`` where
+    ``out`` does not exist, else move each file into ``out`` (each replacing its old copy).
+
+    Args:
+        staging: the temporary directory, holding ``names``.
+        out: the run directory.
+        names: the files to move.
+
+    Raises:
+        OSError: a rename failed.
+    """
+    if staging.parent != out:
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 was for the unfinished run
+        try:
+            os.rename(staging, out)
+            return
+        except OSError as exc:  # out made meanwhile (another run of the same configuration)
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+    for name in names:
+        os.replace(staging / name, out / name)
+
+
+def reason(exc: OSError) -> str:
+    """Why an ``OSError`` happened, in a few words.
+
+    Args:
+        exc: the error.
+
+    Returns:
+        The text of its ``errno`` (``No space left on device``, where a library such as
+        pyarrow wraps it in a longer message), else its message or its type's name.
+    """
+    if exc.errno:
+        return os.strerror(exc.errno)
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def kind_of(path: Path) -> str:
+    """What ``path`` is, in words: ``a regular file``, ``a directory``, ``a FIFO``, ...
+
+    Args:
+        path: an existing path (a symbolic link is one, not what it points to).
+
+    Returns:
+        A few words, with their article.
+    """
+    mode = os.lstat(path).st_mode
+    return "a regular file" if stat.S_ISREG(mode) else KINDS.get(stat.S_IFMT(mode), "a file")
 
 
 def refuse_symlinks(out: Path, inside: bool = True) -> None:

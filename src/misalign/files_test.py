@@ -1,5 +1,7 @@
-"""Tests for misalign.files: atomic writes, and the guards for files from someone else."""
+"""Tests for misalign.files: atomic writes, run directories written whole or not at all (the real
+commands on a full disk and in a read-only folder), and the guards for files from someone else."""
 
+import errno
 import os
 import re
 from pathlib import Path
@@ -7,7 +9,16 @@ from pathlib import Path
 import pytest
 
 from misalign.config import ConfigError
-from misalign.files import UnsafeFile, atomic_write, open_inside, refuse_symlinks
+from misalign.files import (
+    STAGING,
+    UnsafeFile,
+    _umask,
+    atomic_write,
+    open_inside,
+    reason,
+    refuse_symlinks,
+    write_directory,
+)
 
 
 def test_atomic_write_replaces_a_symlink_instead_of_writing_through_it(tmp_path):
@@ -110,3 +121,241 @@ def test_open_inside_refuses_a_device_a_linked_directory_and_a_path_out(tmp_path
     (tmp_path / "outside.txt").write_text("secret")
     with pytest.raises(UnsafeFile, match="outside"):
         open_inside(tmp_path / "real", "sub/outside.txt")
+
+
+# --- run directories written whole or not at all (issue 21 item 9) ------------------------
+
+
+def _writers(texts: dict[str, str], fail_at: str | None = None, error=None) -> dict:
+    """Writers of ``texts`` for ``write_directory``; the one of ``fail_at`` raises ``error``
+    after writing half its text (as a write cut off by a full disk)."""
+
+    def writer(name: str, text: str):
+        def write(path: Path) -> None:
+            path.write_text(text[: len(text) // 2] if name == fail_at else text)
+            if name == fail_at:
+                raise error
+
+        return write
+
+    return {name: writer(name, text) for name, text in texts.items()}
+
+
+FILES = {"config.toml": "seed = 1\n", "run.json": '{"a": 1}', "trajectory.png": "png"}
+
+
+def test_write_directory_puts_a_new_directory_in_place_whole(tmp_path):
+    out = tmp_path / "runs" / "abc"
+    write_directory(out, _writers(FILES))
+    assert {p.name: p.read_text() for p in out.iterdir()} == FILES
+    assert sorted(p.name for p in out.parent.iterdir()) == ["abc"]  # no staging left
+    assert out.stat().st_mode & 0o777 == 0o777 & ~_umask()
+
+
+def test_write_directory_replaces_an_old_run_and_keeps_the_users_files(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.json").write_text("old")
+    (out / "notes.txt").write_text("mine")
+    write_directory(out, _writers(FILES))
+    assert {p.name: p.read_text() for p in out.iterdir()} == {**FILES, "notes.txt": "mine"}
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        OSError(errno.EROFS, "Read-only file system"),
+        KeyboardInterrupt(),
+    ],
+    ids=["full disk", "read-only", "Ctrl-C or SIGTERM"],
+)
+@pytest.mark.parametrize("existing", [False, True], ids=["new", "re-run"])
+def test_a_write_that_fails_leaves_the_run_directory_as_it_was(tmp_path, error, existing):
+    out = tmp_path / "out"
+    if existing:
+        write_directory(out, _writers({name: "old " + text for name, text in FILES.items()}))
+    before = {p.name: p.read_bytes() for p in out.iterdir()} if existing else None
+    raised = ConfigError if isinstance(error, OSError) else KeyboardInterrupt
+    with pytest.raises(raised) as caught:
+        write_directory(out, _writers(FILES, "trajectory.png", error))
+    if raised is ConfigError:
+        why = os.strerror(error.errno)
+        assert str(caught.value) == f"--out {out}: cannot write {out / 'trajectory.png'} ({why})"
+    if existing:
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    else:
+        assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if existing else [])
+
+
+def test_write_directory_refuses_a_file_in_the_way(tmp_path):
+    (tmp_path / "out").write_text("mine")
+    with pytest.raises(ConfigError, match=r": a regular file, not a directory$"):
+        write_directory(tmp_path / "out", _writers(FILES))
+    assert (tmp_path / "out").read_text() == "mine"
+
+
+def test_atomic_write_names_the_file_a_full_disk_cut_off(tmp_path):
+    def cut_off(tmp: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError) as caught:
+        atomic_write(tmp_path / "run.json", cut_off)
+    assert caught.value.filename == str(tmp_path / "run.json") and reason(caught.value) == (
+        "No space left on device"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+COMMANDS = {
+    "run": ["run", str(EXAMPLES / "two_agents.toml")],
+    "design": ["design", str(EXAMPLES / "design.toml"), "--agent", "A", "--seeds", "2"],
+    "sweep": ["sweep", "{sweep}", "--workers", "2"],
+}
+"""The commands that write a run directory, tested on a full disk."""
+DISK = 20 * 1024
+"""The size of the tiny tmpfs: a sweep's two first files and one chunk file fit, no play's
+report or figure does."""
+MOST = 4096
+"""The largest file a command may write when a full disk is simulated: a configuration
+fits, no report, figure or chunk does."""
+
+
+def _misalign(command: str, out: Path, tmp_path: Path, *extra: str, most: int | None = None):
+    """``misalign COMMAND ... --out OUT EXTRA`` in a subprocess (a sweep's file written in
+    ``tmp_path``); with ``most``, no file it writes may grow past ``most`` bytes
+    (``RLIMIT_FSIZE``: a write beyond fails with EFBIG, as one on a full disk fails)."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (most, most))
+
+    args = COMMANDS[command]
+    if command == "sweep":
+        import tomli_w
+
+        from misalign.sweep_test import small
+
+        sweep = tmp_path / "sweep.toml"
+        sweep.write_text(tomli_w.dumps(small()))
+        args = [arg.format(sweep=sweep) for arg in args]
+    return subprocess.run(
+        [sys.executable, "-m", "misalign.cli", *args, "--out", str(out), *extra],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=None if most is None else limited,
+    )
+
+
+def _one_line(done, out: Path, why: str) -> None:
+    """Exit 2 and one line on stderr naming ``out`` and why; nothing on stdout."""
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    assert done.stderr.startswith(f"misalign: error: --out {out}: cannot write ")
+    assert done.stderr.count("\n") == 1 and f"({why})" in done.stderr, done.stderr
+
+
+def _no_run_directory(out: Path) -> None:
+    """Neither ``out`` nor a staging directory beside it."""
+    assert not out.exists()
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(STAGING)] == []
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A real full disk: a tmpfs of ``DISK`` bytes mounted at ``tmp_path/disk`` (root only)."""
+    import shutil
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={DISK}", "tmpfs", str(disk)]
+    if os.geteuid() != 0 or not shutil.which("mount") or subprocess.run(mount).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_full_disk_is_one_line_and_leaves_no_half_written_directory(tmp_path, full_disk, command):
+    """Issue 21: on a full disk `sweep` printed joblib's UserWarning and exited 1; `run` and
+    `design` left a config.toml without their report. On a real tiny tmpfs: one line naming
+    the file, exit 2; no run directory; a sweep keeps its whole chunks, and once there is
+    room --resume finishes it."""
+    import subprocess
+
+    import pyarrow.parquet as pq
+
+    out = full_disk / "out"
+    _one_line(_misalign(command, out, tmp_path), out, "No space left on device")
+    if command != "sweep":
+        _no_run_directory(out)
+        return
+    kept = list((out / "rows").iterdir())
+    assert len(kept) == 1 and pq.read_table(kept[0]).num_rows == 2
+    before = kept[0].read_bytes()
+    subprocess.run(["mount", "-o", "remount,size=1m", str(full_disk)], check=True)
+    resumed = _misalign("sweep", out, tmp_path, "--resume")
+    assert resumed.returncode == 0 and resumed.stderr == "", resumed.stderr
+    assert len(list((out / "rows").iterdir())) == 3 and kept[0].read_bytes() == before
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_write_cut_off_is_one_line_and_a_rerun_keeps_the_old_run_whole(tmp_path, command):
+    """Without root, a full disk simulated by a limit on the size of a file (the write fails
+    with EFBIG): one line naming the file, exit 2; a new run leaves no directory, and a re-run
+    into a finished one leaves its files as they were; a sweep, resumed, finishes."""
+    import matplotlib.font_manager  # noqa: F401 - its cache is written now, without a limit
+
+    out = tmp_path / "out"
+    _one_line(_misalign(command, out, tmp_path, most=MOST), out, "File too large")
+    if command == "sweep":
+        assert list((out / "rows").iterdir()) == []
+        resumed = _misalign("sweep", out, tmp_path, "--resume")
+        assert resumed.returncode == 0 and resumed.stderr == "", resumed.stderr
+        assert len(list((out / "rows").iterdir())) == 3
+        return
+    _no_run_directory(out)
+    assert _misalign(command, out, tmp_path).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    _one_line(_misalign(command, out, tmp_path, most=MOST), out, "File too large")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """A folder nothing can be created in, and why: a read-only tmpfs as root (whom file
+    permissions do not stop), else a folder without write permission."""
+    import shutil
+    import subprocess
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder, "Permission denied"
+        folder.chmod(0o755)
+        return
+    mount = ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)]
+    if not shutil.which("mount") or subprocess.run(mount).returncode:
+        pytest.skip("mounting a read-only tmpfs failed")
+    try:
+        yield folder, "Read-only file system"
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_read_only_folder_is_one_line(tmp_path, read_only, command):
+    folder, why = read_only
+    out = folder / "out"
+    _one_line(_misalign(command, out, tmp_path), out, why)
+    assert list(folder.iterdir()) == []

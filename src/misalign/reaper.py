@@ -98,7 +98,8 @@ def _end(noted: dict[int, str]) -> None:
 def watch(parent: int) -> None:
     """Note ``parent``'s processes until its pipe (our stdin) closes; end them unless it said
     ``done``."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the sweep's to handle
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the sweep's to handle (misalign.terminate):
+        signal.signal(sig, signal.SIG_IGN)  # sent to its process group, they spare the watchdog
     me, noted, said = os.getpid(), {}, b""
     while True:
         noted.update(descendants(parent))

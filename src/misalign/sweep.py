@@ -38,11 +38,13 @@ that is damaged, from another sweep or in another chunk's place is not taken as 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
 import math
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -551,8 +553,9 @@ def run_sweep(
     Raises:
         ConfigError: ``out`` is or holds a symbolic link, holds another sweep, or a partial
             one (or a chunk file that is not a finished chunk of this sweep) without
-            ``resume``; the backend is missing or its cluster unreachable; ``sweep.csv`` or
-            ``sweep.png`` cannot be written.
+            ``resume``; the backend is missing or its cluster unreachable; a file cannot be
+            written (a full disk, a read-only folder: what finished is kept), ``sweep.csv`` and
+            ``sweep.png`` included.
         SweepStopped: the backend failed part way; what finished is kept.
     """
     started = time.perf_counter()
@@ -563,10 +566,10 @@ def run_sweep(
     if pending:
         workers = workers or len(os.sched_getaffinity(0))
         if backend == "ray":
-            tasks = _ray(sweep, pending, workers, address)
+            start = functools.partial(_ray, sweep, pending, workers, address)
         else:
-            tasks = _local(sweep, pending, workers)
-        _collect(sweep, out, tasks, len(sweep.points) - _points(sweep, pending), progress)
+            start = functools.partial(_local, sweep, pending, workers)
+        _collect(sweep, out, start, len(sweep.points) - _points(sweep, pending), progress)
     from misalign.sweep_view import write_views
 
     views = write_views(sweep, out, again=bool(pending))
@@ -669,7 +672,7 @@ def _prepare(sweep: Sweep, out: Path, resume: bool, warn: Callable[[str], None])
         for stale in (out / ROWS).glob(".chunk-*"):
             stale.unlink()
     except OSError as exc:
-        raise ConfigError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
+        raise ConfigError(_cannot_write(out, exc)) from None
     except json.JSONDecodeError:
         raise ConfigError(f"--out {out}: {MANIFEST} is not JSON; choose another --out") from None
     done, bad = _unfinished(sweep, out)
@@ -770,15 +773,19 @@ def _foreign(sweep: Sweep, schema, k: int, path: Path) -> str | None:
 def _collect(
     sweep: Sweep,
     out: Path,
-    results: Iterator[tuple[int, list[dict[str, Any]]]],
+    start: Callable[[], Iterator[tuple[int, list[dict[str, Any]]]]],
     done: int,
     progress: bool,
 ) -> None:
-    """Write every chunk's rows as it arrives, atomically; advance the progress bar."""
+    """Start the backend (``start()``: its chunks' results), write every chunk's rows as it
+    arrives, atomically, and advance the progress bar. Ctrl-C or SIGTERM while the backend
+    starts waits until it has (``misalign.terminate.deferred``); then, or at any later moment,
+    the chunks in flight are stopped and the finished ones kept."""
     import pyarrow.parquet as pq
 
     from misalign.files import atomic_write
     from misalign.progress import progress_bar
+    from misalign.terminate import deferred
 
     schema = _schema(sweep)
     write = {"write_page_checksum": True}
@@ -786,16 +793,27 @@ def _collect(
     if progress:
         columns = ["{task.fields[rate]} points/s"]
         bar = progress_bar(len(sweep.points), "sweep", done=done, columns=columns, rate="-")
-    started, computed, written = time.perf_counter(), 0, 0
+    started, computed, written, results = time.perf_counter(), 0, 0, None
     try:
+        with deferred():
+            results = start()
         for k, rows in results:
             table = _table(rows, schema).replace_schema_metadata({IDENTITY: _identity(sweep, k)})
-            atomic_write(chunk_path(out, k), lambda tmp, t=table: pq.write_table(t, tmp, **write))
+            path = chunk_path(out, k)
+            try:
+                atomic_write(path, lambda tmp, t=table: pq.write_table(t, tmp, **write))
+            except OSError as exc:  # the disk filled up, the folder became read-only
+                raise ConfigError(
+                    f"{_cannot_write(out, exc)}; the finished chunks are kept: run it again "
+                    "with --resume once the folder can be written"
+                ) from None
             computed, written = computed + len(rows), written + 1
             if bar is not None:
                 rate = f"{computed / (time.perf_counter() - started):.3g}"
                 bar.update(bar.task_ids[0], advance=len(rows), rate=rate)
-    except Exception as exc:  # a worker died, the cluster went away, the disk filled up
+    except ConfigError:
+        raise
+    except Exception as exc:  # a worker died, the cluster went away
         text = str(exc).splitlines()[0] if str(exc) else ""
         raise SweepStopped(
             f"the sweep stopped after {plural(written, 'new chunk')} ({type(exc).__name__}"
@@ -805,9 +823,36 @@ def _collect(
     finally:
         if bar is not None:
             bar.stop()
-        close = getattr(results, "close", None)
-        if close is not None:
+        if results is not None:
+            _close(results)
+
+
+def _close(results: Iterator[tuple[int, list[dict[str, Any]]]]) -> None:
+    """Stop the backend's chunks in flight (a generator's ``close``), quietly: joblib warns
+    that the tasks still running are cancelled, which is the point of stopping them."""
+    import warnings
+
+    close = getattr(results, "close", None)
+    if close is not None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "[0-9]+ tasks ", UserWarning, "joblib")
             close()
+
+
+def _cannot_write(out: Path, exc: OSError) -> str:
+    """One line for a disk error in a sweep's directory.
+
+    Args:
+        out: the sweep's directory.
+        exc: the error (its ``filename``, where it names one, is the file not written).
+
+    Returns:
+        ``--out OUT: cannot write FILE (why)``.
+    """
+    from misalign.files import reason
+
+    name = f" {exc.filename}" if isinstance(exc.filename, str) else ""
+    return f"--out {out}: cannot write{name} ({reason(exc)})"
 
 
 def _identity(sweep: Sweep, k: int) -> bytes:
@@ -887,12 +932,14 @@ def _local(
     sweep: Sweep, chunks: Sequence[int], workers: int
 ) -> Iterator[tuple[int, list[dict[str, Any]]]]:
     """Chunks run by joblib worker processes (in this process with one worker), in the order
-    they finish. The workers outlive no sweep: each watches its parent (``_watch_parent``)
-    and exits within a second of its death (a sweep killed with SIGKILL), and an idle worker
-    exits after ``IDLE_S`` (loky's default keeps it 300 s)."""
+    they finish. The workers outlive no sweep: each watches the sweep (``_watch_parent``) and
+    exits within a second of its death (a sweep killed with SIGKILL, even while the worker
+    was starting), and an idle worker exits after ``IDLE_S`` (loky's default keeps it 300 s);
+    Ctrl-C and SIGTERM (``misalign.terminate``) close the generator, which shuts them down."""
     from joblib import Parallel, delayed, parallel_config
 
-    with parallel_config(backend="loky", initializer=_watch_parent, idle_worker_timeout=IDLE_S):
+    config = {"initializer": _watch_parent, "initargs": (os.getpid(),)}
+    with parallel_config(backend="loky", idle_worker_timeout=IDLE_S, **config):
         parallel = Parallel(n_jobs=workers, return_as="generator_unordered")
     return parallel(delayed(run_chunk)(Chunk.of(sweep, k)) for k in chunks)
 
@@ -903,16 +950,24 @@ WATCH_S = 0.5
 """How often a worker checks that the sweep that started it is alive."""
 
 
-def _watch_parent() -> None:
-    """In a worker process: exit at once when the process that started it is gone (it is
-    then re-parented), so that a killed sweep leaves no process behind."""
-    parent = os.getppid()
+def _watch_parent(parent: int) -> None:
+    """In a worker process: exit at once when the sweep that started it is gone (the worker
+    is then re-parented), so that a killed sweep leaves no process behind; and leave Ctrl-C
+    to the sweep, which stops its workers (a terminal sends it to every process of the sweep,
+    and a worker's traceback of it would be noise).
+
+    Args:
+        parent: the sweep's process ID, taken in the sweep: a worker that starts after the
+            sweep died (a SIGKILL while the workers were starting) has another parent
+            already, and exits at once.
+    """
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(WATCH_S)
         os._exit(1)
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=watch, name="misalign-parent-watch", daemon=True).start()
 
 
@@ -925,23 +980,33 @@ def _ray(
     Raises:
         ConfigError: Ray does not start, or does not join the cluster at ``address``.
     """
+    import logging
+
     import ray
 
     from misalign.reaper import Reaper
+    from misalign.terminate import reclaim, terminated
 
     started, reaper = False, None
     if not ray.is_initialized():
         reaper = Reaper()  # a SIGKILL of this process must not leave Ray's agents behind
+        quiet = {"log_to_driver": False, "logging_level": logging.ERROR}  # no banner, no notes
         try:
             if address is not None:
-                ray.init(address=address, log_to_driver=False)
+                ray.init(address=address, **quiet)
             else:
-                ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+                ray.init(num_cpus=workers, include_dashboard=False, **quiet)
+        except SystemExit as exc:  # Ray's own SIGTERM handler, set while it starts
+            if exc.code != signal.SIGTERM:
+                raise
+            raise terminated() from None
         except Exception as exc:  # ConnectionError, RuntimeError, ValueError: one line
             reaper.done()
             where = f"--address {address}" if address else "--backend ray"
             text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ConfigError(f"{where}: cannot start or join Ray ({text})") from None
+        finally:
+            reclaim()  # SIGTERM stops the sweep as Ctrl-C does, not by Ray's handlers
         started = True
     return _ray_results(ray, sweep, chunks, started, reaper)
 

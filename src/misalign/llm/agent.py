@@ -53,7 +53,8 @@ class Session:
     the event loop.
 
     Args:
-        store: the SQLite store's path.
+        store: the SQLite store's path (a new one is created by the first answer written:
+            a run that fails before then leaves no file).
         mode: ``live`` reads the store first and asks the server for the rest; ``replay``
             never asks (a miss is an error); ``refresh`` asks again and records the new answers.
         fork_at: take the play's answers before this round from the store, by position
@@ -74,7 +75,7 @@ class Session:
     ) -> None:
         self.mode, self.fork_at, self.limits = mode, fork_at, limits
         self.allow_hosts = allowed_hosts(allow_hosts)
-        self.store = Store(store, readonly=mode == "replay")
+        self.store = Store(store, readonly=mode == "replay", lazy=True)
         self.stats = Stats()
         self.failed: list[dict] = []
         self.on_answer: Callable[[], None] | None = None

@@ -465,7 +465,7 @@ def test_a_request_value_holding_the_key_is_refused_before_anything(tmp_path, se
             "agents.A.request.metadata.tags[1]: never write a key (this holds the value of "
             "$MISALIGN_TEST_KEY)"
         )
-        assert server.requests == [] and stored(store) == 0
+        assert server.requests == [] and not store.exists()  # nor the store created
         patch.setenv("MISALIGN_TEST_KEY", f"{key}-other")  # another key: nothing to refuse
         assert run_json(capsys, config, store, "--out", tmp_path)["llm"]["failed"] == []
 

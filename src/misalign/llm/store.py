@@ -34,11 +34,14 @@ many answers could not be stored.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
+import os
 import re
 import sqlite3
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from misalign.config import ConfigError
+from misalign.files import kind_of, reason
 from misalign.llm.answer import BadAnswer, parse
 
 SCHEMA = """
@@ -180,14 +184,18 @@ class Store:
     Args:
         path: the file (created with its folder when absent, unless ``readonly``).
         readonly: open without writing (a replay: the file may sit in a read-only checkout).
+        lazy: a store that does not exist yet is created by its first write, not before, so
+            a run that fails before its first answer (a refused budget, a bad option, an
+            unreachable server) leaves no file behind; until then it reads as empty. Where it
+            could not be created, it is refused at once all the same.
 
     Raises:
-        ConfigError: one line: the store is a symbolic link, cannot be created or opened, or
-            is not a store of ours (another program's database, a trigger or a view in it);
-            nothing is written.
+        ConfigError: one line: the store is a symbolic link or not a regular file (a
+            directory), cannot be created or opened, or is not a store of ours (another
+            program's database, a trigger or a view in it); nothing is written.
     """
 
-    def __init__(self, path: str | Path, readonly: bool = False) -> None:
+    def __init__(self, path: str | Path, readonly: bool = False, lazy: bool = False) -> None:
         self.path = Path(path)
         self._db: sqlite3.Connection | None = None
         self._waiting: list[tuple[bool, list[tuple[str, tuple]]]] = []
@@ -196,10 +204,29 @@ class Store:
         """The answers among them, by key (read from here until written)."""
         self._held_why: dict[str, str] = {}
         """The requests among them that failed for good, by key."""
+        self._later = False
+        """A lazy store not created yet: ``_db`` is an empty store in memory."""
         if self.path.is_symlink():  # a runs/llm.sqlite link from a shared tarball
             raise ConfigError(
                 f"--store {self.path}: is a symbolic link; refusing to read or write through it"
             )
+        if self.path.exists() and not self.path.is_file():
+            raise ConfigError(f"--store {self.path}: {kind_of(self.path)}, not a store file")
+        if not readonly and not self.path.exists():
+            _creatable(self.path)
+        if lazy and not readonly and not self.path.exists():
+            self._db = sqlite3.connect(":memory:", check_same_thread=False)
+            self._db.executescript(SCHEMA)
+            self._problem, self._later = True, True
+            return
+        self._open(readonly)
+
+    def _open(self, readonly: bool) -> None:
+        """Open (or create) the store's file.
+
+        Raises:
+            ConfigError: as ``Store``.
+        """
         try:
             if readonly:
                 self._db = _read_only(self.path)
@@ -219,9 +246,8 @@ class Store:
             raise
         except OSError as exc:  # no such folder, not a folder, no permission
             self._abandon()
-            why = exc.strerror or type(exc).__name__
             raise ConfigError(
-                f"--store {self.path}: cannot create the store there ({why})"
+                f"--store {self.path}: cannot create the store there ({reason(exc)})"
             ) from None
         except sqlite3.OperationalError as exc:
             self._abandon()
@@ -360,6 +386,10 @@ class Store:
             answer: whether they record an answer (paid for), for the count of those lost.
             statements: ``(sql, values)`` pairs.
         """
+        if self._later:  # a lazy store's first write: now it is created
+            self._db.close()
+            self._later = False
+            self._open(readonly=False)
         wait = 0.0 if self._waiting else WRITE_WAIT_S
         self._waiting.append((answer, statements))
         self._flush(wait)
@@ -454,6 +484,27 @@ def _read_only(path: Path) -> sqlite3.Connection:
         db.close()
         raise ConfigError(f"--store {path}: cannot read its journal ({exc})") from None
     return db
+
+
+def _creatable(path: Path) -> None:
+    """Refuse a store that could not be created at ``path``: the nearest folder above it
+    that exists must be one this process can create a file in (tried with an unnamed
+    temporary file, which leaves nothing behind).
+
+    Raises:
+        ConfigError: ``--store PATH: cannot create the store there (why)``.
+    """
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        if not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        why = reason(exc)
+        raise ConfigError(f"--store {path}: cannot create the store there ({why})") from None
 
 
 def _columns(db: sqlite3.Connection, table: str) -> set[str]:

@@ -61,6 +61,35 @@ def test_put_then_get_in_a_new_folder(tmp_path):
     again.close()
 
 
+def test_a_lazy_store_is_made_by_its_first_write(tmp_path):
+    """A new store opened lazily (a run's) reads as empty and leaves no file when nothing is
+    written; the first answer makes it, and a re-run reads it."""
+    path = tmp_path / "new" / "store.sqlite"
+    store = Store(path, lazy=True)
+    assert store.get(request_key(REQUEST, 0), "m", 2) is None and len(store) == 0
+    store.close()
+    assert not (tmp_path / "new").exists()
+    store = Store(path, lazy=True)
+    key = put(store, Slot("A", 0, "play", 0, 0), record())
+    assert path.exists() and store.get(key, "m", 2).estimate.tolist() == [1.0, 2.0]
+    store.close()
+    again = Store(path, lazy=True)
+    assert len(again) == 1 and again.get(key, "m", 2).raw == "[1.0, 2.0]"
+    again.close()
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+@pytest.mark.parametrize("lazy", [False, True])
+def test_a_store_that_is_not_a_file_or_cannot_be_made_is_one_line(tmp_path, readonly, lazy):
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ConfigError, match=r"^--store .*/folder: a directory, not a store file$"):
+        Store(tmp_path / "folder", readonly, lazy)
+    (tmp_path / "file").write_text("")
+    if not readonly:  # not even lazily: a run is refused at once, before any request
+        with pytest.raises(ConfigError, match=r"/s.sqlite: cannot create the store there \(Not a"):
+            Store(tmp_path / "file" / "s.sqlite", readonly, lazy)
+
+
 def test_a_bad_answer_is_kept_without_an_estimate(tmp_path):
     store = Store(tmp_path / "s.sqlite")
     key = put(store, Slot("A", 0, "play", 0, 0), record(None, "no idea"))
