@@ -217,6 +217,7 @@ class Store:
         if lazy and not readonly and not self.path.exists():
             self._db = sqlite3.connect(":memory:", check_same_thread=False)
             self._db.executescript(SCHEMA)
+            self._have = _columns(self._db, "answers")
             self._problem, self._later = True, True
             return
         self._open(readonly)
