@@ -47,12 +47,12 @@ from pathlib import Path
 
 import numpy as np
 
+from misalign.api import fit, predict, setup, simulate
 from misalign.config import PlayConfig
-from misalign.experiment import fit, predict, setup, simulate
 from misalign.llm.agent import Session
 from misalign.llm.fake_server import FakeServer, affine
 from misalign.llm.serve import LocalServer
-from misalign.report import report, to_json
+from misalign.outputs.report import report, to_json
 
 D = 3
 MAP_A = 0.5 * np.eye(D)

@@ -1,4 +1,4 @@
-"""Benchmark: batched simultaneous rounds of a network, through ``misalign.experiment``
+"""Benchmark: batched simultaneous rounds of a network, through ``misalign.api``
 (setup, simulate, predict), against a floor measured in the same run.
 
 The default is a debate of N = 50 agents at d = 10 on a complete graph (each agent reads the
@@ -6,8 +6,8 @@ uniform mix of the other 49), 200 plays of 100 rounds. The floor is the bare num
 same round with the same maps, nothing recorded: ``X = W S`` (the mixing matrix on the stacked
 outputs) and ``S = A X + c`` per agent, batched over plays and agents. The play records every
 output of every round (``rounds * N * plays * d`` floats); the memory estimate of
-``misalign.experiment.footprint`` is printed before anything is allocated, and a batch that
-cannot fit is refused with one line (``misalign.sizes``).
+``misalign.api.footprint`` is printed before anything is allocated, and a batch that
+cannot fit is refused with one line (``misalign.runtime.sizes``).
 
     python benchmarks/network_bench.py                         # N = 50, d = 10, 200 x 100
     python benchmarks/network_bench.py --agents 20 --plays 1000
@@ -21,8 +21,8 @@ import time
 
 import numpy as np
 
+from misalign.api import footprint, predict, setup, simulate
 from misalign.config import parse_config
-from misalign.experiment import footprint, predict, setup, simulate
 
 
 def network(agents: int, d: int, rounds: int) -> dict:

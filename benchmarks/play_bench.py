@@ -18,8 +18,8 @@ import time
 
 import numpy as np
 
-from misalign.agent import GradientAgent
-from misalign.play import Schedule, play
+from misalign.model.agent import GradientAgent
+from misalign.model.play import Schedule, play
 
 
 def prompts(plays: int, d: int, seed: int = 0) -> dict[str, tuple[np.ndarray, ...]]:

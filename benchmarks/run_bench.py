@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from misalign import load_config
-from misalign.experiment import predict, setup, simulate
-from misalign.plot import plot_batch
-from misalign.report import batch, report, to_json
+from misalign.api import predict, setup, simulate
+from misalign.outputs.plot import plot_batch
+from misalign.outputs.report import batch, report, to_json
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "two_agents.toml"
 

@@ -4,7 +4,8 @@ then one large batch, setup, play and prediction timed apart, against the bare p
 
 The sweep zips two axes over ``--points`` points: ``seed`` (10 apart, so no two points share a
 play) and B's step scale drawn uniformly. Each point plays ``--seeds`` seeds of ``--rounds``
-rounds at dimension ``--d`` through ``misalign.sweep`` (validation, setup, play, prediction,
+rounds at dimension ``--d`` through ``misalign.workflows.sweep`` (validation, setup, play,
+prediction,
 rows written to parquet). Points per second are given per backend and as ratios to the one
 process. The bare loop is the least the same plays need: the agents' affine maps applied in
 alternation, nothing recorded, for the plays of one point at a time (as the sweep batches
@@ -13,7 +14,7 @@ Every backend's rows are checked equal (``seconds`` aside).
 
 The batch: ``--batch`` plays (seeds 0, 1, ...) of the same two agents at dimension
 ``--batch-d`` (``n = 2 d``, B rotated), ``--batch-rounds`` rounds, through
-``misalign.experiment``: ``setup``, ``simulate`` (the bare play: every turn recorded) and
+``misalign.api``: ``setup``, ``simulate`` (the bare play: every turn recorded) and
 ``predict``, in microseconds per play, best of ``--repeats`` runs (the first run, which
 also faults in fresh memory, is reported apart), with the bare loop over the same maps.
 
@@ -32,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
+from misalign.api import predict, setup, simulate
 from misalign.config import parse_config
-from misalign.experiment import predict, setup, simulate
-from misalign.sweep import Sweep, parse_sweep, point_config, read_rows, run_sweep
+from misalign.workflows.sweep import Sweep, parse_sweep, point_config, read_rows, run_sweep
 
 
 def sweep(points: int, seeds: int, rounds: int, d: int, chunk: int) -> Sweep:

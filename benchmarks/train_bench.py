@@ -1,4 +1,4 @@
-"""Benchmark: ``misalign.train`` steps per second against a minimal hand-written torch loop.
+"""Benchmark: ``misalign.agents.train`` steps per second against a minimal hand-written torch loop.
 
 The floor trains the same single-layer LSA (two (d+1) x (d+1) matrices, the same forward
 pass written inline) with Adam on the same batches, with nothing else: no schedule, no
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
+from misalign.agents.train import pick_device, train
 from misalign.config import TrainConfig
-from misalign.train import pick_device, train
 
 
 def floor(config: TrainConfig, device: torch.device) -> float:
@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "train_over_floor_throughput": t_floor / t_train,
     }
     print(json.dumps(result, indent=1))
-    print(f"misalign.train runs at {t_floor / t_train:.2f}x the steps/s of the bare torch loop")
+    print(
+        f"misalign.agents.train runs at {t_floor / t_train:.2f}x the steps/s of the bare torch loop"
+    )
     return result
 
 

@@ -1,9 +1,9 @@
 """misalign: the play of in-context learners with misaligned objectives (see docs/theory.md)."""
 
+from misalign.api import Game, fit, predict, setup, simulate
 from misalign.config import ConfigError, PlayConfig, load_config, parse_config
-from misalign.experiment import Game, fit, predict, setup, simulate
-from misalign.plot import plot_batch, plot_play
-from misalign.report import batch, report, to_json
+from misalign.outputs.plot import plot_batch, plot_play
+from misalign.outputs.report import batch, report, to_json
 
 __all__ = [
     "ConfigError",

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from PIL import Image
 from typer.testing import CliRunner
 
-from misalign.cli import ATTACK_COLUMNS, app, main
+from misalign.cli import app, main
+from misalign.cli.attacks import ATTACK_COLUMNS
 from misalign.config import load_config
 from misalign.llm.fake_server import FakeServer, Reply, affine, constant, estimate_of
 
@@ -937,8 +938,8 @@ def test_a_batch_exits_1_only_when_every_play_failed(tmp_path):
         store = [f"--store={tmp_path / name}" for name in ("a.sqlite", "b.sqlite", "c.sqlite")]
         fails = _invoke(tmp_path, "run", str(config), "--seeds", "3", *args, store[0])
         theory = _invoke(tmp_path, "theory", str(config), *args, store[1])
+        from misalign.api import setup
         from misalign.config import load_config
-        from misalign.experiment import setup
         from misalign.llm.agent import Session
 
         overrides = [a for a in args if a != "--set"]

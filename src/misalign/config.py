@@ -29,7 +29,8 @@ from pydantic import (
     model_validator,
 )
 
-from misalign.text import plural
+from misalign.runtime.errors import ConfigError
+from misalign.runtime.text import plural
 
 RESERVED = {
     *("rho", "converges", "distance", "rounds_to_tol", "on_target", "one_sided", "why"),
@@ -81,10 +82,6 @@ MAX_DEPTH = 32
 """The deepest nesting of tables and lists a configuration (or a sweep file) may have; a play's
 deepest, ``agents.A.request.<key>...``, needs a handful of levels. Deeper input is refused in
 one line before validation, whose recursion (and the hash's) it could exhaust."""
-
-
-class ConfigError(ValueError):
-    """A configuration problem, as one line naming the field."""
 
 
 class _Strict(BaseModel):
@@ -343,7 +340,7 @@ OURS = {"model", "messages", "response_format", "stream", "n", "tools"}
 
 class HelperAgentConfig(_Strict):
     """A helper: each turn it re-picks its output so that the agent it serves follows a
-    Newton-like method on its own objective (docs/theory.md §4; ``misalign.helper``)."""
+    Newton-like method on its own objective (docs/theory.md §4; ``misalign.agents.helper``)."""
 
     kind: Literal["helper"]
     serves: str = Field(description="the main agent")
@@ -375,7 +372,7 @@ KINDS = ("gd", "lsa", "llm", "helper")
 
 
 class AttackConfig(_Strict):
-    """One agent attacks the agent it reads (docs/theory.md §3; ``misalign.attack``)."""
+    """One agent attacks the agent it reads (docs/theory.md §3; ``misalign.agents.attack``)."""
 
     agent: str = Field(description="the attacker")
     method: Literal["decoy", "geometry", "per-turn"]
@@ -393,7 +390,7 @@ class AttackConfig(_Strict):
 
 
 class DefenceConfig(_Strict):
-    """The victim's guard (``misalign.defence``)."""
+    """The victim's guard (``misalign.agents.defence``)."""
 
     agent: str = Field(description="the defended agent")
     method: Literal["monitor", "damping", "predict"]
@@ -827,7 +824,7 @@ def _one_line(exc: ValidationError) -> str:
 
 
 class TrainConfig(_Strict):
-    """Training a linear self-attention model on in-context regression (``misalign.train``).
+    """Training a linear self-attention model on in-context regression (``misalign.agents.train``).
 
     Tasks are drawn fresh every step: ``x ~ N(0, Lambda)``, ``w ~ N(0, I)``,
     ``y = x^T w``; ``Lambda`` has eigenvalues ``spectrum`` (rotated at random when
@@ -842,7 +839,8 @@ class TrainConfig(_Strict):
     rotate: bool = False
     layers: int = Field(default=1, ge=1)
     coupled: bool = Field(
-        default=False, description="train the label-coupling blocks too (see misalign.lsa.LSA)"
+        default=False,
+        description="train the label-coupling blocks too (see misalign.agents.lsa.LSA)",
     )
     steps: int = Field(default=3000, ge=1)
     batch: int = Field(default=1024, ge=1)

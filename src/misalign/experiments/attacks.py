@@ -2,7 +2,8 @@
 
 The base play is ``examples/attack.toml`` (``d = 4``; victim ``A``: ``n = 12``, spectrum
 ``(1, 0.5, 2, 1)``, ``lsa-optimal``; attacker ``B``: ``n = 10``, ``lsa-optimal``,
-``eta = 0.8``; 200 rounds; targets drawn per seed). ``misalign.study.run_study`` plays it
+``eta = 0.8``; 200 rounds; targets drawn per seed). ``misalign.experiments.attack_study.run_study``
+plays it
 once per seed for each attack (none, white-box decoy, gray-box decoy, crafted geometry,
 per-turn target) against each defence of the victim (none, damping, monitor, predict), and
 records each play's final distances beside the theory's prediction of that play. Checked:
@@ -21,11 +22,11 @@ from typing import Any
 
 import numpy as np
 
+from misalign.api import setup
 from misalign.config import parse_config
-from misalign.experiment import setup
-from misalign.experiments import Claim, Experiment, Result, worst, write_run
-from misalign.study import ATTACKS, DEFENCES, draw_roc, roc, roles, run_study
-from misalign.text import plural
+from misalign.experiments.attack_study import ATTACKS, DEFENCES, draw_roc, roc, roles, run_study
+from misalign.experiments.base import Claim, Experiment, Result, worst, write_run
+from misalign.runtime.text import plural
 
 NAME = "attacks"
 BASE = {  # examples/attack.toml
@@ -39,7 +40,8 @@ BASE = {  # examples/attack.toml
     "attack": {"agent": "B", "method": "decoy", "knowledge": "white-box"},
 }
 EXACT = 1e-8
-"""A final distance below this is "exactly on target" (``misalign.study.summary``'s rule)."""
+"""A final distance below this is "exactly on target"
+(``misalign.experiments.attack_study.summary``'s rule)."""
 
 
 def config(quick: bool, seeds: int | None) -> dict[str, Any]:
@@ -212,7 +214,7 @@ def _claims(cfg, cells, gap, rounds) -> list[Claim]:
 
 
 def _figure(cfg, cells, base):
-    from misalign.plot import new_figure
+    from misalign.outputs.figure import new_figure
 
     attacker, victim = roles(base)
     fig, axes = new_figure(3, (17, 4.6))

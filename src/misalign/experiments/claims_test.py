@@ -19,10 +19,10 @@ ROOT = Path(__file__).resolve().parents[3]
 def drifting_simulation(monkeypatch):
     """The plays come back in reversed batch order, every output drifting by ``1e-3`` per play
     over the turns (more at each call, so that two replays differ)."""
-    import misalign.experiment
-    from misalign.play import Trajectory
+    import misalign.api
+    from misalign.model.play import Trajectory
 
-    real = misalign.experiment.play
+    real = misalign.api.play
     calls = itertools.count(1)
 
     def play(*args, **kwargs):
@@ -31,15 +31,15 @@ def drifting_simulation(monkeypatch):
         turns = found.turns[:, ::-1] + ramp
         return Trajectory(found.schedule, found.start[::-1], turns, found.diverged_at[::-1])
 
-    monkeypatch.setattr(misalign.experiment, "play", play)
+    monkeypatch.setattr(misalign.api, "play", play)
 
 
 def wrong_theory(monkeypatch):
     """The theory's prediction with ``rho`` 2% larger, every fixed point and residual moved by
     ``1e-3`` and every stationary covariance 50% larger."""
-    import misalign.experiment
+    import misalign.api
 
-    real = misalign.experiment.predict_maps
+    real = misalign.api.predict_maps
 
     def predict_maps(*args, **kwargs):
         found = real(*args, **kwargs)
@@ -51,7 +51,7 @@ def wrong_theory(monkeypatch):
             covariance={n: None if v is None else v * 1.5 for n, v in found.covariance.items()},
         )
 
-    monkeypatch.setattr(misalign.experiment, "predict_maps", predict_maps)
+    monkeypatch.setattr(misalign.api, "predict_maps", predict_maps)
 
 
 def scaled(module, name: str, factor: float):
@@ -76,22 +76,22 @@ def scaled(module, name: str, factor: float):
 
 def never_exact(monkeypatch):
     """``exactness`` calls every agent biased."""
-    from misalign.experiments import one_sided
+    from misalign.experiments.base import one_sided
 
     monkeypatch.setattr(one_sided, "exactness", lambda *args, **kwargs: None)
 
 
 def wrong_gamma(monkeypatch):
     """``Gamma`` read off the weights 1% too large (the LSA agents play with it too)."""
-    import misalign.lsa
+    import misalign.agents.lsa
 
-    scaled(misalign.lsa, "gamma_from_weights", 1.01)(monkeypatch)
+    scaled(misalign.agents.lsa, "gamma_from_weights", 1.01)(monkeypatch)
 
 
 def wrong_fit(monkeypatch):
     """Every language-model agent's global fit with its offset ``c`` moved by 0.5, after the
     fitting (the replay still asks what the run asked)."""
-    from misalign.experiments import llm
+    from misalign.experiments.base import llm
 
     real = llm.fit
 
@@ -111,7 +111,7 @@ def wrong_fit(monkeypatch):
 def store_not_offline(monkeypatch):
     """The shipped store hashes differently after the replays, and one more slot counts as
     accepted than the replay read."""
-    from misalign.experiments import llm
+    from misalign.experiments.base import llm
 
     hashes = itertools.count()
     accepted = llm._accepted
@@ -123,9 +123,9 @@ def swapped_roles(monkeypatch):
     """Each attack study cell measured with victim and attacker swapped, the monitor's scores
     negated and its flags, the predictive victim's refusals and every play's ``rho``
     (``rho ** 0.01``: none settles) turned round."""
-    import misalign.study
+    import misalign.experiments.attack_study
 
-    real = misalign.study._measure
+    real = misalign.experiments.attack_study._measure
 
     def measure(game, attacker, victim):
         cell = real(game, attacker, victim)
@@ -139,12 +139,12 @@ def swapped_roles(monkeypatch):
             rho=cell.rho**0.01,
         )
 
-    monkeypatch.setattr(misalign.study, "_measure", measure)
+    monkeypatch.setattr(misalign.experiments.attack_study, "_measure", measure)
 
 
 def skipped_attack(monkeypatch):
     """The attack study reports one attack it could not run."""
-    from misalign.experiments import attacks
+    from misalign.experiments.base import attacks
 
     real = attacks.run_study
 
@@ -164,7 +164,7 @@ def noisy_server(monkeypatch):
 
 
 def _entry_specific():
-    from misalign.experiments import direction, helper, stability
+    from misalign.experiments.base import direction, helper, stability
 
     return {
         "stability": [scaled(stability, "round_map", 1.01)],
@@ -199,7 +199,7 @@ def test_llm_recorded_run_matches_the_documented_fit_table():
     """A regression guard, not a claim: the fit table of the shipped SmolLM2 run in
     docs/llm.md, to its printed digits, and its local fit not confirmed (the model does not
     follow the theory). The page states the same numbers."""
-    from misalign.experiments import llm
+    from misalign.experiments.base import llm
 
     measured = llm._recorded(llm.config(True, None))[2]["measured"]
     documented = {

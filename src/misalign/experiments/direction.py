@@ -30,11 +30,11 @@ from typing import Any
 
 import numpy as np
 
+from misalign.api import predict, setup, simulate
 from misalign.config import parse_config
-from misalign.experiment import predict, setup, simulate
-from misalign.experiments import Claim, Experiment, Result, theory_and_simulation, write_run
-from misalign.text import plural
-from misalign.theory import two_agent_residuals
+from misalign.experiments.base import Claim, Experiment, Result, theory_and_simulation, write_run
+from misalign.model.theory import two_agent_residuals
+from misalign.runtime.text import plural
 
 NAME = "direction"
 
@@ -179,7 +179,7 @@ def run(quick: bool, seeds: int | None, out: Path) -> Result:
 
 
 def _figure(cfg, gaps, per_gap, response, simulated, small):
-    from misalign.plot import new_figure
+    from misalign.outputs.figure import new_figure
 
     fig, axes = new_figure(3, (15, 4.4))
     angles = np.array(cfg["angles_deg"])

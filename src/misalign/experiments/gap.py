@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from misalign.api import predict, setup, simulate
 from misalign.config import parse_config
-from misalign.experiment import predict, setup, simulate
-from misalign.experiments import Claim, Experiment, Result, theory_and_simulation, write_run
-from misalign.text import plural
+from misalign.experiments.base import Claim, Experiment, Result, theory_and_simulation, write_run
+from misalign.runtime.text import plural
 
 NAME = "gap"
 GEOMETRIES = {
@@ -110,7 +110,7 @@ def run(quick: bool, seeds: int | None, out: Path) -> Result:
 
 
 def _figure(cfg, curves):
-    from misalign.plot import new_figure
+    from misalign.outputs.figure import new_figure
 
     fig, axes = new_figure(len(cfg["geometries"]), (13, 4.2))
     gaps = np.array(cfg["gaps"])

@@ -1,7 +1,8 @@
 """``helper``: a Newton helper lands the main agent on its target in a handful of rounds, where
 the agent alone or in plain alternation needs ``O(kappa log 1/eps)`` (docs/theory.md §4).
 
-``misalign.helper_study.run_helper_study`` times four plays per dimension ``d``, condition
+``misalign.experiments.helper_study.run_helper_study`` times four plays per dimension ``d``,
+condition
 number ``kappa`` and seed until ``|u_t - w_A*| < tol``: ``A`` alone (gradient steps
 ``Gamma = 0.5 I`` on a covariance with eigenvalues from 1 down to ``1/kappa``, ``n = 20 d``),
 plain alternation with an aligned partner (same target, own prompt), and ``A`` served by a
@@ -24,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from misalign.experiment import setup
-from misalign.experiments import Claim, Experiment, Result, theory_and_simulation, write_run
-from misalign.helper_study import METHODS, run_helper_study, study_config
-from misalign.text import plural
+from misalign.api import setup
+from misalign.experiments.base import Claim, Experiment, Result, theory_and_simulation, write_run
+from misalign.experiments.helper_study import METHODS, run_helper_study, study_config
+from misalign.runtime.text import plural
 
 NAME = "helper"
 SLOW = ("A alone", "plain alternation")
@@ -147,7 +148,7 @@ def _claims(cfg, taken) -> list[Claim]:
 
 
 def _figure(cfg, taken):
-    from misalign.plot import new_figure
+    from misalign.outputs.figure import new_figure
 
     dims = cfg["dims"]
     fig, axes = new_figure(len(dims), (4.2 * len(dims) + 1, 4.4))

@@ -3,7 +3,7 @@ its store without a server or a key; a loopback server whose answers follow a kn
 is fitted exactly and the play ends on the predicted equilibrium (docs/theory.md §7).
 
 Part 1, the recorded run (``local_llm.toml`` with its store ``local_llm.sqlite``, shipped in
-the package, ``misalign.shipped``; ``examples/`` holds the same files:
+the package, ``misalign.runtime.shipped``; ``examples/`` holds the same files:
 SmolLM2-135M-Instruct against an analytic agent, ``d = 2``, 20 rounds). The store is copied
 into a temporary directory and the copy is replayed (``Session(copy, "replay")``: no request
 may reach a server, a miss is an error; the shipped file is hashed before and after). The
@@ -34,9 +34,9 @@ from typing import Any
 
 import numpy as np
 
+from misalign.api import fit, predict, setup, simulate
 from misalign.config import load_config, parse_config
-from misalign.experiment import fit, predict, setup, simulate
-from misalign.experiments import (
+from misalign.experiments.base import (
     Claim,
     Experiment,
     Result,
@@ -44,10 +44,10 @@ from misalign.experiments import (
     errors_from_fixed_point,
     write_run,
 )
-from misalign.observe import classify
-from misalign.shipped import RECORDED, shipped
-from misalign.text import plural
-from misalign.theory import round_map
+from misalign.model.observe import classify
+from misalign.model.theory import round_map
+from misalign.runtime.shipped import RECORDED, shipped
+from misalign.runtime.text import plural
 
 NAME = "llm"
 
@@ -341,7 +341,7 @@ def run(quick: bool, seeds: int | None, out: Path) -> Result:
 
 
 def _figure(recorded, fake):
-    from misalign.plot import new_figure
+    from misalign.outputs.figure import new_figure
 
     fig, (ax, right) = new_figure(2, (12, 4.4))
     outputs = recorded["outputs"]

@@ -1,7 +1,8 @@
 """``lsa``: plays between trained linear self-attention agents end where the theory, with the
 ``Gamma`` read off the weights, predicts (docs/theory.md §1-2).
 
-``misalign.lsa_study`` trains a single-layer LSA per input geometry (``d = 4``, ``n = 20``;
+``misalign.experiments.lsa_study`` trains a single-layer LSA per input geometry (``d = 4``, ``n =
+20``;
 isotropic and anisotropic ``Lambda``), cached in the run directory (``train-<geometry>/``,
 resumed when there), then plays two copies of it against each other, ``B``'s target offset
 from ``A``'s by a gap along a random unit direction, over gaps and seeds. Checked:
@@ -24,9 +25,16 @@ from typing import Any
 
 import numpy as np
 
-from misalign.experiments import Claim, Experiment, Result, worst, write_run
-from misalign.lsa_study import GAPS, GEOMETRIES, N, lsa_study_figure, run_lsa_study, train_models
-from misalign.optional import require_torch
+from misalign.experiments.base import Claim, Experiment, Result, worst, write_run
+from misalign.experiments.lsa_study import (
+    GAPS,
+    GEOMETRIES,
+    N,
+    lsa_study_figure,
+    run_lsa_study,
+    train_models,
+)
+from misalign.runtime.optional import require_torch
 
 NAME = "lsa"
 
@@ -47,9 +55,9 @@ def config(quick: bool, seeds: int | None) -> dict[str, Any]:
 
 def gammas(checkpoint: Path, probes: int, seed: int = 0) -> dict[str, np.ndarray]:
     """A trained model's ``Gamma`` read off its weights and by probing, and ``Gamma*``."""
-    from misalign.agent import lsa_optimal_gamma
-    from misalign.lsa import gamma_by_probing, gamma_from_weights
-    from misalign.train import covariance, load_model
+    from misalign.agents.lsa import gamma_by_probing, gamma_from_weights
+    from misalign.agents.train import covariance, load_model
+    from misalign.model.agent import lsa_optimal_gamma
 
     model, trained = load_model(checkpoint)
     rng = np.random.default_rng(seed)

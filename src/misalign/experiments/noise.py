@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from misalign.api import predict, setup, simulate
 from misalign.config import parse_config
-from misalign.experiment import predict, setup, simulate
-from misalign.experiments import Claim, Experiment, Result, worst, write_run
-from misalign.text import plural
+from misalign.experiments.base import Claim, Experiment, Result, worst, write_run
+from misalign.runtime.text import plural
 
 NAME = "noise"
 
@@ -128,7 +128,7 @@ def _claims(cfg: dict[str, Any], name: str, values: list[tuple]) -> list[Claim]:
 
 
 def _figure(cfg, points):
-    from misalign.plot import new_figure
+    from misalign.outputs.figure import new_figure
 
     fig, ax = new_figure(1, (6, 4.2))
     for k, (name, values) in enumerate(points.items()):

@@ -16,7 +16,7 @@ The gaps are random: in every case, odd seeds draw a Gaussian direction (which m
 two conditions with probability 0), even seeds a Gaussian direction in the case's subspace.
 The prompts of a seed do not depend on the targets, so each case is set up once to read the
 step matrices, ``delta`` is drawn per play, and the play is set up again with the targets.
-Per play and agent, the verdict of ``misalign.theory.exactness`` (on target or biased) is
+Per play and agent, the verdict of ``misalign.model.theory.exactness`` (on target or biased) is
 compared with the simulated play's final residual, the simulated residuals with the
 predicted ones, and where ``exactness`` calls a play one-sided the partner must stay biased.
 """
@@ -28,11 +28,11 @@ from typing import Any
 
 import numpy as np
 
+from misalign.api import predict, setup, simulate
 from misalign.config import parse_config
-from misalign.experiment import predict, setup, simulate
-from misalign.experiments import Claim, Experiment, Result, worst, write_run
-from misalign.text import plural
-from misalign.theory import exactness
+from misalign.experiments.base import Claim, Experiment, Result, worst, write_run
+from misalign.model.theory import exactness
+from misalign.runtime.text import plural
 
 NAME = "one-sided"
 HONEST = {"n": 20, "preconditioner": "lsa-optimal", "eta": 0.5}
@@ -188,7 +188,7 @@ def _claims(cfg, case, residual, predicted, reasons) -> list[Claim]:
 
 
 def _figure(cfg, results):
-    from misalign.plot import new_figure
+    from misalign.outputs.figure import new_figure
 
     fig, ax = new_figure(1, (7.5, 4.2))
     x = np.arange(len(results))

@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from misalign.api import predict, setup, simulate
 from misalign.config import parse_config
-from misalign.experiment import predict, setup, simulate
-from misalign.experiments import Claim, Experiment, Result, measured_rate, worst, write_run
-from misalign.text import plural
+from misalign.experiments.base import Claim, Experiment, Result, measured_rate, worst, write_run
+from misalign.runtime.text import plural
 
 NAME = "schedules"
 AGENTS = {
@@ -124,7 +124,7 @@ def run(quick: bool, seeds: int | None, out: Path) -> Result:
 
 
 def _figure(cfg, curves):
-    from misalign.plot import new_figure
+    from misalign.outputs.figure import new_figure
 
     fig, axes = new_figure(len(curves), (4.0 * len(curves), 4.2))
     for ax, (label, (scaled, rho)) in zip(axes, curves.items(), strict=True):

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from misalign.api import predict, setup, simulate
 from misalign.config import parse_config
-from misalign.experiment import predict, setup, simulate
-from misalign.experiments import Claim, Experiment, Result, measured_rate, write_run
-from misalign.text import plural
+from misalign.experiments.base import Claim, Experiment, Result, measured_rate, write_run
+from misalign.runtime.text import plural
 
 NAME = "single-agent"
 
@@ -92,7 +92,7 @@ def run(quick: bool, seeds: int | None, out: Path) -> Result:
 
 
 def _figure(cfg, grid, rho, rate):
-    from misalign.plot import new_figure
+    from misalign.outputs.figure import new_figure
 
     fig, ax = new_figure(1, (6, 4.2))
     etas = np.array([eta for eta, _ in grid])

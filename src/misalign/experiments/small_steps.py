@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from misalign.api import predict, setup, simulate
 from misalign.config import parse_config
-from misalign.experiment import predict, setup, simulate
-from misalign.experiments import Claim, Experiment, Result, worst, write_run
-from misalign.text import plural
+from misalign.experiments.base import Claim, Experiment, Result, worst, write_run
+from misalign.runtime.text import plural
 
 NAME = "small-steps"
 VARIANTS = {
@@ -173,7 +173,7 @@ def _claims(cfg, variant, etas, found) -> list[Claim]:
 
 
 def _figure(cfg, etas, curves):
-    from misalign.plot import new_figure
+    from misalign.outputs.figure import new_figure
 
     fig, ax = new_figure(1, (6.5, 4.5))
     for k, (variant, (to_weighted, to_pooled, simulated)) in enumerate(curves.items()):

@@ -15,7 +15,7 @@ that (per step size, the median over seeds of their ratio: the asymptotic count 
 start's share of the slowest mode, which only shortens the wait).
 
 Transient growth: the error after ``t`` rounds is ``R^t (s_0 - s*)`` exactly (``R`` the round
-map on the stacked outputs, ``misalign.theory.round_map``), and ``R`` need not be normal, so
+map on the stacked outputs, ``misalign.model.theory.round_map``), and ``R`` need not be normal, so
 ``|s_t - s*|`` can grow before it decays although ``rho < 1``. Two agents whose prompts are
 stiff along one direction (``Lambda = diag(10, 1)``, rotated at random: distinct geometry)
 with a step that overshoots along it (``eta`` from 0.18 to 0.23: ``h = 10 eta ~ 2``, each
@@ -35,9 +35,9 @@ from typing import Any
 
 import numpy as np
 
+from misalign.api import predict, setup, simulate
 from misalign.config import parse_config
-from misalign.experiment import predict, setup, simulate
-from misalign.experiments import (
+from misalign.experiments.base import (
     Claim,
     Experiment,
     Result,
@@ -48,8 +48,8 @@ from misalign.experiments import (
     worst,
     write_run,
 )
-from misalign.text import plural
-from misalign.theory import round_map
+from misalign.model.theory import round_map
+from misalign.runtime.text import plural
 
 NAME = "stability"
 
@@ -295,7 +295,7 @@ def _crossing(etas: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 
 def _figure(cfg, etas, rho, rate, shape, boundary, plateau, transient):
-    from misalign.plot import new_figure
+    from misalign.outputs.figure import new_figure
 
     fig, (ax, wait, example, growth) = new_figure(4, (22, 4.6))
     theory_and_simulation(

@@ -25,7 +25,6 @@ from typing import Literal
 
 import numpy as np
 
-from misalign.agent import AffineMap, Turn
 from misalign.config import ConfigError, LLMAgentConfig
 from misalign.llm.answer import FORMATS, BadAnswer, correction, parse
 from misalign.llm.client import (
@@ -42,8 +41,9 @@ from misalign.llm.client import (
 from misalign.llm.hosts import allowed_hosts, check_destination
 from misalign.llm.store import Record, Slot, Store, Tampered, request_key
 from misalign.llm.template import TemplateRefused, Templates
-from misalign.prompt import Prompt
-from misalign.text import printable
+from misalign.model.agent import AffineMap, Turn
+from misalign.model.prompt import Prompt
+from misalign.runtime.text import printable
 
 Mode = Literal["live", "replay", "refresh"]
 

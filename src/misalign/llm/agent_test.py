@@ -22,9 +22,9 @@ import tomli_w
 
 import misalign.llm.client as client_
 import misalign.llm.store as store_
+from misalign.api import fit, setup, simulate
 from misalign.cli import main
 from misalign.config import parse_config
-from misalign.experiment import fit, setup, simulate
 from misalign.llm.agent import Session
 from misalign.llm.fake_server import (
     FakeServer,

@@ -15,7 +15,7 @@ import re
 
 import numpy as np
 
-from misalign.text import plural
+from misalign.runtime.text import plural
 
 NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 """A number as a model writes it: ``-1``, ``0.5``, ``.5``, ``3e-2``."""

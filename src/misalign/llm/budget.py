@@ -25,11 +25,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from misalign.config import ConfigError
-from misalign.experiment import language_models
+from misalign.llm import language_models
 from misalign.llm.answer import FORMATS, response_format
 from misalign.llm.client import cost_bound
 from misalign.llm.fit import answers_per_agent
-from misalign.text import plural
+from misalign.runtime.text import plural
 
 LONGEST = -1.2345678901234567e-300
 """The longest number a prompt writes (``repr``: 24 characters)."""
@@ -65,7 +65,7 @@ def plan(game, rounds: int) -> Plan:
     """Count the requests a run plans for its language-model agents.
 
     Args:
-        game: the game (``misalign.experiment.Game``), agents built.
+        game: the game (``misalign.api.Game``), agents built.
         rounds: the rounds that will be played (0 for ``theory``: fits only).
 
     Returns:

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import tomli_w
 
+from misalign.api import fit, setup, simulate
 from misalign.config import load_config, parse_config
-from misalign.experiment import fit, setup, simulate
 from misalign.llm import budget
 from misalign.llm.agent import Session
 from misalign.llm.fake_server import FakeServer, Reply, affine

@@ -26,7 +26,7 @@ from email.utils import parsedate_to_datetime
 from misalign.config import ConfigError
 from misalign.llm.answer import FORMATS, response_format
 from misalign.llm.hosts import OPENAI_URL, ambient_headers
-from misalign.text import plural, printable
+from misalign.runtime.text import plural, printable
 
 BACKOFF = 0.5
 """Seconds before the first retry; doubled at each retry, up to ``BACKOFF_CAP``."""

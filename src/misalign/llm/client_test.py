@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 import misalign.llm.client as client_
+from misalign.api import fit, predict, setup, simulate
 from misalign.config import ConfigError, parse_config
-from misalign.experiment import fit, predict, setup, simulate
 from misalign.llm.agent import Session
 from misalign.llm.answer import correction
 from misalign.llm.client import Fatal, _retry_after

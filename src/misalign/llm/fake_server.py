@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from misalign.text import plural
+from misalign.runtime.text import plural
 
 HOST = "127.0.0.1"
 CHAT_PATH = "/v1/chat/completions"

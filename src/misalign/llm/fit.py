@@ -25,12 +25,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from misalign.agent import AffineMap
-from misalign.experiment import language_models
+from misalign.llm import language_models
 from misalign.llm.agent import Fitted, LLMAgent
 from misalign.llm.store import Slot
-from misalign.play import mixed, play
-from misalign.theory import Prediction
+from misalign.model.agent import AffineMap
+from misalign.model.play import mixed, play
+from misalign.model.theory import Prediction
 
 LOCAL = 0.25
 """The local probes' radius, as a fraction of the global one."""
@@ -239,7 +239,7 @@ def fit_game(game, predict) -> Fits:
     check of the last prediction.
 
     Args:
-        game: the game (``misalign.experiment.Game``).
+        game: the game (``misalign.api.Game``).
         predict: ``predict(game) -> Prediction`` with the agents' current maps.
 
     Returns:

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from misalign.api import fit, predict, setup, simulate
 from misalign.config import parse_config
-from misalign.experiment import fit, predict, setup, simulate
 from misalign.llm.agent import Session
 from misalign.llm.fake_server import FakeServer, Reply, affine, estimate_of
 from misalign.llm.fit import WARMUP, fit_answers, most_answers

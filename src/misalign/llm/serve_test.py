@@ -31,7 +31,7 @@ from openai import OpenAI
 from misalign.config import ConfigError
 from misalign.llm import serve
 from misalign.llm.serve import LocalServer, check_installed, model_path
-from misalign.reaper import descendants, same_process
+from misalign.runtime.reaper import descendants, same_process
 
 
 def _missing() -> str | None:

@@ -49,8 +49,8 @@ from pathlib import Path
 import numpy as np
 
 from misalign.config import ConfigError
-from misalign.files import kind_of, reason
 from misalign.llm.answer import BadAnswer, parse
+from misalign.runtime.files import kind_of, reason
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS answers (

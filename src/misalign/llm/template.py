@@ -44,7 +44,7 @@ import jinja2.utils
 import numpy as np
 
 from misalign.config import ConfigError, LLMAgentConfig
-from misalign.files import UnsafeFile, open_regular
+from misalign.runtime.files import UnsafeFile, open_regular
 
 DEFAULTS = Path(__file__).parent / "templates"
 

@@ -14,7 +14,7 @@ import pytest
 from misalign.config import ConfigError, LLMAgentConfig
 from misalign.llm.agent import LLMAgent, Session
 from misalign.llm.template import Templates
-from misalign.prompt import Prompt
+from misalign.model.prompt import Prompt
 
 X = np.array([[0.1, 1 / 3], [-2.5e-7, 12345.678901234567], [np.pi, -np.e]])
 Y = np.array([1 / 7, -0.0, 6.02214076e23])

@@ -1,0 +1,1 @@
+"""Agent kinds beyond the gradient step: trained, helper, adversarial, defended."""

@@ -1,0 +1,5 @@
+"""``python -m misalign.cli``."""
+
+from misalign.cli import main
+
+main()

@@ -1,0 +1,73 @@
+"""The pieces every figure is made of: an off-screen figure, saving it with its titles, and
+the log-scale curves and plateaus of distances."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+FLOOR = 1e-16
+"""Distances below this are drawn at this value (a log axis has no zero)."""
+
+
+MANY = 8
+"""Up to this many agents a figure draws a line (and a legend entry) per agent, and the
+network panel names each node inside it and labels each read with its weight."""
+
+
+def new_figure(columns: int, size: tuple[float, float], rows: int = 1):
+    """A figure with ``rows`` x ``columns`` axes, drawn off-screen (Agg).
+
+    Args:
+        columns: axes per row.
+        size: the figure's width and height in inches.
+        rows: rows of axes (more than one: the axes come as a 2-D array).
+
+    Returns:
+        ``(figure, axes)``, as ``matplotlib.pyplot.subplots`` gives them.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(rows, columns, figsize=size, layout="constrained")
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Add a legend to every axis that has labelled artists and none yet, write the figure
+    (a PNG carries its axes' titles as its ``Description``, so tests can read what it says;
+    untitled axes, such as a colour bar's, are left out), close it."""
+    import matplotlib.pyplot as plt
+
+    for axis in fig.axes:
+        if axis.get_legend() is None and axis.get_legend_handles_labels()[0]:
+            axis.legend(frameon=False, fontsize="small")
+    path = Path(path)
+    titles = " | ".join(title for axis in fig.axes if (title := axis.get_title()))
+    metadata = {"Description": titles} if path.suffix.lower() == ".png" else None
+    fig.savefig(path, dpi=120, metadata=metadata)
+    plt.close(fig)
+    return path
+
+
+def draw_plateau(ax, level: float, color: str, label: str, style: str = "--") -> None:
+    """A dashed horizontal line at a predicted distance (drawn at ``FLOOR`` when below it)."""
+    ax.axhline(max(level, FLOOR), color=color, linestyle=style, linewidth=1, label=label)
+
+
+def draw_curve(ax, rounds: np.ndarray, values: np.ndarray, color: str, label: str) -> None:
+    """A curve over rounds, drawing only its finite values (a diverged play stops)."""
+    shown = np.isfinite(values) & (np.abs(values) < 1e300)
+    if shown.any():
+        ax.plot(rounds[shown], np.maximum(values[shown], FLOOR), color=color, label=label)
+
+
+def log_axes(ax, ylabel: str, title: str) -> None:
+    """Label the axes; a log scale when there is something to draw, else a note saying so."""
+    ax.set(xlabel="round", ylabel=ylabel, title=title)
+    if ax.lines:
+        ax.set_yscale("log")
+    else:
+        ax.text(0.5, 0.5, "no finite values to draw", ha="center", transform=ax.transAxes)

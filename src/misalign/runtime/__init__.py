@@ -1,0 +1,1 @@
+"""Process-level support: files, progress, text, sizes, optional imports, reaping."""

@@ -1,0 +1,1 @@
+"""Work over many plays or runs: sweeps, designs from the theory, the report page."""
