@@ -94,6 +94,20 @@ def test_the_root_holds_few_modules():
     assert len(root) <= 8, sorted(root)
 
 
+LONG = 550
+"""A module longer than this says why it is one module (``Why one module:`` in its docstring)."""
+
+
+def test_a_long_module_says_why_it_is_one():
+    unexplained = [
+        name
+        for name, path in _modules().items()
+        if len(path.read_text().splitlines()) > LONG
+        and "Why one module:" not in (ast.get_docstring(ast.parse(path.read_text())) or "")
+    ]
+    assert unexplained == []
+
+
 def test_no_module_imports_one_that_imports_it():
     graph = _graph()
     index, low, stack, on, circles = {}, {}, [], set(), []

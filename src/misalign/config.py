@@ -3,6 +3,9 @@
 A configuration is data: the same file (and seed) reproduces a play bit for
 bit, and its hash names the run directory. Unknown keys are rejected, and every
 problem is reported as one line naming the field (``ConfigError``).
+
+Why one module: the schema is one document (every model and its one-line errors), read
+top to bottom as the configuration reference.
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ def scaled(module, name: str, factor: float):
 
 def never_exact(monkeypatch):
     """``exactness`` calls every agent biased."""
-    from misalign.experiments.base import one_sided
+    from misalign.experiments import one_sided
 
     monkeypatch.setattr(one_sided, "exactness", lambda *args, **kwargs: None)
 
@@ -91,7 +91,7 @@ def wrong_gamma(monkeypatch):
 def wrong_fit(monkeypatch):
     """Every language-model agent's global fit with its offset ``c`` moved by 0.5, after the
     fitting (the replay still asks what the run asked)."""
-    from misalign.experiments.base import llm
+    from misalign.experiments import llm
 
     real = llm.fit
 
@@ -111,7 +111,7 @@ def wrong_fit(monkeypatch):
 def store_not_offline(monkeypatch):
     """The shipped store hashes differently after the replays, and one more slot counts as
     accepted than the replay read."""
-    from misalign.experiments.base import llm
+    from misalign.experiments import llm
 
     hashes = itertools.count()
     accepted = llm._accepted
@@ -144,7 +144,7 @@ def swapped_roles(monkeypatch):
 
 def skipped_attack(monkeypatch):
     """The attack study reports one attack it could not run."""
-    from misalign.experiments.base import attacks
+    from misalign.experiments import attacks
 
     real = attacks.run_study
 
@@ -164,7 +164,7 @@ def noisy_server(monkeypatch):
 
 
 def _entry_specific():
-    from misalign.experiments.base import direction, helper, stability
+    from misalign.experiments import direction, helper, stability
 
     return {
         "stability": [scaled(stability, "round_map", 1.01)],
@@ -199,7 +199,7 @@ def test_llm_recorded_run_matches_the_documented_fit_table():
     """A regression guard, not a claim: the fit table of the shipped SmolLM2 run in
     docs/llm.md, to its printed digits, and its local fit not confirmed (the model does not
     follow the theory). The page states the same numbers."""
-    from misalign.experiments.base import llm
+    from misalign.experiments import llm
 
     measured = llm._recorded(llm.config(True, None))[2]["measured"]
     documented = {

@@ -11,7 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from misalign.cli import app
-from misalign.experiments.base import (
+from misalign.experiments import (
     REGISTRY,
     Claim,
     config_hash,
@@ -77,7 +77,7 @@ def test_one_seed_runs_and_passes(name, tmp_path):
 def test_attacks_cells_where_no_play_settles_fail_their_claims_without_a_crash(tmp_path):
     import math
 
-    from misalign.experiments.base import attacks
+    from misalign.experiments import attacks
 
     cfg = attacks.config(True, 2)
     cfg["base"] = cfg["base"] | {"rounds": 20}  # the honest and decoy plays need more
@@ -98,7 +98,7 @@ def test_attacks_claims_leave_out_few_plays_and_a_missing_attack_fails_its_own(m
     import numpy as np
 
     from misalign.config import parse_config
-    from misalign.experiments.base import attacks
+    from misalign.experiments import attacks
 
     cfg = attacks.config(True, None)
     base = parse_config(cfg["base"])

@@ -11,6 +11,9 @@ then on are NaN; everything before is kept) while the other plays go on.
 
 Its map ``f(w) ~ A w + c`` is fitted from probes (``misalign.llm.fit``); until then
 ``affine()`` is ``None``.
+
+Why one module: the agent and the session it runs in share one event loop and one set of
+counters; splitting them would pass both through every call.
 """
 
 from __future__ import annotations

@@ -29,6 +29,9 @@ waits ``WRITE_WAIT_S`` (the requests in flight must not stall), and then the ans
 in memory (and read from there) and written with the next write that gets through; closing
 waits up to ``BUSY_S`` for the lock, and a store still locked then is one line saying how
 many answers could not be stored.
+
+Why one module: every read and write goes through the same checks (schema, row
+verification, locks held in memory); apart, a path could skip one.
 """
 
 from __future__ import annotations

@@ -20,6 +20,9 @@ more than ``MAX_SIZE`` characters or items (``PromptSandbox``: checked before ``
 a rendered message grow past it; a render takes at most ``MAX_STEPS`` steps and
 ``MAX_SECONDS`` of CPU time (``_Budget``, a trace function on the rendering thread). Any of
 these is one line naming the template (``TemplateRefused``).
+
+Why one module: the sandbox is one boundary (the environment, the step budget and every
+size check); split, a check could be left out of one path.
 """
 
 from __future__ import annotations

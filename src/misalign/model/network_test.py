@@ -12,7 +12,7 @@ from misalign.model.agent import AffineMap
 from misalign.model.play import Schedule, play
 from misalign.model.theory import predict as predict_maps
 from misalign.model.theory import round_map
-from misalign.theory_test import KINDS, blind_config
+from misalign.model.theory_test import KINDS, blind_config
 
 
 def _agent(rng, d, kinds=KINDS):
@@ -544,7 +544,7 @@ def test_sampled_network_spread_matches_monte_carlo(simultaneous):
     """docs/theory.md §6 on a weighted network: the mean goes to the fixed point, the spread
     to the Lyapunov solution of the round's noise (in simultaneous rounds each agent's noise
     stays in its own block); 10,000 plays."""
-    from misalign.theory_test import _sampled
+    from misalign.model.theory_test import _sampled
 
     data = {
         "seed": 5,

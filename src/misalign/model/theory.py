@@ -26,6 +26,9 @@ For two alternating agents this gives back ``M_B = (I - H_B)(I - H_A)``,
 ``two_agent`` and ``two_agent_residuals`` compute those forms directly so the
 general solver can be tested against them. All solves are linear solves,
 never explicit inverses. Every array carries a leading batch axis ``B``.
+
+Why one module: the round map, its fixed point, the residuals and the closed forms are
+one derivation (docs/theory.md §2); each function uses the ones before it.
 """
 
 from __future__ import annotations

@@ -14,8 +14,12 @@ from PIL import Image  # noqa: E402
 from misalign.api import predict, setup, simulate  # noqa: E402
 from misalign.config import load_config, parse_config  # noqa: E402
 from misalign.model.play import sources  # noqa: E402
-from misalign.outputs.network import is_network, plot_network
-from misalign.outputs.plot import plot_batch, plot_play, read_weights  # noqa: E402
+from misalign.outputs.network import (
+    is_network,
+    plot_network,
+    read_weights,  # noqa: E402
+)
+from misalign.outputs.plot import plot_batch, plot_play  # noqa: E402
 
 
 def test_plot_writes_a_figure(tmp_path):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from misalign.api import predict, setup, simulate
+from misalign.api_test import CONFIG
 from misalign.config import load_config, parse_config
-from misalign.experiment_test import CONFIG
 from misalign.model.observe import CLASSES, classify
 from misalign.outputs.report import batch, report, to_json
 

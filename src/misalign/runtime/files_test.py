@@ -241,7 +241,7 @@ def _misalign(command: str, out: Path, tmp_path: Path, *extra: str, most: int | 
     if command == "sweep":
         import tomli_w
 
-        from misalign.sweep_test import small
+        from misalign.workflows.sweep_test import small
 
         sweep = tmp_path / "sweep.toml"
         sweep.write_text(tomli_w.dumps(small()))

@@ -25,8 +25,8 @@ from misalign.runtime.terminate import (
     reclaim,
     sigterm_as_interrupt,
 )
-from misalign.sweep_test import SLOW
 from misalign.workflows.sweep import read_rows
+from misalign.workflows.sweep_test import SLOW
 
 LINUX = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
 

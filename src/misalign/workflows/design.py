@@ -38,6 +38,9 @@ Four items, all computed from the round map (docs/theory.md §2-3) on play 0 of 
 
 Scope: every agent an analytic ``gd`` agent, noise-free answers (``sampling_std = 0``), no
 ``[attack]`` or ``[defence]`` table (the exposure item simulates the decoy itself).
+
+Why one module: each advice item (stability, bias, prompt, exposure) shares the batched
+prediction of candidate changes and its re-simulation.
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from misalign.page_test import _report_main, browser_errors, in_chromium, requested
 from misalign.workflows.design import COLUMNS, table_rows
+from misalign.workflows.page_test import _report_main, browser_errors, in_chromium, requested
 
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLES = ROOT / "examples"

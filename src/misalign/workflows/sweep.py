@@ -35,6 +35,9 @@ missing ones. Each chunk file records whose rows it holds (``IDENTITY`` in its m
 sweep's hash, its axes, the chunk's number and points) and carries page checksums; a chunk
 that is damaged, from another sweep or in another chunk's place is not taken as finished:
 ``resume`` says so in one line and computes it again. ``read_rows`` reads the dataset back.
+
+Why one module: the axes, the chunks, the executors (joblib and Ray) and --resume share
+the chunk files' format and the rules that keep a killed sweep whole.
 """
 
 from __future__ import annotations
