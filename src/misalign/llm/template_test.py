@@ -13,6 +13,7 @@ import pytest
 
 from misalign.config import ConfigError, LLMAgentConfig
 from misalign.llm.agent import LLMAgent, Session
+from misalign.llm.store import Store
 from misalign.llm.template import Templates
 from misalign.model.prompt import Prompt
 
@@ -226,6 +227,7 @@ def test_a_hostile_template_is_one_line_and_nothing_runs(
     agent |= {"api_key_env": "", where: template, "max_retries": 0}
     config = tmp_path / "play.toml"
     config.write_text(tomli_w.dumps({"d": 2, "rounds": 2, "agents": {"A": agent, "B": {"n": 3}}}))
+    Store(tmp_path / "s.sqlite").close()  # a store to replay (a run makes one lazily)
     for flags in ([], ["--replay"]):
         done = subprocess.run(
             [sys.executable, "-m", "misalign.cli", "run", str(config), "--store", "s.sqlite"]
@@ -396,6 +398,7 @@ def test_a_template_outside_the_configuration_or_not_a_text_file_is_refused(
     elsewhere = tmp_path_factory.mktemp("elsewhere")
     template = OUTSIDE[case](tmp_path, elsewhere)
     config = play_toml(tmp_path, fake_server, **{where: template})
+    Store(tmp_path / "s.sqlite").close()  # a store to replay (a run makes one lazily)
     for flags in ([], ["--replay"]):
         code, out, err, wall, _ = run_cli(config, tmp_path, *flags, timeout=30)
         lines = err.strip().splitlines()

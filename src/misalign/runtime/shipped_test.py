@@ -111,7 +111,10 @@ def test_the_installed_wheel_reproduces_from_outside_the_checkout(tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
     assert {f"misalign/data/{name}" for name in RECORDED} <= names
-    assert {"misalign/llm/templates/gd-step.j2", "misalign/templates/report.html.j2"} <= names
+    assert {
+        "misalign/llm/templates/gd-step.j2",
+        "misalign/workflows/templates/report.html.j2",
+    } <= names
     bin_ = _venv(tmp_path, wheel)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

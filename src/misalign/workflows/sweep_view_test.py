@@ -235,7 +235,7 @@ EXAMPLE = ROOT / "examples" / "sweeps" / "eta_by_n.toml"
 def test_the_readme_loads_the_example_sweep_with_pandas_in_three_lines(
     tmp_path, capsys, monkeypatch
 ):
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "sweeps.md").read_text()
     code = re.search(r"```python\n(import pandas as pd\n.*?)```", readme, re.S).group(1)
     assert len([line for line in code.splitlines() if line]) == 3
     assert f'"runs/sweep-{load_sweep(EXAMPLE).digest}/rows"' in code  # the example's --out
