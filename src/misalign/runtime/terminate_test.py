@@ -7,6 +7,7 @@ starting."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -161,6 +162,11 @@ def _finished_by_resume(tmp_path: Path, backend: str) -> None:
         pytest.param("ray", "busy", marks=pytest.mark.ray),
     ],
 )
+RAY_RACE = re.compile(r"^\[[\d :,-]+ E \d+ \d+\] task_manager\.cc:\d+: Failed to push error to driver")
+"""The one line Ray's core worker may print while a SIGTERM stops a busy task (seen once in
+the full suite under load): not ours to silence."""
+
+
 def test_sigterm_stops_a_sweep_as_ctrl_c_does(tmp_path, backend, moment):
     """Issue 21: after SIGTERM, loky's workers and resource trackers (or Ray's agents) lived
     on, and loky warned of "leaked folder objects". Now: exit 143 with nothing on stdout or
@@ -172,6 +178,8 @@ def test_sigterm_stops_a_sweep_as_ctrl_c_does(tmp_path, backend, moment):
     seen = _when(process, MOMENTS[moment](tmp_path))
     os.kill(process.pid, signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=60)
+    if backend == "ray":  # Ray's own C++ log of a task it could not report, racing the stop
+        stderr = "".join(line for line in stderr.splitlines(True) if not RAY_RACE.search(line))
     assert (process.returncode, stdout, stderr) == (EXIT, "", "")
     _none_left(seen, within=5)
     shm = Path("/dev/shm")
