@@ -151,6 +151,13 @@ def _finished_by_resume(tmp_path: Path, backend: str) -> None:
     assert {p.name: p.read_bytes() for p in _chunks(tmp_path) if p.name in before} == before
 
 
+RAY_RACE = re.compile(
+    r"^\[[\d :,-]+ E \d+ \d+\] task_manager\.cc:\d+: Failed to push error to driver"
+)
+"""The one line Ray's core worker may print while a SIGTERM stops a busy task (seen once in
+the full suite under load): not ours to silence."""
+
+
 @LINUX
 @pytest.mark.parametrize(
     ("backend", "moment"),
@@ -162,11 +169,6 @@ def _finished_by_resume(tmp_path: Path, backend: str) -> None:
         pytest.param("ray", "busy", marks=pytest.mark.ray),
     ],
 )
-RAY_RACE = re.compile(r"^\[[\d :,-]+ E \d+ \d+\] task_manager\.cc:\d+: Failed to push error to driver")
-"""The one line Ray's core worker may print while a SIGTERM stops a busy task (seen once in
-the full suite under load): not ours to silence."""
-
-
 def test_sigterm_stops_a_sweep_as_ctrl_c_does(tmp_path, backend, moment):
     """Issue 21: after SIGTERM, loky's workers and resource trackers (or Ray's agents) lived
     on, and loky warned of "leaked folder objects". Now: exit 143 with nothing on stdout or
