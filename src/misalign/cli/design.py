@@ -52,11 +52,12 @@ def design_command(
         check(cfg, agent)
     except ConfigError as exc:
         _fail(str(exc))
-    bar = progress_bar(4, "design: the configuration") if _tty() else None
+    bar = progress_bar(1, "design: the configuration") if _tty() else None
 
-    def stage_(what: str) -> None:
+    def stage_(what: str, done: int, total: int) -> None:
         if bar is not None:
-            bar.update(bar.task_ids[0], description=f"design: {what}", advance=1)
+            task, description = bar.task_ids[0], f"design: {what}"
+            bar.update(task, description=description, completed=done, total=total, refresh=True)
 
     try:
         result = advise(cfg, agent, examples, norm, seeds, progress=stage_)

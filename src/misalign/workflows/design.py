@@ -5,15 +5,20 @@ Four items, all computed from the round map (docs/theory.md §2-3) on play 0 of 
 
 - ``stability``: per agent ``i``, every interval of multipliers ``s`` of its ``eta`` (of
   ``Gamma_i``) with ``rho < 1``, the others fixed, over the whole range ``scale_range`` (every
-  ``s`` keeping ``s eta`` a valid ``eta``, both directions from 1): ``rho`` on a log grid,
-  dips between grid points (``Design.dips``), each edge refined by batched bisection to a
-  relative ``EDGE_TOL``; and the margin ``1 - rho`` now. Every edge is verified by playing
-  ``0.99 e`` and ``1.01 e``: the measured rate
-  (``|s_T - s_{T-1}| / |s_{T/2} - s_{T/2-1}|`` to the power ``2 / T``, from a seeded random
-  start so that every eigenvector is excited) is below 1 inside and at least 1 outside.
+  ``s`` keeping ``s eta`` a valid ``eta``, both directions from 1), each edge to a relative
+  ``EDGE_TOL``; and the margin ``1 - rho`` now. ``Design.scan`` searches a log grid of ``rho``
+  (dips between grid points, ``Design.dips``; each edge refined by batched bisection);
+  ``Design.intervals`` finds the same from the scales where an eigenvalue of the round map
+  crosses the circle (``Design.crossings``: one eigendecomposition per agent, then ``d x d``
+  problems along the circle), with a few predictions per agent instead of thousands, and
+  falls back on the grid where that does not apply. Every edge is verified by playing
+  ``0.99 e`` and ``1.01 e`` (every agent's edges together, ``Design.rates``): the measured
+  rate (``|s_T - s_{T-1}| / |s_{T/2} - s_{T/2-1}|`` to the power ``2 / T``, from a seeded
+  random start so that every eigenvector is excited) is below 1 inside and at least 1 outside.
 - ``bias``: the multiplier of ``A``'s ``eta`` over every interval of ``rho < RHO_CAP`` (so
   that the check converges in a bounded number of rounds) that minimises ``|e_A|``, A's
-  distance to its target at the equilibrium; verified by playing the changed configuration
+  distance to its target at the equilibrium (searched on A's answer at the fixed point,
+  ``Design.solver``: a ``d x d`` solve per scale); verified by playing the changed configuration
   (``agents.A.eta`` set, prompts re-sampled by ``setup`` from the same seed: the same prompts)
   with its neighbours ``0.99 s`` and ``1.01 s``.
 - ``prompt``: ``K`` in-context examples added to ``A``'s prompt, chosen greedily: each step
@@ -21,7 +26,8 @@ Four items, all computed from the round map (docs/theory.md §2-3) on play 0 of 
   whose addition gives the smallest predicted ``|e_A|``. Candidates: the eigenvectors of
   ``Lambda_A`` and ``S_A``, the right singular vectors of ``H_A`` and of every partner's
   ``H``, the gap ``w_A* - w_j*`` to every agent, the present residual ``e_A`` and
-  ``(I - H_A) delta``, and ``candidates`` seeded random directions, recomputed each step.
+  ``(I - H_A) delta``, and ``candidates`` seeded random directions, recomputed each step
+  (only those that may give the least predicted, ``Design.least``).
   An example ``x`` is labelled by A's own target, ``y = x^T w_A*`` (no noise). The prompt
   then has ``n + K`` rows: ``S_A = X^T X / (n + K)``, ``X^T y / (n + K)``, and the
   preconditioner is recomputed by the agent's own rule on the augmented prompt
@@ -47,7 +53,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -63,6 +69,7 @@ from misalign.config import (
 )
 from misalign.model.agent import AffineMap, GradientAgent, preconditioner
 from misalign.model.prompt import Prompt
+from misalign.model.theory import fed_columns, round_map
 from misalign.model.theory import predict as predict_maps
 from misalign.runtime.text import plural
 
@@ -84,6 +91,17 @@ TOL = 1e-8
 """Predicted and simulated values agree to this."""
 BELOW, ABOVE = 0.99, 1.01
 """The stability boundary is checked at these multiples of it."""
+SHORTLIST = 8
+"""Candidate examples predicted together while looking for the least (``Design.least``)."""
+SAMPLES = 1024
+"""Points of the circle ``|lambda| = level`` (``Design.crossings``), clustered at its real ends
+(``theta = 0`` and ``pi``) and refined around every eigenvalue of the round map near it."""
+COND = 1e10
+"""``Design.crossings`` needs the round map's eigenvectors conditioned at most this (else the
+grid of ``Design.scan`` decides)."""
+FIXED = 1e-9
+"""A mode of the round map that agent ``i``'s step neither moves nor reads, to this relative
+size, is fixed: its eigenvalue does not depend on the scale."""
 
 
 def scale_range(eta: float) -> tuple[float, float]:
@@ -136,6 +154,26 @@ def check(config: PlayConfig, agent: str) -> None:
             )
 
 
+@dataclass(frozen=True)
+class Line:
+    """The round map as a function of one agent's turn map ``f(w) = A w + c``:
+    ``R = R0 + U A V``, ``r = r0 + U (A v + c)`` (``Design.line``).
+
+    Attributes:
+        R0, r0: the round map where the agent answers 0, ``(N d, N d)`` and ``(N d,)``.
+        U: where the agent's answer goes, ``(N d, d)`` (the identity on its own block).
+        V, v: what the agent reads, ``(d, N d)`` and ``(d,)``.
+        fed: the columns of the round map that may be non-zero (``theory.fed_columns``).
+    """
+
+    R0: np.ndarray
+    r0: np.ndarray
+    U: np.ndarray
+    V: np.ndarray
+    v: np.ndarray
+    fed: np.ndarray
+
+
 class Design:
     """The advice for agent ``agent`` of one play (``config``, its own seed).
 
@@ -164,6 +202,10 @@ class Design:
         self.norm = float(np.sqrt(np.trace(prompt.covariance))) if norm is None else float(norm)
         self.partner = dict(self.game.schedule.turns)[agent]
         self.random_start = np.random.default_rng([config.seed, 13]).standard_normal(config.d)
+        self._lines: dict[str, Line | None] = {}
+        self._modes: dict[str, tuple | None] = {}
+        self._solver: tuple | None = None
+        self._round = round_map(self._maps(1), self.game.schedule)[:2]
 
     # -- the maps of a batch of variants -----------------------------------------------------
 
@@ -176,24 +218,33 @@ class Design:
         """Every agent's map over ``size`` variants: agent ``i``'s ``Gamma`` times
         ``scale[i]``, and A on ``prompts`` (one per variant) when given."""
         scale = scale or {}
-        maps = {}
-        for name in self.names:
-            cfg = self.config.agents[name]
-            if name == self.name and prompts is not None:
-                gamma, S, m = _arrays(cfg, prompts)
-            else:
-                p = self.game.prompts[name][0]
-                gamma = np.broadcast_to(
-                    self.game.agents[name].gamma[0], (size, *p.covariance.shape)
-                )
-                S = np.broadcast_to(p.second_moment, gamma.shape)
-                m = np.broadcast_to(p.moment, (size, p.d))
-            if name in scale:
-                gamma = gamma * np.asarray(scale[name], dtype=float)[:, None, None]
-            maps[name] = GradientAgent(
-                name, np.array(gamma), np.array(S), np.array(m), cfg.steps_per_turn
-            ).affine()
-        return maps
+        return {
+            name: self._map(name, size, scale.get(name), prompts if name == self.name else None)
+            for name in self.names
+        }
+
+    def _map(
+        self,
+        name: str,
+        size: int,
+        scale: np.ndarray | None = None,
+        prompts: Sequence[Prompt] | None = None,
+    ) -> AffineMap:
+        """Agent ``name``'s map over ``size`` variants, its ``Gamma`` times ``scale`` and on
+        ``prompts`` when given."""
+        cfg = self.config.agents[name]
+        if prompts is not None:
+            gamma, S, m = _arrays(cfg, prompts)
+        else:
+            p = self.game.prompts[name][0]
+            gamma = np.broadcast_to(self.game.agents[name].gamma[0], (size, *p.covariance.shape))
+            S = np.broadcast_to(p.second_moment, gamma.shape)
+            m = np.broadcast_to(p.moment, (size, p.d))
+        if scale is not None:
+            gamma = gamma * np.asarray(scale, dtype=float)[:, None, None]
+        return GradientAgent(
+            name, np.array(gamma), np.array(S), np.array(m), cfg.steps_per_turn
+        ).affine()
 
     def _predict(self, maps: dict[str, AffineMap]):
         """The theory's prediction for a batch of variants of play 0 (its targets and start)."""
@@ -287,10 +338,11 @@ class Design:
             a, b = points[rows, np.maximum(j - 1, 0)], points[rows, np.minimum(j + 1, ZOOM - 1)]
         return np.array(found, dtype=float)
 
-    def intervals(self, name: str, level: float = 1.0) -> list[tuple[float | None, float | None]]:
+    def scan(self, name: str, level: float = 1.0) -> list[tuple[float | None, float | None]]:
         """Every interval of scales ``s`` of agent ``name``'s ``Gamma`` (the others fixed) with
-        ``rho(s) < level``: ``rho`` on the grid ``scales(name)``, each change of side refined by
-        ``refine`` to a relative ``EDGE_TOL``.
+        ``rho(s) < level``, found on a grid (docs/theory.md §8): ``rho`` on ``scales(name)``,
+        ``dips`` between its points, each change of side refined by ``refine`` to a relative
+        ``EDGE_TOL``. ``intervals`` finds the same from the crossings and falls back on this.
 
         Args:
             name: the agent whose ``Gamma`` is scaled.
@@ -308,15 +360,194 @@ class Design:
         inside = np.concatenate([rho < level, np.ones(len(dips), bool)])[order]
         flips = np.flatnonzero(inside[1:] != inside[:-1])
         edges = self.refine(name, np.stack([grid[flips], grid[flips + 1]], axis=1), level)
-        out, lower = [], None
-        for k, (edge, _) in zip(flips, edges, strict=True):
-            if inside[k]:  # inside -> outside: an upper edge
-                out.append((lower, float(edge)))
-            else:
-                lower = float(edge)
-        if inside[-1]:
-            out.append((lower, None))
-        return out
+        return _spans(inside, edges[:, 0])
+
+    def intervals(self, name: str, level: float = 1.0) -> list[tuple[float | None, float | None]]:
+        """Every interval of scales ``s`` of agent ``name``'s ``Gamma`` (the others fixed) with
+        ``rho(s) < level``, as ``scan`` finds them, from the scales where an eigenvalue of the
+        round map crosses the circle ``|lambda| = level`` (``crossings``): between two of
+        them the side does not change, so one prediction in each stretch tells it (at its
+        geometric middle; in the stretches reaching an end of the range, at most a factor 100
+        from their crossing, where the prediction needs no singular value decomposition; at
+        ``s = 1`` without crossings), and each
+        crossing between stretches of different sides is an edge, checked by predicting just
+        inside and just outside it (a relative ``EDGE_TOL`` apart; ``refine`` from a wider
+        bracket where that check fails). Falls back on ``scan`` where ``crossings`` does not
+        apply or a crossing cannot be bracketed.
+
+        Args:
+            name: the agent whose ``Gamma`` is scaled.
+            level: 1 (the play converges) or ``RHO_CAP``.
+
+        Returns:
+            As ``scan``.
+        """
+        cuts = self.crossings(name, level)
+        if cuts is None:
+            return self.scan(name, level)
+        lo, hi = scale_range(self.config.agents[name].eta)
+        ends = np.concatenate([[lo], cuts, [hi]])
+        middle = np.sqrt(ends[:-1] * ends[1:])  # the end stretches nearer their crossing
+        if len(cuts):
+            middle[0], middle[-1] = max(middle[0], cuts[0] / 100), min(middle[-1], cuts[-1] * 100)
+        inside = self.rho(name, middle if len(cuts) else np.ones(1)) < level
+        flips = np.flatnonzero(inside[1:] != inside[:-1])
+        edges = self._bracket(name, cuts[flips], inside[flips], level)
+        return self.scan(name, level) if edges is None else _spans(inside, edges)
+
+    def _bracket(
+        self, name: str, cuts: np.ndarray, upper: np.ndarray, level: float
+    ) -> np.ndarray | None:
+        """The scale just inside each edge: ``cut`` times ``1 -+ 0.4 EDGE_TOL`` where the
+        prediction is inside there and outside at ``1 +- 0.4 EDGE_TOL``, else ``refine``d from
+        ``cut (1 -+ 1e-7)``; ``None`` where even that does not straddle ``level``.
+
+        Args:
+            name: the agent whose ``Gamma`` is scaled.
+            cuts: the crossings that are edges.
+            upper: per edge, whether the interval lies below it.
+            level: the level.
+        """
+
+        def straddle(width: float, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            near = np.stack([cuts[rows] * (1 - width), cuts[rows] * (1 + width)], axis=1)
+            near = np.where(upper[rows, None], near, near[:, ::-1])  # (inside, outside)
+            rho = self.rho(name, near.ravel()).reshape(near.shape)
+            return near, (rho[:, 0] < level) & (rho[:, 1] >= level)
+
+        tight, ok = straddle(0.4 * EDGE_TOL, np.arange(len(cuts)))
+        edges, redo = tight[:, 0].copy(), np.flatnonzero(~ok)
+        if len(redo):
+            wide, straddles = straddle(1e-7, redo)
+            if not straddles.all():
+                return None
+            edges[redo] = self.refine(name, np.sort(wide, axis=1), level)[:, 0]
+        return edges
+
+    # -- where the eigenvalues cross the circle ----------------------------------------------
+
+    def line(self, name: str) -> Line | None:
+        """Where agent ``name``'s turn map ``f(w) = A w + c`` enters the round map
+        (``Line``; docs/theory.md §2: a turn replaces the agent's block by ``A`` times what it
+        reads plus ``c``, and the later turns of the round are linear in that block), read off
+        ``misalign.model.theory.round_map`` on ``d + 2`` variants of the agent's map (``A = 0`` with
+        ``c = 0`` and ``c = e_p``; ``A = I``) and checked against the present round map.
+
+        Args:
+            name: the agent.
+
+        Returns:
+            The decomposition (cached); ``None`` where it does not hold (an agent with several
+            turns a round).
+        """
+        if name not in self._lines:
+            self._lines[name] = self._line(name)
+        return self._lines[name]
+
+    def _line(self, name: str) -> Line | None:
+        d, schedule = self.config.d, self.game.schedule
+        present = self._maps(1)
+        size = d + 2
+        maps = {n: AffineMap(f.A.repeat(size, 0), f.c.repeat(size, 0)) for n, f in present.items()}
+        A, c = np.zeros((size, d, d)), np.zeros((size, d))
+        c[1 : d + 1], A[-1] = np.eye(d), np.eye(d)
+        maps[name] = AffineMap(A, c)
+        R, r, _ = round_map(maps, schedule)
+        k = self.names.index(name)
+        block = slice(k * d, (k + 1) * d)
+        U = (r[1 : d + 1] - r[0]).T
+        line = Line(R[0], r[0], U, R[-1][block], r[-1][block], fed_columns(present, schedule))
+        f, (R1, r1) = present[name], self._round
+        rebuilt = line.R0 + U @ f.A[0] @ line.V
+        again = line.r0 + U @ (f.A[0] @ line.v + f.c[0])
+        scale = 1 + np.abs(R1).max() + np.abs(r1).max()
+        if max(np.abs(rebuilt - R1[0]).max(), np.abs(again - r1[0]).max()) > 1e-12 * scale:
+            return None
+        return line
+
+    def modes(self, name: str) -> tuple[np.ndarray, ...] | None:
+        """The modes of the round map ``C`` of agent ``name`` answering with the identity
+        (``A = I``, ``c = 0``; on the fed-back columns): ``R(s) = C + U ((I - s H)^k - I) V``
+        with ``H = E F`` (``F`` the row space of ``H``, of rank ``q``), so
+        ``det(lambda - R(s)) = det(lambda - C) det(I - G(s) J(lambda))`` with
+        ``J(lambda) = F V (lambda - C)^{-1} U E = sum_m a_m b_m^T / (lambda - nu_m)``.
+
+        Args:
+            name: the agent.
+
+        Returns:
+            ``nu`` (``(M,)``), ``a`` (``(q, M)``), ``b`` (``(M, q)``), ``F E`` (``(q, q)``) and
+            whether each mode is fixed (``FIXED``: ``a_m`` or ``b_m`` vanishes, its eigenvalue
+            is one of every ``R(s)``), cached; ``None`` where ``line`` is, or the eigenvectors
+            of ``C`` are worse conditioned than ``COND``.
+        """
+        if name not in self._modes:
+            self._modes[name] = self._modes_of(name)
+        return self._modes[name]
+
+    def _modes_of(self, name: str) -> tuple[np.ndarray, ...] | None:
+        line = self.line(name)
+        if line is None:
+            return None
+        F = np.flatnonzero(line.fed)
+        U, V = line.U[F], line.V[:, F]
+        C = line.R0[np.ix_(F, F)] + U @ V
+        nu, Z = np.linalg.eig(C)
+        if not np.isfinite(nu).all():
+            return None
+        Zi = np.linalg.inv(Z)
+        if np.linalg.norm(Z) * np.linalg.norm(Zi) > COND:  # Frobenius: at least the 2-norm's
+            return None
+        H = self.game.agents[name].gamma[0] @ self.game.prompts[name][0].second_moment
+        left, sigma, right = np.linalg.svd(H)
+        q = int((sigma > 1e-12 * sigma[0]).sum()) if sigma[0] > 0 else 0
+        E, Fr = left[:, :q] * sigma[:q], right[:q]
+        a, b = Fr @ V @ Z, Zi @ U @ E
+        size = np.linalg.norm(Fr @ V, 2) * np.linalg.norm(U @ E, 2) * np.linalg.norm(Zi, axis=1)
+        fixed = np.linalg.norm(a, axis=0) * np.linalg.norm(b, axis=1) <= FIXED * size
+        return nu, a, b, Fr @ E, fixed
+
+    def crossings(self, name: str, level: float) -> np.ndarray | None:
+        """The scales ``s`` in ``scale_range`` at which an eigenvalue of the round map crosses
+        the circle ``|lambda| = level`` as agent ``name``'s ``Gamma`` becomes ``s Gamma``:
+        ``det(I - G(s) J(lambda)) = 0`` (``modes``) is a matrix polynomial of degree ``k``
+        (steps per turn) in ``t = 1 / s``, whose roots are the eigenvalues of its companion
+        matrix. At ``lambda = +-level`` (``J`` real) its real roots are crossings; in between,
+        a root crossing the positive real axis is one, found between ``SAMPLES`` points of the
+        half circle and bisected (``_Roots.complex``).
+
+        Args:
+            name: the agent.
+            level: the radius.
+
+        Returns:
+            The crossings, increasing, one per ``1e-9`` (relative); ``None`` where ``modes``
+            is, where a fixed mode lies on or outside the circle (the eigenvalue 1 of
+            directions no prompt sees, docs/theory.md §2), or a mode of ``C`` on it (a crossing
+            at ``s = 0``) or on the unit circle (for small ``s`` the theory's rate then
+            leaves out what the play never excites, or the eigenvalue 1 it does not move
+            along: ``misalign.model.theory.predict``).
+        """
+        modes = self.modes(name)
+        if modes is None:
+            return None
+        nu, a, b, FE, fixed = modes
+        gap = np.abs(nu) / level - 1
+        unit = np.abs(np.abs(nu) - 1) < 1e-6
+        if (gap[fixed] >= -1e-6).any() or (np.abs(gap) < 1e-9).any() or unit.any():
+            return None
+        lo, hi = scale_range(self.config.agents[name].eta)
+        steps = self.config.agents[name].steps_per_turn
+        live = ~fixed
+        roots = _Roots(nu[live], a[:, live], b[live], FE, steps, level)
+        turning = roots.complex(lo, hi)
+        if turning is None:
+            return None
+        t = np.concatenate([roots.real(), turning])
+        t = t[(t > 0) & (t >= 1 / hi) & (t <= 1 / lo)]
+        cuts = np.sort(1 / t)
+        keep = np.concatenate([[True], cuts[1:] / cuts[:-1] - 1 > 1e-9]) if len(cuts) else []
+        return cuts[keep]
 
     # -- bias ----------------------------------------------------------------------------------
 
@@ -336,17 +567,26 @@ class Design:
         if not bounds:
             return None
         lo, hi = scale_range(self.config.agents[self.name].eta)
-        edges = np.array(
-            [lo if a is None else a for a, _ in bounds]
-            + [hi if b is None else b for _, b in bounds]
-        )
+        lower = np.array([lo if a is None else a for a, _ in bounds])
+        upper = np.array([hi if b is None else b for _, b in bounds])
+        edges = np.concatenate([lower, upper])
+        residual = self._capped_residual
+        if self.solver() is not None:
+
+            def residual(scales: np.ndarray) -> np.ndarray:  # inside: between the edges
+                inside = ((scales[:, None] >= lower) & (scales[:, None] <= upper)).any(axis=1)
+                z = self.answer(self._map(self.name, int(inside.sum()), scales[inside]))
+                value = np.full(len(scales), np.inf)
+                value[inside] = np.linalg.norm(z - self.game.targets[self.name][0], axis=-1)
+                return value
+
         grid = np.union1d(self.scales(self.name), edges)
-        v = self._capped_residual(grid)
+        v = residual(grid)
         k = int(np.argmin(v))
         a, b, best = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)], grid[k]
         while b / a - 1 > EDGE_TOL:
             points = np.geomspace(a, b, ZOOM)
-            j = int(np.argmin(self._capped_residual(points)))
+            j = int(np.argmin(residual(points)))
             best, a, b = points[j], points[max(j - 1, 0)], points[min(j + 1, ZOOM - 1)]
         now, value = self._capped_residual(np.array([1.0, best]))
         if np.isfinite(now) and value >= now * (1 - 1e-9):
@@ -359,6 +599,53 @@ class Design:
         p = self._predict(self._maps(len(scales), {self.name: scales}))
         value = np.linalg.norm(p.residual[self.name], axis=-1)
         return np.where(p.rho < RHO_CAP, value, np.inf)
+
+    def solver(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """A's answer at the fixed point as a function of A's map alone, the others' fixed:
+        with ``R = R0 + U A V`` and ``r = r0 + U (A v + c)`` (``line``), the fixed point is
+        ``x = x0 + Y z`` (``(I - R0) [x0, Y] = [r0, U]``), and A's block of it is
+        ``z = A (V x + v) + c``, so ``(I - A Phi) z = A q + c`` with ``Phi = V Y`` and
+        ``q = V x0 + v`` (``answer``): one ``d x d`` solve per variant of A's map once
+        ``I - R0`` is factorised.
+
+        Returns:
+            ``Phi`` and ``q``, cached; ``None`` where ``line`` is, ``I - R0`` or ``I - R`` is
+            singular, or ``z`` of the present map differs from A's block of the solve of
+            ``(I - R) x = r`` by more than a relative ``1e-9`` (an ill-conditioned ``I - R0``).
+        """
+        if self._solver is None:
+            self._solver = (self._solver_of(),)
+        return self._solver[0]
+
+    def _solver_of(self) -> tuple[np.ndarray, np.ndarray] | None:
+        line = self.line(self.name)
+        if line is None:
+            return None
+        d, k = self.config.d, self.names.index(self.name)
+        R, r = self._round
+        eye = np.eye(len(r[0]))
+        try:
+            X = np.linalg.solve(eye - line.R0, np.column_stack([line.r0, line.U]))
+            direct = np.linalg.solve(eye - R[0], r[0])[k * d : (k + 1) * d]
+        except np.linalg.LinAlgError:
+            return None
+        solver = line.V @ X[:, 1:], line.V @ X[:, 0] + line.v
+        z = _answer(*solver, self._map(self.name, 1))[0]
+        if not np.linalg.norm(z - direct) <= 1e-9 * max(1.0, np.linalg.norm(direct)):
+            return None
+        return solver
+
+    def answer(self, f: AffineMap) -> np.ndarray:
+        """A's answer at the fixed point with A's map ``f`` (``solver``, which must not be
+        ``None``).
+
+        Args:
+            f: A's maps, ``(P, d, d)`` and ``(P, d)``.
+
+        Returns:
+            ``z``, ``(P, d)``; NaN where ``I - A Phi`` is singular (so is ``I - R``).
+        """
+        return _answer(*self.solver(), f)
 
     # -- examples ------------------------------------------------------------------------------
 
@@ -409,13 +696,53 @@ class Design:
             extra = np.concatenate(
                 [np.broadcast_to(chosen, (len(cand), *chosen.shape)), cand[:, None]], axis=1
             )
-            values = objective(self._maps(len(cand), prompts=self.augmented(extra)))
+            values = self.least(objective, self.augmented(extra))
             if not np.isfinite(values).any():  # every candidate makes the play diverge: stop
                 break
             j = int(np.argmin(values))
             chosen = extra[j]
             curve.append(float(values[j]))
         return chosen, np.array(curve)
+
+    def least(self, objective: Callable, prompts: Sequence[Prompt]) -> np.ndarray:
+        """``objective`` on A's prompt changed to each of ``prompts`` where it may be least,
+        ``inf`` elsewhere, so that its least and the first candidate reaching it are those of
+        ``objective`` on every prompt. For ``residual``, ``|e_A|`` is first estimated for
+        every candidate from A's answer at the fixed point (``solver``, whether or not the
+        play converges); ``objective`` then predicts the candidates in increasing estimate,
+        ``SHORTLIST`` at a time, until one converges, and every candidate estimated within a
+        relative ``1e-9`` of the least value found. Other objectives, or without ``solver``,
+        predict every candidate.
+
+        Args:
+            objective: ``residual`` or ``exposure``.
+            prompts: A's prompt per candidate.
+
+        Returns:
+            The value per candidate.
+        """
+        if objective != self.residual or self.solver() is None:
+            return objective(self._maps(len(prompts), prompts=prompts))
+        z = self.answer(self._map(self.name, len(prompts), prompts=prompts))
+        estimate = np.linalg.norm(z - self.game.targets[self.name][0], axis=-1)
+        estimate = np.where(np.isfinite(estimate), estimate, np.inf)
+        values, done = np.full(len(prompts), np.inf), np.zeros(len(prompts), dtype=bool)
+
+        def predict_(rows: np.ndarray) -> None:
+            if not len(rows):
+                return
+            chosen = [prompts[i] for i in rows]
+            values[rows] = objective(self._maps(len(rows), prompts=chosen))
+            done[rows] = True
+
+        order = np.argsort(estimate, kind="stable")
+        for first in range(0, len(order), SHORTLIST):
+            predict_(order[first : first + SHORTLIST])
+            if np.isfinite(values).any():
+                least = values[np.isfinite(values)].min()
+                predict_(np.flatnonzero(~done & (estimate <= least * (1 + 1e-9))))
+                break
+        return values
 
     def random(self, k: int, objective: Callable) -> tuple[np.ndarray, np.ndarray]:
         """The baseline: ``k`` examples of random directions (norm ``norm``) per seed.
@@ -464,12 +791,16 @@ class Design:
     def scaled_game(self, name: str, scales: Sequence[float]) -> Game:
         """The configuration with ``agents.<name>.eta`` times each of ``scales``, set up as one
         batch (the same seed: the same prompts)."""
-        data = self.config.model_dump(mode="json", exclude_none=True)
+        return setup(self._scaled([(name, s) for s in scales]))
+
+    def _scaled(self, changes: Sequence[tuple[str, float]]) -> list[PlayConfig]:
+        """The configuration with ``agents.<name>.eta`` times ``s``, per ``(name, s)``."""
         configs = []
-        for s in scales:
+        for name, s in changes:
+            data = self.config.model_dump(mode="json", exclude_none=True)
             data["agents"][name]["eta"] = float(self.config.agents[name].eta * s)
             configs.append(parse_config(data))
-        return setup(configs)
+        return configs
 
     def verify(self, game: Game) -> tuple[np.ndarray, np.ndarray, int]:
         """Predicted and simulated final ``|s_A - w_A*|`` per play, and the rounds played:
@@ -483,19 +814,210 @@ class Design:
         simulated = np.where(trajectory.diverged_at >= 0, np.nan, simulated)
         return predicted, simulated, rounds
 
-    def rate(self, game: Game, rho: np.ndarray) -> tuple[np.ndarray, int]:
-        """The measured rate per round of every play, from the seeded random start."""
-        game = replace(game, start=np.broadcast_to(self.random_start, game.start.shape).copy())
-        slow = np.abs(np.log(np.clip(rho, 1e-300, None)))
-        rounds = int(np.clip(np.ceil(30 / max(slow.min(), 1e-300)), 200, 20_000))
-        rounds = min(rounds, _memory_rounds(len(game.configs), self.config))
-        t = simulate(game, rounds=rounds)
-        s = np.concatenate([t.outputs(n) for n in self.names], axis=-1)
-        step = np.linalg.norm(np.diff(s, axis=0), axis=-1)  # (rounds - 1, plays)
-        half = len(step) // 2
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            measured = (step[-1] / step[half - 1]) ** (1 / (len(step) - half))
-        return measured, rounds
+    def rates(
+        self, pairs: Sequence[tuple[str, Sequence[float]]]
+    ) -> list[tuple[np.ndarray, np.ndarray, int]]:
+        """The checks of stability edges: per pair of scales of one agent's ``eta``, each
+        scale's ``rho`` (predicted) and rate per round measured by playing it from the seeded
+        random start, ``(|s_T - s_{T-1}| / |s_{T/2} - s_{T/2-1}|)^(2 / T)``, over ``T`` rounds:
+        ``30 / |log rho|`` of the pair's slower play, from 200 to 20,000 and at most what the
+        record of a pair fits in 200 MB. The pairs are played together, in batches that fit in
+        200 MB, each pair's rate read off its first ``T`` rounds (and, where both of its plays
+        have diverged, up to the round where the last one did, as a play of the pair alone
+        stops there): the same numbers as playing each pair alone.
+
+        Args:
+            pairs: ``(agent, (s1, s2))``.
+
+        Returns:
+            Per pair: ``rho`` and the measured rate of each scale, ``(2,)``, and ``T``.
+        """
+        configs = self._scaled([(name, s) for name, scales in pairs for s in scales])
+        rho = predict(setup(configs)).rho.reshape(len(pairs), 2)
+        slow = np.abs(np.log(np.clip(rho, 1e-300, None))).min(axis=1)
+        rounds = np.clip(np.ceil(30 / np.maximum(slow, 1e-300)), 200, 20_000).astype(int)
+        rounds = np.minimum(rounds, _memory_rounds(2, self.config))
+        pair_round = 2 * len(self.config.order) * self.config.d * 8  # bytes a round of a pair
+        measured = np.empty_like(rho)
+        order, first = np.argsort(-rounds, kind="stable"), 0
+        while first < len(order):  # the longest first, as many as fit beside it in 200 MB
+            fit = max(1, int(2e8 // (rounds[order[first]] * pair_round)))
+            batch = order[first : first + fit]
+            first += len(batch)
+            game = setup([configs[2 * k + j] for k in batch for j in (0, 1)])
+            start = np.broadcast_to(self.random_start, game.start.shape).copy()
+            t = simulate(replace(game, start=start), rounds=int(rounds[batch].max()))
+            for i, k in enumerate(batch):
+                gone = t.diverged_at[2 * i : 2 * i + 2]
+                played = min(rounds[k], gone.max() + 1) if (gone >= 0).all() else rounds[k]
+                half = (played - 1) // 2  # the steps s_{j+1} - s_j, j < played - 1
+                at = [half - 1, half, played - 2, played - 1]
+                s = np.concatenate([t.outputs(n)[at, 2 * i : 2 * i + 2] for n in self.names], -1)
+                with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                    early, late = np.linalg.norm(s[[1, 3]] - s[[0, 2]], axis=-1)
+                    measured[k] = (late / early) ** (1 / (played - 1 - half))
+        return [(rho[k], measured[k], int(rounds[k])) for k in range(len(pairs))]
+
+
+def _answer(Phi: np.ndarray, q: np.ndarray, f: AffineMap) -> np.ndarray:
+    """``z = (I - A Phi)^{-1} (A q + c)`` per variant of ``f`` (``Design.solver``), NaN where
+    ``I - A Phi`` is singular."""
+    M = np.eye(len(q)) - f.A @ Phi
+    z = np.full(f.c.shape, np.nan)
+    with np.errstate(over="ignore", invalid="ignore"):
+        ok = np.linalg.det(M) != 0
+    z[ok] = np.linalg.solve(M[ok], (f.A[ok] @ q + f.c[ok])[..., None])[..., 0]
+    return z
+
+
+def _spans(inside: np.ndarray, edges: np.ndarray) -> list[tuple[float | None, float | None]]:
+    """The intervals of ``Design.scan`` and ``Design.intervals``.
+
+    Args:
+        inside: per point or stretch of scales, in increasing order, whether ``rho < level``.
+        edges: per change of side, the scale just inside it.
+
+    Returns:
+        ``(lower, upper)`` per interval, ``None`` where it reaches the end of the range.
+    """
+    flips = np.flatnonzero(inside[1:] != inside[:-1])
+    out, lower = [], None
+    for k, edge in zip(flips, edges, strict=True):
+        if inside[k]:  # inside -> outside: an upper edge
+            out.append((lower, float(edge)))
+        else:
+            lower = float(edge)
+    if inside[-1]:
+        out.append((lower, None))
+    return out
+
+
+class _Roots:
+    """The roots ``t = 1 / s`` of ``det(I - G(s) J(lambda))`` (``Design.modes``) on the
+    circle ``|lambda| = level``: with ``(I - s H)^k - I = E G(s) F``,
+    ``G(s) = sum_j C(k, j) (-s)^j (F E)^(j - 1)``, so ``t^k det(I - G(s) J)`` is the monic
+    matrix polynomial ``t^k I - sum_j C(k, j) (-1)^j t^(k - j) (F E)^(j - 1) J``.
+
+    Args:
+        nu, a, b: the modes that are not fixed (``Design.modes``).
+        FE: ``F E``, ``(q, q)``.
+        steps: ``k``.
+        level: the radius.
+    """
+
+    def __init__(
+        self, nu: np.ndarray, a: np.ndarray, b: np.ndarray, FE: np.ndarray, steps: int, level: float
+    ) -> None:
+        self.nu, self.a, self.b, self.FE, self.steps, self.level = nu, a, b, FE, steps, level
+
+    def at(self, theta: np.ndarray) -> np.ndarray:
+        """The ``k q`` roots at ``lambda = level e^(i theta)`` per angle, ``(P, k q)``."""
+        lam = self.level * np.exp(1j * np.asarray(theta, dtype=float))
+        return np.linalg.eigvals(self._companion(self._J(lam)))
+
+    def real(self) -> np.ndarray:
+        """The real roots at ``lambda = level`` and ``-level`` (``J`` is real there)."""
+        if not len(self.FE):
+            return np.zeros(0)
+        t = np.linalg.eigvals(self._companion(self._J(self.level * np.array([1.0, -1.0])).real))
+        return np.real(t[np.imag(t) == 0])
+
+    def _J(self, lam: np.ndarray) -> np.ndarray:
+        """``J(lambda) = sum_m a_m b_m^T / (lambda - nu_m)`` per ``lambda``, ``(P, q, q)``."""
+        return np.einsum("pm,lm,mr->lpr", self.a, 1 / (lam[:, None] - self.nu), self.b)
+
+    def _companion(self, J: np.ndarray) -> np.ndarray:
+        """The block companion matrix of the polynomial in ``t`` per ``J``, ``(P, k q, k q)``:
+        its first block row ``C(k, j) (-1)^j (F E)^(j - 1) J``, identities below it."""
+        q, k = len(self.FE), self.steps
+        L = np.zeros((len(J), k * q, k * q), dtype=J.dtype)
+        power = np.eye(q)
+        for j in range(1, k + 1):
+            L[:, :q, (j - 1) * q : j * q] = math.comb(k, j) * (-1) ** j * power @ J
+            power = power @ self.FE
+            if j < k:
+                L[:, j * q : (j + 1) * q, (j - 1) * q : j * q] = np.eye(q)
+        return L
+
+    def complex(self, lo: float, hi: float) -> np.ndarray | None:
+        """The real value of every root that crosses the positive real axis, with ``1 / t``
+        about within ``(lo, hi)``, as ``theta`` goes over ``(0, pi)``: ``SAMPLES`` angles
+        clustered at both ends, more around the angle of every ``nu`` near the circle; the
+        roots at the two ends of each interval of angles are paired by nearness (the interval
+        halved while a root moves by more than a third of the roots' spacing), an interval where
+        a root changes side is halved down to ``1e-9`` and the root's crossing read off by
+        linear interpolation (to ``1e-18`` where the root moves smoothly); ``None`` where the
+        pairing stays unsure over more than ``16 SAMPLES`` intervals."""
+        if not len(self.FE):
+            return np.zeros(0)
+        theta = np.pi * (1 - np.cos(np.pi * np.arange(1, SAMPLES) / SAMPLES)) / 2
+        gap = np.abs(np.abs(self.nu) / self.level - 1)
+        close = gap < 0.1
+        spread = np.maximum(gap[close], 1e-9)[:, None] * np.linspace(-8, 8, 33)
+        theta = np.concatenate(
+            [theta, (np.abs(np.angle(self.nu[close]))[:, None] + spread).ravel()]
+        )
+        theta = np.unique(theta[(theta > 0) & (theta < np.pi)])
+        t = self.at(theta)
+        a, b, ta, tb = theta[:-1], theta[1:], t[:-1], t[1:]
+        found = []
+        for _ in range(60):
+            if not len(a):
+                return np.concatenate(found) if found else np.zeros(0)
+            if len(a) > 16 * SAMPLES:
+                break
+            tb, crossed, unsure = _paired(ta, tb, lo, hi)
+            narrow = b - a <= 1e-9
+            done = crossed.any(axis=1) & narrow
+            if done.any():
+                found.append(_interpolated(ta[done], tb[done], crossed[done]))
+            split = (crossed.any(axis=1) & ~narrow) | (unsure & (b - a > 1e-13))
+            a, b, ta, tb = a[split], b[split], ta[split], tb[split]
+            mid = (a + b) / 2
+            tm = self.at(mid)
+            a, b = np.concatenate([a, mid]), np.concatenate([mid, b])
+            ta, tb = np.concatenate([ta, tm]), np.concatenate([tm, tb])
+        return None
+
+
+def _paired(ta: np.ndarray, tb: np.ndarray, lo: float, hi: float) -> tuple[np.ndarray, ...]:
+    """``tb`` reordered to pair each root of ``ta`` with the nearest, which roots
+    cross the positive real axis between the two (with ``1 / t`` about in ``(lo, hi)``), and
+    where the pairing is unsure: a root moving by more than a third of the least spacing of
+    distinct roots (``1e-8`` relative apart).
+
+    Args:
+        ta, tb: the roots at the two ends of each interval of angles, ``(P, n)``.
+        lo, hi: the range of scales.
+
+    Returns:
+        ``tb`` reordered; per interval and root, whether it crosses, ``(P, n)``; per interval,
+        whether the pairing is unsure.
+    """
+    distance = np.abs(ta[:, :, None] - tb[:, None, :])
+    rows, pair = np.arange(len(ta)), np.zeros(ta.shape, dtype=int)
+    taken = np.zeros(ta.shape, dtype=bool)
+    for j in range(ta.shape[1]):  # greedily, each root of ta to the nearest root left in tb
+        pair[:, j] = np.argmin(np.where(taken, np.inf, distance[:, j]), axis=1)
+        taken[rows, pair[:, j]] = True
+    tb = np.take_along_axis(tb, pair, axis=1)
+    moved = np.abs(tb - ta).max(axis=1)
+    apart = np.abs(tb[:, :, None] - tb[:, None, :])
+    size = np.abs(tb).max(axis=1)[:, None, None]
+    spacing = np.where(apart > 1e-8 * size, apart, np.inf).min(axis=(1, 2))
+    unsure = moved > spacing / 3
+    t = (ta + tb) / 2
+    near = (t.real > 0) & (np.abs(t) >= 0.5 / hi) & (np.abs(t) <= 2 / lo)
+    return tb, near & (np.sign(ta.imag) != np.sign(tb.imag)), unsure
+
+
+def _interpolated(ta: np.ndarray, tb: np.ndarray, crossed: np.ndarray) -> np.ndarray:
+    """Where each crossing root meets the real axis, by linear interpolation between its two
+    values (``_paired``)."""
+    a, b = ta[crossed], tb[crossed]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w = np.where(a.imag != b.imag, a.imag / (a.imag - b.imag), 0.5)
+    return a.real + w * (b.real - a.real)
 
 
 def _arrays(cfg: GradientAgentConfig, prompts: Sequence[Prompt]):
@@ -530,7 +1052,7 @@ def advise(
     norm: float | None = None,
     seeds: int = 20,
     candidates: int = 64,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Every advice item for ``agent``, each verified by re-simulation (module docstring).
 
@@ -541,7 +1063,9 @@ def advise(
         norm: the added examples' norm; default ``sqrt(tr Lambda_A)``.
         seeds: random-baseline seeds.
         candidates: random candidate directions per greedy step.
-        progress: called with the name of each stage as it starts.
+        progress: called as each step starts with its name, the steps done and the steps in
+            all: one per agent's stability search, the bias, the checks of the stability
+            edges, the prompt and the exposure items.
 
     Returns:
         One JSON-ready object: ``baseline``, ``stability``, ``bias``, ``prompt``, ``exposure``.
@@ -549,8 +1073,15 @@ def advise(
     Raises:
         ConfigError: what ``check`` refuses, or what ``setup`` refuses.
     """
-    say = progress or (lambda _: None)
     design = Design(config, agent, norm, seeds, candidates)
+    steps, done = len(design.names) + 4, 0
+
+    def say(what: str) -> None:
+        nonlocal done
+        if progress is not None:
+            progress(what, done, steps)
+        done += 1
+
     a = agent
     game = design.game
     base = predict(game)
@@ -574,8 +1105,10 @@ def advise(
         "rounds": rounds0,
     }
 
-    say("stability: rho against each agent's step scale")
-    bounds = {name: design.intervals(name) for name in design.names}
+    bounds = {}
+    for k, name in enumerate(design.names):
+        say(f"stability: rho against {name}'s step scale ({k + 1} of {len(design.names)})")
+        bounds[name] = design.intervals(name)
 
     say("bias: the step scale of least residual")
     found = design.best_scale() if bounds[a] else None
@@ -604,8 +1137,10 @@ def advise(
             ],
             "rounds": rounds,
         }
+    say(f"stability: checking {plural(sum(map(len, bounds.values())), 'interval')} by playing")
+    checks = _checks(design, bounds)
     out["stability"] = {
-        name: _stability(design, name, bounds[name], rho0, best if name == a else None)
+        name: _stability(design, name, bounds[name], rho0, best if name == a else None, checks)
         for name in design.names
     }
     out["bias"] = bias
@@ -631,12 +1166,27 @@ def advise(
     return out
 
 
+def _checks(
+    design: Design, bounds: dict[str, list[tuple[float | None, float | None]]]
+) -> dict[tuple[str, tuple[float, float]], tuple]:
+    """Every edge of every agent's intervals checked at once (``Design.rates``), keyed by
+    the agent and the two scales played: ``ABOVE`` and ``BELOW`` times a lower edge (inside
+    first), ``BELOW`` and ``ABOVE`` times an upper one."""
+    pairs = []
+    for name, spans in bounds.items():
+        for lower, upper in spans:
+            pairs += [] if lower is None else [(name, (ABOVE * lower, BELOW * lower))]
+            pairs += [] if upper is None else [(name, (BELOW * upper, ABOVE * upper))]
+    return dict(zip(pairs, design.rates(pairs) if pairs else [], strict=True))
+
+
 def _stability(
     design: Design,
     name: str,
     bounds: list[tuple[float | None, float | None]],
     rho: float,
     advised: float | None,
+    checks: dict[tuple[str, tuple[float, float]], tuple],
 ) -> dict[str, Any]:
     """The stability row of agent ``name``: every interval of convergence, each edge checked
     by playing ``BELOW`` and ``ABOVE`` times it; ``scale``, ``upper``, ``lower`` (and
@@ -649,12 +1199,13 @@ def _stability(
         bounds: ``design.intervals(name)``.
         rho: ``rho`` of the present play.
         advised: the bias item's scale (agent A), or ``None``.
+        checks: ``_checks``.
 
     Returns:
         The JSON-ready row.
     """
     eta = design.config.agents[name].eta
-    intervals = [_checked(design, name, lower, upper) for lower, upper in bounds]
+    intervals = [_checked(design, name, lower, upper, checks) for lower, upper in bounds]
     held = [i for i, (lo, hi) in enumerate(bounds) if _holds(lo, hi, 1.0)]
     held = held or [i for i, (lo, hi) in enumerate(bounds) if _holds(lo, hi, advised)]
     chosen = intervals[(held or [0])[0]] if intervals else {"lower": None, "upper": 0.0}
@@ -685,11 +1236,16 @@ def _holds(lower: float | None, upper: float | None, scale: float | None) -> boo
     return (lower is None or lower <= scale) and (upper is None or scale <= upper)
 
 
-def _checked(design: Design, name: str, lower: float | None, upper: float | None) -> dict[str, Any]:
-    """One interval of convergence of agent ``name``'s scale and the checks of its edges, one
-    play of each edge's two checks (so that both run the rounds their ``rho`` needs): the
-    measured rate per round (``Design.rate``) below 1 just inside the edge (``ABOVE`` times a
-    lower edge, ``BELOW`` times an upper one) and at least 1 just outside."""
+def _checked(
+    design: Design,
+    name: str,
+    lower: float | None,
+    upper: float | None,
+    checks: dict[tuple[str, tuple[float, float]], tuple],
+) -> dict[str, Any]:
+    """One interval of convergence of agent ``name``'s scale and the checks of its edges
+    (``_checks``): the measured rate per round below 1 just inside the edge (``ABOVE`` times
+    a lower edge, ``BELOW`` times an upper one) and at least 1 just outside."""
     eta = design.config.agents[name].eta
     out: dict[str, Any] = {
         "lower": lower,
@@ -702,10 +1258,8 @@ def _checked(design: Design, name: str, lower: float | None, upper: float | None
     for edge, at in (("lower", lower), ("upper", upper)):
         if at is None:
             continue
-        scales = [ABOVE * at, BELOW * at] if edge == "lower" else [BELOW * at, ABOVE * at]
-        checked = design.scaled_game(name, scales)
-        rho = predict(checked).rho
-        measured, rounds = design.rate(checked, rho)
+        scales = (ABOVE * at, BELOW * at) if edge == "lower" else (BELOW * at, ABOVE * at)
+        rho, measured, rounds = checks[name, scales]
         out["rounds"] = max(out["rounds"], rounds)
         out["checks"] += [
             {
@@ -961,7 +1515,7 @@ def plot_design(result: dict[str, Any], path) -> Any:
         row = result[item]
         if "skipped" in row:
             continue
-        what = "|e_A|" if item == "prompt" else "decoy exposure"
+        what = f"|e_{a}|" if item == "prompt" else "decoy exposure"
         greedy = [np.nan if v is None else v for v in row["greedy_curve"]]
         shown = k[: len(greedy)]
         curves.plot(shown, greedy, style, color=color, marker="o", label=f"{what} greedy")

@@ -464,3 +464,220 @@ def test_the_issue_plays_converge_above_scale_one_and_refine_the_lower_edge():
     assert row["verified"] and abs(row["lower"] - 0.6028854) < 1e-6
     assert bias["on_edge"] and abs(bias["scale"] - 0.6034961) < 1e-6
     assert bias["simulated"] < 1.5535 < 1.5695  # at x0.63096 (the grid point): 1.5695
+
+
+def _network(seed: int, steps: int = 1):
+    """A random network of 3 to 8 gradient agents as ``network_test`` builds them (every
+    preconditioner, ``n`` from ``d - 1``, label noise; random weighted reads, turns in order
+    or simultaneous), advised for ``a0``; with ``steps``, each agent takes 1 to ``steps``
+    steps per turn."""
+    from misalign.model.network_test import _mix, network
+
+    rng = np.random.default_rng(seed)
+    agents, d = int(rng.integers(3, 9)), int(rng.integers(1, 5))
+    names = [f"a{k}" for k in range(agents)]
+    reads = {n: _mix(rng, [m for m in names if m != n]) for n in names if rng.integers(4)}
+    config = network(rng, d, names, reads, bool(rng.integers(2)))
+    data = config.model_dump(mode="json", exclude_none=True)
+    for agent in data["agents"].values():
+        agent["steps_per_turn"] = int(rng.integers(1, steps + 1))
+    return parse_config(data)
+
+
+# both schedules, d 1 to 4, 3 to 8 agents; 28: four roots cross at lambda = i at once; 42:
+# one agent's search falls back on the grid
+NETWORKS = [1, 3, 6, 8, 14, 21, 24, 28, 42, 57]
+
+
+def _grid_best(config, design: Design) -> float:
+    """The least ``|e_A|`` the bias item found before its search went through
+    ``Design.solver``: every value predicted (``_scan``), ``inf`` where ``rho >= RHO_CAP``,
+    on the grid and the grid scan's edges, zoomed to ``EDGE_TOL``; the present value where no
+    scale beats it by a relative ``1e-9``."""
+    from misalign.workflows.design import EDGE_TOL, RHO_CAP, ZOOM, scale_range
+
+    def value(scales):
+        p = _scan(config, design.name, scales)
+        norm = np.linalg.norm(p.residual[design.name], axis=-1)
+        return np.where(p.rho < RHO_CAP, norm, np.inf)
+
+    bounds = design.scan(design.name, RHO_CAP)
+    lo, hi = scale_range(config.agents[design.name].eta)
+    edges = [lo if a is None else a for a, _ in bounds] + [
+        hi if b is None else b for _, b in bounds
+    ]
+    grid = np.union1d(design.scales(design.name), edges)
+    k = int(np.argmin(value(grid)))
+    a, b, best = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)], grid[k]
+    while b / a - 1 > EDGE_TOL:
+        points = np.geomspace(a, b, ZOOM)
+        j = int(np.argmin(value(points)))
+        best, a, b = points[j], points[max(j - 1, 0)], points[min(j + 1, ZOOM - 1)]
+    now, least = value(np.array([1.0, best]))
+    return now if np.isfinite(now) and least >= now * (1 - 1e-9) else least
+
+
+@pytest.mark.parametrize("seed,steps", [(s, 1) for s in NETWORKS] + [(3, 3), (6, 3), (14, 3)])
+def test_the_crossings_find_what_the_grid_finds_on_random_networks(seed, steps):
+    """``intervals`` (from the crossings of the circle, a few predictions per agent) against
+    ``scan``, the grid of docs/theory.md §8 (thousands of predictions), on networks of 3 to 8
+    agents: the same intervals for every agent (rho < 1) and for a0 (rho < RHO_CAP), each edge
+    within 2 EDGE_TOL of the grid's (each brackets the same crossing to EDGE_TOL); and the
+    bias item's least |e_A| is the one every value predicted on the grid gives. Also with
+    up to 3 steps per turn (the crossings are the roots of a matrix polynomial of degree k)."""
+    from misalign.workflows.design import EDGE_TOL, RHO_CAP
+
+    config = _network(seed, steps)
+    design = Design(config, "a0")
+    for name in design.names:
+        for level in (1.0, RHO_CAP) if name == "a0" else (1.0,):
+            found, scanned = design.intervals(name, level), design.scan(name, level)
+            assert len(found) == len(scanned), (seed, name, level, found, scanned)
+            for mine, grid in zip(found, scanned, strict=True):
+                for x, y in zip(mine, grid, strict=True):
+                    assert (x is None) == (y is None), (seed, name, level, found, scanned)
+                    assert x is None or abs(x / y - 1) <= 2 * EDGE_TOL, (seed, name, x, y)
+    found = design.best_scale()
+    if found is None:
+        assert not design.scan("a0", RHO_CAP)
+        return
+    mine = _scan(config, "a0", np.array([found[0]]))
+    value = np.linalg.norm(mine.residual["a0"][0])
+    reference = _grid_best(config, design)
+    assert abs(value - reference) <= 1e-9 * reference + 1e-12, (seed, found, value, reference)
+
+
+def test_the_answer_at_the_fixed_point_is_the_predicted_one():
+    """``Design.answer`` (a d x d solve per variant of A's map) is A's predicted limit
+    (``_scan``, the theory's prediction) on networks, at scales from 0.1 to 10."""
+    from misalign.model.agent import GradientAgent
+
+    checked = 0
+    for seed in NETWORKS:
+        config = _network(seed)
+        design = Design(config, "a0")
+        if design.solver() is None:
+            continue
+        scales = np.geomspace(0.1, 10, 9)
+        p = _scan(config, "a0", scales)
+        agent, prompt = design.game.agents["a0"], design.game.prompts["a0"][0]
+        gamma = agent.gamma[0] * scales[:, None, None]
+        S = np.broadcast_to(prompt.second_moment, gamma.shape)
+        m = np.broadcast_to(prompt.moment, (len(scales), config.d))
+        steps = config.agents["a0"].steps_per_turn
+        f = GradientAgent("a0", gamma, np.array(S), np.array(m), steps).affine()
+        ok = p.converges
+        np.testing.assert_allclose(
+            design.answer(f)[ok], p.fixed_point["a0"][ok], rtol=1e-9, atol=1e-12
+        )
+        checked += ok.sum()
+    assert checked >= 40
+
+
+@pytest.mark.parametrize("seed", NETWORKS[:5])
+def test_the_greedy_examples_are_those_of_predicting_every_candidate(seed):
+    """``Design.least`` predicts only the candidates that may be least: the greedy examples
+    and their curve are those of an objective that predicts every candidate (a wrapper of
+    ``residual``, which ``least`` does not shortcut), to the last bit."""
+    design = Design(_network(seed), "a0")
+    if not predict(design.game).converges[0]:
+        pytest.skip("the play does not converge")
+    rows, curve = design.greedy(3, design.residual)
+    every_rows, every_curve = design.greedy(3, lambda maps: design.residual(maps))
+    np.testing.assert_array_equal(rows, every_rows)
+    np.testing.assert_array_equal(curve, every_curve)
+
+
+@pytest.mark.parametrize("source", ["design.toml", "diverging.toml", 6])
+def test_the_edges_checked_together_are_each_pair_played_alone(source):
+    """``Design.rates`` plays every edge's pair of scales in shared batches: each pair's
+    predicted rho, rounds and measured rate are those of playing the pair alone for its own
+    rounds, ``30 / |log rho|`` of its slower play from 200 to 20,000 (as ``_checked`` did one
+    pair at a time)."""
+    from dataclasses import replace
+
+    config = load_config(EXAMPLES / source) if isinstance(source, str) else _network(source)
+    design = Design(config, next(iter(config.agents)))
+    pairs = [
+        (name, (0.99 * e, 1.01 * e) if e == hi else (1.01 * e, 0.99 * e))
+        for name in design.names
+        for lo, hi in design.intervals(name)
+        for e in (lo, hi)
+        if e is not None
+    ]
+    assert pairs
+    for (name, scales), (rho, measured, rounds) in zip(pairs, design.rates(pairs), strict=True):
+        game = design.scaled_game(name, scales)
+        alone = predict(game).rho
+        np.testing.assert_array_equal(rho, alone)
+        slow = np.abs(np.log(alone)).min()
+        assert rounds == int(np.clip(np.ceil(30 / slow), 200, 20_000))
+        start = np.broadcast_to(design.random_start, game.start.shape).copy()
+        t = simulate(replace(game, start=start), rounds=rounds)
+        s = np.concatenate([t.outputs(n) for n in design.names], axis=-1)
+        step = np.linalg.norm(np.diff(s, axis=0), axis=-1)
+        half = len(step) // 2
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            np.testing.assert_array_equal(
+                measured, (step[-1] / step[half - 1]) ** (1 / (len(step) - half))
+            )
+
+
+def test_the_figure_names_the_agent(tmp_path, monkeypatch):
+    """The legend of design.png says ``|e_a0|`` for an agent named a0, never ``|e_A|``."""
+    import misalign.outputs.figure
+    from misalign.workflows.design import plot_design
+
+    legends = []
+    save = misalign.outputs.figure.save_figure
+
+    def keep(fig, path):
+        out = save(fig, path)
+        legends.extend(t.get_text() for axis in fig.axes for t in axis.get_legend().get_texts())
+        return out
+
+    monkeypatch.setattr(misalign.outputs.figure, "save_figure", keep)
+    config = parse_config(
+        {"seed": 3, "d": 2, "rounds": 50, "agents": {"a0": {"n": 4}, "a1": {"n": 5}}}
+    )
+    plot_design(advise(config, "a0", examples=1, seeds=2), tmp_path / "design.png")
+    assert "|e_a0| greedy" in legends and not any("e_A" in text for text in legends)
+
+
+def test_design_shows_its_progress_on_a_terminal(tmp_path):
+    """On a terminal (a pty for stderr) the design bar names each agent's search as it starts
+    (each step drawn at once, however short); the JSON on stdout stays clean."""
+    import os
+    import pty
+
+    import tomli_w
+
+    agents = {f"a{k}": {"n": 4 + k % 3, "target": [k % 2, 1 - k % 2]} for k in range(6)}
+    data = {"seed": 1, "d": 2, "rounds": 50, "schedule": "simultaneous", "agents": agents}
+    config = tmp_path / "net.toml"
+    config.write_text(tomli_w.dumps(data))
+    master, slave = pty.openpty()
+    out = (tmp_path / "stdout.json").open("w+b")
+    args = ["design", str(config), "--agent", "a0", "--json", "--out", str(tmp_path / "o")]
+    child = subprocess.Popen(
+        [sys.executable, "-m", "misalign.cli", *args], stdout=out, stderr=slave
+    )
+    os.close(slave)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the child closed the pty
+            break
+        if not chunk:
+            break
+        shown += chunk
+    assert child.wait(timeout=120) == 0
+    os.close(master)
+    out.seek(0)
+    assert json.loads(out.read())["agent"] == "a0"
+    out.close()
+    text = shown.decode(errors="replace")
+    for k in range(6):
+        assert f"design: stability: rho against a{k}'s step scale ({k + 1} of 6)" in text
+    assert "design: prompt" in text
