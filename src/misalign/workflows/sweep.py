@@ -49,6 +49,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -69,6 +70,7 @@ from misalign.config import (
     parse_config,
     read_toml,
 )
+from misalign.runtime.progress import progress_bar
 from misalign.runtime.text import plural
 from misalign.runtime.text import warn as warn_stderr
 
@@ -84,6 +86,9 @@ PER_AGENT = ("residual_mean", "residual_std", "predicted_residual")
 POINTS = 10**6
 """The most points a sweep may have: each point's configuration is validated before any runs
 (about half a millisecond a point, minutes at the limit), and every point is held in memory."""
+SHOWN = 2000
+"""Sweeps of this many points or more show a bar while every point is validated (drawn on
+stderr, on a terminal only)."""
 POINT_BYTES, AXIS_BYTES, VALUE_BYTES = 128, 32, 32
 """Estimated bytes the grid holds: per point (its tuple and its place in the sweep), per point
 and axis (its slot in the tuple, and the column the schema reads), per axis value."""
@@ -194,11 +199,17 @@ def parse_sweep(data: dict[str, Any], folder: Path = Path(".")) -> Sweep:
     axes = tuple(values)
     agents: dict[str, None] = {}
     checked: set[str] = set()
-    for point in points:
+    shown = len(points) >= SHOWN and sys.stderr.isatty()
+    bar = progress_bar(len(points), "validating points") if shown else None
+    for k, point in enumerate(points):
         config_ = _checked(base, axes, point, config.seeds, checked)
         agents |= dict.fromkeys(
             n for n, a in config_.agents.items() if not isinstance(a, HelperAgentConfig)
         )
+        if bar is not None and k % 1000 == 999:
+            bar.advance(bar.task_ids[0], 1000)
+    if bar is not None:
+        bar.stop()
     resolved = {
         "base": base,
         "seeds": config.seeds,
@@ -783,7 +794,6 @@ def _collect(
     import pyarrow.parquet as pq
 
     from misalign.runtime.files import atomic_write
-    from misalign.runtime.progress import progress_bar
     from misalign.runtime.terminate import deferred
 
     schema = _schema(sweep)

@@ -675,3 +675,38 @@ def test_a_killed_sweep_leaves_no_worker_behind(tmp_path, backend, moment):
     done = subprocess.run([*args, "--resume", "--json"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert read_rows(out).column("point").to_pylist() == list(range(12))
+
+
+def test_a_large_grid_shows_its_validation_on_a_terminal(tmp_path):
+    """Issue 21 item 2: 10^4 points are validated before any runs (about a second here); on a
+    terminal a bar says so (stderr is a pty), and nothing is printed off a terminal."""
+    import os
+    import pty
+
+    sweep = tmp_path / "grid.toml"
+    sweep.write_text(
+        f'base = "{ROOT / "examples" / "two_agents.toml"}"\nseeds = 1\n[axes]\n'
+        '"agents.B.eta" = {linspace = [0.1, 1.5, 100]}\n'
+        '"agents.A.eta" = {linspace = [0.1, 1.5, 100]}\n'
+    )
+    code = "from misalign.workflows.sweep import load_sweep; import sys\n"
+    code += f"print(len(load_sweep({str(sweep)!r}).points))"
+    master, slave = pty.openpty()
+    done = subprocess.run(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=slave, timeout=120
+    )
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(master)
+    assert done.returncode == 0 and done.stdout.strip() == b"10000"
+    assert b"validating points" in seen
+    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert quiet.stdout.strip() == b"10000" and quiet.stderr == b""
