@@ -22,12 +22,10 @@ import contextlib
 import http.client
 import json
 import os
-import socket
-import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-HOST = "127.0.0.1"
+from misalign.llm.loopback import HOST, Handler, Loopback
+
 STAMPED = {"chat.completion", "chat.completion.chunk", "text_completion"}
 """The ``object`` of the responses that get a ``system_fingerprint``."""
 HOP_BY_HOP = {
@@ -98,7 +96,7 @@ def error_body(status: int, message: str) -> bytes:
     return json.dumps({"error": error}).encode()
 
 
-class Dispatcher:
+class Dispatcher(Loopback):
     """The front: a loopback HTTP server handing each request to an idle worker.
 
     Args:
@@ -107,64 +105,26 @@ class Dispatcher:
         port: the front's port (0: a free one, known after ``start``).
     """
 
+    what = "the dispatcher"
+
     def __init__(self, workers: list[int], fingerprint: str, port: int = 0) -> None:
         if not workers:
             raise ValueError("a dispatcher needs at least one worker")
+        super().__init__(_Handler, port)
         self.workers = list(workers)
         self.fingerprint = fingerprint
-        self.port = port
         self._idle = list(self.workers)
         """The idle workers, the one given back last at the end."""
         self._last: dict[int, bytes] = {}
         """The body of the request each worker answered last."""
         self._changed = threading.Condition()
         self._stopping = False
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-        self._connections: set[socket.socket] = set()
 
-    @property
-    def base_url(self) -> str:
-        """``http://127.0.0.1:PORT/v1``."""
-        return f"http://{HOST}:{self.port}/v1"
-
-    def start(self) -> Dispatcher:
-        """Listen on the port and serve in a daemon thread.
-
-        Raises:
-            OSError: the port is taken.
-        """
-        if self._server is not None:
-            raise RuntimeError("the dispatcher is already running")
-        server = _Server((HOST, self.port), _Handler)
-        server.dispatcher = self
-        self.port = server.server_address[1]
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop listening, release the requests waiting for a worker (each gets a 503) and
-        close every client connection (again: nothing)."""
-        server, self._server = self._server, None
-        if server is None:
-            return
+    def _releasing(self) -> None:
+        """Release the requests waiting for a worker (each gets a 503)."""
         with self._changed:
             self._stopping = True
             self._changed.notify_all()
-        server.shutdown()
-        server.server_close()
-        with self._changed:
-            connections = list(self._connections)
-        for connection in connections:
-            with contextlib.suppress(OSError):
-                connection.shutdown(socket.SHUT_RDWR)
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
 
     def take(self, body: bytes = b"") -> int | None:
         """An idle worker's port for a request, waiting while all are busy (the longest
@@ -193,51 +153,9 @@ class Dispatcher:
             self._idle.append(port)
             self._changed.notify()
 
-    def _opened(self, connection: socket.socket) -> None:
-        with self._changed:
-            self._connections.add(connection)
 
-    def _closed(self, connection: socket.socket) -> None:
-        with self._changed:
-            self._connections.discard(connection)
-
-    def __enter__(self) -> Dispatcher:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-
-class _Server(ThreadingHTTPServer):
-    """A threading HTTP server that knows its ``Dispatcher``."""
-
-    daemon_threads = True
-    request_queue_size = 128
-    dispatcher: Dispatcher
-
-    def handle_error(self, request, client_address) -> None:
-        """A client that hangs up is not an error worth a traceback."""
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            super().handle_error(request, client_address)
-
-
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(Handler):
     """Serves one client connection (HTTP/1.1 keep-alive), forwarding each request."""
-
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-    server: _Server
-
-    def setup(self) -> None:
-        super().setup()
-        self.server.dispatcher._opened(self.connection)
-
-    def finish(self) -> None:
-        self.server.dispatcher._closed(self.connection)
-        super().finish()
-
-    def log_message(self, format: str, *args: object) -> None:
-        """Silence the per-request log lines."""
 
     def do_GET(self) -> None:
         self.forward()
@@ -259,7 +177,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.reply(400, error_body(400, "the request's length or chunks are unreadable"))
             return
         headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
-        dispatcher = self.server.dispatcher
+        dispatcher = self.server.owner
         port = dispatcher.take(body or b"")
         if port is None:
             self.close_connection = True

@@ -24,25 +24,21 @@ expects. Only the standard library and numpy are used.
 from __future__ import annotations
 
 import collections
-import contextlib
 import hashlib
 import json
 import re
-import socket
-import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
 
+from misalign.llm.loopback import Handler, Loopback
 from misalign.runtime.text import plural
 
-HOST = "127.0.0.1"
 CHAT_PATH = "/v1/chat/completions"
 _ARRAY = re.compile(r"\[[^\[\]]*\]")
 _ERROR_TYPES = {
@@ -312,36 +308,8 @@ def _completion(body: dict[str, Any], content: str | None, index: int) -> dict[s
     }
 
 
-class _Server(ThreadingHTTPServer):
-    """A threading HTTP server that knows its :class:`FakeServer`."""
-
-    daemon_threads = True
-    request_queue_size = 128
-    fake: FakeServer
-
-    def handle_error(self, request, client_address) -> None:
-        """A client that hangs up (its requests cancelled) is not an error worth a traceback."""
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            super().handle_error(request, client_address)
-
-
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(Handler):
     """Serves one connection (HTTP/1.1 keep-alive) on behalf of a :class:`FakeServer`."""
-
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed-ACK stall
-    server: _Server
-
-    def setup(self) -> None:
-        super().setup()
-        self.server.fake._opened(self.connection)
-
-    def finish(self) -> None:
-        self.server.fake._closed(self.connection)
-        super().finish()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Silence the per-request log lines."""
 
     def do_GET(self) -> None:
         self.send(404, error_body(404, f"fake server: no route GET {self.path}"))
@@ -361,7 +329,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send(400, error_body(400, "fake server: the body is not a JSON object"))
             return
         headers = {k.lower(): v for k, v in self.headers.items()}
-        fake = self.server.fake
+        fake = self.server.owner
         reply, index = fake._reply(body, headers)
         wait = None if reply.hang else fake.latency + reply.delay
         if (wait is None or wait > 0) and fake._stopping.wait(wait):
@@ -405,7 +373,7 @@ class _Handler(BaseHTTPRequestHandler):
         return True
 
 
-class FakeServer:
+class FakeServer(Loopback):
     """A fake OpenAI-compatible Chat Completions server on ``127.0.0.1``.
 
     Use it as a context manager (it starts on enter and stops on exit) or call
@@ -418,6 +386,8 @@ class FakeServer:
         port: The port; 0 picks a free one at start.
     """
 
+    what = "the fake server"
+
     def __init__(self, behaviour: Behaviour, latency: float = 0.0, port: int = 0) -> None:
         """Create a server (not started).
 
@@ -426,22 +396,14 @@ class FakeServer:
             latency: Seconds added to every answer.
             port: The port to listen on; 0 picks a free one.
         """
+        super().__init__(_Handler, port)
         self.behaviour = behaviour
         self.latency = latency
-        self.port = port
         self._lock = threading.Lock()
         self._requests: list[dict[str, Any]] = []
         self._answers: list[str] = []
         self._headers: list[dict[str, str]] = []
-        self._connections: set[socket.socket] = set()
         self._stopping = threading.Event()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def base_url(self) -> str:
-        """The OpenAI base URL, ``http://127.0.0.1:PORT/v1``."""
-        return f"http://{HOST}:{self.port}/v1"
 
     @property
     def requests(self) -> list[dict[str, Any]]:
@@ -474,47 +436,12 @@ class FakeServer:
         with self._lock:
             self._answers.append(fingerprint(body))
 
-    def start(self) -> FakeServer:
-        """Start listening and serving in a daemon thread.
-
-        Returns:
-            The server itself.
-        """
-        if self._server is not None:
-            raise RuntimeError("the fake server is already running")
+    def _starting(self) -> None:
         self._stopping.clear()
-        server = _Server((HOST, self.port), _Handler)
-        server.fake = self
-        self.port = server.server_address[1]
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-        return self
 
-    def stop(self) -> None:
-        """Stop serving: release hanging and delayed requests, close every connection."""
-        server, self._server = self._server, None
-        if server is None:
-            return
+    def _releasing(self) -> None:
+        """Release hanging and delayed requests."""
         self._stopping.set()
-        server.shutdown()
-        server.server_close()
-        with self._lock:
-            connections = list(self._connections)
-        for connection in connections:
-            with contextlib.suppress(OSError):
-                connection.shutdown(socket.SHUT_RDWR)
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-
-    def __enter__(self) -> FakeServer:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     def _reply(self, body: dict[str, Any], headers: dict[str, str]) -> tuple[Reply, int]:
         """Record a request and ask the behaviour for its reply.
@@ -535,11 +462,3 @@ class FakeServer:
         except Exception as error:  # a broken behaviour shows up as a 500, not a hang
             message = f"fake server: behaviour raised {error!r}"
             return Reply(500, body=error_body(500, message)), index
-
-    def _opened(self, connection: socket.socket) -> None:
-        with self._lock:
-            self._connections.add(connection)
-
-    def _closed(self, connection: socket.socket) -> None:
-        with self._lock:
-            self._connections.discard(connection)
