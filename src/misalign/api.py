@@ -30,6 +30,7 @@ from misalign.agents.helper import Helper
 from misalign.config import (
     AgentConfig,
     AttackConfig,
+    BlackBoxConfig,
     ConfigError,
     DefenceConfig,
     HelperAgentConfig,
@@ -37,6 +38,7 @@ from misalign.config import (
     LLMAgentConfig,
     LSAAgentConfig,
     PlayConfig,
+    TransformerAgentConfig,
 )
 from misalign.model.agent import (
     Agent,
@@ -134,7 +136,7 @@ def setup(
         for n in learners
     }
     for n in learners:
-        if isinstance(first.agents[n], LLMAgentConfig):
+        if isinstance(first.agents[n], BlackBoxConfig):
             continue  # a black box until fitted
         f = agents[n].affine()
         if not (np.isfinite(f.A).all() and np.isfinite(f.c).all()):
@@ -313,13 +315,18 @@ def _agent(
         if len({c.model_dump_json(exclude=prompt_keys) for c in distinct}) > 1:
             raise ValueError(f"agent {name}: a batch needs one set of language-model settings")
         return LLMAgent(name, first, prompts, seeds, session)
-    if isinstance(first, LSAAgentConfig):
+    if isinstance(first, LSAAgentConfig | TransformerAgentConfig):
         from misalign.runtime.optional import require_torch
 
-        require_torch(f'agents.{name} (kind = "lsa")')
-        from misalign.agents.lsa import LSAAgent
+        require_torch(f'agents.{name} (kind = "{first.kind}")')
+        model = _trained(name, first, prompts[0].d)
+        if isinstance(first, LSAAgentConfig):
+            from misalign.agents.lsa import LSAAgent
 
-        return LSAAgent(name, _trained(name, first.checkpoint, prompts[0].d), prompts)
+            return LSAAgent(name, model, prompts)
+        from misalign.agents.transformer import TransformerAgent
+
+        return TransformerAgent(name, first, model, prompts, seeds)
     parts = []
     for plays, batch in sampled:  # each batch takes one preconditioner (``_prompts``)
         eta = [configs[i].eta for i in plays]
@@ -337,21 +344,32 @@ def _agent(
     return GradientAgent(name, gamma, second_moment, moment, first.steps_per_turn)
 
 
-def _trained(name: str, checkpoint: str, d: int):
-    """The single-layer model of ``checkpoint``, trained for dimension ``d``."""
+def _trained(name: str, config: LSAAgentConfig | TransformerAgentConfig, d: int):
+    """The model of ``config.checkpoint``: of the agent's kind, trained for dimension ``d``;
+    a linear self-attention agent's of one layer, a transformer agent's for prompts of
+    ``n`` examples or more (its ``context``)."""
     from misalign.agents.train import load_model
 
+    field = f"agents.{name}"
     try:
-        model, trained = load_model(checkpoint)
+        model, trained = load_model(config.checkpoint)
     except ConfigError as exc:
-        raise ConfigError(f"agents.{name}.checkpoint: {exc}") from None
-    if trained.d != d:
+        raise ConfigError(f"{field}.checkpoint: {exc}") from None
+    if trained.model != config.kind:
         raise ConfigError(
-            f"agents.{name}.checkpoint: trained for d = {trained.d}, the play has d = {d}"
+            f'{field}.checkpoint: a {config.kind} agent needs a model = "{config.kind}" '
+            f"checkpoint (got {trained.model})"
         )
-    if trained.layers != 1:
+    if trained.d != d:
+        raise ConfigError(f"{field}.checkpoint: trained for d = {trained.d}, the play has d = {d}")
+    if trained.model == "lsa" and trained.layers != 1:
         raise ConfigError(
-            f"agents.{name}.checkpoint: an lsa agent needs one layer (got {trained.layers})"
+            f"{field}.checkpoint: an lsa agent needs one layer (got {trained.layers})"
+        )
+    if trained.model == "transformer" and config.n > trained.examples:
+        raise ConfigError(
+            f"{field}.n: the checkpoint's context holds {trained.examples} examples "
+            f"(got {config.n})"
         )
     return model
 
@@ -453,7 +471,7 @@ def fit(game: Game):
     Returns:
         The ``misalign.llm.fit.Fits``, or ``None`` when the game has no such agent.
     """
-    if not any(isinstance(a, LLMAgentConfig) for a in game.configs[0].agents.values()):
+    if not any(isinstance(a, BlackBoxConfig) for a in game.configs[0].agents.values()):
         return None
     from misalign.llm.fit import fit_game
 

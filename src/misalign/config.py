@@ -135,7 +135,33 @@ class LSAAgentConfig(LearnerConfig):
     checkpoint: str = Field(description="path of the checkpoint written by misalign train")
 
 
-class LLMAgentConfig(LearnerConfig):
+class BlackBoxConfig(LearnerConfig):
+    """What every agent whose map is fitted from probes shares (``misalign.llm.fit``)."""
+
+    probes: int | None = Field(
+        default=None, ge=1, le=10**5, description="probe estimates per fit; default 2 d"
+    )
+    refits: int = Field(
+        default=4, ge=0, le=100, description="local refits around the predicted equilibrium"
+    )
+
+
+class TransformerAgentConfig(BlackBoxConfig):
+    """A trained softmax transformer (``misalign train`` with ``model = "transformer"``) as an
+    agent: fed the incoming estimate as residual labels, it answers the estimate plus its
+    regression estimate (``misalign.agents.transformer.TransformerAgent``). Its map is learned
+    and nonlinear, so it is fitted from probes, as a language model's is."""
+
+    kind: Literal["transformer"]
+    checkpoint: str = Field(description="path of the checkpoint written by misalign train")
+
+    @property
+    def samples(self) -> int:
+        """Answers per probe: one, as the model answers the same every time."""
+        return 1
+
+
+class LLMAgentConfig(BlackBoxConfig):
     """A language model behind an OpenAI-compatible Chat Completions server (``misalign.llm``).
 
     Its prompt (``n`` examples and an objective, sampled like every learner's) is written into
@@ -178,14 +204,8 @@ class LLMAgentConfig(LearnerConfig):
     max_retries: int = Field(default=4, ge=0, le=100)
     timeout_s: Positive = Field(default=120.0, description="seconds per request")
     concurrency: int = Field(default=8, ge=1, le=4096, description="requests in flight")
-    probes: int | None = Field(
-        default=None, ge=1, le=10**5, description="probe estimates per fit; default 2 d"
-    )
     samples: int = Field(
         default=1, ge=1, le=1000, description="answers per probe; > 1 fits the answer noise"
-    )
-    refits: int = Field(
-        default=4, ge=0, le=100, description="local refits around the predicted equilibrium"
     )
     request: dict[str, Any] = Field(
         default_factory=dict, description="passed through to the API (max_completion_tokens...)"
@@ -367,11 +387,12 @@ AgentConfig = Annotated[
     Annotated[GradientAgentConfig, Tag("gd")]
     | Annotated[LSAAgentConfig, Tag("lsa")]
     | Annotated[LLMAgentConfig, Tag("llm")]
+    | Annotated[TransformerAgentConfig, Tag("transformer")]
     | Annotated[HelperAgentConfig, Tag("helper")],
     Discriminator(_kind),
 ]
 """Every agent kind, told apart by ``kind`` (default ``gd``)."""
-KINDS = ("gd", "lsa", "llm", "helper")
+KINDS = ("gd", "lsa", "llm", "transformer", "helper")
 
 
 class AttackConfig(_Strict):
@@ -449,7 +470,7 @@ class PlayConfig(_Strict):
                     f"agents.{name}.reads",
                     "an agent cannot read itself (a lone agent does so without reads)",
                 )
-            if isinstance(agent, LLMAgentConfig) and (agent.probes or self.d + 1) < self.d + 1:
+            if isinstance(agent, BlackBoxConfig) and (agent.probes or self.d + 1) < self.d + 1:
                 raise _FieldError(
                     f"agents.{name}.probes", f"must be at least d + 1 = {self.d + 1} to fit a map"
                 )
@@ -464,9 +485,12 @@ class PlayConfig(_Strict):
                         f"agents.{name}",
                         f"a helper needs single reads; agents.{mixes[0]}.reads is weighted",
                     )
-                if any(isinstance(a, LLMAgentConfig) for a in self.agents.values()):
+                boxes = [n for n, a in self.agents.items() if isinstance(a, BlackBoxConfig)]
+                if boxes:
                     raise _FieldError(
-                        f"agents.{name}", "helpers need analytic maps; this play has llm agents"
+                        f"agents.{name}",
+                        f"helpers need analytic maps; agents.{boxes[0]} is a black box "
+                        f"({self.agents[boxes[0]].kind})",
                     )
                 served = self.agents.get(agent.serves)
                 if not isinstance(served, LearnerConfig):
@@ -524,10 +548,10 @@ class PlayConfig(_Strict):
             if table is not None and not isinstance(self.agents[table.agent], GradientAgentConfig):
                 raise _FieldError(f"{key}.agent", f"{table.agent!r} is not a gd agent")
             if table is not None and any(
-                isinstance(a, LLMAgentConfig) for a in self.agents.values()
+                isinstance(a, BlackBoxConfig) for a in self.agents.values()
             ):
                 raise _FieldError(
-                    key, "needs analytic maps on both sides; this play has an llm agent"
+                    key, "needs analytic maps on both sides; this play has a black-box agent"
                 )
         attack = self.attack
         if attack is not None and attack.knowledge == "gray-box" and attack.method != "decoy":
@@ -826,21 +850,52 @@ def _one_line(exc: ValidationError) -> str:
     return f"{field}: {message}" if field else message
 
 
+class Curriculum(_Strict):
+    """Garg et al. 2022's curriculum (§3): training starts on ``d`` active input coordinates
+    (the rest zero) and prompts of ``n`` examples (a sequence of ``n + 1`` labels, each
+    predicted from those before it), and every ``every`` steps one more coordinate and two
+    more examples join, up to the configuration's ``d`` and ``n``."""
+
+    d: int = Field(default=1, ge=1, description="active input coordinates at the start")
+    n: int = Field(default=2, ge=1, description="examples per prompt at the start")
+    every: int = Field(default=2000, ge=1, description="steps between increments")
+
+
 class TrainConfig(_Strict):
-    """Training a linear self-attention model on in-context regression (``misalign.agents.train``).
+    """Training an in-context regression model (``misalign.agents.train``): a linear
+    self-attention model (``model = "lsa"``, ``misalign.agents.lsa``) or a causal softmax
+    transformer (``model = "transformer"``, ``misalign.agents.transformer``).
 
     Tasks are drawn fresh every step: ``x ~ N(0, Lambda)``, ``w ~ N(0, I)``,
-    ``y = x^T w``; ``Lambda`` has eigenvalues ``spectrum`` (rotated at random when
-    ``rotate``). Separate seeds drive the model's initial weights (``seed``), the
+    ``y = x^T w + noise * N(0, 1)``; ``Lambda`` has eigenvalues ``spectrum`` (rotated at
+    random when ``rotate``). Separate seeds drive the model's initial weights (``seed``), the
     training tasks (``seed + 1``) and the evaluation tasks (``seed + 2``).
     """
 
+    model: Literal["lsa", "transformer"] = Field(
+        default="lsa", description="lsa: linear self-attention; transformer: softmax, GPT-2 style"
+    )
     seed: int = Field(default=0, ge=0)
     d: int = Field(ge=1)
     n: int = Field(ge=1, description="in-context examples per prompt")
     spectrum: list[Finite] | None = Field(default=None, description="eigenvalues of Lambda")
     rotate: bool = False
+    noise: NonNegative = Field(
+        default=0.0, description="label noise standard deviation (transformer only)"
+    )
     layers: int = Field(default=1, ge=1)
+    width: int = Field(default=64, ge=1, le=4096, description="transformer: residual width")
+    heads: int = Field(default=2, ge=1, le=64, description="transformer: attention heads")
+    context: int | None = Field(
+        default=None,
+        ge=1,
+        le=10**4,
+        description="transformer: the most examples a prompt may hold (default 2 n; "
+        "past n the positions are untrained)",
+    )
+    curriculum: Curriculum | None = Field(
+        default=None, description="transformer: Garg et al.'s curriculum over d and n"
+    )
     coupled: bool = Field(
         default=False,
         description="train the label-coupling blocks too (see misalign.agents.lsa.LSA)",
@@ -870,7 +925,37 @@ class TrainConfig(_Strict):
             )
         if self.spectrum is not None and min(self.spectrum) <= 0:
             raise _FieldError("spectrum", "must be all positive")
+        if self.model == "lsa":
+            for field in ("noise", "context", "curriculum"):
+                if getattr(self, field):
+                    raise _FieldError(field, 'applies to model = "transformer" only')
+            return self
+        if self.width % self.heads:
+            raise _FieldError("heads", f"must divide width = {self.width} (got {self.heads})")
+        if self.context is not None and self.context < self.n:
+            raise _FieldError("context", f"must be at least n = {self.n} (got {self.context})")
+        if self.curriculum is not None and self.curriculum.d > self.d:
+            raise _FieldError("curriculum.d", f"must be at most d = {self.d}")
+        if self.curriculum is not None and self.curriculum.n > self.n:
+            raise _FieldError("curriculum.n", f"must be at most n = {self.n}")
         return self
+
+    @property
+    def examples(self) -> int:
+        """The most examples a prompt may hold: ``context`` (default ``2 n``) for a
+        transformer, ``n`` for a linear self-attention model (any ``n`` works)."""
+        if self.model == "lsa":
+            return self.n
+        return 2 * self.n if self.context is None else self.context
+
+    def stage(self, step: int) -> tuple[int, int]:
+        """The active coordinates and examples per prompt at ``step`` (the curriculum's,
+        else ``d`` and ``n``)."""
+        c = self.curriculum
+        if c is None:
+            return self.d, self.n
+        k = step // c.every
+        return min(self.d, c.d + k), min(self.n, c.n + 2 * k)
 
 
 def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:

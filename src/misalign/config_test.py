@@ -68,7 +68,7 @@ def test_defaults():
         (
             "agents.A.kind",
             "oracle",
-            "agents.A.kind: got 'oracle'; expected one of: gd, lsa, llm, helper",
+            "agents.A.kind: got 'oracle'; expected one of: gd, lsa, llm, transformer, helper",
         ),
         ("agents.A.preconditioner", "adam", "agents.A.preconditioner: got 'adam'"),
         ("schedule", ["A", "Z"], "schedule: names no agent: 'Z'"),

@@ -1,9 +1,14 @@
-"""Training a linear self-attention model on in-context regression.
+"""Training an in-context regression model: a linear self-attention model or a causal
+softmax transformer.
 
 Every step draws a fresh batch of tasks on the device (``x ~ N(0, Lambda)``,
-``w ~ N(0, I)``, noise-free labels) and takes an Adam step on the squared error
-of the query's prediction. Evaluation compares the model with the closed-form
-optimum (``misalign.model.agent.lsa_optimal_gamma`` and ``icl_loss``). Checkpoints hold
+``w ~ N(0, I)``, labels with optional noise) and takes an Adam step on the squared error:
+of the query's prediction (linear self-attention), or of every label's prediction from the
+examples before it, over Garg et al. 2022's curriculum when one is set (transformer).
+Evaluation compares a linear self-attention model with the closed-form optimum
+(``misalign.model.agent.lsa_optimal_gamma`` and ``icl_loss``), and a transformer with Garg
+et al.'s baselines (least squares, ridge at the noise level, averaging) at every prompt
+length up to its ``context``, past the trained ``n`` too. Checkpoints hold
 the model, the optimizer, the schedule and the data stream's state, written
 atomically, so a run killed at any point and resumed from its last checkpoint
 ends with the same weights as an uninterrupted run.
@@ -22,6 +27,7 @@ import numpy as np
 import torch
 
 from misalign.agents.lsa import LSA, gamma_from_weights, use_threads
+from misalign.agents.transformer import Transformer, baselines
 from misalign.config import ConfigError, TrainConfig
 from misalign.model.agent import icl_loss, lsa_optimal_gamma
 from misalign.model.prompt import haar_rotation
@@ -59,6 +65,8 @@ def memory_needed(config: TrainConfig) -> dict[str, int]:
         gradients; ``eval_batch``: the held-out tasks, kept all along, and their draw or
         evaluation.
     """
+    if config.model == "transformer":
+        return _transformer_memory(config)
     d, n, layers = config.d, config.n, config.layers
     tokens = (n + 1) * (d + 1)
     activations = layers * 3 * n * (d + 1) + (layers - 1) * n * (n + d + 1)
@@ -66,6 +74,25 @@ def memory_needed(config: TrainConfig) -> dict[str, int]:
         "d": 4 * (12 * layers + 2) * (d + 1) ** 2 + 8 * 8 * d * d,
         "batch": 4 * config.batch * 2 * (tokens + activations),
         "eval_batch": 4 * config.eval_batch * (2 * tokens + activations),
+    }
+
+
+def _transformer_memory(config: TrainConfig) -> dict[str, int]:
+    """``memory_needed`` of a transformer: ``width``: the parameters with their gradients and
+    Adam moments; ``batch``: per block the activations kept for the backward pass (about 20
+    ``width`` numbers per token) and the attention weights (``heads T^2`` per prompt, twice),
+    ``T = 2 (n + 1)`` tokens, twice with their gradients; ``eval_batch``: the held-out
+    prompts of ``context + 1`` examples, one block's activations at a time, and their
+    baselines in float64."""
+    width, layers, heads = config.width, config.layers, config.heads
+    params = layers * 12 * width * width + (2 * config.examples + 2 + config.d) * width
+    tokens, held = 2 * (config.n + 1), 2 * (config.examples + 1)
+    per_prompt = layers * (20 * width * tokens + 2 * heads * tokens * tokens)
+    return {
+        "width": 4 * 4 * params,
+        "batch": 4 * config.batch * 2 * per_prompt,
+        "eval_batch": config.eval_batch
+        * (4 * (20 * width * held + 2 * heads * held * held) + 8 * 8 * held * config.d),
     }
 
 
@@ -90,13 +117,15 @@ def check_memory(config: TrainConfig, device: torch.device) -> None:
     total = sum(needed.values())
     if total <= available:
         return
-    part = "d" if needed["d"] > available else max(needed, key=needed.__getitem__)
+    model = "width" if config.model == "transformer" else "d"
+    part = model if needed[model] > available else max(needed, key=needed.__getitem__)
     what = {
         "d": "the model and the input covariance need",
+        "width": "the model needs",
         "batch": "a training batch needs",
         "eval_batch": "the evaluation batch needs",
     }[part]
-    field = "n" if part != "d" and config.n > getattr(config, part) else part
+    field = "n" if part != model and config.n > getattr(config, part) else part
     in_all = "" if needed[part] > available else f" ({total / GIB:.1f} GiB in all)"
     raise ConfigError(
         f"{field}: {what} {needed[part] / GIB:.1f} GiB{in_all}, {available / GIB:.1f} GiB available"
@@ -124,7 +153,7 @@ class Tasks:
     """
 
     def __init__(self, config: TrainConfig, device: torch.device, seed: int) -> None:
-        self.d, self.n = config.d, config.n
+        self.d, self.n, self.noise = config.d, config.n, config.noise
         root = np.linalg.cholesky(covariance(config))
         self.root = torch.as_tensor(root.T, dtype=torch.float32, device=device)
         self.generator = torch.Generator(device=device).manual_seed(seed)
@@ -137,6 +166,17 @@ class Tasks:
         w = torch.randn(batch, self.d, 1, generator=self.generator, device=self.device)
         labels = (x @ w)[..., 0]
         return x[:, :-1], labels[:, :-1], x[:, -1:], labels[:, -1]
+
+    def sequences(self, batch: int, d: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(X, y)``: ``batch`` prompts of ``n`` examples, ``(batch, n, d)`` and ``(batch, n)``,
+        the input coordinates past ``d`` set to zero (Garg et al.'s curriculum), labels with
+        noise of standard deviation ``noise``."""
+        z = torch.randn(batch, n, self.d, generator=self.generator, device=self.device)
+        x = z @ self.root
+        x[..., d:] = 0
+        w = torch.randn(batch, self.d, 1, generator=self.generator, device=self.device)
+        noise = torch.randn(batch, n, generator=self.generator, device=self.device)
+        return x, (x @ w)[..., 0] + self.noise * noise
 
 
 @dataclass
@@ -152,6 +192,11 @@ class Evaluation:
         gamma_error: ``|Gamma - Gamma*| / |Gamma*|`` (Frobenius) for the weights' ``Gamma``;
             ``None`` for multi-layer models.
         gamma_loss: exact ICL loss of the weights' ``Gamma``.
+
+    A transformer's evaluation has ``loss`` at ``n`` examples, ``reference_loss`` that of
+    least squares, ``optimal_loss`` that of ridge at the noise level (the Bayes-optimal
+    predictor), no ``Gamma``, and ``curve``: each predictor's loss at ``0 .. context``
+    examples, all on the same held-out prompts.
     """
 
     step: int
@@ -160,6 +205,7 @@ class Evaluation:
     optimal_loss: float
     gamma_error: float | None
     gamma_loss: float | None
+    curve: dict[str, list[float]] | None = None
 
     @property
     def excess(self) -> float:
@@ -204,6 +250,52 @@ def evaluate(
     return Evaluation(step, loss, reference, icl_loss(best, Lam, config.n), error, gamma_loss)
 
 
+class HeldOut:
+    """A transformer's evaluation prompts (``context + 1`` examples each, every coordinate
+    active) and its baselines' losses on them, computed once.
+
+    Args:
+        config: the training configuration.
+        device: where the prompts live.
+    """
+
+    def __init__(self, config: TrainConfig, device: torch.device) -> None:
+        tasks = Tasks(config, device, config.seed + 2)
+        self.X, self.y = tasks.sequences(config.eval_batch, config.d, config.examples + 1)
+        X, y = self.X.double().cpu().numpy(), self.y.double().cpu().numpy()
+        self.baselines = {
+            name: np.mean((predicted - y) ** 2, axis=0).tolist()
+            for name, predicted in baselines(X, y, config.noise).items()
+        }
+
+    def evaluate(self, model: Transformer, config: TrainConfig, step: int) -> Evaluation:
+        """The model's loss at every prompt length, beside the baselines'."""
+        with torch.no_grad():
+            predicted = model.predictions(self.X, self.y)
+        curve = {"transformer": torch.mean((predicted - self.y) ** 2, dim=0).tolist()}
+        curve |= self.baselines
+        n = config.n
+        return Evaluation(
+            step,
+            curve["transformer"][n],
+            curve["least_squares"][n],
+            curve["ridge"][n],
+            None,
+            None,
+            curve,
+        )
+
+
+def build(config: TrainConfig) -> LSA | Transformer:
+    """The untrained model of ``config`` (float32, CPU), its weights drawn from ``seed``."""
+    generator = torch.Generator().manual_seed(config.seed)
+    if config.model == "transformer":
+        return Transformer(
+            config.d, config.layers, config.width, config.heads, config.examples, generator
+        )
+    return LSA(config.d, config.layers, config.init_scale, generator, coupled=config.coupled)
+
+
 def save(path: Path, state: dict[str, Any]) -> None:
     """``torch.save`` atomically (``misalign.runtime.files.atomic_write``)."""
     atomic_write(path, lambda tmp: torch.save(state, tmp))
@@ -214,7 +306,7 @@ class TrainResult:
     """What a training run ended with; ``resumed_from`` is the step of the checkpoint it
     continued from (``None`` for a fresh run)."""
 
-    model: LSA
+    model: LSA | Transformer
     history: list[Evaluation]
     diverged_at: int | None
     seconds: float
@@ -234,6 +326,7 @@ def check_resumable(trained: dict[str, Any], config: TrainConfig, path: Path) ->
         ConfigError: naming the changed fields, or ``steps`` where it shrank.
     """
     now = config.model_dump(mode="json")
+    trained = TrainConfig.model_validate(trained).model_dump(mode="json")  # defaults filled in
     changed = sorted(k for k, v in now.items() if k != "steps" and trained.get(k) != v)
     if changed:
         raise ConfigError(f"--resume: {path} was trained with another {', '.join(changed)}")
@@ -280,17 +373,30 @@ def train(
     if device.type == "cpu":
         use_threads(config.threads)
     out.mkdir(parents=True, exist_ok=True)
-    model = LSA(
-        config.d,
-        config.layers,
-        config.init_scale,
-        torch.Generator().manual_seed(config.seed),
-        coupled=config.coupled,
-    ).to(device)
+    model = build(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(config))
     tasks = Tasks(config, device, config.seed + 1)
-    held_out = Tasks(config, device, config.seed + 2).sample(config.eval_batch)
+    if config.model == "transformer":
+        held = HeldOut(config, device)
+
+        def loss_at(step: int) -> torch.Tensor:
+            d, n = config.stage(step)  # prompts of n examples and a query: n + 1 labels
+            X, y = tasks.sequences(config.batch, d, n + 1)
+            return torch.mean((model.predictions(X, y) - y) ** 2)
+
+        def evaluation(step: int) -> Evaluation:
+            return held.evaluate(model, config, step)
+    else:
+        held_out = Tasks(config, device, config.seed + 2).sample(config.eval_batch)
+
+        def loss_at(step: int) -> torch.Tensor:
+            X, y, xq, yq = tasks.sample(config.batch)
+            return torch.mean((model(X, y, xq)[:, 0] - yq) ** 2)
+
+        def evaluation(step: int) -> Evaluation:
+            return evaluate(model, held_out, config, step)
+
     history: list[Evaluation] = []
     step, saved, resumed_from = 0, None, None  # saved: the step of this run's last checkpoint
     path = out / CHECKPOINT
@@ -336,8 +442,7 @@ def train(
     )
     start, first, diverged = time.perf_counter(), step, None
     while step < config.steps:
-        X, y, xq, yq = tasks.sample(config.batch)
-        loss = torch.mean((model(X, y, xq)[:, 0] - yq) ** 2)
+        loss = loss_at(step)
         if not torch.isfinite(loss):
             diverged = step
             break
@@ -347,7 +452,7 @@ def train(
         scheduler.step()
         step += 1
         if step % config.eval_every == 0 or step == config.steps:
-            history.append(evaluate(model, held_out, config, step))
+            history.append(evaluation(step))
             if report is not None:
                 report(history[-1])
         if step % config.checkpoint_every == 0 or step == config.steps:
@@ -379,17 +484,17 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
             state = torch.load(path, map_location=device, weights_only=True)
         if not isinstance(state, dict):
             raise TypeError(type(state).__name__)
-        TrainConfig.model_validate(state["config"])
-        state["model"]["kq.0"]  # noqa: B018  (a model's weights are there)
+        config = TrainConfig.model_validate(state["config"])
+        state["model"]["read_in.weight" if config.model == "transformer" else "kq.0"]  # noqa: B018
     except Exception as exc:  # torch raises many kinds on a corrupt file
         raise ConfigError(f"{path}: not a misalign checkpoint ({exc.__class__.__name__})") from None
     return state
 
 
-def load_model(path: str | Path) -> tuple[LSA, TrainConfig]:
-    """The trained model (float64, CPU) and its configuration."""
+def load_model(path: str | Path) -> tuple[LSA | Transformer, TrainConfig]:
+    """The trained model (float64, CPU, in evaluation mode) and its configuration."""
     state = load_checkpoint(path)
     config = TrainConfig.model_validate(state["config"])
-    model = LSA(config.d, config.layers, coupled=config.coupled)
+    model = build(config)
     model.load_state_dict(state["model"])
-    return model.double(), config
+    return model.double().eval(), config

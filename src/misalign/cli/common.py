@@ -159,11 +159,11 @@ def _close(game) -> None:
 
 
 def _fit(game):
-    """Fit the language-model agents' maps, with a bar of their answers."""
+    """Fit the black-box agents' maps, with a bar of the language models' answers."""
     from misalign.api import fit
-    from misalign.llm import language_models
+    from misalign.model.agent import black_boxes
 
-    if not language_models(game):
+    if not black_boxes(game.agents):
         return None
     from misalign.llm.fit import most_answers
 

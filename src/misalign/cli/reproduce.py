@@ -86,7 +86,8 @@ def _reproduce(name: str, quick: bool, seeds: int | None, out: Path | None, json
     else:
         for c in claims:
             verdict = "pass" if c["passed"] else "FAIL"
-            print(f"{verdict}  {c['name']}: {c['measured']:.3g} (tolerance {c['tolerance']:.3g})")
+            bound = "at least" if c["at_least"] else "tolerance"
+            print(f"{verdict}  {c['name']}: {c['measured']:.3g} ({bound} {c['tolerance']:.3g})")
         print(f"artifacts: {out}")
     if not result.passed:
         raise typer.Exit(1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,6 +15,13 @@ from misalign.cli.common import _config_toml, _fail, _save
 from misalign.cli.options import ConfigArg, JsonOpt, SetOpt, app
 from misalign.config import ConfigError
 from misalign.runtime.text import plural
+
+
+class Model(StrEnum):
+    """The models ``misalign train`` trains."""
+
+    lsa = "lsa"
+    transformer = "transformer"
 
 
 @app.command("train")
@@ -31,15 +39,20 @@ def train_command(
         typer.Option(show_default="runs/train-<config hash>", help="Directory for the run."),
     ] = None,
     set_: SetOpt = None,
+    model: Annotated[
+        Model | None,
+        typer.Option(help="The model to train (the configuration's model; default lsa)."),
+    ] = None,
 ) -> None:
-    """Train a linear self-attention model on in-context regression.
+    """Train an in-context regression model (model = "lsa" or "transformer").
 
     Checkpointed atomically and resumable (--resume); writes config.toml and
     checkpoint.pt into --out."""
     from misalign.config import load_train_config
 
     try:
-        cfg = load_train_config(config, set_ or ())
+        overrides = [*(set_ or ()), *([f'model="{model.value}"'] if model else [])]
+        cfg = load_train_config(config, overrides)
     except ConfigError as exc:
         _fail(str(exc))
     from misalign.runtime.optional import require_torch
@@ -58,7 +71,9 @@ def train_command(
     _save(out, {"config.toml": _config_toml(cfg)})
 
     def report(e) -> None:
-        if not json_out:
+        if not json_out and e.curve is not None:
+            print(f"step {e.step}: {_against_baselines(e.__dict__, cfg.n)}", file=sys.stderr)
+        elif not json_out:
             gamma = (
                 "" if e.gamma_error is None else f", |Gamma - Gamma*|/|Gamma*| {e.gamma_error:.2%}"
             )
@@ -106,7 +121,7 @@ def train_command(
     if json_out:
         print(json.dumps(summary))
     elif final is not None:
-        print(_trained(cfg.steps, summary))
+        print(_trained(cfg.steps, summary, cfg.n))
     if result.diverged_at is not None:
         kept = (
             "no checkpoint yet" if final is None else f"kept the checkpoint of step {final['step']}"
@@ -119,13 +134,28 @@ def train_command(
         raise typer.Exit(1)
 
 
-def _trained(steps: int, summary: dict[str, Any]) -> str:
+def _against_baselines(evaluation: dict[str, Any], n: int) -> str:
+    """A transformer's held-out loss at ``n`` examples beside Garg et al.'s baselines'."""
+    ratio = evaluation["loss"] / evaluation["reference_loss"]
+    averaging = evaluation["curve"]["averaging"][n]
+    return (
+        f"held-out ICL loss at n = {n} {evaluation['loss']:.4f}: {ratio:.2f}x least squares "
+        f"({evaluation['reference_loss']:.4f}; ridge {evaluation['optimal_loss']:.4f}, "
+        f"averaging {averaging:.4f}, on the same prompts)"
+    )
+
+
+def _trained(steps: int, summary: dict[str, Any], n: int) -> str:
     """The closing line of ``misalign train``."""
     final = summary["final"]
     line = (
         f"trained {plural(steps, 'step')} ({summary['steps_run']} this run, "
-        f"{summary['seconds']:.1f} s, "
-        f"{summary['steps_per_second']:.0f} step/s): held-out ICL loss {final['loss']:.4f} "
+        f"{summary['seconds']:.1f} s, {summary['steps_per_second']:.0f} step/s): "
+    )
+    if final["curve"] is not None:
+        return line + f"{_against_baselines(final, n)}; checkpoint {summary['checkpoint']}"
+    line += (
+        f"held-out ICL loss {final['loss']:.4f} "
         f"(Gamma* on the same tasks {final['reference_loss']:.4f})"
     )
     if final["gamma_loss"] is not None:

@@ -61,6 +61,7 @@ def _registry() -> dict[str, Experiment]:
         single_agent,
         small_steps,
         stability,
+        transformer,
     )
 
     entries = [
@@ -76,6 +77,7 @@ def _registry() -> dict[str, Experiment]:
         helper.EXPERIMENT,
         lsa.EXPERIMENT,
         llm.EXPERIMENT,
+        transformer.EXPERIMENT,
     ]
     return {e.name: e for e in entries}
 

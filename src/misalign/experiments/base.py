@@ -14,14 +14,19 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Claim:
-    """One numeric claim: ``measured`` (an error or a count) passes when ``<= tolerance``."""
+    """One numeric claim: ``measured`` (an error or a count) passes when ``<= tolerance``;
+    with ``at_least``, ``measured`` (a boundary found by the run) passes when ``>= tolerance``.
+    A NaN passes neither way."""
 
     name: str
     measured: float
     tolerance: float
+    at_least: bool = False
 
     @property
     def passed(self) -> bool:
+        if self.at_least:
+            return bool(self.measured >= self.tolerance)
         return bool(self.measured <= self.tolerance)
 
     def as_dict(self) -> dict[str, Any]:

@@ -23,7 +23,6 @@ import contextlib
 import os
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -44,7 +43,7 @@ from misalign.llm.client import (
 from misalign.llm.hosts import allowed_hosts, check_destination
 from misalign.llm.store import Record, Slot, Store, Tampered, request_key
 from misalign.llm.template import TemplateRefused, Templates
-from misalign.model.agent import AffineMap, Turn
+from misalign.model.agent import BlackBox, Turn
 from misalign.model.prompt import Prompt
 from misalign.runtime.text import printable
 
@@ -109,15 +108,7 @@ class Session:
             self.store.close()
 
 
-@dataclass(frozen=True)
-class Fitted:
-    """An agent's fitted map and answer noise (``misalign.llm.fit``)."""
-
-    map: AffineMap
-    noise: np.ndarray | None
-
-
-class LLMAgent:
+class LLMAgent(BlackBox):
     """A language model as an agent.
 
     Args:
@@ -155,14 +146,9 @@ class LLMAgent:
             check_destination(self.field, config.base_url, config.api_key_env, session.allow_hosts)
             _check_key(config.api_key_env, self.field)
         self._semaphore: asyncio.Semaphore | None = None
-        self.fitted: Fitted | None = None
         self.failed = np.zeros(len(prompts), dtype=bool)
         self.history: list[tuple[np.ndarray, np.ndarray]] = []
         """The play's turns since ``start``: (inputs read, answers), ``(B, d)`` each."""
-
-    @property
-    def gamma(self) -> None:
-        return None
 
     @property
     def format(self) -> str | None:
@@ -210,14 +196,6 @@ class LLMAgent:
             return answers
 
         return self.session.run(everything())
-
-    def affine(self) -> AffineMap | None:
-        """The fitted map, or ``None`` before the fit."""
-        return None if self.fitted is None else self.fitted.map
-
-    def noise_covariance(self) -> np.ndarray | None:
-        """The fitted covariance of the answers around the map (``samples > 1``)."""
-        return None if self.fitted is None else self.fitted.noise
 
     def messages(self, play: int, estimate: np.ndarray, round: int) -> list[dict]:
         """The chat messages of one request.

@@ -1,7 +1,8 @@
-"""Black-box theory for language-model agents: fit ``f(w) ~ A w + c`` from probes, globally and
-where the play goes (docs/theory.md §7).
+"""Black-box theory for language-model and learned nonlinear agents (``BlackBox``): fit
+``f(w) ~ A w + c`` from probes, globally and where the play goes (docs/theory.md §7).
 
-A language model's map is affine only locally. So the fit is made twice: **globally**, from
+A language model's or a learned model's map is affine only locally. So the fit is made twice:
+**globally**, from
 ``probes`` estimates spread over the play's scale (around the agents' targets and the start),
 and **locally**, from probes around the input the agent reads at the predicted equilibrium
 (or, where the prediction has no equilibrium, around the inputs a short warm-up play visits),
@@ -25,10 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from misalign.llm import language_models
-from misalign.llm.agent import Fitted, LLMAgent
 from misalign.llm.store import Slot
-from misalign.model.agent import AffineMap
+from misalign.model.agent import AffineMap, BlackBox, Fitted, black_boxes
 from misalign.model.play import mixed, play
 from misalign.model.theory import Prediction
 
@@ -82,7 +81,7 @@ class AgentFit:
         probes: answers used by every local refit and check together.
         confirmed: per play, whether the model's answer at the input the reported
             prediction names for the agent was the output it names (within ``tolerance``),
-            for every refitted language-model agent of the play, ``(B,)``.
+            for every refitted black-box agent of the play, ``(B,)``.
         tolerance: per play, the distance the check allowed (NaN where none was made).
         miss: per play, the distance of the model's mean answer at the checked input from
             the output the prediction names (NaN where no check was made).
@@ -103,7 +102,7 @@ class AgentFit:
 
 @dataclass(frozen=True)
 class Fits:
-    """Every language-model agent's fits, and the prediction the global fits give."""
+    """Every black-box agent's fits, and the prediction the global fits give."""
 
     agents: dict[str, AgentFit]
     global_prediction: Prediction
@@ -227,7 +226,7 @@ def _held_out(
 
 
 def fit_game(game, predict) -> Fits:
-    """Fit every language-model agent of a game, globally then locally, and check the
+    """Fit every black-box agent of a game, globally then locally, and check the
     prediction that is reported.
 
     The loop, per play with a global map (a play with too few answered probes is not asked
@@ -246,7 +245,7 @@ def fit_game(game, predict) -> Fits:
         The fits; each agent is left holding its local fit (its global one where no local
         fit could be made).
     """
-    agents = language_models(game)
+    agents = black_boxes(game.agents)
     refitted = {name: a for name, a in agents.items() if a.config.refits > 0}
     reads = dict(game.schedule.turns)
     centre, radius = _scale(game)
@@ -344,7 +343,7 @@ def fit_game(game, predict) -> Fits:
     )
 
 
-def _check(agent: LLMAgent, answers: np.ndarray, expected: np.ndarray, radius: np.ndarray):
+def _check(agent: BlackBox, answers: np.ndarray, expected: np.ndarray, radius: np.ndarray):
     """Whether the mean of an agent's answers at the predicted input is the predicted output,
     per play: within ``CONFIRM`` of the play's scale (1e-6 relative at least), plus three
     standard errors of the mean where the answers are sampled (their covariance ``Q`` as the
@@ -365,8 +364,11 @@ def _check(agent: LLMAgent, answers: np.ndarray, expected: np.ndarray, radius: n
     return np.linalg.norm(answers.mean(axis=0) - expected, axis=-1), tol
 
 
-def _noise_allowed(agent: LLMAgent) -> bool | None:
-    """``True`` with several samples per probe; ``None`` at temperature 0; else ``False``."""
+def _noise_allowed(agent: BlackBox) -> bool | None:
+    """``True`` with several samples per probe; ``None`` for an agent whose answers do not
+    vary (a learned model, a language model at temperature 0); else ``False``."""
+    if agent.deterministic:
+        return None
     if agent.config.samples > 1:
         return True
     temperature = agent.config.request.get("temperature")
@@ -375,12 +377,12 @@ def _noise_allowed(agent: LLMAgent) -> bool | None:
 
 def _warm_up(game, plays: np.ndarray) -> dict[str, np.ndarray]:
     """Play ``WARMUP`` rounds of the plays in the mask ``plays`` (the others start from NaN
-    and ask nothing) and return, per language-model agent, the mean input it read over them
+    and ask nothing) and return, per black-box agent, the mean input it read over them
     and the input farthest from it: ``(2, B, d)`` each (NaN for the other plays)."""
     start = np.where(plays[:, None], game.start, np.nan)
     play(game.agents, game.schedule, WARMUP, start)
     out = {}
-    for name, agent in language_models(game).items():
+    for name, agent in black_boxes(game.agents).items():
         inputs = np.stack([w for w, _ in agent.history])  # (turns, B, d)
         seen = np.isfinite(inputs).all(axis=-1, keepdims=True)
         count = seen.sum(axis=0)
@@ -417,7 +419,7 @@ def _directions(game, name: str, fit: int, probes: int) -> np.ndarray:
     return np.stack(out, axis=1)
 
 
-def _count(agent: LLMAgent, game) -> int:
+def _count(agent: BlackBox, game) -> int:
     """The agent's probes per fit: ``probes``, default ``2 d``."""
     return agent.config.probes or 2 * game.start.shape[1]
 
@@ -428,13 +430,13 @@ def most_answers(game) -> int:
 
 
 def answers_per_agent(game) -> dict[str, int]:
-    """The most answers ``fit_game`` asks each language-model agent for, over every play:
+    """The most answers ``fit_game`` asks each black-box agent for, over every play:
     ``probes x samples`` for the global fit and for each of its ``refits``, ``samples`` for
     each check that is not the first probe of a refit (``R + 1 - refits``, ``R`` the most
     refits of any agent), and, when any agent refits, one per turn of a ``WARMUP``-round
     warm-up (fewer when plays confirm early or have an equilibrium)."""
     plays = game.start.shape[0]
-    agents = language_models(game)
+    agents = black_boxes(game.agents)
     last = max((a.config.refits for a in agents.values()), default=0)
     per_round = {name: sum(taker == name for taker, _ in game.schedule.turns) for name in agents}
     out = {}
@@ -448,7 +450,7 @@ def answers_per_agent(game) -> dict[str, int]:
 
 
 def _answers(
-    agent: LLMAgent, W: np.ndarray, fit: int, plays: np.ndarray, first: int = 0
+    agent: BlackBox, W: np.ndarray, fit: int, plays: np.ndarray, first: int = 0
 ) -> np.ndarray:
     """The agent's answers to every probe of ``W`` (``(P, B, d)``; probe ``p`` is the fit's
     probe ``first + p``), ``samples`` times, for the plays in the mask ``plays`` (NaN
@@ -471,7 +473,7 @@ def _answers(
     return F
 
 
-def _fit(agent: LLMAgent, W: np.ndarray, F: np.ndarray) -> Fit:
+def _fit(agent: BlackBox, W: np.ndarray, F: np.ndarray) -> Fit:
     """Fit the answers and leave the agent holding the fitted map (and noise)."""
     fit = fit_answers(W, F)
     agent.fitted = Fitted(fit.map, fit.noise)

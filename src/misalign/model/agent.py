@@ -319,6 +319,62 @@ class Sampled(Wrapper):
         return self.inner.affine()
 
 
+@dataclass(frozen=True)
+class Fitted:
+    """A black box's fitted map and answer noise (``misalign.llm.fit``)."""
+
+    map: AffineMap
+    noise: np.ndarray | None
+
+
+class BlackBox:
+    """An agent whose map is not known but fitted from probes (docs/theory.md §7): a language
+    model (``misalign.llm.agent.LLMAgent``) or a learned nonlinear model
+    (``misalign.agents.transformer.TransformerAgent``).
+
+    What the fit (``misalign.llm.fit``) reads of it: ``name``; ``config.probes``,
+    ``config.samples``, ``config.refits``; ``seeds`` (one per play); ``ask`` (answers to
+    ``(play, estimate, slot)`` requests); ``history`` (the play's turns since ``start``:
+    inputs read and answers, ``(B, d)`` each); ``deterministic`` (its answers do not vary,
+    so a check allows no noise). It sets ``fitted``; ``affine`` and ``noise_covariance`` then
+    give the fitted map and noise.
+    """
+
+    fitted: Fitted | None = None
+    deterministic: bool = False
+    history: list[tuple[np.ndarray, np.ndarray]]
+
+    @property
+    def gamma(self) -> None:
+        return None
+
+    def affine(self) -> AffineMap | None:
+        """The fitted map, or ``None`` before the fit."""
+        return None if self.fitted is None else self.fitted.map
+
+    def noise_covariance(self) -> np.ndarray | None:
+        """The fitted covariance of the answers around the map (``samples > 1``)."""
+        return None if self.fitted is None else self.fitted.noise
+
+
+def black_boxes(agents: dict[str, Agent]) -> dict[str, BlackBox]:
+    """The black boxes among ``agents``, beneath any wrapper.
+
+    Args:
+        agents: a game's agents by name.
+
+    Returns:
+        The black boxes by name, in the order of ``agents``.
+    """
+    found = {}
+    for name, agent in agents.items():
+        while isinstance(agent, Wrapper):
+            agent = agent.inner
+        if isinstance(agent, BlackBox):
+            found[name] = agent
+    return found
+
+
 def noise_covariance(agent: Agent) -> np.ndarray | None:
     """The covariance ``Q_i`` of the noise an agent adds to its answers, ``(B, d, d)``, through
     any wrappers (each declares what the agent beneath it does); ``None`` for a noise-free agent."""

@@ -213,10 +213,10 @@ def fit_report(
         game: the game (its agents hold the play's inputs and answers).
         play: the play's index in the batch.
     """
-    from misalign.llm import language_models
     from misalign.llm.fit import score
+    from misalign.model.agent import black_boxes
 
-    agents = language_models(game)
+    agents = black_boxes(game.agents)
     settled = observed is not None and observed["class"] not in ("growing", "failed")
     out = {}
     for name, agent_fit in fits.agents.items():

@@ -61,9 +61,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from misalign.config import (
+    BlackBoxConfig,
     ConfigError,
     HelperAgentConfig,
-    LLMAgentConfig,
     PlayConfig,
     _apply,
     _validated,
@@ -388,9 +388,10 @@ def _runnable(config: PlayConfig, seeds: int) -> None:
     trained maps only) and a batch that would not fit in memory."""
     from misalign.api import check_size
 
-    llm = [n for n, a in config.agents.items() if isinstance(a, LLMAgentConfig)]
-    if llm:
-        raise ConfigError(f"agents.{llm[0]}: a sweep plays no language-model agents")
+    boxes = [n for n, a in config.agents.items() if isinstance(a, BlackBoxConfig)]
+    if boxes:
+        kind = config.agents[boxes[0]].kind
+        raise ConfigError(f"agents.{boxes[0]}: a sweep plays no black-box agents ({kind})")
     check_size(config, seeds)
 
 

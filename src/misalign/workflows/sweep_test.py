@@ -141,7 +141,7 @@ def test_sweep_keys_and_base_are_checked():
     with pytest.raises(ConfigError, match=r"^base: .*nowhere.toml: no such file"):
         parse_sweep(small(base="nowhere.toml"))
     llm = {**BASE, "agents": {**BASE["agents"], "C": {"kind": "llm", "n": 2, "model": "m"}}}
-    with pytest.raises(ConfigError, match=r"a sweep plays no language-model agents"):
+    with pytest.raises(ConfigError, match=r"a sweep plays no black-box agents \(llm\)"):
         parse_sweep(small(base=llm))
 
 
