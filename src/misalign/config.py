@@ -139,7 +139,11 @@ class BlackBoxConfig(LearnerConfig):
     """What every agent whose map is fitted from probes shares (``misalign.llm.fit``)."""
 
     probes: int | None = Field(
-        default=None, ge=1, le=10**5, description="probe estimates per fit; default 2 d"
+        default=None,
+        ge=1,
+        le=10**5,
+        description="probe estimates per fit; default 2 d (a language model), 2 d + 1 (a "
+        "transformer)",
     )
     refits: int = Field(
         default=4, ge=0, le=100, description="local refits around the predicted equilibrium"

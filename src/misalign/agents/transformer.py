@@ -214,6 +214,12 @@ class TransformerAgent(BlackBox):
         self.d = self.X.shape[-1]
         self.history = []
 
+    def default_probes(self, d: int) -> int:
+        """``2 d + 1``: answers are cheap, and one probe more than the two-sided star lets a
+        local fit (whose first probe is the predicted input itself) leave every probe out, so
+        it has a held-out r2."""
+        return 2 * d + 1
+
     def start(self, batch: int) -> None:
         if batch != len(self.X):
             raise ValueError(f"agent {self.name} holds {len(self.X)} plays, not {batch}")

@@ -76,7 +76,7 @@ def config(quick: bool, seeds: int | None) -> dict[str, Any]:
         "seeds": seeds or (4 if quick else 16),
         "rounds": ROUNDS,
         "tail": TAIL,
-        "probes": 2 * D,
+        "probes": 2 * D + 1,
         "refits": 2,
         "icl_tasks": 2048 if quick else 8192,
     }

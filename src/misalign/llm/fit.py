@@ -420,8 +420,8 @@ def _directions(game, name: str, fit: int, probes: int) -> np.ndarray:
 
 
 def _count(agent: BlackBox, game) -> int:
-    """The agent's probes per fit: ``probes``, default ``2 d``."""
-    return agent.config.probes or 2 * game.start.shape[1]
+    """The agent's probes per fit: ``probes``, default ``BlackBox.default_probes``."""
+    return agent.config.probes or agent.default_probes(game.start.shape[1])
 
 
 def most_answers(game) -> int:

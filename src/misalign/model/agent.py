@@ -348,6 +348,11 @@ class BlackBox:
     def gamma(self) -> None:
         return None
 
+    def default_probes(self, d: int) -> int:
+        """Probes per fit where ``probes`` is not set: ``2 d``, the two-sided star of one
+        rotation (``misalign.llm.fit``)."""
+        return 2 * d
+
     def affine(self) -> AffineMap | None:
         """The fitted map, or ``None`` before the fit."""
         return None if self.fitted is None else self.fitted.map
