@@ -123,13 +123,13 @@ def play_batch(configs: Sequence[Any], tail: int) -> dict[str, np.ndarray]:
 
     Returns:
         Per play (``(B,)`` each): ``error`` (the larger agent's ``|observed - predicted|``
-        over the play's scale, the observed equilibrium the tail mean of a play that settled
-        on a fixed point (``misalign.model.observe``); 0 where no equilibrium is predicted
-        and none is reached, ``inf`` where one is and the other is not), ``settled``, ``rho``
-        (predicted), ``rate`` (observed), ``distance`` and ``predicted_distance`` (``A``'s
-        observed and predicted distance to its target), ``r2_loo`` and ``r2_play`` (``A``'s reported fit,
-        held out and on the play), ``confirmed`` (every fitted agent's prediction checked
-        where it points).
+        over the play's scale, the observed equilibrium being the tail mean of a play that
+        settled on a fixed point, ``misalign.model.observe``; 0 where no equilibrium is
+        predicted and none is reached, ``inf`` where one is and the other is not);
+        ``settled``; ``rho`` (predicted); ``rate`` (observed); ``distance`` and
+        ``predicted_distance`` (``A``'s observed and predicted distance to its target);
+        ``r2_loo`` and ``r2_play`` (``A``'s reported fit, held out and on the play);
+        ``confirmed`` (every fitted agent's prediction checked where it points).
     """
     from misalign.api import fit, predict, setup, simulate
     from misalign.llm.fit import score
