@@ -79,20 +79,21 @@ def memory_needed(config: TrainConfig) -> dict[str, int]:
 
 def _transformer_memory(config: TrainConfig) -> dict[str, int]:
     """``memory_needed`` of a transformer: ``width``: the parameters with their gradients and
-    Adam moments; ``batch``: per block the activations kept for the backward pass (about 20
-    ``width`` numbers per token) and the attention weights (``heads T^2`` per prompt, twice),
-    ``T = 2 (n + 1)`` tokens, twice with their gradients; ``eval_batch``: the held-out
-    prompts of ``context + 1`` examples, one block's activations at a time, and their
-    baselines in float64."""
+    Adam moments; ``batch``: per block and token the activations kept for the backward pass
+    and their gradients (counted on the CPU: about 11 ``width`` numbers held, 25 allocated in
+    all; 16 here), and the attention weights where a kernel keeps them (``heads T^2`` per
+    prompt), ``T = 2 (n + 1)`` tokens; ``eval_batch``: the held-out prompts of
+    ``context + 1`` examples, one block's activations at a time, and their baselines in
+    float64."""
     width, layers, heads = config.width, config.layers, config.heads
-    params = layers * 12 * width * width + (2 * config.examples + 2 + config.d) * width
+    params = layers * (12 * width + 13) * width + (2 * config.examples + config.d + 6) * width + 1
     tokens, held = 2 * (config.n + 1), 2 * (config.examples + 1)
-    per_prompt = layers * (20 * width * tokens + 2 * heads * tokens * tokens)
+    per_prompt = layers * (16 * width * tokens + heads * tokens * tokens)
+    per_held = 4 * (20 * width * held + 2 * heads * held * held) + 8 * 8 * held * config.d
     return {
         "width": 4 * 4 * params,
-        "batch": 4 * config.batch * 2 * per_prompt,
-        "eval_batch": config.eval_batch
-        * (4 * (20 * width * held + 2 * heads * held * held) + 8 * 8 * held * config.d),
+        "batch": 4 * config.batch * per_prompt,
+        "eval_batch": config.eval_batch * per_held,
     }
 
 

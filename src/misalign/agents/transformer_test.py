@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -277,3 +278,128 @@ def test_a_killed_transformer_run_resumed_ends_with_the_same_weights(tmp_path):
         resumed.state_dict().values(), uninterrupted.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_the_memory_estimate_bounds_a_direct_count(layers):
+    """One training step and one evaluation of a transformer, counted as for the linear
+    self-attention model (``train_test``): the estimate lies between what must be held at once
+    (the batch and the tensors saved for the backward pass) and all that is ever allocated;
+    the model part covers weights, gradients and Adam moments; the evaluation part holds the
+    held-out prompts."""
+    from misalign.agents.train import HeldOut, Tasks, build, memory_needed
+    from misalign.agents.train_test import _Allocations, _storage_bytes
+
+    config = TrainConfig(**TINY | {"layers": layers, "batch": 32, "eval_batch": 48})
+    needed = memory_needed(config)
+    model = build(config)
+    optimizer = torch.optim.Adam(model.parameters())
+    saved = []
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() and t.shape[0] == config.batch:
+            saved.append(t)
+        return t
+
+    with _Allocations(config.batch) as allocated:
+        X, y = Tasks(config, torch.device("cpu"), 0).sequences(config.batch, 3, config.n + 1)
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            loss = torch.mean((model.predictions(X, y) - y) ** 2)
+        loss.backward()
+    held = _storage_bytes([X, y, *saved])
+    assert held <= needed["batch"] <= allocated.total
+    optimizer.step()
+    weights = [*model.parameters(), *(p.grad for p in model.parameters())]
+    moments = [t for state in optimizer.state.values() for t in state.values() if t.dim()]
+    assert _storage_bytes(weights + moments) <= needed["width"]
+    held_out = HeldOut(config, torch.device("cpu"))
+    assert _storage_bytes([held_out.X, held_out.y]) <= needed["eval_batch"]
+
+
+def test_a_transformer_too_wide_for_memory_is_refused_at_once(tmp_path):
+    config = tmp_path / "t.toml"
+    config.write_text("\n".join(f"{k} = {v!r}".replace("'", '"') for k, v in TINY.items()))
+    process = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "misalign.cli",
+            "train",
+            str(config),
+            "--set",
+            "width=4096",
+            "--set",
+            "layers=10000",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert process.returncode == 2 and len(process.stderr.splitlines()) == 1, process.stderr
+    assert process.stderr.startswith("misalign: error: width: the model needs ")
+    assert not (tmp_path / "run").exists()
+
+
+def _tiny_checkpoint(tmp_path, **change) -> str:
+    train(TrainConfig(**TINY | {"d": 2, "n": 6} | change), tmp_path / "model")
+    return str(tmp_path / "model" / CHECKPOINT)
+
+
+def _play(tmp_path, agent: dict) -> str:
+    lines = ["seed = 0", "d = 2", "rounds = 30", "[agents.A]"]
+    lines += [f"{k} = {v!r}".replace("'", '"') for k, v in agent.items()]
+    lines += ["n = 6", "target = [1.0, 0.0]", "[agents.B]", "n = 6", "target = [0.0, 1.0]"]
+    path = tmp_path / "play.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_run_plays_a_transformer_agent_and_predicts_through_its_fitted_map(tmp_path):
+    """The command line end to end: the JSON holds the observed class, the fitted maps (with
+    held-out r2, the check where the prediction points) and the prediction made from them."""
+    import json
+
+    checkpoint = _tiny_checkpoint(tmp_path)
+    play = _play(tmp_path, {"kind": "transformer", "checkpoint": checkpoint})
+    process = subprocess.run(
+        [sys.executable, "-m", "misalign.cli", "run", play, "--json", "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert process.returncode == 0, process.stderr
+    report = json.loads(process.stdout)
+    assert report["observed"]["class"] in ("fixed point", "cycle", "bounded", "growing")
+    fit = report["fit"]["A"]
+    assert fit["global"]["probes"] == 2 * 2 + 1 and fit["noise_allowed"] is None
+    assert fit["confirmed"] in (True, False) and fit["global"]["r2_loo"] is not None
+    assert "B" not in report["fit"] and "llm" not in report or report["llm"] is None
+
+
+@pytest.mark.parametrize(
+    ("agent", "message"),
+    [
+        ({"kind": "transformer", "checkpoint": "missing.pt"}, "agents.A.checkpoint: missing.pt"),
+        ({"kind": "lsa", "checkpoint": "TRANSFORMER"}, "agents.A.checkpoint: a lsa agent needs"),
+        ({"kind": "transformer", "checkpoint": "TRANSFORMER", "n": 13}, "agents.A.n: the "),
+    ],
+)
+def test_a_checkpoint_that_cannot_play_is_one_line_naming_the_field(tmp_path, agent, message):
+    checkpoint = _tiny_checkpoint(tmp_path)
+    agent = {k: checkpoint if v == "TRANSFORMER" else v for k, v in agent.items()}
+    play = _play(tmp_path, {k: v for k, v in agent.items() if k != "n"})
+    if "n" in agent:
+        text = Path(play).read_text().replace("[agents.A]\n", "[agents.A]\nn = 13\n", 1)
+        Path(play).write_text(text.replace("n = 6\ntarget = [1.0, 0.0]", "target = [1.0, 0.0]"))
+    process = subprocess.run(
+        [sys.executable, "-m", "misalign.cli", "run", play, "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert process.returncode == 2 and len(process.stderr.splitlines()) == 1, process.stderr
+    assert process.stderr.startswith(f"misalign: error: {message}"), process.stderr
