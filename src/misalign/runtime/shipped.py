@@ -1,8 +1,10 @@
 """Files shipped inside the package (``misalign/data``), found through ``importlib.resources``
 wherever misalign is installed (a checkout, a wheel in a virtual environment): the recorded
 language-model run that ``misalign reproduce llm`` replays, ``local_llm.toml`` and its store
-``local_llm.sqlite``. ``examples/`` holds the same two files for users to run; a test
-(``shipped_test``) checks that both copies are identical, byte for byte."""
+``local_llm.sqlite`` (``examples/`` holds the same two files for users to run; a test,
+``shipped_test``, checks that both copies are identical, byte for byte); and the trained
+transformer that ``misalign reproduce transformer`` plays, ``transformer.pt`` (trained by
+``misalign train examples/training/transformer.toml``)."""
 
 from __future__ import annotations
 
