@@ -163,6 +163,45 @@ def noisy_server(monkeypatch):
     monkeypatch.setattr(misalign.llm.fake_server, "affine", lambda A, c: real(A, c, noise_std=0.05))
 
 
+def moved_fitted_maps(monkeypatch):
+    """Every black-box agent's fitted map with its offset ``c`` moved by 1 after the fit (and
+    its check), so the prediction made from the maps moves."""
+    import misalign.api
+    from misalign.model.agent import AffineMap, Fitted, black_boxes
+
+    real = misalign.api.fit
+
+    def fit(game):
+        found = real(game)
+        for agent in black_boxes(game.agents).values():
+            moved = AffineMap(agent.fitted.map.A, agent.fitted.map.c + 1.0)
+            agent.fitted = Fitted(moved, agent.fitted.noise)
+        return found
+
+    monkeypatch.setattr(misalign.api, "fit", fit)
+
+
+def worse_transformer(monkeypatch):
+    """The shipped transformer's measured ICL loss doubled at every prompt length."""
+    from misalign.experiments import transformer
+
+    real = transformer.icl_losses
+
+    def icl_losses(*args, **kwargs):
+        curve = real(*args, **kwargs)
+        return curve | {"transformer": [2 * v for v in curve["transformer"]]}
+
+    monkeypatch.setattr(transformer, "icl_losses", icl_losses)
+
+
+def slower_rate(monkeypatch):
+    """Every observed rate of the transformer plays 0.1 larger."""
+    from misalign.experiments import transformer
+
+    real = transformer.measured_rate
+    monkeypatch.setattr(transformer, "measured_rate", lambda *a, **k: real(*a, **k) + 0.1)
+
+
 def _entry_specific():
     from misalign.experiments import direction, helper, stability
 
@@ -174,6 +213,7 @@ def _entry_specific():
         "helper": [scaled(helper, "theory_rounds", 1.1)],
         "lsa": [wrong_gamma],
         "llm": [wrong_fit, store_not_offline, noisy_server],
+        "transformer": [moved_fitted_maps, worse_transformer, slower_rate],
     }
 
 

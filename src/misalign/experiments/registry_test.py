@@ -147,8 +147,16 @@ def test_claim_fails_above_its_tolerance_and_on_nan():
         "name": "count",
         "measured": 0,
         "tolerance": 0,
+        "at_least": False,
         "passed": True,
     }
+
+
+def test_a_boundary_claim_passes_at_or_above_its_floor_and_never_on_nan():
+    assert Claim("edge", 2.0, 2.0, at_least=True).passed
+    assert Claim("edge", 8.0, 2.0, at_least=True).passed
+    assert not Claim("edge", 1.0, 2.0, at_least=True).passed
+    assert not Claim("edge", float("nan"), 0.0, at_least=True).passed
 
 
 def test_measured_rate_of_a_geometric_sequence():

@@ -382,7 +382,7 @@ EXPERIMENT = Experiment(
         "isotropic, in-distribution gaps: observed rate vs the fitted maps' rho",
         "confirmed predictions: observed equilibrium vs predicted (90th percentile)",
         *(
-            f"{p}, {g}: the gap up to which observed equilibria match the prediction"
+            f"{p}, {g}: observed equilibria vs the prediction, gap by gap (the boundary)"
             for p in PAIRINGS
             for g in GEOMETRIES
         ),

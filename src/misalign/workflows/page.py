@@ -200,7 +200,7 @@ def _claims(directory: Path) -> list[dict[str, Any]]:
             entry.get("measured"),
             entry.get("tolerance"),
         )
-        passed = verdict(name, measured, tolerance)
+        passed = verdict(name, measured, tolerance, entry.get("at_least", False))
         claims.append(
             {
                 "name": name,
@@ -214,15 +214,17 @@ def _claims(directory: Path) -> list[dict[str, Any]]:
     return claims
 
 
-def verdict(name: str, measured: Any, tolerance: Any) -> bool:
+def verdict(name: str, measured: Any, tolerance: Any, at_least: Any = False) -> bool:
     """Whether a claim passes, by the rule of ``misalign.experiments.Claim``
-    (``measured <= tolerance``), from the numbers a ``claims.json`` records: a value that is
-    missing (``null``: not finite when written), not finite or not a number fails.
+    (``measured <= tolerance``; ``>=`` for a claim ``at_least``), from the numbers a
+    ``claims.json`` records: a value that is missing (``null``: not finite when written), not
+    finite or not a number fails.
 
     Args:
         name: the claim's name.
         measured: its measured value, as read.
         tolerance: its tolerance, as read.
+        at_least: its ``at_least``, as read (only ``true`` counts; absent in older runs).
 
     Returns:
         The verdict.
@@ -234,7 +236,7 @@ def verdict(name: str, measured: Any, tolerance: Any) -> bool:
         return float(value) if plain else math.nan
 
     try:
-        return Claim(name, number(measured), number(tolerance)).passed
+        return Claim(name, number(measured), number(tolerance), at_least is True).passed
     except OverflowError:  # an integer too large for a float
         return False
 

@@ -867,3 +867,13 @@ def test_report_of_json_no_run_writes_is_one_line(runs, tmp_path, text, name):
     done = _report_process(shared, "--out", tmp_path / "report.html")
     assert "Traceback" not in done.stderr and done.returncode in (0, 2), done.stderr
     assert f"{name}: not JSON a run writes (too deep, or a huge number)" in done.stderr
+
+
+def test_a_boundary_claim_is_judged_at_least_as_claims_json_says():
+    """A boundary claim (``at_least``: measured >= tolerance) was judged ``<=`` and shown as
+    failing where claims.json said pass; only a JSON ``true`` makes a claim ``at_least``."""
+    from misalign.workflows.page import verdict
+
+    assert verdict("edge", 8, 2, True) and not verdict("edge", 1, 2, True)
+    assert not verdict("edge", 8, 2) and not verdict("edge", 8, 2, "true")
+    assert not verdict("edge", None, 0, True)
