@@ -186,6 +186,7 @@ RAY_RACE = re.compile(
 the full suite under load): not ours to silence."""
 
 
+@pytest.mark.slow
 @LINUX
 @pytest.mark.parametrize(
     ("backend", "moment"),
@@ -218,6 +219,7 @@ def test_sigterm_stops_a_sweep_as_ctrl_c_does(tmp_path, backend, moment):
     _finished_by_resume(tmp_path, backend)
 
 
+@pytest.mark.slow
 @LINUX
 @pytest.mark.parametrize(("sent", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, EXIT)])
 def test_a_signal_to_the_whole_process_group_is_as_quiet(tmp_path, sent, code):
