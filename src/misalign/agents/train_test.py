@@ -86,6 +86,7 @@ def test_schedule_warms_up_then_decays_to_zero():
     assert factor(60) == pytest.approx(0.5) and factor(110) == pytest.approx(0.0)
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumed_ends_with_the_same_weights(tmp_path):
     """SIGKILL a real training process after a checkpoint, resume it, compare bit for bit."""
     config = tmp_path / "t.toml"
@@ -277,6 +278,7 @@ def test_a_finished_cosine_run_extended_by_one_step_still_learns(tmp_path):
     assert schedule(config)(20) == 0 < schedule(config.model_copy(update={"steps": 21}))(20)
 
 
+@pytest.mark.slow
 def test_resume_extends_a_finished_run_and_says_from_where(tmp_path):
     config, out = _tiny(tmp_path), str(tmp_path / "run")
     assert _cli(config, "--out", out).returncode == 0
@@ -296,6 +298,7 @@ def test_resume_extends_a_finished_run_and_says_from_where(tmp_path):
     assert fresh["resumed_from"] is None
 
 
+@pytest.mark.slow
 def test_resume_refuses_fewer_steps_and_any_other_change(tmp_path):
     config, out = _tiny(tmp_path), str(tmp_path / "run")
     assert _cli(config, "--out", out, "--set", "steps=40").returncode == 0

@@ -217,6 +217,7 @@ def _entry_specific():
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(REGISTRY))
 def test_every_claim_fails_when_its_measured_side_is_broken(name, tmp_path, monkeypatch):
     entry = REGISTRY[name]

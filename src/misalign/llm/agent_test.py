@@ -278,6 +278,7 @@ def recorded(path: Path) -> int:
         return len(store)
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_without_asking_twice(tmp_path, capsys):
     """A real ``misalign run`` killed with SIGKILL mid-run, then re-run: no request is answered
     twice at the server (nothing is paid for twice) and the outputs are those of an

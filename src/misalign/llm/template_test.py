@@ -152,6 +152,13 @@ def test_a_template_that_fails_to_render_fails_at_setup(tmp_path, text):
 # A template from someone else: the sandbox
 
 
+def _sample(values, *kept):
+    """``values`` as test parameters, each marked ``slow`` but those ``kept``: every case
+    runs the real command (a process or two, about a second each), so the default run keeps
+    a few and ``pytest -m slow`` (CI) runs the rest."""
+    return [v if v in kept else pytest.param(v, marks=pytest.mark.slow) for v in values]
+
+
 SECRET = "sk-canary-7f3a9c1e55d04b2b"
 """A key-like value in the environment that no template may reach."""
 REACH_OS = [  # each reaches the os module through a Jinja2 global or a value it is given
@@ -208,7 +215,10 @@ def fake_server():
 
 
 @pytest.mark.parametrize("where", ["prompt", "system"])
-@pytest.mark.parametrize("payload", PAYLOADS)
+@pytest.mark.parametrize(
+    "payload",
+    _sample(PAYLOADS, PAYLOADS[0], PAYLOADS[len(REACH_OS)], "{% include '/etc/passwd' %}"),
+)
 def test_a_hostile_template_is_one_line_and_nothing_runs(
     tmp_path, monkeypatch, fake_server, payload, where
 ):
@@ -386,7 +396,7 @@ WHY = {
 
 
 @pytest.mark.parametrize("where", ["prompt", "system"])
-@pytest.mark.parametrize("case", list(OUTSIDE))
+@pytest.mark.parametrize("case", _sample(list(OUTSIDE), "../ escape", "a FIFO"))
 def test_a_template_outside_the_configuration_or_not_a_text_file_is_refused(
     tmp_path, tmp_path_factory, monkeypatch, fake_server, case, where
 ):
@@ -476,7 +486,7 @@ GROWTH = {
 }
 
 
-@pytest.mark.parametrize("payload", list(GROWTH))
+@pytest.mark.parametrize("payload", _sample(list(GROWTH), "nested loops", "~ doubling"))
 def test_a_template_that_would_hang_or_exhaust_memory_is_one_line(tmp_path, fake_server, payload):
     """Through the real command: each payload (which runs for minutes or allocates
     gigabytes unchecked) is one line naming the template, exit 2, in seconds and with the

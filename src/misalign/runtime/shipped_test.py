@@ -82,6 +82,10 @@ def _venv(tmp_path: Path, wheel: Path) -> Path:
     """A fresh virtual environment with ``wheel`` installed in it, offline: its dependencies
     come from this environment's site-packages (a ``.pth`` line, after the venv's own, and
     no ``.pth`` of this environment is run, so no editable install of misalign is seen).
+    ``--ignore-installed``: where this environment holds a regular (not editable) install of
+    misalign of the wheel's version, as CI's does, pip would otherwise find it through the
+    ``.pth`` and skip the wheel ("already installed with the same version"); with it pip
+    installs the wheel into the venv and uninstalls nothing outside it.
 
     Returns:
         The venv's ``bin`` folder.
@@ -96,7 +100,8 @@ def _venv(tmp_path: Path, wheel: Path) -> Path:
         text=True,
     ).stdout.strip()
     Path(purelib, "_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    install = [python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)]
+    install = [python, "-m", "pip", "install", "-q", "--no-deps", "--no-index"]
+    install += ["--ignore-installed", str(wheel)]
     subprocess.run(install, check=True, capture_output=True, timeout=300)
     return venv / "bin"
 

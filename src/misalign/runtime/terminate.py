@@ -9,6 +9,8 @@ every command under ``sigterm_as_interrupt``: there SIGTERM raises ``Terminated`
 down, a sweep's finished chunks are kept, temporary files and directories are removed. The
 command exits with ``EXIT`` (143: 128 + 15, what a shell reports of a process SIGTERM ended;
 130 after Ctrl-C, 128 + 2). A second SIGTERM during that cleanup ends the process at once.
+A sweep stopped so shuts joblib's executor down while loky's manager thread may still be
+handing out work; what that thread then raises is dropped (``quiet_manager_thread``).
 """
 
 from __future__ import annotations
@@ -121,3 +123,33 @@ def exit_code(code: int) -> int:
         The code to exit with.
     """
     return EXIT if code == 130 and _HANDLER.received else code
+
+
+MANAGER_THREAD = "ExecutorManagerThread"
+"""The name of loky's executor manager thread (``_ExecutorManagerThread`` in joblib's
+``externals/loky/process_executor.py``)."""
+
+
+class _QuietManagerThread:
+    """A ``threading.excepthook``: drops an exception raised in a thread named
+    ``MANAGER_THREAD``, passes every other thread's to ``previous``."""
+
+    def __init__(self, previous) -> None:
+        self.previous = previous
+
+    def __call__(self, args: threading.ExceptHookArgs) -> None:
+        if args.thread is not None and args.thread.name == MANAGER_THREAD:
+            return
+        self.previous(args)
+
+
+def quiet_manager_thread() -> None:
+    """From now on, drop what loky's executor manager thread raises, and only that: every
+    other thread's exception goes to the ``threading.excepthook`` that was in place. For a
+    sweep that an interrupt stops: closing joblib's generator shuts the executor down while
+    the manager thread may still be handing out work, and it can then raise (a race in loky:
+    ``KeyError`` in ``add_call_item_to_queue``) and print its traceback on stderr as the
+    process exits. The hook stays in place (the thread may raise until the process ends);
+    a second call changes nothing."""
+    if not isinstance(threading.excepthook, _QuietManagerThread):
+        threading.excepthook = _QuietManagerThread(threading.excepthook)

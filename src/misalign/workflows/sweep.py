@@ -790,12 +790,12 @@ def _collect(
     """Start the backend (``start()``: its chunks' results), write every chunk's rows as it
     arrives, atomically, and advance the progress bar. Ctrl-C or SIGTERM while the backend
     starts waits until it has (``misalign.runtime.terminate.deferred``); then, or at any later
-    moment,
-    the chunks in flight are stopped and the finished ones kept."""
+    moment, the chunks in flight are stopped and the finished ones kept, with nothing on stderr
+    from loky's manager thread (``misalign.runtime.terminate.quiet_manager_thread``)."""
     import pyarrow.parquet as pq
 
     from misalign.runtime.files import atomic_write
-    from misalign.runtime.terminate import deferred
+    from misalign.runtime.terminate import deferred, quiet_manager_thread
 
     schema = _schema(sweep)
     write = {"write_page_checksum": True}
@@ -822,6 +822,9 @@ def _collect(
                 rate = f"{computed / (time.perf_counter() - started):.3g}"
                 bar.update(bar.task_ids[0], advance=len(rows), rate=rate)
     except ConfigError:
+        raise
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the executor is shut down below, and
+        quiet_manager_thread()  # loky's manager thread may raise meanwhile: not ours to show
         raise
     except Exception as exc:  # a worker died, the cluster went away
         text = str(exc).splitlines()[0] if str(exc) else ""
