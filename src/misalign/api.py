@@ -357,7 +357,8 @@ def _trained(name: str, config: LSAAgentConfig | TransformerAgentConfig, d: int)
         raise ConfigError(f"{field}.checkpoint: {exc}") from None
     if trained.model != config.kind:
         raise ConfigError(
-            f'{field}.checkpoint: a {config.kind} agent needs a model = "{config.kind}" '
+            f"{field}.checkpoint: {'an' if config.kind == 'lsa' else 'a'} {config.kind} agent "
+            f'needs a model = "{config.kind}" '
             f"checkpoint (got {trained.model})"
         )
     if trained.d != d:

@@ -249,6 +249,7 @@ def test_training_records_the_loss_at_every_prompt_length_beside_the_baselines(t
     assert next(model.parameters()).dtype == torch.float64
 
 
+@pytest.mark.slow
 def test_a_killed_transformer_run_resumed_ends_with_the_same_weights(tmp_path):
     """SIGKILL a real training process after a checkpoint (within the curriculum), resume
     it, compare bit for bit with an uninterrupted run."""
@@ -383,7 +384,7 @@ def test_run_plays_a_transformer_agent_and_predicts_through_its_fitted_map(tmp_p
     ("agent", "message"),
     [
         ({"kind": "transformer", "checkpoint": "missing.pt"}, "agents.A.checkpoint: missing.pt"),
-        ({"kind": "lsa", "checkpoint": "TRANSFORMER"}, "agents.A.checkpoint: a lsa agent needs"),
+        ({"kind": "lsa", "checkpoint": "TRANSFORMER"}, "agents.A.checkpoint: an lsa agent needs"),
         ({"kind": "transformer", "checkpoint": "TRANSFORMER", "n": 13}, "agents.A.n: the "),
     ],
 )

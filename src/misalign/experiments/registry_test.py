@@ -30,6 +30,7 @@ def runs(tmp_path_factory):
     return {name: (e.run(True, None, root / name), root / name) for name, e in REGISTRY.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(REGISTRY))
 def test_quick_run_passes_its_claims(runs, name):
     result, out = runs[name]
@@ -44,6 +45,7 @@ def test_quick_run_passes_its_claims(runs, name):
         assert claim["measured"] is not None and low <= high, claim
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(REGISTRY))
 def test_quick_run_files_exist_and_parse(runs, name):
     result, out = runs[name]
@@ -232,6 +234,7 @@ def test_list_json_is_one_object():
         assert found["compares"] == list(entry.compares)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(REGISTRY))
 def test_quick_run_checks_the_listed_claims(runs, name):
     entry = REGISTRY[name]
