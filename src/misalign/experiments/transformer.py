@@ -21,9 +21,11 @@ compared with what was predicted:
 
 Per pairing and geometry the boundary is the largest scanned gap up to which the median
 equilibrium error stays within ``TOLERANCE``. The claims state it as measured, not a pass at
-every gap: each boundary is at least the training scale (``IN_DISTRIBUTION``), and per pairing
-the largest one lies inside the scan (past it the prediction stops holding: the residual tasks
-are many times the training tasks, and the model's answers leave any affine map).
+every gap: each boundary is at least the training scale (``IN_DISTRIBUTION``), and for two
+transformers the largest one lies inside the scan (past it the prediction stops holding: the
+residual tasks are many times the training tasks, and the two models' answers leave any affine
+map). With an analytic partner the prediction held at every scanned gap (measured, reported in
+the table, not claimed).
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ GEOMETRIES = {
     "rotated": {"spectrum": [2.0, 1.4, 1.0, 0.7, 0.5], "rotate": True},
 }
 PAIRINGS = ("transformer-vs-gd", "transformer-vs-transformer")
+TWO_TRANSFORMERS = PAIRINGS[1]
+"""The pairing whose prediction stops holding within the scan (with an analytic partner it
+held at every scanned gap: measured, not claimed)."""
 GAPS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 12.0, 16.0, 24.0, 32.0, 64.0)
 QUICK_GAPS = (0.0, 2.0, 8.0, 16.0, 32.0, 64.0)
 IN_DISTRIBUTION = 2.0
@@ -55,7 +60,7 @@ IN_DISTRIBUTION = 2.0
 (``w ~ N(0, I_5)``, ``|w|`` about 2.2)."""
 TOLERANCE = 0.05
 """An equilibrium is predicted when it is within this fraction of the play's scale."""
-ROUNDS = 60
+ROUNDS = 150
 TAIL = 10
 """The observed equilibrium: the mean output over the last ``TAIL`` rounds."""
 ICL_FACTOR = 2.5
@@ -262,7 +267,7 @@ def _claims(cfg: dict[str, Any], cells: list[dict[str, Any]], curve: dict) -> li
     n, gaps = cfg["n"], cfg["gaps"]
     inside = [c for c in cells if c["gap"] <= IN_DISTRIBUTION]
     isotropic = [c for c in inside if c["geometry"] == "isotropic"]
-    confirmed = np.concatenate([c["error"][c["confirmed"]] for c in inside])
+    confirmed = np.concatenate([c["error"][c["confirmed"]] for c in cells])
     claims = [
         Claim(
             f"held-out ICL loss at n = {n} / least squares' (fresh tasks)",
@@ -282,9 +287,8 @@ def _claims(cfg: dict[str, Any], cells: list[dict[str, Any]], curve: dict) -> li
             0.05,
         ),
         Claim(
-            f"gap <= {IN_DISTRIBUTION:g}, every geometry, plays whose prediction was confirmed "
-            "where it points: 90th percentile of the equilibrium error / the play's scale (nan: "
-            "none confirmed)",
+            "every gap and geometry, plays whose prediction was confirmed where it points: 90th "
+            "percentile of the equilibrium error / the play's scale (nan: none confirmed)",
             float(np.quantile(confirmed, 0.9)) if confirmed.size else float("nan"),
             cfg["tolerance"],
         ),
@@ -304,16 +308,15 @@ def _claims(cfg: dict[str, Any], cells: list[dict[str, Any]], curve: dict) -> li
                 )
             )
     below = [g for g in gaps if g < max(gaps)][-1]
-    for pairing in cfg["pairings"]:
-        farthest = max(edges[pairing, g] for g in cfg["geometries"])
-        claims.append(
-            Claim(
-                f"{pairing}: the largest boundary over the geometries (the prediction stops "
-                f"holding within the scan, up to gap {max(gaps):g})",
-                farthest,
-                below,
-            )
+    farthest = max(edges[TWO_TRANSFORMERS, g] for g in cfg["geometries"])
+    claims.append(
+        Claim(
+            f"{TWO_TRANSFORMERS}: the largest boundary over the geometries (the prediction "
+            f"stops holding within the scan, up to gap {max(gaps):g})",
+            farthest,
+            below,
         )
+    )
     return claims
 
 
@@ -397,17 +400,13 @@ EXPERIMENT = Experiment(
         "the shipped model's held-out ICL loss at n vs least squares' (fresh tasks)",
         "isotropic, in-distribution gaps: observed equilibrium vs the fitted maps' prediction",
         "isotropic, in-distribution gaps: observed rate vs the fitted maps' rho",
-        "in-distribution gaps, confirmed predictions: observed equilibrium vs predicted "
-        "(90th percentile)",
+        "every gap, confirmed predictions: observed equilibrium vs predicted (90th percentile)",
         *(
             f"{p}, {g}: observed equilibria vs the prediction, gap by gap (the boundary)"
             for p in PAIRINGS
             for g in GEOMETRIES
         ),
-        *(
-            f"{p}: observed equilibria vs the prediction past the training scale (a boundary "
-            "inside the scan)"
-            for p in PAIRINGS
-        ),
+        f"{TWO_TRANSFORMERS}: observed equilibria vs the prediction past the training scale "
+        "(a boundary inside the scan)",
     ),
 )
