@@ -393,7 +393,7 @@ EXPERIMENT = Experiment(
     name=NAME,
     claim="a trained softmax transformer's plays, predicted through its fitted map, and where "
     "that prediction stops holding",
-    typical="not yet measured",
+    typical="640 s",
     config=config,
     run=run,
     compares=(
