@@ -3,11 +3,8 @@ direct computations, the agent against a per-play loop, and the fitted-map path 
 linear self-attention model's exact map."""
 
 import dataclasses
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from misalign.agents.lsa import LSA, LSAAgent
-from misalign.agents.train import CHECKPOINT, load_checkpoint, load_model, train
+from misalign.agents.train import CHECKPOINT, load_model, train
 from misalign.agents.transformer import Transformer, TransformerAgent, baselines
 from misalign.config import ConfigError, TrainConfig, parse_config
 from misalign.model.agent import Turn, black_boxes
@@ -247,38 +244,6 @@ def test_training_records_the_loss_at_every_prompt_length_beside_the_baselines(t
     model, config = load_model(tmp_path / CHECKPOINT)
     assert isinstance(model, Transformer) and config.model == "transformer"
     assert next(model.parameters()).dtype == torch.float64
-
-
-@pytest.mark.slow
-def test_a_killed_transformer_run_resumed_ends_with_the_same_weights(tmp_path):
-    """SIGKILL a real training process after a checkpoint (within the curriculum), resume
-    it, compare bit for bit with an uninterrupted run."""
-    config = tmp_path / "t.toml"
-    text = "\n".join(f"{k} = {v!r}".replace("'", '"') for k, v in TINY.items())
-    config.write_text(
-        text.replace("steps = 30", "steps = 1500").replace(
-            "checkpoint_every = 10", "checkpoint_every = 25"
-        )
-        + "\n[curriculum]\nd = 1\nn = 2\nevery = 200\n"
-    )
-    killed, straight = tmp_path / "killed", tmp_path / "straight"
-    command = [sys.executable, "-m", "misalign.cli", "train", str(config), "--out"]
-    process = subprocess.Popen([*command, str(killed)], stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while not (killed / CHECKPOINT).exists() and time.time() < deadline:
-        time.sleep(0.01)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    interrupted_at = load_checkpoint(killed / CHECKPOINT)["step"]
-    assert 0 < interrupted_at < 1500, "the run was not interrupted"
-    subprocess.run([*command, str(killed), "--resume"], check=True, capture_output=True)
-    subprocess.run([*command, str(straight)], check=True, capture_output=True)
-    resumed, _ = load_model(killed / CHECKPOINT)
-    uninterrupted, _ = load_model(straight / CHECKPOINT)
-    for a, b in zip(
-        resumed.state_dict().values(), uninterrupted.state_dict().values(), strict=True
-    ):
-        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("layers", [1, 3])
