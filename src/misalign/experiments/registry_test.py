@@ -67,7 +67,14 @@ def test_quick_run_files_exist_and_parse(runs, name):
     assert result.figures == [out / "figure.png", out / "figure.svg"]
 
 
-@pytest.mark.parametrize("name", list(REGISTRY))
+SLOW_ENTRIES = {"transformer"}
+"""Entries whose one-seed run takes tens of seconds (the transformer's probes and plays)."""
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_ENTRIES else n for n in REGISTRY],
+)
 def test_one_seed_runs_and_passes(name, tmp_path):
     """``reproduce NAME --quick --seeds 1``: no crash (std of one seed, empty filters), every
     claim finite and passing."""
