@@ -404,10 +404,13 @@ def train(
     if resume and path.exists():
         state = load_checkpoint(path, device)
         check_resumable(state["config"], config, path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        tasks.generator.set_state(state["generator"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            tasks.generator.set_state(state["generator"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+            raise ConfigError(f"{path}: not a misalign checkpoint ({_mismatch(exc)})") from None
         history = [Evaluation(**e) for e in state["history"]]
         step = saved = resumed_from = state["step"]
         for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
@@ -493,9 +496,35 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
 
 
 def load_model(path: str | Path) -> tuple[LSA | Transformer, TrainConfig]:
-    """The trained model (float64, CPU, in evaluation mode) and its configuration."""
+    """The trained model (float64, CPU, in evaluation mode) and its configuration.
+
+    Raises:
+        ConfigError: the file is not a checkpoint (``load_checkpoint``), its configuration
+            describes a model too large for the memory (``memory_needed``: a file from
+            elsewhere allocates nothing it cannot hold), or its weights do not fit the model
+            its configuration describes.
+    """
     state = load_checkpoint(path)
     config = TrainConfig.model_validate(state["config"])
+    weights = memory_needed(config)["width" if config.model == "transformer" else "d"]
+    if weights > sizes.available_memory():
+        raise ConfigError(
+            f"{path}: its configuration describes a model of {weights / GIB:.1f} GiB, "
+            f"{sizes.available_memory() / GIB:.1f} GiB available"
+        )
     model = build(config)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        raise ConfigError(f"{path}: not a misalign checkpoint ({_mismatch(exc)})") from None
     return model.double().eval(), config
+
+
+def _mismatch(exc: Exception) -> str:
+    """Why a checkpoint's saved state does not load, in a few words."""
+    return (
+        "its weights do not fit its configuration"
+        if "size mismatch" in str(exc)
+        or ("Missing key" in str(exc) or "Unexpected key" in str(exc))
+        else exc.__class__.__name__
+    )

@@ -369,3 +369,35 @@ def test_a_checkpoint_that_cannot_play_is_one_line_naming_the_field(tmp_path, ag
     )
     assert process.returncode == 2 and len(process.stderr.splitlines()) == 1, process.stderr
     assert process.stderr.startswith(f"misalign: error: {message}"), process.stderr
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"width": 32}, "not a misalign checkpoint (its weights do not fit its configuration)"),
+        ({"context": 50}, "not a misalign checkpoint (its weights do not fit its configuration)"),
+        ({"layers": 10**7}, "its configuration describes a model of "),
+    ],
+)
+def test_a_doctored_checkpoint_is_one_line_and_allocates_nothing_it_cannot_hold(
+    tmp_path, change, message
+):
+    """A checkpoint from elsewhere whose configuration does not describe its weights was a
+    torch traceback (size mismatch); one describing a huge model would have been built."""
+    checkpoint = _tiny_checkpoint(tmp_path)
+    state = torch.load(checkpoint, weights_only=True)
+    state["config"] |= change
+    doctored = tmp_path / "doctored.pt"
+    torch.save(state, doctored)
+    play = _play(tmp_path, {"kind": "transformer", "checkpoint": str(doctored)})
+    process = subprocess.run(
+        [sys.executable, "-m", "misalign.cli", "run", play, "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert process.returncode == 2 and len(process.stderr.splitlines()) == 1, process.stderr
+    assert process.stderr.startswith(
+        f"misalign: error: agents.A.checkpoint: {doctored}: {message}"
+    ), process.stderr
