@@ -145,6 +145,23 @@ def gamma_by_probing(model: LSA, X: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.linalg.lstsq(moments, answers, rcond=None)[0].T
 
 
+def residual_step(model, X: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A trained model's answer as an agent: it reads the incoming estimate ``w`` as the
+    residual labels ``y - X w`` and answers ``w`` plus its regression estimate of them, read
+    by the basis queries ``e_1 .. e_d`` (docs/theory.md §1 and §10).
+
+    Args:
+        model: answers ``model(X, y, queries)`` (``LSA``, or the softmax ``Transformer``).
+        X: ``(B, n, d)`` inputs; y: ``(B, n)`` labels; w: ``(B, d)`` estimates.
+
+    Returns:
+        ``w + model(X, y - X w, I)``, ``(B, d)``.
+    """
+    residual = y - (X @ w[..., None])[..., 0]
+    queries = torch.eye(X.shape[-1], dtype=X.dtype).expand(len(X), -1, -1)
+    return w + model(X, residual, queries)
+
+
 def label_coupling(model: LSA) -> float:
     """Largest weight in the blocks that must vanish for a single layer's prediction to be
     linear in the labels (``W_PV[d, :d]`` and ``W_KQ[d, :d]``; the label column of ``W_KQ``
@@ -187,7 +204,6 @@ class LSAAgent:
         self.model = _double(model)
         self.X = torch.as_tensor(np.stack([p.X for p in prompts]))
         self.y = torch.as_tensor(np.stack([p.y for p in prompts]))
-        self.queries = torch.eye(model.d, dtype=torch.float64).expand(len(prompts), -1, -1)
         gamma = np.broadcast_to(gamma_from_weights(model), (len(prompts), model.d, model.d))
         self._theory = GradientAgent.on_prompts(name, np.ascontiguousarray(gamma), prompts)
 
@@ -200,9 +216,7 @@ class LSAAgent:
 
     @torch.no_grad()
     def respond(self, w: np.ndarray, turn) -> np.ndarray:
-        estimate = torch.as_tensor(w)
-        residual = self.y - (self.X @ estimate[..., None])[..., 0]
-        return (estimate + self.model(self.X, residual, self.queries)).numpy()
+        return residual_step(self.model, self.X, self.y, torch.as_tensor(w)).numpy()
 
     def affine(self):
         return self._theory.affine()

@@ -522,9 +522,7 @@ def load_model(path: str | Path) -> tuple[LSA | Transformer, TrainConfig]:
 
 def _mismatch(exc: Exception) -> str:
     """Why a checkpoint's saved state does not load, in a few words."""
-    return (
-        "its weights do not fit its configuration"
-        if "size mismatch" in str(exc)
-        or ("Missing key" in str(exc) or "Unexpected key" in str(exc))
-        else exc.__class__.__name__
-    )
+    signs = ("size mismatch", "Missing key", "Unexpected key")
+    if any(sign in str(exc) for sign in signs):
+        return "its weights do not fit its configuration"
+    return exc.__class__.__name__

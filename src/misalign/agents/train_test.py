@@ -201,6 +201,29 @@ def _storage_bytes(tensors) -> int:
     )
 
 
+def _counted_step(batch: int, step) -> tuple[int, int]:
+    """One forward and backward pass, counted: ``step()`` draws a batch and returns its
+    tensors and the loss (its forward pass runs here, where the tensors saved for the
+    backward pass are kept).
+
+    Returns:
+        The bytes allocated in all with leading dimension ``batch`` (``_Allocations``), and
+        the bytes that must be held at once: the batch and the saved tensors.
+    """
+    saved = []
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() and t.shape[0] == batch:
+            saved.append(t)
+        return t
+
+    with _Allocations(batch) as allocated:
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            tensors, loss = step()
+        loss.backward()
+    return allocated.total, _storage_bytes([*tensors, *saved])
+
+
 @pytest.mark.parametrize("layers", [1, 2, 3])
 def test_the_memory_estimate_bounds_a_direct_count(layers):
     """One training step and one evaluation, counted: the estimate lies between what must be
@@ -210,20 +233,13 @@ def test_the_memory_estimate_bounds_a_direct_count(layers):
     needed = memory_needed(config)
     model = LSA(config.d, config.layers)
     optimizer = torch.optim.Adam(model.parameters())
-    saved = []
 
-    def keep(t: torch.Tensor) -> torch.Tensor:
-        if t.dim() and t.shape[0] == config.batch:
-            saved.append(t)
-        return t
-
-    with _Allocations(config.batch) as allocated:
+    def step():
         batch = Tasks(config, torch.device("cpu"), 0).sample(config.batch)
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-            loss = torch.mean((model(*batch[:3])[:, 0] - batch[3]) ** 2)
-        loss.backward()
-    held = _storage_bytes([*batch, *saved])
-    assert held <= needed["batch"] <= allocated.total
+        return batch, torch.mean((model(*batch[:3])[:, 0] - batch[3]) ** 2)
+
+    allocated, held = _counted_step(config.batch, step)
+    assert held <= needed["batch"] <= allocated
     optimizer.step()
     weights = [*model.parameters(), *model.buffers(), *(p.grad for p in model.parameters())]
     moments = [t for state in optimizer.state.values() for t in state.values() if t.dim()]

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from misalign.agents.lsa import residual_step, use_threads
 from misalign.model.agent import BlackBox
 
 
@@ -204,14 +205,11 @@ class TransformerAgent(BlackBox):
     deterministic = True
 
     def __init__(self, name: str, config, model: nn.Module, prompts: list, seeds: list[int]):
-        from misalign.agents.lsa import use_threads
-
         use_threads()
         self.name, self.config, self.seeds = name, config, list(seeds)
         self.model = model.double().eval()
         self.X = torch.as_tensor(np.stack([p.X for p in prompts]))
         self.y = torch.as_tensor(np.stack([p.y for p in prompts]))
-        self.d = self.X.shape[-1]
         self.history = []
 
     def default_probes(self, d: int) -> int:
@@ -233,16 +231,14 @@ class TransformerAgent(BlackBox):
             plays: ``(k,)`` play indices (repeats allowed); w: ``(k, d)`` estimates.
 
         Returns:
-            ``(k, d)``: ``w + model(X, y - X w, I)`` per play.
+            ``(k, d)``: ``w + model(X, y - X w, I)`` per play (``residual_step``).
         """
         out = np.empty_like(w)
         for start in range(0, len(plays), CHUNK):
             part = slice(start, start + CHUNK)
             index = torch.as_tensor(plays[part])
-            X, y, estimate = self.X[index], self.y[index], torch.as_tensor(w[part])
-            residual = y - (X @ estimate[..., None])[..., 0]
-            queries = torch.eye(self.d, dtype=X.dtype).expand(len(index), -1, -1)
-            out[part] = (estimate + self.model(X, residual, queries)).numpy()
+            step = residual_step(self.model, self.X[index], self.y[index], torch.as_tensor(w[part]))
+            out[part] = step.numpy()
         return out
 
     def respond(self, w: np.ndarray, turn) -> np.ndarray:

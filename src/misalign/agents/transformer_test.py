@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from misalign.agents.lsa import LSA, LSAAgent
 from misalign.agents.train import CHECKPOINT, load_model, train
+from misalign.agents.train_test import _one_line_error
 from misalign.agents.transformer import Transformer, TransformerAgent, baselines
 from misalign.config import ConfigError, TrainConfig, parse_config
 from misalign.model.agent import Turn, black_boxes
@@ -254,26 +255,19 @@ def test_the_memory_estimate_bounds_a_direct_count(layers):
     the model part covers weights, gradients and Adam moments; the evaluation part holds the
     held-out prompts."""
     from misalign.agents.train import HeldOut, Tasks, build, memory_needed
-    from misalign.agents.train_test import _Allocations, _storage_bytes
+    from misalign.agents.train_test import _counted_step, _storage_bytes
 
     config = TrainConfig(**TINY | {"layers": layers, "batch": 32, "eval_batch": 48})
     needed = memory_needed(config)
     model = build(config)
     optimizer = torch.optim.Adam(model.parameters())
-    saved = []
 
-    def keep(t: torch.Tensor) -> torch.Tensor:
-        if t.dim() and t.shape[0] == config.batch:
-            saved.append(t)
-        return t
-
-    with _Allocations(config.batch) as allocated:
+    def step():
         X, y = Tasks(config, torch.device("cpu"), 0).sequences(config.batch, 3, config.n + 1)
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-            loss = torch.mean((model.predictions(X, y) - y) ** 2)
-        loss.backward()
-    held = _storage_bytes([X, y, *saved])
-    assert held <= needed["batch"] <= allocated.total
+        return (X, y), torch.mean((model.predictions(X, y) - y) ** 2)
+
+    allocated, held = _counted_step(config.batch, step)
+    assert held <= needed["batch"] <= allocated
     optimizer.step()
     weights = [*model.parameters(), *(p.grad for p in model.parameters())]
     moments = [t for state in optimizer.state.values() for t in state.values() if t.dim()]
@@ -285,27 +279,16 @@ def test_the_memory_estimate_bounds_a_direct_count(layers):
 def test_a_transformer_too_wide_for_memory_is_refused_at_once(tmp_path):
     config = tmp_path / "t.toml"
     config.write_text("\n".join(f"{k} = {v!r}".replace("'", '"') for k, v in TINY.items()))
-    process = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "misalign.cli",
-            "train",
-            str(config),
-            "--set",
-            "width=4096",
-            "--set",
-            "layers=10000",
-            "--out",
-            str(tmp_path / "run"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert process.returncode == 2 and len(process.stderr.splitlines()) == 1, process.stderr
-    assert process.stderr.startswith("misalign: error: width: the model needs ")
+    settings = ["--set", "width=4096", "--set", "layers=10000"]
+    process = _misalign("train", str(config), *settings, "--out", str(tmp_path / "run"))
+    _one_line_error(process, "width: the model needs ")
     assert not (tmp_path / "run").exists()
+
+
+def _misalign(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    """``misalign ARGS`` in a real process."""
+    command = [sys.executable, "-m", "misalign.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
 def _tiny_checkpoint(tmp_path, **change) -> str:
@@ -329,20 +312,14 @@ def test_run_plays_a_transformer_agent_and_predicts_through_its_fitted_map(tmp_p
 
     checkpoint = _tiny_checkpoint(tmp_path)
     play = _play(tmp_path, {"kind": "transformer", "checkpoint": checkpoint})
-    process = subprocess.run(
-        [sys.executable, "-m", "misalign.cli", "run", play, "--json", "--out", str(tmp_path / "r")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-    )
+    process = _misalign("run", play, "--json", "--out", str(tmp_path / "r"), cwd=tmp_path)
     assert process.returncode == 0, process.stderr
     report = json.loads(process.stdout)
     assert report["observed"]["class"] in ("fixed point", "cycle", "bounded", "growing")
     fit = report["fit"]["A"]
     assert fit["global"]["probes"] == 2 * 2 + 1 and fit["noise_allowed"] is None
     assert fit["confirmed"] in (True, False) and fit["global"]["r2_loo"] is not None
-    assert "B" not in report["fit"] and "llm" not in report or report["llm"] is None
+    assert "B" not in report["fit"] and report.get("llm") is None
 
 
 @pytest.mark.parametrize(
@@ -360,15 +337,8 @@ def test_a_checkpoint_that_cannot_play_is_one_line_naming_the_field(tmp_path, ag
     if "n" in agent:
         text = Path(play).read_text().replace("[agents.A]\n", "[agents.A]\nn = 13\n", 1)
         Path(play).write_text(text.replace("n = 6\ntarget = [1.0, 0.0]", "target = [1.0, 0.0]"))
-    process = subprocess.run(
-        [sys.executable, "-m", "misalign.cli", "run", play, "--out", str(tmp_path / "r")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-    )
-    assert process.returncode == 2 and len(process.stderr.splitlines()) == 1, process.stderr
-    assert process.stderr.startswith(f"misalign: error: {message}"), process.stderr
+    process = _misalign("run", play, "--out", str(tmp_path / "r"), cwd=tmp_path)
+    _one_line_error(process, message)
 
 
 @pytest.mark.parametrize(
@@ -390,14 +360,5 @@ def test_a_doctored_checkpoint_is_one_line_and_allocates_nothing_it_cannot_hold(
     doctored = tmp_path / "doctored.pt"
     torch.save(state, doctored)
     play = _play(tmp_path, {"kind": "transformer", "checkpoint": str(doctored)})
-    process = subprocess.run(
-        [sys.executable, "-m", "misalign.cli", "run", play, "--out", str(tmp_path / "r")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-    )
-    assert process.returncode == 2 and len(process.stderr.splitlines()) == 1, process.stderr
-    assert process.stderr.startswith(
-        f"misalign: error: agents.A.checkpoint: {doctored}: {message}"
-    ), process.stderr
+    process = _misalign("run", play, "--out", str(tmp_path / "r"), cwd=tmp_path)
+    _one_line_error(process, f"agents.A.checkpoint: {doctored}: {message}")

@@ -141,7 +141,7 @@ def play_batch(configs: Sequence[Any], tail: int) -> dict[str, np.ndarray]:
         ``confirmed`` (every fitted agent's prediction checked where it points).
     """
     from misalign.api import fit, predict, setup, simulate
-    from misalign.llm.fit import score
+    from misalign.llm.fit import play_scale, score
     from misalign.model.observe import FIXED, classify
 
     game = setup(list(configs))
@@ -151,15 +151,16 @@ def play_batch(configs: Sequence[Any], tail: int) -> dict[str, np.ndarray]:
     names = game.schedule.agents
     outputs = {name: trajectory.outputs(name) for name in names}  # (T, B, d)
     observed = {name: x[-tail:].mean(axis=0) for name, x in outputs.items()}
-    points = np.stack([*game.targets.values(), game.start])
-    centre = points.mean(axis=0)
-    scale = np.linalg.norm(points - centre, axis=-1).max(axis=0)
+    scale = play_scale(game)[1]
     settled = classify(trajectory).code == FIXED
     with np.errstate(invalid="ignore"):
-        error = np.max(
-            [np.linalg.norm(observed[n] - prediction.fixed_point[n], axis=-1) for n in names],
-            axis=0,
-        ) / np.maximum(scale, 1e-12)
+        error = (
+            np.max(
+                [np.linalg.norm(observed[n] - prediction.fixed_point[n], axis=-1) for n in names],
+                axis=0,
+            )
+            / scale
+        )
     # no equilibrium predicted and none reached agree (0); one without the other is a miss
     error = np.where(settled & prediction.converges, error, np.inf)
     error[~settled & ~prediction.converges] = 0.0

@@ -248,7 +248,7 @@ def fit_game(game, predict) -> Fits:
     agents = black_boxes(game.agents)
     refitted = {name: a for name, a in agents.items() if a.config.refits > 0}
     reads = dict(game.schedule.turns)
-    centre, radius = _scale(game)
+    centre, radius = play_scale(game)
     batch = game.start.shape[0]
     asked: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # per agent, the last probes and answers
     fits: dict[str, Fit] = {}
@@ -394,8 +394,10 @@ def _warm_up(game, plays: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def _scale(game) -> tuple[np.ndarray, np.ndarray]:
-    """The play's scale per play: the centre and radius of the targets and the start."""
+def play_scale(game) -> tuple[np.ndarray, np.ndarray]:
+    """The play's scale per play: the centre and radius of the targets and the start (the
+    radius at least ``1e-3 (1 + |centre|)``), each ``(B, d)`` and ``(B,)``: the global probes'
+    spread, and what ``misalign.experiments.transformer`` measures errors against."""
     points = np.stack([*game.targets.values(), game.start])  # (k, B, d)
     centre = points.mean(axis=0)
     spread = np.linalg.norm(points - centre, axis=-1).max(axis=0)
