@@ -181,10 +181,17 @@ def _confidence(result: dict[str, Any]) -> str:
     parts = []
     for name, row in result["fit"].items():
         fit = row["local"] or row["global"]
-        checked = {None: "not checked", True: "confirmed", False: "not confirmed"}
         held = "-" if not _finite(fit["r2_loo"]) else _num(fit["r2_loo"], ".2f")
-        parts.append(f"{name} {checked[row['confirmed']]}, held-out r2 {held}")
+        parts.append(f"{name} {_verdict(row)}, held-out r2 {held}")
     return "; ".join(parts)
+
+
+def _verdict(row: dict[str, Any]) -> str:
+    """``confirmed``, ``not confirmed`` or ``not checked`` (``refits = 0``, or a reported
+    prediction that names no equilibrium: no tolerance was set for it)."""
+    if row["confirmed"] is None or not _finite(row["tolerance"]):
+        return "not checked"
+    return "confirmed" if row["confirmed"] else "not confirmed"
 
 
 def _farthest(gap: dict[str, float | None]) -> str:
@@ -262,6 +269,14 @@ def _llm_summary(console, result: dict[str, Any]) -> None:
         )
         for name, row in result["fit"].items():
             if row["confirmed"] is None:
+                continue
+            if not _finite(row["tolerance"]):
+                why = (
+                    "the model was not asked at the input it names"
+                    if result["prediction"]["converges"]
+                    else "it names no equilibrium to ask the model at"
+                )
+                console.print(f"{name}: the reported prediction is not checked: {why}")
                 continue
             verdict = "confirmed" if row["confirmed"] else "not confirmed"
             line = (

@@ -269,6 +269,7 @@ def fit_game(game, predict) -> Fits:
     visited: dict[str, np.ndarray] | None = None  # the warm-up's mean and farthest inputs
     warmed = np.zeros(batch, bool)
     around = np.zeros(batch, bool)  # plays refitted around where their warm-up went
+    current = np.zeros(batch, bool)  # plays whose flags are of the prediction now held
     last = max((a.config.refits for a in refitted.values()), default=0)
     for k in range(1, last + 2):
         at = {name: mixed(reads[name], prediction.fixed_point) for name in agents}
@@ -282,6 +283,7 @@ def fit_game(game, predict) -> Fits:
             confirmed[name] = np.where(checking, gap <= tol, confirmed[name])
             tolerance[name] = np.where(checking, tol, tolerance[name])
             miss[name] = np.where(checking, gap, miss[name])
+        current |= checking
         agree = np.logical_and.reduce([confirmed[n] for n in refitted]) if refitted else pending
         pending &= ~(checking & agree) & ~(~finite & around)  # probed where it went: done
         live = {n: pending if k <= a.config.refits else None for n, a in refitted.items()}
@@ -324,7 +326,12 @@ def fit_game(game, predict) -> Fits:
                 pending &= ~lost
             asked[name] = W, F
             locals_[name] = _fit(agent, W, F)
+            current &= ~(plays & ~lost)  # refitted: a new prediction, not yet checked
         prediction = predict(game)
+    for name in refitted:  # no flag of a prediction other than the one reported
+        confirmed[name] &= current
+        tolerance[name] = np.where(current, tolerance[name], np.nan)
+        miss[name] = np.where(current, miss[name], np.nan)
     return Fits(
         {
             name: AgentFit(

@@ -335,6 +335,43 @@ def test_confirmed_means_the_reported_equilibrium_holds(tmp_path):
     assert fitted.confirmed.any()
 
 
+def test_a_prediction_without_an_equilibrium_is_never_confirmed(tmp_path):
+    """Two refitted language models, A answering ``clip(-1.5 w + 0.1, -1, 1)`` and B
+    echoing its input (6 probes): B's local fit is confirmed at an early check, but A's
+    refits end on ``rho >= 1``, a prediction with no equilibrium, so nothing the reported
+    prediction names was asked: neither agent is confirmed and ``miss`` and ``tolerance``
+    are NaN (an earlier prediction's flags once stayed: B confirmed, miss 1e-16)."""
+
+    def behaviour(f):
+        return lambda body, index: Reply(
+            content=json.dumps({"estimate": [float(x) for x in f(estimate_of(body, 2))]})
+        )
+
+    with (
+        FakeServer(behaviour(lambda w: np.clip(-1.5 * w + 0.1, -1, 1))) as a,
+        FakeServer(behaviour(lambda w: w)) as b,
+    ):
+        agent = {"kind": "llm", "model": "fake", "api_key_env": "", "n": 4, "probes": 6}
+        config = {
+            "seed": 0,
+            "d": 2,
+            "rounds": 10,
+            "start": [0.3, -0.2],
+            "agents": {
+                "A": agent | {"base_url": a.base_url},
+                "B": agent | {"base_url": b.base_url},
+            },
+        }
+        _, fits, _, prediction, _ = _run(config, tmp_path / "s.sqlite")
+    assert not prediction.converges[0] and prediction.rho[0] >= 1
+    assert not np.isfinite(prediction.fixed_point["B"][0]).all()
+    for name in ("A", "B"):
+        fitted = fits.agents[name]
+        assert fitted.iterations > 0, name
+        assert not fitted.confirmed[0], name
+        assert np.isnan(fitted.miss[0]) and np.isnan(fitted.tolerance[0]), name
+
+
 def _two_models(tmp_path, f_a, f_b, *extra: str, **top) -> tuple[dict, str]:
     """``misalign run --json`` and the text summary of two language-model agents on loopback
     servers answering ``f_a(w)`` and ``f_b(w)`` (d = 2), A reading B and B reading A."""
@@ -386,6 +423,10 @@ def test_a_bounded_cycle_is_reported_as_a_cycle_not_a_divergence(tmp_path):
     assert result["fit"]["A"]["observed"] == observed["agents"]["A"]["mean"]
     assert text.splitlines()[0].startswith("observed: a cycle of period 2")
     assert "diverges" not in text
+    if not result["prediction"]["converges"]:  # nothing the prediction names was checked
+        for name, row in result["fit"].items():
+            assert row["confirmed"] is False and row["miss"] is row["tolerance"] is None
+            assert f"{name}: the reported prediction is not checked" in text
     if not result["prediction"]["converges"]:
         assert "no equilibrium it converges to (rho = " in text
     for row in result["fit"].values():

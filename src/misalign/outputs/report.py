@@ -201,8 +201,10 @@ def fit_report(
     play was judged on, ``observed.agents.<name>.mean``; ``null`` for a play that grew or
     failed), ``confirmed`` (the model's answer at the input the reported prediction names is
     the output it names, within ``tolerance``; ``null`` when the agent was not checked:
-    ``refits = 0``), ``miss`` (the distance of that answer from the output named: ``null``
-    unchecked, NaN when not answered), ``tolerance`` and ``noise_allowed`` (``false``: one
+    ``refits = 0``; ``false``, with ``miss`` and ``tolerance`` NaN, when the reported
+    prediction itself was not checked: it names no equilibrium), ``miss`` (the distance of
+    that answer from the output named: ``null`` unchecked, NaN when not answered),
+    ``tolerance`` and ``noise_allowed`` (``false``: one
     sample at a temperature that is not 0, so the check did not allow for the answers' noise).
 
     Args:
