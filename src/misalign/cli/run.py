@@ -92,7 +92,7 @@ def run(
     if json_out:
         print(to_json(result))
     elif seeds > 1:
-        _batch_summary(result["batch"], directory, figure)
+        _batch_summary(result, directory, figure)
         _llm_usage(_console(), result["llm"])
     else:
         _summary(result, directory, figure)

@@ -230,6 +230,14 @@ def _finite(x) -> bool:
 def _llm_summary(console, result: dict[str, Any]) -> None:
     """Language-model agents: each fitted map (global and local) and the equilibrium it
     predicts against the observed play; what the requests cost; the plays that failed."""
+    _fit_summary(console, result)
+    _llm_usage(console, result["llm"])
+
+
+def _fit_summary(console, result: dict[str, Any], title: str | None = None) -> None:
+    """Each black-box agent's fitted maps (global and local) of the report's play: ``r2``
+    in-sample, held out and on the play, the equilibrium they predict against the observed
+    play, and whether the reported prediction was confirmed."""
     from rich.table import Table
 
     if result["fit"]:
@@ -243,6 +251,7 @@ def _llm_summary(console, result: dict[str, Any]) -> None:
             "answers",
             "|equilibrium|",
             "gap",
+            title=title,
         )
         for name, row in result["fit"].items():
             for key in ("global", "local"):
@@ -289,7 +298,6 @@ def _llm_summary(console, result: dict[str, Any]) -> None:
                     "; one sample per probe at a temperature that is not 0: noise not allowed for"
                 )
             console.print(line)
-    _llm_usage(console, result["llm"])
 
 
 def _llm_usage(console, llm: dict[str, Any] | None) -> None:
@@ -312,24 +320,37 @@ def _llm_usage(console, llm: dict[str, Any] | None) -> None:
             )
 
 
-def _batch_summary(batch: dict[str, Any], directory: Path, figure: Path) -> None:
+def _batch_summary(result: dict[str, Any], directory: Path, figure: Path) -> None:
     """A readable account of ``run --seeds``: one story over the batch, told as its figure
-    draws it (converging plays by median and 10-90% quantiles; diverging ones named)."""
+    draws it (converging plays by median and 10-90% quantiles; diverging ones named).
+
+    With black-box agents (language models, transformers) the headline is what the plays
+    did, judged from their outputs; the fitted maps' verdict follows as a prediction, and
+    the fits of play 0 (the report's ``fit``) are shown with their ``r2`` and check."""
     from rich.table import Table
 
     console = _console()
+    batch = result["batch"]
+    black_box = bool(result["fit"])
     plays, good, seeds = batch["plays"], batch["converging"], batch["seeds"]
     rho = batch["rho"]
-    console.print(
-        f"{plays} plays (seeds {seeds[0]}..{seeds[-1]}): {good} predicted to converge; rho: "
-        f"median {_num(rho['median'])}, range {_num(rho['min'])} .. {_num(rho['max'])}"
-    )
     counts, periods = batch["observed"]["counts"], batch["observed"]["periods"]
     seen = [f"{n} {COUNTED[kind]}" for kind, n in counts.items() if n]
     if periods:
         each = ", ".join(f"period {p}: {n}" for p, n in periods.items())
         seen = [f"{x} ({each})" if x.endswith(" cycling") else x for x in seen]
-    console.print(f"observed: {', '.join(seen)} (each play judged from its outputs)")
+    observed = f"observed: {', '.join(seen)} (each play judged from its outputs)"
+    rate = f"median {_num(rho['median'])}, range {_num(rho['min'])} .. {_num(rho['max'])}"
+    span = f"{plays} plays (seeds {seeds[0]}..{seeds[-1]})"
+    if black_box:
+        console.print(f"{span}, {observed}")
+        console.print(
+            f"predicted from the fitted maps (a prediction, not an observation): {good} of "
+            f"{plays} converge; fitted rho: {rate}"
+        )
+    else:
+        console.print(f"{span}: {good} predicted to converge; rho: {rate}")
+        console.print(observed)
     bad = batch["diverging_seeds"]
     if bad:
         shown = ", ".join(map(str, bad[:10])) + (
@@ -346,7 +367,9 @@ def _batch_summary(batch: dict[str, Any], directory: Path, figure: Path) -> None
             "final distance",
             "final, mean ± std",
             "max |final - predicted|",
-            title=f"distance to own target over the {good} converging plays: median [10%, 90%]",
+            title=f"distance to own target over the {good} "
+            + ("plays predicted to converge" if black_box else "converging plays")
+            + ": median [10%, 90%]",
         )
         for name, row in batch["distance"].items():
             table.add_row(
@@ -371,6 +394,17 @@ def _batch_summary(batch: dict[str, Any], directory: Path, figure: Path) -> None
             f"{name}: RMS distance of the final output from its predicted limit "
             f"{_num(row['observed'], '.3g')} observed, {_num(row['predicted'], '.3g')} predicted "
             "(stationary spread)"
+        )
+    if black_box:
+        seed = result["config"]["seed"]
+        _fit_summary(
+            console,
+            result,
+            title=f"fitted maps of play 0 (seed {seed}; the report's fit is this play's)",
+        )
+        console.print(
+            f"the fits and checks above are play 0's (seed {seed}); every play is fitted and "
+            "checked on its own"
         )
     console.print(f"artifacts: {directory} (figure {figure.name})")
 

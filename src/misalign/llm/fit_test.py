@@ -435,6 +435,26 @@ def test_a_bounded_cycle_is_reported_as_a_cycle_not_a_divergence(tmp_path):
                 assert {"r2", "r2_loo", "r2_play", "rms_play"} <= set(row[key])
 
 
+def test_a_batch_of_black_boxes_leads_with_what_was_observed(tmp_path):
+    """``--seeds 2`` with the cycling pair of models: the batch summary's headline is the
+    observed classes, the fitted maps' verdict follows labelled as a prediction, and play 0's
+    fits are shown with their in-sample, held-out and on-the-play ``r2`` and their check."""
+    result, text = _two_models(
+        tmp_path, lambda w: np.clip(-1.5 * w + 0.1, -1, 1), lambda w: w, "--seeds", "2"
+    )
+    counts = result["batch"]["observed"]["counts"]
+    assert counts["cycle"] == 2, counts
+    lines = text.splitlines()
+    assert lines[0].startswith("2 plays (seeds 0..1), observed: 2 cycling"), lines[0]
+    assert lines[1].startswith("predicted from the fitted maps (a prediction, not an obs")
+    assert "diverges" not in text and "diverge " not in text
+    assert "fitted maps of play 0 (seed 0; the report's fit is this play's)" in text
+    for name, row in result["fit"].items():
+        fit_ = row["local"] or row["global"]
+        assert all(f"{fit_[k]:.3f}" in text for k in ("r2", "r2_loo", "r2_play")), (name, fit_)
+        assert f"{name}: the reported prediction is " in text
+
+
 def test_heavy_tailed_answers_score_well_only_in_sample(tmp_path):
     """A answers ``0.5 w + 1``, but now and then (where the sixth decimal of ``w_0`` is 0 or
     1: one of the global fit's 6 probes here) 1e15 in its first coordinate: the in-sample
