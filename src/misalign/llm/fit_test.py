@@ -423,6 +423,11 @@ def test_a_bounded_cycle_is_reported_as_a_cycle_not_a_divergence(tmp_path):
     assert result["fit"]["A"]["observed"] == observed["agents"]["A"]["mean"]
     assert text.splitlines()[0].startswith("observed: a cycle of period 2")
     assert "diverges" not in text
+    from PIL import Image
+
+    title = Image.open(tmp_path / "out" / "trajectory.png").text["Description"]
+    assert "observed: a cycle of period 2; predicted from the fitted maps: " in title, title
+    assert "diverge" not in title
     if not result["prediction"]["converges"]:  # nothing the prediction names was checked
         for name, row in result["fit"].items():
             assert row["confirmed"] is False and row["miss"] is row["tolerance"] is None
@@ -449,6 +454,10 @@ def test_a_batch_of_black_boxes_leads_with_what_was_observed(tmp_path):
     assert lines[1].startswith("predicted from the fitted maps (a prediction, not an obs")
     assert "diverges" not in text and "diverge " not in text
     assert "fitted maps of play 0 (seed 0; the report's fit is this play's)" in text
+    from PIL import Image
+
+    title = Image.open(tmp_path / "out" / "trajectory.png").text["Description"]
+    assert title.startswith("observed: 2 cycling; drawn: the ") and "diverge" not in title
     for name, row in result["fit"].items():
         fit_ = row["local"] or row["global"]
         assert all(f"{fit_[k]:.3f}" in text for k in ("r2", "r2_loo", "r2_play")), (name, fit_)

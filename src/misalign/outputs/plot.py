@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from misalign.api import Game
+from misalign.model.agent import black_boxes
+from misalign.model.observe import CLASSES, COUNTED, CYCLE, FIXED, GROWING, classify
 from misalign.model.play import Trajectory
 from misalign.model.theory import Prediction
 from misalign.outputs.figure import (
@@ -96,8 +98,7 @@ def draw_play(
     if converges and rho > 0:
         first = max(trajectory.distance(n, prediction.fixed_point[n])[0, play] for n in targets)
         gap.plot(rounds, np.maximum(first * rho ** (rounds - 1.0), FLOOR), "k:", label="rho^t")
-    verdict = "converges" if converges else "diverges"
-    log_axes(ax, "distance to own target", f"{verdict} (rho = {rho:.3g})")
+    log_axes(ax, "distance to own target", verdict(game, trajectory, prediction, play))
     if converges:
         title = "rate: simulation vs rho^t"
     elif against is also:
@@ -108,6 +109,43 @@ def draw_play(
     if network:
         plot_network(axes[2], game.schedule, prediction, play)
     return fig
+
+
+SEEN = {
+    "fixed point": "a fixed point",
+    "bounded": "bounded, not settled",
+    "growing": "growing",
+    "failed": "failed",
+}
+"""How a figure names an observed class (a cycle names its period)."""
+
+
+def verdict(game: Game, trajectory: Trajectory, prediction: Prediction, play: int = 0) -> str:
+    """A play's verdict for a figure's title, never one its outputs contradict.
+
+    A play with black-box agents is titled by what its outputs did
+    (``misalign.model.observe.classify``), the fitted maps' ``rho`` after it as a
+    prediction; an analytic play by the theory's ``converges`` / ``diverges (rho = ...)``
+    where the observed class agrees (a fixed point, growing), else by the observed class
+    with the theory's verdict beside it as a prediction.
+
+    Args:
+        game: the game that was played; trajectory: its trajectory; prediction: its
+            prediction; play: which play of the batch.
+
+    Returns:
+        The title.
+    """
+    observed = classify(trajectory)
+    code, period = int(observed.code[play]), int(observed.period[play])
+    seen = f"a cycle of period {period}" if code == CYCLE else SEEN[CLASSES[code]]
+    rho, converges = float(prediction.rho[play]), bool(prediction.converges[play])
+    predicted = "converges" if converges else "no equilibrium"
+    if black_boxes(game.agents):
+        return f"observed: {seen}; predicted from the fitted maps: {predicted} (rho = {rho:.3g})"
+    if (converges and code == FIXED) or (not converges and code == GROWING):
+        return f"{'converges' if converges else 'diverges'} (rho = {rho:.3g})"
+    return f"observed: {seen}; theory: {predicted} (rho = {rho:.3g})"
 
 
 def plot_batch(
@@ -125,7 +163,10 @@ def draw_batch(game: Game, trajectory: Trajectory, prediction: Prediction):
     """Draw a batch of plays (``run --seeds``) as the summary tells it: over the plays that
     converge, the median distance to own target per round with a 10-90% quantile band and
     the median predicted plateau dashed; beside it, the spread of ``rho`` over the plays.
-    Plays that diverge are counted in the title, not drawn. More than ``MANY`` agents: each
+    The other plays are counted in the title by what their outputs did (``diverge``: only
+    plays that grew), not drawn; with black-box agents the title leads with every play's
+    observed class, the drawn plays being those the fitted maps predict to converge. More
+    than ``MANY`` agents: each
     agent's median over the plays, drawn across agents (``plot_many.batch_across_agents``).
 
     Args:
@@ -144,16 +185,28 @@ def draw_batch(game: Game, trajectory: Trajectory, prediction: Prediction):
         what = batch_across_agents(ax, game, trajectory, prediction, ok)
     else:
         what = _batch_per_agent(ax, game, trajectory, prediction, ok)
-    plays, diverging = len(ok), int((~ok).sum())
-    title = f"{int(ok.sum())} of {plays} plays converge: {what}"
-    log_axes(ax, "distance to own target", title + (f"; {diverging} diverge" if diverging else ""))
+    plays = len(ok)
+    observed = classify(trajectory)
+    fitted = bool(black_boxes(game.agents))
+    if fitted:
+        counts = [(CLASSES[c], int((observed.code == c).sum())) for c in range(len(CLASSES))]
+        seen = ", ".join(f"{n} {COUNTED[kind]}" for kind, n in counts if n)
+        title = f"observed: {seen}; drawn: the {int(ok.sum())} predicted to converge, {what}"
+    else:
+        rest = [(CLASSES[c], int(((observed.code == c) & ~ok).sum())) for c in range(len(CLASSES))]
+        named = [
+            f"{n} diverge" if kind == "growing" else f"{n} {COUNTED[kind]}" for kind, n in rest if n
+        ]
+        title = f"{int(ok.sum())} of {plays} plays converge: {what}"
+        title += "".join(f"; {x}" for x in named)
+    log_axes(ax, "distance to own target", title)
     rho = prediction.rho[np.isfinite(prediction.rho)]
     spread.hist(rho, bins=min(50, max(5, plays // 5)), range=_rho_range(rho), color="0.5")
     spread.axvline(1.0, color="C3", linestyle="--", linewidth=1, label="rho = 1")
     spread.set(
         xlabel="rho (per round)",
         ylabel="plays",
-        title=f"rho over {plays} plays (median {np.median(rho):.3g})"
+        title=f"{'fitted ' * fitted}rho over {plays} plays (median {np.median(rho):.3g})"
         if rho.size
         else f"rho over {plays} plays: none finite (no fitted map)",
     )

@@ -16,6 +16,7 @@ from misalign.model.play import Trajectory
 from misalign.model.theory import Prediction
 from misalign.outputs.figure import FLOOR, draw_curve, draw_plateau, log_axes, new_figure
 from misalign.outputs.network import plot_network
+from misalign.outputs.plot import verdict
 from misalign.runtime.text import plural
 
 FARTHEST = 5
@@ -54,12 +55,11 @@ def draw_many(
     plateaus = _plateaus(prediction, names, play) if converges else None
     others = _plateaus(also, names, play) if also is not None and also.converges[play] else None
     farthest = across_agents(own, names, distance, plateaus, others)
-    verdict = "converges" if converges else "diverges"
-    rho = float(prediction.rho[play])
+    said = verdict(game, trajectory, prediction, play)
     log_axes(
         own,
         "distance to own target",
-        f"{verdict} (rho = {rho:.3g}): median over {len(names)} agents, 10-90% band",
+        f"{said}: median over {len(names)} agents, 10-90% band",
     )
     _rate(rate, game, trajectory, prediction, play, also)
     _heat_map(heat, names, distance)

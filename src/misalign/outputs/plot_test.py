@@ -19,7 +19,7 @@ from misalign.outputs.network import (
     plot_network,
     read_weights,  # noqa: E402
 )
-from misalign.outputs.plot import plot_batch, plot_play  # noqa: E402
+from misalign.outputs.plot import draw_batch, draw_play, plot_batch, plot_play  # noqa: E402
 
 
 def test_plot_writes_a_figure(tmp_path):
@@ -45,6 +45,38 @@ def test_a_batch_whose_rho_agree_to_the_last_bits_draws_its_histogram(tmp_path):
     assert np.ptp(prediction.rho) < 1e-12  # rho = 0.5 in every play, to the last bits
     path = plot_batch(game, simulate(game), prediction, tmp_path / "b.png")
     assert image.imread(path).std() > 0.05
+
+
+def _slow_growth(rounds: int, seeds=range(4)):
+    """A partner with a large step: play 2 has rho = 1.05 (the others converge slowly)."""
+    agents = {"A": {"n": 12}, "B": {"n": 12, "preconditioner": "identity", "eta": 2.2}}
+    game = setup(parse_config({"d": 2, "rounds": rounds, "agents": agents}), seeds=seeds)
+    prediction = predict(game)
+    assert list(prediction.converges) == [True, True, False, True]
+    return game, simulate(game), prediction
+
+
+def test_a_play_is_never_titled_diverging_while_its_outputs_stay_bounded():
+    """rho = 1.05 over 12 rounds: the outputs stay bounded, and the figure says so, the
+    theory's verdict beside it as a prediction; over 400 rounds they grow, and the theory's
+    ``diverges`` is the title. A batch counts as diverging only the plays that grew."""
+    game, trajectory, prediction = _slow_growth(12)
+    title = draw_play(game, trajectory, prediction, play=2).axes[0].get_title()
+    assert title == "observed: bounded, not settled; theory: no equilibrium (rho = 1.05)"
+    batch = draw_batch(game, trajectory, prediction).axes[0].get_title()
+    assert "diverge" not in batch and batch.endswith("; 1 bounded, not settled"), batch
+    game, trajectory, prediction = _slow_growth(400)
+    assert draw_play(game, trajectory, prediction, play=2).axes[0].get_title() == (
+        "diverges (rho = 1.05)"
+    )
+    assert (
+        draw_play(game, trajectory, prediction, play=0)
+        .axes[0]
+        .get_title()
+        .startswith("converges (rho = ")
+    )
+    assert draw_batch(game, trajectory, prediction).axes[0].get_title().endswith("; 1 diverge")
+    plt.close("all")
 
 
 def test_nothing_finite_to_draw_is_said_not_raised(tmp_path):
