@@ -156,8 +156,8 @@ def _observed_line(result: dict[str, Any]):
         )
     if kind == "bounded":
         return f"observed: bounded, not settled ({span}; RMS spread around the mean: {spread})"
-    stop = result.get("diverged_at")
     if kind == "failed":
+        stop = result.get("failed_at")
         seed = result["config"]["seed"]
         failed = [
             f["agent"]
@@ -166,6 +166,7 @@ def _observed_line(result: dict[str, Any]):
         ]
         who = f": {failed[0]} gave no answer" if failed else ""
         return _alert("observed: failed", f" at round {stop}{who}")
+    stop = result.get("diverged_at")
     where = f" (outputs overflowed at round {stop})" if stop is not None else ""
     return _alert("observed: growing", where or " (|outputs| grew more than tenfold)")
 

@@ -36,7 +36,9 @@ def report(
     table, plus ``probe_turns`` for the gray box) and ``defence`` (after a run:
     ``flagged_at``, ``score``, ``refused_at``). With a trajectory also ``outputs.<name>``
     (one list of ``d`` floats per round), ``distance.<name>`` (of the final output to its
-    target), ``rounds_played``, ``diverged_at`` (round, or ``null``),
+    target), ``rounds_played``, ``diverged_at`` (the round where outputs overflowed, or
+    ``null``: also for a play that failed), ``failed_at`` (the round where an agent gave
+    no answer, for a play observed ``failed``, else ``null``),
     ``rounds_to_prediction`` (from which round every output stays within 1e-8 of its
     prediction), ``agreement`` (``_agreement``: does the play end at the prediction? where
     it does not, no verdict is given: ``on_target`` and ``one_sided`` are ``null``) and
@@ -134,7 +136,9 @@ def report(
             for name in names
         },
         "rounds_played": rounds,
-        "diverged_at": None if stop < 0 else int(stop),
+        # the play engine stops a play at a NaN too: a failure is not an overflow
+        "diverged_at": int(stop) if stop >= 0 and observed["class"] == "growing" else None,
+        "failed_at": int(stop) if stop >= 0 and observed["class"] == "failed" else None,
         "rounds_to_prediction": _play_value(rounds_to_prediction(fixed, mine), 0),
         "agreement": _agreement(game, prediction, trajectory, play),
         "batch": None,

@@ -41,6 +41,47 @@ def test_report_round_trips_through_json_and_matches_the_arrays():
     assert data["config"]["seed"] == 3 and data["diverged_at"] is None
 
 
+def test_a_play_that_fails_to_parse_failed_and_did_not_diverge(tmp_path):
+    """A language model that answers ``0.5 w`` and then, from its 10th request on (during
+    the play, after its 4 probes), prose: the play is observed ``failed``; the JSON's
+    ``failed_at`` is the round it failed at and ``diverged_at`` is null (the play engine
+    stops at the NaN as at an overflow: the report tells the two apart)."""
+    from misalign.api import fit
+    from misalign.llm.agent import Session
+    from misalign.llm.fake_server import FakeServer, Reply, estimate_of
+
+    def behaviour(body, index):
+        if index >= 10:
+            return Reply(content="I would rather not say.")
+        return Reply(content=json.dumps({"estimate": (0.5 * estimate_of(body, 2)).tolist()}))
+
+    with FakeServer(behaviour) as server:
+        llm = {"kind": "llm", "model": "fake", "base_url": server.base_url, "api_key_env": ""}
+        config = {
+            "seed": 0,
+            "d": 2,
+            "rounds": 20,
+            "agents": {
+                "A": llm | {"n": 4, "probes": 4, "refits": 0, "max_retries": 0},
+                "B": {"n": 6},
+            },
+        }
+        session = Session(str(tmp_path / "s.sqlite"))
+        try:
+            game = setup(parse_config(config), session=session)
+            fits = fit(game)
+            trajectory = simulate(game)
+            data = json.loads(to_json(report(game, predict(game), trajectory, fits=fits)))
+        finally:
+            session.close()
+    assert data["observed"]["class"] == "failed"
+    assert data["diverged_at"] is None
+    assert data["failed_at"] == data["rounds_played"] == 6, (
+        data["failed_at"],
+        data["rounds_played"],
+    )
+
+
 def _contract():
     """The key table of docs/json.md (the ``--json`` contract): top-level keys, the ``run``-only
     ones, and the keys of ``prediction``."""

@@ -213,8 +213,8 @@ def _observed(data: dict[str, Any]) -> str:
         return "observed: bounded, not settled"
     if kind == "growing" and stop is not None:
         return f"observed: growing (outputs overflowed at round {num(stop)})"
-    if kind == "failed":
-        return f"observed: failed at round {num(stop)}"
+    if kind == "failed":  # failed_at; a run.json written before it had diverged_at
+        return f"observed: failed at round {num(data.get('failed_at', stop))}"
     return f"observed: {str(kind)[:40]}"
 
 
