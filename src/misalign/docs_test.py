@@ -46,6 +46,15 @@ def test_every_page_is_checked():
     assert all(page.exists() for page in PAGES)
 
 
+def test_no_paragraph_is_written_twice():
+    """A long paragraph (a table included) appears once per page: a merge once left
+    docs/llm.md's local-throughput paragraph, table and conclusion there twice."""
+    for page in PAGES:
+        paragraphs = [p.strip() for p in page.read_text().split("\n\n") if len(p.strip()) >= 200]
+        twice = {p[:60] for p in paragraphs if paragraphs.count(p) > 1}
+        assert not twice, (_name(page), twice)
+
+
 CITED_TESTS = _cited(r"`((?:src|benchmarks)/[\w/]+\.py)::(\w+)`")
 
 
