@@ -55,6 +55,18 @@ def test_no_paragraph_is_written_twice():
         assert not twice, (_name(page), twice)
 
 
+def test_the_llm_claim_says_which_prediction_is_confirmed():
+    """The ``llm`` entry's claim counts plays whose *reported* prediction is not confirmed;
+    for an affine server that is the global fit's (docs/llm.md), so neither the README's
+    registry row nor the experiment's docstring may call it a local prediction."""
+    from misalign.experiments import llm
+
+    row = next(line for line in README.splitlines() if line.startswith("| `llm` |"))
+    for text in (row, " ".join(llm.__doc__.split())):
+        assert "local prediction" not in text, text
+        assert re.search(r"the prediction each play reports (is|must be) confirmed", text), text
+
+
 CITED_TESTS = _cited(r"`((?:src|benchmarks)/[\w/]+\.py)::(\w+)`")
 
 

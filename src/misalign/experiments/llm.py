@@ -17,8 +17,10 @@ fit table of docs/llm.md is a regression test, ``claims_test.py``.)
 Part 2, the theory: ``misalign.llm.fake_server.FakeServer`` on ``127.0.0.1`` answers
 ``A w + c`` (a non-symmetric ``A`` with spectral radius 0.6) in the JSON an OpenAI-compatible
 server would; a language-model agent plays it against a noisy-label analytic agent, recorded
-into a temporary store. Both fits must recover ``A`` and ``c``, the local prediction must be
-confirmed, and every play must end on the predicted equilibrium. The server is stopped
+into a temporary store. The fits must recover ``A`` and ``c``, the prediction each play
+reports must be confirmed (the model's answer at the input it names is the output it names;
+for an affine map that is the global fit's, confirmed at its first check with no local refit,
+docs/llm.md), and every play must end on the predicted equilibrium. The server is stopped
 whatever happens (a context manager).
 """
 
