@@ -81,10 +81,13 @@ class AgentFit:
         probes: answers used by every local refit and check together.
         confirmed: per play, whether the model's answer at the input the reported
             prediction names for the agent was the output it names (within ``tolerance``),
-            for every refitted black-box agent of the play, ``(B,)``.
-        tolerance: per play, the distance the check allowed (NaN where none was made).
+            for every refitted black-box agent of the play, ``(B,)``; false where the
+            reported prediction itself was not checked (it names no equilibrium, or it came
+            from a refit after the last check): a flag of an earlier prediction never stays.
+        tolerance: per play, the distance the check of the reported prediction allowed
+            (NaN where it was not checked).
         miss: per play, the distance of the model's mean answer at the checked input from
-            the output the prediction names (NaN where no check was made).
+            the output the reported prediction names (NaN where it was not checked).
         noise_allowed: whether the check allowed for the answers' noise: ``True`` with
             ``samples > 1``, ``False`` with one sample at a temperature that is not 0 (or
             not set), ``None`` at temperature 0 (answers are not sampled).
