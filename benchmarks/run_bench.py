@@ -25,8 +25,9 @@ import numpy as np
 
 from misalign import load_config
 from misalign.api import predict, setup, simulate
+from misalign.outputs.batch import batch
 from misalign.outputs.plot import plot_batch
-from misalign.outputs.report import batch, report, to_json
+from misalign.outputs.report import report, to_json
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "two_agents.toml"
 

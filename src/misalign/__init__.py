@@ -2,8 +2,9 @@
 
 from misalign.api import Game, fit, predict, setup, simulate
 from misalign.config import ConfigError, PlayConfig, load_config, parse_config
+from misalign.outputs.batch import batch
 from misalign.outputs.plot import plot_batch, plot_play
-from misalign.outputs.report import batch, report, to_json
+from misalign.outputs.report import report, to_json
 
 __all__ = [
     "ConfigError",

@@ -12,11 +12,15 @@ answers) to ``setup`` and call ``fit(game)`` before ``predict``.
 A batch holds independent plays, one per seed (or per configuration of the
 same dimension and schedule); play ``i`` of a batch is bit for bit the play a
 single run of its configuration gives.
+
+Why one module: ``setup`` is one decision table from every agent kind's configuration to its
+agent (learners, trained models, language models, helpers, attackers, defences, sampled
+wrappers), sized before anything is built; split per kind, each part would repeat the batch's
+bookkeeping.
 """
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -48,8 +52,9 @@ from misalign.model.agent import (
     noise_covariance,
     preconditioner,
 )
+from misalign.model.philox import as_seeds
 from misalign.model.play import Schedule, Trajectory, play
-from misalign.model.prompt import Prompt, agent_streams, sample_prompts
+from misalign.model.prompt import PlayPrompts, Prompt, sample_prompts
 from misalign.model.theory import Prediction
 from misalign.model.theory import predict as predict_maps
 from misalign.runtime.progress import progress_bar
@@ -78,7 +83,44 @@ class Game:
     @cached_property
     def targets(self) -> dict[str, np.ndarray]:
         """Every agent's objective ``w*``, ``(B, d)``."""
-        return {name: np.stack([p.target for p in ps]) for name, ps in self.prompts.items()}
+        return {
+            name: ps.batch.target
+            if isinstance(ps, PlayPrompts)
+            else np.stack([p.target for p in ps])
+            for name, ps in self.prompts.items()
+        }
+
+    @cached_property
+    def seeds(self) -> np.ndarray:
+        """Every play's seed, ``(B,)`` ``uint64``."""
+        if isinstance(self.configs, Seeded):
+            return self.configs.seeds
+        return as_seeds([c.seed for c in self.configs])
+
+
+class Seeded(Sequence[PlayConfig]):
+    """One configuration played once per seed, as the sequence of its plays' configurations
+    (each made when read: a batch of 10^6 seeds holds one configuration).
+
+    Attributes:
+        config: the configuration.
+        seeds: the plays' seeds, ``(B,)`` ``uint64``.
+    """
+
+    def __init__(self, config: PlayConfig, seeds: Sequence[int]) -> None:
+        self.config, self.seeds = config, as_seeds(seeds)
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def __getitem__(self, play):
+        if isinstance(play, slice):
+            return [self[i] for i in range(*play.indices(len(self)))]
+        return self.config.model_copy(update={"seed": int(self.seeds[play])})
+
+    def agents(self, name: str) -> list[AgentConfig]:
+        """Agent ``name``'s configuration in every play (one object, repeated)."""
+        return [self.config.agents[name]] * len(self)
 
 
 def setup(
@@ -106,7 +148,9 @@ def setup(
     if isinstance(config, PlayConfig):
         seeds = [config.seed] if seeds is None else seeds
         check_size(config, len(seeds))
-        configs = tuple(config.model_copy(update={"seed": int(s)}) for s in seeds)
+        if len(seeds) and max(seeds) >= 2**64:
+            raise ConfigError(f"seed: the last play's seed {max(seeds)} is not below 2^64")
+        configs = Seeded(config, seeds)
     else:
         configs = tuple(config)
         check_size(configs[0], len(configs))
@@ -116,23 +160,29 @@ def setup(
     first = configs[0]
     learners = [n for n, a in first.agents.items() if isinstance(a, LearnerConfig)]
     sampled: dict[str, list[tuple[np.ndarray, Prompt]]] = {n: [] for n in learners}
-    bar = progress_bar(len(configs), "prompts") if progress and len(configs) >= 2000 else None
-    for start in range(0, len(configs), CHUNK):
-        plays = range(start, min(start + CHUNK, len(configs)))
+    if isinstance(configs, Seeded):  # one configuration: every play's prompt at once
+        everyone = np.arange(len(configs))
         for n in learners:
-            sampled[n] += _prompts(configs, plays, n)
+            agent = first.agents[n]
+            sampled[n] = [(everyone, _sample([agent], configs.seeds, n, first.d))]
+    else:
+        bar = progress_bar(len(configs), "prompts") if progress and len(configs) >= 2000 else None
+        for start in range(0, len(configs), CHUNK):
+            plays = range(start, min(start + CHUNK, len(configs)))
+            for n in learners:
+                sampled[n] += _prompts(configs, plays, n)
+            if bar is not None:
+                bar.advance(bar.task_ids[0], len(plays))
         if bar is not None:
-            bar.advance(bar.task_ids[0], len(plays))
-    if bar is not None:
-        bar.stop()
+            bar.stop()
     prompts = {n: _plays(sampled[n], len(configs)) for n in learners}
-    seeds_ = [c.seed for c in configs]
+    seeds_ = configs.seeds if isinstance(configs, Seeded) else as_seeds([c.seed for c in configs])
     if session is None and any(isinstance(first.agents[n], LLMAgentConfig) for n in learners):
         from misalign.llm.agent import Session
 
         session = Session("runs/llm.sqlite")
     agents: dict[str, Agent] = {
-        n: _agent(n, [c.agents[n] for c in configs], prompts[n], session, seeds_, sampled[n])
+        n: _agent(n, _agent_configs(configs, n), prompts[n], session, seeds_, sampled[n])
         for n in learners
     }
     for n in learners:
@@ -154,19 +204,18 @@ def setup(
         name = first.attack.agent
         agents[name], prompts[name] = _attacker(
             first.attack,
-            [c.agents[name] for c in configs],
+            _agent_configs(configs, name),
             agents,
             prompts[name],
             victim=dict(schedule.turns)[name],
         )
     for n in learners:  # the sampled wrapper goes around an attacker too, under any defence
         if first.agents[n].sampling_std > 0:
-            seed = [*(c.seed for c in configs), zlib.crc32(n.encode()), 6]  # section 6's stream
-            agents[n] = Sampled(agents[n], first.agents[n].sampling_std, seed)
+            agents[n] = Sampled(agents[n], first.agents[n].sampling_std, seeds_)
     if first.defence is not None:
         name = first.defence.agent
         agents[name] = _defended(first.defence, agents[name], prompts[name])
-    if all(c.start is None for c in configs):
+    if isinstance(configs, Seeded) and first.start is None or all(c.start is None for c in configs):
         start = np.zeros((len(configs), first.d))
     else:
         start = np.stack(
@@ -218,6 +267,13 @@ def check_size(config: PlayConfig, plays: int = 1) -> None:
         require({"seeds": sum(footprint(config, plays).values())}, batch)
 
 
+def _agent_configs(configs: Sequence[PlayConfig], name: str) -> list[AgentConfig]:
+    """Agent ``name``'s configuration in every play."""
+    if isinstance(configs, Seeded):
+        return configs.agents(name)
+    return [c.agents[name] for c in configs]
+
+
 def _shape(config: PlayConfig) -> tuple:
     """What every play of a batch must share."""
     helpers = [a for a in config.agents.values() if isinstance(a, HelperAgentConfig)]
@@ -238,8 +294,8 @@ def _prompts(
 ) -> list[tuple[np.ndarray, Prompt]]:
     """Agent ``name``'s prompts in ``plays``, sampled together where plays draw the same
     streams with the same shapes (and, for the analytic agent, take one preconditioner):
-    ``(plays, prompts)`` per group. Play ``i``'s prompt is ``sample_prompt(agent_rng(seed_i,
-    name), ...)`` of its own configuration, bit for bit."""
+    ``(plays, prompts)`` per group. Play ``i``'s prompt is ``sample_prompt(seed_i, name,
+    ...)`` of its own configuration, bit for bit."""
     keys: dict[int, tuple] = {}  # by agent configuration: the plays of one config share it
     groups: dict[tuple, list[int]] = {}
     for i in plays:
@@ -251,20 +307,27 @@ def _prompts(
                 getattr(agent, "preconditioner", None),
             )
         groups.setdefault(key, []).append(i)
-    d, out = configs[0].d, []
-    for (n, rotate, *_), members in groups.items():
+    out = []
+    for members in groups.values():
         agents = [configs[i].agents[name] for i in members]
-        batch = sample_prompts(
-            agent_streams([configs[i].seed for i in members], name),
-            d=d,
-            n=n,
-            spectrum=_setting(agents, "spectrum", np.ones(d)),
-            rotate=rotate,
-            target=None if agents[0].target is None else _setting(agents, "target", 0.0),
-            noise=_setting(agents, "noise", 0.0),
-        )
-        out.append((np.array(members), batch))
+        seeds = [configs[i].seed for i in members]
+        out.append((np.array(members), _sample(agents, seeds, name, configs[0].d)))
     return out
+
+
+def _sample(agents: list[AgentConfig], seeds, name: str, d: int) -> Prompt:
+    """The prompts of plays whose agent ``name`` has the configurations ``agents`` (one, or
+    one per play, of one ``n`` and ``rotate``) and the seeds ``seeds``."""
+    return sample_prompts(
+        seeds,
+        name,
+        d=d,
+        n=agents[0].n,
+        spectrum=_setting(agents, "spectrum", np.ones(d)),
+        rotate=agents[0].rotate,
+        target=None if agents[0].target is None else _setting(agents, "target", 0.0),
+        noise=_setting(agents, "noise", 0.0),
+    )
 
 
 def _setting(agents: list[AgentConfig], key: str, default: np.ndarray | float):
@@ -276,8 +339,11 @@ def _setting(agents: list[AgentConfig], key: str, default: np.ndarray | float):
     return np.array([default if v is None else v for v in values], dtype=float)
 
 
-def _plays(sampled: list[tuple[np.ndarray, Prompt]], size: int) -> list[Prompt]:
-    """One prompt per play from the batches of ``_prompts``."""
+def _plays(sampled: list[tuple[np.ndarray, Prompt]], size: int) -> Sequence[Prompt]:
+    """One prompt per play from the batches of ``_prompts`` (views of the one batch when it
+    holds every play in order)."""
+    if len(sampled) == 1 and np.array_equal(sampled[0][0], np.arange(size)):
+        return sampled[0][1].plays()
     prompts: list[Prompt] = [None] * size  # type: ignore[list-item]
     for plays, batch in sampled:
         for i, prompt in zip(plays, batch.plays(), strict=True):

@@ -266,7 +266,7 @@ def test_probe_turns_are_checked(attack, message):
 # A batch is sampled and built a group of plays at a time (issue 12): each play's prompts,
 # preconditioners and turn maps are still those of its single run, bit for bit.
 
-HUGE = [0, 1, 2**32 - 1, 2**32, 2**40 + 3, 2**64 + 3, 10**25]
+HUGE = [0, 1, 2**32 - 1, 2**32, 2**40 + 3, 2**63, 2**64 - 1]
 
 
 def _exact(game, alone, play):
@@ -297,15 +297,27 @@ def _exact(game, alone, play):
 )
 @pytest.mark.parametrize("chunk", [3, 4096])
 def test_a_batch_is_each_seed_alone_bit_for_bit(data, chunk, monkeypatch):
-    """Seeds of one to four words; the batch sampled whole, or in chunks of 3 plays."""
+    """Seeds of one or two words; one configuration over seeds, or a list of configurations
+    sampled in chunks of 3 plays."""
     import misalign.api as experiment
 
     monkeypatch.setattr(experiment, "CHUNK", chunk)
     config = parse_config({"rounds": 5, **data})
     seeds = HUGE + list(range(5, 12))
-    game = setup(config, seeds=seeds)
+    seeded = setup(config, seeds=seeds)
+    listed = setup([config.model_copy(update={"seed": seed}) for seed in seeds])
     for play, seed in enumerate(seeds):
-        _exact(game, setup(config.model_copy(update={"seed": seed})), play)
+        alone = setup(config.model_copy(update={"seed": seed}))
+        _exact(seeded, alone, play)
+        _exact(listed, alone, play)
+
+
+def test_seeds_past_64_bits_are_one_line():
+    config = parse_config({"d": 2, "rounds": 3, "agents": {"A": {"n": 3}, "B": {"n": 3}}})
+    with pytest.raises(ConfigError, match=r"^seed: the last play's seed 18446744073709551616 "):
+        setup(config, seeds=[3, 2**64])
+    with pytest.raises(ConfigError, match="seed"):
+        parse_config({"seed": 2**64, "d": 2, "rounds": 3, "agents": {"A": {"n": 3}, "B": {"n": 3}}})
 
 
 def test_a_batch_of_different_configs_is_each_alone_bit_for_bit(monkeypatch):
@@ -328,7 +340,7 @@ def test_a_batch_of_different_configs_is_each_alone_bit_for_bit(monkeypatch):
         if rng.integers(2):
             A["target"] = rng.standard_normal(3).tolist()
         B = {"n": 5, "eta": float(rng.uniform(0.2, 1))}
-        seed = HUGE[k % len(HUGE)] + k
+        seed = HUGE[k % len(HUGE)] - k if HUGE[k % len(HUGE)] >= k else k
         configs.append(
             parse_config({"seed": seed, "d": 3, "rounds": 5, "agents": {"A": A, "B": B}})
         )

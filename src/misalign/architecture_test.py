@@ -94,7 +94,7 @@ def test_the_root_holds_few_modules():
     assert len(root) <= 8, sorted(root)
 
 
-LONG = 550
+LONG = 500
 """A module longer than this says why it is one module (``Why one module:`` in its docstring)."""
 
 

@@ -439,7 +439,9 @@ class DefenceConfig(_Strict):
 class PlayConfig(_Strict):
     """A play: the agents, their turn order, the number of rounds and the seed."""
 
-    seed: int = Field(default=0, ge=0, description="data seed (prompts and sampled targets)")
+    seed: int = Field(
+        default=0, ge=0, lt=2**64, description="data seed (prompts and sampled targets)"
+    )
     d: int = Field(ge=1, description="dimension")
     rounds: int = Field(ge=1, description="rounds to play")
     schedule: Schedule | None = Field(

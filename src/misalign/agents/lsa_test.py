@@ -15,7 +15,7 @@ from misalign.agents.lsa import (
     label_coupling,
 )
 from misalign.model.agent import Turn, fit_affine
-from misalign.model.prompt import agent_rng, sample_prompt
+from misalign.model.prompt import sample_prompt
 
 
 def _numpy_lsa(pv_list, kq_list, X, y, xq):
@@ -111,7 +111,7 @@ def test_label_coupling_breaks_the_weight_reading():
 def test_lsa_agent_takes_the_step_and_reports_its_map():
     d = 3
     model = _random_model(d, 1, False, 5)
-    prompts = [sample_prompt(agent_rng(s, "A"), d=d, n=9, noise=0.1) for s in range(4)]
+    prompts = [sample_prompt(s, "A", d=d, n=9, noise=0.1) for s in range(4)]
     agent = LSAAgent("A", model, prompts)
     gamma = gamma_from_weights(model)
     w = np.random.default_rng(1).standard_normal((4, d))
@@ -130,7 +130,7 @@ def test_lsa_agent_plays_on_one_thread_like_training():
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        prompts = [sample_prompt(agent_rng(0, "A"), d=2, n=5, noise=0.0)]
+        prompts = [sample_prompt(0, "A", d=2, n=5, noise=0.0)]
         LSAAgent("A", _random_model(2, 1, False, 0), prompts)
         assert torch.get_num_threads() == 1
     finally:

@@ -12,6 +12,9 @@ length up to its ``context``, past the trained ``n`` too. Checkpoints hold
 the model, the optimizer, the schedule and the data stream's state, written
 atomically, so a run killed at any point and resumed from its last checkpoint
 ends with the same weights as an uninterrupted run.
+
+Why one module: the task stream, the step, the evaluation and the checkpoint share one state
+(model, optimizer, schedule, random streams) that a resumed run must restore as a whole.
 """
 
 from __future__ import annotations

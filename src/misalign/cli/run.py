@@ -10,7 +10,10 @@ import typer
 from misalign.cli.common import (
     _artifacts,
     _asking,
+    _check_flags,
+    _fail,
     _game,
+    _load,
     _nothing_succeeded,
     _session,
     _solve,
@@ -33,6 +36,7 @@ from misalign.cli.options import (
     app,
 )
 from misalign.cli.summary import _batch_summary, _console, _llm_usage, _summary
+from misalign.runtime.errors import ConfigError
 from misalign.runtime.progress import stage
 from misalign.runtime.text import plural
 
@@ -56,17 +60,44 @@ def run(
     allow_host: AllowHostOpt = None,
     max_requests: MaxRequestsOpt = DEFAULT_MAX_REQUESTS,
     max_cost: MaxCostOpt = None,
+    record: Annotated[
+        str | None,
+        typer.Option(
+            help="With --seeds: keep every output ('all'), only the measurements with each "
+            "agent's distance every K rounds ('every K'), or none per round ('last').",
+            show_default="by size",
+        ),
+    ] = None,
 ) -> None:
     """Simulate the play and predict its equilibrium; figure, config and report.
 
     Language-model agents are fitted first (probes) and every answer is recorded in --store:
     a re-run reads it first, --replay never asks the server."""
-    from misalign.api import simulate
-    from misalign.llm import language_models
-    from misalign.outputs.plot import plot_batch, plot_play
-    from misalign.outputs.report import batch, report, to_json
+    from misalign.workflows.batch import Record, choose
 
     session = _session(store, replay, refresh, fork_at, allow_host, max_requests, max_cost)
+    try:
+        asked = None if record is None else Record.parse(record)
+        if seeds > 1:
+            chosen = choose(_load(config, set_), seeds, asked)
+        elif asked is not None:
+            raise ConfigError("--record applies to a batch (--seeds N with N > 1)")
+    except ConfigError as exc:
+        _fail(str(exc))
+    if seeds > 1 and chosen.mode != "all":
+        return _streamed(config, set_, seeds, chosen, json_out, out, session)
+    _recorded(config, set_, seeds, json_out, out, session)
+
+
+def _recorded(config, set_, seeds, json_out, out, session) -> None:
+    """``run`` with every output recorded: fit, play the batch at once, predict, report."""
+    from misalign.api import simulate
+    from misalign.llm import language_models
+    from misalign.model.agent import black_boxes
+    from misalign.outputs.batch import batch_report, measured
+    from misalign.outputs.plot import plot_measured, plot_play
+    from misalign.outputs.report import report
+
     cfg, game = _game(config, set_, seeds, session)
 
     def played(fits):
@@ -80,15 +111,50 @@ def run(
     with stage("writing the report and the figure", _tty()):
         result = report(game, prediction, trajectory, fits=fits)
         if seeds > 1:
-            result["batch"] = batch(game, prediction, trajectory)
+            m = measured(game, prediction, trajectory)
+            result["batch"] = batch_report(m, game.seeds, "all")
         also = None if fits is None else fits.global_prediction
 
         def draw(path: Path) -> Path:
             if seeds > 1:
-                return plot_batch(game, trajectory, prediction, path)
+                return plot_measured(m, path, fitted=bool(black_boxes(game.agents)))
             return plot_play(game, trajectory, prediction, path, also=also)
 
         directory, figure = _artifacts(cfg, out, result, "run.json", "trajectory.png", draw)
+    _told(result, seeds, json_out, directory, figure)
+
+
+def _streamed(config, set_, seeds, record, json_out, out, session) -> None:
+    """``run --seeds`` keeping only the measurements (``misalign.workflows.batch.stream``):
+    the report's play is the first seed's, played alone."""
+    from misalign.api import simulate
+    from misalign.outputs.batch import batch_report
+    from misalign.outputs.plot import plot_measured
+    from misalign.outputs.report import report
+    from misalign.workflows.batch import stream
+
+    cfg = _load(config, set_)
+    _check_flags(cfg, session)
+    seeds_ = range(cfg.seed, cfg.seed + seeds)
+    try:
+        streamed = stream(cfg, seeds_, record, progress=_tty())
+    except ConfigError as exc:
+        _fail(str(exc))
+    with stage("writing the report and the figure", _tty()):
+        result = report(streamed.first, streamed.prediction, simulate(streamed.first))
+        result["batch"] = batch_report(streamed.measured, streamed.seeds, str(record))
+
+        def draw(path: Path) -> Path:
+            return plot_measured(streamed.measured, path)
+
+        directory, figure = _artifacts(cfg, out, result, "run.json", "trajectory.png", draw)
+    _told(result, seeds, json_out, directory, figure)
+
+
+def _told(result, seeds: int, json_out: bool, directory: Path, figure: Path | None) -> None:
+    """Print the report (``--json``) or its summary; exit 1 when every play failed."""
+    from misalign.outputs.report import to_json
+
     if json_out:
         print(to_json(result))
     elif seeds > 1:

@@ -353,7 +353,7 @@ def _batch_summary(result: dict[str, Any], directory: Path, figure: Path) -> Non
         console.print(f"{span}: {good} predicted to converge; rho: {rate}")
         console.print(observed)
     bad = batch["diverging_seeds"]
-    if bad:
+    if len(bad):
         shown = ", ".join(map(str, bad[:10])) + (
             f" and {len(bad) - 10} more" if len(bad) > 10 else ""
         )
@@ -406,6 +406,12 @@ def _batch_summary(result: dict[str, Any], directory: Path, figure: Path) -> Non
         console.print(
             f"the fits and checks above are play 0's (seed {seed}); every play is fitted and "
             "checked on its own"
+        )
+    kept = batch.get("record")
+    if kept and kept != "all":
+        what = "no round" if kept == "last" else f"each agent's distance {kept} rounds"
+        console.print(
+            f"record {kept}: the plays ran in chunks, measured as they played; kept {what}"
         )
     console.print(f"artifacts: {directory} (figure {figure.name})")
 

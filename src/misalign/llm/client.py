@@ -10,6 +10,9 @@ that is not a completion (not JSON, no message, content that is not text) is ret
 ``Completion`` with a ``problem``: a bad answer of its play, never a traceback. The key is
 read from the environment by the caller, held in memory only, and scrubbed from every message
 this module raises.
+
+Why one module: the retry policy, the format fallback and the key's scrubbing act on the same
+request and response objects in one loop; split, each part would need the others' state.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 
+from misalign.model.philox import SAMPLING, normals
 from misalign.model.prompt import Prompt
 
 Preconditioner = Literal["identity", "lsa-optimal", "newton"]
@@ -284,17 +285,19 @@ class Sampled(Wrapper):
     """A sampled agent: answers ``f(w) + eps``, ``eps ~ N(0, std^2 I)`` independent across
     turns and plays (docs/theory.md §6), around any agent with a map ``f``.
 
-    The noise of a whole batch comes from one stream, so plays of a batch are independent
-    but, unlike noise-free plays, play ``i`` is not the single run of its seed.
+    The noise of play ``i``'s ``k``-th answer since ``start`` is the counter-based draw of
+    ``(seeds[i], name, SAMPLING, k)`` (``misalign.model.philox``): independent across plays
+    and turns, and play ``i`` of a batch is the single run of its seed, bit for bit.
 
     Args:
         inner: the agent whose answers are perturbed.
         std: the noise's standard deviation.
-        seed: the noise stream's seed.
+        seeds: the plays' seeds, ``(B,)``.
     """
 
-    def __init__(self, inner: Agent, std: float, seed: Sequence[int]) -> None:
-        self.inner, self.name, self.std, self.seed = inner, inner.name, std, seed
+    def __init__(self, inner: Agent, std: float, seeds: Sequence[int]) -> None:
+        self.inner, self.name, self.std, self.seeds = inner, inner.name, std, seeds
+        self._answers = 0
 
     @property
     def gamma(self) -> np.ndarray | None:
@@ -309,11 +312,13 @@ class Sampled(Wrapper):
 
     def start(self, batch: int) -> None:
         self.inner.start(batch)
-        self._rng = np.random.default_rng(list(self.seed))
+        self._answers = 0
 
     def respond(self, w: np.ndarray, turn: Turn) -> np.ndarray:
         answer = self.inner.respond(w, turn)
-        return answer + self.std * self._rng.standard_normal(answer.shape)
+        noise = normals(self.seeds, self.name, SAMPLING, answer.shape[1:], turn=self._answers)
+        self._answers += 1
+        return answer + self.std * noise
 
     def affine(self) -> AffineMap | None:
         return self.inner.affine()

@@ -14,7 +14,7 @@ from misalign.model.agent import (
     lsa_optimal_gamma,
     preconditioner,
 )
-from misalign.model.prompt import agent_rng, agent_streams, sample_prompt, sample_prompts
+from misalign.model.prompt import sample_prompt, sample_prompts
 
 KINDS = ["identity", "lsa-optimal", "newton"]
 
@@ -30,7 +30,7 @@ def _agent(prompts, kind="lsa-optimal", eta=1.0, steps=1):
 
 
 def _prompts(batch, d, n, seed=0, **kw):
-    return [sample_prompt(agent_rng(seed + b, "A"), d=d, n=n, **kw) for b in range(batch)]
+    return [sample_prompt(seed + b, "A", d=d, n=n, **kw) for b in range(batch)]
 
 
 @settings(max_examples=30, deadline=None)
@@ -57,7 +57,7 @@ def test_respond_is_k_gradient_steps_on_the_prompt(d, n, kind, eta, steps, seed)
 
 
 def test_lsa_optimal_isotropic_is_scalar():
-    p = sample_prompt(agent_rng(0, "A"), d=5, n=20)
+    p = sample_prompt(0, "A", d=5, n=20)
     np.testing.assert_allclose(preconditioner("lsa-optimal", p), 20 / 26 * np.eye(5))
 
 
@@ -73,11 +73,11 @@ def test_lsa_optimal_minimises_the_icl_loss_monte_carlo():
         pred_minus_w = np.einsum("ij,tkj,tkl,tl->ti", gamma, X, X, w) / n - w
         return np.mean(np.einsum("ti,i,ti->t", pred_minus_w, spectrum, pred_minus_w))
 
-    iso = sample_prompt(agent_rng(0, "A"), d=d, n=n)
+    iso = sample_prompt(0, "A", d=d, n=n)
     optimum = loss(preconditioner("lsa-optimal", iso), np.ones(d))
     assert optimum == pytest.approx(d * (d + 1) / (n + d + 1), rel=0.03)
     spectrum = np.array([3.0, 1.0, 0.3])
-    skew = sample_prompt(agent_rng(0, "A"), d=d, n=n, spectrum=spectrum)
+    skew = sample_prompt(0, "A", d=d, n=n, spectrum=spectrum)
     best = loss(preconditioner("lsa-optimal", skew), spectrum)
     for scale in (0.8, 1.25):
         assert best < loss(scale * preconditioner("lsa-optimal", skew), spectrum)
@@ -181,8 +181,8 @@ def test_preconditioner_of_a_batch_is_each_play_alone(d, n, kind, rotate, skewed
     ``lsa_optimal_gamma`` give each play's own matrix, bit for bit."""
     seeds = [seed + b for b in range(4)]
     spectrum = np.random.default_rng(seed).uniform(0.2, 3.0, d) if skewed else None
-    batch = sample_prompts(agent_streams(seeds, "A"), d, n, spectrum, rotate)
-    alone = [sample_prompt(agent_rng(s, "A"), d, n, spectrum, rotate) for s in seeds]
+    batch = sample_prompts(seeds, "A", d, n, spectrum, rotate)
+    alone = [sample_prompt(s, "A", d, n, spectrum, rotate) for s in seeds]
     etas = np.array([0.3, 0.7, 1.0, 1.3])
     for eta in (etas, 0.6):
         gamma = preconditioner(kind, batch, eta)

@@ -16,7 +16,7 @@ turn is one call per agent for all plays.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -152,23 +152,30 @@ class Trajectory:
         turns: output of every turn, shape ``(rounds * len(schedule.turns), B, d)``.
         diverged_at: per play, the first round whose outputs left ``[-DIVERGED, DIVERGED]``
             (or were not finite), ``-1`` where the play stayed bounded.
+        skipped: the rounds played before the first recorded one (``play(record=False)``).
     """
 
     schedule: Schedule
     start: np.ndarray
     turns: np.ndarray
     diverged_at: np.ndarray
+    skipped: int = 0
 
     @property
     def rounds(self) -> int:
-        """The number of rounds played (fewer than asked when every play diverged)."""
+        """The number of rounds recorded (fewer than asked when every play diverged; one
+        when the play kept only its last round)."""
         return self.turns.shape[0] // len(self.schedule.turns)
 
     def select(self, plays) -> Trajectory:
         """The trajectory of some plays of the batch (any numpy index on the batch axis; a
         slice gives a view, no copy)."""
         return Trajectory(
-            self.schedule, self.start[plays], self.turns[:, plays], self.diverged_at[plays]
+            self.schedule,
+            self.start[plays],
+            self.turns[:, plays],
+            self.diverged_at[plays],
+            self.skipped,
         )
 
     def outputs(self, name: str) -> np.ndarray:
@@ -189,6 +196,8 @@ def play(
     rounds: int,
     start: np.ndarray,
     progress: bool = False,
+    record: bool = True,
+    on_round: Callable[[int, Mapping[str, np.ndarray]], None] | None = None,
 ) -> Trajectory:
     """Play ``rounds`` rounds of ``schedule`` for a batch of independent plays.
 
@@ -198,17 +207,24 @@ def play(
         rounds: number of rounds.
         start: every agent's initial output, shape ``(B, d)``.
         progress: show a progress bar on stderr.
+        record: keep every turn's output; otherwise only the last round's (two rounds'
+            outputs are held at any time: agents that read earlier turns, ``Turn.past``,
+            see none).
+        on_round: called after each round ``t`` with every agent's output at its end,
+            ``(B, d)`` each (views: copy what is kept).
 
     Returns:
-        The trajectory; it stops early once every play has diverged.
+        The trajectory (without ``record``, of the last round only: ``skipped`` counts the
+        rounds before it); it stops early once every play has diverged.
     """
     batch, d = start.shape
     per_round = len(schedule.turns)
+    kept = rounds if record else min(rounds, 2)
     try:
-        turns = np.empty((rounds * per_round, batch, d))
+        turns = np.empty((kept * per_round, batch, d))
     except (MemoryError, ValueError):
-        size = rounds * per_round * batch * d * 8 / 2**30
-        raise MemoryError(f"recording {rounds} rounds needs {size:.3g} GiB") from None
+        size = kept * per_round * batch * d * 8 / 2**30
+        raise MemoryError(f"recording {kept} rounds needs {size:.3g} GiB") from None
     last = dict.fromkeys(schedule.agents, start)
     order = tuple(name for name, _ in schedule.turns)
     # simultaneous rounds: every turn reads the previous round's outputs, which stay recorded
@@ -223,15 +239,17 @@ def play(
     t = 0
     with np.errstate(over="ignore", invalid="ignore"):
         for t in range(rounds):
+            first = (t % kept) * per_round  # this round's rows (alternating when not recording)
             if simultaneous:
                 before = dict(last)  # the previous round's outputs (recorded rows, not copies)
                 if weights is not None and t > 0:
-                    previous = turns[(t - 1) * per_round : t * per_round]
+                    previous = turns[((t - 1) % kept) * per_round :][:per_round]
                     inputs = (weights @ previous.reshape(per_round, -1)).reshape(previous.shape)
             for k, (name, reads) in enumerate(schedule.turns):
-                row = t * per_round + k
+                row = first + k
                 out = turns[row]
-                turn = Turn(t, k, reads, past=turns[:row], order=order, out=out, start=start)
+                past = turns[:row] if record else turns[:0]
+                turn = Turn(t, k, reads, past=past, order=order, out=out, start=start)
                 if not simultaneous:
                     w = mixed(reads, last)
                 elif weights is None or isinstance(reads, str) or t == 0:
@@ -242,7 +260,9 @@ def play(
                 if answer is not out:
                     out[...] = answer
                 last[name] = out
-            block = turns[t * per_round : (t + 1) * per_round]
+            block = turns[first : first + per_round]
+            if on_round is not None:
+                on_round(t, last)
             if not (block.max() <= DIVERGED and block.min() >= -DIVERGED):  # NaN fails too
                 bad = ~(np.abs(block) <= DIVERGED).all(axis=(0, 2))
                 diverged_at[bad & (diverged_at < 0)] = t
@@ -252,7 +272,10 @@ def play(
                 bar.advance(bar.task_ids[0])
     if bar is not None:
         bar.stop()
-    return Trajectory(schedule, start, turns[: (t + 1) * per_round], diverged_at)
+    if record:
+        return Trajectory(schedule, start, turns[: (t + 1) * per_round], diverged_at)
+    first = (t % kept) * per_round
+    return Trajectory(schedule, start, turns[first : first + per_round], diverged_at, skipped=t)
 
 
 def _weights(schedule: Schedule) -> np.ndarray:

@@ -7,9 +7,9 @@ from hypothesis import strategies as st
 
 from misalign.api import predict, setup, simulate
 from misalign.config import parse_config
-from misalign.model.agent import AffineMap, preconditioner
+from misalign.model.agent import AffineMap, Sampled, preconditioner
 from misalign.model.play import Schedule
-from misalign.model.prompt import agent_rng, sample_prompt
+from misalign.model.prompt import sample_prompt
 from misalign.model.theory import (
     Prediction,
     exactness,
@@ -243,7 +243,7 @@ def test_exactness_newton():
 def test_exactness_gap_in_the_null_space_of_a_short_prompt():
     """n_A = 2 < d = 4 and delta in null(X_A): H_A delta = 0, so B is exact."""
     d = 4
-    prompt = sample_prompt(agent_rng(1, "A"), d=d, n=2)
+    prompt = sample_prompt(1, "A", d=d, n=2)
     H_A = preconditioner("lsa-optimal", prompt) @ prompt.second_moment
     H_B = 0.3 * np.eye(d)
     delta = np.linalg.svd(prompt.X)[2][-1]
@@ -303,9 +303,15 @@ def test_a_nilpotent_round_still_takes_a_round():
 
 
 def _sampled(config_data, copies):
-    """``copies`` plays of one configuration (same prompts), independent sampling noise."""
+    """``copies`` plays of one configuration (same prompts), independent sampling noise: a
+    sampled agent's noise is drawn from its play's seed, so each copy's noise gets a seed of
+    its own (``Sampled.seeds``) while the prompts keep the configuration's."""
     config = parse_config(config_data)
-    return setup([config] * copies)
+    game = setup([config] * copies)
+    for agent in game.agents.values():
+        if isinstance(agent, Sampled):
+            agent.seeds = np.arange(copies, dtype=np.uint64)
+    return game
 
 
 @pytest.mark.parametrize("schedule", [["A", "B"], ["A", "C", "B"], ["B", "A", "B", "C"]])

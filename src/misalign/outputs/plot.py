@@ -13,7 +13,8 @@ import numpy as np
 
 from misalign.api import Game
 from misalign.model.agent import black_boxes
-from misalign.model.observe import CLASSES, COUNTED, CYCLE, FIXED, GROWING, classify
+from misalign.model.measure import Measured
+from misalign.model.observe import CLASSES, COUNTED
 from misalign.model.play import Trajectory
 from misalign.model.theory import Prediction
 from misalign.outputs.figure import (
@@ -26,7 +27,7 @@ from misalign.outputs.figure import (
     save_figure,
 )
 from misalign.outputs.network import is_network, plot_network
-from misalign.outputs.report import converging
+from misalign.outputs.verdict import verdict
 
 
 def plot_play(
@@ -111,47 +112,11 @@ def draw_play(
     return fig
 
 
-SEEN = {
-    "fixed point": "a fixed point",
-    "bounded": "bounded, not settled",
-    "growing": "growing",
-    "failed": "failed",
-}
-"""How a figure names an observed class (a cycle names its period)."""
-
-
-def verdict(game: Game, trajectory: Trajectory, prediction: Prediction, play: int = 0) -> str:
-    """A play's verdict for a figure's title, never one its outputs contradict.
-
-    A play with black-box agents is titled by what its outputs did
-    (``misalign.model.observe.classify``), the fitted maps' ``rho`` after it as a
-    prediction; an analytic play by the theory's ``converges`` / ``diverges (rho = ...)``
-    where the observed class agrees (a fixed point, growing), else by the observed class
-    with the theory's verdict beside it as a prediction.
-
-    Args:
-        game: the game that was played; trajectory: its trajectory; prediction: its
-            prediction; play: which play of the batch.
-
-    Returns:
-        The title.
-    """
-    observed = classify(trajectory)
-    code, period = int(observed.code[play]), int(observed.period[play])
-    seen = f"a cycle of period {period}" if code == CYCLE else SEEN[CLASSES[code]]
-    rho, converges = float(prediction.rho[play]), bool(prediction.converges[play])
-    predicted = "converges" if converges else "no equilibrium"
-    if black_boxes(game.agents):
-        return f"observed: {seen}; predicted from the fitted maps: {predicted} (rho = {rho:.3g})"
-    if (converges and code == FIXED) or (not converges and code == GROWING):
-        return f"{'converges' if converges else 'diverges'} (rho = {rho:.3g})"
-    return f"observed: {seen}; theory: {predicted} (rho = {rho:.3g})"
-
-
 def plot_batch(
     game: Game, trajectory: Trajectory, prediction: Prediction, path: str | Path
 ) -> Path:
-    """Write ``draw_batch``'s figure of a batch of plays to ``path``.
+    """Write the figure of a recorded batch of plays to ``path`` (``plot_measured`` of its
+    measurements, ``misalign.outputs.batch.measured``).
 
     Returns:
         The path written.
@@ -160,47 +125,70 @@ def plot_batch(
 
 
 def draw_batch(game: Game, trajectory: Trajectory, prediction: Prediction):
+    """``draw_measured`` of a recorded batch (its ``misalign.outputs.batch.measured``)."""
+    from misalign.outputs.batch import measured
+
+    fitted = bool(black_boxes(game.agents))
+    return draw_measured(measured(game, prediction, trajectory), fitted)
+
+
+def plot_measured(m: Measured, path: str | Path, fitted: bool = False) -> Path:
+    """Write ``draw_measured``'s figure of a batch to ``path``.
+
+    Returns:
+        The path written.
+    """
+    return save_figure(draw_measured(m, fitted), path)
+
+
+def draw_measured(m: Measured, fitted: bool = False):
     """Draw a batch of plays (``run --seeds``) as the summary tells it: over the plays that
-    converge, the median distance to own target per round with a 10-90% quantile band and
-    the median predicted plateau dashed; beside it, the spread of ``rho`` over the plays.
-    The other plays are counted in the title by what their outputs did (``diverge``: only
-    plays that grew), not drawn; with black-box agents the title leads with every play's
-    observed class, the drawn plays being those the fitted maps predict to converge. More
-    than ``MANY`` agents: each
-    agent's median over the plays, drawn across agents (``plot_many.batch_across_agents``).
+    converge, the median distance to own target per recorded round with a 10-90% quantile
+    band and the median predicted plateau dashed (a run that kept no round: the final
+    distances' histogram); beside it, the spread of ``rho`` over the plays. The other plays
+    are counted in the title by what their outputs did (``diverge``: only plays that grew),
+    not drawn; with black-box agents (``fitted``) the title leads with every play's observed
+    class, the drawn plays being those the fitted maps predict to converge. More than
+    ``MANY`` agents: each agent's median over the plays, drawn across agents
+    (``plot_many.batch_across_agents``).
 
     Args:
-        game: the game that was played.
-        trajectory: its trajectory.
-        prediction: its prediction.
+        m: the batch's measurements (``misalign.model.measure.Measured``).
+        fitted: the plays have black-box agents (their prediction is of fitted maps).
 
     Returns:
         The figure, not yet saved.
     """
     fig, (ax, spread) = new_figure(2, (10, 4.0))
-    ok = converging(prediction, trajectory)
-    if len(game.schedule.agents) > MANY:
+    ok = m.ok
+    if not ok.any():
+        what = "nothing to draw"
+    elif not len(m.recorded):
+        what = _final_distances(ax, m, ok)
+    elif len(m.distance) > MANY:
         from misalign.outputs.plot_many import batch_across_agents
 
-        what = batch_across_agents(ax, game, trajectory, prediction, ok)
+        what = batch_across_agents(ax, m, ok)
     else:
-        what = _batch_per_agent(ax, game, trajectory, prediction, ok)
-    plays = len(ok)
-    observed = classify(trajectory)
-    fitted = bool(black_boxes(game.agents))
+        what = _batch_per_agent(ax, m, ok)
+    plays, code = len(ok), m.code
     if fitted:
-        counts = [(CLASSES[c], int((observed.code == c).sum())) for c in range(len(CLASSES))]
+        counts = [(CLASSES[c], int((code == c).sum())) for c in range(len(CLASSES))]
         seen = ", ".join(f"{n} {COUNTED[kind]}" for kind, n in counts if n)
-        title = f"observed: {seen}; drawn: the {int(ok.sum())} predicted to converge, {what}"
+        title = f"observed: {seen}; drawn: the {int(ok.sum())} predicted to converge"
     else:
-        rest = [(CLASSES[c], int(((observed.code == c) & ~ok).sum())) for c in range(len(CLASSES))]
+        rest = [(CLASSES[c], int(((code == c) & ~ok).sum())) for c in range(len(CLASSES))]
         named = [
             f"{n} diverge" if kind == "growing" else f"{n} {COUNTED[kind]}" for kind, n in rest if n
         ]
-        title = f"{int(ok.sum())} of {plays} plays converge: {what}"
-        title += "".join(f"; {x}" for x in named)
-    log_axes(ax, "distance to own target", title)
-    rho = prediction.rho[np.isfinite(prediction.rho)]
+        title = f"{int(ok.sum())} of {plays} plays converge" + "".join(f"; {x}" for x in named)
+    if len(m.recorded):
+        log_axes(ax, f"distance to own target: {what}", title)
+        if len(m.recorded) > 1 and m.recorded[1] - m.recorded[0] > 1:
+            ax.set_xlabel(f"round (every {int(m.recorded[1] - m.recorded[0])} rounds kept)")
+    else:
+        ax.set(xscale="log", xlabel="final distance to own target", ylabel="plays", title=title)
+    rho = m.rho[np.isfinite(m.rho)]
     spread.hist(rho, bins=min(50, max(5, plays // 5)), range=_rho_range(rho), color="0.5")
     spread.axvline(1.0, color="C3", linestyle="--", linewidth=1, label="rho = 1")
     spread.set(
@@ -213,30 +201,45 @@ def draw_batch(game: Game, trajectory: Trajectory, prediction: Prediction):
     return fig
 
 
-def _batch_per_agent(
-    ax, game: Game, trajectory: Trajectory, prediction: Prediction, ok: np.ndarray
-) -> str:
+def _batch_per_agent(ax, m: Measured, ok: np.ndarray) -> str:
     """Per agent, over the converging plays ``ok``: the median distance to own target per
-    round, its 10-90% band and the median predicted plateau.
+    recorded round, its 10-90% band and the median predicted plateau.
 
     Returns:
         What is drawn, for the title.
     """
-    rounds = np.arange(1, trajectory.rounds + 1)
-    targets = game.targets
-    for k, name in enumerate(n for n in game.schedule.agents if n in targets):
+    for k, (name, distance) in enumerate(m.distance.items()):
         color = f"C{k}"
-        distance = trajectory.distance(name, targets[name])[:, ok]
-        if not ok.any():
-            continue
-        low, median, high = np.quantile(distance, [0.1, 0.5, 0.9], axis=1)
-        draw_curve(ax, rounds, median, color, f"{name} median")
+        low, median, high = np.quantile(distance[:, ok], [0.1, 0.5, 0.9], axis=1)
+        draw_curve(ax, m.recorded, median, color, f"{name} median")
         ax.fill_between(
-            rounds, np.maximum(low, FLOOR), np.maximum(high, FLOOR), color=color, alpha=0.2
+            m.recorded, np.maximum(low, FLOOR), np.maximum(high, FLOOR), color=color, alpha=0.2
         )
-        plateau = float(np.median(np.linalg.norm(prediction.residual[name][ok], axis=-1)))
+        plateau = float(np.median(m.residual[name][ok]))
         draw_plateau(ax, plateau, color, f"{name} predicted median ({plateau:.3g})")
-    return "median, 10-90% band"
+    return "median, 10-90%"
+
+
+def _final_distances(ax, m: Measured, ok: np.ndarray) -> str:
+    """Per agent, over the converging plays, the histogram of its final distance to own target
+    (filled) beside that of its predicted distance (outlined, dashed): a run that kept no
+    round's distances (``--record last``)."""
+    for k, (name, final) in enumerate(m.final_distance.items()):
+        values = np.maximum(final[ok], FLOOR)
+        predicted = np.maximum(m.residual[name][ok], FLOOR)
+        low, high = min(values.min(), predicted.min()), max(values.max(), predicted.max())
+        bins = np.geomspace(low, max(high, low * 1.01), 40)
+        ax.hist(values, bins=bins, color=f"C{k}", alpha=0.5, label=f"{name} simulated")
+        ax.hist(
+            predicted,
+            bins=bins,
+            histtype="step",
+            linestyle="--",
+            color=f"C{k}",
+            label=f"{name} predicted",
+        )
+    ax.legend(fontsize=8)
+    return "final"
 
 
 def _rho_range(rho: np.ndarray) -> tuple[float, float] | None:

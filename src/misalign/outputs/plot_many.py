@@ -12,11 +12,12 @@ from __future__ import annotations
 import numpy as np
 
 from misalign.api import Game
+from misalign.model.measure import Measured
 from misalign.model.play import Trajectory
 from misalign.model.theory import Prediction
 from misalign.outputs.figure import FLOOR, draw_curve, draw_plateau, log_axes, new_figure
 from misalign.outputs.network import plot_network
-from misalign.outputs.plot import verdict
+from misalign.outputs.verdict import verdict
 from misalign.runtime.text import plural
 
 FARTHEST = 5
@@ -74,6 +75,7 @@ def across_agents(
     distance: np.ndarray,
     plateaus: np.ndarray | None = None,
     others: np.ndarray | None = None,
+    rounds: np.ndarray | None = None,
 ) -> list[str]:
     """Distances over rounds of many agents as a median line in a 10-90% band (over the
     agents whose distance is finite in that round), the ``FARTHEST`` agents that end
@@ -86,11 +88,12 @@ def across_agents(
         distance: ``(agents, rounds)``; ``inf`` or ``nan`` where a play overflowed.
         plateaus: each agent's predicted distance (``None``: no prediction).
         others: each agent's distance predicted by a second prediction (dotted median).
+        rounds: the rounds of ``distance``'s columns (default ``1, 2, ...``).
 
     Returns:
         The agents drawn by name, farthest first.
     """
-    rounds = np.arange(1, distance.shape[1] + 1)
+    rounds = np.arange(1, distance.shape[1] + 1) if rounds is None else rounds
     shown = np.where(np.isfinite(distance) & (np.abs(distance) < 1e300), distance, np.nan)
     alive = ~np.isnan(shown).all(axis=0)
     if alive.any():
@@ -120,34 +123,24 @@ def across_agents(
     return [names[k] for k in order]
 
 
-def batch_across_agents(
-    ax, game: Game, trajectory: Trajectory, prediction: Prediction, ok: np.ndarray
-) -> str:
+def batch_across_agents(ax, m: Measured, ok: np.ndarray) -> str:
     """A batch of plays of many agents: each agent's median distance to own target over the
-    converging plays ``ok``, drawn across the agents (``across_agents``) with the median of
-    their median predicted plateaus.
+    converging plays ``ok`` at the recorded rounds, drawn across the agents
+    (``across_agents``) with the median of their median predicted plateaus.
 
     Args:
         ax: the matplotlib axes.
-        game: the game that was played.
-        trajectory: its trajectory.
-        prediction: its prediction.
+        m: the batch's measurements.
         ok: which plays converge.
 
     Returns:
         What is drawn, for the title.
     """
-    names = [name for name in game.schedule.agents if name in game.targets]
-    if not ok.any():
-        return "nothing to draw"
-    distance = np.stack(
-        [np.median(trajectory.distance(n, game.targets[n])[:, ok], axis=1) for n in names]
-    )
-    plateaus = np.array(
-        [np.median(np.linalg.norm(prediction.residual[n][ok], axis=-1)) for n in names]
-    )
-    across_agents(ax, names, distance, plateaus)
-    return f"median of {len(names)} agents' medians, 10-90% band"
+    names = list(m.distance)
+    distance = np.stack([np.median(m.distance[n][:, ok], axis=1) for n in names]).astype(float)
+    plateaus = np.array([np.median(m.residual[n][ok]) for n in names])
+    across_agents(ax, names, distance, plateaus, rounds=m.recorded)
+    return f"median of {len(names)} agents' medians, 10-90%"
 
 
 def _plateaus(prediction: Prediction, names: list[str], play: int) -> np.ndarray:

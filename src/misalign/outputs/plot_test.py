@@ -47,8 +47,8 @@ def test_a_batch_whose_rho_agree_to_the_last_bits_draws_its_histogram(tmp_path):
     assert image.imread(path).std() > 0.05
 
 
-def _slow_growth(rounds: int, seeds=range(4)):
-    """A partner with a large step: play 2 has rho = 1.05 (the others converge slowly)."""
+def _slow_growth(rounds: int, seeds=(2, 4, 180, 5)):
+    """A partner with a large step: play 2 has rho = 1.036 (the others converge slowly)."""
     agents = {"A": {"n": 12}, "B": {"n": 12, "preconditioner": "identity", "eta": 2.2}}
     game = setup(parse_config({"d": 2, "rounds": rounds, "agents": agents}), seeds=seeds)
     prediction = predict(game)
@@ -57,17 +57,17 @@ def _slow_growth(rounds: int, seeds=range(4)):
 
 
 def test_a_play_is_never_titled_diverging_while_its_outputs_stay_bounded():
-    """rho = 1.05 over 12 rounds: the outputs stay bounded, and the figure says so, the
+    """rho = 1.036 over 12 rounds: the outputs stay bounded, and the figure says so, the
     theory's verdict beside it as a prediction; over 400 rounds they grow, and the theory's
     ``diverges`` is the title. A batch counts as diverging only the plays that grew."""
     game, trajectory, prediction = _slow_growth(12)
     title = draw_play(game, trajectory, prediction, play=2).axes[0].get_title()
-    assert title == "observed: bounded, not settled; theory: no equilibrium (rho = 1.05)"
+    assert title == "observed: bounded, not settled; theory: no equilibrium (rho = 1.04)"
     batch = draw_batch(game, trajectory, prediction).axes[0].get_title()
     assert "diverge" not in batch and batch.endswith("; 1 bounded, not settled"), batch
     game, trajectory, prediction = _slow_growth(400)
     assert draw_play(game, trajectory, prediction, play=2).axes[0].get_title() == (
-        "diverges (rho = 1.05)"
+        "diverges (rho = 1.04)"
     )
     assert (
         draw_play(game, trajectory, prediction, play=0)

@@ -1,4 +1,4 @@
-"""The JSON report of a play (the ``--json`` contract) and the batch summary of ``run --seeds``."""
+"""The JSON report of a play (the ``--json`` contract); a batch's is ``misalign.outputs.batch``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import numpy as np
 from misalign.api import Game
 from misalign.config import AttackConfig
 from misalign.model.agent import AffineMap
+from misalign.model.measure import rounds_to_prediction
 from misalign.model.observe import classify
 from misalign.model.play import Trajectory
 from misalign.model.theory import Prediction, exactness
@@ -363,11 +364,17 @@ def _assumed(config) -> str | None:
 
 def to_json(result: Any, indent: int | None = None) -> str:
     """Strict JSON text of a report: every number that is not finite becomes ``null`` (JSON has
-    no ``Infinity`` or ``NaN``), numpy scalars become plain numbers."""
+    no ``Infinity`` or ``NaN``), numpy scalars become plain numbers and numpy arrays lists."""
     return json.dumps(_finite(result), indent=indent, allow_nan=False)
 
 
 def _finite(value: Any) -> Any:
+    if isinstance(value, np.ndarray):  # a per-play list of a batch: converted in C
+        if value.dtype.kind != "f":
+            return value.tolist()
+        plain = value.astype(object)
+        plain[~np.isfinite(value)] = None
+        return plain.tolist()
     if isinstance(value, dict):
         return {key: _finite(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
@@ -377,21 +384,6 @@ def _finite(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def rounds_to_prediction(
-    fixed_point: dict[str, np.ndarray], trajectory: Trajectory, tol: float = 1e-8
-) -> np.ndarray:
-    """Per play, the round (from 1) after which every output stays within ``tol`` (relative)
-    of its predicted limit ``fixed_point[name]`` (``(B, d)``): the measured counterpart of
-    ``rounds_to_tol``; ``-1`` where it never does (or the play does not converge)."""
-    close = np.ones((trajectory.rounds, trajectory.turns.shape[1]), dtype=bool)
-    for name, fixed in fixed_point.items():
-        error = trajectory.distance(name, fixed)
-        close &= error <= tol * np.maximum(1.0, np.linalg.norm(fixed, axis=-1))
-    far = ~close[::-1]
-    last_far = np.where(far.any(axis=0), trajectory.rounds - 1 - far.argmax(axis=0), -1)
-    return np.where(close[-1], last_far + 2, -1)
 
 
 def _describe(attack: AttackConfig) -> str:
@@ -457,86 +449,3 @@ def _one_sided(game: Game, prediction: Prediction, play: int) -> dict[str, Any]:
         "one_sided": winners[0] if len(winners) == 1 and len(names) > 1 else None,
         "why": why,
     }
-
-
-def batch(game: Game, prediction: Prediction, trajectory: Trajectory) -> dict[str, Any]:
-    """The batch of ``run --seeds`` as one story: which plays converge and which diverge, the
-    spread of ``rho`` over seeds, and per agent with a target its final and predicted
-    distance over the converging plays, robustly (median and 10-90% quantiles) and as mean
-    ± std, with the largest gap between simulation and theory.
-
-    A play counts as converging when the theory says so (``rho < 1``) and its outputs
-    stayed finite; every other play is listed in ``diverging_seeds``. ``observed`` is what the
-    plays did, judged from their outputs alone (``misalign.model.observe``, the whole batch at
-    once):
-    ``counts`` of plays per class and ``periods`` (cycles per period).
-    """
-    seeds = [c.seed for c in game.configs]
-    ok = converging(prediction, trajectory)
-    distance = {}
-    for name in (n for n in game.schedule.agents if n in game.targets):
-        with np.errstate(over="ignore", invalid="ignore"):  # diverged plays are left out
-            final = trajectory.outputs(name)[-1] - game.targets[name]
-            simulated = np.linalg.norm(final, axis=-1)
-        predicted = np.linalg.norm(prediction.residual[name], axis=-1)
-        distance[name] = {
-            "simulated": np.where(ok, simulated, np.nan).tolist(),
-            "predicted": np.where(ok, predicted, np.nan).tolist(),
-            **_quantiles(simulated[ok], "simulated"),
-            **_quantiles(predicted[ok], "predicted"),
-            "max_abs_error": float(np.abs(simulated - predicted)[ok].max()) if ok.any() else None,
-        }
-    measured = rounds_to_prediction(prediction.fixed_point, trajectory)[ok]
-    reached = measured[measured > 0]
-    return {
-        "seeds": seeds,
-        "plays": len(seeds),
-        "converging": int(ok.sum()),
-        "diverging_seeds": [s for s, good in zip(seeds, ok, strict=True) if not good],
-        "rho": {"per_seed": prediction.rho.tolist(), **_quantiles(prediction.rho, "")},
-        "distance": distance,
-        "rounds_to_prediction": {
-            "median": float(np.median(reached)) if len(reached) else None,
-            "max": float(reached.max()) if len(reached) else None,
-            "never": int(len(measured) - len(reached)),
-        },
-        "spread": _spread(game, prediction, trajectory, ok),
-        "observed": classify(trajectory).counts(),
-    }
-
-
-def _spread(
-    game: Game, prediction: Prediction, trajectory: Trajectory, ok: np.ndarray
-) -> dict[str, Any] | None:
-    """With sampled agents (docs/theory.md §6), per agent the RMS distance of the final output
-    from its predicted limit over the converging plays, ``observed = sqrt(mean |s_T - s*|^2)``,
-    beside the theory's ``predicted = sqrt(mean tr Sigma)``; ``null`` without noise."""
-    if not prediction.covariance or not ok.any():
-        return None
-    out = {}
-    for name, sigma in prediction.covariance.items():
-        with np.errstate(over="ignore", invalid="ignore"):
-            gap = trajectory.outputs(name)[-1] - prediction.fixed_point[name]
-        observed = float(np.sqrt((gap[ok] ** 2).sum(axis=-1).mean()))
-        predicted = float(np.sqrt(np.trace(sigma[ok], axis1=-2, axis2=-1).mean()))
-        out[name] = {"observed": observed, "predicted": predicted}
-    return out
-
-
-def converging(prediction: Prediction, trajectory: Trajectory) -> np.ndarray:
-    """Per play, whether it converges: by the theory (``rho < 1``) and with outputs that
-    stayed finite."""
-    return (trajectory.diverged_at < 0) & prediction.converges
-
-
-def _quantiles(values: np.ndarray, prefix: str) -> dict[str, float | None]:
-    """``median``, ``q10``, ``q90``, ``mean``, ``std`` and ``min``/``max`` of ``values``
-    (``None`` when empty), keys prefixed with ``prefix_``."""
-    stats = ("median", "q10", "q90", "mean", "std", "min", "max")
-    keys = [f"{prefix}_{k}" if prefix else k for k in stats]
-    if not len(values):
-        return dict.fromkeys(keys)
-    with np.errstate(invalid="ignore"):  # plays without a map have rho = inf: inf - inf
-        q10, median, q90 = np.quantile(values, [0.1, 0.5, 0.9])
-        numbers = (median, q10, q90, values.mean(), values.std(), values.min(), values.max())
-    return {key: float(x) for key, x in zip(keys, numbers, strict=True)}

@@ -13,7 +13,8 @@ from misalign.api import predict, setup, simulate
 from misalign.api_test import CONFIG
 from misalign.config import load_config, parse_config
 from misalign.model.observe import CLASSES, classify
-from misalign.outputs.report import batch, report, to_json
+from misalign.outputs.batch import batch
+from misalign.outputs.report import report, to_json
 
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLES = ROOT / "examples"
@@ -262,16 +263,19 @@ def test_no_verdict_where_the_play_cannot_be_checked_or_has_not_arrived(tmp_path
 
 
 def test_batch_spread_is_the_observed_and_the_predicted_stationary_spread():
-    """``batch.spread``: over 400 sampled plays, the observed RMS distance of the final outputs
-    from their predicted limits matches the Lyapunov prediction (docs/theory.md §6) within
-    10%, and equals the quantity computed directly from the trajectory; ``null`` without
-    noise."""
+    """``batch.spread``: over 2,000 sampled plays, the observed RMS distance of the final
+    outputs from their predicted limits matches the Lyapunov prediction (docs/theory.md §6)
+    within 10% (plays near rho = 1 carry most of the variance: over 400 plays the ratio
+    ranged from 0.89 to 1.0 by seed range), and equals the quantity computed directly from
+    the trajectory; ``null`` without noise."""
     config = load_config(EXAMPLES / "two_agents.toml", ["agents.A.sampling_std=0.05"])
-    game = setup(config, seeds=range(400))
+    game = setup(config, seeds=range(2000))
     trajectory, prediction = simulate(game), predict(game)
     spread = batch(game, prediction, trajectory)["spread"]
+    ok = prediction.converges & (trajectory.diverged_at < 0)
+    assert 0 < ok.sum() < 2000  # some play has no limit: left out, not a NaN in the mean
     for name in ("A", "B"):
-        gap = trajectory.outputs(name)[-1] - prediction.fixed_point[name]
+        gap = trajectory.outputs(name)[-1][ok] - prediction.fixed_point[name][ok]
         assert np.isclose(spread[name]["observed"], np.sqrt((gap**2).sum(-1).mean()))
         assert abs(spread[name]["observed"] / spread[name]["predicted"] - 1) < 0.1
     quiet = setup(load_config(EXAMPLES / "two_agents.toml"), seeds=range(3))

@@ -445,7 +445,7 @@ def run_point(
 def _measure(config: PlayConfig, seeds: int) -> dict[str, Any]:
     """The statistics of one batched play of ``config`` over ``seeds`` seeds."""
     from misalign.api import predict, setup, simulate
-    from misalign.outputs.report import rounds_to_prediction
+    from misalign.model.measure import rounds_to_prediction
 
     game = setup(config, seeds=range(config.seed, config.seed + seeds))
     trajectory = simulate(game)

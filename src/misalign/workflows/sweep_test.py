@@ -23,7 +23,7 @@ from misalign.api import predict, setup, simulate
 from misalign.cli import main
 from misalign.config import ConfigError, parse_config
 from misalign.config_test import refused
-from misalign.outputs.report import batch
+from misalign.outputs.batch import batch
 from misalign.runtime.reaper import descendants, same_process
 from misalign.workflows.sweep import (
     SweepConfig,

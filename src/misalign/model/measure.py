@@ -1,0 +1,285 @@
+"""What a batch of plays measured, reduced round by round while it runs.
+
+``run --seeds`` reports and draws, per play, the final output of every agent, the round after
+which every output stays within ``TOL`` (relative) of its predicted limit (the measured
+counterpart of the theory's ``rounds_to_tol``), whether the play settled, and, at the recorded
+rounds, each agent's distance to its own target. ``Measure`` computes these from each round's
+outputs as the play produces them (``misalign.model.play.play``'s ``on_round``), so a batch
+need not keep its outputs: memory is ``O(plays x d)`` plus the recorded distances (single
+precision, ``O(plays x recorded rounds)``). Over a recorded trajectory it gives the same
+numbers, bit for bit (``measure``).
+
+The observed class of a play (``misalign.model.observe``) needs its whole play for cycles and
+growth; here only the common case is settled at once: a finite play whose last ``SETTLED``
+states are close to its last is a fixed point. The others are listed (``unsettled``) for a
+caller that holds, or can replay, their outputs (``classify`` of those plays alone).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from misalign.model.observe import FIXED, SETTLED, TOL, Observed, classify
+from misalign.model.play import Trajectory
+from misalign.model.theory import Prediction
+
+CLOSE = 1e-8
+"""An output is at its predicted limit ``s*`` when within ``CLOSE * max(1, |s*|)``."""
+
+
+@dataclass
+class Measured:
+    """A batch's measurements beside its predictions, per play (``B`` plays) and per recorded
+    round.
+
+    Attributes:
+        rounds: the rounds played.
+        recorded: the rounds (1-based) whose distances are kept, ``(R,)``; empty when none.
+        diverged_at: per play, the round its outputs left ``[-DIVERGED, DIVERGED]``, or -1.
+        last_far: per play, the last round (0-based) at which some output was not within
+            ``CLOSE`` of its predicted limit, -1 when none.
+        distance: per agent with a target, its distance to it at the recorded rounds,
+            ``(R, B)`` float32.
+        final_distance: per agent with a target, its final output's distance to it, ``(B,)``.
+        final_gap: per agent, the squared distance of its final output to its predicted limit.
+        code: per play, its observed class (``misalign.model.observe.CLASSES``), -1 until
+            classified.
+        period: per play, 1 for a fixed point, ``p`` for a cycle, -1 otherwise.
+        rho: per play, the predicted rate.
+        converges: per play, whether the theory predicts convergence.
+        residual: per agent with a target, the predicted distance of its limit to it.
+        variance: per sampled agent, the trace of its predicted stationary covariance.
+    """
+
+    rounds: int
+    recorded: np.ndarray
+    diverged_at: np.ndarray
+    last_far: np.ndarray
+    distance: dict[str, np.ndarray]
+    final_distance: dict[str, np.ndarray]
+    final_gap: dict[str, np.ndarray]
+    code: np.ndarray
+    period: np.ndarray
+    rho: np.ndarray
+    converges: np.ndarray
+    residual: dict[str, np.ndarray]
+    variance: dict[str, np.ndarray]
+
+    @classmethod
+    def empty(cls, plays: int, names: Sequence[str], targeted: Sequence[str], recorded) -> Measured:
+        """Room for ``plays`` plays of agents ``names`` (``targeted``: those with a target)
+        with distances kept at the rounds ``recorded`` (1-based)."""
+        recorded = np.asarray(recorded, dtype=np.int64)
+
+        def per(agents) -> dict[str, np.ndarray]:
+            return {n: np.full(plays, np.nan) for n in agents}
+
+        return cls(
+            rounds=0,
+            recorded=recorded,
+            diverged_at=np.full(plays, -1),
+            last_far=np.full(plays, -1),
+            distance={n: np.full((len(recorded), plays), np.nan, np.float32) for n in targeted},
+            final_distance=per(targeted),
+            final_gap=per(names),
+            code=np.full(plays, -1),
+            period=np.full(plays, -1),
+            rho=np.full(plays, np.nan),
+            converges=np.zeros(plays, dtype=bool),
+            residual=per(targeted),
+            variance={},
+        )
+
+    def predicted(self, plays: slice | np.ndarray, prediction: Prediction) -> None:
+        """Take the predictions of ``plays`` (``rho``, convergence, residuals, variances)."""
+        self.rho[plays], self.converges[plays] = prediction.rho, prediction.converges
+        for name in self.residual:
+            self.residual[name][plays] = np.linalg.norm(prediction.residual[name], axis=-1)
+        for name, sigma in prediction.covariance.items():
+            if name not in self.variance:
+                self.variance[name] = np.full(len(self.rho), np.nan)
+            self.variance[name][plays] = np.trace(sigma, axis1=-2, axis2=-1)
+
+    @property
+    def ok(self) -> np.ndarray:
+        """Per play, whether it converges: by the theory (``rho < 1``) and with outputs that
+        stayed finite."""
+        return (self.diverged_at < 0) & self.converges
+
+    def rounds_to_prediction(self) -> np.ndarray:
+        """Per play, the round (from 1) after which every output stays within ``CLOSE`` of its
+        predicted limit; -1 where it is not there at the end."""
+        return np.where(self.last_far < self.rounds - 1, self.last_far + 2, -1)
+
+    def unsettled(self) -> np.ndarray:
+        """The plays not yet classified: diverged, or finite but not settled."""
+        return np.flatnonzero(self.code < 0)
+
+    def observe(self, plays: np.ndarray, observed: Observed) -> None:
+        """Take the classes of ``plays`` from ``observed`` (``classify`` of those plays)."""
+        self.code[plays], self.period[plays] = observed.code, observed.period
+
+    def observed(self) -> Observed:
+        """The observed classes (``Observed.counts`` gives the batch's); raises while some
+        play is not classified."""
+        if (self.code < 0).any():
+            raise ValueError("some plays are not classified yet")
+        return Observed(self.code, self.period, None, None, {}, {})
+
+
+class Measure:
+    """The reducer of one run of plays ``plays`` of a ``Measured`` batch: call ``round`` with
+    each round's outputs, then ``finish``.
+
+    Args:
+        into: the batch's measurements.
+        plays: which of its plays this run holds (a slice).
+        rounds: the rounds the run will play.
+        fixed_point: per agent, its predicted limit in each play, ``(b, d)`` (NaN or
+            infinite where the theory predicts none: never close).
+        targets: per agent with a target, ``(b, d)``.
+    """
+
+    def __init__(
+        self,
+        into: Measured,
+        plays: slice,
+        rounds: int,
+        fixed_point: Mapping[str, np.ndarray],
+        targets: Mapping[str, np.ndarray],
+    ) -> None:
+        self.into, self.plays, self.rounds = into, plays, rounds
+        self.fixed_point, self.targets = fixed_point, targets
+        with np.errstate(over="ignore", invalid="ignore"):
+            self.reach = {  # squared: |s - s*|^2 <= (CLOSE max(1, |s*|))^2
+                n: (CLOSE * np.maximum(1.0, np.linalg.norm(s, axis=-1))) ** 2
+                for n, s in fixed_point.items()
+            }
+        self.column = {int(r) - 1: k for k, r in enumerate(into.recorded)}
+        self.last_far = into.last_far[plays]
+        self.last: list[dict[str, np.ndarray]] = []  # the last SETTLED rounds' outputs
+        self._scratch: tuple[np.ndarray, ...] | None = None
+
+    def round(self, t: int, outputs: Mapping[str, np.ndarray]) -> None:
+        """Reduce round ``t``'s outputs (every agent's, ``(b, d)``)."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            gap, square, close, near = self._buffers(outputs)
+            for k, (name, fixed) in enumerate(self.fixed_point.items()):
+                np.subtract(outputs[name], fixed, out=gap)
+                np.einsum("bi,bi->b", gap, gap, out=square)
+                np.less_equal(square, self.reach[name], out=near if k else close)  # NaN: far
+                if k:
+                    close &= near
+            np.logical_not(close, out=near)
+            np.putmask(self.last_far, near, t)
+            column = self.column.get(t)
+            if column is not None:
+                for name, target in self.targets.items():
+                    np.subtract(outputs[name], target, out=gap)
+                    np.einsum("bi,bi->b", gap, gap, out=square)
+                    row = self.into.distance[name][column, self.plays]
+                    np.sqrt(square, out=row, casting="same_kind")
+        if t >= self.rounds - SETTLED:
+            self.last.append({n: np.array(s) for n, s in outputs.items()})
+
+    def _buffers(self, outputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+        """Scratch arrays for ``round``, made once."""
+        if self._scratch is None:
+            b, d = next(iter(outputs.values())).shape
+            self._scratch = (np.empty((b, d)), np.empty(b), np.empty(b, bool), np.empty(b, bool))
+        return self._scratch
+
+    def finish(self, diverged_at: np.ndarray, rounds: int) -> None:
+        """Close the run: ``diverged_at`` per play and the ``rounds`` it played (fewer than
+        asked when every play diverged); its settled plays are classified as fixed points."""
+        into, plays = self.into, self.plays
+        into.rounds = rounds
+        into.diverged_at[plays] = diverged_at
+        into.last_far[plays] = self.last_far
+        if not self.last or rounds < self.rounds:
+            return  # every play diverged: each is classified from its outputs (``classify``)
+        final = self.last[-1]
+        with np.errstate(over="ignore", invalid="ignore"):
+            for name, target in self.targets.items():
+                into.final_distance[name][plays] = np.linalg.norm(final[name] - target, axis=-1)
+            for name, fixed in self.fixed_point.items():
+                gap = final[name] - fixed
+                into.final_gap[name][plays] = np.einsum("bi,bi->b", gap, gap)
+        if len(self.last) < SETTLED:
+            return  # too few rounds to have settled
+        settled = (diverged_at < 0) & self._settled()
+        code, period = into.code[plays], into.period[plays]
+        code[settled], period[settled] = FIXED, 1
+        into.code[plays], into.period[plays] = code, period
+
+    def _settled(self) -> np.ndarray:
+        """Whether each play's last ``SETTLED`` states are close to its last
+        (``misalign.model.observe``'s rule)."""
+        last = self.last[-1]
+        with np.errstate(over="ignore", invalid="ignore"):
+            size = sum(np.einsum("bi,bi->b", s, s) for s in last.values())
+            ok = np.ones(len(size), dtype=bool)
+            for before in self.last[:-1]:
+                gap = sum(
+                    np.einsum("bi,bi->b", last[n] - before[n], last[n] - before[n]) for n in last
+                )
+                other = sum(np.einsum("bi,bi->b", s, s) for s in before.values())
+                ok &= gap <= TOL**2 * np.maximum(1.0, np.maximum(size, other))
+        return ok
+
+
+def measure(
+    trajectory: Trajectory,
+    prediction: Prediction,
+    targets: Mapping[str, np.ndarray],
+    recorded: Sequence[int] = (),
+    classified: bool = True,
+) -> Measured:
+    """The measurements of a recorded batch: ``Measure`` over its rounds, then (``classified``)
+    ``classify`` of the plays that did not settle.
+
+    Args:
+        trajectory: the recorded play.
+        prediction: its prediction.
+        targets: per agent with a target, ``(B, d)``.
+        recorded: the rounds (1-based) whose distances are kept.
+        classified: classify every play.
+
+    Returns:
+        The measurements.
+    """
+    recorded = [r for r in recorded if r <= trajectory.rounds]
+    into = Measured.empty(
+        len(trajectory.start), trajectory.schedule.agents, list(targets), recorded
+    )
+    into.predicted(slice(None), prediction)
+    _reduce(
+        trajectory, Measure(into, slice(None), trajectory.rounds, prediction.fixed_point, targets)
+    )
+    rest = into.unsettled()
+    if classified and len(rest):
+        into.observe(rest, classify(trajectory.select(rest)))
+    return into
+
+
+def rounds_to_prediction(
+    fixed_point: Mapping[str, np.ndarray], trajectory: Trajectory
+) -> np.ndarray:
+    """Per play of a recorded batch, the round (from 1) after which every output stays within
+    ``CLOSE`` of its predicted limit ``fixed_point[name]`` (``(B, d)``): the measured
+    counterpart of the theory's ``rounds_to_tol``; -1 where it never does."""
+    into = Measured.empty(len(trajectory.start), trajectory.schedule.agents, [], [])
+    _reduce(trajectory, Measure(into, slice(None), trajectory.rounds, fixed_point, {}))
+    return into.rounds_to_prediction()
+
+
+def _reduce(trajectory: Trajectory, reducer: Measure) -> None:
+    """Feed ``reducer`` every recorded round of ``trajectory``, then finish it."""
+    names = trajectory.schedule.agents
+    outputs = {name: trajectory.outputs(name) for name in names}
+    for t in range(trajectory.rounds):
+        reducer.round(t, {name: outputs[name][t] for name in names})
+    reducer.finish(trajectory.diverged_at, trajectory.rounds)

@@ -1,0 +1,192 @@
+"""``run --seeds N``: a batch of plays of one configuration, measured while it plays.
+
+What a run keeps of each play's outputs (``--record``):
+
+- ``all``: every output of every play, the batch played at once and measured afterwards
+  (``misalign.outputs.batch.measured``);
+- ``every K``: nothing but the measurements (``misalign.model.measure``): the plays run in
+  chunks of ``CHUNK``, each set up, predicted, played and reduced round by round, then
+  dropped; each agent's distance to its target is kept every ``K`` rounds (and the last), in
+  single precision. Memory is ``O(plays x (d + rounds / K))``;
+- ``last``: the same without the per-round distances (the figure shows the final distances).
+
+The default is chosen by size (``choose``): ``all`` while every output fits in ``ALL_BYTES``,
+then ``every K`` with the least ``K`` whose distances fit in ``KEPT_BYTES``, then ``last``.
+Plays are pure functions of their seeds (``misalign.model.philox``), so a chunk's play ``i``
+is the single run of its seed, bit for bit, whatever the chunking; the few plays that did not
+settle are played again alone, recorded, and classified from their outputs
+(``misalign.model.observe.classify``). Plays whose prediction depends on the play itself
+(language models and other black boxes, attacks, defences, helpers) are recorded whole.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from misalign.api import Game, predict, setup, simulate
+from misalign.config import BlackBoxConfig, ConfigError, HelperAgentConfig, PlayConfig
+from misalign.model.measure import Measure, Measured
+from misalign.model.observe import classify
+from misalign.model.play import play
+from misalign.model.theory import Prediction
+from misalign.outputs.batch import RECORDED, recorded_rounds
+from misalign.runtime.progress import progress_bar
+from misalign.runtime.sizes import available_memory
+
+ALL_BYTES = 256 * 2**20
+"""``--record all`` by default while every output of the batch fits in this."""
+KEPT_BYTES = 512 * 2**20
+"""``every K`` by default while the kept distances fit in this (else ``last``)."""
+CHUNK = 16384
+"""Plays set up, played and measured together without ``--record all``."""
+FLOAT = 8
+
+
+@dataclass(frozen=True)
+class Record:
+    """What a batch keeps of its plays' outputs.
+
+    Attributes:
+        mode: ``all``, ``every`` or ``last``.
+        every: ``K`` of ``every K`` (1 for ``all``, 0 for ``last``).
+    """
+
+    mode: str
+    every: int = 1
+
+    def __str__(self) -> str:
+        return f"every {self.every}" if self.mode == "every" else self.mode
+
+    @classmethod
+    def parse(cls, text: str) -> Record:
+        """``all``, ``last`` or ``every K`` (also ``every=K``, ``every:K``).
+
+        Raises:
+            ConfigError: one line naming ``--record``.
+        """
+        text = text.strip().lower()
+        if text in ("all", "last"):
+            return cls(text, 1 if text == "all" else 0)
+        match = re.fullmatch(r"every[\s:=]*(\d+)", text)
+        if match and int(match[1]) >= 1:
+            return cls("every", int(match[1]))
+        raise ConfigError(f"--record {text!r}: all, last or 'every K' with K >= 1")
+
+
+def streamable(config: PlayConfig) -> str | None:
+    """Why the plays of ``config`` must be recorded whole (``None`` when they need not be):
+    a prediction that depends on the play itself, or agents that read earlier turns."""
+    if config.attack is not None:
+        return "an attack"
+    if config.defence is not None:
+        return "a defence"
+    for name, agent in config.agents.items():
+        if isinstance(agent, BlackBoxConfig):
+            return f"agents.{name} is a black box (its map is fitted)"
+        if isinstance(agent, HelperAgentConfig):
+            return f"agents.{name} is a helper"
+    return None
+
+
+def choose(config: PlayConfig, plays: int, asked: Record | None = None) -> Record:
+    """The record of a batch of ``plays`` plays: ``asked``, checked, or chosen by size.
+
+    Raises:
+        ConfigError: ``asked`` keeps less than every output of plays that need them all.
+    """
+    why = streamable(config)
+    if asked is not None and asked.mode != "all" and why is not None:
+        raise ConfigError(f"--record {asked}: {why}; such plays are recorded whole (all)")
+    if asked is not None:
+        return asked
+    outputs = config.rounds * len(config.order) * plays * config.d * FLOAT
+    if why is not None or plays == 1 or outputs <= min(ALL_BYTES, available_memory() / 4):
+        return Record("all")
+    targeted = len([a for a in config.agents.values() if not isinstance(a, HelperAgentConfig)])
+    least = max(1, -(-config.rounds // RECORDED))
+    for every in range(least, config.rounds + 1):
+        kept = len(recorded_rounds(config.rounds, every)) * plays * targeted * 4
+        if kept <= KEPT_BYTES:
+            return Record("every", every)
+    return Record("last", 0)
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """A batch measured in chunks.
+
+    Attributes:
+        first: play 0 set up alone (the single run of the first seed: the report's play).
+        prediction: its prediction.
+        measured: every play's measurements beside its prediction.
+        seeds: the plays' seeds.
+        record: what was kept.
+    """
+
+    first: Game
+    prediction: Prediction
+    measured: Measured
+    seeds: np.ndarray
+    record: Record
+
+
+def stream(
+    config: PlayConfig, seeds: Sequence[int], record: Record, progress: bool = False
+) -> Streamed:
+    """Set up, predict, play and measure ``config`` over ``seeds`` in chunks of ``CHUNK``
+    plays, keeping only the measurements (``record`` not ``all``).
+
+    Returns:
+        The measurements, and the first play set up alone.
+    """
+    first = setup(config, seeds=list(seeds[:1]))
+    names = first.schedule.agents
+    targeted = [n for n in names if n in first.targets]
+    recorded = recorded_rounds(config.rounds, record.every)
+    seeds = _seeds(seeds)
+    measured = Measured.empty(len(seeds), names, targeted, recorded)
+    bar = progress_bar(len(seeds), "plays") if progress else None
+    for start in range(0, len(seeds), CHUNK):
+        plays = slice(start, min(start + CHUNK, len(seeds)))
+        _chunk(config, seeds[plays], plays, measured)
+        if bar is not None:
+            bar.advance(bar.task_ids[0], plays.stop - plays.start)
+    if bar is not None:
+        bar.stop()
+    return Streamed(first, predict(first), measured, seeds, record)
+
+
+def _seeds(seeds: Sequence[int]) -> np.ndarray:
+    """The seeds as ``uint64`` (a ``range`` without a Python loop)."""
+    if isinstance(seeds, range) and seeds.step == 1 and seeds.stop <= 2**63:
+        return np.arange(seeds.start, seeds.stop, dtype=np.int64).astype(np.uint64)
+    from misalign.model.philox import as_seeds
+
+    return as_seeds(list(seeds))
+
+
+def _chunk(config: PlayConfig, seeds: np.ndarray, plays: slice, measured: Measured) -> None:
+    """One chunk: set up, predict, play without recording, reduce, and classify the plays
+    that did not settle from a recorded replay of them alone."""
+    game = setup(config, seeds=seeds)
+    prediction = predict(game)
+    measured.predicted(plays, prediction)
+    targets = {n: game.targets[n] for n in measured.distance}
+    reducer = Measure(measured, plays, config.rounds, prediction.fixed_point, targets)
+    trajectory = play(
+        game.agents,
+        game.schedule,
+        config.rounds,
+        game.start,
+        record=False,
+        on_round=reducer.round,
+    )
+    reducer.finish(trajectory.diverged_at, trajectory.skipped + trajectory.rounds)
+    rest = np.flatnonzero(measured.code[plays] < 0)
+    if len(rest):
+        again = setup(config, seeds=seeds[rest])
+        measured.observe(plays.start + rest, classify(simulate(again)))
