@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from misalign.model.philox import GENERATOR
+
 
 @dataclass(frozen=True)
 class Claim:
@@ -95,7 +97,8 @@ def default_out(experiment: Experiment, quick: bool, seeds: int | None) -> Path:
 
 
 def version() -> dict[str, Any]:
-    """The package version, and the git commit when ``git rev-parse HEAD`` works."""
+    """The package version, the git commit when ``git rev-parse HEAD`` works, and the
+    generator of every seeded number (``misalign.model.philox.GENERATOR``)."""
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as package_version
 
@@ -116,7 +119,7 @@ def version() -> dict[str, Any]:
             commit = done.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         pass
-    return {"version": found, "commit": commit}
+    return {"version": found, "commit": commit, "generator": GENERATOR}
 
 
 def _plain(value: Any) -> Any:

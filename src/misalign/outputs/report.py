@@ -13,6 +13,7 @@ from misalign.config import AttackConfig
 from misalign.model.agent import AffineMap
 from misalign.model.measure import rounds_to_prediction
 from misalign.model.observe import classify
+from misalign.model.philox import GENERATOR
 from misalign.model.play import Trajectory
 from misalign.model.theory import Prediction, exactness
 
@@ -28,7 +29,8 @@ def report(
     present in every case, ``null`` where it has no value; the key table of docs/json.md
     states it and ``report_test`` holds the two together).
 
-    Keys: ``config`` (resolved), ``config_hash``, ``agents.<name>`` (``X``, ``y``,
+    Keys: ``config`` (resolved), ``config_hash``, ``generator`` (of every seeded number,
+    ``misalign.model.philox.GENERATOR``), ``agents.<name>`` (``X``, ``y``,
     ``gamma``, ``target``), ``prediction`` (``<name>`` fixed point, ``rho``,
     ``converges``, ``rounds_to_tol``, ``distance.<name>`` predicted distance ``|e_i|``
     to target, ``covariance.<name>`` (the stationary covariance of the output, with
@@ -69,6 +71,7 @@ def report(
     out: dict[str, Any] = {
         "config": config.model_dump(mode="json", exclude_none=True),
         "config_hash": config.digest(),
+        "generator": GENERATOR,
         "agents": {},
         "prediction": {
             "rho": float(prediction.rho[play]),
