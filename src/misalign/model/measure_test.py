@@ -1,0 +1,122 @@
+"""Tests for misalign.model.measure: the measurements reduced round by round against the same
+quantities computed from the whole recorded play, and the play that keeps no output against
+the one that keeps every output."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from misalign.api import predict, setup, simulate
+from misalign.config import parse_config
+from misalign.model.measure import CLOSE, Measure, Measured, measure, rounds_to_prediction
+from misalign.model.observe import classify
+from misalign.model.play import play
+
+CONFIGS = {
+    "pair": {"d": 3, "agents": {"A": {"n": 5}, "B": {"n": 4, "rotate": True, "eta": 1.4}}},
+    "three": {
+        "d": 2,
+        "schedule": ["A", "B", "C"],
+        "agents": {
+            "A": {"n": 3, "noise": 0.2},
+            "B": {"n": 2, "preconditioner": "identity", "eta": 1.9},
+            "C": {"n": 4, "target": [1.0, -1.0]},
+        },
+    },
+    "sampled": {
+        "d": 2,
+        "agents": {"A": {"n": 6, "sampling_std": 0.05}, "B": {"n": 6, "eta": 0.8}},
+    },
+    "debate": {
+        "d": 2,
+        "schedule": "simultaneous",
+        "agents": {"A": {"n": 2}, "B": {"n": 3, "eta": 1.6}, "C": {"n": 2, "eta": 0.4}},
+    },
+}
+
+
+def _game(name, rounds, seeds):
+    config = parse_config({"rounds": rounds, **CONFIGS[name]})
+    return setup(config, seeds=seeds)
+
+
+def _distances(trajectory, name, target):
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.linalg.norm(trajectory.outputs(name) - target, axis=-1)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    name=st.sampled_from(sorted(CONFIGS)),
+    rounds=st.integers(1, 60),
+    first=st.integers(0, 2**40),
+    every=st.integers(1, 7),
+)
+def test_measurements_are_those_of_the_whole_play(name, rounds, first, every):
+    """Against the recorded play: the observed classes (``classify``), the last round away
+    from the prediction (the definition, with norms), the kept distances and the final ones."""
+    game = _game(name, rounds, range(first, first + 40))
+    trajectory, prediction = simulate(game), predict(game)
+    targets = {n: game.targets[n] for n in game.schedule.agents}
+    recorded = list(range(every, rounds + 1, every))
+    m = measure(trajectory, prediction, targets, recorded)
+    observed = classify(trajectory)
+    assert np.array_equal(m.code, observed.code) and np.array_equal(m.period, observed.period)
+    close = np.ones((trajectory.rounds, 40), dtype=bool)
+    for n, fixed in prediction.fixed_point.items():
+        with np.errstate(over="ignore", invalid="ignore"):
+            gap = np.linalg.norm(trajectory.outputs(n) - fixed, axis=-1)
+            close &= gap <= CLOSE * np.maximum(1.0, np.linalg.norm(fixed, axis=-1))
+    far = np.where(~close)
+    last_far = np.full(40, -1)
+    np.maximum.at(last_far, far[1], far[0])
+    assert np.array_equal(m.last_far, last_far)
+    expected = np.where(close[-1], last_far + 2, -1)
+    assert np.array_equal(m.rounds_to_prediction(), expected)
+    assert np.array_equal(rounds_to_prediction(prediction.fixed_point, trajectory), expected)
+    for n in targets:
+        whole = _distances(trajectory, n, targets[n])
+        kept = whole[np.array(recorded, dtype=int) - 1].astype(np.float32)
+        np.testing.assert_array_equal(m.distance[n], kept)
+        if trajectory.rounds == rounds:
+            np.testing.assert_array_equal(m.final_distance[n], whole[-1])
+    np.testing.assert_array_equal(m.rho, prediction.rho)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_a_play_that_keeps_nothing_measures_the_same(name):
+    """``play(record=False, on_round=...)`` in chunks of plays gives the measurements of the
+    recorded play bit for bit, and its last round is the recorded play's last."""
+    game = _game(name, 50, range(100, 160))
+    trajectory, prediction = simulate(game), predict(game)
+    targets = {n: game.targets[n] for n in game.schedule.agents}
+    recorded = [5, 10, 49, 50]
+    whole = measure(trajectory, prediction, targets, recorded)
+    into = Measured.empty(60, game.schedule.agents, list(targets), recorded)
+    for start in (0, 25):
+        plays = slice(start, start + 25 if start == 0 else 60)
+        part = setup(game.configs[plays])
+        guess = predict(part)
+        into.predicted(plays, guess)
+        reducer = Measure(into, plays, 50, guess.fixed_point, {n: part.targets[n] for n in targets})
+        last = play(
+            part.agents, part.schedule, 50, part.start, record=False, on_round=reducer.round
+        )
+        reducer.finish(last.diverged_at, last.skipped + last.rounds)
+        full = trajectory.select(plays)
+        if (full.diverged_at < 0).all():
+            assert last.skipped == 49 and np.array_equal(last.turns, full.turns[-len(last.turns) :])
+    rest = into.unsettled()
+    into.observe(rest, classify(trajectory.select(rest)))
+    for key in ("diverged_at", "last_far", "code", "period", "rho", "converges"):
+        assert np.array_equal(getattr(into, key), getattr(whole, key)), key
+    for key in ("distance", "final_distance", "final_gap", "residual"):
+        for n, value in getattr(whole, key).items():
+            np.testing.assert_array_equal(getattr(into, key)[n], value, err_msg=key)
+
+
+def test_an_unclassified_batch_says_so():
+    m = Measured.empty(3, ["A"], ["A"], [])
+    with pytest.raises(ValueError, match="not classified"):
+        m.observed()

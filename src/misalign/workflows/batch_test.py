@@ -1,0 +1,132 @@
+"""Tests for misalign.workflows.batch: what a batch keeps (``--record``), chosen by size, and
+the batch measured in chunks against the batch recorded whole, through the API and the CLI."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from misalign.api import predict, setup, simulate
+from misalign.cli import app
+from misalign.config import ConfigError, load_config, parse_config
+from misalign.outputs.batch import batch, batch_report
+from misalign.outputs.report import to_json
+from misalign.workflows import batch as batch_
+from misalign.workflows.batch import Record, choose, stream
+
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
+runner = CliRunner()
+
+CONFIGS = {
+    "pair": {"d": 3, "agents": {"A": {"n": 5}, "B": {"n": 4, "rotate": True, "eta": 1.4}}},
+    "sampled": {
+        "d": 2,
+        "agents": {"A": {"n": 6, "sampling_std": 0.05}, "B": {"n": 6, "eta": 0.8}},
+    },
+    "debate": {
+        "d": 2,
+        "schedule": "simultaneous",
+        "agents": {"A": {"n": 2}, "B": {"n": 3, "eta": 1.6}, "C": {"n": 2, "eta": 0.4}},
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "text,record",
+    [
+        ("all", Record("all", 1)),
+        ("last", Record("last", 0)),
+        ("every 3", Record("every", 3)),
+        ("every=12", Record("every", 12)),
+        (" Every:1 ", Record("every", 1)),
+    ],
+)
+def test_records_read_as_written(text, record):
+    assert Record.parse(text) == record
+
+
+@pytest.mark.parametrize("text", ["", "some", "every", "every 0", "every -2", "every 2.5"])
+def test_other_records_are_one_line(text):
+    with pytest.raises(ConfigError, match="^--record .*: all, last or 'every K' with K >= 1$"):
+        Record.parse(text)
+
+
+def test_the_default_record_follows_the_size():
+    """Every output while it fits in ``ALL_BYTES``; then the least ``K`` whose distances fit
+    in ``KEPT_BYTES`` (and at most ``RECORDED`` rounds); then nothing per round."""
+    config = load_config(EXAMPLES / "two_agents.toml")  # 300 rounds, 2 turns, d = 4
+    per_play = 300 * 2 * 4 * 8
+    assert choose(config, 1) == Record("all")
+    assert choose(config, batch_.ALL_BYTES // per_play) == Record("all")
+    assert choose(config, 10**5) == Record("every", 2)  # 300 rounds: at most 200 drawn
+    huge = choose(config, 10**7)
+    kept = len(batch_.recorded_rounds(300, huge.every)) * 10**7 * 2 * 4
+    assert huge.mode == "every" and kept <= batch_.KEPT_BYTES
+    fewer = len(batch_.recorded_rounds(300, huge.every - 1)) * 10**7 * 2 * 4
+    assert fewer > batch_.KEPT_BYTES
+    assert choose(config, 10**9) == Record("last", 0)
+
+
+def test_plays_that_need_their_outputs_are_recorded_whole():
+    attack = load_config(EXAMPLES / "attack.toml")
+    assert choose(attack, 10**7) == Record("all")
+    with pytest.raises(ConfigError, match=r"^--record every 2: an attack; .* \(all\)$"):
+        choose(attack, 10, Record("every", 2))
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("record", [Record("every", 1), Record("every", 4), Record("last", 0)])
+def test_a_batch_in_chunks_is_the_batch_recorded_whole(name, record, monkeypatch):
+    """Chunks of 7 plays, played without keeping outputs, give the batch summary of the
+    batch recorded whole, bit for bit (its JSON text), and a figure."""
+    monkeypatch.setattr(batch_, "CHUNK", 7)
+    config = parse_config({"rounds": 40, "seed": 11, **CONFIGS[name]})
+    seeds = range(11, 41)
+    game = setup(config, seeds=seeds)
+    whole = batch(game, predict(game), simulate(game))
+    streamed = stream(config, seeds, record)
+    chunked = batch_report(streamed.measured, streamed.seeds, str(record))
+    assert chunked.pop("record") == str(record) and whole.pop("record") is None
+    assert to_json(chunked) == to_json(whole)
+    kept = batch_.recorded_rounds(40, record.every)
+    assert list(streamed.measured.recorded) == list(kept)
+    first = setup(config)
+    assert np.array_equal(simulate(streamed.first).turns, simulate(first).turns)
+
+
+def _run(tmp_path, *args):
+    return runner.invoke(app, ["run", *args, "--out", str(tmp_path / "out"), "--json"])
+
+
+def test_the_command_keeps_what_it_is_asked_and_reports_the_same(tmp_path):
+    config = str(EXAMPLES / "two_agents.toml")
+    outputs = {}
+    for record in ("all", "every 5", "last"):
+        done = _run(tmp_path / record.replace(" ", ""), config, "--seeds", "40", "--record", record)
+        assert done.exit_code == 0, done.stderr
+        data = json.loads(done.stdout)
+        assert data["batch"].pop("record") == record
+        assert data["generator"] == "philox4x32-10/box-muller"
+        outputs[record] = data
+    assert outputs["all"] == outputs["every 5"] == outputs["last"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--seeds", "3", "--record", "sometimes"], "--record 'sometimes': all, last or"),
+        (["--record", "all"], "--record applies to a batch"),
+    ],
+)
+def test_a_record_that_cannot_apply_is_one_line(tmp_path, args, message):
+    done = _run(tmp_path, str(EXAMPLES / "two_agents.toml"), *args)
+    assert done.exit_code == 2
+    assert done.stderr.count("\n") == 1 and message in done.stderr
+
+
+def test_an_attack_refuses_to_keep_less_than_everything(tmp_path):
+    done = _run(tmp_path, str(EXAMPLES / "attack.toml"), "--seeds", "3", "--record", "last")
+    assert done.exit_code == 2 and "an attack; such plays are recorded whole" in done.stderr
+    assert not (tmp_path / "out").exists()
