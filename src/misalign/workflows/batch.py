@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from misalign.api import Game, predict, setup, simulate
+from misalign.api import JSON_FLOAT, Game, predict, setup, simulate
+from misalign.api import footprint as footprint_of
 from misalign.config import BlackBoxConfig, ConfigError, HelperAgentConfig, PlayConfig
 from misalign.model.measure import Measure, Measured
 from misalign.model.observe import classify
@@ -35,7 +36,8 @@ from misalign.model.play import play
 from misalign.model.theory import Prediction
 from misalign.outputs.batch import RECORDED, recorded_rounds
 from misalign.runtime.progress import progress_bar
-from misalign.runtime.sizes import available_memory
+from misalign.runtime.sizes import available_memory, require
+from misalign.runtime.text import plural
 
 ALL_BYTES = 256 * 2**20
 """``--record all`` by default while every output of the batch fits in this."""
@@ -143,6 +145,9 @@ def stream(
     Returns:
         The measurements, and the first play set up alone.
     """
+    require(
+        footprint(config, len(seeds), record), f"a batch of {plural(len(seeds), 'play', spec=',')}"
+    )
     first = setup(config, seeds=list(seeds[:1]))
     names = first.schedule.agents
     targeted = [n for n in names if n in first.targets]
@@ -158,6 +163,21 @@ def stream(
     if bar is not None:
         bar.stop()
     return Streamed(first, predict(first), measured, seeds, record)
+
+
+def footprint(config: PlayConfig, plays: int, record: Record) -> dict[str, float]:
+    """Estimated peak memory of ``stream``, in bytes, keyed by the setting that drives each
+    part: per play its measurements (``seeds``: eleven numbers, three more per agent, and the
+    JSON's per-play lists), the kept distances (``rounds``), and one chunk's set-up and play
+    (``misalign.api.footprint`` of ``CHUNK`` plays, one round kept)."""
+    agents = len(config.agents)
+    kept = len(recorded_rounds(config.rounds, record.every)) * plays * agents * 4
+    chunk = footprint_of(config.model_copy(update={"rounds": 2}), min(plays, CHUNK))
+    return {
+        "seeds": plays * (11 + 3 * agents) * FLOAT + plays * (2 + 2 * agents) * JSON_FLOAT,
+        "rounds": kept,
+        **{key: value for key, value in chunk.items() if key != "rounds"},
+    }
 
 
 def _seeds(seeds: Sequence[int]) -> np.ndarray:

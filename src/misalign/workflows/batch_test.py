@@ -130,3 +130,9 @@ def test_an_attack_refuses_to_keep_less_than_everything(tmp_path):
     done = _run(tmp_path, str(EXAMPLES / "attack.toml"), "--seeds", "3", "--record", "last")
     assert done.exit_code == 2 and "an attack; such plays are recorded whole" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_batch_that_cannot_fit_is_refused_before_anything_is_built(monkeypatch):
+    config = load_config(EXAMPLES / "two_agents.toml")
+    with pytest.raises(ConfigError, match=r"^seeds: a batch of 1,000,000,000 plays needs .* GiB"):
+        stream(config, range(10**9), Record("last", 0))
