@@ -71,3 +71,15 @@ def log_axes(ax, ylabel: str, title: str) -> None:
         ax.set_yscale("log")
     else:
         ax.text(0.5, 0.5, "no finite values to draw", ha="center", transform=ax.transAxes)
+
+
+DRAWN = 20_000
+"""The per-round quantiles of a batch are drawn over at most this many of its converging
+plays: every ``k``-th in seed order (the plays are independent draws, so the quantiles of
+20,000 are those of all within about 1% of a quantile level; the summary's are exact)."""
+
+
+def drawn_plays(ok: np.ndarray) -> np.ndarray:
+    """The converging plays a figure draws: all of them up to ``DRAWN``, else every ``k``-th."""
+    plays = np.flatnonzero(ok)
+    return plays[:: -(-len(plays) // DRAWN)] if len(plays) > DRAWN else plays

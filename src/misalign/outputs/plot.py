@@ -22,6 +22,7 @@ from misalign.outputs.figure import (
     MANY,
     draw_curve,
     draw_plateau,
+    drawn_plays,
     log_axes,
     new_figure,
     save_figure,
@@ -208,16 +209,22 @@ def _batch_per_agent(ax, m: Measured, ok: np.ndarray) -> str:
     Returns:
         What is drawn, for the title.
     """
+    drawn = drawn_plays(ok)
     for k, (name, distance) in enumerate(m.distance.items()):
         color = f"C{k}"
-        low, median, high = np.quantile(distance[:, ok], [0.1, 0.5, 0.9], axis=1)
+        low, median, high = np.quantile(distance[:, drawn], [0.1, 0.5, 0.9], axis=1)
         draw_curve(ax, m.recorded, median, color, f"{name} median")
         ax.fill_between(
             m.recorded, np.maximum(low, FLOOR), np.maximum(high, FLOOR), color=color, alpha=0.2
         )
         plateau = float(np.median(m.residual[name][ok]))
         draw_plateau(ax, plateau, color, f"{name} predicted median ({plateau:.3g})")
-    return "median, 10-90%"
+    return "median, 10-90%" + _of(drawn, ok)
+
+
+def _of(drawn: np.ndarray, ok: np.ndarray) -> str:
+    """`` (20,000 of 99,998 plays)`` where the figure draws a subset."""
+    return f" ({len(drawn):,} of {int(ok.sum()):,} plays)" if len(drawn) < ok.sum() else ""
 
 
 def _final_distances(ax, m: Measured, ok: np.ndarray) -> str:

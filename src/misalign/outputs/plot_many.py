@@ -15,7 +15,14 @@ from misalign.api import Game
 from misalign.model.measure import Measured
 from misalign.model.play import Trajectory
 from misalign.model.theory import Prediction
-from misalign.outputs.figure import FLOOR, draw_curve, draw_plateau, log_axes, new_figure
+from misalign.outputs.figure import (
+    FLOOR,
+    draw_curve,
+    draw_plateau,
+    drawn_plays,
+    log_axes,
+    new_figure,
+)
 from misalign.outputs.network import plot_network
 from misalign.outputs.verdict import verdict
 from misalign.runtime.text import plural
@@ -136,8 +143,8 @@ def batch_across_agents(ax, m: Measured, ok: np.ndarray) -> str:
     Returns:
         What is drawn, for the title.
     """
-    names = list(m.distance)
-    distance = np.stack([np.median(m.distance[n][:, ok], axis=1) for n in names]).astype(float)
+    names, drawn = list(m.distance), drawn_plays(ok)
+    distance = np.stack([np.median(m.distance[n][:, drawn], axis=1) for n in names]).astype(float)
     plateaus = np.array([np.median(m.residual[n][ok]) for n in names])
     across_agents(ax, names, distance, plateaus, rounds=m.recorded)
     return f"median of {len(names)} agents' medians, 10-90%"

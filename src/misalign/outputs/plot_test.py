@@ -154,3 +154,22 @@ def test_the_network_weights(tmp_path):
     assert image.imread(path).std() > 0.05
     assert is_network(game.schedule)
     assert "who reads whom: simultaneous" in Image.open(path).text["Description"]
+
+
+def test_a_large_batch_draws_its_quantiles_over_a_stated_subset():
+    """Over ``DRAWN`` converging plays, the figure draws every k-th (all converging, spread
+    over the batch) and says how many of how many; its quantiles are the batch's within
+    about 1% of a quantile level."""
+    from misalign.outputs.figure import DRAWN, drawn_plays
+
+    rng = np.random.default_rng(0)
+    ok = rng.random(150_000) < 0.9
+    drawn = drawn_plays(ok)
+    assert len(drawn) <= DRAWN and ok[drawn].all() and drawn[-1] > 0.99 * len(ok) - 20
+    values = rng.lognormal(size=len(ok))
+    for q in (0.1, 0.5, 0.9):
+        level = (values[ok] <= np.quantile(values[drawn], q)).mean()
+        assert abs(level - q) < 0.01
+    few = ok.copy()
+    few[1000:] = False
+    assert np.array_equal(drawn_plays(few), np.flatnonzero(few))
