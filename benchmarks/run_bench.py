@@ -1,20 +1,29 @@
 """Benchmark: what a user waits for in ``misalign run CONFIG --seeds N``, end to end, against a
-floor measured in the same run.
+floor timed in the same run, with the peak memory.
 
-The end-to-end time is the real command in a child process (start-up, setting up the prompts
-and agents, the play, the prediction, the report and the figure, all written to disk). Each
-phase is also timed in-process through the Python API. The floor is the least any tool must
-do for the same plays: the bare batched matrix-vector loop of the same maps over the same
-rounds, nothing recorded, nothing set up.
+The end-to-end time is the real command in a child process: start-up, the prompts and
+agents, the prediction, the play and its measurements, the report and the figure, all written
+to disk; its peak memory is the child's maximum resident set (``wait4``). Each phase is also
+timed in-process through the Python API. The floor is the least any tool must do for the same
+plays: the bare loop of the same turn maps over the same rounds (``A w + c``, numpy's batched
+``matmul``, as the play does), nothing recorded or measured, nothing set up (the maps are
+built outside the timing); timed over the whole batch and in the run's chunks, the faster
+taken.
 
-    python benchmarks/run_bench.py                   # examples/two_agents.toml, 10^4 seeds
-    python benchmarks/run_bench.py --seeds 100000
+    python benchmarks/run_bench.py                # the three sizes below
+    python benchmarks/run_bench.py --seeds 100000 --config examples/two_agents.toml
+
+Sizes by default: 10^4 and 10^5 plays of ``examples/two_agents.toml`` (300 rounds, d = 4) and
+10^6 plays of ``benchmarks/large.toml`` (100 rounds, d = 10), each with the record ``run``
+chooses by size.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -24,78 +33,136 @@ from pathlib import Path
 import numpy as np
 
 from misalign import load_config
-from misalign.api import predict, setup, simulate
-from misalign.outputs.batch import batch
-from misalign.outputs.plot import plot_batch
+from misalign.api import setup
+from misalign.outputs.batch import batch_report, measured
+from misalign.outputs.plot import plot_measured
 from misalign.outputs.report import report, to_json
+from misalign.workflows import batch as batch_
+from misalign.workflows.batch import choose, stream
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "two_agents.toml"
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = [
+    (ROOT / "examples" / "two_agents.toml", 10**4),
+    (ROOT / "examples" / "two_agents.toml", 10**5),
+    (ROOT / "benchmarks" / "large.toml", 10**6),
+]
 
 
-def floor(game, rounds: int) -> np.ndarray:
-    """The bare batched loop of the game's turn maps: one matmul and one add per turn."""
+def bare_loop(game, rounds: int) -> float:
+    """Seconds of the bare loop of the game's turn maps: one matmul and one add per turn."""
     maps = [game.agents[name].affine() for name, _ in game.schedule.turns]
     last = {name: game.start for name in game.schedule.agents}
+    started = time.perf_counter()
     for _ in range(rounds):
         for (name, reads), f in zip(game.schedule.turns, maps, strict=True):
             last[name] = (f.A @ last[reads][..., None])[..., 0] + f.c
-    return last[game.schedule.agents[-1]]
+    return time.perf_counter() - started
 
 
-def timed(fn, *args, **kwargs):
+def floor(config, seeds: range) -> float:
+    """The floor: the bare loop over the whole batch (when its maps fit in 1 GiB) and in the
+    run's chunks; the faster."""
+    chunked = sum(
+        bare_loop(setup(config, seeds=seeds[k : k + batch_.CHUNK]), config.rounds)
+        for k in range(0, len(seeds), batch_.CHUNK)
+    )
+    if len(seeds) * len(config.order) * config.d * (config.d + 1) * 8 > 2**30:
+        return chunked
+    return min(chunked, bare_loop(setup(config, seeds=seeds), config.rounds))
+
+
+def end_to_end(config_path: Path, seeds: int, out: str) -> tuple[float, float]:
+    """The real command in a child process: seconds, and its peak resident memory in GiB."""
+    command = [sys.executable, "-m", "misalign.cli", "run", str(config_path)]
+    command += ["--seeds", str(seeds), "--out", out]
     started = time.perf_counter()
-    result = fn(*args, **kwargs)
-    return time.perf_counter() - started, result
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - started
+    child.returncode = os.waitstatus_to_exitcode(status)
+    assert child.returncode == 0, child.stderr.read().decode()
+    return seconds, usage.ru_maxrss * 1024 / 2**30
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=EXAMPLE)
-    parser.add_argument("--seeds", type=int, default=10_000)
-    args = parser.parse_args(argv)
+def phases(config, seeds: range, out: Path) -> dict[str, float]:
+    """Seconds per phase in-process, as ``run`` does them for this size's record."""
+    record = choose(config, len(seeds))
+    times: dict[str, float] = {}
+    if record.mode == "all":
+        from misalign.api import predict, simulate
 
-    config = load_config(args.config)
-    seeds = range(config.seed, config.seed + args.seeds)
+        clock = time.perf_counter()
+        game = setup(config, seeds=seeds)
+        times["setup"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        trajectory = simulate(game)
+        times["play"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        prediction = predict(game)
+        times["predict"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        m = measured(game, prediction, trajectory)
+        times["measure"] = time.perf_counter() - clock
+        first, first_prediction = game, prediction
+    else:
+        streamed = stream(config, seeds, record, phases=times)
+        m, first, first_prediction = streamed.measured, streamed.first, streamed.prediction
+    clock = time.perf_counter()
+    from misalign.api import simulate
+
+    result = report(first, first_prediction, simulate(first))
+    result["batch"] = batch_report(m, np.arange(seeds.start, seeds.stop), str(record))
+    (out / "run.json").write_text(to_json(result, indent=1))
+    times["report"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    plot_measured(m, out / "trajectory.png")
+    times["figure"] = time.perf_counter() - clock
+    times["record"] = str(record)  # type: ignore[assignment]
+    return times
+
+
+def measure_size(config_path: Path, seeds: int) -> dict:
+    config = load_config(config_path)
+    span = range(config.seed, config.seed + seeds)
     with tempfile.TemporaryDirectory() as out:
-        command = [sys.executable, "-m", "misalign.cli", "run", str(args.config)]
-        command += ["--seeds", str(args.seeds), "--json", "--out", out]
-        end_to_end, done = timed(subprocess.run, command, capture_output=True)
-        assert done.returncode == 0, done.stderr.decode()
-        phases = {}
-        phases["setup"], game = timed(setup, config, seeds)
-        phases["play"], trajectory = timed(simulate, game)
-        phases["predict"], prediction = timed(predict, game)
-
-        def write() -> None:
-            result = report(game, prediction, trajectory)
-            result["batch"] = batch(game, prediction, trajectory)
-            Path(out, "run.json").write_text(to_json(result, indent=1))
-
-        phases["report"], _ = timed(write)
-        phases["figure"], _ = timed(plot_batch, game, trajectory, prediction, Path(out, "t.png"))
-    t_floor, v_floor = timed(floor, game, config.rounds)
-    last = game.schedule.agents[-1]
-    finite = trajectory.diverged_at < 0
-    assert np.allclose(trajectory.outputs(last)[-1][finite], v_floor[finite], rtol=1e-9, atol=1e-12)
-
-    result = {
-        "seeds": args.seeds,
+        seconds, peak = end_to_end(config_path, seeds, out)
+        t_floor = floor(config, span)
+        inside = phases(config, span, Path(out))
+    return {
+        "config": config_path.name,
+        "seeds": seeds,
         "rounds": config.rounds,
         "d": config.d,
-        "end_to_end_s": end_to_end,
+        "record": inside.pop("record"),
+        "end_to_end_s": seconds,
+        "peak_gib": peak,
         "floor_s": t_floor,
-        "end_to_end_over_floor": end_to_end / t_floor,
-        **{f"{name}_s": seconds for name, seconds in phases.items()},
-        "play_over_floor": phases["play"] / t_floor,
+        "end_to_end_over_floor": seconds / t_floor,
+        **{f"{name}_s": value for name, value in inside.items()},
     }
-    print(json.dumps(result, indent=1))
-    share = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in phases.items())
-    print(
-        f"misalign run --seeds {args.seeds}: {end_to_end:.1f} s end to end, "
-        f"{end_to_end / t_floor:.0f}x the bare batched loop ({t_floor:.2f} s); in-process phases: "
-        f"{share}; the play alone is {phases['play'] / t_floor:.2f}x the floor"
-    )
-    return result
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path)
+    parser.add_argument("--seeds", type=int)
+    args = parser.parse_args(argv)
+    sizes = SIZES if args.seeds is None else [(args.config or SIZES[0][0], args.seeds)]
+    results = [measure_size(path, seeds) for path, seeds in sizes]
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    print(json.dumps({"machine": machine, "date": time.strftime("%Y-%m-%d"), "runs": results}))
+    for r in results:
+        share = ", ".join(
+            f"{k[:-2]} {v:.2f} s"
+            for k, v in r.items()
+            if k.endswith("_s") and k[:-2] not in ("end_to_end", "floor")
+        )
+        print(
+            f"{r['config']} --seeds {r['seeds']} (record {r['record']}): {r['end_to_end_s']:.1f} s "
+            f"end to end, {r['end_to_end_over_floor']:.2f}x the bare loop ({r['floor_s']:.2f} s), "
+            f"peak {r['peak_gib']:.2f} GiB; in-process: {share}"
+        )
+    return results
 
 
 if __name__ == "__main__":

@@ -1,8 +1,17 @@
-"""The end-to-end benchmark runs and its play matches its floor (no timing is asserted)."""
+"""The end-to-end benchmark runs at a small size, in both of run's ways of keeping a batch,
+and reports its floor and peak memory (no timing is asserted)."""
 
-from run_bench import main
+from run_bench import ROOT, main
+
+from misalign.workflows import batch
 
 
-def test_end_to_end_benchmark_runs_at_small_size():
-    result = main(["--seeds", "20"])
-    assert result["end_to_end_s"] > result["play_s"] > 0 and result["floor_s"] > 0
+def test_end_to_end_benchmark_runs_at_small_size(monkeypatch):
+    (recorded,) = main(["--seeds", "20"])
+    assert recorded["record"] == "all"
+    monkeypatch.setattr(batch, "ALL_BYTES", 0)  # in-process only: the child keeps all
+    (streamed,) = main(["--seeds", "20", "--config", str(ROOT / "benchmarks" / "large.toml")])
+    assert streamed["record"].startswith("every")
+    for result in (recorded, streamed):
+        assert result["end_to_end_s"] > result["play_s"] > 0 and result["floor_s"] > 0
+        assert 0 < result["peak_gib"] < 4

@@ -22,6 +22,7 @@ settle are played again alone, recorded, and classified from their outputs
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -137,10 +138,22 @@ class Streamed:
 
 
 def stream(
-    config: PlayConfig, seeds: Sequence[int], record: Record, progress: bool = False
+    config: PlayConfig,
+    seeds: Sequence[int],
+    record: Record,
+    progress: bool = False,
+    phases: dict[str, float] | None = None,
 ) -> Streamed:
     """Set up, predict, play and measure ``config`` over ``seeds`` in chunks of ``CHUNK``
     plays, keeping only the measurements (``record`` not ``all``).
+
+    Args:
+        config: the configuration.
+        seeds: the plays' seeds.
+        record: what to keep.
+        progress: a bar on stderr.
+        phases: seconds spent per phase (``setup``, ``predict``, ``play``, ``replay``) are
+            added here when given.
 
     Returns:
         The measurements, and the first play set up alone.
@@ -157,7 +170,7 @@ def stream(
     bar = progress_bar(len(seeds), "plays") if progress else None
     for start in range(0, len(seeds), CHUNK):
         plays = slice(start, min(start + CHUNK, len(seeds)))
-        _chunk(config, seeds[plays], plays, measured)
+        _chunk(config, seeds[plays], plays, measured, {} if phases is None else phases)
         if bar is not None:
             bar.advance(bar.task_ids[0], plays.stop - plays.start)
     if bar is not None:
@@ -189,12 +202,28 @@ def _seeds(seeds: Sequence[int]) -> np.ndarray:
     return as_seeds(list(seeds))
 
 
-def _chunk(config: PlayConfig, seeds: np.ndarray, plays: slice, measured: Measured) -> None:
+def _chunk(
+    config: PlayConfig,
+    seeds: np.ndarray,
+    plays: slice,
+    measured: Measured,
+    phases: dict[str, float],
+) -> None:
     """One chunk: set up, predict, play without recording, reduce, and classify the plays
     that did not settle from a recorded replay of them alone."""
+    clock = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        phases[phase] = phases.get(phase, 0.0) + now - clock
+        clock = now
+
     game = setup(config, seeds=seeds)
+    lap("setup")
     prediction = predict(game)
     measured.predicted(plays, prediction)
+    lap("predict")
     targets = {n: game.targets[n] for n in measured.distance}
     reducer = Measure(measured, plays, config.rounds, prediction.fixed_point, targets)
     trajectory = play(
@@ -206,7 +235,9 @@ def _chunk(config: PlayConfig, seeds: np.ndarray, plays: slice, measured: Measur
         on_round=reducer.round,
     )
     reducer.finish(trajectory.diverged_at, trajectory.skipped + trajectory.rounds)
+    lap("play")
     rest = np.flatnonzero(measured.code[plays] < 0)
     if len(rest):
         again = setup(config, seeds=seeds[rest])
         measured.observe(plays.start + rest, classify(simulate(again)))
+    lap("replay")
