@@ -514,7 +514,7 @@ def _predict(
     unit = unit_space(R, r, fed)
     P = unit.projection
     moving = R - P  # P = 0 without an eigenvalue-1 space: exactly R
-    full = spectral_radius(moving)
+    full = _fed_radius(moving, fed)
     rho = _rate(moving, R, r, s0, fed, full)
     rho = np.where(unit.identity, rho, np.maximum(rho, 1.0))  # a Jordan block or a drift at 1
     rho[unknown] = np.inf
@@ -554,6 +554,20 @@ def _predict(
         covariance=covariance,
         depends_on_start=ok & (unit.dim > 0),
     )
+
+
+def _fed_radius(moving: np.ndarray, fed: np.ndarray) -> np.ndarray:
+    """``rho(R - P_1)`` from its fed-back blocks ``F`` alone: its other columns are zero (those
+    of ``R`` by ``fed_columns``, those of ``P_1 = V (L^T V)^{-1} L^T`` because the left null
+    vectors vanish there, ``unit_space``), so in the order ``F`` first it is block triangular
+    with a zero block, and its eigenvalues are those of the ``F x F`` block and zeros: for two
+    agents alternating, a ``d x d`` eigenvalue problem instead of ``2 d x 2 d``."""
+    F = np.flatnonzero(fed)
+    if len(F) == 0:
+        return np.zeros(len(moving))
+    if len(F) == moving.shape[-1]:
+        return spectral_radius(moving)
+    return spectral_radius(np.ascontiguousarray(moving[:, F[:, None], F]))
 
 
 def _rate(

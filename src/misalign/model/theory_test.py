@@ -13,6 +13,7 @@ from misalign.model.prompt import sample_prompt
 from misalign.model.theory import (
     Prediction,
     exactness,
+    fed_columns,
     round_map,
     spectral_radius,
     two_agent,
@@ -556,8 +557,10 @@ def test_the_limit_solves_the_fixed_point_and_keeps_the_start_along_the_left_nul
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), d=st.integers(1, 6))
 def test_generic_plays_are_unchanged(seed, d):
-    """n >= d for every agent: no eigenvalue 1, ``depends_on_start`` False, and bit for bit the
-    former computation (``rho(R)``, ``(I - R)^{-1} r``), whatever the start."""
+    """n >= d for every agent: no eigenvalue 1, ``depends_on_start`` False, ``rho`` bit for bit
+    the radius of ``R``'s fed-back block (its other columns are zero) and the radius of the
+    whole ``R`` up to rounding, and the limit bit for bit ``(I - R)^{-1} r``, whatever the
+    start."""
     config = random_config(np.random.default_rng(seed), d, ["A", "B", "C"])
     agents = {k: a.model_copy(update={"n": max(a.n, d)}) for k, a in config.agents.items()}
     start = np.random.default_rng(seed + 1).standard_normal(d).tolist()
@@ -566,7 +569,10 @@ def test_generic_plays_are_unchanged(seed, d):
     assert not p.depends_on_start.any()
     maps = {name: game.agents[name].affine() for name in game.schedule.agents}
     R, r, _ = round_map(maps, game.schedule)
-    np.testing.assert_array_equal(p.rho, spectral_radius(R))
+    F = np.flatnonzero(fed_columns(maps, game.schedule))
+    assert not R[:, :, np.setdiff1d(np.arange(3 * d), F)].any()
+    np.testing.assert_array_equal(p.rho, spectral_radius(np.ascontiguousarray(R[:, F[:, None], F])))
+    np.testing.assert_allclose(p.rho, spectral_radius(R), rtol=1e-12, atol=1e-15)
     if p.converges[0]:
         s = np.linalg.solve(np.eye(3 * d) - R, r[..., None])[..., 0]
         for k, name in enumerate(game.schedule.agents):
