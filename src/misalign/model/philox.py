@@ -91,6 +91,10 @@ def as_seeds(seeds: Sequence[int] | np.ndarray) -> np.ndarray:
     Raises:
         ValueError: a seed outside ``[0, 2^64)``.
     """
+    if isinstance(seeds, range) and seeds.step == 1 and seeds.start >= 0 and seeds.stop <= 2**63:
+        return np.arange(seeds.start, max(seeds.start, seeds.stop), dtype=np.int64).astype(
+            np.uint64
+        )
     if isinstance(seeds, np.ndarray) and seeds.dtype == np.uint64:
         return seeds.reshape(-1)
     if isinstance(seeds, np.ndarray) and seeds.dtype.kind == "i" and (seeds >= 0).all():

@@ -126,3 +126,12 @@ def test_seeds_outside_64_bits_are_refused():
     for seeds in ([-1], [2**64], np.array([-3])):
         with pytest.raises(ValueError, match=r"\[0, 2\^64\)"):
             philox.normals(seeds, "A", 0, (2,))
+
+
+def test_seeds_of_any_form_are_the_same_numbers():
+    expected = np.array([5, 6, 7], dtype=np.uint64)
+    for seeds in (range(5, 8), [5, 6, 7], np.array([5, 6, 7]), expected, (5, 6, 7)):
+        assert np.array_equal(philox.as_seeds(seeds), expected)
+    assert len(philox.as_seeds(range(4, 2))) == 0
+    big = philox.as_seeds(range(2**64 - 2, 2**64))
+    assert big.dtype == np.uint64 and list(big) == [2**64 - 2, 2**64 - 1]

@@ -33,6 +33,7 @@ from misalign.api import footprint as footprint_of
 from misalign.config import BlackBoxConfig, ConfigError, HelperAgentConfig, PlayConfig
 from misalign.model.measure import Measure, Measured
 from misalign.model.observe import classify
+from misalign.model.philox import as_seeds
 from misalign.model.play import play
 from misalign.model.theory import Prediction
 from misalign.outputs.batch import RECORDED, recorded_rounds
@@ -165,7 +166,7 @@ def stream(
     names = first.schedule.agents
     targeted = [n for n in names if n in first.targets]
     recorded = recorded_rounds(config.rounds, record.every)
-    seeds = _seeds(seeds)
+    seeds = as_seeds(seeds)
     measured = Measured.empty(len(seeds), names, targeted, recorded)
     bar = progress_bar(len(seeds), "plays") if progress else None
     for start in range(0, len(seeds), CHUNK):
@@ -191,15 +192,6 @@ def footprint(config: PlayConfig, plays: int, record: Record) -> dict[str, float
         "rounds": kept,
         **{key: value for key, value in chunk.items() if key != "rounds"},
     }
-
-
-def _seeds(seeds: Sequence[int]) -> np.ndarray:
-    """The seeds as ``uint64`` (a ``range`` without a Python loop)."""
-    if isinstance(seeds, range) and seeds.step == 1 and seeds.stop <= 2**63:
-        return np.arange(seeds.start, seeds.stop, dtype=np.int64).astype(np.uint64)
-    from misalign.model.philox import as_seeds
-
-    return as_seeds(list(seeds))
 
 
 def _chunk(
