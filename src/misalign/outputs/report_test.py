@@ -300,3 +300,20 @@ def test_observed_is_the_play_classified_alone_and_the_batch_counts():
             assert np.allclose(data["agents"][name]["mean"], fixed, rtol=0, atol=1e-6)
     counts = batch(game, prediction, trajectory)["observed"]
     assert counts == {"counts": dict.fromkeys(CLASSES, 0) | {"fixed point": 3}, "periods": {}}
+
+
+def test_arrays_are_written_as_lists_with_null_for_what_is_not_finite():
+    """A batch's per-play lists are numpy arrays until written: floats with NaN and
+    infinities become ``null``, integers (uint64 seeds too) stay exact."""
+    data = {
+        "x": np.array([1.5, np.nan, np.inf, -np.inf, -0.0]),
+        "seeds": np.array([0, 2**64 - 1], dtype=np.uint64),
+        "n": np.arange(3),
+        "empty": np.zeros(0),
+    }
+    assert json.loads(to_json(data)) == {
+        "x": [1.5, None, None, None, -0.0],
+        "seeds": [0, 2**64 - 1],
+        "n": [0, 1, 2],
+        "empty": [],
+    }
