@@ -11,8 +11,10 @@ replay is run twice through the Python API (``setup``, ``fit``, ``simulate``, ``
 This part tests the path (store, replay, parsing, fit, report), not the theory: the small
 model does not compute a gradient step and its answers are only roughly affine. Its one claim
 on the fit is held out: the global fit (made from its probes) predicts the model's 20 recorded
-play answers, at inputs it was not fitted on, within 1.3 times its own residual RMS. (The
-fit table of docs/llm.md is a regression test, ``claims_test.py``.)
+play answers, at inputs it was not fitted on, within 1.3 times its own residual RMS (0.47
+for the shipped run, only because one probe answered 18.3 makes that RMS large; its play
+settles on a fixed point that neither fit predicts). (The fit table of docs/llm.md is a
+regression test, ``claims_test.py``.)
 
 Part 2, the theory: ``misalign.llm.fake_server.FakeServer`` on ``127.0.0.1`` answers
 ``A w + c`` (a non-symmetric ``A`` with spectral radius 0.6) in the JSON an OpenAI-compatible
@@ -146,8 +148,8 @@ def _recorded(cfg: dict[str, Any]):
         parts += [f.global_prediction.fixed_point[n].ravel() for n in names]
         return np.concatenate(parts)
 
-    again = max(float(np.abs(everything(run) - everything(runs[0])).max()) for run in runs[1:])
-    from misalign.llm.fit import score
+    again = max(_difference(everything(run), everything(runs[0])) for run in runs[1:])
+    from misalign.llm.fit import WARMUP, score
 
     agent = fits.agents["A"]
     observed = classify(trajectory)
@@ -176,6 +178,13 @@ def _recorded(cfg: dict[str, Any]):
         }
     stats = [run[4].stats for run in runs]
     failed = sum(len(run[4].failed) for run in runs)
+    # a global prediction without an equilibrium makes the fit run a warm-up play first
+    # (misalign.llm.fit.WARMUP rounds): its answers fill the play's first slots, and the play
+    # reads them again
+    warm_up = 0
+    if not np.isfinite(fits.global_prediction.fixed_point["A"]).all():
+        warm_up = WARMUP * (len(game.agents["A"].history) // trajectory.rounds)
+    reads = accepted + warm_up
     claims = [
         Claim(
             "replay: max |A's output - the estimate recorded in the store| over the 20 rounds"
@@ -191,8 +200,14 @@ def _recorded(cfg: dict[str, Any]):
         ),
         Claim(
             "replay: requests sent to a server, plus answers not read from the store"
-            f" (|cached - accepted slots| per replay, {accepted} slots), plus failed plays",
-            sum(s.requests + abs(s.cached - accepted) for s in stats) + failed,
+            f" (|cached - accepted slots| per replay, {accepted} slots"
+            + (
+                f" and the warm-up play's {warm_up} answers, read again by the play"
+                if warm_up
+                else ""
+            )
+            + "), plus failed plays",
+            sum(s.requests + abs(s.cached - reads) for s in stats) + failed,
             0,
         ),
         Claim("replay: the shipped store changed (sha256 before and after)", changed, 0),
@@ -223,6 +238,14 @@ def _recorded(cfg: dict[str, Any]):
                 )
     curves = {"outputs": replayed, "equilibrium": equilibrium, "measured": measured}
     return rows, claims, curves
+
+
+def _difference(a: np.ndarray, b: np.ndarray) -> float:
+    """``max |a - b|``, where NaN in both (a prediction without an equilibrium) is no
+    difference and NaN in one only is an infinite one."""
+    both = np.isnan(a) & np.isnan(b)
+    gap = np.where(both, 0.0, np.abs(a - b))
+    return float(np.nan_to_num(gap, nan=np.inf).max())
 
 
 def _row(part, play, round_, agent, coordinate, output, local, global_) -> dict[str, Any]:
@@ -353,6 +376,8 @@ def _figure(recorded, fake):
         color = f"C{i}"
         ax.plot(rounds, outputs[:, i], "o", color=color, label=f"replayed output of A, w[{i}]")
         for which, style in styles.items():
+            if not np.isfinite(recorded["equilibrium"][which][i]):
+                continue  # that fit's prediction names no equilibrium
             ax.axhline(
                 recorded["equilibrium"][which][i],
                 color=color,
@@ -360,6 +385,18 @@ def _figure(recorded, fake):
                 label=f"{which} fit's predicted equilibrium, w[{i}]",
             )
     measured = recorded["measured"]
+    none = [w for w, x in recorded["equilibrium"].items() if not np.isfinite(x).all()]
+    if none:
+        fits = " and ".join(none) + (" fits" if len(none) > 1 else " fit")
+        ax.text(
+            0.98,
+            0.97,
+            f"no equilibrium predicted by the {fits}",
+            transform=ax.transAxes,
+            ha="right",
+            va="top",
+            fontsize="small",
+        )
     ax.set_ylim(-1.0, 3.0)
     ax.legend(frameon=False, fontsize="x-small", ncol=2, loc="lower left")
     ax.set(

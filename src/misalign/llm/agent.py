@@ -115,7 +115,8 @@ class LLMAgent(BlackBox):
         name: the agent's name.
         config: its configuration (one for the whole batch).
         prompts: one prompt per play.
-        seeds: each play's seed (the store's ``play``).
+        seeds: each play's seed (the store's ``play``; ``uint64`` seeds are written as Python
+            integers, since SQLite would store a NumPy integer as an 8-byte blob).
         session: the run's session.
 
     Raises:
@@ -134,7 +135,8 @@ class LLMAgent(BlackBox):
         seeds: Sequence[int],
         session: Session,
     ) -> None:
-        self.name, self.config, self.prompts, self.seeds = name, config, prompts, list(seeds)
+        self.name, self.config, self.prompts = name, config, prompts
+        self.seeds = [int(seed) for seed in seeds]
         self.session = session
         self.field = f"agents.{name}"
         _check_request(config.request, config.api_key_env, self.field)

@@ -127,6 +127,17 @@ def test_a_run_records_every_answer_and_a_second_run_asks_nothing(tmp_path, serv
     assert second["outputs"] == first["outputs"] and second["fit"] == first["fit"]
 
 
+def test_the_store_holds_each_play_s_seed_as_an_integer(tmp_path, server, capsys):
+    """The seeds are ``uint64`` arrays; the store's ``play`` column holds SQLite integers (a
+    NumPy integer would be bound as an 8-byte blob), so a slot is found by its seed."""
+    config, store = write_config(tmp_path / "play.toml", server.base_url), tmp_path / "s.sqlite"
+    run_json(capsys, config, store, "--set", "seed=7", "--out", tmp_path / "one")
+    with contextlib.closing(sqlite3.connect(store)) as db:
+        for table in ("answers", "accepted"):
+            rows = db.execute(f"SELECT DISTINCT typeof(play), play FROM {table}").fetchall()
+            assert rows == [("integer", 7)], table
+
+
 def test_replay_with_the_server_stopped_gives_the_same_report(tmp_path, capsys):
     store = tmp_path / "s.sqlite"
     with FakeServer(GOOD) as server:
