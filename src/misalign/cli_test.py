@@ -443,7 +443,8 @@ def test_a_play_that_overflows_inside_the_arithmetic_is_sound_json(tmp_path):
 @pytest.mark.parametrize(
     "args,field",
     [
-        (["run", "two_agents.toml", "--seeds", "1000000"], "seeds: a batch of 1000000 plays"),
+        (["run", "two_agents.toml", "--seeds", "10000000000"], "seeds: a batch of 10,000,000,000"),
+        (["run", "attack.toml", "--seeds", "10000000"], "seeds: a batch of 10000000 plays"),
         (["attacks", "attack.toml", "--seeds", "10000000"], "seeds: a batch of 10000000 plays"),
         (["run", "two_agents.toml", "--set", "agents.A.n=100000000"], "agents.A.n: the play"),
         (["run", "two_agents.toml", "--set", "rounds=1000000000"], "rounds: the play needs"),

@@ -69,7 +69,7 @@ def config(quick: bool, seeds: int | None) -> dict[str, Any]:
         "fake": {
             "dims": [2] if quick else [2, 4],
             "plays": seeds or (3 if quick else 20),
-            "rounds": 80,
+            "rounds": 240,
             "spectral_radius": 0.6,
             "map_seed": 0,
             "A": {"n": 8, "concurrency": 32},
