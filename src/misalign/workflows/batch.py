@@ -111,12 +111,11 @@ def choose(config: PlayConfig, plays: int, asked: Record | None = None) -> Recor
     if why is not None or plays == 1 or outputs <= min(ALL_BYTES, available_memory() / 4):
         return Record("all")
     targeted = len([a for a in config.agents.values() if not isinstance(a, HelperAgentConfig)])
+    most = KEPT_BYTES // (plays * targeted * 4)  # rounds whose distances fit
+    if most < 1:
+        return Record("last", 0)
     least = max(1, -(-config.rounds // RECORDED))
-    for every in range(least, config.rounds + 1):
-        kept = len(recorded_rounds(config.rounds, every)) * plays * targeted * 4
-        if kept <= KEPT_BYTES:
-            return Record("every", every)
-    return Record("last", 0)
+    return Record("every", min(config.rounds, max(least, -(-config.rounds // most))))
 
 
 @dataclass(frozen=True)
