@@ -6,6 +6,7 @@ the bias scale is a minimum, and greedy examples beat random ones."""
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -267,9 +268,33 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
     assert not (tmp_path / "out").exists()
 
 
+SAVED_BY_A_LARGER_ETA_B = """seed = 0
+d = 3
+rounds = 2000
+
+[agents.A]
+n = 200
+spectrum = [3.0, 3.0, 3.0]
+preconditioner = "identity"
+eta = 1.0
+
+[agents.B]
+n = 200
+preconditioner = "identity"
+eta = 0.3
+"""
+"""A play that diverges at scale 1 and that a larger ``eta_B`` alone saves, whatever the seed:
+with 200 examples each, ``H_A`` is near ``3 I`` (A overshoots, ``|1 - h_A|`` near 2) and
+``H_B`` near ``eta_B I``, so ``rho`` is near ``2 |1 - eta_B|``: about 1.4 at ``eta_B = 0.3``,
+below 1 for ``eta_B`` between about 0.6 and 1.4 (seeds 0 to 7: ``eta_B`` x1.6..2.5 to
+x4.1..5.0). ``examples/diverging.toml`` (8 examples each, A's variance 6) has none for any of
+seeds 0 to 11: whether one exists there depends on the sampled prompts."""
+
+
 def test_a_diverging_play_gets_a_stable_scale_and_no_example_advice(tmp_path):
     out = tmp_path / "out"
-    args = ["design", str(EXAMPLES / "diverging.toml"), "--agent", "A", "--seeds", "2"]
+    (tmp_path / "play.toml").write_text(SAVED_BY_A_LARGER_ETA_B)
+    args = ["design", str(tmp_path / "play.toml"), "--agent", "A", "--seeds", "2"]
     result = runner.invoke(app, [*args, "--json", "--out", str(out)])
     assert result.exit_code == 0, result.stderr
 
@@ -319,10 +344,12 @@ def _sweep_config(seed: int) -> dict:
     return {"seed": seed, "d": d, "rounds": 100, "agents": agents}
 
 
-# the plays of issue 19: A diverges at scale 1 and converges from x1.32 to x2.60; A's
-# lower edge lies between log-grid points and its least residual on it
+# the plays of issue 19 (their parameters; the seeds draw prompts that show it with the
+# counter-based generator, misalign.model.philox): A diverges at scale 1 and converges from
+# x1.32 to x2.66 (most seeds of ABOVE_ONE's parameters do, at other scales); A's lower edge
+# lies between log-grid points and its least residual on it (a particular draw: seed 259)
 ABOVE_ONE = {
-    "seed": 749,
+    "seed": 44,
     "d": 4,
     "rounds": 400,
     "agents": {
@@ -341,7 +368,7 @@ ABOVE_ONE = {
     },
 }
 LOWER_EDGE = {
-    "seed": 430,
+    "seed": 259,
     "d": 3,
     "rounds": 400,
     "agents": {
@@ -355,7 +382,12 @@ LOWER_EDGE = {
         "B": {"n": 3, "preconditioner": "identity", "eta": 0.770, "target": [0, 1, 0]},
     },
 }
-SWEEP = [ABOVE_ONE, LOWER_EDGE, *(_sweep_config(seed) for seed in range(16))]
+SWEEP = [
+    ABOVE_ONE,
+    LOWER_EDGE,
+    tomllib.loads(SAVED_BY_A_LARGER_ETA_B),
+    *(_sweep_config(seed) for seed in range(16)),
+]
 
 
 def _scan(config, name: str, scales: np.ndarray):
@@ -448,22 +480,25 @@ def test_the_bias_scale_is_the_least_residual_of_a_dense_scan():
 
 def test_the_issue_plays_converge_above_scale_one_and_refine_the_lower_edge():
     """Issue 19: A diverges at scale 1 and converges at x1.77: the advice reports that
-    interval, checked by playing, and the bias inside it; the lower edge of the second play
-    is refined, and its bias (on that edge) beats the log-grid point x0.63096."""
-    result = advise(parse_config(ABOVE_ONE), "A", examples=1, seeds=2)
+    interval, checked by playing, and the bias inside it (no larger than at x1.77); the lower
+    edge of the second play is refined, and its bias (on that edge) beats the log-grid point
+    x0.63096. The numbers are those of the seeds' draws (ABOVE_ONE, LOWER_EDGE)."""
+    config = parse_config(ABOVE_ONE)
+    result = advise(config, "A", examples=1, seeds=2)
     row = result["stability"]["A"]
     assert row["verified"] and len(row["intervals"]) == 1
     assert row["lower"] < 1.77 < row["upper"] == row["scale"] and row["lower"] > 1
     assert result["bias"]["difference"] < TOL and row["lower"] < result["bias"]["scale"]
-    assert result["bias"]["simulated"] < 0.68  # x1.77 and x1.62 converge on target's side
+    at = np.linalg.norm(_scan(config, "A", np.array([1.77])).residual["A"][0])
+    assert result["bias"]["simulated"] <= at * (1 + 1e-9)
     table = " ".join(" ".join(r) for r in design_table(result))
-    assert "x1.324 to x2.596" in table
+    assert "x1.322 to x2.659" in table
 
     result = advise(parse_config(LOWER_EDGE), "A", examples=1, seeds=2)
     row, bias = result["stability"]["A"], result["bias"]
-    assert row["verified"] and abs(row["lower"] - 0.6028854) < 1e-6
-    assert bias["on_edge"] and abs(bias["scale"] - 0.6034961) < 1e-6
-    assert bias["simulated"] < 1.5535 < 1.5695  # at x0.63096 (the grid point): 1.5695
+    assert row["verified"] and abs(row["lower"] - 0.6172384) < 1e-6
+    assert bias["on_edge"] and abs(bias["scale"] - 0.6191757) < 1e-6
+    assert bias["simulated"] < 1.42209 < 1.42249  # at x0.63096 (the grid point): 1.42250
 
 
 def _network(seed: int, steps: int = 1):
