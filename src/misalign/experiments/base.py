@@ -219,6 +219,55 @@ def measured_rate(errors: Any, floor: float = 1e-9, window: int = 20) -> Any:
         return (errors[t1, plays] / errors[t0, plays]) ** (1.0 / (t1 - t0))
 
 
+ROUNDED = 1e3
+"""``two_mode_rate`` stops this far above its floor."""
+
+
+def two_mode_rate(moves: Any, floor: float = 1e-12, window: int = 30) -> Any:
+    """Per play, the rate of a play from its differences ``D_t = s_{t+1} - s_t`` alone
+    (``(rounds, B, D)``): past the transient its two slowest modes dominate them, so
+    ``D_{t+2} = a D_{t+1} + b D_t`` holds (Prony), and the rate is the largest root of
+    ``z^2 - a z - b``. Two modes of close magnitude, real or a complex pair (whose ``|D_t|``
+    oscillates), are told apart, which a ratio of norms (``measured_rate``) cannot do over a
+    short window. Fitted by least squares, every round weighing one, over the last ``window``
+    rounds before ``|D_t| / |D_0|`` falls below ``ROUNDED * floor`` (or before the end: the
+    recurrence needs the differences' directions, which rounding spoils near ``floor``
+    before it spoils their norms); a play whose
+    differences stay on one line (one mode) gets the ratio of norms. The measured counterpart
+    of ``rho``.
+
+    Args:
+        moves: the differences, ``(rounds, B, D)``.
+        floor: where rounding starts to show, relative to the first difference.
+        window: rounds fitted.
+
+    Returns:
+        The rates, ``(B,)`` (NaN where fewer than 4 rounds can be fitted).
+    """
+    import numpy as np
+
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        steps = np.linalg.norm(moves, axis=-1)
+        relative = steps / steps[:1]
+    ratio = measured_rate(relative, floor, window)
+    rates = np.full(moves.shape[1], np.nan)
+    for b in range(moves.shape[1]):
+        below = ~(relative[:, b] >= ROUNDED * floor)  # NaN counts as below
+        end = int(below.argmax()) if below.any() else len(relative)
+        t = np.arange(max(end - window, 0), end - 2)
+        if len(t) < 4:
+            continue
+        older, old, new = (moves[t + k, b] / steps[t, b, None] for k in range(3))
+        design = np.stack([old.ravel(), older.ravel()], axis=1)
+        sv = np.linalg.svd(design, compute_uv=False)
+        if not np.isfinite(sv).all() or sv[1] < 1e-6 * sv[0]:
+            rates[b] = ratio[b]  # one mode
+            continue
+        (a, c), *_ = np.linalg.lstsq(design, new.ravel(), rcond=None)
+        rates[b] = np.abs(np.roots([1.0, -a, -c])).max()
+    return rates
+
+
 def theory_and_simulation(
     ax: Any,
     x: Any,

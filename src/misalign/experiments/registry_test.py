@@ -292,3 +292,26 @@ def test_default_out_is_named_by_the_config_hash(tmp_path, monkeypatch):
     assert done.exit_code == 0, done.output
     digest = config_hash(REGISTRY["gap"].config(True, 2))
     assert (tmp_path / "runs" / f"gap-{digest}" / "claims.json").exists()
+
+
+def test_two_mode_rate_tells_close_modes_apart():
+    """Differences made of two modes of close magnitude (real, 0.9 and 0.85; a complex pair of
+    modulus 0.9 on an elongated orbit), or of one: the largest modulus, which a ratio of norms
+    over the same window misses by more than 1e-3 for the pair; a fast play's window stops
+    above rounding."""
+    import numpy as np
+
+    from misalign.experiments.base import two_mode_rate
+
+    t = np.arange(400)[:, None]
+    u, v = np.array([1.0, 0.2, 0.0]), np.array([0.3, -1.0, 0.5])
+    close = 0.9**t * u + 3 * 0.85**t * v
+    angle = 0.3 * t
+    pair = 0.9**t * (np.cos(angle) * u + 0.3 * np.sin(angle) * v)
+    one = 1.1 ** t[:60] * u
+    fast = 0.2**t * u + 0.1**t * v
+    for moves, rho in ((close, 0.9), (pair, 0.9), (one, 1.1), (fast, 0.2)):
+        rate = two_mode_rate(moves[:, None, :], floor=1e-12, window=30)
+        assert rate == pytest.approx([rho], rel=1e-6)
+    norms = np.linalg.norm(pair, axis=-1)[:, None]
+    assert abs(measured_rate(norms / norms[0], floor=1e-12, window=30)[0] - 0.9) > 1e-3

@@ -6,7 +6,7 @@ steps, so that some plays are slow) play each of a few schedules: the orders ``A
 ``A, C, B`` and ``A, B, A, C`` (each agent reading the previous turn) and ``A, B, A, C`` with
 ``C`` reading ``B``. Per play, the final outputs are compared with the predicted fixed
 points, and the rate at which the round-to-round moves ``|s_t - s_(t-1)|`` shrink
-(``measured_rate``, as in ``stability``) with ``rho``, over the plays with ``rho >= 0.8`` and
+(``two_mode_rate``, as in ``stability``) with ``rho``, over the plays with ``rho >= 0.8`` and
 the slowest play (the largest ``rho``: the claim is never over no play). Plays whose two
 leading eigenvalues are nearly equal reach that rate late: ``A, B, C`` with ``C`` reading
 ``A`` (``rho`` up to 0.98) has 3 plays in 100 that miss the 1e-3 tolerance (up to 5e-3), so
@@ -22,7 +22,7 @@ import numpy as np
 
 from misalign.api import predict, setup, simulate
 from misalign.config import parse_config
-from misalign.experiments.base import Claim, Experiment, Result, measured_rate, worst, write_run
+from misalign.experiments.base import Claim, Experiment, Result, two_mode_rate, worst, write_run
 from misalign.runtime.text import plural
 
 NAME = "schedules"
@@ -93,8 +93,7 @@ def run(quick: bool, seeds: int | None, out: Path) -> Result:
             relative = np.linalg.norm(outputs[-1] - fixed, axis=-1) / np.linalg.norm(fixed, axis=-1)
         distance = np.linalg.norm(outputs - fixed, axis=-1)  # (rounds, seeds)
         scaled = distance / distance[0]
-        moves = np.linalg.norm(np.diff(outputs, axis=0), axis=-1)
-        rate = measured_rate(moves / moves[0], floor=cfg["floor"], window=cfg["window"])
+        rate = two_mode_rate(np.diff(outputs, axis=0), floor=cfg["floor"], window=cfg["window"])
         slow = converging & ((rho >= cfg["rate_from"]) | (rho == rho.max()))
         claims += [
             Claim(

@@ -43,7 +43,7 @@ def config(quick: bool, seeds: int | None) -> dict[str, Any]:
         "variants": VARIANTS,
         "etas": np.geomspace(0.01, 0.1, 4 if quick else 7).tolist(),
         "seeds": seeds or (4 if quick else 100),
-        "rounds": 5000,
+        "rounds": 10000,
         "compare_below": 1e-9,
     }
 

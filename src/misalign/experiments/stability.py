@@ -3,8 +3,9 @@
 
 Two noise-free gradient agents (``d = 3``, ``n = 30``, isotropic, ``Gamma = eta I`` for
 both) alternate for each ``eta`` of a grid and each seed. The rate at which the play moves,
-measured from the successive round-to-round changes of the stacked outputs
-``|s_t - s_{t-1}|`` (defined whether the play converges or not), is compared with the
+measured from the successive round-to-round changes of the stacked outputs ``s_t - s_{t-1}``
+(defined whether the play converges or not; ``two_mode_rate``: a Prony fit of two modes, so
+that two leading eigenvalues of close magnitude are told apart), is compared with the
 theory's ``rho``; per seed, the ``eta`` where the measured rate crosses 1 is compared with
 the one where ``rho`` does (both interpolated linearly on the grid).
 
@@ -43,8 +44,8 @@ from misalign.experiments.base import (
     Result,
     errors_by_matrix_powers,
     errors_from_fixed_point,
-    measured_rate,
     theory_and_simulation,
+    two_mode_rate,
     worst,
     write_run,
 )
@@ -96,8 +97,8 @@ def run(quick: bool, seeds: int | None, out: Path) -> Result:
     prediction = predict(game)
     stacked = np.concatenate([trajectory.outputs(n) for n in ("A", "B")], axis=-1)
     with np.errstate(over="ignore", invalid="ignore"):
-        moves = np.linalg.norm(np.diff(stacked, axis=0), axis=-1)
-    rate = measured_rate(moves, floor=1e-12, window=cfg["window"])
+        moves = np.diff(stacked, axis=0)
+    rate = two_mode_rate(moves, floor=1e-12, window=cfg["window"])
     rho = prediction.rho
     shape = (len(cfg["etas"]), cfg["seeds"])
     etas = np.array(cfg["etas"])
