@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from misalign.api import predict, setup, simulate
 from misalign.cli import app
 from misalign.config import ConfigError, load_config, parse_config
+from misalign.model.measure_test import CONFIGS
 from misalign.outputs.batch import batch, batch_report
 from misalign.outputs.report import to_json
 from misalign.workflows import batch as batch_
@@ -18,19 +19,6 @@ from misalign.workflows.batch import Record, choose, stream
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 runner = CliRunner()
-
-CONFIGS = {
-    "pair": {"d": 3, "agents": {"A": {"n": 5}, "B": {"n": 4, "rotate": True, "eta": 1.4}}},
-    "sampled": {
-        "d": 2,
-        "agents": {"A": {"n": 6, "sampling_std": 0.05}, "B": {"n": 6, "eta": 0.8}},
-    },
-    "debate": {
-        "d": 2,
-        "schedule": "simultaneous",
-        "agents": {"A": {"n": 2}, "B": {"n": 3, "eta": 1.6}, "C": {"n": 2, "eta": 0.4}},
-    },
-}
 
 
 @pytest.mark.parametrize(
