@@ -952,6 +952,8 @@ def _local(
     down."""
     from joblib import Parallel, delayed, parallel_config
 
+    if TRACKER_QUIET not in sys.warnoptions:  # passed to loky's resource tracker as -W
+        sys.warnoptions.append(TRACKER_QUIET)
     config = {"initializer": _watch_parent, "initargs": (os.getpid(),)}
     with parallel_config(backend="loky", idle_worker_timeout=IDLE_S, **config):
         parallel = Parallel(n_jobs=workers, return_as="generator_unordered")
@@ -960,6 +962,12 @@ def _local(
 
 IDLE_S = 10
 """Seconds an idle joblib worker waits for work before it exits."""
+
+TRACKER_QUIET = "ignore::UserWarning:joblib.externals.loky.backend.resource_tracker"
+"""The warning filter loky's resource tracker process starts with (it inherits the sweep's
+``-W`` options): when a stopped sweep's workers have unlinked their semaphores just before the
+tracker's own clean-up, it warns of 'leaked semlock objects' it then finds gone
+(``FileNotFoundError``) on the sweep's stderr; nothing leaked."""
 WATCH_S = 0.5
 """How often a worker checks that the sweep that started it is alive."""
 
