@@ -103,14 +103,15 @@ def phases(config, seeds: range, out: Path) -> dict[str, float]:
         clock = time.perf_counter()
         m = measured(game, prediction, trajectory)
         times["measure"] = time.perf_counter() - clock
-        first, first_prediction = game, prediction
+        clock = time.perf_counter()
+        result = report(game, prediction, trajectory)
     else:
-        streamed = stream(config, seeds, record, phases=times)
-        m, first, first_prediction = streamed.measured, streamed.first, streamed.prediction
-    clock = time.perf_counter()
-    from misalign.api import simulate
+        from misalign.api import simulate
 
-    result = report(first, first_prediction, simulate(first))
+        streamed = stream(config, seeds, record, phases=times)
+        m = streamed.measured
+        clock = time.perf_counter()
+        result = report(streamed.first, streamed.prediction, simulate(streamed.first))
     result["batch"] = batch_report(m, np.arange(seeds.start, seeds.stop), str(record))
     (out / "run.json").write_text(to_json(result, indent=1))
     times["report"] = time.perf_counter() - clock
