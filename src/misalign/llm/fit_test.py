@@ -335,6 +335,28 @@ def test_confirmed_means_the_reported_equilibrium_holds(tmp_path):
     assert fitted.confirmed.any()
 
 
+def _answering(f):
+    """A fake server's behaviour: the estimate ``f(w)`` of the estimate ``w`` it is shown
+    (d = 2)."""
+    return lambda body, index: Reply(
+        content=json.dumps({"estimate": [float(x) for x in f(estimate_of(body, 2))]})
+    )
+
+
+def _two_model_config(a_url: str, b_url: str, rounds: int, **top) -> dict:
+    """Two language-model agents on loopback servers (6 probes, d = 2), A reading B and B
+    reading A, from a start off the origin."""
+    agent = {"kind": "llm", "model": "fake", "api_key_env": "", "n": 4, "probes": 6}
+    return {
+        "seed": 0,
+        "d": 2,
+        "rounds": rounds,
+        "start": [0.3, -0.2],
+        **top,
+        "agents": {"A": agent | {"base_url": a_url}, "B": agent | {"base_url": b_url}},
+    }
+
+
 def test_a_prediction_without_an_equilibrium_is_never_confirmed(tmp_path):
     """Two refitted language models, A answering ``clip(-1.5 w + 0.1, -1, 1)`` and B
     echoing its input (6 probes): B's local fit is confirmed at an early check, but A's
@@ -342,26 +364,9 @@ def test_a_prediction_without_an_equilibrium_is_never_confirmed(tmp_path):
     prediction names was asked: neither agent is confirmed and ``miss`` and ``tolerance``
     are NaN (an earlier prediction's flags once stayed: B confirmed, miss 1e-16)."""
 
-    def behaviour(f):
-        return lambda body, index: Reply(
-            content=json.dumps({"estimate": [float(x) for x in f(estimate_of(body, 2))]})
-        )
-
-    with (
-        FakeServer(behaviour(lambda w: np.clip(-1.5 * w + 0.1, -1, 1))) as a,
-        FakeServer(behaviour(lambda w: w)) as b,
-    ):
-        agent = {"kind": "llm", "model": "fake", "api_key_env": "", "n": 4, "probes": 6}
-        config = {
-            "seed": 0,
-            "d": 2,
-            "rounds": 10,
-            "start": [0.3, -0.2],
-            "agents": {
-                "A": agent | {"base_url": a.base_url},
-                "B": agent | {"base_url": b.base_url},
-            },
-        }
+    a_map, b_map = _answering(lambda w: np.clip(-1.5 * w + 0.1, -1, 1)), _answering(lambda w: w)
+    with FakeServer(a_map) as a, FakeServer(b_map) as b:
+        config = _two_model_config(a.base_url, b.base_url, rounds=10)
         _, fits, _, prediction, _ = _run(config, tmp_path / "s.sqlite")
     assert not prediction.converges[0] and prediction.rho[0] >= 1
     assert not np.isfinite(prediction.fixed_point["B"][0]).all()
@@ -380,24 +385,8 @@ def _two_models(tmp_path, f_a, f_b, *extra: str, **top) -> tuple[dict, str]:
 
     import tomli_w
 
-    def behaviour(f):
-        return lambda body, index: Reply(
-            content=json.dumps({"estimate": [float(x) for x in f(estimate_of(body, 2))]})
-        )
-
-    with FakeServer(behaviour(f_a)) as a, FakeServer(behaviour(f_b)) as b:
-        agent = {"kind": "llm", "model": "fake", "api_key_env": "", "n": 4, "probes": 6}
-        config = {
-            "seed": 0,
-            "d": 2,
-            "rounds": 40,
-            "start": [0.3, -0.2],
-            **top,
-            "agents": {
-                "A": agent | {"base_url": a.base_url},
-                "B": agent | {"base_url": b.base_url},
-            },
-        }
+    with FakeServer(_answering(f_a)) as a, FakeServer(_answering(f_b)) as b:
+        config = _two_model_config(a.base_url, b.base_url, rounds=40, **top)
         path = tmp_path / "c.toml"
         path.write_text(tomli_w.dumps(config))
         base = [sys.executable, "-m", "misalign.cli", "run", str(path)]
