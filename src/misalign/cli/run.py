@@ -79,13 +79,14 @@ def run(
     try:
         asked = None if record is None else Record.parse(record)
         if seeds > 1:
-            chosen = choose(_load(config, set_), seeds, asked)
+            cfg = _load(config, set_)
+            chosen = choose(cfg, seeds, asked)
         elif asked is not None:
             raise ConfigError("--record applies to a batch (--seeds N with N > 1)")
     except ConfigError as exc:
         _fail(str(exc))
     if seeds > 1 and chosen.mode != "all":
-        return _streamed(config, set_, seeds, chosen, json_out, out, session)
+        return _streamed(cfg, seeds, chosen, json_out, out, session)
     _recorded(config, set_, seeds, json_out, out, session)
 
 
@@ -124,7 +125,7 @@ def _recorded(config, set_, seeds, json_out, out, session) -> None:
     _told(result, seeds, json_out, directory, figure)
 
 
-def _streamed(config, set_, seeds, record, json_out, out, session) -> None:
+def _streamed(cfg, seeds, record, json_out, out, session) -> None:
     """``run --seeds`` keeping only the measurements (``misalign.workflows.batch.stream``):
     the report's play is the first seed's, played alone."""
     from misalign.api import simulate
@@ -133,7 +134,6 @@ def _streamed(config, set_, seeds, record, json_out, out, session) -> None:
     from misalign.outputs.report import report
     from misalign.workflows.batch import stream
 
-    cfg = _load(config, set_)
     _check_flags(cfg, session)
     seeds_ = range(cfg.seed, cfg.seed + seeds)
     try:

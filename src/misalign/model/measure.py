@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from misalign.model.observe import FIXED, SETTLED, TOL, Observed, classify
+from misalign.model.observe import FIXED, SETTLED, Observed, classify, settled_rounds
 from misalign.model.play import Trajectory
 from misalign.model.theory import Prediction
 
@@ -217,18 +217,11 @@ class Measure:
 
     def _settled(self) -> np.ndarray:
         """Whether each play's last ``SETTLED`` states are close to its last
-        (``misalign.model.observe``'s rule)."""
-        last = self.last[-1]
+        (``misalign.model.observe``'s rule, ``settled_rounds``)."""
+        names = list(self.last[-1])
+        blocks = [np.stack([state[n] for state in self.last]) for n in names]
         with np.errstate(over="ignore", invalid="ignore"):
-            size = sum(np.einsum("bi,bi->b", s, s) for s in last.values())
-            ok = np.ones(len(size), dtype=bool)
-            for before in self.last[:-1]:
-                gap = sum(
-                    np.einsum("bi,bi->b", last[n] - before[n], last[n] - before[n]) for n in last
-                )
-                other = sum(np.einsum("bi,bi->b", s, s) for s in before.values())
-                ok &= gap <= TOL**2 * np.maximum(1.0, np.maximum(size, other))
-        return ok
+            return settled_rounds(blocks) >= SETTLED
 
 
 def measure(

@@ -136,7 +136,7 @@ def classify(trajectory: Trajectory) -> Observed:
     failed, overflowed = _failure(trajectory)
     with np.errstate(over="ignore", invalid="ignore"):  # diverged plays are classified apart
         size = sum(_squared(block) for block in blocks)  # |s_t|^2, shape (rounds, B)
-        settled = _trailing(_close(blocks, size, slice(None), slice(rounds - 1, rounds)))
+        settled = settled_rounds(blocks, size)
         period = np.where(settled >= SETTLED, 1, -1)
         for p in range(2, min(PERIODS, rounds // 2) + 1):
             recent, before = slice(rounds - p, rounds), slice(rounds - 2 * p, rounds - p)
@@ -161,6 +161,22 @@ def classify(trajectory: Trajectory) -> Observed:
     last = np.where(first >= 0, finite - 1, -1)
     mean, spread = _tail_moments(trajectory, first, last)
     return Observed(code, period, first, last, mean, spread)
+
+
+def settled_rounds(blocks: list[np.ndarray], size: np.ndarray | None = None) -> np.ndarray:
+    """Per play, how many of the last states are close to the last (itself included): a
+    fixed point has at least ``SETTLED``.
+
+    Args:
+        blocks: every agent's outputs, ``(rounds, B, d)`` each.
+        size: ``|s_t|^2``, ``(rounds, B)`` (computed when ``None``).
+
+    Returns:
+        The counts, ``(B,)``.
+    """
+    rounds = len(blocks[0])
+    size = sum(_squared(block) for block in blocks) if size is None else size
+    return _trailing(_close(blocks, size, slice(None), slice(rounds - 1, rounds)))
 
 
 def _failure(trajectory: Trajectory) -> tuple[np.ndarray, np.ndarray]:

@@ -127,14 +127,12 @@ class Streamed:
         prediction: its prediction.
         measured: every play's measurements beside its prediction.
         seeds: the plays' seeds.
-        record: what was kept.
     """
 
     first: Game
     prediction: Prediction
     measured: Measured
     seeds: np.ndarray
-    record: Record
 
 
 def stream(
@@ -175,7 +173,7 @@ def stream(
             bar.advance(bar.task_ids[0], plays.stop - plays.start)
     if bar is not None:
         bar.stop()
-    return Streamed(first, predict(first), measured, seeds, record)
+    return Streamed(first, predict(first), measured, seeds)
 
 
 def footprint(config: PlayConfig, plays: int, record: Record) -> dict[str, float]:
