@@ -28,6 +28,10 @@ from misalign.model.prompt import Prompt
 Preconditioner = Literal["identity", "lsa-optimal", "newton"]
 
 
+EINSUM_D = 16
+"""``AffineMap.__call__`` multiplies with ``einsum`` up to this dimension, ``matmul`` above."""
+
+
 @dataclass(frozen=True)
 class AffineMap:
     """A batch of affine maps ``f(w) = A w + c``.
@@ -56,9 +60,17 @@ class AffineMap:
         return eye - kept - self.A
 
     def __call__(self, w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """``A w + c`` for a batch ``w`` of shape ``(B, d)``, written into ``out`` when given."""
+        """``A w + c`` for a batch ``w`` of shape ``(B, d)``, written into ``out`` when given.
+
+        The product is ``einsum``'s up to ``EINSUM_D`` dimensions (on a large batch, 3x
+        ``matmul``'s speed at ``d = 2``, 1.9x at 4, 1.1x at 10, measured on numpy 2.4) and
+        ``matmul``'s above it (where ``einsum`` falls behind): chosen by ``d`` alone, so a
+        play's numbers do not depend on the batch around it."""
         out = np.empty_like(self.c) if out is None else out
-        np.matmul(self.A, w[..., None], out=out[..., None])  # faster than einsum here
+        if w.shape[-1] <= EINSUM_D:
+            np.einsum("bij,bj->bi", self.A, w, out=out)
+        else:
+            np.matmul(self.A, w[..., None], out=out[..., None])
         out += self.c
         return out
 

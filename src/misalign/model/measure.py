@@ -28,6 +28,9 @@ from misalign.model.theory import Prediction
 
 CLOSE = 1e-8
 """An output is at its predicted limit ``s*`` when within ``CLOSE * max(1, |s*|)``."""
+FLUSH = 64
+"""``Measure`` keeps each round's far flags (one byte per play) and folds this many rounds at
+a time into ``last_far``."""
 
 
 @dataclass
@@ -152,50 +155,71 @@ class Measure:
         targets: Mapping[str, np.ndarray],
     ) -> None:
         self.into, self.plays, self.rounds = into, plays, rounds
-        self.fixed_point, self.targets = fixed_point, targets
+        self.fixed_point, self.targets = list(fixed_point.items()), list(targets.items())
         with np.errstate(over="ignore", invalid="ignore"):
-            self.reach = {  # squared: |s - s*|^2 <= (CLOSE max(1, |s*|))^2
-                n: (CLOSE * np.maximum(1.0, np.linalg.norm(s, axis=-1))) ** 2
-                for n, s in fixed_point.items()
-            }
+            self.reach = [  # squared: |s - s*|^2 <= (CLOSE max(1, |s*|))^2
+                (CLOSE * np.maximum(1.0, np.linalg.norm(s, axis=-1))) ** 2
+                for s in fixed_point.values()
+            ]
         self.column = {int(r) - 1: k for k, r in enumerate(into.recorded)}
         self.last_far = into.last_far[plays]
         self.last: list[dict[str, np.ndarray]] = []  # the last SETTLED rounds' outputs
         self._scratch: tuple[np.ndarray, ...] | None = None
+        self._far: np.ndarray | None = None  # rounds since the last flush: far or not
+        self._since = self._next = 0  # the first of those rounds, and the next round
 
     def round(self, t: int, outputs: Mapping[str, np.ndarray]) -> None:
-        """Reduce round ``t``'s outputs (every agent's, ``(b, d)``)."""
+        """Reduce round ``t``'s outputs (every agent's, ``(b, d)``); rounds come in order."""
+        gap, square, close, near = self._buffers(outputs)
+        far = self._far[t - self._since]
         with np.errstate(over="ignore", invalid="ignore"):
-            gap, square, close, near = self._buffers(outputs)
-            for k, (name, fixed) in enumerate(self.fixed_point.items()):
+            for k, ((name, fixed), reach) in enumerate(
+                zip(self.fixed_point, self.reach, strict=True)
+            ):
                 np.subtract(outputs[name], fixed, out=gap)
                 np.einsum("bi,bi->b", gap, gap, out=square)
-                np.less_equal(square, self.reach[name], out=near if k else close)  # NaN: far
+                np.less_equal(square, reach, out=near if k else close)  # NaN: far
                 if k:
                     close &= near
-            np.logical_not(close, out=near)
-            np.putmask(self.last_far, near, t)
+            np.logical_not(close, out=far)
             column = self.column.get(t)
             if column is not None:
-                for name, target in self.targets.items():
+                for name, target in self.targets:
                     np.subtract(outputs[name], target, out=gap)
                     np.einsum("bi,bi->b", gap, gap, out=square)
                     row = self.into.distance[name][column, self.plays]
                     np.sqrt(square, out=row, casting="same_kind")
+        self._next = t + 1
+        if self._next - self._since == len(self._far):
+            self._flush()
         if t >= self.rounds - SETTLED:
             self.last.append({n: np.array(s) for n, s in outputs.items()})
+
+    def _flush(self) -> None:
+        """Fold the far flags of the rounds since the last flush into ``last_far``: per play,
+        the last of them at which it was far (one pass instead of one per round)."""
+        count = self._next - self._since
+        if count == 0:
+            return
+        flags = self._far[count - 1 :: -1]
+        latest = count - 1 - np.argmax(flags, axis=0)
+        np.copyto(self.last_far, self._since + latest, where=flags.any(axis=0))
+        self._since += count
 
     def _buffers(self, outputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, ...]:
         """Scratch arrays for ``round``, made once."""
         if self._scratch is None:
             b, d = next(iter(outputs.values())).shape
             self._scratch = (np.empty((b, d)), np.empty(b), np.empty(b, bool), np.empty(b, bool))
+            self._far = np.empty((min(FLUSH, self.rounds), b), bool)
         return self._scratch
 
     def finish(self, diverged_at: np.ndarray, rounds: int) -> None:
         """Close the run: ``diverged_at`` per play and the ``rounds`` it played (fewer than
         asked when every play diverged); its settled plays are classified as fixed points."""
         into, plays = self.into, self.plays
+        if self._far is not None:
+            self._flush()
         into.rounds = rounds
         into.diverged_at[plays] = diverged_at
         into.last_far[plays] = self.last_far
@@ -203,9 +227,9 @@ class Measure:
             return  # every play diverged: each is classified from its outputs (``classify``)
         final = self.last[-1]
         with np.errstate(over="ignore", invalid="ignore"):
-            for name, target in self.targets.items():
+            for name, target in self.targets:
                 into.final_distance[name][plays] = np.linalg.norm(final[name] - target, axis=-1)
-            for name, fixed in self.fixed_point.items():
+            for name, fixed in self.fixed_point:
                 gap = final[name] - fixed
                 into.final_gap[name][plays] = np.einsum("bi,bi->b", gap, gap)
         if len(self.last) < SETTLED:

@@ -17,7 +17,8 @@ network panel names each node inside it and labels each read with its weight."""
 
 
 def new_figure(columns: int, size: tuple[float, float], rows: int = 1):
-    """A figure with ``rows`` x ``columns`` axes, drawn off-screen (Agg).
+    """A figure with ``rows`` x ``columns`` axes, drawn off-screen (Agg): a bare
+    ``matplotlib.figure.Figure``, without ``pyplot``'s import or its registry of open figures.
 
     Args:
         columns: axes per row.
@@ -27,20 +28,16 @@ def new_figure(columns: int, size: tuple[float, float], rows: int = 1):
     Returns:
         ``(figure, axes)``, as ``matplotlib.pyplot.subplots`` gives them.
     """
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(rows, columns, figsize=size, layout="constrained")
+    fig = Figure(figsize=size, layout="constrained")
+    return fig, fig.subplots(rows, columns)
 
 
 def save_figure(fig, path: str | Path) -> Path:
     """Add a legend to every axis that has labelled artists and none yet, write the figure
     (a PNG carries its axes' titles as its ``Description``, so tests can read what it says;
-    untitled axes, such as a colour bar's, are left out), close it."""
-    import matplotlib.pyplot as plt
-
+    untitled axes, such as a colour bar's, are left out)."""
     for axis in fig.axes:
         if axis.get_legend() is None and axis.get_legend_handles_labels()[0]:
             axis.legend(frameon=False, fontsize="small")
@@ -48,7 +45,6 @@ def save_figure(fig, path: str | Path) -> Path:
     titles = " | ".join(title for axis in fig.axes if (title := axis.get_title()))
     metadata = {"Description": titles} if path.suffix.lower() == ".png" else None
     fig.savefig(path, dpi=120, metadata=metadata)
-    plt.close(fig)
     return path
 
 

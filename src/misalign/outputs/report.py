@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import secrets
 from typing import Any
 
 import numpy as np
@@ -367,8 +369,28 @@ def _assumed(config) -> str | None:
 
 def to_json(result: Any, indent: int | None = None) -> str:
     """Strict JSON text of a report: every number that is not finite becomes ``null`` (JSON has
-    no ``Infinity`` or ``NaN``), numpy scalars become plain numbers and numpy arrays lists."""
-    return json.dumps(_finite(result), indent=indent, allow_nan=False)
+    no ``Infinity`` or ``NaN``), numpy scalars become plain numbers and numpy arrays lists.
+
+    With ``indent``, each numpy array (a batch's per-play list) is written on one line by the
+    C encoder: the indented encoder is pure Python, 10x slower on ``10^5`` plays' lists."""
+    if indent is None:
+        return json.dumps(_finite(result), allow_nan=False)
+    arrays: list[str] = []
+    marker = f"\x00array-{secrets.token_hex(8)}-"
+
+    def placed(value: Any) -> Any:
+        if isinstance(value, np.ndarray):
+            arrays.append(json.dumps(_finite(value), allow_nan=False))
+            return f"{marker}{len(arrays) - 1}"
+        if isinstance(value, dict):
+            return {key: placed(item) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return [placed(item) for item in value]
+        return value
+
+    text = json.dumps(_finite(placed(result)), indent=indent, allow_nan=False)
+    quoted = json.dumps(marker)[:-1]  # the marker as the encoder writes it, less its end quote
+    return re.sub(re.escape(quoted) + r'(\d+)"', lambda k: arrays[int(k[1])], text)
 
 
 def _finite(value: Any) -> Any:
