@@ -23,6 +23,7 @@ import numpy as np
 
 from misalign.api import footprint, predict, setup, simulate
 from misalign.config import parse_config
+from misalign.model.agent import EINSUM_D
 
 
 def network(agents: int, d: int, rounds: int) -> dict:
@@ -41,7 +42,7 @@ def network(agents: int, d: int, rounds: int) -> dict:
 
 
 def floor(game, rounds: int) -> np.ndarray:
-    """The bare loop of the game's simultaneous round: one mix and one batched matmul per
+    """The bare loop of the game's simultaneous round: one mix and one batched product per
     round over every play and agent, nothing recorded. Returns ``(B, N, d)``."""
     names = game.schedule.agents
     position = {name: k for k, name in enumerate(names)}
@@ -53,8 +54,11 @@ def floor(game, rounds: int) -> np.ndarray:
     A = np.stack([f.A for f in maps], axis=1)  # (B, N, d, d)
     c = np.stack([f.c for f in maps], axis=1)  # (B, N, d)
     S = np.repeat(game.start[:, None], len(names), axis=1)
+    # the play's own kernel (``AffineMap.__call__``): einsum up to EINSUM_D, matmul above
+    small = game.start.shape[1] <= EINSUM_D
     for _ in range(rounds):
-        S = (A @ (W @ S)[..., None])[..., 0] + c
+        read = W @ S
+        S = (np.einsum("bnij,bnj->bni", A, read) if small else (A @ read[..., None])[..., 0]) + c
     return S
 
 

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from misalign.model.agent import GradientAgent
+from misalign.model.agent import AffineMap, GradientAgent
 from misalign.model.play import Schedule, play
 
 
@@ -42,12 +42,12 @@ def agents(
 
 
 def floor(maps, rounds: int, start: np.ndarray) -> np.ndarray:
-    """The bare batched loop: same arithmetic, nothing else."""
-    (A_A, c_A), (A_B, c_B) = maps
+    """The bare batched loop: same arithmetic by the play's own kernel (``AffineMap``'s
+    product), nothing else."""
+    f_A, f_B = (AffineMap(A, c) for A, c in maps)
     v = start
     for _ in range(rounds):
-        u = (A_A @ v[..., None])[..., 0] + c_A
-        v = (A_B @ u[..., None])[..., 0] + c_B
+        v = f_B(f_A(v))
     return v
 
 

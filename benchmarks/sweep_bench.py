@@ -35,6 +35,7 @@ import numpy as np
 
 from misalign.api import predict, setup, simulate
 from misalign.config import parse_config
+from misalign.model.agent import AffineMap
 from misalign.workflows.sweep import Sweep, parse_sweep, point_config, read_rows, run_sweep
 
 
@@ -75,12 +76,13 @@ def floor_maps(spec: Sweep, points: int) -> list[tuple[np.ndarray, ...]]:
 
 
 def bare(maps: tuple[np.ndarray, ...], rounds: int) -> np.ndarray:
-    """The bare batched loop: ``u = A_A v + c_A``, ``v = A_B u + c_B``, nothing recorded."""
+    """The bare batched loop: ``u = A_A v + c_A``, ``v = A_B u + c_B`` by the play's own
+    kernel (``AffineMap``'s product), nothing recorded."""
     A_A, c_A, A_B, c_B = maps
+    f_A, f_B = AffineMap(A_A, c_A), AffineMap(A_B, c_B)
     v = np.zeros_like(c_A)
     for _ in range(rounds):
-        u = (A_A @ v[..., None])[..., 0] + c_A
-        v = (A_B @ u[..., None])[..., 0] + c_B
+        v = f_B(f_A(v))
     return v
 
 
