@@ -10,8 +10,12 @@ def test_end_to_end_benchmark_runs_at_small_size(monkeypatch):
     (recorded,) = main(["--seeds", "20"])
     assert recorded["record"] == "all"
     monkeypatch.setattr(batch, "ALL_BYTES", 0)  # in-process only: the child keeps all
+    monkeypatch.setattr(batch, "CHUNK", 8)  # three chunks, two at once
+    monkeypatch.setattr(batch, "cores", lambda: 2)
     (streamed,) = main(["--seeds", "20", "--config", str(ROOT / "benchmarks" / "large.toml")])
-    assert streamed["record"].startswith("every")
+    assert streamed["record"].startswith("every") and streamed["threads"] == 2
+    assert recorded["threads"] == 1 and recorded["floor_s"] == recorded["floor_one_thread_s"]
     for result in (recorded, streamed):
         assert result["end_to_end_s"] > result["play_s"] > 0 and result["floor_s"] > 0
+        assert result["floor_one_thread_s"] > 0
         assert 0 < result["peak_gib"] < 4

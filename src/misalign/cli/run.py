@@ -68,6 +68,15 @@ def run(
             show_default="by size",
         ),
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Threads for a batch kept as measurements (--record 'every K' or last): "
+            "chunks of plays at once.",
+            show_default="all cores the memory holds",
+        ),
+    ] = None,
 ) -> None:
     """Simulate the play and predict its equilibrium; figure, config and report.
 
@@ -83,10 +92,16 @@ def run(
             chosen = choose(cfg, seeds, asked)
         elif asked is not None:
             raise ConfigError("--record applies to a batch (--seeds N with N > 1)")
+        streamed = seeds > 1 and chosen.mode != "all"
+        if workers is not None and not streamed:
+            raise ConfigError(
+                "--workers applies to a batch kept as measurements (--seeds N with --record "
+                "'every K' or last); this run records every output"
+            )
     except ConfigError as exc:
         _fail(str(exc))
-    if seeds > 1 and chosen.mode != "all":
-        return _streamed(cfg, seeds, chosen, json_out, out, session)
+    if streamed:
+        return _streamed(cfg, seeds, chosen, workers, json_out, out, session)
     _recorded(config, set_, seeds, json_out, out, session)
 
 
@@ -125,7 +140,7 @@ def _recorded(config, set_, seeds, json_out, out, session) -> None:
     _told(result, seeds, json_out, directory, figure)
 
 
-def _streamed(cfg, seeds, record, json_out, out, session) -> None:
+def _streamed(cfg, seeds, record, workers, json_out, out, session) -> None:
     """``run --seeds`` keeping only the measurements (``misalign.workflows.batch.stream``):
     the report's play is the first seed's, played alone."""
     from misalign.api import simulate
@@ -137,7 +152,7 @@ def _streamed(cfg, seeds, record, json_out, out, session) -> None:
     _check_flags(cfg, session)
     seeds_ = range(cfg.seed, cfg.seed + seeds)
     try:
-        streamed = stream(cfg, seeds_, record, progress=_tty())
+        streamed = stream(cfg, seeds_, record, progress=_tty(), workers=workers)
     except ConfigError as exc:
         _fail(str(exc))
     with stage("writing the report and the figure", _tty()):

@@ -220,7 +220,7 @@ class Measure:
         into, plays = self.into, self.plays
         if self._far is not None:
             self._flush()
-        into.rounds = rounds
+        into.rounds = max(into.rounds, rounds)  # runs of one batch: the longest, in any order
         into.diverged_at[plays] = diverged_at
         into.last_far[plays] = self.last_far
         if not self.last or rounds < self.rounds:

@@ -26,6 +26,15 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def cores() -> int:
+    """The CPU cores this process may run on (its affinity where the system says, Linux; else
+    every core)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def require(parts: Mapping[str, float], what: str, available: int | None = None) -> None:
     """Refuse a run whose estimated memory does not fit.
 

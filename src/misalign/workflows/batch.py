@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +39,7 @@ from misalign.model.play import play
 from misalign.model.theory import Prediction
 from misalign.outputs.batch import RECORDED, recorded_rounds
 from misalign.runtime.progress import progress_bar
-from misalign.runtime.sizes import available_memory, require
+from misalign.runtime.sizes import USABLE, available_memory, cores, require
 from misalign.runtime.text import plural
 
 ALL_BYTES = 256 * 2**20
@@ -127,12 +128,14 @@ class Streamed:
         prediction: its prediction.
         measured: every play's measurements beside its prediction.
         seeds: the plays' seeds.
+        workers: the threads that ran the chunks.
     """
 
     first: Game
     prediction: Prediction
     measured: Measured
     seeds: np.ndarray
+    workers: int
 
 
 def stream(
@@ -141,71 +144,109 @@ def stream(
     record: Record,
     progress: bool = False,
     phases: dict[str, float] | None = None,
+    workers: int | None = None,
 ) -> Streamed:
     """Set up, predict, play and measure ``config`` over ``seeds`` in chunks of ``CHUNK``
     plays, keeping only the measurements (``record`` not ``all``).
+
+    The chunks run on ``workers`` threads (numpy leaves Python's lock inside its array
+    loops and linear algebra, so the threads run on as many cores); each chunk writes its own
+    plays' slice of the measurements, so the numbers are the same bit for bit whatever the
+    workers and whatever the order the chunks end in.
 
     Args:
         config: the configuration.
         seeds: the plays' seeds.
         record: what to keep.
         progress: a bar on stderr.
-        phases: seconds spent per phase (``setup``, ``predict``, ``play``, ``replay``) are
-            added here when given.
+        phases: seconds spent per phase (``setup``, ``predict``, ``play``, ``replay``),
+            summed over the workers, are added here when given.
+        workers: threads (default: every core, as many as the memory holds, at most one a
+            chunk).
 
     Returns:
         The measurements, and the first play set up alone.
+
+    Raises:
+        ConfigError: one line: the batch does not fit in memory with ``workers`` chunks at
+            once.
     """
-    require(
-        footprint(config, len(seeds), record), f"a batch of {plural(len(seeds), 'play', spec=',')}"
-    )
+    what = f"a batch of {plural(len(seeds), 'play', spec=',')}"
+    workers = workers or threads(config, len(seeds), record)
+    require(footprint(config, len(seeds), record, workers), what)
     first = setup(config, seeds=list(seeds[:1]))
+    prediction = predict(first)
     names = first.schedule.agents
     targeted = [n for n in names if n in first.targets]
     recorded = recorded_rounds(config.rounds, record.every)
     seeds = as_seeds(seeds)
     measured = Measured.empty(len(seeds), names, targeted, recorded)
+    for name in prediction.covariance:  # made here, filled by every chunk
+        measured.variance[name] = np.full(len(seeds), np.nan)
     bar = progress_bar(len(seeds), "plays") if progress else None
-    for start in range(0, len(seeds), CHUNK):
+
+    def one(start: int) -> tuple[int, dict[str, float]]:
         plays = slice(start, min(start + CHUNK, len(seeds)))
-        _chunk(config, seeds[plays], plays, measured, {} if phases is None else phases)
+        return plays.stop - plays.start, _chunk(config, seeds[plays], plays, measured)
+
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="misalign-chunk")
+    try:
+        starts = range(0, len(seeds), CHUNK)
+        for done in as_completed([pool.submit(one, start) for start in starts]):
+            size, spent = done.result()
+            for phase, seconds in spent.items():
+                if phases is not None:
+                    phases[phase] = phases.get(phase, 0.0) + seconds
+            if bar is not None:
+                bar.advance(bar.task_ids[0], size)
+    finally:  # an error or Ctrl-C: the chunks not started never start
+        pool.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
-            bar.advance(bar.task_ids[0], plays.stop - plays.start)
-    if bar is not None:
-        bar.stop()
-    return Streamed(first, predict(first), measured, seeds)
+            bar.stop()
+    return Streamed(first, prediction, measured, seeds, workers)
 
 
-def footprint(config: PlayConfig, plays: int, record: Record) -> dict[str, float]:
+def footprint(config: PlayConfig, plays: int, record: Record, workers: int = 1) -> dict[str, float]:
     """Estimated peak memory of ``stream``, in bytes, keyed by the setting that drives each
     part: per play its measurements (``seeds``: eleven numbers, three more per agent, and the
-    JSON's per-play lists), the kept distances (``rounds``), and one chunk's set-up and play
-    (``misalign.api.footprint`` of ``CHUNK`` plays, one round kept)."""
+    JSON's per-play lists), the kept distances (``rounds``), and ``workers`` chunks' set-up
+    and play at once (``misalign.api.footprint`` of ``CHUNK`` plays each, one round kept)."""
     agents = len(config.agents)
     kept = len(recorded_rounds(config.rounds, record.every)) * plays * agents * 4
     chunk = footprint_of(config.model_copy(update={"rounds": 2}), min(plays, CHUNK))
     return {
         "seeds": plays * (11 + 3 * agents) * FLOAT + plays * (2 + 2 * agents) * JSON_FLOAT,
         "rounds": kept,
-        **{key: value for key, value in chunk.items() if key != "rounds"},
+        **{key: workers * value for key, value in chunk.items() if key != "rounds"},
     }
 
 
+def threads(config: PlayConfig, plays: int, record: Record) -> int:
+    """``stream``'s threads by default: every core, at most one a chunk, and no more chunks at
+    once than fit in memory beside the batch's measurements (at least one: ``require`` then
+    refuses a batch whose one chunk does not fit)."""
+    one = sum(footprint(config, plays, record, 1).values())
+    each = sum(footprint(config, plays, record, 2).values()) - one
+    fitting = int((available_memory() * USABLE - one) // max(each, 1)) + 1
+    return max(1, min(cores(), -(-plays // CHUNK), fitting))
+
+
 def _chunk(
-    config: PlayConfig,
-    seeds: np.ndarray,
-    plays: slice,
-    measured: Measured,
-    phases: dict[str, float],
-) -> None:
+    config: PlayConfig, seeds: np.ndarray, plays: slice, measured: Measured
+) -> dict[str, float]:
     """One chunk: set up, predict, play without recording, reduce, and classify the plays
-    that did not settle from a recorded replay of them alone."""
+    that did not settle from a recorded replay of them alone.
+
+    Returns:
+        The seconds spent per phase.
+    """
+    phases: dict[str, float] = {}
     clock = time.perf_counter()
 
     def lap(phase: str) -> None:
         nonlocal clock
         now = time.perf_counter()
-        phases[phase] = phases.get(phase, 0.0) + now - clock
+        phases[phase] = now - clock
         clock = now
 
     game = setup(config, seeds=seeds)
@@ -230,3 +271,4 @@ def _chunk(
         again = setup(config, seeds=seeds[rest])
         measured.observe(plays.start + rest, classify(simulate(again)))
     lap("replay")
+    return phases

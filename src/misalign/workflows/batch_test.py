@@ -66,15 +66,18 @@ def test_plays_that_need_their_outputs_are_recorded_whole():
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 @pytest.mark.parametrize("record", [Record("every", 1), Record("every", 4), Record("last", 0)])
-def test_a_batch_in_chunks_is_the_batch_recorded_whole(name, record, monkeypatch):
-    """Chunks of 7 plays, played without keeping outputs, give the batch summary of the
-    batch recorded whole, bit for bit (its JSON text), and a figure."""
+@pytest.mark.parametrize("workers", [1, 3])
+def test_a_batch_in_chunks_is_the_batch_recorded_whole(name, record, workers, monkeypatch):
+    """Chunks of 7 plays, played without keeping outputs, on one thread or three (chunks
+    ending in any order), give the batch summary of the batch recorded whole, bit for bit
+    (its JSON text), and a figure."""
     monkeypatch.setattr(batch_, "CHUNK", 7)
     config = parse_config({"rounds": 40, "seed": 11, **CONFIGS[name]})
     seeds = range(11, 41)
     game = setup(config, seeds=seeds)
     whole = batch(game, predict(game), simulate(game))
-    streamed = stream(config, seeds, record)
+    streamed = stream(config, seeds, record, workers=workers)
+    assert streamed.workers == workers
     chunked = batch_report(streamed.measured, streamed.seeds, str(record))
     assert chunked.pop("record") == str(record) and whole.pop("record") is None
     assert to_json(chunked) == to_json(whole)
@@ -106,6 +109,7 @@ def test_the_command_keeps_what_it_is_asked_and_reports_the_same(tmp_path):
     [
         (["--seeds", "3", "--record", "sometimes"], "--record 'sometimes': all, last or"),
         (["--record", "all"], "--record applies to a batch"),
+        (["--seeds", "3", "--workers", "2"], "--workers applies to a batch kept as measurements"),
     ],
 )
 def test_a_record_that_cannot_apply_is_one_line(tmp_path, args, message):
@@ -124,3 +128,20 @@ def test_a_batch_that_cannot_fit_is_refused_before_anything_is_built(monkeypatch
     config = load_config(EXAMPLES / "two_agents.toml")
     with pytest.raises(ConfigError, match=r"^seeds: a batch of 1,000,000,000 plays needs .* GiB"):
         stream(config, range(10**9), Record("last", 0))
+
+
+def test_threads_by_default_are_the_cores_the_memory_holds(monkeypatch):
+    """Every core, at most one a chunk, while the chunks fit; fewer when the memory holds
+    fewer chunks beside the measurements; one at least (``require`` then refuses what one
+    chunk cannot fit)."""
+    config = load_config(EXAMPLES / "two_agents.toml")
+    record = Record("every", 2)
+    monkeypatch.setattr(batch_, "cores", lambda: 64)
+    monkeypatch.setattr(batch_, "CHUNK", 100)
+    assert stream(config, range(300), record).workers == 3  # three chunks
+    one = sum(batch_.footprint(config, 10**4, record, 1).values())
+    each = sum(batch_.footprint(config, 10**4, record, 2).values()) - one
+    monkeypatch.setattr(batch_, "available_memory", lambda: (one + 5.5 * each) / batch_.USABLE)
+    assert batch_.threads(config, 10**4, record) == 6
+    monkeypatch.setattr(batch_, "available_memory", lambda: one / 2)
+    assert batch_.threads(config, 10**4, record) == 1

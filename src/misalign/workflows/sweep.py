@@ -71,6 +71,7 @@ from misalign.config import (
     read_toml,
 )
 from misalign.runtime.progress import progress_bar
+from misalign.runtime.sizes import cores
 from misalign.runtime.text import plural
 from misalign.runtime.text import warn as warn_stderr
 
@@ -578,7 +579,7 @@ def run_sweep(
     done = _prepare(sweep, out, resume, warn)
     pending = [k for k in range(sweep.chunks) if k not in done]
     if pending:
-        workers = workers or len(os.sched_getaffinity(0))
+        workers = workers or cores()
         if backend == "ray":
             start = functools.partial(_ray, sweep, pending, workers, address)
         else:
