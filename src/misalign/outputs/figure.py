@@ -3,6 +3,7 @@ the log-scale curves and plateaus of distances."""
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -35,17 +36,36 @@ def new_figure(columns: int, size: tuple[float, float], rows: int = 1):
 
 
 def save_figure(fig, path: str | Path) -> Path:
-    """Add a legend to every axis that has labelled artists and none yet, write the figure
-    (a PNG carries its axes' titles as its ``Description``, so tests can read what it says;
-    untitled axes, such as a colour bar's, are left out)."""
+    """Add a legend to every axis that has labelled artists and none yet, wrap every title
+    wider than its axis (``wrap_titles``), write the figure (a PNG carries its axes' titles,
+    unwrapped, as its ``Description``, so tests can read what it says; untitled axes, such as
+    a colour bar's, are left out)."""
     for axis in fig.axes:
         if axis.get_legend() is None and axis.get_legend_handles_labels()[0]:
             axis.legend(frameon=False, fontsize="small")
     path = Path(path)
     titles = " | ".join(title for axis in fig.axes if (title := axis.get_title()))
+    wrap_titles(fig)
     metadata = {"Description": titles} if path.suffix.lower() == ".png" else None
     fig.savefig(path, dpi=120, metadata=metadata)
     return path
+
+
+def wrap_titles(fig) -> None:
+    """Break every axis title wider than its axis into lines that fit (at spaces), so that
+    a long verdict is not cut off at the figure's edge or written over its neighbour's."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    for axis in fig.axes:
+        text = axis.title.get_text()
+        wide = axis.title.get_window_extent(renderer).width
+        room = axis.get_window_extent(renderer).width
+        if text and wide > room:
+            columns = max(20, int(len(text) * room / wide * 0.95))
+            axis.title.set_text(
+                textwrap.fill(text, columns, break_long_words=False, break_on_hyphens=False)
+            )
 
 
 def draw_plateau(ax, level: float, color: str, label: str, style: str = "--") -> None:
