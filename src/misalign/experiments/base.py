@@ -150,7 +150,7 @@ def write_run(
         rows: the table, one flat dict per row, the same keys in every row.
         claims: the numeric claims (``claims.json``).
         figure: a matplotlib figure (from ``misalign.outputs.figure.new_figure``): saved as
-            ``figure.svg`` and ``figure.png`` (``save_figure``, which closes it).
+            ``figure.svg`` and ``figure.png`` (``save_figure``).
 
     Raises:
         ConfigError: ``out`` is, or holds, a symbolic link (``refuse_symlinks``).

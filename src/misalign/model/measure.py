@@ -216,11 +216,12 @@ class Measure:
 
     def finish(self, diverged_at: np.ndarray, rounds: int) -> None:
         """Close the run: ``diverged_at`` per play and the ``rounds`` it played (fewer than
-        asked when every play diverged); its settled plays are classified as fixed points."""
+        asked when every play diverged); its settled plays are classified as fixed points.
+        The batch's ``rounds`` is its caller's to set: runs of one batch on threads would race
+        for it (``misalign.workflows.batch.stream`` takes the longest run's)."""
         into, plays = self.into, self.plays
         if self._far is not None:
             self._flush()
-        into.rounds = max(into.rounds, rounds)  # runs of one batch: the longest, in any order
         into.diverged_at[plays] = diverged_at
         into.last_far[plays] = self.last_far
         if not self.last or rounds < self.rounds:
@@ -300,3 +301,4 @@ def _reduce(trajectory: Trajectory, reducer: Measure) -> None:
     for t in range(trajectory.rounds):
         reducer.round(t, {name: outputs[name][t] for name in names})
     reducer.finish(trajectory.diverged_at, trajectory.rounds)
+    reducer.into.rounds = trajectory.rounds

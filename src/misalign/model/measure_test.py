@@ -122,14 +122,3 @@ def test_an_unclassified_batch_says_so():
     m = Measured.empty(3, ["A"], ["A"], [])
     with pytest.raises(ValueError, match="not classified"):
         m.observed()
-
-
-def test_runs_of_one_batch_report_the_longest_in_any_order():
-    """A batch measured in runs (``stream``'s chunks, on threads ending in any order) played
-    as many rounds as its longest run: a run that stopped early because all its plays
-    diverged does not shorten the others."""
-    into = Measured.empty(4, ["A"], [], [])
-    for plays, rounds in ((slice(2, 4), 300), (slice(0, 2), 50)):
-        reducer = Measure(into, plays, rounds, {"A": np.zeros((2, 1))}, {})
-        reducer.finish(np.full(2, -1), rounds)
-    assert into.rounds == 300

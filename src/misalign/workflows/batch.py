@@ -22,6 +22,7 @@ settle are played again alone, recorded, and classified from their outputs
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -48,6 +49,8 @@ KEPT_BYTES = 512 * 2**20
 """``every K`` by default while the kept distances fit in this (else ``last``)."""
 CHUNK = 16384
 """Plays set up, played and measured together without ``--record all``."""
+REPLAYED = 64 * 2**20
+"""A chunk replays its unsettled plays, recorded, in groups whose outputs fit in this."""
 FLOAT = 8
 
 
@@ -185,21 +188,28 @@ def stream(
         measured.variance[name] = np.full(len(seeds), np.nan)
     bar = progress_bar(len(seeds), "plays") if progress else None
 
-    def one(start: int) -> tuple[int, dict[str, float]]:
+    stop = threading.Event()
+
+    def one(start: int) -> tuple[int, int, dict[str, float]]:
         plays = slice(start, min(start + CHUNK, len(seeds)))
-        return plays.stop - plays.start, _chunk(config, seeds[plays], plays, measured)
+        played, spent = _chunk(config, seeds[plays], plays, measured, stop)
+        return plays.stop - plays.start, played, spent
 
     pool = ThreadPoolExecutor(workers, thread_name_prefix="misalign-chunk")
     try:
         starts = range(0, len(seeds), CHUNK)
         for done in as_completed([pool.submit(one, start) for start in starts]):
-            size, spent = done.result()
+            size, played, spent = done.result()
+            measured.rounds = max(measured.rounds, played)  # a chunk of diverged plays stops
             for phase, seconds in spent.items():
                 if phases is not None:
                     phases[phase] = phases.get(phase, 0.0) + seconds
             if bar is not None:
                 bar.advance(bar.task_ids[0], size)
-    finally:  # an error or Ctrl-C: the chunks not started never start
+    except BaseException:  # an error, Ctrl-C, SIGTERM: the running chunks stop within a round
+        stop.set()
+        raise
+    finally:  # and the chunks not started never start
         pool.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.stop()
@@ -209,15 +219,23 @@ def stream(
 def footprint(config: PlayConfig, plays: int, record: Record, workers: int = 1) -> dict[str, float]:
     """Estimated peak memory of ``stream``, in bytes, keyed by the setting that drives each
     part: per play its measurements (``seeds``: eleven numbers, three more per agent, and the
-    JSON's per-play lists), the kept distances (``rounds``), and ``workers`` chunks' set-up
-    and play at once (``misalign.api.footprint`` of ``CHUNK`` plays each, one round kept)."""
+    JSON's per-play lists), the kept distances and each running chunk's replayed plays
+    (``rounds``), one chunk's set-up and play (``misalign.api.footprint`` of ``CHUNK`` plays,
+    one round kept) and those of the other chunks that run at once (``--workers``: at most
+    one a chunk)."""
     agents = len(config.agents)
     kept = len(recorded_rounds(config.rounds, record.every)) * plays * agents * 4
     chunk = footprint_of(config.model_copy(update={"rounds": 2}), min(plays, CHUNK))
+    chunk.pop("rounds", None)
+    more = min(workers, -(-plays // CHUNK)) - 1  # chunks at once besides the first
+    replayed = min(
+        REPLAYED, min(plays, CHUNK) * config.rounds * len(config.order) * config.d * FLOAT
+    )
     return {
         "seeds": plays * (11 + 3 * agents) * FLOAT + plays * (2 + 2 * agents) * JSON_FLOAT,
-        "rounds": kept,
-        **{key: workers * value for key, value in chunk.items() if key != "rounds"},
+        "rounds": kept + (more + 1) * replayed,
+        **chunk,
+        **({"--workers": more * sum(chunk.values())} if more > 0 else {}),
     }
 
 
@@ -231,14 +249,20 @@ def threads(config: PlayConfig, plays: int, record: Record) -> int:
     return max(1, min(cores(), -(-plays // CHUNK), fitting))
 
 
+class Stopped(Exception):
+    """A chunk stopped because its batch was stopped."""
+
+
 def _chunk(
-    config: PlayConfig, seeds: np.ndarray, plays: slice, measured: Measured
-) -> dict[str, float]:
+    config: PlayConfig, seeds: np.ndarray, plays: slice, measured: Measured, stop: threading.Event
+) -> tuple[int, dict[str, float]]:
     """One chunk: set up, predict, play without recording, reduce, and classify the plays
-    that did not settle from a recorded replay of them alone.
+    that did not settle from a recorded replay of them alone; ``stop`` set ends it at the
+    next round (``Stopped``).
 
     Returns:
-        The seconds spent per phase.
+        The rounds it played (fewer than asked when all its plays diverged), and the seconds
+        spent per phase.
     """
     phases: dict[str, float] = {}
     clock = time.perf_counter()
@@ -249,26 +273,30 @@ def _chunk(
         phases[phase] = now - clock
         clock = now
 
-    game = setup(config, seeds=seeds)
+    game = setup(config.model_copy(update={"rounds": 2}), seeds=seeds)  # sized unrecorded
     lap("setup")
     prediction = predict(game)
     measured.predicted(plays, prediction)
     lap("predict")
     targets = {n: game.targets[n] for n in measured.distance}
     reducer = Measure(measured, plays, config.rounds, prediction.fixed_point, targets)
+
+    def reduced(t: int, outputs) -> None:
+        if stop.is_set():
+            raise Stopped
+        reducer.round(t, outputs)
+
     trajectory = play(
-        game.agents,
-        game.schedule,
-        config.rounds,
-        game.start,
-        record=False,
-        on_round=reducer.round,
+        game.agents, game.schedule, config.rounds, game.start, record=False, on_round=reduced
     )
-    reducer.finish(trajectory.diverged_at, trajectory.skipped + trajectory.rounds)
+    played = trajectory.skipped + trajectory.rounds
+    reducer.finish(trajectory.diverged_at, played)
     lap("play")
     rest = np.flatnonzero(measured.code[plays] < 0)
-    if len(rest):
-        again = setup(config, seeds=seeds[rest])
-        measured.observe(plays.start + rest, classify(simulate(again)))
+    group = max(1, REPLAYED // (config.rounds * len(config.order) * config.d * FLOAT))
+    for first in range(0, len(rest), group):
+        some = rest[first : first + group]
+        again = setup(config, seeds=seeds[some])
+        measured.observe(plays.start + some, classify(simulate(again)))
     lap("replay")
-    return phases
+    return played, phases

@@ -2,22 +2,30 @@
 the batch measured in chunks against the batch recorded whole, through the API and the CLI."""
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from misalign.api import footprint as footprint_of
 from misalign.api import predict, setup, simulate
 from misalign.cli import app
 from misalign.config import ConfigError, load_config, parse_config
 from misalign.model.measure_test import CONFIGS
 from misalign.outputs.batch import batch, batch_report
 from misalign.outputs.report import to_json
+from misalign.runtime import sizes
+from misalign.runtime.terminate import EXIT
 from misalign.workflows import batch as batch_
 from misalign.workflows.batch import Record, choose, stream
 
-EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
+ROOT = Path(__file__).resolve().parents[3]
+EXAMPLES = ROOT / "examples"
 runner = CliRunner()
 
 
@@ -145,3 +153,62 @@ def test_threads_by_default_are_the_cores_the_memory_holds(monkeypatch):
     assert batch_.threads(config, 10**4, record) == 6
     monkeypatch.setattr(batch_, "available_memory", lambda: one / 2)
     assert batch_.threads(config, 10**4, record) == 1
+
+
+def test_a_long_play_streams_in_the_memory_of_its_measurements(monkeypatch):
+    """A chunk records nothing, so its set-up is sized without its outputs: a batch whose
+    chunks could not be recorded whole still streams (it was refused, sized as recorded),
+    and its few unsettled plays are replayed in groups that fit."""
+    monkeypatch.setattr(batch_, "CHUNK", 50)
+    monkeypatch.setattr(batch_, "REPLAYED", 2**20)  # groups of 5 plays of 3000 rounds
+    config = load_config(EXAMPLES / "two_agents.toml").model_copy(update={"rounds": 3000})
+    record = Record("last", 0)
+    recorded = sum(footprint_of(config, 50).values())  # one chunk, every output kept
+    need = sum(batch_.footprint(config, 100, record, 1).values())
+    assert need < recorded / 2
+    room = (need + recorded) / 2 / sizes.USABLE
+    monkeypatch.setattr(sizes, "available_memory", lambda: room)
+    monkeypatch.setattr(batch_, "available_memory", lambda: room)
+    with pytest.raises(ConfigError, match="needs"):  # recorded whole, it does not fit
+        setup(config, seeds=range(50))
+    streamed = stream(config, range(100), record, workers=1)
+    assert (streamed.measured.code >= 0).all() and streamed.measured.rounds == 3000
+
+
+def test_more_threads_than_chunks_are_charged_for_the_chunks_only():
+    """``--workers 64`` on a batch of two chunks runs two at once: the estimate charges two,
+    and what the extra chunks cost is named ``--workers``."""
+    config = load_config(EXAMPLES / "two_agents.toml")
+    record = Record("every", 2)
+    two = batch_.footprint(config, 2 * batch_.CHUNK, record, 2)
+    assert batch_.footprint(config, 2 * batch_.CHUNK, record, 64) == two
+    one = batch_.footprint(config, 2 * batch_.CHUNK, record, 1)
+    assert two["--workers"] == sum(v for k, v in one.items() if k not in ("seeds", "rounds"))
+    assert "--workers" not in batch_.footprint(config, batch_.CHUNK, record, 64)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sent", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, EXIT)])
+def test_a_signal_stops_a_streamed_batch_on_threads_at_once(tmp_path, sent, code):
+    """Ctrl-C or SIGTERM while two chunks play (each about a minute of rounds): the chunks
+    stop within a round, nothing is written, nothing is said, exit 130 or 143 (it waited
+    for the running chunks to end)."""
+    config = tmp_path / "long.toml"
+    text = (
+        (ROOT / "benchmarks" / "large.toml").read_text().replace("rounds = 100", "rounds = 20000")
+    )
+    config.write_text(text)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "misalign.cli", "run", str(config), "--seeds", "40000"]
+    process = subprocess.Popen(
+        [*command, "--workers", "2", "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(8)  # start-up, then the first chunks set up and playing
+    assert process.poll() is None
+    process.send_signal(sent)
+    stdout, stderr = process.communicate(timeout=30)
+    assert (process.returncode, stdout, stderr) == (code, "", "")
+    assert not out.exists()
