@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from misalign.api import predict, setup, simulate
 from misalign.config import parse_config
-from misalign.model.measure import CLOSE, Measure, Measured, measure, rounds_to_prediction
+from misalign.model.measure import CLOSE, FLUSH, Measure, Measured, measure, rounds_to_prediction
 from misalign.model.observe import classify
 from misalign.model.play import play
 
@@ -49,11 +49,12 @@ def _distances(trajectory, name, target):
 @settings(max_examples=12, deadline=None)
 @given(
     name=st.sampled_from(sorted(CONFIGS)),
-    rounds=st.integers(1, 60),
+    rounds=st.integers(1, 200),  # across Measure's folds of far flags (FLUSH = 64 rounds)
     first=st.integers(0, 2**40),
     every=st.integers(1, 7),
 )
 @example(name="three", rounds=50, first=0, every=1)  # a play past single precision
+@example(name="pair", rounds=FLUSH * 2 + 3, first=5, every=3)  # two folds, then a part one
 def test_measurements_are_those_of_the_whole_play(name, rounds, first, every):
     """Against the recorded play: the observed classes (``classify``), the last round away
     from the prediction (the definition, with norms), the kept distances and the final ones."""
