@@ -37,9 +37,9 @@ def new_figure(columns: int, size: tuple[float, float], rows: int = 1):
 
 def save_figure(fig, path: str | Path) -> Path:
     """Add a legend to every axis that has labelled artists and none yet, wrap every title
-    wider than its axis (``wrap_titles``), write the figure (a PNG carries its axes' titles,
-    unwrapped, as its ``Description``, so tests can read what it says; untitled axes, such as
-    a colour bar's, are left out)."""
+    and axis label longer than its axis (``wrap_titles``), write the figure (a PNG carries
+    its axes' titles, unwrapped, as its ``Description``, so tests can read what it says;
+    untitled axes, such as a colour bar's, are left out)."""
     for axis in fig.axes:
         if axis.get_legend() is None and axis.get_legend_handles_labels()[0]:
             axis.legend(frameon=False, fontsize="small")
@@ -52,20 +52,27 @@ def save_figure(fig, path: str | Path) -> Path:
 
 
 def wrap_titles(fig) -> None:
-    """Break every axis title wider than its axis into lines that fit (at spaces), so that
-    a long verdict is not cut off at the figure's edge or written over its neighbour's."""
+    """Break every axis title, and every axis label, longer than its axis into lines that
+    fit (at spaces), so that a long verdict or label is not cut off at the figure's edge or
+    written over its neighbour's."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     renderer = FigureCanvasAgg(fig).get_renderer()
     for axis in fig.axes:
-        text = axis.title.get_text()
-        wide = axis.title.get_window_extent(renderer).width
-        room = axis.get_window_extent(renderer).width
-        if text and wide > room:
-            columns = max(20, int(len(text) * room / wide * 0.95))
-            axis.title.set_text(
-                textwrap.fill(text, columns, break_long_words=False, break_on_hyphens=False)
-            )
+        box = axis.get_window_extent(renderer)
+        for text, along in (
+            (axis.title, "width"),
+            (axis.xaxis.label, "width"),
+            (axis.yaxis.label, "height"),  # drawn upright: its length is its height
+        ):
+            words = text.get_text()
+            length = getattr(text.get_window_extent(renderer), along)
+            room = getattr(box, along)
+            if words and length > room:
+                columns = max(20, int(len(words) * room / length * 0.95))
+                text.set_text(
+                    textwrap.fill(words, columns, break_long_words=False, break_on_hyphens=False)
+                )
 
 
 def draw_plateau(ax, level: float, color: str, label: str, style: str = "--") -> None:
