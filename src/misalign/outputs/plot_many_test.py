@@ -110,7 +110,8 @@ def test_a_batch_of_many_agents_is_drawn_readably(tmp_path, agents, shape):
     game = setup(parse_config(_parsed(network_toml(agents, shape))), seeds=range(4))
     fig = draw_batch(game, simulate(game), predict(game))
     _readable(fig, tmp_path / "batch.png")
-    assert f"median of {agents} agents' medians" in fig.axes[0].get_ylabel()
+    label = fig.axes[0].get_ylabel().replace("\n", " ")  # wrapped to fit its axis
+    assert f"median of {agents} agents' medians" in label
 
 
 @pytest.mark.parametrize(("agents", "shape"), CASES[:3])
