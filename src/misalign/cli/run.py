@@ -163,17 +163,24 @@ def _streamed(cfg, seeds, record, workers, json_out, out, session) -> None:
             return plot_measured(streamed.measured, path)
 
         directory, figure = _artifacts(cfg, out, result, "run.json", "trajectory.png", draw)
-    _told(result, seeds, json_out, directory, figure)
+    _told(result, seeds, json_out, directory, figure, streamed.workers)
 
 
-def _told(result, seeds: int, json_out: bool, directory: Path, figure: Path | None) -> None:
+def _told(
+    result,
+    seeds: int,
+    json_out: bool,
+    directory: Path,
+    figure: Path | None,
+    threads: int | None = None,
+) -> None:
     """Print the report (``--json``) or its summary; exit 1 when every play failed."""
     from misalign.outputs.report import to_json
 
     if json_out:
         print(to_json(result))
     elif seeds > 1:
-        _batch_summary(result, directory, figure)
+        _batch_summary(result, directory, figure, threads)
         _llm_usage(_console(), result["llm"])
     else:
         _summary(result, directory, figure)

@@ -321,7 +321,9 @@ def _llm_usage(console, llm: dict[str, Any] | None) -> None:
             )
 
 
-def _batch_summary(result: dict[str, Any], directory: Path, figure: Path) -> None:
+def _batch_summary(
+    result: dict[str, Any], directory: Path, figure: Path, threads: int | None = None
+) -> None:
     """A readable account of ``run --seeds``: one story over the batch, told as its figure
     draws it (converging plays by median and 10-90% quantiles; diverging ones named).
 
@@ -410,8 +412,9 @@ def _batch_summary(result: dict[str, Any], directory: Path, figure: Path) -> Non
     kept = batch.get("record")
     if kept and kept != "all":
         what = "no round" if kept == "last" else f"each agent's distance {kept} rounds"
+        on = f" on {plural(threads, 'thread')}" if threads else ""
         console.print(
-            f"record {kept}: the plays ran in chunks, measured as they played; kept {what}"
+            f"record {kept}: the plays ran in chunks{on}, measured as they played; kept {what}"
         )
     console.print(f"artifacts: {directory} (figure {figure.name})")
 

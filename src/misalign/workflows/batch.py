@@ -164,8 +164,8 @@ def stream(
         progress: a bar on stderr.
         phases: seconds spent per phase (``setup``, ``predict``, ``play``, ``replay``),
             summed over the workers, are added here when given.
-        workers: threads (default: every core, as many as the memory holds, at most one a
-            chunk).
+        workers: threads, at most one a chunk (default: every core, as many chunks as the
+            memory holds).
 
     Returns:
         The measurements, and the first play set up alone.
@@ -175,7 +175,7 @@ def stream(
             once.
     """
     what = f"a batch of {plural(len(seeds), 'play', spec=',')}"
-    workers = workers or threads(config, len(seeds), record)
+    workers = min(workers or threads(config, len(seeds), record), max(1, -(-len(seeds) // CHUNK)))
     require(footprint(config, len(seeds), record, workers), what)
     first = setup(config, seeds=list(seeds[:1]))
     prediction = predict(first)

@@ -212,3 +212,13 @@ def test_a_signal_stops_a_streamed_batch_on_threads_at_once(tmp_path, sent, code
     stdout, stderr = process.communicate(timeout=30)
     assert (process.returncode, stdout, stderr) == (code, "", "")
     assert not out.exists()
+
+
+def test_the_summary_says_how_the_batch_ran(tmp_path):
+    done = runner.invoke(
+        app,
+        ["run", str(EXAMPLES / "two_agents.toml"), "--seeds", "40", "--record", "every 5"]
+        + ["--workers", "2", "--out", str(tmp_path / "out")],
+    )
+    assert done.exit_code == 0, done.stderr
+    assert "record every 5: the plays ran in chunks on 1 thread, measured" in done.stdout
