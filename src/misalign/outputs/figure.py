@@ -37,7 +37,7 @@ def new_figure(columns: int, size: tuple[float, float], rows: int = 1):
 
 def save_figure(fig, path: str | Path) -> Path:
     """Add a legend to every axis that has labelled artists and none yet, wrap every title
-    and axis label longer than its axis (``wrap_titles``), write the figure (a PNG carries
+    and axis label longer than its axis (``wrap_texts``), write the figure (a PNG carries
     its axes' titles, unwrapped, as its ``Description``, so tests can read what it says;
     untitled axes, such as a colour bar's, are left out)."""
     for axis in fig.axes:
@@ -45,13 +45,13 @@ def save_figure(fig, path: str | Path) -> Path:
             axis.legend(frameon=False, fontsize="small")
     path = Path(path)
     titles = " | ".join(title for axis in fig.axes if (title := axis.get_title()))
-    wrap_titles(fig)
+    wrap_texts(fig)
     metadata = {"Description": titles} if path.suffix.lower() == ".png" else None
     fig.savefig(path, dpi=120, metadata=metadata)
     return path
 
 
-def wrap_titles(fig) -> None:
+def wrap_texts(fig) -> None:
     """Break every axis title, and every axis label, longer than its axis into lines that
     fit (at spaces), so that a long verdict or label is not cut off at the figure's edge or
     written over its neighbour's."""

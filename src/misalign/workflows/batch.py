@@ -111,7 +111,7 @@ def choose(config: PlayConfig, plays: int, asked: Record | None = None) -> Recor
         raise ConfigError(f"--record {asked}: {why}; such plays are recorded whole (all)")
     if asked is not None:
         return asked
-    outputs = config.rounds * len(config.order) * plays * config.d * FLOAT
+    outputs = plays * _outputs(config)
     if why is not None or plays == 1 or outputs <= min(ALL_BYTES, available_memory() / 4):
         return Record("all")
     targeted = len([a for a in config.agents.values() if not isinstance(a, HelperAgentConfig)])
@@ -175,7 +175,7 @@ def stream(
             once.
     """
     what = f"a batch of {plural(len(seeds), 'play', spec=',')}"
-    workers = min(workers or threads(config, len(seeds), record), max(1, -(-len(seeds) // CHUNK)))
+    workers = min(workers or threads(config, len(seeds), record), max(1, _chunks(len(seeds))))
     require(footprint(config, len(seeds), record, workers), what)
     first = setup(config, seeds=list(seeds[:1]))
     prediction = predict(first)
@@ -227,10 +227,8 @@ def footprint(config: PlayConfig, plays: int, record: Record, workers: int = 1) 
     kept = len(recorded_rounds(config.rounds, record.every)) * plays * agents * 4
     chunk = footprint_of(config.model_copy(update={"rounds": 2}), min(plays, CHUNK))
     chunk.pop("rounds", None)
-    more = min(workers, -(-plays // CHUNK)) - 1  # chunks at once besides the first
-    replayed = min(
-        REPLAYED, min(plays, CHUNK) * config.rounds * len(config.order) * config.d * FLOAT
-    )
+    more = min(workers, _chunks(plays)) - 1  # chunks at once besides the first
+    replayed = min(REPLAYED, min(plays, CHUNK) * _outputs(config))
     return {
         "seeds": plays * (11 + 3 * agents) * FLOAT + plays * (2 + 2 * agents) * JSON_FLOAT,
         "rounds": kept + (more + 1) * replayed,
@@ -246,7 +244,17 @@ def threads(config: PlayConfig, plays: int, record: Record) -> int:
     one = sum(footprint(config, plays, record, 1).values())
     each = sum(footprint(config, plays, record, 2).values()) - one
     fitting = int((available_memory() * USABLE - one) // max(each, 1)) + 1
-    return max(1, min(cores(), -(-plays // CHUNK), fitting))
+    return max(1, min(cores(), _chunks(plays), fitting))
+
+
+def _outputs(config: PlayConfig) -> int:
+    """Bytes of one play's outputs, every turn of every round."""
+    return config.rounds * len(config.order) * config.d * FLOAT
+
+
+def _chunks(plays: int) -> int:
+    """How many chunks of ``CHUNK`` plays a batch of ``plays`` plays runs in."""
+    return -(-plays // CHUNK)
 
 
 class Stopped(Exception):
@@ -293,7 +301,7 @@ def _chunk(
     reducer.finish(trajectory.diverged_at, played)
     lap("play")
     rest = np.flatnonzero(measured.code[plays] < 0)
-    group = max(1, REPLAYED // (config.rounds * len(config.order) * config.d * FLOAT))
+    group = max(1, REPLAYED // _outputs(config))
     for first in range(0, len(rest), group):
         some = rest[first : first + group]
         again = setup(config, seeds=seeds[some])
