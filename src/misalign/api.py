@@ -37,6 +37,7 @@ from misalign.config import (
     BlackBoxConfig,
     ConfigError,
     DefenceConfig,
+    GradientAgentConfig,
     HelperAgentConfig,
     LearnerConfig,
     LLMAgentConfig,
@@ -57,6 +58,7 @@ from misalign.model.play import Schedule, Trajectory, play
 from misalign.model.prompt import PlayPrompts, Prompt, sample_prompts
 from misalign.model.theory import Prediction
 from misalign.model.theory import predict as predict_maps
+from misalign.runtime.device import host, namespace, place
 from misalign.runtime.progress import progress_bar
 from misalign.runtime.sizes import require
 from misalign.runtime.text import plural
@@ -128,6 +130,7 @@ def setup(
     seeds: Sequence[int] | None = None,
     progress: bool = False,
     session=None,
+    device=None,
 ) -> Game:
     """Sample the prompts and build the agents of a batch of plays.
 
@@ -137,6 +140,9 @@ def setup(
         progress: show a progress bar on stderr while sampling the prompts of a large batch.
         session: the ``misalign.llm.Session`` of language-model agents (their store and
             mode); one recording into ``runs/llm.sqlite`` when absent.
+        device: a ``torch.device`` (``misalign.runtime.device.resolve``) on which to sample
+            the prompts, build the maps and hold the start, as float64 tensors, for a play
+            there (one configuration of analytic agents); ``None``: numpy.
 
     Returns:
         The game.
@@ -151,7 +157,11 @@ def setup(
         if len(seeds) and max(seeds) >= 2**64:
             raise ConfigError(f"seed: the last play's seed {max(seeds)} is not below 2^64")
         configs = Seeded(config, seeds)
+        if device is not None:
+            _on_device(config)
     else:
+        if device is not None:
+            raise ValueError("a batch on a device plays one configuration over seeds")
         configs = tuple(config)
         check_size(configs[0], len(configs))
         for other in configs[1:]:
@@ -164,7 +174,7 @@ def setup(
         everyone = np.arange(len(configs))
         for n in learners:
             agent = first.agents[n]
-            sampled[n] = [(everyone, _sample([agent], configs.seeds, n, first.d))]
+            sampled[n] = [(everyone, _sample([agent], configs.seeds, n, first.d, device))]
     else:
         bar = progress_bar(len(configs), "prompts") if progress and len(configs) >= 2000 else None
         for start in range(0, len(configs), CHUNK):
@@ -189,7 +199,8 @@ def setup(
         if isinstance(first.agents[n], BlackBoxConfig):
             continue  # a black box until fitted
         f = agents[n].affine()
-        if not (np.isfinite(f.A).all() and np.isfinite(f.c).all()):
+        xp = namespace(f.A)
+        if not (xp.isfinite(f.A).all() and xp.isfinite(f.c).all()):
             raise ConfigError(
                 f"agents.{n}: its turn map overflows float64 (reduce eta, spectrum, "
                 "steps_per_turn or the labels' scale)"
@@ -217,6 +228,7 @@ def setup(
         agents[name] = _defended(first.defence, agents[name], prompts[name])
     if isinstance(configs, Seeded) and first.start is None or all(c.start is None for c in configs):
         start = np.zeros((len(configs), first.d))
+        start = place(start, device)
     else:
         start = np.stack(
             [np.zeros(c.d) if c.start is None else np.asarray(c.start) for c in configs]
@@ -285,6 +297,20 @@ def _shape(config: PlayConfig) -> tuple:
     )
 
 
+def _on_device(config: PlayConfig) -> None:
+    """Refuse, in one line, a configuration whose plays cannot run on a device: only
+    analytic agents (``kind = "gd"``, sampled or not) under any schedule do."""
+    for name, agent in config.agents.items():
+        if not isinstance(agent, GradientAgentConfig):
+            raise ConfigError(
+                f'--device: agents.{name} (kind = "{agent.kind}") plays on numpy only; '
+                'a device plays analytic agents (kind = "gd")'
+            )
+    for what in ("attack", "defence"):
+        if getattr(config, what) is not None:
+            raise ConfigError(f"--device: plays with {what} = ... play on numpy only")
+
+
 CHUNK = 4096
 """Plays sampled together: bounds the temporaries of a large batch's prompts."""
 
@@ -315,9 +341,9 @@ def _prompts(
     return out
 
 
-def _sample(agents: list[AgentConfig], seeds, name: str, d: int) -> Prompt:
+def _sample(agents: list[AgentConfig], seeds, name: str, d: int, device=None) -> Prompt:
     """The prompts of plays whose agent ``name`` has the configurations ``agents`` (one, or
-    one per play, of one ``n`` and ``rotate``) and the seeds ``seeds``."""
+    one per play, of one ``n`` and ``rotate``) and the seeds ``seeds``, on ``device``."""
     return sample_prompts(
         seeds,
         name,
@@ -327,6 +353,7 @@ def _sample(agents: list[AgentConfig], seeds, name: str, d: int) -> Prompt:
         rotate=agents[0].rotate,
         target=None if agents[0].target is None else _setting(agents, "target", 0.0),
         noise=_setting(agents, "noise", 0.0),
+        device=device,
     )
 
 
@@ -562,10 +589,11 @@ def predict(game: Game) -> Prediction:
         f = game.agents[name].affine()
         if f is None:
             raise ValueError(f"agent {name} is a black box: fit its affine map first")
-        maps[name] = f
+        maps[name] = f.host()
     noise = {
         name: Q
         for name in game.schedule.agents
         if (Q := noise_covariance(game.agents[name])) is not None
     }
-    return predict_maps(maps, game.schedule, game.targets, noise, start=game.start)
+    targets = {name: host(target) for name, target in game.targets.items()}
+    return predict_maps(maps, game.schedule, targets, noise, start=host(game.start))

@@ -77,22 +77,42 @@ def run(
             show_default="all cores the memory holds",
         ),
     ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help="With --seeds: set up, play and measure the batch with torch on this device "
+            "(cuda, cuda:K, or cpu), in float64, equal to numpy's within 1e-12; needs the "
+            "train extra.",
+            show_default="numpy on the CPU",
+        ),
+    ] = None,
 ) -> None:
     """Simulate the play and predict its equilibrium; figure, config and report.
 
     Language-model agents are fitted first (probes) and every answer is recorded in --store:
     a re-run reads it first, --replay never asks the server."""
-    from misalign.workflows.batch import Record, choose
+    from misalign.runtime.device import resolve
+    from misalign.workflows.batch import Record, choose, streamable
 
     session = _session(store, replay, refresh, fork_at, allow_host, max_requests, max_cost)
     try:
         asked = None if record is None else Record.parse(record)
         if seeds > 1:
             cfg = _load(config, set_)
-            chosen = choose(cfg, seeds, asked)
-        elif asked is not None:
-            raise ConfigError("--record applies to a batch (--seeds N with N > 1)")
+            chosen = choose(cfg, seeds, asked, streamed=device is not None)
+        elif asked is not None or device is not None:
+            flag = "--record" if asked is not None else "--device"
+            raise ConfigError(f"{flag} applies to a batch (--seeds N with N > 1)")
         streamed = seeds > 1 and chosen.mode != "all"
+        if device is not None and not streamed:
+            why = streamable(cfg)
+            raise ConfigError(
+                f"--device: {why}; such plays are recorded whole, on numpy"
+                if why
+                else "--device applies to a batch kept as measurements (--record 'every K' "
+                "or last); this run records every output"
+            )
+        where = resolve(device)
         if workers is not None and not streamed:
             raise ConfigError(
                 "--workers applies to a batch kept as measurements (--seeds N with --record "
@@ -101,7 +121,7 @@ def run(
     except ConfigError as exc:
         _fail(str(exc))
     if streamed:
-        return _streamed(cfg, seeds, chosen, workers, json_out, out, session)
+        return _streamed(cfg, seeds, chosen, workers, where, json_out, out, session)
     _recorded(config, set_, seeds, json_out, out, session)
 
 
@@ -140,7 +160,7 @@ def _recorded(config, set_, seeds, json_out, out, session) -> None:
     _told(result, seeds, json_out, directory, figure)
 
 
-def _streamed(cfg, seeds, record, workers, json_out, out, session) -> None:
+def _streamed(cfg, seeds, record, workers, device, json_out, out, session) -> None:
     """``run --seeds`` keeping only the measurements (``misalign.workflows.batch.stream``):
     the report's play is the first seed's, played alone."""
     from misalign.api import simulate
@@ -152,18 +172,20 @@ def _streamed(cfg, seeds, record, workers, json_out, out, session) -> None:
     _check_flags(cfg, session)
     seeds_ = range(cfg.seed, cfg.seed + seeds)
     try:
-        streamed = stream(cfg, seeds_, record, progress=_tty(), workers=workers)
+        streamed = stream(cfg, seeds_, record, progress=_tty(), workers=workers, device=device)
     except ConfigError as exc:
         _fail(str(exc))
     with stage("writing the report and the figure", _tty()):
         result = report(streamed.first, streamed.prediction, simulate(streamed.first))
-        result["batch"] = batch_report(streamed.measured, streamed.seeds, str(record))
+        result["batch"] = batch_report(
+            streamed.measured, streamed.seeds, str(record), streamed.device
+        )
 
         def draw(path: Path) -> Path:
             return plot_measured(streamed.measured, path)
 
         directory, figure = _artifacts(cfg, out, result, "run.json", "trajectory.png", draw)
-    _told(result, seeds, json_out, directory, figure, streamed.workers)
+    _told(result, seeds, json_out, directory, figure, streamed.workers, streamed.device)
 
 
 def _told(
@@ -173,6 +195,7 @@ def _told(
     directory: Path,
     figure: Path | None,
     threads: int | None = None,
+    device: str = "numpy",
 ) -> None:
     """Print the report (``--json``) or its summary; exit 1 when every play failed."""
     from misalign.outputs.report import to_json
@@ -180,7 +203,7 @@ def _told(
     if json_out:
         print(to_json(result))
     elif seeds > 1:
-        _batch_summary(result, directory, figure, threads)
+        _batch_summary(result, directory, figure, threads, device)
         _llm_usage(_console(), result["llm"])
     else:
         _summary(result, directory, figure)

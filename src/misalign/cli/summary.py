@@ -322,7 +322,11 @@ def _llm_usage(console, llm: dict[str, Any] | None) -> None:
 
 
 def _batch_summary(
-    result: dict[str, Any], directory: Path, figure: Path, threads: int | None = None
+    result: dict[str, Any],
+    directory: Path,
+    figure: Path,
+    threads: int | None = None,
+    device: str = "numpy",
 ) -> None:
     """A readable account of ``run --seeds``: one story over the batch, told as its figure
     draws it (converging plays by median and 10-90% quantiles; diverging ones named).
@@ -413,6 +417,7 @@ def _batch_summary(
     if kept and kept != "all":
         what = "no round" if kept == "last" else f"each agent's distance {kept} rounds"
         on = f" on {plural(threads, 'thread')}" if threads else ""
+        on += f" with torch on {device}" if device != "numpy" else ""
         console.print(
             f"record {kept}: the plays ran in chunks{on}, measured as they played; kept {what}"
         )

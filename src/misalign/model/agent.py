@@ -24,6 +24,7 @@ import numpy as np
 
 from misalign.model.philox import SAMPLING, normals
 from misalign.model.prompt import Prompt
+from misalign.runtime import device
 
 Preconditioner = Literal["identity", "lsa-optimal", "newton"]
 
@@ -55,7 +56,7 @@ class AffineMap:
         """``H = I - A``: the agent's step matrix (docs/theory.md §1); with ``keep``,
         ``(1 - keep) I - A``, so that the fixed points solve ``H w = c`` either way (a damped
         agent's ``H`` is ``beta`` times its undamped one)."""
-        eye = np.eye(self.A.shape[-1])
+        eye = device.eye(self.A.shape[-1], self.A)
         kept = 0.0 if self.keep is None else self.keep[:, None, None] * eye
         return eye - kept - self.A
 
@@ -65,7 +66,14 @@ class AffineMap:
         The product is ``einsum``'s up to ``EINSUM_D`` dimensions (on a large batch, 3x
         ``matmul``'s speed at ``d = 2``, 1.9x at 4, 1.1x at 10, measured on numpy 2.4) and
         ``matmul``'s above it (where ``einsum`` falls behind): chosen by ``d`` alone, so a
-        play's numbers do not depend on the batch around it."""
+        play's numbers do not depend on the batch around it. On torch tensors, ``bmm``."""
+        if not device.is_numpy(w):
+            product = self.A.bmm(w[..., None])[..., 0]
+            product += self.c
+            if out is None:
+                return product
+            out.copy_(product)
+            return out
         out = np.empty_like(self.c) if out is None else out
         if w.shape[-1] <= EINSUM_D:
             np.einsum("bij,bj->bi", self.A, w, out=out)
@@ -80,12 +88,21 @@ class AffineMap:
             self.A[plays], self.c[plays], None if self.keep is None else self.keep[plays]
         )
 
+    def host(self) -> AffineMap:
+        """The maps as numpy arrays (itself when they are; tensors are copied off their
+        device)."""
+        if device.is_numpy(self.A):
+            return self
+        keep = None if self.keep is None else device.host(self.keep)
+        return AffineMap(device.host(self.A), device.host(self.c), keep)
+
     def power(self, k: int) -> AffineMap:
         """The ``k``-fold composition ``f o ... o f`` (its first factor is ``f`` itself: ``A I``
         and ``A 0 + c`` are ``A`` and ``c``, the same numbers)."""
         if k == 0:
-            eye = np.broadcast_to(np.eye(self.A.shape[-1]), self.A.shape).copy()
-            return AffineMap(eye, np.zeros_like(self.c))
+            xp = device.namespace(self.A)
+            eye = xp.zeros_like(self.A) + device.eye(self.A.shape[-1], self.A)
+            return AffineMap(eye, xp.zeros_like(self.c))
         A, c = self.A, self.c
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is checked by the caller
             for _ in range(k - 1):
@@ -186,16 +203,18 @@ def preconditioner(
     Returns:
         ``Gamma``, shape ``(d, d)``, or ``(B, d, d)`` for a batch.
     """
-    n, d = prompt.n, prompt.d
-    eta = np.reshape(eta, (*np.shape(eta), 1, 1))
+    n, d, like = prompt.n, prompt.d, prompt.X
+    eta = device.on(np.reshape(eta, (*np.shape(eta), 1, 1)), like)
+    xp = device.namespace(like)
     if kind == "identity":
-        return eta * np.broadcast_to(np.eye(d), prompt.covariance.shape)
+        return eta * device.broadcast(np.eye(d), prompt.covariance.shape, like)
     if kind == "newton":
-        return eta * np.linalg.pinv(prompt.second_moment, hermitian=True)
+        return eta * xp.linalg.pinv(prompt.second_moment, hermitian=True)
     if kind == "lsa-optimal":
         covariance = prompt.covariance
-        if covariance.ndim == 3 and covariance.strides[0] == 0:  # one for the batch: one solve
-            return eta * np.broadcast_to(lsa_optimal_gamma(covariance[0], n), covariance.shape)
+        if covariance.ndim == 3 and device.shared(covariance):  # one for the batch: one solve
+            one = device.host(lsa_optimal_gamma(covariance[0], n))
+            return eta * device.broadcast(one, covariance.shape, like)
         return eta * lsa_optimal_gamma(covariance, n)
     raise ValueError(f"unknown preconditioner {kind!r}")
 
@@ -209,10 +228,11 @@ def lsa_optimal_gamma(covariance: np.ndarray, n: int) -> np.ndarray:
     vanishes at ``Gamma E[S^2] = Lambda`` with the Wishart moment
     ``E[S^2] = (n+1)/n Lambda^2 + tr(Lambda)/n Lambda``.
     """
-    eye = np.eye(covariance.shape[-1])
-    trace = np.trace(covariance, axis1=-2, axis2=-1)[..., None, None]
+    eye = device.eye(covariance.shape[-1], covariance)
+    trace = covariance.diagonal(0, -2, -1).sum(-1)[..., None, None]
     moment = (n + 1) / n * covariance + trace / n * eye
-    return np.linalg.solve(moment, np.broadcast_to(eye, moment.shape))
+    xp = device.namespace(covariance)
+    return xp.linalg.solve(moment, device.broadcast(eye, moment.shape, covariance))
 
 
 def icl_loss(gamma: np.ndarray, covariance: np.ndarray, n: int) -> float:
@@ -248,9 +268,8 @@ class GradientAgent:
     ) -> None:
         self.name = name
         self._gamma = gamma
-        A = gamma @ second_moment
-        np.subtract(np.eye(gamma.shape[-1]), A, out=A)
-        step = AffineMap(A=A, c=np.einsum("bij,bj->bi", gamma, moment))
+        A = device.eye(gamma.shape[-1], gamma) - gamma @ second_moment
+        step = AffineMap(A=A, c=device.namespace(gamma).einsum("bij,bj->bi", gamma, moment))
         self._map = step.power(steps_per_turn)
 
     @classmethod
@@ -328,7 +347,10 @@ class Sampled(Wrapper):
 
     def respond(self, w: np.ndarray, turn: Turn) -> np.ndarray:
         answer = self.inner.respond(w, turn)
-        noise = normals(self.seeds, self.name, SAMPLING, answer.shape[1:], turn=self._answers)
+        on = None if device.is_numpy(answer) else answer.device
+        noise = normals(
+            self.seeds, self.name, SAMPLING, answer.shape[1:], turn=self._answers, device=on
+        )
         self._answers += 1
         return answer + self.std * noise
 

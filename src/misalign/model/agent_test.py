@@ -202,3 +202,32 @@ def test_one_step_power_is_the_map_itself():
     assert np.array_equal(g.A, f.A) and np.array_equal(g.c, f.c)
     eye = np.broadcast_to(np.eye(3), f.A.shape)
     assert np.array_equal(f.A @ eye, f.A) and np.array_equal(f(np.zeros((2, 3))), f.c)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    d=st.integers(1, 8),
+    n=st.integers(1, 15),
+    kind=st.sampled_from(KINDS),
+    eta=st.floats(0.05, 1.5),
+    steps=st.integers(0, 4),
+    rotate=st.booleans(),
+    seed=st.integers(0, 10**6),
+)
+def test_maps_on_torch_are_numpys_within_rounding(d, n, kind, eta, steps, rotate, seed):
+    """The analytic agent built from torch prompts: its ``A``, ``c`` and answers against
+    numpy's, within ``1e-12`` of their scale; ``host`` gives them back as numpy."""
+    torch = pytest.importorskip("torch")
+    seeds = range(seed, seed + 20)
+    maps = []
+    for on in (None, torch.device("cpu")):
+        prompts = sample_prompts(seeds, "A", d, n, rotate=rotate, noise=0.1, device=on)
+        gamma = preconditioner(kind, prompts, eta)
+        maps.append(GradientAgent("A", gamma, prompts.second_moment, prompts.moment, steps))
+    want, got = maps[0].affine(), maps[1].affine()
+    assert isinstance(got.A, torch.Tensor) and isinstance(got.host().A, np.ndarray)
+    w = np.random.default_rng(seed).standard_normal((20, d))
+    answers = (maps[0].respond(w, Turn(0, 0, "B")), got(torch.from_numpy(w)).numpy())
+    for a, b in ((want.A, got.host().A), (want.c, got.host().c), answers):
+        scale = max(1.0, float(np.abs(a).max()))
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-12 * scale)

@@ -25,6 +25,7 @@ import numpy as np
 from misalign.model.observe import FIXED, SETTLED, Observed, classify, settled_rounds
 from misalign.model.play import Trajectory
 from misalign.model.theory import Prediction
+from misalign.runtime import device
 
 CLOSE = 1e-8
 """An output is at its predicted limit ``s*`` when within ``CLOSE * max(1, |s*|)``."""
@@ -144,6 +145,10 @@ class Measure:
         fixed_point: per agent, its predicted limit in each play, ``(b, d)`` (NaN or
             infinite where the theory predicts none: never close).
         targets: per agent with a target, ``(b, d)``.
+
+    The outputs may be numpy arrays or torch tensors on a device (``misalign.runtime.device``):
+    on a device, ``fixed_point`` and ``targets`` are taken there too, each round is reduced
+    there, and only the kept distances and the last rounds' states come back.
     """
 
     def __init__(
@@ -155,14 +160,16 @@ class Measure:
         targets: Mapping[str, np.ndarray],
     ) -> None:
         self.into, self.plays, self.rounds = into, plays, rounds
-        self.fixed_point, self.targets = list(fixed_point.items()), list(targets.items())
+        self.fixed_point = [(n, device.host(s)) for n, s in fixed_point.items()]
+        self.targets = [(n, device.host(t)) for n, t in targets.items()]
         with np.errstate(over="ignore", invalid="ignore"):
             self.reach = [  # squared: |s - s*|^2 <= (CLOSE max(1, |s*|))^2
                 (CLOSE * np.maximum(1.0, np.linalg.norm(s, axis=-1))) ** 2
-                for s in fixed_point.values()
+                for _, s in self.fixed_point
             ]
         self.column = {int(r) - 1: k for k, r in enumerate(into.recorded)}
         self.last_far = into.last_far[plays]
+        self._on: tuple | None = None  # the above on the outputs' device (``_placed``)
         self.last: list[dict[str, np.ndarray]] = []  # the last SETTLED rounds' outputs
         self._scratch: tuple[np.ndarray, ...] | None = None
         self._far: np.ndarray | None = None  # rounds since the last flush: far or not
@@ -172,28 +179,43 @@ class Measure:
         """Reduce round ``t``'s outputs (every agent's, ``(b, d)``); rounds come in order."""
         gap, square, close, near = self._buffers(outputs)
         far = self._far[t - self._since]
+        fixed_point, reach, targets = self._placed(gap)
+        xp = device.namespace(gap)
         with np.errstate(over="ignore", invalid="ignore"):
-            for k, ((name, fixed), reach) in enumerate(
-                zip(self.fixed_point, self.reach, strict=True)
-            ):
-                np.subtract(outputs[name], fixed, out=gap)
-                np.einsum("bi,bi->b", gap, gap, out=square)
-                np.less_equal(square, reach, out=near if k else close)  # NaN: far
+            for k, ((name, fixed), within) in enumerate(zip(fixed_point, reach, strict=True)):
+                xp.subtract(outputs[name], fixed, out=gap)
+                _squares(gap, out=square)
+                xp.less_equal(square, within, out=near if k else close)  # NaN: far
                 if k:
                     close &= near
-            np.logical_not(close, out=far)
+            xp.logical_not(close, out=far)
             column = self.column.get(t)
             if column is not None:
-                for name, target in self.targets:
-                    np.subtract(outputs[name], target, out=gap)
-                    np.einsum("bi,bi->b", gap, gap, out=square)
+                for name, target in targets:
+                    xp.subtract(outputs[name], target, out=gap)
+                    _squares(gap, out=square)
                     row = self.into.distance[name][column, self.plays]
-                    np.sqrt(square, out=row, casting="same_kind")
+                    if device.is_numpy(square):
+                        np.sqrt(square, out=row, casting="same_kind")
+                    else:  # float32, as kept
+                        row[...] = device.host(square.sqrt().float())
         self._next = t + 1
         if self._next - self._since == len(self._far):
             self._flush()
         if t >= self.rounds - SETTLED:
-            self.last.append({n: np.array(s) for n, s in outputs.items()})
+            self.last.append({n: np.array(device.host(s)) for n, s in outputs.items()})
+
+    def _placed(self, like) -> tuple[list, list, list]:
+        """The fixed points, their squared reach and the targets on ``like``'s device."""
+        if device.is_numpy(like):
+            return self.fixed_point, self.reach, self.targets
+        if self._on is None:
+            self._on = (
+                [(n, device.on(s, like)) for n, s in self.fixed_point],
+                [device.on(r, like) for r in self.reach],
+                [(n, device.on(t, like)) for n, t in self.targets],
+            )
+        return self._on
 
     def _flush(self) -> None:
         """Fold the far flags of the rounds since the last flush into ``last_far``: per play,
@@ -201,17 +223,29 @@ class Measure:
         count = self._next - self._since
         if count == 0:
             return
-        flags = self._far[count - 1 :: -1]
-        latest = count - 1 - np.argmax(flags, axis=0)
-        np.copyto(self.last_far, self._since + latest, where=flags.any(axis=0))
+        if device.is_numpy(self._far):
+            flags = self._far[count - 1 :: -1]
+            latest = count - 1 - np.argmax(flags, axis=0)
+            anywhere = flags.any(axis=0)
+        else:  # a device's flags: the last far round found there, one number per play back
+            flags = self._far[:count].flip(0)
+            latest = device.host(count - 1 - flags.byte().argmax(0))
+            anywhere = device.host(flags.any(0))
+        np.copyto(self.last_far, self._since + latest, where=anywhere)
         self._since += count
 
     def _buffers(self, outputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, ...]:
         """Scratch arrays for ``round``, made once."""
         if self._scratch is None:
-            b, d = next(iter(outputs.values())).shape
-            self._scratch = (np.empty((b, d)), np.empty(b), np.empty(b, bool), np.empty(b, bool))
-            self._far = np.empty((min(FLUSH, self.rounds), b), bool)
+            like = next(iter(outputs.values()))
+            b, d = like.shape
+            self._scratch = (
+                device.empty((b, d), like),
+                device.empty((b,), like),
+                device.empty((b,), like, "bool"),
+                device.empty((b,), like, "bool"),
+            )
+            self._far = device.empty((min(FLUSH, self.rounds), b), like, "bool")
         return self._scratch
 
     def finish(self, diverged_at: np.ndarray, rounds: int) -> None:
@@ -222,6 +256,7 @@ class Measure:
         into, plays = self.into, self.plays
         if self._far is not None:
             self._flush()
+        diverged_at = device.host(diverged_at)
         into.diverged_at[plays] = diverged_at
         into.last_far[plays] = self.last_far
         if not self.last or rounds < self.rounds:
@@ -247,6 +282,14 @@ class Measure:
         blocks = [np.stack([state[n] for state in self.last]) for n in names]
         with np.errstate(over="ignore", invalid="ignore"):
             return settled_rounds(blocks) >= SETTLED
+
+
+def _squares(gap, out) -> None:
+    """``|gap|^2`` per row of ``gap`` ``(b, d)``, into ``out`` ``(b,)``."""
+    if device.is_numpy(gap):
+        np.einsum("bi,bi->b", gap, gap, out=out)
+    else:
+        out.copy_((gap * gap).sum(-1))
 
 
 def measure(

@@ -123,3 +123,42 @@ def test_an_unclassified_batch_says_so():
     m = Measured.empty(3, ["A"], ["A"], [])
     with pytest.raises(ValueError, match="not classified"):
         m.observed()
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    name=st.sampled_from(sorted(CONFIGS)),
+    rounds=st.integers(1, 150),
+    first=st.integers(0, 2**40),
+    every=st.integers(1, 5),
+)
+def test_a_play_on_torch_measures_as_on_numpy(name, rounds, first, every):
+    """The play set up, played and reduced on torch (``device=cpu``) against numpy's: the
+    same classes, rounds and flags, the kept single-precision distances within a float32
+    rounding, the final ones within ``1e-12`` of their scale."""
+    torch = pytest.importorskip("torch")
+    config = parse_config({"rounds": rounds, **CONFIGS[name]})
+    seeds = range(first, first + 40)
+    recorded = list(range(every, rounds + 1, every))
+    found = []
+    for on in (None, torch.device("cpu")):
+        game = setup(config, seeds=seeds, device=on)
+        prediction = predict(game)
+        targets = {n: game.targets[n] for n in game.schedule.agents}
+        into = Measured.empty(40, game.schedule.agents, list(targets), recorded)
+        into.predicted(slice(None), prediction)
+        reducer = Measure(into, slice(None), rounds, prediction.fixed_point, targets)
+        played = play(game.agents, game.schedule, rounds, game.start, False, False, reducer.round)
+        assert isinstance(played.turns, np.ndarray if on is None else torch.Tensor)
+        reducer.finish(played.diverged_at, played.skipped + played.rounds)
+        found.append(into)
+    want, got = found
+    for key in ("diverged_at", "last_far", "code", "period", "converges"):
+        assert np.array_equal(getattr(got, key), getattr(want, key)), key
+    for n in want.distance:
+        np.testing.assert_allclose(got.distance[n], want.distance[n], rtol=2**-23, atol=0)
+    for key in ("final_distance", "residual"):
+        for n, value in getattr(want, key).items():
+            scale = max(1.0, float(np.nanmax(np.abs(value), initial=0)))
+            np.testing.assert_allclose(getattr(got, key)[n], value, rtol=0, atol=1e-12 * scale)
+    np.testing.assert_allclose(got.rho, want.rho, rtol=1e-12, atol=1e-14)

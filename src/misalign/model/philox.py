@@ -21,6 +21,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from misalign.runtime.device import is_numpy, namespace
+
 GENERATOR = "philox4x32-10/box-muller"
 """The generator's name, written into every run (``config_hash`` covers it through the
 configuration; ``run.json`` names it under ``generator``)."""
@@ -40,42 +42,62 @@ ROTATION, TARGET, INPUTS, NOISE, SAMPLING = range(5)
 agent's answer noise (one per turn)."""
 
 
-def philox(
-    counter: Sequence[np.ndarray | int], key: Sequence[np.ndarray | int]
-) -> tuple[np.ndarray, ...]:
+def philox(counter: Sequence, key: Sequence) -> tuple:
     """Philox4x32-10 of counters under keys, elementwise (the Random123 definition).
 
     Args:
-        counter: four 32-bit words, arrays (``uint64``, values below ``2^32``) or integers,
-            broadcast against each other and the key.
-        key: two 32-bit words, likewise.
+        counter: four 32-bit words, arrays (numpy ``uint64`` or torch ``int64``, values below
+            ``2^32``) or integers, broadcast against each other and the key.
+        key: two 32-bit words, likewise (at least one array among counter and key gives
+            the kind of the result).
 
     Returns:
-        The four output words, ``uint64`` arrays of values below ``2^32``.
+        The four output words, arrays of values below ``2^32`` (``uint64`` for numpy; for
+        torch ``int64``, whose products wrap modulo ``2^64`` like ``uint64``'s, the high
+        word taken back from the sign by a mask).
     """
-    c0, c1, c2, c3 = (np.asarray(c, dtype=np.uint64) for c in counter)
-    k0, k1 = (int(k) if np.ndim(k) == 0 else np.asarray(k, dtype=np.uint64) for k in key)
+    tensors = [x for x in (*counter, *key) if not (isinstance(x, int) or is_numpy(x))]
+    if not tensors:
+        c0, c1, c2, c3 = (np.asarray(c, dtype=np.uint64) for c in counter)
+        k0, k1 = (int(k) if np.ndim(k) == 0 else np.asarray(k, dtype=np.uint64) for k in key)
+        m0, m1, mask, shift, signed = M0, M1, MASK, SHIFT, False
+    else:
+        c0, c1, c2, c3 = (_tensor(c, tensors[0]) for c in counter)
+        k0, k1 = (_tensor(k, tensors[0]) for k in key)
+        m0, m1, mask, shift, signed = int(M0), int(M1), int(MASK), int(SHIFT), True
     for r in range(ROUNDS):
         if r:
             k0, k1 = _bump(k0, W0), _bump(k1, W1)
-        p0, p1 = c0 * M0, c2 * M1  # 32 x 32 bits: exact in 64
+        p0, p1 = c0 * m0, c2 * m1  # 32 x 32 bits: exact in 64 (modulo 2^64 for int64)
+        h0, h1 = p0 >> shift, p1 >> shift
+        if signed:
+            h0, h1 = h0 & mask, h1 & mask
         c0, c1, c2, c3 = (
-            (p1 >> SHIFT) ^ c1 ^ _word(k0),
-            p1 & MASK,
-            (p0 >> SHIFT) ^ c3 ^ _word(k1),
-            p0 & MASK,
+            h1 ^ c1 ^ _word(k0),
+            p1 & mask,
+            h0 ^ c3 ^ _word(k1),
+            p0 & mask,
         )
     return c0, c1, c2, c3
+
+
+def _tensor(value, like):
+    """A counter or key word as an ``int64`` tensor on ``like``'s device."""
+    import torch
+
+    return torch.as_tensor(value, dtype=torch.int64, device=like.device)
 
 
 def _bump(k, w: int):
     """A key word plus its increment, modulo ``2^32``."""
     if isinstance(k, int):
         return (k + w) & 0xFFFFFFFF
-    return (k + np.uint64(w)) & MASK
+    if is_numpy(k):
+        return (k + np.uint64(w)) & MASK
+    return (k + w) & int(MASK)
 
 
-def _word(k) -> np.ndarray | np.uint64:
+def _word(k):
     return np.uint64(k) if isinstance(k, int) else k
 
 
@@ -123,7 +145,8 @@ def normals(
     stream: int,
     shape: tuple[int, ...],
     turn: int = 0,
-) -> np.ndarray:
+    device=None,
+):
     """Standard normals of every play: ``(B, *shape)``, row ``i`` a function of ``seeds[i]``
     alone (so any batch holding seed ``s`` gives its row bit for bit).
 
@@ -133,6 +156,8 @@ def normals(
         stream: what is drawn (``ROTATION``, ``TARGET``, ``INPUTS``, ``NOISE``, ``SAMPLING``).
         shape: the draws of one play, filled in C order.
         turn: the turn of a per-turn stream (0 otherwise).
+        device: a ``torch.device`` to draw on (the same words; the logarithm, square root,
+            cosine and sine are torch's, within an ulp or so of numpy's); ``None``: numpy.
 
     Returns:
         The normals, float64.
@@ -140,23 +165,43 @@ def normals(
     low, high = seed_key(seeds)
     size = int(np.prod(shape, dtype=np.int64))
     blocks = (size + 1) // 2
-    out = np.empty((len(low), 2 * blocks))
     counter = np.arange(blocks, dtype=np.uint64)[None, :]
-    step = max(1, BLOCK // max(blocks, 1))
+    if device is None:
+        out = np.empty((len(low), 2 * blocks))
+        step = max(1, BLOCK // max(blocks, 1))
+    else:
+        import torch
+
+        out = torch.empty((len(low), 2 * blocks), dtype=torch.float64, device=device)
+        low, high, counter = (
+            torch.as_tensor(x.astype(np.int64), device=device) for x in (low, high, counter)
+        )
+        step = max(1, len(low))  # one pass: a GPU wants the whole batch
+    xp = namespace(out)
     crc = name_word(name)
     for start in range(0, len(low), step):
         rows = slice(start, start + step)
         key = (low[rows, None], high[rows, None])
         x0, x1, x2, x3 = philox((counter, stream, turn, crc), key)
-        u1 = (((x1 << SHIFT) | x0) >> np.uint64(11)).astype(np.float64)
+        # the top 53 bits of (high word << 32 | low word), without leaving 63 bits
+        u1 = _float((x1 << 21) | (x0 >> 11))
         u1 += 1.0
         u1 *= 2.0**-53
-        u2 = (((x3 << SHIFT) | x2) >> np.uint64(11)).astype(np.float64)
+        u2 = _float((x3 << 21) | (x2 >> 11))
         u2 *= 2.0**-53 * 2 * np.pi
-        radius = np.log(u1)
+        radius = xp.log(u1)
         radius *= -2.0
-        np.sqrt(radius, out=radius)
+        radius = xp.sqrt(radius)
         block = out[rows]
-        np.multiply(radius, np.cos(u2), out=block[:, 0::2])
-        np.multiply(radius, np.sin(u2), out=block[:, 1::2])
+        block[:, 0::2] = radius * xp.cos(u2)
+        block[:, 1::2] = radius * xp.sin(u2)
     return out[:, :size].reshape(len(low), *shape)
+
+
+def _float(words):
+    """Integers below ``2^53`` as float64 (exact)."""
+    if is_numpy(words):
+        return words.astype(np.float64)
+    import torch
+
+    return words.to(torch.float64)

@@ -135,3 +135,33 @@ def test_seeds_of_any_form_are_the_same_numbers():
     assert len(philox.as_seeds(range(4, 2))) == 0
     big = philox.as_seeds(range(2**64 - 2, 2**64))
     assert big.dtype == np.uint64 and list(big) == [2**64 - 2, 2**64 - 1]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    counter=st.lists(st.integers(0, 2**32 - 1), min_size=4, max_size=4),
+    key=st.lists(st.integers(0, 2**32 - 1), min_size=2, max_size=2),
+)
+def test_torch_words_are_the_reference_bit_for_bit(counter, key):
+    """On torch (``int64``, products wrapping modulo ``2^64``) the cipher is the same."""
+    torch = pytest.importorskip("torch")
+    out = philox.philox([torch.tensor([c]) for c in counter], [torch.tensor([k]) for k in key])
+    assert all(w.dtype == torch.int64 for w in out)
+    assert [int(w[0]) for w in out] == _reference(counter, key)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seeds=st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=20),
+    name=st.sampled_from(["A", "B", "a long agent name"]),
+    stream=st.integers(0, 4),
+    turn=st.integers(0, 2**32 - 1),
+    shape=st.sampled_from([(1,), (5,), (3, 4), (20, 10)]),
+)
+def test_normals_on_torch_are_numpys_within_rounding(seeds, name, stream, turn, shape):
+    """The same uniforms; torch's log, sqrt, cos and sin against numpy's: an ulp or two."""
+    torch = pytest.importorskip("torch")
+    drawn = philox.normals(seeds, name, stream, shape, turn=turn, device=torch.device("cpu"))
+    assert drawn.dtype == torch.float64 and drawn.shape == (len(seeds), *shape)
+    expected = philox.normals(seeds, name, stream, shape, turn=turn)
+    np.testing.assert_allclose(drawn.numpy(), expected, rtol=1e-14, atol=1e-15)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from misalign.model.agent import Agent, Turn
+from misalign.runtime import device
 from misalign.runtime.progress import progress_bar
 
 DIVERGED = 1e100
@@ -205,7 +206,8 @@ def play(
         agents: every agent named in the schedule.
         schedule: turn order and who reads whom.
         rounds: number of rounds.
-        start: every agent's initial output, shape ``(B, d)``.
+        start: every agent's initial output, shape ``(B, d)``: a numpy array, or a torch
+            tensor for agents whose maps are tensors on its device (the play then runs there).
         progress: show a progress bar on stderr.
         record: keep every turn's output; otherwise only the last round's (two rounds'
             outputs are held at any time: agents that read earlier turns, ``Turn.past``,
@@ -221,8 +223,8 @@ def play(
     per_round = len(schedule.turns)
     kept = rounds if record else min(rounds, 2)
     try:
-        turns = np.empty((kept * per_round, batch, d))
-    except (MemoryError, ValueError):
+        turns = device.empty((kept * per_round, batch, d), start)
+    except (MemoryError, ValueError, RuntimeError):  # torch: RuntimeError, out of memory
         size = kept * per_round * batch * d * 8 / 2**30
         raise MemoryError(f"recording {kept} rounds needs {size:.3g} GiB") from None
     last = dict.fromkeys(schedule.agents, start)
@@ -231,8 +233,8 @@ def play(
     # (a turn writes a new row); weighted reads are mixed at once, one product per round
     simultaneous, weights = schedule.simultaneous, None
     if simultaneous and schedule.weighted:
-        weights = _weights(schedule)
-    diverged_at = np.full(batch, -1)
+        weights = device.on(_weights(schedule), start)
+    diverged_at = device.full((batch,), -1, start, "int64")
     for name in schedule.agents:
         agents[name].start(batch)
     bar = progress_bar(rounds, "play") if progress else None
@@ -264,7 +266,7 @@ def play(
             if on_round is not None:
                 on_round(t, last)
             if not (block.max() <= DIVERGED and block.min() >= -DIVERGED):  # NaN fails too
-                bad = ~(np.abs(block) <= DIVERGED).all(axis=(0, 2))
+                bad = ~(abs(block) <= DIVERGED).all(-1).all(0)
                 diverged_at[bad & (diverged_at < 0)] = t
                 if (diverged_at >= 0).all():
                     break

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from misalign.model.philox import INPUTS, NOISE, ROTATION, TARGET, as_seeds, normals
+from misalign.runtime.device import broadcast, namespace, on
 
 
 @dataclass(frozen=True)
@@ -49,12 +50,12 @@ class Prompt:
     @property
     def second_moment(self) -> np.ndarray:
         """``S = X^T X / n`` (docs/theory.md §1)."""
-        return np.swapaxes(self.X, -1, -2) @ self.X / self.n
+        return self.X.swapaxes(-1, -2) @ self.X / self.n
 
     @property
     def moment(self) -> np.ndarray:
         """``X^T y / n``, so that ``b = Gamma X^T y / n``."""
-        return (np.swapaxes(self.X, -1, -2) @ self.y[..., None])[..., 0] / self.n
+        return (self.X.swapaxes(-1, -2) @ self.y[..., None])[..., 0] / self.n
 
     def least_squares(self) -> np.ndarray:
         """The prompt's own solution ``pinv(X) y``: ``w*`` when the labels are noise-free
@@ -129,6 +130,7 @@ def sample_prompts(
     rotate: bool = False,
     target: np.ndarray | None = None,
     noise: float | np.ndarray = 0.0,
+    device=None,
 ) -> Prompt:
     """Draw the prompts of a batch of plays, each from its own seed's numbers
     (``sample_prompt`` for each play, bit for bit).
@@ -142,6 +144,8 @@ def sample_prompts(
         rotate: rotate every play's eigenbasis by its own Haar-random rotation.
         target: ``w*``, ``(d,)`` or one row per play; each play samples its own when ``None``.
         noise: standard deviation of the label noise, one or one per play.
+        device: a ``torch.device`` to draw and hold the prompts on (float64 tensors, equal
+            to numpy's within rounding); ``None``: numpy.
 
     Returns:
         The prompts, as one ``Prompt`` whose arrays carry a leading batch axis.
@@ -153,26 +157,34 @@ def sample_prompts(
     spectrum = np.broadcast_to(spectrum, (batch, d))
     noise = np.broadcast_to(np.asarray(noise, dtype=float), (batch,))
     noisy = np.flatnonzero(noise > 0)
-    rotation = haar_rotations(normals(seeds, name, ROTATION, (d, d))) if rotate else None
+    X = normals(seeds, name, INPUTS, (n, d), device=device)
+    rotation = None
+    if rotate:
+        rotation = haar_rotations(normals(seeds, name, ROTATION, (d, d), device=device))
     if target is None:
-        target = normals(seeds, name, TARGET, (d,))
-    target = np.asarray(target, dtype=float)
-    if target.shape != (batch, d):
-        target = np.array(np.broadcast_to(target, (batch, d)), order="C")
-    X = normals(seeds, name, INPUTS, (n, d))
-    X *= np.sqrt(spectrum)[:, None, :]
+        target = normals(seeds, name, TARGET, (d,), device=device)
+    else:
+        target = np.asarray(target, dtype=float)
+        if target.shape != (batch, d):
+            target = np.array(np.broadcast_to(target, (batch, d)), order="C")
+        target = on(target, X)
+    X *= on(np.sqrt(spectrum)[:, None, :], X)
     if rotation is not None:  # without, X @ I: the same numbers
-        X = X @ rotation.transpose(0, 2, 1)
+        X = X @ rotation.swapaxes(1, 2)
     y = (X @ target[..., None])[..., 0]
     if len(noisy):
-        y[noisy] += noise[noisy, None] * normals(seeds[noisy], name, NOISE, (n,))
+        draws = normals(seeds[noisy], name, NOISE, (n,), device=device)
+        rows = on(noisy, X)
+        y[rows] += on(noise[noisy, None], X) * draws
     if rotation is None and shared and batch > 1:  # (I * spectrum) @ I^T: one for all plays
-        covariance = np.broadcast_to(np.diag(spectrum[0]), (batch, d, d))
+        covariance = broadcast(np.diag(spectrum[0]), (batch, d, d), X)
     elif rotation is None:
         covariance = np.zeros((batch, d, d))
         covariance[:, np.arange(d), np.arange(d)] = spectrum
+        covariance = on(covariance, X)
     else:
-        covariance = (rotation * spectrum[:, None, :]) @ rotation.transpose(0, 2, 1)
+        spread = on(spectrum[:, None, :], X)
+        covariance = (rotation * spread) @ rotation.swapaxes(1, 2)
     return Prompt(X=X, y=y, target=target, covariance=covariance)
 
 
@@ -188,8 +200,9 @@ def haar_rotations(gaussian: np.ndarray) -> np.ndarray:
     matrices from the classical compact groups"), then one column flipped where ``det = -1``.
     Same law as ``scipy.stats.special_ortho_group``, without the half-second import of
     ``scipy.stats``."""
-    q, r = np.linalg.qr(gaussian)
-    q = q * np.sign(np.diagonal(r, axis1=-2, axis2=-1))[:, None, :]
-    flip = np.linalg.det(q) < 0
+    xp = namespace(gaussian)
+    q, r = xp.linalg.qr(gaussian)
+    q = q * xp.sign(xp.diagonal(r, 0, -2, -1))[:, None, :]
+    flip = xp.linalg.det(q) < 0
     q[flip, :, 0] = -q[flip, :, 0]
     return q

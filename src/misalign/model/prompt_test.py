@@ -170,3 +170,36 @@ def test_haar_rotation_is_the_former_one():
             if np.linalg.det(R) < 0:
                 R[:, 0] = -R[:, 0]
             assert np.array_equal(haar_rotation(np.random.default_rng(seed), d), R)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    d=st.integers(1, 12),
+    n=st.integers(1, 30),
+    rotate=st.booleans(),
+    noise=st.sampled_from([0.0, 0.3]),
+    given_target=st.booleans(),
+    skewed=st.booleans(),
+    first=st.integers(0, 2**64 - 40),
+)
+def test_prompts_on_torch_are_numpys_within_rounding(
+    d, n, rotate, noise, given_target, skewed, first
+):
+    """``sample_prompts(..., device=cpu)`` (torch) against numpy: every array of 30 plays,
+    some noisy and some not, within ``1e-12`` of its scale."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(d * 100 + n)
+    kw = {
+        "spectrum": rng.uniform(0.2, 3.0, d) if skewed else None,
+        "rotate": rotate,
+        "target": rng.standard_normal(d) if given_target else None,
+        "noise": np.where(np.arange(30) % 3 == 0, noise, 0.0),
+    }
+    seeds = range(first, first + 30)
+    on = sample_prompts(seeds, "A", d, n, device=torch.device("cpu"), **kw)
+    expected = sample_prompts(seeds, "A", d, n, **kw)
+    for key in ("X", "y", "target", "covariance", "second_moment", "moment"):
+        got, want = getattr(on, key), getattr(expected, key)
+        assert isinstance(got, torch.Tensor) and got.dtype == torch.float64, key
+        scale = max(1.0, float(np.abs(want).max()))
+        np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-12 * scale, err_msg=key)

@@ -39,7 +39,9 @@ def batch(game: Game, prediction: Prediction, trajectory: Trajectory) -> dict[st
     return batch_report(measured(game, prediction, trajectory), game.seeds)
 
 
-def batch_report(m: Measured, seeds: np.ndarray, record: str | None = None) -> dict[str, Any]:
+def batch_report(
+    m: Measured, seeds: np.ndarray, record: str | None = None, device: str = "numpy"
+) -> dict[str, Any]:
     """The batch of ``run --seeds`` as one story: which plays converge and which diverge, the
     spread of ``rho`` over seeds, and per agent with a target its final and predicted
     distance over the converging plays, robustly (median and 10-90% quantiles) and as mean
@@ -49,12 +51,14 @@ def batch_report(m: Measured, seeds: np.ndarray, record: str | None = None) -> d
     stayed finite; every other play is listed in ``diverging_seeds``. ``observed`` is what the
     plays did, judged from their outputs alone (``misalign.model.observe``): ``counts`` of plays
     per class and ``periods`` (cycles per period). ``record``: what the run kept of each
-    play's outputs (``null`` when every output was kept).
+    play's outputs (``null`` when every output was kept); ``device``: where the plays ran
+    (``numpy``, or the torch device of ``run --device``).
 
     Args:
         m: the batch's measurements.
         seeds: the plays' seeds.
         record: the run's ``--record`` mode.
+        device: ``numpy``, or a torch device's name.
 
     Returns:
         The JSON-ready summary (per-play lists as numpy arrays; ``to_json`` writes them).
@@ -89,6 +93,7 @@ def batch_report(m: Measured, seeds: np.ndarray, record: str | None = None) -> d
         "spread": _spread(m, ok),
         "observed": m.observed().counts(),
         "record": record,
+        "device": device,
     }
 
 

@@ -49,6 +49,9 @@ KEPT_BYTES = 512 * 2**20
 """``every K`` by default while the kept distances fit in this (else ``last``)."""
 CHUNK = 16384
 """Plays set up, played and measured together without ``--record all``."""
+DEVICE_CHUNK = 65536
+"""The same on a device (``--device``): larger, so that each of the play's products fills
+a GPU, and small enough that a chunk per CPU core fits in its memory."""
 REPLAYED = 64 * 2**20
 """A chunk replays its unsettled plays, recorded, in groups whose outputs fit in this."""
 FLOAT = 8
@@ -100,8 +103,11 @@ def streamable(config: PlayConfig) -> str | None:
     return None
 
 
-def choose(config: PlayConfig, plays: int, asked: Record | None = None) -> Record:
-    """The record of a batch of ``plays`` plays: ``asked``, checked, or chosen by size.
+def choose(
+    config: PlayConfig, plays: int, asked: Record | None = None, streamed: bool = False
+) -> Record:
+    """The record of a batch of ``plays`` plays: ``asked``, checked, or chosen by size
+    (``streamed``: never ``all`` unless the plays need it, as on a device).
 
     Raises:
         ConfigError: ``asked`` keeps less than every output of plays that need them all.
@@ -112,7 +118,8 @@ def choose(config: PlayConfig, plays: int, asked: Record | None = None) -> Recor
     if asked is not None:
         return asked
     outputs = plays * _outputs(config)
-    if why is not None or plays == 1 or outputs <= min(ALL_BYTES, available_memory() / 4):
+    small = outputs <= min(ALL_BYTES, available_memory() / 4) and not streamed
+    if why is not None or plays == 1 or small:
         return Record("all")
     targeted = len([a for a in config.agents.values() if not isinstance(a, HelperAgentConfig)])
     most = KEPT_BYTES // (plays * targeted * 4)  # rounds whose distances fit
@@ -132,6 +139,7 @@ class Streamed:
         measured: every play's measurements beside its prediction.
         seeds: the plays' seeds.
         workers: the threads that ran the chunks.
+        device: where the chunks played: ``numpy``, or a torch device (``cuda:0``...).
     """
 
     first: Game
@@ -139,6 +147,7 @@ class Streamed:
     measured: Measured
     seeds: np.ndarray
     workers: int
+    device: str = "numpy"
 
 
 def stream(
@@ -148,6 +157,7 @@ def stream(
     progress: bool = False,
     phases: dict[str, float] | None = None,
     workers: int | None = None,
+    device=None,
 ) -> Streamed:
     """Set up, predict, play and measure ``config`` over ``seeds`` in chunks of ``CHUNK``
     plays, keeping only the measurements (``record`` not ``all``).
@@ -166,6 +176,11 @@ def stream(
             summed over the workers, are added here when given.
         workers: threads, at most one a chunk (default: every core, as many chunks as the
             memory holds).
+        device: a ``torch.device`` (``misalign.runtime.device.resolve``) on which each chunk
+            of ``DEVICE_CHUNK`` plays is set up, played and measured, as float64 tensors
+            equal to numpy's within rounding; its prediction is numpy's, on the CPU thread,
+            from the maps copied back; the report's play and the replays stay on numpy.
+            ``None``: numpy throughout.
 
     Returns:
         The measurements, and the first play set up alone.
@@ -175,8 +190,12 @@ def stream(
             once.
     """
     what = f"a batch of {plural(len(seeds), 'play', spec=',')}"
-    workers = min(workers or threads(config, len(seeds), record), max(1, _chunks(len(seeds))))
-    require(footprint(config, len(seeds), record, workers), what)
+    size = CHUNK if device is None else DEVICE_CHUNK
+    most = max(1, _chunks(len(seeds), size))
+    workers = min(workers or threads(config, len(seeds), record, size), most)
+    require(footprint(config, len(seeds), record, workers, size), what)
+    if device is not None:
+        _on_device(config, size, workers, device)
     first = setup(config, seeds=list(seeds[:1]))
     prediction = predict(first)
     names = first.schedule.agents
@@ -191,13 +210,13 @@ def stream(
     stop = threading.Event()
 
     def one(start: int) -> tuple[int, int, dict[str, float]]:
-        plays = slice(start, min(start + CHUNK, len(seeds)))
-        played, spent = _chunk(config, seeds[plays], plays, measured, stop)
+        plays = slice(start, min(start + size, len(seeds)))
+        played, spent = _chunk(config, seeds[plays], plays, measured, stop, device)
         return plays.stop - plays.start, played, spent
 
     pool = ThreadPoolExecutor(workers, thread_name_prefix="misalign-chunk")
     try:
-        starts = range(0, len(seeds), CHUNK)
+        starts = range(0, len(seeds), size)
         for done in as_completed([pool.submit(one, start) for start in starts]):
             size, played, spent = done.result()
             measured.rounds = max(measured.rounds, played)  # a chunk of diverged plays stops
@@ -213,22 +232,27 @@ def stream(
         pool.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.stop()
-    return Streamed(first, prediction, measured, seeds, workers)
+    where = "numpy" if device is None else str(device)
+    return Streamed(first, prediction, measured, seeds, workers, where)
 
 
-def footprint(config: PlayConfig, plays: int, record: Record, workers: int = 1) -> dict[str, float]:
+def footprint(
+    config: PlayConfig, plays: int, record: Record, workers: int = 1, chunk: int | None = None
+) -> dict[str, float]:
     """Estimated peak memory of ``stream``, in bytes, keyed by the setting that drives each
     part: per play its measurements (``seeds``: eleven numbers, three more per agent, and the
     JSON's per-play lists), the kept distances and each running chunk's replayed plays
-    (``rounds``), one chunk's set-up and play (``misalign.api.footprint`` of ``CHUNK`` plays,
+    (``rounds``), one chunk's set-up and play (``misalign.api.footprint`` of a chunk's plays,
     one round kept) and those of the other chunks that run at once (``--workers``: at most
-    one a chunk)."""
+    one a chunk). ``chunk``: plays per chunk (``DEVICE_CHUNK`` on a device, where the chunk's
+    maps and prediction still come to the CPU)."""
     agents = len(config.agents)
     kept = len(recorded_rounds(config.rounds, record.every)) * plays * agents * 4
-    chunk = footprint_of(config.model_copy(update={"rounds": 2}), min(plays, CHUNK))
+    size = CHUNK if chunk is None else chunk
+    chunk = footprint_of(config.model_copy(update={"rounds": 2}), min(plays, size))
     chunk.pop("rounds", None)
-    more = min(workers, _chunks(plays)) - 1  # chunks at once besides the first
-    replayed = min(REPLAYED, min(plays, CHUNK) * _outputs(config))
+    more = min(workers, _chunks(plays, size)) - 1  # chunks at once besides the first
+    replayed = min(REPLAYED, min(plays, size) * _outputs(config))
     return {
         "seeds": plays * (11 + 3 * agents) * FLOAT + plays * (2 + 2 * agents) * JSON_FLOAT,
         "rounds": kept + (more + 1) * replayed,
@@ -237,14 +261,32 @@ def footprint(config: PlayConfig, plays: int, record: Record, workers: int = 1) 
     }
 
 
-def threads(config: PlayConfig, plays: int, record: Record) -> int:
-    """``stream``'s threads by default: every core, at most one a chunk, and no more chunks at
-    once than fit in memory beside the batch's measurements (at least one: ``require`` then
-    refuses a batch whose one chunk does not fit)."""
-    one = sum(footprint(config, plays, record, 1).values())
-    each = sum(footprint(config, plays, record, 2).values()) - one
+def threads(config: PlayConfig, plays: int, record: Record, chunk: int | None = None) -> int:
+    """``stream``'s threads by default: every core, at most one a chunk of ``chunk`` plays,
+    and no more chunks at once than fit in memory beside the batch's measurements (at least
+    one: ``require`` then refuses a batch whose one chunk does not fit)."""
+    one = sum(footprint(config, plays, record, 1, chunk).values())
+    each = sum(footprint(config, plays, record, 2, chunk).values()) - one
     fitting = int((available_memory() * USABLE - one) // max(each, 1)) + 1
-    return max(1, min(cores(), _chunks(plays), fitting))
+    return max(1, min(cores(), _chunks(plays, CHUNK if chunk is None else chunk), fitting))
+
+
+def _on_device(config: PlayConfig, chunk: int, workers: int, device) -> None:
+    """Refuse, in one line, chunks that do not fit on a GPU at once (its free memory, as
+    torch reports it, against ``misalign.api.footprint`` of each chunk: prompts, maps and
+    two rounds)."""
+    if device.type != "cuda":
+        return
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(device)
+    one = sum(footprint_of(config.model_copy(update={"rounds": 2}), chunk).values())
+    if workers * one > free * USABLE:
+        raise ConfigError(
+            f"--device {device}: {workers} chunks of {chunk} plays at once need "
+            f"{workers * one / 2**30:.3g} GiB of its {free / 2**30:.3g} GiB free; "
+            "use fewer --workers"
+        )
 
 
 def _outputs(config: PlayConfig) -> int:
@@ -252,9 +294,10 @@ def _outputs(config: PlayConfig) -> int:
     return config.rounds * len(config.order) * config.d * FLOAT
 
 
-def _chunks(plays: int) -> int:
-    """How many chunks of ``CHUNK`` plays a batch of ``plays`` plays runs in."""
-    return -(-plays // CHUNK)
+def _chunks(plays: int, chunk: int | None = None) -> int:
+    """How many chunks of ``chunk`` plays (default ``CHUNK``) a batch of ``plays`` plays runs
+    in."""
+    return -(-plays // (CHUNK if chunk is None else chunk))
 
 
 class Stopped(Exception):
@@ -262,11 +305,16 @@ class Stopped(Exception):
 
 
 def _chunk(
-    config: PlayConfig, seeds: np.ndarray, plays: slice, measured: Measured, stop: threading.Event
+    config: PlayConfig,
+    seeds: np.ndarray,
+    plays: slice,
+    measured: Measured,
+    stop: threading.Event,
+    device=None,
 ) -> tuple[int, dict[str, float]]:
     """One chunk: set up, predict, play without recording, reduce, and classify the plays
-    that did not settle from a recorded replay of them alone; ``stop`` set ends it at the
-    next round (``Stopped``).
+    that did not settle from a recorded replay of them alone (on numpy); ``stop`` set ends it
+    at the next round (``Stopped``); ``device``: set up, play and reduce there.
 
     Returns:
         The rounds it played (fewer than asked when all its plays diverged), and the seconds
@@ -281,7 +329,8 @@ def _chunk(
         phases[phase] = now - clock
         clock = now
 
-    game = setup(config.model_copy(update={"rounds": 2}), seeds=seeds)  # sized unrecorded
+    sized = config.model_copy(update={"rounds": 2})  # sized unrecorded
+    game = setup(sized, seeds=seeds, device=device)
     lap("setup")
     prediction = predict(game)
     measured.predicted(plays, prediction)

@@ -222,3 +222,87 @@ def test_the_summary_says_how_the_batch_ran(tmp_path):
     )
     assert done.exit_code == 0, done.stderr
     assert "record every 5: the plays ran in chunks on 1 thread, measured" in done.stdout
+
+
+def _close(got, want, path="batch"):
+    """``got`` is ``want`` with every number within ``1e-12`` of its scale (``max(1, |x|)``),
+    every count, flag and text the same."""
+    if isinstance(want, dict):
+        assert sorted(got) == sorted(want), path
+        for key in want:
+            _close(got[key], want[key], f"{path}.{key}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), path
+        for k, (a, b) in enumerate(zip(got, want, strict=True)):
+            _close(a, b, f"{path}[{k}]")
+    elif isinstance(want, float) and not isinstance(got, bool):
+        assert isinstance(got, float | int), path
+        same = got == want or (np.isnan(got) and np.isnan(want))
+        assert same or abs(got - want) <= 1e-12 * max(1.0, abs(want)), (path, got, want)
+    else:
+        assert got == want, path
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("record", [Record("every", 3), Record("last", 0)])
+@pytest.mark.parametrize("workers", [1, 3])
+def test_a_batch_on_torch_is_the_batch_on_numpy(name, record, workers, monkeypatch):
+    """``stream(..., device=cpu)`` (set up, played and measured with torch) in chunks of 7
+    plays on one thread or three: the batch summary of numpy's, every number within
+    ``1e-12`` of its scale and every count the same (the single-precision distances kept
+    per round within a float32 rounding)."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(batch_, "DEVICE_CHUNK", 7)
+    config = parse_config({"rounds": 60, "seed": 3, **CONFIGS[name]})
+    seeds = range(3, 33)
+    want = stream(config, seeds, record)
+    got = stream(config, seeds, record, workers=workers, device=torch.device("cpu"))
+    assert (got.device, got.workers, want.device) == ("cpu", workers, "numpy")
+    for name_, kept in want.measured.distance.items():
+        np.testing.assert_allclose(got.measured.distance[name_], kept, rtol=2**-23, atol=0)
+    report = json.loads(to_json(batch_report(got.measured, got.seeds, str(record))))
+    _close(report, json.loads(to_json(batch_report(want.measured, want.seeds, str(record)))))
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--device", "cpu"], "--device applies to a batch (--seeds N with N > 1)"),
+        (["--seeds", "3", "--record", "all", "--device", "cpu"], "--device applies to a batch"),
+        (["--seeds", "3", "--device", "tpu"], "--device 'tpu': not a device"),
+    ],
+)
+def test_a_device_that_cannot_apply_is_one_line(tmp_path, args, message):
+    pytest.importorskip("torch")
+    done = _run(tmp_path, str(EXAMPLES / "two_agents.toml"), *args)
+    assert done.exit_code == 2 and not (tmp_path / "out").exists()
+    assert done.stderr.count("\n") == 1 and message in done.stderr
+
+
+@pytest.mark.parametrize(
+    "example,message",
+    [
+        ("attack.toml", "--device: an attack; such plays are recorded whole, on numpy"),
+        ("helper.toml", "--device: agents.H is a helper; such plays are recorded whole"),
+    ],
+)
+def test_plays_a_device_cannot_play_are_one_line(tmp_path, example, message):
+    pytest.importorskip("torch")
+    done = _run(tmp_path, str(EXAMPLES / example), "--seeds", "3", "--device", "cpu")
+    assert done.exit_code == 2 and done.stderr.count("\n") == 1 and message in done.stderr
+
+
+def test_the_command_on_torch_reports_numpys_numbers(tmp_path):
+    """``run --seeds 40 --device cpu``: the run's JSON is numpy's within ``1e-12``, the
+    batch names the device, and the summary says torch played it."""
+    pytest.importorskip("torch")
+    config = str(EXAMPLES / "two_agents.toml")
+    args = ["--seeds", "40", "--record", "every 5"]
+    on = _run(tmp_path / "torch", config, *args, "--device", "cpu")
+    assert on.exit_code == 0, on.stderr
+    numpy_ = _run(tmp_path / "numpy", config, *args)
+    got, want = json.loads(on.stdout), json.loads(numpy_.stdout)
+    assert got["batch"].pop("device") == "cpu" and want["batch"].pop("device") == "numpy"
+    _close(got, want, "run")
+    summary = runner.invoke(app, ["run", config, *args, "--device", "cpu", "--out", str(tmp_path)])
+    assert "ran in chunks on 1 thread with torch on cpu" in summary.stdout

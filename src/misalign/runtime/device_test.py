@@ -1,0 +1,67 @@
+"""Tests for misalign.runtime.device: ``--device`` resolved or refused in one line, and the
+helpers that give numpy and torch arrays of one kind and device."""
+
+import numpy as np
+import pytest
+
+from misalign.runtime import device
+from misalign.runtime.errors import ConfigError
+
+torch = pytest.importorskip("torch")
+
+
+def test_no_device_is_numpy_and_cpu_is_torch_on_the_cpu():
+    assert device.resolve(None) is None
+    assert device.resolve("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("tpu", "--device 'tpu': not a device"),
+        ("gpu:x", "--device 'gpu:x': not a device"),
+        ("meta", "--device 'meta': the plays run on cuda or cpu"),
+    ],
+)
+def test_what_is_not_a_device_is_one_line(name, message):
+    with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(")) as error:
+        device.resolve(name)
+    assert "\n" not in str(error.value)
+
+
+def test_a_gpu_torch_does_not_see_is_one_line():
+    if torch.cuda.is_available():
+        assert device.resolve("cuda").type == "cuda"
+        with pytest.raises(ConfigError, match="torch sees"):
+            device.resolve(f"cuda:{torch.cuda.device_count()}")
+    else:
+        with pytest.raises(ConfigError, match="^--device cuda: torch sees no GPU"):
+            device.resolve("cuda")
+
+
+def test_missing_torch_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch then fails
+    with pytest.raises(ConfigError, match=r"--device cpu needs torch.*misalign\[train\]"):
+        device.resolve("cpu")
+
+
+@pytest.mark.parametrize("like", [np.zeros(2), torch.zeros(2, dtype=torch.float64)])
+def test_helpers_keep_the_kind_and_device_of_what_they_are_given(like):
+    kind = np.ndarray if isinstance(like, np.ndarray) else torch.Tensor
+    assert device.is_numpy(like) == (kind is np.ndarray)
+    assert device.namespace(like) is (np if kind is np.ndarray else torch)
+    for made in (
+        device.on(np.arange(3.0), like),
+        device.empty((2, 3), like),
+        device.full((2,), -1, like, "int64"),
+        device.eye(3, like),
+        device.broadcast(np.eye(2), (4, 2, 2), like),
+    ):
+        assert isinstance(made, kind)
+    assert device.full((2,), -1, like, "int64").tolist() == [-1, -1]
+    assert np.array_equal(device.host(device.eye(3, like)), np.eye(3))
+    spread = device.broadcast(np.eye(2), (4, 2, 2), like)
+    assert device.shared(spread) and not device.shared(device.empty((4, 2, 2), like))
+    assert np.array_equal(device.host(spread), np.broadcast_to(np.eye(2), (4, 2, 2)))
