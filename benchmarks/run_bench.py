@@ -12,6 +12,11 @@ taken.
 
     python benchmarks/run_bench.py                # the three sizes below
     python benchmarks/run_bench.py --seeds 100000 --config examples/two_agents.toml
+    python benchmarks/run_bench.py --device cuda --seeds 10000000 --config benchmarks/large.toml
+
+With ``--device``, the command runs with ``--device`` (torch, float64) and the floor is the
+bare loop of the same maps as torch tensors on that device (``bmm``, the play's product
+there), built in the run's chunks and as one batch where it fits, the faster taken.
 
 Sizes by default: 10^4 and 10^5 plays of ``examples/two_agents.toml`` (300 rounds, d = 4) and
 10^6 plays of ``benchmarks/large.toml`` (100 rounds, d = 10), each with the record ``run``
@@ -38,6 +43,7 @@ from misalign.api import setup
 from misalign.outputs.batch import batch_report, measured
 from misalign.outputs.plot import plot_measured
 from misalign.outputs.report import report, to_json
+from misalign.runtime.device import resolve
 from misalign.workflows import batch as batch_
 from misalign.workflows.batch import choose, stream, threads
 
@@ -52,26 +58,39 @@ SIZES = [
 def bare_loop(game, rounds: int) -> float:
     """Seconds of the bare loop of the game's turn maps: one product and one add per turn, by
     the play's own kernel (``AffineMap.__call__``: ``einsum`` up to ``d = 16``, the fastest of
-    numpy's batched products there, ``matmul`` above)."""
+    numpy's batched products there, ``matmul`` above; ``bmm`` on a torch device, waited
+    for)."""
     maps = [game.agents[name].affine() for name, _ in game.schedule.turns]
     last = {name: game.start for name in game.schedule.agents}
+    _wait(game.start)
     started = time.perf_counter()
     for _ in range(rounds):
         for (name, reads), f in zip(game.schedule.turns, maps, strict=True):
             last[name] = f(last[reads])
+    _wait(game.start)
     return time.perf_counter() - started
 
 
-def floor(config, seeds: range) -> float:
+def _wait(x) -> None:
+    """Wait for a GPU's queued work (nothing for numpy or torch on the CPU)."""
+    if not isinstance(x, np.ndarray) and x.device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(x.device)
+
+
+def floor(config, seeds: range, device=None) -> float:
     """The floor on one thread: the bare loop over the whole batch (when its maps fit in
-    1 GiB) and in the run's chunks; the faster."""
+    1 GiB, 8 GiB on a device) and in the run's chunks; the faster."""
+    size = batch_.CHUNK if device is None else batch_.DEVICE_CHUNK
     chunked = sum(
-        bare_loop(setup(config, seeds=seeds[k : k + batch_.CHUNK]), config.rounds)
-        for k in range(0, len(seeds), batch_.CHUNK)
+        bare_loop(setup(config, seeds=seeds[k : k + size], device=device), config.rounds)
+        for k in range(0, len(seeds), size)
     )
-    if len(seeds) * len(config.order) * config.d * (config.d + 1) * 8 > 2**30:
+    fits = 2**30 if device is None else 2**33
+    if len(seeds) * len(config.order) * config.d * (config.d + 1) * 8 > fits:
         return chunked
-    return min(chunked, bare_loop(setup(config, seeds=seeds), config.rounds))
+    return min(chunked, bare_loop(setup(config, seeds=seeds, device=device), config.rounds))
 
 
 def threaded_floor(config, seeds: range, workers: int) -> float:
@@ -90,10 +109,11 @@ def threaded_floor(config, seeds: range, workers: int) -> float:
     return total
 
 
-def end_to_end(config_path: Path, seeds: int, out: str) -> tuple[float, float]:
+def end_to_end(config_path: Path, seeds: int, out: str, device=None) -> tuple[float, float]:
     """The real command in a child process: seconds, and its peak resident memory in GiB."""
     command = [sys.executable, "-m", "misalign.cli", "run", str(config_path)]
     command += ["--seeds", str(seeds), "--out", out]
+    command += [] if device is None else ["--device", str(device)]
     started = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(child.pid, 0)
@@ -103,9 +123,9 @@ def end_to_end(config_path: Path, seeds: int, out: str) -> tuple[float, float]:
     return seconds, usage.ru_maxrss * 1024 / 2**30
 
 
-def phases(config, seeds: range, out: Path) -> dict[str, float]:
+def phases(config, seeds: range, out: Path, device=None) -> dict[str, float]:
     """Seconds per phase in-process, as ``run`` does them for this size's record."""
-    record = choose(config, len(seeds))
+    record = choose(config, len(seeds), streamed=device is not None)
     times: dict[str, float] = {}
     if record.mode == "all":
         from misalign.api import predict, simulate
@@ -127,7 +147,7 @@ def phases(config, seeds: range, out: Path) -> dict[str, float]:
     else:
         from misalign.api import simulate
 
-        streamed = stream(config, seeds, record, phases=times)
+        streamed = stream(config, seeds, record, phases=times, device=device)
         m = streamed.measured
         clock = time.perf_counter()
         result = report(streamed.first, streamed.prediction, simulate(streamed.first))
@@ -141,17 +161,20 @@ def phases(config, seeds: range, out: Path) -> dict[str, float]:
     return times
 
 
-def measure_size(config_path: Path, seeds: int) -> dict:
+def measure_size(config_path: Path, seeds: int, device=None) -> dict:
     config = load_config(config_path)
     span = range(config.seed, config.seed + seeds)
-    record = choose(config, seeds)
-    workers = 1 if record.mode == "all" else threads(config, seeds, record)
+    record = choose(config, seeds, streamed=device is not None)
+    chunk = batch_.CHUNK if device is None else batch_.DEVICE_CHUNK
+    workers = 1 if record.mode == "all" else threads(config, seeds, record, chunk)
     with tempfile.TemporaryDirectory() as out:
-        seconds, peak = end_to_end(config_path, seeds, out)
-        one_thread = floor(config, span)
-        t_floor = one_thread if workers == 1 else threaded_floor(config, span, workers)
-        inside = phases(config, span, Path(out))
+        seconds, peak = end_to_end(config_path, seeds, out, device)
+        one_thread = floor(config, span, device)
+        threaded = workers > 1 and device is None  # a GPU's loop gains nothing from threads
+        t_floor = threaded_floor(config, span, workers) if threaded else one_thread
+        inside = phases(config, span, Path(out), device)
     return {
+        "device": "numpy" if device is None else str(device),
         "config": config_path.name,
         "seeds": seeds,
         "rounds": config.rounds,
@@ -172,10 +195,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path)
     parser.add_argument("--seeds", type=int)
+    parser.add_argument("--device", help="cuda, cuda:K or cpu: run --device, against torch")
     args = parser.parse_args(argv)
     sizes = SIZES if args.seeds is None else [(args.config or SIZES[0][0], args.seeds)]
-    results = [measure_size(path, seeds) for path, seeds in sizes]
+    device = resolve(args.device)
+    results = [measure_size(path, seeds, device) for path, seeds in sizes]
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    if device is not None and device.type == "cuda":
+        import torch
+
+        machine += f", {torch.cuda.get_device_name(device)}"
     print(json.dumps({"machine": machine, "date": time.strftime("%Y-%m-%d"), "runs": results}))
     for r in results:
         share = ", ".join(
@@ -184,7 +213,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if k.endswith("_s") and k[:-2] not in ("end_to_end", "floor", "floor_one_thread")
         )
         print(
-            f"{r['config']} --seeds {r['seeds']} (record {r['record']}, {r['threads']} "
+            f"{r['config']} --seeds {r['seeds']} on {r['device']} (record {r['record']}, "
+            f"{r['threads']} "
             f"thread(s)): {r['end_to_end_s']:.1f} s end to end, "
             f"{r['end_to_end_over_floor']:.2f}x the bare loop on as many threads "
             f"({r['floor_s']:.2f} s; {r['end_to_end_over_one_thread_floor']:.2f}x the loop on one, "

@@ -19,3 +19,15 @@ def test_end_to_end_benchmark_runs_at_small_size(monkeypatch):
         assert result["end_to_end_s"] > result["play_s"] > 0 and result["floor_s"] > 0
         assert result["floor_one_thread_s"] > 0
         assert 0 < result["peak_gib"] < 4
+
+
+def test_the_benchmark_on_a_torch_device_runs_the_command_with_it(monkeypatch):
+    """``--device cpu``: the command with ``--device cpu`` (streamed even when small) against
+    the bare loop of the same maps as torch tensors."""
+    import pytest
+
+    pytest.importorskip("torch")
+    monkeypatch.setattr(batch, "DEVICE_CHUNK", 8)
+    (result,) = main(["--seeds", "20", "--device", "cpu"])
+    assert result["device"] == "cpu" and result["record"].startswith("every")
+    assert result["end_to_end_s"] > result["play_s"] > 0 and result["floor_s"] > 0
