@@ -170,6 +170,7 @@ class Measure:
         self.column = {int(r) - 1: k for k, r in enumerate(into.recorded)}
         self.last_far = into.last_far[plays]
         self._on: tuple | None = None  # the above on the outputs' device (``_placed``)
+        self._distance: dict = {}  # kept distances on a device (``_kept``)
         self.last: list[dict[str, np.ndarray]] = []  # the last SETTLED rounds' outputs
         self._scratch: tuple[np.ndarray, ...] | None = None
         self._far: np.ndarray | None = None  # rounds since the last flush: far or not
@@ -194,16 +195,24 @@ class Measure:
                 for name, target in targets:
                     xp.subtract(outputs[name], target, out=gap)
                     _squares(gap, out=square)
-                    row = self.into.distance[name][column, self.plays]
                     if device.is_numpy(square):
+                        row = self.into.distance[name][column, self.plays]
                         np.sqrt(square, out=row, casting="same_kind")
-                    else:  # float32, as kept
-                        row[...] = device.host(square.sqrt().float())
+                    else:  # float32, as kept, on the device until ``finish``
+                        self._kept(name, square)[column] = square.sqrt()
         self._next = t + 1
         if self._next - self._since == len(self._far):
             self._flush()
         if t >= self.rounds - SETTLED:
             self.last.append({n: np.array(device.host(s)) for n, s in outputs.items()})
+
+    def _kept(self, name: str, like):
+        """Agent ``name``'s kept distances on ``like``'s device, ``(R, b)`` float32 (NaN until
+        recorded, as in ``Measured``)."""
+        if name not in self._distance:
+            shape = (len(self.into.recorded), len(like))
+            self._distance[name] = device.full(shape, np.nan, like, "float32")
+        return self._distance[name]
 
     def _placed(self, like) -> tuple[list, list, list]:
         """The fixed points, their squared reach and the targets on ``like``'s device."""
@@ -258,6 +267,8 @@ class Measure:
             self._flush()
         diverged_at = device.host(diverged_at)
         into.diverged_at[plays] = diverged_at
+        for name, kept in self._distance.items():
+            into.distance[name][:, plays] = device.host(kept)
         into.last_far[plays] = self.last_far
         if not self.last or rounds < self.rounds:
             return  # every play diverged: each is classified from its outputs (``classify``)
@@ -289,7 +300,7 @@ def _squares(gap, out) -> None:
     if device.is_numpy(gap):
         np.einsum("bi,bi->b", gap, gap, out=out)
     else:
-        out.copy_((gap * gap).sum(-1))
+        device.namespace(gap).linalg.vecdot(gap, gap, out=out)
 
 
 def measure(

@@ -265,7 +265,7 @@ def play(
             block = turns[first : first + per_round]
             if on_round is not None:
                 on_round(t, last)
-            if not (block.max() <= DIVERGED and block.min() >= -DIVERGED):  # NaN fails too
+            if not _bounded(block):
                 bad = ~(abs(block) <= DIVERGED).all(-1).all(0)
                 diverged_at[bad & (diverged_at < 0)] = t
                 if (diverged_at >= 0).all():
@@ -278,6 +278,14 @@ def play(
         return Trajectory(schedule, start, turns[: (t + 1) * per_round], diverged_at)
     first = (t % kept) * per_round
     return Trajectory(schedule, start, turns[first : first + per_round], diverged_at, skipped=t)
+
+
+def _bounded(block) -> bool:
+    """Whether every output of a round lies in ``[-DIVERGED, DIVERGED]`` (NaN does not): two
+    reductions on numpy, one (and one wait) on a device."""
+    if device.is_numpy(block):
+        return bool(block.max() <= DIVERGED and block.min() >= -DIVERGED)
+    return bool(block.abs().max() <= DIVERGED)
 
 
 def _weights(schedule: Schedule) -> np.ndarray:

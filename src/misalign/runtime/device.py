@@ -10,6 +10,7 @@ torch is imported only when a device is asked for.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -123,3 +124,14 @@ def eye(d: int, like: Any):
     import torch
 
     return torch.eye(d, dtype=torch.float64, device=like.device)
+
+
+def own_stream(device: Any):
+    """A context in which a thread's work on ``device`` runs on a CUDA stream of its own, so
+    that threads sharing a GPU neither serialise on one queue nor wait for each other's
+    work when they copy results back; nothing for numpy (``None``) or the CPU."""
+    if device is None or device.type != "cuda":
+        return nullcontext()
+    import torch
+
+    return torch.cuda.stream(torch.cuda.Stream(device))

@@ -65,3 +65,13 @@ def test_helpers_keep_the_kind_and_device_of_what_they_are_given(like):
     spread = device.broadcast(np.eye(2), (4, 2, 2), like)
     assert device.shared(spread) and not device.shared(device.empty((4, 2, 2), like))
     assert np.array_equal(device.host(spread), np.broadcast_to(np.eye(2), (4, 2, 2)))
+
+
+def test_a_thread_has_a_stream_of_its_own_on_a_gpu_only():
+    from contextlib import nullcontext
+
+    assert isinstance(device.own_stream(None), nullcontext)
+    assert isinstance(device.own_stream(torch.device("cpu")), nullcontext)
+    if torch.cuda.is_available():
+        with device.own_stream(torch.device("cuda")):
+            assert torch.cuda.current_stream() != torch.cuda.default_stream()

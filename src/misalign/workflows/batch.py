@@ -39,6 +39,7 @@ from misalign.model.philox import as_seeds
 from misalign.model.play import play
 from misalign.model.theory import Prediction
 from misalign.outputs.batch import RECORDED, recorded_rounds
+from misalign.runtime.device import own_stream
 from misalign.runtime.progress import progress_bar
 from misalign.runtime.sizes import USABLE, available_memory, cores, require
 from misalign.runtime.text import plural
@@ -211,7 +212,8 @@ def stream(
 
     def one(start: int) -> tuple[int, int, dict[str, float]]:
         plays = slice(start, min(start + size, len(seeds)))
-        played, spent = _chunk(config, seeds[plays], plays, measured, stop, device)
+        with own_stream(device):
+            played, spent = _chunk(config, seeds[plays], plays, measured, stop, device)
         return plays.stop - plays.start, played, spent
 
     pool = ThreadPoolExecutor(workers, thread_name_prefix="misalign-chunk")
