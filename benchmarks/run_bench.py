@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from misalign import load_config
+from misalign import ConfigError, load_config
 from misalign.api import setup
 from misalign.outputs.batch import batch_report, measured
 from misalign.outputs.plot import plot_measured
@@ -81,16 +81,21 @@ def _wait(x) -> None:
 
 def floor(config, seeds: range, device=None) -> float:
     """The floor on one thread: the bare loop over the whole batch (when its maps fit in
-    1 GiB, 8 GiB on a device) and in the run's chunks; the faster."""
-    size = batch_.CHUNK if device is None else batch_.DEVICE_CHUNK
+    1 GiB, 8 GiB on a GPU, and it can be set up at once) and in the run's chunks; the
+    faster."""
+    size = batch_.DEVICE_CHUNK if device is not None and device.type == "cuda" else batch_.CHUNK
     chunked = sum(
         bare_loop(setup(config, seeds=seeds[k : k + size], device=device), config.rounds)
         for k in range(0, len(seeds), size)
     )
-    fits = 2**30 if device is None else 2**33
+    fits = 2**33 if device is not None and device.type == "cuda" else 2**30
     if len(seeds) * len(config.order) * config.d * (config.d + 1) * 8 > fits:
         return chunked
-    return min(chunked, bare_loop(setup(config, seeds=seeds, device=device), config.rounds))
+    try:
+        whole = setup(config, seeds=seeds, device=device)
+    except ConfigError:  # the prompts of the whole batch do not fit at once
+        return chunked
+    return min(chunked, bare_loop(whole, config.rounds))
 
 
 def threaded_floor(config, seeds: range, workers: int) -> float:
@@ -165,7 +170,7 @@ def measure_size(config_path: Path, seeds: int, device=None) -> dict:
     config = load_config(config_path)
     span = range(config.seed, config.seed + seeds)
     record = choose(config, seeds, streamed=device is not None)
-    chunk = batch_.CHUNK if device is None else batch_.DEVICE_CHUNK
+    chunk = batch_.DEVICE_CHUNK if device is not None and device.type == "cuda" else batch_.CHUNK
     workers = 1 if record.mode == "all" else threads(config, seeds, record, chunk)
     with tempfile.TemporaryDirectory() as out:
         seconds, peak = end_to_end(config_path, seeds, out, device)

@@ -27,7 +27,7 @@ def test_the_benchmark_on_a_torch_device_runs_the_command_with_it(monkeypatch):
     import pytest
 
     pytest.importorskip("torch")
-    monkeypatch.setattr(batch, "DEVICE_CHUNK", 8)
+    monkeypatch.setattr(batch, "CHUNK", 8)
     (result,) = main(["--seeds", "20", "--device", "cpu"])
     assert result["device"] == "cpu" and result["record"].startswith("every")
     assert result["end_to_end_s"] > result["play_s"] > 0 and result["floor_s"] > 0

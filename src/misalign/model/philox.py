@@ -166,9 +166,9 @@ def normals(
     size = int(np.prod(shape, dtype=np.int64))
     blocks = (size + 1) // 2
     counter = np.arange(blocks, dtype=np.uint64)[None, :]
+    step = max(1, BLOCK // max(blocks, 1))  # rows whose arrays stay in cache
     if device is None:
         out = np.empty((len(low), 2 * blocks))
-        step = max(1, BLOCK // max(blocks, 1))
     else:
         import torch
 
@@ -176,7 +176,8 @@ def normals(
         low, high, counter = (
             torch.as_tensor(x.astype(np.int64), device=device) for x in (low, high, counter)
         )
-        step = max(1, len(low))  # one pass: a GPU wants the whole batch
+        if device.type != "cpu":
+            step = max(1, len(low))  # one pass: a GPU wants the whole batch
     xp = namespace(out)
     crc = name_word(name)
     for start in range(0, len(low), step):

@@ -51,8 +51,8 @@ KEPT_BYTES = 512 * 2**20
 CHUNK = 16384
 """Plays set up, played and measured together without ``--record all``."""
 DEVICE_CHUNK = 65536
-"""The same on a device (``--device``): larger, so that each of the play's products fills
-a GPU, and small enough that a chunk per CPU core fits in its memory."""
+"""The same on a GPU (``--device cuda``): larger, so that each of the play's products fills
+it, and small enough that a chunk per CPU core fits in its memory."""
 REPLAYED = 64 * 2**20
 """A chunk replays its unsettled plays, recorded, in groups whose outputs fit in this."""
 FLOAT = 8
@@ -178,7 +178,7 @@ def stream(
         workers: threads, at most one a chunk (default: every core, as many chunks as the
             memory holds).
         device: a ``torch.device`` (``misalign.runtime.device.resolve``) on which each chunk
-            of ``DEVICE_CHUNK`` plays is set up, played and measured, as float64 tensors
+            (of ``DEVICE_CHUNK`` plays on a GPU) is set up, played and measured, as float64 tensors
             equal to numpy's within rounding; its prediction is numpy's, on the CPU thread,
             from the maps copied back; the report's play and the replays stay on numpy.
             ``None``: numpy throughout.
@@ -191,7 +191,7 @@ def stream(
             once.
     """
     what = f"a batch of {plural(len(seeds), 'play', spec=',')}"
-    size = CHUNK if device is None else DEVICE_CHUNK
+    size = DEVICE_CHUNK if device is not None and device.type == "cuda" else CHUNK
     most = max(1, _chunks(len(seeds), size))
     workers = min(workers or threads(config, len(seeds), record, size), most)
     require(footprint(config, len(seeds), record, workers, size), what)
@@ -246,7 +246,7 @@ def footprint(
     JSON's per-play lists), the kept distances and each running chunk's replayed plays
     (``rounds``), one chunk's set-up and play (``misalign.api.footprint`` of a chunk's plays,
     one round kept) and those of the other chunks that run at once (``--workers``: at most
-    one a chunk). ``chunk``: plays per chunk (``DEVICE_CHUNK`` on a device, where the chunk's
+    one a chunk). ``chunk``: plays per chunk (``DEVICE_CHUNK`` on a GPU, where the chunk's
     maps and prediction still come to the CPU)."""
     agents = len(config.agents)
     kept = len(recorded_rounds(config.rounds, record.every)) * plays * agents * 4

@@ -252,7 +252,7 @@ def test_a_batch_on_torch_is_the_batch_on_numpy(name, record, workers, monkeypat
     ``1e-12`` of its scale and every count the same (the single-precision distances kept
     per round within a float32 rounding)."""
     torch = pytest.importorskip("torch")
-    monkeypatch.setattr(batch_, "DEVICE_CHUNK", 7)
+    monkeypatch.setattr(batch_, "CHUNK", 7)  # torch's CPU takes numpy's chunks
     config = parse_config({"rounds": 60, "seed": 3, **CONFIGS[name]})
     seeds = range(3, 33)
     want = stream(config, seeds, record)
