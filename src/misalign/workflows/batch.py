@@ -220,13 +220,13 @@ def stream(
     try:
         starts = range(0, len(seeds), size)
         for done in as_completed([pool.submit(one, start) for start in starts]):
-            size, played, spent = done.result()
+            count, played, spent = done.result()
             measured.rounds = max(measured.rounds, played)  # a chunk of diverged plays stops
             for phase, seconds in spent.items():
                 if phases is not None:
                     phases[phase] = phases.get(phase, 0.0) + seconds
             if bar is not None:
-                bar.advance(bar.task_ids[0], size)
+                bar.advance(bar.task_ids[0], count)
     except BaseException:  # an error, Ctrl-C, SIGTERM: the running chunks stop within a round
         stop.set()
         raise
