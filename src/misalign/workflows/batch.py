@@ -193,10 +193,11 @@ def stream(
     what = f"a batch of {plural(len(seeds), 'play', spec=',')}"
     size = DEVICE_CHUNK if device is not None and device.type == "cuda" else CHUNK
     most = max(1, _chunks(len(seeds), size))
+    asked = workers is not None
     workers = min(workers or threads(config, len(seeds), record, size), most)
-    require(footprint(config, len(seeds), record, workers, size), what)
     if device is not None:
-        _on_device(config, size, workers, device)
+        workers = _on_device(config, size, workers, device, asked)
+    require(footprint(config, len(seeds), record, workers, size), what)
     first = setup(config, seeds=list(seeds[:1]))
     prediction = predict(first)
     names = first.schedule.agents
@@ -273,22 +274,29 @@ def threads(config: PlayConfig, plays: int, record: Record, chunk: int | None = 
     return max(1, min(cores(), _chunks(plays, CHUNK if chunk is None else chunk), fitting))
 
 
-def _on_device(config: PlayConfig, chunk: int, workers: int, device) -> None:
-    """Refuse, in one line, chunks that do not fit on a GPU at once (its free memory, as
-    torch reports it, against ``misalign.api.footprint`` of each chunk: prompts, maps and
-    two rounds)."""
+def _on_device(config: PlayConfig, chunk: int, workers: int, device, asked: bool) -> int:
+    """The chunks at once on a GPU: ``workers``, or fewer by default where they do not fit in
+    its free memory (as torch reports it, against ``misalign.api.footprint`` of each chunk:
+    prompts, maps and two rounds).
+
+    Raises:
+        ConfigError: one line: ``workers`` were asked and do not fit, or one chunk does not.
+    """
     if device.type != "cuda":
-        return
+        return workers
     import torch
 
     free, _ = torch.cuda.mem_get_info(device)
     one = sum(footprint_of(config.model_copy(update={"rounds": 2}), chunk).values())
-    if workers * one > free * USABLE:
-        raise ConfigError(
-            f"--device {device}: {workers} chunks of {chunk} plays at once need "
-            f"{workers * one / 2**30:.3g} GiB of its {free / 2**30:.3g} GiB free; "
-            "use fewer --workers"
-        )
+    fitting = int(free * USABLE // one)
+    if fitting >= workers or (fitting >= 1 and not asked):
+        return min(workers, fitting)
+    need = workers if asked else 1
+    raise ConfigError(
+        f"--device {device}: {need} chunk(s) of {chunk} plays at once need "
+        f"{need * one / 2**30:.3g} GiB of its {free / 2**30:.3g} GiB free"
+        + ("; use fewer --workers" if asked and fitting >= 1 else "")
+    )
 
 
 def _outputs(config: PlayConfig) -> int:

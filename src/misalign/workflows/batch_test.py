@@ -306,3 +306,23 @@ def test_the_command_on_torch_reports_numpys_numbers(tmp_path):
     _close(got, want, "run")
     summary = runner.invoke(app, ["run", config, *args, "--device", "cpu", "--out", str(tmp_path)])
     assert "ran in chunks on 1 thread with torch on cpu" in summary.stdout
+
+
+def test_chunks_on_a_gpu_are_as_many_as_its_memory_holds(monkeypatch):
+    """By default, fewer chunks at once where the GPU's free memory holds fewer; asked for
+    more than fit, or with no room for one, one line naming the device (torch's report of
+    free memory stubbed: no GPU here)."""
+    torch = pytest.importorskip("torch")
+    config = load_config(EXAMPLES / "two_agents.toml")
+    one = sum(footprint_of(config.model_copy(update={"rounds": 2}), 100).values())
+    gpu = torch.device("cuda", 0)
+    for free, asked, expected in [(10 * one, False, 4), (2.5 * one / sizes.USABLE, False, 2)]:
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _, f=free: (f, 8 * f))
+        assert batch_._on_device(config, 100, 4, gpu, asked) == expected
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _: (2.5 * one / sizes.USABLE, 0))
+    with pytest.raises(ConfigError, match="^--device cuda:0: 4 chunk.*use fewer --workers$"):
+        batch_._on_device(config, 100, 4, gpu, True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _: (one / 2, 0))
+    with pytest.raises(ConfigError, match=r"^--device cuda:0: 1 chunk\(s\) of 100 plays"):
+        batch_._on_device(config, 100, 4, gpu, False)
+    assert batch_._on_device(config, 100, 4, torch.device("cpu"), True) == 4
