@@ -83,7 +83,7 @@ def floor(config, seeds: range, device=None) -> float:
     """The floor on one thread: the bare loop over the whole batch (when its maps fit in
     1 GiB, 8 GiB on a GPU, and it can be set up at once) and in the run's chunks; the
     faster."""
-    size = batch_.DEVICE_CHUNK if device is not None and device.type == "cuda" else batch_.CHUNK
+    size = batch_.chunk_size(device)
     chunked = sum(
         bare_loop(setup(config, seeds=seeds[k : k + size], device=device), config.rounds)
         for k in range(0, len(seeds), size)
@@ -93,7 +93,7 @@ def floor(config, seeds: range, device=None) -> float:
         return chunked
     try:
         whole = setup(config, seeds=seeds, device=device)
-    except ConfigError:  # the prompts of the whole batch do not fit at once
+    except (ConfigError, MemoryError, RuntimeError):  # the batch does not fit at once
         return chunked
     return min(chunked, bare_loop(whole, config.rounds))
 
@@ -170,7 +170,7 @@ def measure_size(config_path: Path, seeds: int, device=None) -> dict:
     config = load_config(config_path)
     span = range(config.seed, config.seed + seeds)
     record = choose(config, seeds, streamed=device is not None)
-    chunk = batch_.DEVICE_CHUNK if device is not None and device.type == "cuda" else batch_.CHUNK
+    chunk = batch_.chunk_size(device)
     workers = 1 if record.mode == "all" else threads(config, seeds, record, chunk)
     with tempfile.TemporaryDirectory() as out:
         seconds, peak = end_to_end(config_path, seeds, out, device)

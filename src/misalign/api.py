@@ -158,7 +158,7 @@ def setup(
             raise ConfigError(f"seed: the last play's seed {max(seeds)} is not below 2^64")
         configs = Seeded(config, seeds)
         if device is not None:
-            _on_device(config)
+            check_device(config)
     else:
         if device is not None:
             raise ValueError("a batch on a device plays one configuration over seeds")
@@ -228,12 +228,11 @@ def setup(
         agents[name] = _defended(first.defence, agents[name], prompts[name])
     if isinstance(configs, Seeded) and first.start is None or all(c.start is None for c in configs):
         start = np.zeros((len(configs), first.d))
-        start = place(start, device)
     else:
         start = np.stack(
             [np.zeros(c.d) if c.start is None else np.asarray(c.start) for c in configs]
         )
-    return Game(configs, agents, prompts, schedule, start)
+    return Game(configs, agents, prompts, schedule, place(start, device))
 
 
 FLOAT = 8
@@ -297,9 +296,14 @@ def _shape(config: PlayConfig) -> tuple:
     )
 
 
-def _on_device(config: PlayConfig) -> None:
-    """Refuse, in one line, a configuration whose plays cannot run on a device: only
-    analytic agents (``kind = "gd"``, sampled or not) under any schedule do."""
+def check_device(config: PlayConfig) -> None:
+    """Refuse, in one line, a configuration whose plays cannot run on a device
+    (``setup(..., device=...)``, ``run --device``): only analytic agents (``kind = "gd"``,
+    sampled or not) under any schedule, without attack or defence.
+
+    Raises:
+        ConfigError: one line naming ``--device`` and what plays on numpy only.
+    """
     for name, agent in config.agents.items():
         if not isinstance(agent, GradientAgentConfig):
             raise ConfigError(

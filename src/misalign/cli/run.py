@@ -81,8 +81,8 @@ def run(
         str | None,
         typer.Option(
             help="With --seeds: set up, play and measure the batch with torch on this device "
-            "(cuda, cuda:K, or cpu), in float64, equal to numpy's within 1e-12; needs the "
-            "train extra.",
+            "(cuda, cuda:K, or cpu), in float64, equal to numpy's within rounding; needs "
+            "the train extra.",
             show_default="numpy on the CPU",
         ),
     ] = None,
@@ -91,6 +91,7 @@ def run(
 
     Language-model agents are fitted first (probes) and every answer is recorded in --store:
     a re-run reads it first, --replay never asks the server."""
+    from misalign.api import check_device
     from misalign.runtime.device import resolve
     from misalign.workflows.batch import Record, choose, streamable
 
@@ -113,6 +114,8 @@ def run(
                 "or last); this run records every output"
             )
         where = resolve(device)
+        if where is not None:
+            check_device(cfg)
         if workers is not None and not streamed:
             raise ConfigError(
                 "--workers applies to a batch kept as measurements (--seeds N with --record "

@@ -66,7 +66,8 @@ class AffineMap:
         The product is ``einsum``'s up to ``EINSUM_D`` dimensions (on a large batch, 3x
         ``matmul``'s speed at ``d = 2``, 1.9x at 4, 1.1x at 10, measured on numpy 2.4) and
         ``matmul``'s above it (where ``einsum`` falls behind): chosen by ``d`` alone, so a
-        play's numbers do not depend on the batch around it. On torch tensors, ``bmm``."""
+        play's numbers do not depend on the batch around it. On torch tensors, ``baddbmm``
+        (``c + A w`` in one kernel)."""
         if not device.is_numpy(w):  # c + A w in one kernel, into out
             out = self.c.new_empty(self.c.shape) if out is None else out
             torch = device.namespace(w)
@@ -207,12 +208,16 @@ def preconditioner(
     if kind == "identity":
         return eta * device.broadcast(np.eye(d), prompt.covariance.shape, like)
     if kind == "newton":
-        return eta * xp.linalg.pinv(prompt.second_moment, hermitian=True)
+        if xp is np:
+            return eta * np.linalg.pinv(prompt.second_moment, hermitian=True)
+        # numpy's cutoff (rcond 1e-15), not torch's default d * eps
+        return eta * xp.linalg.pinv(prompt.second_moment, hermitian=True, rtol=1e-15)
     if kind == "lsa-optimal":
         covariance = prompt.covariance
         if covariance.ndim == 3 and device.shared(covariance):  # one for the batch: one solve
-            one = device.host(lsa_optimal_gamma(covariance[0], n))
-            return eta * device.broadcast(one, covariance.shape, like)
+            return eta * device.broadcast(
+                lsa_optimal_gamma(covariance[0], n), covariance.shape, like
+            )
         return eta * lsa_optimal_gamma(covariance, n)
     raise ValueError(f"unknown preconditioner {kind!r}")
 

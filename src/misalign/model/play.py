@@ -285,7 +285,8 @@ def _bounded(block) -> bool:
     reductions on numpy, one (and one wait) on a device."""
     if device.is_numpy(block):
         return bool(block.max() <= DIVERGED and block.min() >= -DIVERGED)
-    return bool(block.abs().max() <= DIVERGED)
+    low, high = device.namespace(block).aminmax(block)
+    return bool((high <= DIVERGED) & (low >= -DIVERGED))
 
 
 def _weights(schedule: Schedule) -> np.ndarray:

@@ -10,6 +10,7 @@ torch is imported only when a device is asked for.
 
 from __future__ import annotations
 
+import threading
 from contextlib import nullcontext
 from typing import Any
 
@@ -41,8 +42,8 @@ def resolve(device: str | None) -> Any:
         found = torch.device(device)
     except (RuntimeError, ValueError):
         raise ConfigError(f"--device {device!r}: not a device (cuda, cuda:K or cpu)") from None
-    if found.type not in ("cuda", "cpu"):
-        raise ConfigError(f"--device {device!r}: the plays run on cuda or cpu")
+    if found.type not in ("cuda", "cpu") or (found.type == "cpu" and found.index is not None):
+        raise ConfigError(f"--device {device!r}: the plays run on cuda, cuda:K or cpu")
     if found.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {device}: torch sees no GPU on this machine")
@@ -67,12 +68,15 @@ def namespace(x: Any):
 
 
 def place(value: Any, device: Any):
-    """``value`` (a number or numpy array) on ``device``: itself as a numpy array for
-    ``None``, else a tensor of its dtype there (a copy: broadcast it there)."""
+    """``value`` (a number, numpy array or tensor) on ``device``: a numpy array for ``None``,
+    else a tensor of its dtype there (numpy values copied: broadcast them there; a tensor
+    already there is itself)."""
     if device is None:
-        return np.asarray(value)
+        return np.asarray(host(value))
     import torch
 
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
     return torch.tensor(np.asarray(value), device=device)
 
 
@@ -82,9 +86,10 @@ def on(value: Any, like: Any):
     return place(value, None if is_numpy(like) else like.device)
 
 
-def broadcast(value: np.ndarray, shape: tuple[int, ...], like: Any):
-    """``value`` broadcast to ``shape`` without a copy per row, of ``like``'s kind (a numpy
-    view with stride 0, or an expanded tensor)."""
+def broadcast(value: Any, shape: tuple[int, ...], like: Any):
+    """``value`` (a numpy array, or a tensor on ``like``'s device) broadcast to ``shape``
+    without a copy per row, of ``like``'s kind (a numpy view with stride 0, or an expanded
+    tensor)."""
     if is_numpy(like):
         return np.broadcast_to(value, shape)
     return on(value, like).expand(*shape)
@@ -126,12 +131,21 @@ def eye(d: int, like: Any):
     return torch.eye(d, dtype=torch.float64, device=like.device)
 
 
+_streams = threading.local()
+
+
 def own_stream(device: Any):
     """A context in which a thread's work on ``device`` runs on a CUDA stream of its own, so
     that threads sharing a GPU neither serialise on one queue nor wait for each other's
-    work when they copy results back; nothing for numpy (``None``) or the CPU."""
+    work when they copy results back; one stream per thread, kept for every chunk it runs
+    (torch caches freed memory per stream); nothing for numpy (``None``) or the CPU."""
     if device is None or device.type != "cuda":
         return nullcontext()
     import torch
 
-    return torch.cuda.stream(torch.cuda.Stream(device))
+    mine = getattr(_streams, "by_device", None)
+    if mine is None:
+        mine = _streams.by_device = {}
+    if device not in mine:
+        mine[device] = torch.cuda.Stream(device)
+    return torch.cuda.stream(mine[device])

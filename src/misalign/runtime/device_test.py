@@ -20,7 +20,8 @@ def test_no_device_is_numpy_and_cpu_is_torch_on_the_cpu():
     [
         ("tpu", "--device 'tpu': not a device"),
         ("gpu:x", "--device 'gpu:x': not a device"),
-        ("meta", "--device 'meta': the plays run on cuda or cpu"),
+        ("meta", "--device 'meta': the plays run on cuda, cuda:K or cpu"),
+        ("cpu:1", "--device 'cpu:1': the plays run on cuda, cuda:K or cpu"),
     ],
 )
 def test_what_is_not_a_device_is_one_line(name, message):
@@ -73,5 +74,9 @@ def test_a_thread_has_a_stream_of_its_own_on_a_gpu_only():
     assert isinstance(device.own_stream(None), nullcontext)
     assert isinstance(device.own_stream(torch.device("cpu")), nullcontext)
     if torch.cuda.is_available():
-        with device.own_stream(torch.device("cuda")):
-            assert torch.cuda.current_stream() != torch.cuda.default_stream()
+        gpu = torch.device("cuda")
+        with device.own_stream(gpu):
+            first = torch.cuda.current_stream()
+            assert first != torch.cuda.default_stream()
+        with device.own_stream(gpu):
+            assert torch.cuda.current_stream() == first  # one stream per thread

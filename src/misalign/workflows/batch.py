@@ -30,10 +30,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from misalign.api import JSON_FLOAT, Game, predict, setup, simulate
+from misalign.api import JSON_FLOAT, Game, check_device, predict, setup, simulate
 from misalign.api import footprint as footprint_of
 from misalign.config import BlackBoxConfig, ConfigError, HelperAgentConfig, PlayConfig
-from misalign.model.measure import Measure, Measured
+from misalign.model.measure import FLUSH, Measure, Measured
 from misalign.model.observe import classify
 from misalign.model.philox import as_seeds
 from misalign.model.play import play
@@ -52,7 +52,7 @@ CHUNK = 16384
 """Plays set up, played and measured together without ``--record all``."""
 DEVICE_CHUNK = 65536
 """The same on a GPU (``--device cuda``): larger, so that each of the play's products fills
-it, and small enough that a chunk per CPU core fits in its memory."""
+it (as many at once as its free memory holds, ``device_footprint``)."""
 REPLAYED = 64 * 2**20
 """A chunk replays its unsettled plays, recorded, in groups whose outputs fit in this."""
 FLOAT = 8
@@ -140,7 +140,8 @@ class Streamed:
         measured: every play's measurements beside its prediction.
         seeds: the plays' seeds.
         workers: the threads that ran the chunks.
-        device: where the chunks played: ``numpy``, or a torch device (``cuda:0``...).
+        device: where the chunks played: ``numpy``, or a torch device as given (``cuda``,
+            ``cuda:1``, ``cpu``).
     """
 
     first: Game
@@ -160,8 +161,8 @@ def stream(
     workers: int | None = None,
     device=None,
 ) -> Streamed:
-    """Set up, predict, play and measure ``config`` over ``seeds`` in chunks of ``CHUNK``
-    plays, keeping only the measurements (``record`` not ``all``).
+    """Set up, predict, play and measure ``config`` over ``seeds`` in chunks (``chunk_size``),
+    keeping only the measurements (``record`` not ``all``).
 
     The chunks run on ``workers`` threads (numpy leaves Python's lock inside its array
     loops and linear algebra, so the threads run on as many cores); each chunk writes its own
@@ -178,25 +179,28 @@ def stream(
         workers: threads, at most one a chunk (default: every core, as many chunks as the
             memory holds).
         device: a ``torch.device`` (``misalign.runtime.device.resolve``) on which each chunk
-            (of ``DEVICE_CHUNK`` plays on a GPU) is set up, played and measured, as float64 tensors
-            equal to numpy's within rounding; its prediction is numpy's, on the CPU thread,
-            from the maps copied back; the report's play and the replays stay on numpy.
-            ``None``: numpy throughout.
+            is set up, played and measured, as float64 tensors equal to numpy's within
+            rounding (amplified by the conditioning of a ``newton`` agent's ``S``); its
+            prediction is numpy's, on the CPU thread, from the maps copied back; the report's
+            play and the replays stay on numpy. ``None``: numpy throughout.
 
     Returns:
         The measurements, and the first play set up alone.
 
     Raises:
         ConfigError: one line: the batch does not fit in memory with ``workers`` chunks at
-            once.
+            once; on a device, plays that cannot run there (``misalign.api.check_device``),
+            chunks that do not fit in a GPU's free memory, or a GPU out of memory.
     """
     what = f"a batch of {plural(len(seeds), 'play', spec=',')}"
-    size = DEVICE_CHUNK if device is not None and device.type == "cuda" else CHUNK
+    if device is not None:
+        check_device(config)
+    size = chunk_size(device)
     most = max(1, _chunks(len(seeds), size))
     asked = workers is not None
     workers = min(workers or threads(config, len(seeds), record, size), most)
     if device is not None:
-        workers = _on_device(config, size, workers, device, asked)
+        workers = _on_gpu(config, record, size, workers, device, asked)
     require(footprint(config, len(seeds), record, workers, size), what)
     first = setup(config, seeds=list(seeds[:1]))
     prediction = predict(first)
@@ -213,8 +217,16 @@ def stream(
 
     def one(start: int) -> tuple[int, int, dict[str, float]]:
         plays = slice(start, min(start + size, len(seeds)))
-        with own_stream(device):
-            played, spent = _chunk(config, seeds[plays], plays, measured, stop, device)
+        try:
+            with own_stream(device):
+                played, spent = _chunk(config, seeds[plays], plays, measured, stop, device)
+        except RuntimeError as exc:  # torch's OutOfMemoryError is one
+            if device is None or "out of memory" not in str(exc):
+                raise
+            raise ConfigError(
+                f"--device {device}: out of memory with {plural(workers, 'chunk')} of "
+                f"{size} plays at once; use fewer --workers"
+            ) from None
         return plays.stop - plays.start, played, spent
 
     pool = ThreadPoolExecutor(workers, thread_name_prefix="misalign-chunk")
@@ -274,10 +286,32 @@ def threads(config: PlayConfig, plays: int, record: Record, chunk: int | None = 
     return max(1, min(cores(), _chunks(plays, CHUNK if chunk is None else chunk), fitting))
 
 
-def _on_device(config: PlayConfig, chunk: int, workers: int, device, asked: bool) -> int:
+def chunk_size(device=None) -> int:
+    """Plays per chunk of a streamed batch: ``DEVICE_CHUNK`` on a GPU, else ``CHUNK`` (numpy,
+    and torch's CPU build, whose arrays then stay in the same caches)."""
+    return DEVICE_CHUNK if device is not None and device.type == "cuda" else CHUNK
+
+
+def device_footprint(config: PlayConfig, record: Record, chunk: int) -> float:
+    """Estimated peak bytes of one chunk of ``chunk`` plays on a device: per agent its prompt
+    (``X``, ``y``), moments, preconditioner, map, fixed point and target; the temporaries of
+    its largest draw (the Philox words and uniforms of the whole chunk at once: six times the
+    normals); two rounds of outputs and the measurements' scratch; the kept distances
+    (single precision, until the chunk ends). The prediction is on the host."""
+    d, per = config.d, 0.0
+    for agent in config.agents.values():  # analytic agents only (check_device)
+        per += FLOAT * (agent.n * (d + 1) + 4 * d * d + 5 * d)
+    per += 6 * FLOAT * max(a.n * d for a in config.agents.values())
+    per += FLOAT * d * (2 * len(config.order) + 1) + FLUSH
+    per += 4 * len(config.agents) * len(recorded_rounds(config.rounds, record.every))
+    return chunk * per
+
+
+def _on_gpu(
+    config: PlayConfig, record: Record, chunk: int, workers: int, device, asked: bool
+) -> int:
     """The chunks at once on a GPU: ``workers``, or fewer by default where they do not fit in
-    its free memory (as torch reports it, against ``misalign.api.footprint`` of each chunk:
-    prompts, maps and two rounds).
+    its free memory (as torch reports it, against ``device_footprint``).
 
     Raises:
         ConfigError: one line: ``workers`` were asked and do not fit, or one chunk does not.
@@ -287,13 +321,13 @@ def _on_device(config: PlayConfig, chunk: int, workers: int, device, asked: bool
     import torch
 
     free, _ = torch.cuda.mem_get_info(device)
-    one = sum(footprint_of(config.model_copy(update={"rounds": 2}), chunk).values())
+    one = device_footprint(config, record, chunk)
     fitting = int(free * USABLE // one)
     if fitting >= workers or (fitting >= 1 and not asked):
         return min(workers, fitting)
     need = workers if asked else 1
     raise ConfigError(
-        f"--device {device}: {need} chunk(s) of {chunk} plays at once need "
+        f"--device {device}: {plural(need, 'chunk')} of {chunk} plays at once need "
         f"{need * one / 2**30:.3g} GiB of its {free / 2**30:.3g} GiB free"
         + ("; use fewer --workers" if asked and fitting >= 1 else "")
     )

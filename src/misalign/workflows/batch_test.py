@@ -314,15 +314,73 @@ def test_chunks_on_a_gpu_are_as_many_as_its_memory_holds(monkeypatch):
     free memory stubbed: no GPU here)."""
     torch = pytest.importorskip("torch")
     config = load_config(EXAMPLES / "two_agents.toml")
-    one = sum(footprint_of(config.model_copy(update={"rounds": 2}), 100).values())
+    every = Record("every", 2)
+    one = batch_.device_footprint(config, every, 100)
     gpu = torch.device("cuda", 0)
     for free, asked, expected in [(10 * one, False, 4), (2.5 * one / sizes.USABLE, False, 2)]:
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _, f=free: (f, 8 * f))
-        assert batch_._on_device(config, 100, 4, gpu, asked) == expected
+        assert batch_._on_gpu(config, every, 100, 4, gpu, asked) == expected
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _: (2.5 * one / sizes.USABLE, 0))
-    with pytest.raises(ConfigError, match="^--device cuda:0: 4 chunk.*use fewer --workers$"):
-        batch_._on_device(config, 100, 4, gpu, True)
+    with pytest.raises(ConfigError, match="^--device cuda:0: 4 chunks .*use fewer --workers$"):
+        batch_._on_gpu(config, every, 100, 4, gpu, True)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _: (one / 2, 0))
-    with pytest.raises(ConfigError, match=r"^--device cuda:0: 1 chunk\(s\) of 100 plays"):
-        batch_._on_device(config, 100, 4, gpu, False)
-    assert batch_._on_device(config, 100, 4, torch.device("cpu"), True) == 4
+    with pytest.raises(ConfigError, match=r"^--device cuda:0: 1 chunk of 100 plays"):
+        batch_._on_gpu(config, every, 100, 4, gpu, False)
+    assert batch_._on_gpu(config, every, 100, 4, torch.device("cpu"), True) == 4
+
+
+def test_a_chunk_on_a_device_takes_about_what_is_estimated():
+    """``device_footprint`` of a chunk of ``large.toml`` against the bytes of the tensors its
+    game keeps on the device (maps, prompts, preconditioners; torch's CPU build has no count
+    of peak device memory, so the draws' temporaries are not measured here): at least those,
+    and within 4x of them."""
+    torch = pytest.importorskip("torch")
+    config = load_config(ROOT / "benchmarks" / "large.toml").model_copy(update={"rounds": 2})
+    game = setup(config, seeds=range(2000), device=torch.device("cpu"))
+    kept = 0
+    for name in game.schedule.agents:
+        f, prompt = game.agents[name].affine(), game.prompts[name].batch
+        tensors = [f.A, f.c, prompt.X, prompt.y, prompt.target, game.agents[name].gamma]
+        kept += sum(t.untyped_storage().nbytes() for t in tensors)
+    estimate = batch_.device_footprint(config, Record("every", 1), 2000)
+    assert kept <= estimate <= 4 * kept
+
+
+def test_a_batch_on_a_device_copies_back_only_through_host(monkeypatch):
+    """On a GPU a tensor becomes a numpy array only when copied back (``np.asarray`` of a
+    CUDA tensor raises): simulated on torch's CPU build by refusing every conversion but
+    ``misalign.runtime.device.host``'s, over every test config, the default ``lsa-optimal``
+    and ``newton`` preconditioners and a given start."""
+    torch = pytest.importorskip("torch")
+    from misalign import api
+    from misalign.runtime import device
+
+    copying = []
+    real_host, real_numpy = device.host, torch.Tensor.numpy
+
+    def host(x):
+        copying.append(True)
+        try:
+            return real_host(x)
+        finally:
+            copying.pop()
+
+    def numpy_(self, *args, **kwargs):
+        if not copying:
+            raise TypeError("a device tensor turned into numpy outside device.host")
+        return real_numpy(self, *args, **kwargs)
+
+    def array(self, *args, **kwargs):
+        raise TypeError("a device tensor turned into numpy implicitly")
+
+    monkeypatch.setattr(device, "host", host)
+    monkeypatch.setattr(api, "host", host)
+    monkeypatch.setattr(torch.Tensor, "numpy", numpy_)
+    monkeypatch.setattr(torch.Tensor, "__array__", array)
+    newton = {"d": 3, "start": [1.0, 0.0, -1.0], "agents": {"A": {"n": 4}, "B": {"n": 2}}}
+    newton["agents"]["B"]["preconditioner"] = "newton"
+    for spec in [*CONFIGS.values(), newton]:
+        config = parse_config({"rounds": 12, **spec})
+        got = stream(config, range(9), Record("every", 2), device=torch.device("cpu"))
+        want = stream(config, range(9), Record("every", 2))
+        assert np.array_equal(got.measured.code, want.measured.code)
