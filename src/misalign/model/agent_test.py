@@ -33,15 +33,17 @@ def _prompts(batch, d, n, seed=0, **kw):
     return [sample_prompt(seed + b, "A", d=d, n=n, **kw) for b in range(batch)]
 
 
+AGENT = {
+    "n": st.integers(1, 15),
+    "kind": st.sampled_from(KINDS),
+    "eta": st.floats(0.05, 1.5),
+    "seed": st.integers(0, 10**6),
+}
+"""An analytic agent's settings, drawn by the property tests below (with ``d`` and steps)."""
+
+
 @settings(max_examples=30, deadline=None)
-@given(
-    d=st.integers(1, 6),
-    n=st.integers(1, 15),
-    kind=st.sampled_from(KINDS),
-    eta=st.floats(0.05, 1.5),
-    steps=st.integers(1, 4),
-    seed=st.integers(0, 10**6),
-)
+@given(**AGENT, d=st.integers(1, 6), steps=st.integers(1, 4))
 def test_respond_is_k_gradient_steps_on_the_prompt(d, n, kind, eta, steps, seed):
     """f(w) = w - Gamma X^T (X w - y) / n, applied k times, computed from the raw prompt."""
     prompts = _prompts(3, d, n, seed=seed, noise=0.2, rotate=True)
@@ -205,15 +207,7 @@ def test_one_step_power_is_the_map_itself():
 
 
 @settings(max_examples=25, deadline=None)
-@given(
-    d=st.integers(1, 8),
-    n=st.integers(1, 15),
-    kind=st.sampled_from(KINDS),
-    eta=st.floats(0.05, 1.5),
-    steps=st.integers(0, 4),
-    rotate=st.booleans(),
-    seed=st.integers(0, 10**6),
-)
+@given(**AGENT, d=st.integers(1, 8), steps=st.integers(0, 4), rotate=st.booleans())
 def test_maps_on_torch_are_numpys_within_rounding(d, n, kind, eta, steps, rotate, seed):
     """The analytic agent built from torch prompts: its ``A``, ``c`` and answers against
     numpy's, within ``1e-12`` of their scale (for ``newton``, times the condition number of

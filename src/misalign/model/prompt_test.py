@@ -101,14 +101,32 @@ def _former(seed, name, d, n, spectrum=None, rotate=False, target=None, noise=0.
     return X, y, target, (R * spectrum) @ R.T
 
 
+SETTINGS = {
+    "d": st.integers(1, 12),
+    "n": st.integers(1, 30),
+    "rotate": st.booleans(),
+    "noise": st.sampled_from([0.0, 0.3]),
+    "given_target": st.booleans(),
+    "skewed": st.booleans(),
+}
+"""A prompt's settings, drawn by the property tests below."""
+
+
+def _settings(d, n, rotate, noise, given_target, skewed):
+    """``sample_prompts``' keywords for drawn settings (a spectrum and a target of their own,
+    seeded by ``d`` and ``n``)."""
+    rng = np.random.default_rng(d * 100 + n)
+    return {
+        "spectrum": rng.uniform(0.2, 3.0, d) if skewed else None,
+        "rotate": rotate,
+        "target": rng.standard_normal(d) if given_target else None,
+        "noise": noise,
+    }
+
+
 @settings(max_examples=40, deadline=None)
 @given(
-    d=st.integers(1, 12),
-    n=st.integers(1, 30),
-    rotate=st.booleans(),
-    noise=st.sampled_from([0.0, 0.3]),
-    given_target=st.booleans(),
-    skewed=st.booleans(),
+    **SETTINGS,
     name=st.sampled_from(["A", "B", "helper"]),
     seeds=st.lists(
         st.one_of(st.integers(0, 2**32), st.integers(0, 2**64 - 1), st.sampled_from(SEEDS)),
@@ -121,13 +139,7 @@ def test_a_batch_of_prompts_is_each_seed_alone_bit_for_bit(
 ):
     """``sample_prompts`` over seeds, ``sample_prompt`` of each seed and the per-play sampler
     agree exactly on ``X``, ``y``, the target and the covariance (and so the moments)."""
-    rng = np.random.default_rng(d * 100 + n)
-    kw = {
-        "spectrum": rng.uniform(0.2, 3.0, d) if skewed else None,
-        "rotate": rotate,
-        "target": rng.standard_normal(d) if given_target else None,
-        "noise": noise,
-    }
+    kw = _settings(d, n, rotate, noise, given_target, skewed)
     batch = sample_prompts(seeds, name, d, n, **kw)
     for i, (seed, played) in enumerate(zip(seeds, batch.plays(), strict=True)):
         alone = sample_prompt(seed, name, d, n, **kw)
@@ -173,28 +185,14 @@ def test_haar_rotation_is_the_former_one():
 
 
 @settings(max_examples=25, deadline=None)
-@given(
-    d=st.integers(1, 12),
-    n=st.integers(1, 30),
-    rotate=st.booleans(),
-    noise=st.sampled_from([0.0, 0.3]),
-    given_target=st.booleans(),
-    skewed=st.booleans(),
-    first=st.integers(0, 2**64 - 40),
-)
+@given(**SETTINGS, first=st.integers(0, 2**64 - 40))
 def test_prompts_on_torch_are_numpys_within_rounding(
     d, n, rotate, noise, given_target, skewed, first
 ):
     """``sample_prompts(..., device=cpu)`` (torch) against numpy: every array of 30 plays,
     some noisy and some not, within ``1e-12`` of its scale."""
     torch = pytest.importorskip("torch")
-    rng = np.random.default_rng(d * 100 + n)
-    kw = {
-        "spectrum": rng.uniform(0.2, 3.0, d) if skewed else None,
-        "rotate": rotate,
-        "target": rng.standard_normal(d) if given_target else None,
-        "noise": np.where(np.arange(30) % 3 == 0, noise, 0.0),
-    }
+    kw = _settings(d, n, rotate, np.where(np.arange(30) % 3 == 0, noise, 0.0), given_target, skewed)
     seeds = range(first, first + 30)
     on = sample_prompts(seeds, "A", d, n, device=torch.device("cpu"), **kw)
     expected = sample_prompts(seeds, "A", d, n, **kw)
