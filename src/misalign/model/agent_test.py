@@ -15,6 +15,8 @@ from misalign.model.agent import (
     preconditioner,
 )
 from misalign.model.prompt import sample_prompt, sample_prompts
+from misalign.runtime.device import host
+from misalign.runtime.device_test import torch_device
 
 KINDS = ["identity", "lsa-optimal", "newton"]
 
@@ -216,14 +218,14 @@ def test_maps_on_torch_are_numpys_within_rounding(d, n, kind, eta, steps, rotate
     torch = pytest.importorskip("torch")
     seeds = range(seed, seed + 20)
     maps = []
-    for on in (None, torch.device("cpu")):
+    for on in (None, torch_device()):
         prompts = sample_prompts(seeds, "A", d, n, rotate=rotate, noise=0.1, device=on)
         gamma = preconditioner(kind, prompts, eta)
         maps.append(GradientAgent("A", gamma, prompts.second_moment, prompts.moment, steps))
     want, got = maps[0].affine(), maps[1].affine()
     assert isinstance(got.A, torch.Tensor) and isinstance(got.host().A, np.ndarray)
     w = np.random.default_rng(seed).standard_normal((20, d))
-    answers = (maps[0].respond(w, Turn(0, 0, "B")), got(torch.from_numpy(w)).numpy())
+    answers = (maps[0].respond(w, Turn(0, 0, "B")), host(got(torch.from_numpy(w).to(got.A.device))))
     conditioning = 1.0
     if kind == "newton":
         S = sample_prompts(seeds, "A", d, n, rotate=rotate, noise=0.1).second_moment

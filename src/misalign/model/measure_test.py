@@ -12,6 +12,7 @@ from misalign.config import parse_config
 from misalign.model.measure import CLOSE, FLUSH, Measure, Measured, measure, rounds_to_prediction
 from misalign.model.observe import classify
 from misalign.model.play import play
+from misalign.runtime.device_test import torch_device
 
 CONFIGS = {
     "pair": {"d": 3, "agents": {"A": {"n": 5}, "B": {"n": 4, "rotate": True, "eta": 1.4}}},
@@ -141,7 +142,7 @@ def test_a_play_on_torch_measures_as_on_numpy(name, rounds, first, every):
     seeds = range(first, first + 40)
     recorded = list(range(every, rounds + 1, every))
     found = []
-    for on in (None, torch.device("cpu")):
+    for on in (None, torch_device()):
         game = setup(config, seeds=seeds, device=on)
         prediction = predict(game)
         targets = {n: game.targets[n] for n in game.schedule.agents}

@@ -9,6 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from misalign.model import philox
+from misalign.runtime.device import host
+from misalign.runtime.device_test import torch_device
 
 # Random123 v1.14.0, tests/kat_vectors, the "philox4x32 10" lines: counter, key, output.
 KAT = [
@@ -145,7 +147,10 @@ def test_seeds_of_any_form_are_the_same_numbers():
 def test_torch_words_are_the_reference_bit_for_bit(counter, key):
     """On torch (``int64``, products wrapping modulo ``2^64``) the cipher is the same."""
     torch = pytest.importorskip("torch")
-    out = philox.philox([torch.tensor([c]) for c in counter], [torch.tensor([k]) for k in key])
+    on = torch_device()
+    out = philox.philox(
+        [torch.tensor([c], device=on) for c in counter], [torch.tensor([k], device=on) for k in key]
+    )
     assert all(w.dtype == torch.int64 for w in out)
     assert [int(w[0]) for w in out] == _reference(counter, key)
 
@@ -161,7 +166,7 @@ def test_torch_words_are_the_reference_bit_for_bit(counter, key):
 def test_normals_on_torch_are_numpys_within_rounding(seeds, name, stream, turn, shape):
     """The same uniforms; torch's log, sqrt, cos and sin against numpy's: an ulp or two."""
     torch = pytest.importorskip("torch")
-    drawn = philox.normals(seeds, name, stream, shape, turn=turn, device=torch.device("cpu"))
+    drawn = philox.normals(seeds, name, stream, shape, turn=turn, device=torch_device())
     assert drawn.dtype == torch.float64 and drawn.shape == (len(seeds), *shape)
     expected = philox.normals(seeds, name, stream, shape, turn=turn)
-    np.testing.assert_allclose(drawn.numpy(), expected, rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(host(drawn), expected, rtol=1e-14, atol=1e-15)

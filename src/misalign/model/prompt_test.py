@@ -7,6 +7,8 @@ from hypothesis import strategies as st
 
 from misalign.model import philox
 from misalign.model.prompt import haar_rotation, sample_prompt, sample_prompts
+from misalign.runtime.device import host
+from misalign.runtime.device_test import torch_device
 
 
 def _sample(seed=0, name="A", **kw):
@@ -194,10 +196,10 @@ def test_prompts_on_torch_are_numpys_within_rounding(
     torch = pytest.importorskip("torch")
     kw = _settings(d, n, rotate, np.where(np.arange(30) % 3 == 0, noise, 0.0), given_target, skewed)
     seeds = range(first, first + 30)
-    on = sample_prompts(seeds, "A", d, n, device=torch.device("cpu"), **kw)
+    on = sample_prompts(seeds, "A", d, n, device=torch_device(), **kw)
     expected = sample_prompts(seeds, "A", d, n, **kw)
     for key in ("X", "y", "target", "covariance", "second_moment", "moment"):
         got, want = getattr(on, key), getattr(expected, key)
         assert isinstance(got, torch.Tensor) and got.dtype == torch.float64, key
         scale = max(1.0, float(np.abs(want).max()))
-        np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-12 * scale, err_msg=key)
+        np.testing.assert_allclose(host(got), want, rtol=0, atol=1e-12 * scale, err_msg=key)

@@ -1,13 +1,33 @@
 """Tests for misalign.runtime.device: ``--device`` resolved or refused in one line, and the
 helpers that give numpy and torch arrays of one kind and device."""
 
+import os
+
 import numpy as np
 import pytest
 
 from misalign.runtime import device
 from misalign.runtime.errors import ConfigError
 
-torch = pytest.importorskip("torch")
+
+def torch_device():
+    """The torch device the tests of the device path run on: ``MISALIGN_TEST_DEVICE``
+    (``cuda`` on a machine with a GPU), else torch's CPU build; the test is skipped where
+    torch is missing."""
+    torch = pytest.importorskip("torch")
+    return torch.device(os.environ.get("MISALIGN_TEST_DEVICE", "cpu"))
+
+
+@pytest.fixture(autouse=True)
+def _torch():
+    """Every test here needs torch."""
+    pytest.importorskip("torch")
+
+
+try:
+    import torch
+except ImportError:  # the tests are skipped
+    torch = None
 
 
 def test_no_device_is_numpy_and_cpu_is_torch_on_the_cpu():
@@ -48,9 +68,14 @@ def test_missing_torch_names_the_extra(monkeypatch):
         device.resolve("cpu")
 
 
-@pytest.mark.parametrize("like", [np.zeros(2), torch.zeros(2, dtype=torch.float64)])
-def test_helpers_keep_the_kind_and_device_of_what_they_are_given(like):
-    kind = np.ndarray if isinstance(like, np.ndarray) else torch.Tensor
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_helpers_keep_the_kind_and_device_of_what_they_are_given(kind):
+    like = (
+        np.zeros(2)
+        if kind == "numpy"
+        else torch.zeros(2, dtype=torch.float64, device=torch_device())
+    )
+    kind = np.ndarray if kind == "numpy" else torch.Tensor
     assert device.is_numpy(like) == (kind is np.ndarray)
     assert device.namespace(like) is (np if kind is np.ndarray else torch)
     for made in (

@@ -20,6 +20,7 @@ from misalign.model.measure_test import CONFIGS
 from misalign.outputs.batch import batch, batch_report
 from misalign.outputs.report import to_json
 from misalign.runtime import sizes
+from misalign.runtime.device_test import torch_device
 from misalign.runtime.terminate import EXIT
 from misalign.workflows import batch as batch_
 from misalign.workflows.batch import Record, choose, stream
@@ -251,13 +252,14 @@ def test_a_batch_on_torch_is_the_batch_on_numpy(name, record, workers, monkeypat
     plays on one thread or three: the batch summary of numpy's, every number within
     ``1e-12`` of its scale and every count the same (the single-precision distances kept
     per round within a float32 rounding)."""
-    torch = pytest.importorskip("torch")
     monkeypatch.setattr(batch_, "CHUNK", 7)  # torch's CPU takes numpy's chunks
+    monkeypatch.setattr(batch_, "DEVICE_CHUNK", 7)  # a GPU's (MISALIGN_TEST_DEVICE=cuda)
     config = parse_config({"rounds": 60, "seed": 3, **CONFIGS[name]})
     seeds = range(3, 33)
     want = stream(config, seeds, record)
-    got = stream(config, seeds, record, workers=workers, device=torch.device("cpu"))
-    assert (got.device, got.workers, want.device) == ("cpu", workers, "numpy")
+    on = torch_device()
+    got = stream(config, seeds, record, workers=workers, device=on)
+    assert (got.device, got.workers, want.device) == (str(on), workers, "numpy")
     for name_, kept in want.measured.distance.items():
         np.testing.assert_allclose(got.measured.distance[name_], kept, rtol=2**-23, atol=0)
     report = json.loads(to_json(batch_report(got.measured, got.seeds, str(record))))
@@ -295,17 +297,17 @@ def test_plays_a_device_cannot_play_are_one_line(tmp_path, example, message):
 def test_the_command_on_torch_reports_numpys_numbers(tmp_path):
     """``run --seeds 40 --device cpu``: the run's JSON is numpy's within ``1e-12``, the
     batch names the device, and the summary says torch played it."""
-    pytest.importorskip("torch")
+    where = str(torch_device())
     config = str(EXAMPLES / "two_agents.toml")
-    args = ["--seeds", "40", "--record", "every 5"]
-    on = _run(tmp_path / "torch", config, *args, "--device", "cpu")
+    args = ["--seeds", "40", "--record", "every 5", "--workers", "1"]
+    on = _run(tmp_path / "torch", config, *args, "--device", where)
     assert on.exit_code == 0, on.stderr
     numpy_ = _run(tmp_path / "numpy", config, *args)
     got, want = json.loads(on.stdout), json.loads(numpy_.stdout)
-    assert got["batch"].pop("device") == "cpu" and want["batch"].pop("device") == "numpy"
+    assert got["batch"].pop("device") == where and want["batch"].pop("device") == "numpy"
     _close(got, want, "run")
-    summary = runner.invoke(app, ["run", config, *args, "--device", "cpu", "--out", str(tmp_path)])
-    assert "ran in chunks on 1 thread with torch on cpu" in summary.stdout
+    summary = runner.invoke(app, ["run", config, *args, "--device", where, "--out", str(tmp_path)])
+    assert f"ran in chunks on 1 thread with torch on {where}" in summary.stdout
 
 
 def test_chunks_on_a_gpu_are_as_many_as_its_memory_holds(monkeypatch):
