@@ -1,6 +1,7 @@
 """Optional dependencies: torch is needed only to train and play linear self-attention
-models (``misalign train``, ``kind = "lsa"`` agents, ``reproduce lsa``), so it is the
-``train`` extra; whoever needs it without it gets one line saying what to install.
+models (``misalign train``, ``kind = "lsa"`` agents, ``reproduce lsa``) and to play a batch on
+a device (``run --device``), so it is the ``train`` extra; whoever needs it without it gets
+one line saying what to install.
 """
 
 from __future__ import annotations
