@@ -91,7 +91,6 @@ def run(
 
     Language-model agents are fitted first (probes) and every answer is recorded in --store:
     a re-run reads it first, --replay never asks the server."""
-    from misalign.api import check_device
     from misalign.runtime.device import resolve
     from misalign.workflows.batch import Record, choose, streamable
 
@@ -114,8 +113,6 @@ def run(
                 "or last); this run records every output"
             )
         where = resolve(device)
-        if where is not None:
-            check_device(cfg)
         if workers is not None and not streamed:
             raise ConfigError(
                 "--workers applies to a batch kept as measurements (--seeds N with --record "

@@ -101,8 +101,11 @@ def shared(x: Any) -> bool:
 
 
 def host(x: Any) -> np.ndarray:
-    """``x`` as a numpy array (a tensor is copied off its device)."""
-    return x if is_numpy(x) else x.detach().cpu().numpy()
+    """``x`` as a numpy array: itself when it is one, a tensor copied off its device, a number
+    or a list as ``np.asarray`` makes it."""
+    if is_numpy(x):
+        return x
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
 
 def empty(shape: tuple[int, ...], like: Any, dtype: str = "float64"):

@@ -87,6 +87,7 @@ def test_helpers_keep_the_kind_and_device_of_what_they_are_given(kind):
     ):
         assert isinstance(made, kind)
     assert device.full((2,), -1, like, "int64").tolist() == [-1, -1]
+    assert device.host(device.on(2.5, like)) == 2.5 and device.host([1, 2]).tolist() == [1, 2]
     assert np.array_equal(device.host(device.eye(3, like)), np.eye(3))
     spread = device.broadcast(np.eye(2), (4, 2, 2), like)
     assert device.shared(spread) and not device.shared(device.empty((4, 2, 2), like))

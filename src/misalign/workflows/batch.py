@@ -263,7 +263,7 @@ def footprint(
     maps and prediction still come to the CPU)."""
     agents = len(config.agents)
     kept = len(recorded_rounds(config.rounds, record.every)) * plays * agents * 4
-    size = CHUNK if chunk is None else chunk
+    size = chunk or chunk_size()
     chunk = footprint_of(config.model_copy(update={"rounds": 2}), min(plays, size))
     chunk.pop("rounds", None)
     more = min(workers, _chunks(plays, size)) - 1  # chunks at once besides the first
@@ -280,10 +280,11 @@ def threads(config: PlayConfig, plays: int, record: Record, chunk: int | None = 
     """``stream``'s threads by default: every core, at most one a chunk of ``chunk`` plays,
     and no more chunks at once than fit in memory beside the batch's measurements (at least
     one: ``require`` then refuses a batch whose one chunk does not fit)."""
-    one = sum(footprint(config, plays, record, 1, chunk).values())
-    each = sum(footprint(config, plays, record, 2, chunk).values()) - one
+    size = chunk or chunk_size()
+    one = sum(footprint(config, plays, record, 1, size).values())
+    each = sum(footprint(config, plays, record, 2, size).values()) - one
     fitting = int((available_memory() * USABLE - one) // max(each, 1)) + 1
-    return max(1, min(cores(), _chunks(plays, CHUNK if chunk is None else chunk), fitting))
+    return max(1, min(cores(), _chunks(plays, size), fitting))
 
 
 def chunk_size(device=None) -> int:
@@ -338,10 +339,9 @@ def _outputs(config: PlayConfig) -> int:
     return config.rounds * len(config.order) * config.d * FLOAT
 
 
-def _chunks(plays: int, chunk: int | None = None) -> int:
-    """How many chunks of ``chunk`` plays (default ``CHUNK``) a batch of ``plays`` plays runs
-    in."""
-    return -(-plays // (CHUNK if chunk is None else chunk))
+def _chunks(plays: int, chunk: int) -> int:
+    """How many chunks of ``chunk`` plays a batch of ``plays`` plays runs in."""
+    return -(-plays // chunk)
 
 
 class Stopped(Exception):
