@@ -10,6 +10,12 @@ batched product), nothing recorded or measured, nothing set up (the maps are
 built outside the timing); timed over the whole batch and in the run's chunks, the faster
 taken.
 
+The fixed cost is the same command on ``FEW`` plays with the same ``--record`` (and device):
+start-up and imports, the report's own play, the figure, the files; what a run of any size
+pays. ``rest_over_floor`` is the rest of the end-to-end time (end to end less the fixed cost)
+over the floor: the cost of the batch itself. Whenever the fixed cost exceeds the floor, the
+end to end exceeds twice the floor, whatever the batch costs.
+
     python benchmarks/run_bench.py                # the three sizes below
     python benchmarks/run_bench.py --seeds 100000 --config examples/two_agents.toml
     python benchmarks/run_bench.py --device cuda --seeds 10000000 --config benchmarks/large.toml
@@ -53,6 +59,8 @@ SIZES = [
     (ROOT / "examples" / "two_agents.toml", 10**5),
     (ROOT / "benchmarks" / "large.toml", 10**6),
 ]
+FEW = 2
+"""Plays of the fixed-cost run."""
 
 
 def bare_loop(game, rounds: int) -> float:
@@ -114,11 +122,15 @@ def threaded_floor(config, seeds: range, workers: int) -> float:
     return total
 
 
-def end_to_end(config_path: Path, seeds: int, out: str, device=None) -> tuple[float, float]:
-    """The real command in a child process: seconds, and its peak resident memory in GiB."""
+def end_to_end(
+    config_path: Path, seeds: int, out: str, device=None, record: str | None = None
+) -> tuple[float, float]:
+    """The real command in a child process (with ``--record`` when given): seconds, and its
+    peak resident memory in GiB."""
     command = [sys.executable, "-m", "misalign.cli", "run", str(config_path)]
     command += ["--seeds", str(seeds), "--out", out]
     command += [] if device is None else ["--device", str(device)]
+    command += [] if record is None else ["--record", record]
     started = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(child.pid, 0)
@@ -174,6 +186,7 @@ def measure_size(config_path: Path, seeds: int, device=None) -> dict:
     workers = 1 if record.mode == "all" else threads(config, seeds, record, chunk)
     with tempfile.TemporaryDirectory() as out:
         seconds, peak = end_to_end(config_path, seeds, out, device)
+        fixed, _ = end_to_end(config_path, FEW, str(Path(out) / "few"), device, str(record))
         one_thread = floor(config, span, device)
         threaded = workers > 1 and device is None  # a GPU's loop gains nothing from threads
         t_floor = threaded_floor(config, span, workers) if threaded else one_thread
@@ -192,6 +205,8 @@ def measure_size(config_path: Path, seeds: int, device=None) -> dict:
         "end_to_end_over_floor": seconds / t_floor,
         "floor_one_thread_s": one_thread,
         "end_to_end_over_one_thread_floor": seconds / one_thread,
+        "fixed_s": fixed,
+        "rest_over_floor": (seconds - fixed) / t_floor,
         **{f"{name}_s": value for name, value in inside.items()},
     }
 
@@ -215,7 +230,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         share = ", ".join(
             f"{k[:-2]} {v:.2f} s"
             for k, v in r.items()
-            if k.endswith("_s") and k[:-2] not in ("end_to_end", "floor", "floor_one_thread")
+            if k.endswith("_s")
+            and k[:-2] not in ("end_to_end", "floor", "floor_one_thread", "fixed")
         )
         print(
             f"{r['config']} --seeds {r['seeds']} on {r['device']} (record {r['record']}, "
@@ -223,8 +239,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"thread(s)): {r['end_to_end_s']:.1f} s end to end, "
             f"{r['end_to_end_over_floor']:.2f}x the bare loop on as many threads "
             f"({r['floor_s']:.2f} s; {r['end_to_end_over_one_thread_floor']:.2f}x the loop on one, "
-            f"{r['floor_one_thread_s']:.2f} s), peak {r['peak_gib']:.2f} GiB; in-process (thread "
-            f"seconds): {share}"
+            f"{r['floor_one_thread_s']:.2f} s), peak {r['peak_gib']:.2f} GiB; fixed cost "
+            f"({FEW} plays) {r['fixed_s']:.2f} s, the rest {r['rest_over_floor']:.2f}x the bare "
+            f"loop; in-process (thread seconds): {share}"
         )
     return results
 

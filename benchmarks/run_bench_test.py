@@ -19,6 +19,9 @@ def test_end_to_end_benchmark_runs_at_small_size(monkeypatch):
         assert result["end_to_end_s"] > result["play_s"] > 0 and result["floor_s"] > 0
         assert result["floor_one_thread_s"] > 0
         assert 0 < result["peak_gib"] < 4
+        assert 0 < result["fixed_s"] and result["rest_over_floor"] == (
+            (result["end_to_end_s"] - result["fixed_s"]) / result["floor_s"]
+        )
 
 
 def test_the_benchmark_on_a_torch_device_runs_the_command_with_it(monkeypatch):
@@ -31,3 +34,4 @@ def test_the_benchmark_on_a_torch_device_runs_the_command_with_it(monkeypatch):
     (result,) = main(["--seeds", "20", "--device", "cpu"])
     assert result["device"] == "cpu" and result["record"].startswith("every")
     assert result["end_to_end_s"] > result["play_s"] > 0 and result["floor_s"] > 0
+    assert result["fixed_s"] > 0
