@@ -184,9 +184,18 @@ class _Handler(Handler):
             self.reply(503, error_body(503, "the local model server is stopping"))
             return
         worker = http.client.HTTPConnection(HOST, port)
+        given = False
+
+        def give_back() -> None:
+            nonlocal given
+            if not given:
+                given = True
+                worker.close()
+                dispatcher.give(port)
+
         try:
             worker.request(self.command, self.path, body, headers)
-            self.relay(worker.getresponse(), dispatcher.fingerprint)
+            self.relay(worker.getresponse(), dispatcher.fingerprint, give_back)
         except (OSError, http.client.HTTPException) as exc:
             self.close_connection = True
             if not self._started:
@@ -194,21 +203,25 @@ class _Handler(Handler):
                 with contextlib.suppress(OSError):
                     self.reply(502, error_body(502, message))
         finally:
-            worker.close()
-            dispatcher.give(port)
+            give_back()
 
-    def relay(self, response: http.client.HTTPResponse, fingerprint: str) -> None:
+    def relay(self, response: http.client.HTTPResponse, fingerprint: str, answered) -> None:
         """Send the worker's answer on: a JSON body stamped whole, an event stream line by
-        line as it comes (chunked), anything else as it is."""
+        line as it comes (chunked), anything else as it is. ``answered()`` gives the worker
+        back once its answer is read whole, before the client has the last of it: a client
+        that asks again as soon as it is answered finds that worker idle (and its prompt
+        cached)."""
         kind = response.getheader("Content-Type", "")
         headers = [(k, v) for k, v in response.getheaders() if k.lower() not in HOP_BY_HOP]
         if kind.startswith("text/event-stream"):
             self._begin(response.status, headers + [("Transfer-Encoding", "chunked")])
             while line := response.readline():
                 self._chunk(stamp_event(line, fingerprint))
+            answered()
             self._chunk(b"")
             return
         data = response.read()
+        answered()
         if kind.startswith("application/json"):
             data = stamp(data, fingerprint)
         self._begin(response.status, headers + [("Content-Length", str(len(data)))])

@@ -91,10 +91,28 @@ def asking(content: str) -> dict:
     return {"model": "local", "messages": [{"role": "user", "content": content}]}
 
 
-def test_an_idle_worker_whose_last_prompt_began_alike_is_taken():
+def slow_give(monkeypatch, seconds: float, times: int | None = None) -> None:
+    """Make ``Dispatcher.give`` take ``seconds`` before the worker is idle again (the first
+    ``times`` calls; every call when ``None``)."""
+    give, calls = Dispatcher.give, []
+
+    def slow(self, port: int) -> None:
+        calls.append(port)
+        if times is None or len(calls) <= times:
+            time.sleep(seconds)
+        give(self, port)
+
+    monkeypatch.setattr(Dispatcher, "give", slow)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.3])
+def test_an_idle_worker_whose_last_prompt_began_alike_is_taken(monkeypatch, delay):
     """Two prompts at once go to both workers; then each prompt, sent alone, goes back to
     the worker that answered it (its cached prompt), and prompts one at a time that share
-    neither stay with the worker that answered last."""
+    neither stay with the worker that answered last. With a slow ``give`` (a loaded
+    machine): the worker is given back before its client has the answer, so a client asking
+    again at once still finds it idle."""
+    slow_give(monkeypatch, delay)
     a, b = FakeServer(GOOD, latency=0.3), FakeServer(GOOD, latency=0.3)
     first, second = asking("w = [1, 2], first"), asking("w = [1, 2], second")
     with a, b, Dispatcher([a.port, b.port], BUILD) as front:
@@ -203,6 +221,20 @@ def test_a_stream_is_relayed_chunk_by_chunk_and_stamped():
         client.close()
     assert "".join(c.choices[0].delta.content for c in chunks) == "Hello"
     assert {c.system_fingerprint for c in chunks} == {BUILD}
+
+
+def test_a_streamed_answer_gives_its_worker_back_before_its_last_chunk(monkeypatch):
+    """A client asking again as soon as it has read a stream to its end (the terminating
+    chunk) finds the worker idle: it was given back before that chunk, so a slow ``give``
+    delays the first answer, not the second request."""
+    slow_give(monkeypatch, 1.0, times=1)
+    with streaming_worker() as port, Dispatcher([port], BUILD) as front:
+        code, _, first = post(front.port, {**ASK, "stream": True})
+        began = time.monotonic()
+        again, _, second = post(front.port, {**ASK, "stream": True})
+        waited = time.monotonic() - began
+    assert code == again == 200 and first == second and b"[DONE]" in second
+    assert waited < 0.9
 
 
 def test_stop_answers_the_waiting_requests_and_closes():
