@@ -23,6 +23,7 @@ import http.client
 import json
 import os
 import threading
+from collections.abc import Callable
 
 from misalign.llm.loopback import HOST, Handler, Loopback
 
@@ -114,7 +115,8 @@ class Dispatcher(Loopback):
         self.workers = list(workers)
         self.fingerprint = fingerprint
         self._idle = list(self.workers)
-        """The idle workers, the one given back last at the end."""
+        """The idle workers, the one given back last (whose answer was read last) at the
+        end."""
         self._last: dict[int, bytes] = {}
         """The body of the request each worker answered last."""
         self._changed = threading.Condition()
@@ -190,8 +192,10 @@ class _Handler(Handler):
             nonlocal given
             if not given:
                 given = True
-                worker.close()
-                dispatcher.give(port)
+                try:
+                    worker.close()
+                finally:
+                    dispatcher.give(port)
 
         try:
             worker.request(self.command, self.path, body, headers)
@@ -205,23 +209,27 @@ class _Handler(Handler):
         finally:
             give_back()
 
-    def relay(self, response: http.client.HTTPResponse, fingerprint: str, answered) -> None:
+    def relay(
+        self,
+        response: http.client.HTTPResponse,
+        fingerprint: str,
+        give_back: Callable[[], None],
+    ) -> None:
         """Send the worker's answer on: a JSON body stamped whole, an event stream line by
-        line as it comes (chunked), anything else as it is. ``answered()`` gives the worker
-        back once its answer is read whole, before the client has the last of it: a client
-        that asks again as soon as it is answered finds that worker idle (and its prompt
-        cached)."""
+        line as it comes (chunked), anything else as it is. ``give_back()`` once the answer is
+        read whole, before the client has the last of it: a client that asks again as soon
+        as it is answered finds that worker idle (and its prompt cached)."""
         kind = response.getheader("Content-Type", "")
         headers = [(k, v) for k, v in response.getheaders() if k.lower() not in HOP_BY_HOP]
         if kind.startswith("text/event-stream"):
             self._begin(response.status, headers + [("Transfer-Encoding", "chunked")])
             while line := response.readline():
                 self._chunk(stamp_event(line, fingerprint))
-            answered()
+            give_back()
             self._chunk(b"")
             return
         data = response.read()
-        answered()
+        give_back()
         if kind.startswith("application/json"):
             data = stamp(data, fingerprint)
         self._begin(response.status, headers + [("Content-Length", str(len(data)))])
