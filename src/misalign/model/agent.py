@@ -271,8 +271,10 @@ class GradientAgent:
     ) -> None:
         self.name = name
         self._gamma = gamma
-        A = device.eye(gamma.shape[-1], gamma) - gamma @ second_moment
-        step = AffineMap(A=A, c=device.namespace(gamma).einsum("bij,bj->bi", gamma, moment))
+        xp = device.namespace(gamma)
+        A = gamma @ second_moment
+        xp.subtract(device.eye(gamma.shape[-1], gamma), A, out=A)  # I - Gamma S, in place
+        step = AffineMap(A=A, c=xp.einsum("bij,bj->bi", gamma, moment))
         self._map = step.power(steps_per_turn)
 
     @classmethod
