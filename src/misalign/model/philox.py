@@ -192,10 +192,10 @@ def normals(
         u2 *= 2.0**-53 * 2 * np.pi
         radius = xp.log(u1)
         radius *= -2.0
-        radius = xp.sqrt(radius)
+        xp.sqrt(radius, out=radius)
         block = out[rows]
-        block[:, 0::2] = radius * xp.cos(u2)
-        block[:, 1::2] = radius * xp.sin(u2)
+        xp.multiply(radius, xp.cos(u2), out=block[:, 0::2])
+        xp.multiply(radius, xp.sin(u2), out=block[:, 1::2])
     return out[:, :size].reshape(len(low), *shape)
 
 
