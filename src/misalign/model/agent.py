@@ -271,8 +271,7 @@ class GradientAgent:
     ) -> None:
         self.name = name
         self._gamma = gamma
-        xp = device.namespace(gamma)
-        A = gamma @ second_moment
+        xp, A = device.namespace(gamma), gamma @ second_moment
         xp.subtract(device.eye(gamma.shape[-1], gamma), A, out=A)  # I - Gamma S, in place
         step = AffineMap(A=A, c=xp.einsum("bij,bj->bi", gamma, moment))
         self._map = step.power(steps_per_turn)
